@@ -1,0 +1,311 @@
+//! `Sampler`: logits → next token for one sequence. Penalties, logit bias, temperature
+//! (0 = greedy), top-k, top-p, min-p, and a seeded RNG owned by the sequence, so the same seed
+//! gives the same tokens whatever else is batched. Also log-probabilities.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::model::TokenId;
+
+/// How to pick the next token. Values are validated before they get here.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy (argmax).
+    pub temperature: f32,
+    /// Keep the k most likely tokens; 0 = off.
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches p; 1 = off.
+    pub top_p: f32,
+    /// Drop tokens less likely than `min_p` times the top token; 0 = off.
+    pub min_p: f32,
+    /// Divide positive (multiply negative) logits of tokens seen so far; 1 = off.
+    pub repetition_penalty: f32,
+    /// Subtracted once from the logit of every token already generated.
+    pub presence_penalty: f32,
+    /// Subtracted per occurrence from the logit of every token already generated.
+    pub frequency_penalty: f32,
+    /// Added to the logits of the given tokens.
+    pub logit_bias: Vec<(TokenId, f32)>,
+    /// RNG seed; `None` draws one.
+    pub seed: Option<u64>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
+            seed: None,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Greedy decoding.
+    pub fn greedy() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            ..Default::default()
+        }
+    }
+}
+
+/// Per-sequence sampler state.
+pub struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+    /// Reused between steps (candidate ids).
+    scratch: Vec<usize>,
+}
+
+/// Index of the largest value; the first one on ties (as torch.argmax).
+pub fn argmax(xs: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in xs.iter().enumerate() {
+        if x > xs[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// `log_softmax` of one row, accumulated in f64.
+pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&x| f64::from(x - max).exp()).sum();
+    let lse = f64::from(max) + sum.ln();
+    logits
+        .iter()
+        .map(|&x| (f64::from(x) - lse) as f32)
+        .collect()
+}
+
+/// The `n` most likely tokens with their log-probabilities, most likely first.
+pub fn top_logprobs(logprobs: &[f32], n: usize) -> Vec<(TokenId, f32)> {
+    let mut idx: Vec<usize> = (0..logprobs.len()).collect();
+    let n = n.min(idx.len());
+    if n == 0 {
+        return Vec::new();
+    }
+    idx.select_nth_unstable_by(n - 1, |&a, &b| {
+        logprobs[b].total_cmp(&logprobs[a]).then(a.cmp(&b))
+    });
+    idx.truncate(n);
+    idx.sort_by(|&a, &b| logprobs[b].total_cmp(&logprobs[a]).then(a.cmp(&b)));
+    idx.into_iter()
+        .map(|i| (i as TokenId, logprobs[i]))
+        .collect()
+}
+
+impl Sampler {
+    /// A sampler for one sequence.
+    pub fn new(params: SamplingParams) -> Self {
+        let seed = params.seed.unwrap_or_else(|| rand::rng().random());
+        Sampler {
+            params,
+            rng: StdRng::seed_from_u64(seed),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// The parameters in use.
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Applies penalties and bias in place; `prompt` counts for the repetition penalty only,
+    /// `generated` for all three (as vLLM does).
+    fn adjust(&self, logits: &mut [f32], prompt: &[TokenId], generated: &[TokenId]) {
+        let p = &self.params;
+        if p.repetition_penalty != 1.0 {
+            let mut seen = vec![false; logits.len()];
+            for &t in prompt.iter().chain(generated) {
+                if let Some(s) = seen.get_mut(t as usize) {
+                    *s = true;
+                }
+            }
+            for (l, s) in logits.iter_mut().zip(seen) {
+                if s {
+                    *l = if *l > 0.0 {
+                        *l / p.repetition_penalty
+                    } else {
+                        *l * p.repetition_penalty
+                    };
+                }
+            }
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            let mut counts = std::collections::HashMap::<TokenId, u32>::new();
+            for &t in generated {
+                *counts.entry(t).or_default() += 1;
+            }
+            for (t, c) in counts {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l -= p.presence_penalty + p.frequency_penalty * c as f32;
+                }
+            }
+        }
+        for &(t, b) in &p.logit_bias {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l += b;
+            }
+        }
+    }
+
+    /// Picks the next token from `logits` (modified in place by penalties and bias).
+    pub fn sample(
+        &mut self,
+        logits: &mut [f32],
+        prompt: &[TokenId],
+        generated: &[TokenId],
+    ) -> TokenId {
+        self.adjust(logits, prompt, generated);
+        let p = &self.params;
+        if p.temperature <= 0.0 || p.top_k == 1 {
+            return argmax(logits) as TokenId;
+        }
+        let cand = &mut self.scratch;
+        cand.clear();
+        cand.extend(0..logits.len());
+        let by_logit = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
+        if p.top_k > 0 && p.top_k < cand.len() {
+            cand.select_nth_unstable_by(p.top_k - 1, by_logit);
+            cand.truncate(p.top_k);
+        }
+        cand.sort_by(by_logit);
+        let max = logits[cand[0]];
+        let mut probs: Vec<f32> = cand
+            .iter()
+            .map(|&i| ((logits[i] - max) / p.temperature).exp())
+            .collect();
+        let total: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|x| *x /= total);
+        let mut keep = probs.len();
+        if p.top_p < 1.0 {
+            let mut acc = 0.0;
+            for (i, &q) in probs.iter().enumerate() {
+                acc += q;
+                if acc >= p.top_p {
+                    keep = i + 1;
+                    break;
+                }
+            }
+        }
+        if p.min_p > 0.0 {
+            let floor = p.min_p * probs[0];
+            keep = keep.min(probs.iter().take_while(|&&q| q >= floor).count().max(1));
+        }
+        let total: f32 = probs[..keep].iter().sum();
+        let mut u = self.rng.random::<f32>() * total;
+        for (i, &q) in probs[..keep].iter().enumerate() {
+            if u < q {
+                return cand[i] as TokenId;
+            }
+            u -= q;
+        }
+        cand[keep - 1] as TokenId
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn logits() -> Vec<f32> {
+        vec![1.0, 3.0, 2.0, 0.5, 2.9, -1.0]
+    }
+
+    #[test]
+    fn greedy_takes_first_max() {
+        let mut s = Sampler::new(SamplingParams::greedy());
+        assert_eq!(s.sample(&mut logits(), &[], &[]), 1);
+        assert_eq!(argmax(&[1.0, 5.0, 5.0]), 1);
+    }
+
+    #[test]
+    fn same_seed_same_tokens() {
+        let params = SamplingParams {
+            temperature: 1.5,
+            seed: Some(7),
+            ..Default::default()
+        };
+        let run = || {
+            let mut s = Sampler::new(params.clone());
+            (0..50)
+                .map(|_| s.sample(&mut logits(), &[], &[]))
+                .collect::<Vec<_>>()
+        };
+        let a = run();
+        assert_eq!(a, run());
+        assert!(
+            a.iter().collect::<std::collections::HashSet<_>>().len() > 2,
+            "{a:?}"
+        );
+    }
+
+    #[test]
+    fn top_k_and_top_p_restrict_candidates() {
+        let mut s = Sampler::new(SamplingParams {
+            top_k: 2,
+            seed: Some(1),
+            ..Default::default()
+        });
+        for _ in 0..100 {
+            assert!([1, 4].contains(&s.sample(&mut logits(), &[], &[])));
+        }
+        // Probabilities of the sorted logits: 3.0 → 0.39, 2.9 → 0.35; top_p 0.5 keeps two.
+        let mut s = Sampler::new(SamplingParams {
+            top_p: 0.5,
+            seed: Some(2),
+            ..Default::default()
+        });
+        for _ in 0..100 {
+            assert!([1, 4].contains(&s.sample(&mut logits(), &[], &[])));
+        }
+        let mut s = Sampler::new(SamplingParams {
+            min_p: 0.95,
+            seed: Some(3),
+            ..Default::default()
+        });
+        for _ in 0..100 {
+            assert!([1, 4].contains(&s.sample(&mut logits(), &[], &[])));
+        }
+    }
+
+    #[test]
+    fn penalties_and_bias_change_the_choice() {
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 0.0,
+            presence_penalty: 0.5,
+            ..Default::default()
+        });
+        assert_eq!(s.sample(&mut logits(), &[], &[1]), 4);
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 0.0,
+            repetition_penalty: 2.0,
+            ..Default::default()
+        });
+        assert_eq!(s.sample(&mut logits(), &[1, 4], &[]), 2);
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 0.0,
+            logit_bias: vec![(5, 10.0)],
+            ..Default::default()
+        });
+        assert_eq!(s.sample(&mut logits(), &[], &[]), 5);
+    }
+
+    #[test]
+    fn top_logprobs_sorted_and_normalised() {
+        let lp = log_softmax(&logits());
+        let total: f64 = lp.iter().map(|&x| f64::from(x).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-6);
+        let top = top_logprobs(&lp, 3);
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 4, 2]);
+    }
+}

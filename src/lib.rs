@@ -1,0 +1,53 @@
+//! nextoken: an inference server for pre-trained next-token language models.
+//!
+//! Layers (dependencies point one way):
+//! ```text
+//! server (HTTP, later) ──▶ engine ──▶ model (candle)
+//!        └──────────────▶ text (tokenizers)
+//! ```
+//! - [`model`]: architectures, weight loading (GGUF, safetensors), the ragged-batch forward.
+//! - [`text`]: tokenizer loading, incremental detokenization.
+//! - [`engine`]: sampling and generation over the model.
+
+pub mod convert;
+pub mod engine;
+pub mod model;
+pub mod text;
+
+use std::path::Path;
+use std::sync::Once;
+
+/// Loads a model and its tokenizer from a `.gguf` file or a Hugging Face folder.
+pub fn load(path: &Path) -> anyhow::Result<(model::Model, text::Tokenizer)> {
+    let (model, source) = model::Model::load(path)?;
+    let tokenizer = match &source {
+        model::ModelSource::Gguf { metadata, path } => {
+            text::Tokenizer::from_gguf_metadata(metadata)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+        }
+        model::ModelSource::HfDir(dir) => text::Tokenizer::from_hf_dir(dir)?,
+    };
+    Ok((model, tokenizer))
+}
+
+/// Sets the compute thread count once per process (default: the available cores). Without it
+/// candle re-reads `/proc/cpuinfo` on every matmul, and more busy threads than cores collapse
+/// throughput.
+pub fn configure_threads(threads: Option<usize>) {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let n = threads
+            .or_else(|| {
+                std::env::var("RAYON_NUM_THREADS")
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+            })
+            .filter(|&n| n > 0)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        // Candle and rayon both read this variable; set before any pool exists.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global();
+    });
+}

@@ -1,0 +1,193 @@
+//! The `nextoken` command line: `generate` and `convert`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use nextoken::convert::ConvertDtype;
+use nextoken::engine::{self, GenerateOptions, SamplingParams};
+use nextoken::text::Detokenizer;
+
+/// Default model: what `models/fetch-default.sh` downloads.
+const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+#[derive(Parser)]
+#[command(
+    name = "nextoken",
+    version,
+    about = "Inference server for next-token language models"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a continuation of a prompt.
+    Generate(GenerateArgs),
+    /// Convert a GGUF file into a Hugging Face model folder.
+    Convert {
+        /// Input `.gguf` file.
+        input: PathBuf,
+        /// Output folder.
+        out_dir: PathBuf,
+        /// Weight dtype of the folder.
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: ConvertDtype,
+    },
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// A `.gguf` file or a Hugging Face folder.
+    #[arg(long, env = "NEXTOKEN_MODEL", default_value = DEFAULT_MODEL)]
+    model: PathBuf,
+    /// Prompt text; special tokens such as `<|im_start|>` are recognised.
+    #[arg(long)]
+    prompt: String,
+    /// Maximum new tokens.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling threshold.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Top-k sampling; 0 = off.
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// RNG seed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Keep generating after the end-of-sequence token.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Print one JSON object instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn validate(args: &GenerateArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.temperature >= 0.0 && args.temperature.is_finite(),
+        "--temperature must be >= 0"
+    );
+    anyhow::ensure!(
+        args.top_p > 0.0 && args.top_p <= 1.0,
+        "--top-p must be in (0, 1]"
+    );
+    anyhow::ensure!(args.max_tokens >= 1, "--max-tokens must be >= 1");
+    Ok(())
+}
+
+fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
+    validate(&args)?;
+    let (model, tokenizer) = nextoken::load(&args.model)?;
+    let tokenizer = Arc::new(tokenizer);
+    let prompt_ids = tokenizer.encode(&args.prompt, true)?;
+    anyhow::ensure!(!prompt_ids.is_empty(), "the prompt is empty");
+    let mut stop = model.config().eos_token_ids.clone();
+    stop.extend(tokenizer.eos_id());
+    stop.sort_unstable();
+    stop.dedup();
+    let opts = GenerateOptions {
+        max_new_tokens: args.max_tokens,
+        stop_token_ids: if args.ignore_eos {
+            vec![]
+        } else {
+            stop.clone()
+        },
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_p: args.top_p,
+            top_k: args.top_k,
+            seed: args.seed,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let mut detok = Detokenizer::new(tokenizer.clone(), false);
+    let mut stdout = std::io::stdout().lock();
+    let json = args.json;
+    let mut text = String::new();
+    let mut stream_err = None;
+    let out = engine::generate(&model, &prompt_ids, &opts, false, |id| {
+        if !args.ignore_eos && stop.contains(&id) {
+            return;
+        }
+        match detok.step(id) {
+            Ok(Some(piece)) => {
+                text.push_str(&piece);
+                if !json {
+                    let _ = write!(stdout, "{piece}");
+                    let _ = stdout.flush();
+                }
+            }
+            Ok(None) => {}
+            Err(e) => stream_err = Some(e),
+        }
+    })?;
+    if let Some(e) = stream_err {
+        return Err(e.into());
+    }
+    if let Some(rest) = detok.flush()? {
+        text.push_str(&rest);
+        if !json {
+            write!(stdout, "{rest}")?;
+        }
+    }
+    let prefill_tps = prompt_ids.len() as f64 / out.prefill_time.as_secs_f64().max(1e-9);
+    let decoded = out.output_ids.len().saturating_sub(1);
+    let decode_tps = decoded as f64 / out.decode_time.as_secs_f64().max(1e-9);
+    if json {
+        let obj = serde_json::json!({
+            "prompt_ids": prompt_ids,
+            "output_ids": out.output_ids,
+            "text": text,
+            "finish_reason": out.finish_reason.as_str(),
+            "prefill_tokens_per_s": prefill_tps,
+            "decode_tokens_per_s": decode_tps,
+        });
+        writeln!(stdout, "{obj}")?;
+    } else {
+        writeln!(stdout)?;
+        eprintln!(
+            "prompt: {} tokens, {prefill_tps:.1} tok/s | decode: {decoded} tokens, {decode_tps:.1} tok/s | finish: {}",
+            prompt_ids.len(),
+            out.finish_reason.as_str()
+        );
+    }
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    nextoken::configure_threads(None);
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => run_generate(args),
+        Command::Convert {
+            input,
+            out_dir,
+            dtype,
+        } => nextoken::convert::gguf_to_hf(&input, &out_dir, dtype)
+            .with_context(|| format!("converting {}", input.display())),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

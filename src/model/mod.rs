@@ -1,0 +1,247 @@
+//! Model layer: architectures, weight loading and the batched forward pass. Pure candle and
+//! plain Rust; knows nothing of requests, HTTP or scheduling.
+//!
+//! The seam with the engine is [`ForwardBatch`] (a *ragged batch*: the new tokens of many
+//! sequences concatenated, each with its position and KV slot) and [`Model::forward`], which
+//! returns the logits of the last new token of each sequence. The model is stateless; the KV
+//! cache is passed in.
+
+pub mod attention;
+pub mod config;
+pub mod kv_cache;
+pub mod linear;
+pub mod llama;
+pub mod weights;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Tensor;
+
+pub use config::{Architecture, ModelConfig, RopeScaling};
+pub use kv_cache::KvCache;
+pub use linear::Linear;
+pub use weights::Weights;
+
+/// A token id.
+pub type TokenId = u32;
+
+/// Why a model could not be loaded. Every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// File or folder.
+        path: PathBuf,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// The file is not what it claims to be (corrupt, truncated, inconsistent).
+    #[error("{path}: {message}")]
+    Format {
+        /// File or folder.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// The file is valid but uses something this build does not support.
+    #[error("{path}: unsupported {message}")]
+    Unsupported {
+        /// File or folder.
+        path: PathBuf,
+        /// What is unsupported.
+        message: String,
+    },
+}
+
+impl LoadError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        LoadError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+    pub(crate) fn format(path: &Path, message: impl std::fmt::Display) -> Self {
+        LoadError::Format {
+            path: path.to_path_buf(),
+            message: message.to_string(),
+        }
+    }
+    pub(crate) fn unsupported(path: &Path, message: impl std::fmt::Display) -> Self {
+        LoadError::Unsupported {
+            path: path.to_path_buf(),
+            message: message.to_string(),
+        }
+    }
+}
+
+/// One sequence's part of a [`ForwardBatch`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeqSpan {
+    /// Number of new tokens of this sequence in the batch (consecutive rows).
+    pub query_len: usize,
+    /// Tokens in this sequence's KV after the step (cached + new).
+    pub context_len: usize,
+    /// KV block ids holding positions `0..context_len`, in order.
+    pub block_table: Vec<u32>,
+}
+
+/// The ragged batch of one step.
+///
+/// ```text
+/// rows:      | seq 0: 5 prompt tokens | seq 1: 1 | seq 2: 1 |
+/// positions:   0  1  2  3  4           37         8
+/// slots:       block_table[pos / bs] * bs + pos % bs, per sequence
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ForwardBatch {
+    /// `(T,)` new tokens of all sequences, concatenated.
+    pub token_ids: Vec<TokenId>,
+    /// `(T,)` position of each new token within its sequence.
+    pub positions: Vec<u32>,
+    /// `(T,)` KV slot each new token's keys/values are written to.
+    pub slots: Vec<u32>,
+    /// Per sequence, in row order.
+    pub seqs: Vec<SeqSpan>,
+}
+
+impl ForwardBatch {
+    /// Adds `tokens` of one sequence whose first new token sits at position `start`.
+    pub fn push_seq(
+        &mut self,
+        tokens: &[TokenId],
+        start: usize,
+        block_table: &[u32],
+        block_size: usize,
+    ) {
+        for (i, &t) in tokens.iter().enumerate() {
+            let pos = start + i;
+            self.token_ids.push(t);
+            self.positions.push(pos as u32);
+            self.slots.push(
+                block_table[pos / block_size] * block_size as u32 + (pos % block_size) as u32,
+            );
+        }
+        self.seqs.push(SeqSpan {
+            query_len: tokens.len(),
+            context_len: start + tokens.len(),
+            block_table: block_table.to_vec(),
+        });
+    }
+
+    /// Checks that the batch is consistent with itself and the cache, so a bad schedule is an
+    /// error rather than an out-of-bounds panic in a kernel.
+    pub fn validate(&self, kv: &KvCache, vocab_size: usize) -> candle_core::Result<()> {
+        let t = self.token_ids.len();
+        if self.positions.len() != t || self.slots.len() != t {
+            candle_core::bail!("forward batch: rows, positions and slots differ in length");
+        }
+        if self.seqs.iter().map(|s| s.query_len).sum::<usize>() != t {
+            candle_core::bail!("forward batch: query lengths do not add up to the rows");
+        }
+        if let Some(&bad) = self.token_ids.iter().find(|&&id| id as usize >= vocab_size) {
+            candle_core::bail!("forward batch: token id {bad} outside the vocabulary");
+        }
+        if self.slots.iter().any(|&s| s as usize >= kv.num_slots()) {
+            candle_core::bail!("forward batch: slot outside the KV cache");
+        }
+        let bs = kv.block_size();
+        for s in &self.seqs {
+            if s.query_len == 0 || s.query_len > s.context_len {
+                candle_core::bail!("forward batch: bad query/context length");
+            }
+            if s.block_table.len() * bs < s.context_len
+                || s.block_table.iter().any(|&b| b as usize >= kv.num_blocks())
+            {
+                candle_core::bail!("forward batch: block table does not cover the context");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A loaded model, one variant per architecture family.
+pub enum Model {
+    /// Llama family.
+    Llama(llama::Llama),
+}
+
+/// Where a model was loaded from; the tokenizer is built from the same source.
+pub enum ModelSource {
+    /// A GGUF file, with its metadata (tokenizer vocabulary, chat template, ...).
+    Gguf {
+        /// The file.
+        path: PathBuf,
+        /// Metadata as JSON values.
+        metadata: serde_json::Map<String, serde_json::Value>,
+    },
+    /// A Hugging Face folder (`config.json`, `tokenizer.json`, safetensors).
+    HfDir(PathBuf),
+}
+
+impl Model {
+    /// Loads a model from a `.gguf` file or a Hugging Face folder.
+    pub fn load(path: &Path) -> Result<(Model, ModelSource), LoadError> {
+        crate::configure_threads(None);
+        if !path.exists() {
+            return Err(LoadError::io(
+                path,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder"),
+            ));
+        }
+        if path.is_dir() {
+            let config_path = path.join("config.json");
+            let text = std::fs::read_to_string(&config_path)
+                .map_err(|e| LoadError::io(&config_path, e))?;
+            let json: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| LoadError::format(&config_path, format!("invalid JSON: {e}")))?;
+            let config = ModelConfig::from_hf_json(&json, &config_path)?;
+            let mut weights = Weights::open_safetensors_dir(path)?;
+            let model = llama::Llama::load(config, &mut weights)?;
+            Ok((Model::Llama(model), ModelSource::HfDir(path.to_path_buf())))
+        } else {
+            let (mut weights, metadata) = Weights::open_gguf(path)?;
+            let config = ModelConfig::from_gguf_metadata(
+                &metadata,
+                weights.contains("lm_head.weight"),
+                path,
+            )?;
+            weights.set_llama_heads(config.num_heads, config.num_kv_heads);
+            let model = llama::Llama::load(config, &mut weights)?;
+            let source = ModelSource::Gguf {
+                path: path.to_path_buf(),
+                metadata,
+            };
+            Ok((Model::Llama(model), source))
+        }
+    }
+
+    /// The model's hyper-parameters.
+    pub fn config(&self) -> &ModelConfig {
+        match self {
+            Model::Llama(m) => m.config(),
+        }
+    }
+
+    /// Runs one step over a ragged batch, writing the new tokens' K/V into `kv`.
+    /// Returns the logits of each sequence's last new token: `(seqs.len(), vocab)`.
+    pub fn forward(&self, batch: &ForwardBatch, kv: &mut KvCache) -> candle_core::Result<Tensor> {
+        batch.validate(kv, self.config().vocab_size)?;
+        match self {
+            Model::Llama(m) => m.forward(batch, kv),
+        }
+    }
+
+    /// A KV cache for this model with `num_blocks` blocks of `block_size` tokens.
+    pub fn new_kv_cache(&self, num_blocks: usize, block_size: usize) -> KvCache {
+        let c = self.config();
+        KvCache::new(c.num_layers, c.kv_dim(), num_blocks, block_size)
+    }
+
+    /// Every weight by its Hugging Face name (for `convert`).
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        match self {
+            Model::Llama(m) => m.named_tensors(),
+        }
+    }
+}

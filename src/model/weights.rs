@@ -1,0 +1,315 @@
+//! `Weights`: one view over a model's tensors by their Hugging Face names, whether they come
+//! from safetensors (single file or sharded index) or from a GGUF file. GGUF names are mapped
+//! onto HF names here, and llama.cpp's Q/K row permutation is undone, so architecture code is
+//! written once. Tensors are returned as f32 (GGUF blocks are dequantized exactly, bf16/f16
+//! widened); reading knows nothing of what the model does with them.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Read, Seek};
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device, Tensor};
+use serde_json::Value;
+
+use super::LoadError;
+
+/// Where the tensors live.
+enum Source {
+    /// Every tensor of every shard, loaded into memory.
+    Safetensors(HashMap<String, Tensor>),
+    /// An open GGUF file and its parsed header.
+    Gguf {
+        file: File,
+        content: gguf_file::Content,
+        /// Query and key/value head counts, to undo llama.cpp's Q/K permutation.
+        heads: Option<(usize, usize)>,
+    },
+}
+
+/// Tensors of one model, addressed by Hugging Face names.
+pub struct Weights {
+    path: PathBuf,
+    source: Source,
+}
+
+/// Maps a Hugging Face llama tensor name onto its llama.cpp GGUF name.
+fn gguf_name(hf: &str) -> Option<String> {
+    let fixed = match hf {
+        "model.embed_tokens.weight" => Some("token_embd.weight"),
+        "model.norm.weight" => Some("output_norm.weight"),
+        "lm_head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(name) = fixed {
+        return Some(name.to_string());
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (module, suffix) = rest.rsplit_once('.')?;
+    let gguf_module = match module {
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{gguf_module}.{suffix}"))
+}
+
+/// Undoes llama.cpp's `permute` of Q/K rows (which turns HF's rotate-half rope layout into
+/// ggml's interleaved one). Row groups per head: GGUF holds `(heads, head_dim/2, 2, in)`,
+/// HF holds `(heads, 2, head_dim/2, in)`.
+fn unpermute_rows(w: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
+    let (rows, cols) = w.dims2()?;
+    w.reshape((heads, rows / heads / 2, 2, cols))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((rows, cols))
+}
+
+fn gguf_value_to_json(v: &gguf_file::Value) -> Value {
+    use gguf_file::Value as G;
+    match v {
+        G::U8(x) => Value::from(*x),
+        G::I8(x) => Value::from(*x),
+        G::U16(x) => Value::from(*x),
+        G::I16(x) => Value::from(*x),
+        G::U32(x) => Value::from(*x),
+        G::I32(x) => Value::from(*x),
+        G::U64(x) => Value::from(*x),
+        G::I64(x) => Value::from(*x),
+        G::F32(x) => Value::from(f64::from(*x)),
+        G::F64(x) => Value::from(*x),
+        G::Bool(x) => Value::from(*x),
+        G::String(x) => Value::from(x.clone()),
+        G::Array(xs) => Value::Array(xs.iter().map(gguf_value_to_json).collect()),
+    }
+}
+
+/// Reads a GGUF header, refusing absurd counts before candle allocates for them.
+fn read_gguf_header(path: &Path, file: &mut File) -> Result<gguf_file::Content, LoadError> {
+    let len = file.metadata().map_err(|e| LoadError::io(path, e))?.len();
+    let mut head = [0u8; 24];
+    if len < 24 || file.read_exact(&mut head).is_err() {
+        return Err(LoadError::format(path, "file too short to be GGUF"));
+    }
+    if &head[0..4] != b"GGUF" {
+        return Err(LoadError::format(path, "not a GGUF file (bad magic)"));
+    }
+    let n_tensors = u64::from_le_bytes(head[8..16].try_into().unwrap_or_default());
+    let n_kv = u64::from_le_bytes(head[16..24].try_into().unwrap_or_default());
+    if n_tensors > 1_000_000 || n_kv > 1_000_000 {
+        return Err(LoadError::format(
+            path,
+            "corrupt GGUF header (absurd counts)",
+        ));
+    }
+    file.rewind().map_err(|e| LoadError::io(path, e))?;
+    let content = gguf_file::Content::read(file)
+        .map_err(|e| LoadError::format(path, format!("corrupt GGUF header: {e}")))?;
+    for (name, info) in &content.tensor_infos {
+        let elems = info.shape.elem_count();
+        let block = info.ggml_dtype.block_size();
+        let bytes = (elems / block.max(1) * info.ggml_dtype.type_size()) as u64;
+        let end = content.tensor_data_offset + info.offset + bytes;
+        if end > len {
+            return Err(LoadError::format(
+                path,
+                format!("truncated: tensor '{name}' ends at byte {end} but the file has {len}"),
+            ));
+        }
+    }
+    Ok(content)
+}
+
+fn load_safetensors_file(path: &Path) -> Result<HashMap<String, Tensor>, LoadError> {
+    let data = std::fs::read(path).map_err(|e| LoadError::io(path, e))?;
+    candle_core::safetensors::load_buffer(&data, &Device::Cpu)
+        .map_err(|e| LoadError::format(path, format!("corrupt safetensors: {e}")))
+}
+
+impl Weights {
+    /// Opens a GGUF file and returns its weights and its metadata as JSON values.
+    pub fn open_gguf(path: &Path) -> Result<(Self, serde_json::Map<String, Value>), LoadError> {
+        let mut file = File::open(path).map_err(|e| LoadError::io(path, e))?;
+        let content = read_gguf_header(path, &mut file)?;
+        let metadata = content
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), gguf_value_to_json(v)))
+            .collect();
+        let weights = Weights {
+            path: path.to_path_buf(),
+            source: Source::Gguf {
+                file,
+                content,
+                heads: None,
+            },
+        };
+        Ok((weights, metadata))
+    }
+
+    /// Loads `model.safetensors`, or every shard listed in `model.safetensors.index.json`.
+    pub fn open_safetensors_dir(dir: &Path) -> Result<Self, LoadError> {
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        let mut tensors = HashMap::new();
+        if single.exists() {
+            tensors = load_safetensors_file(&single)?;
+        } else if index.exists() {
+            let text = std::fs::read_to_string(&index).map_err(|e| LoadError::io(&index, e))?;
+            let json: Value = serde_json::from_str(&text)
+                .map_err(|e| LoadError::format(&index, format!("invalid JSON: {e}")))?;
+            let map = json
+                .get("weight_map")
+                .and_then(Value::as_object)
+                .ok_or_else(|| LoadError::format(&index, "no weight_map"))?;
+            let mut shards: Vec<&str> = map.values().filter_map(Value::as_str).collect();
+            shards.sort_unstable();
+            shards.dedup();
+            for shard in shards {
+                if shard.contains('/') || shard.contains("..") {
+                    return Err(LoadError::format(
+                        &index,
+                        format!("bad shard name '{shard}'"),
+                    ));
+                }
+                tensors.extend(load_safetensors_file(&dir.join(shard))?);
+            }
+        } else {
+            return Err(LoadError::format(
+                dir,
+                "no model.safetensors or model.safetensors.index.json in the folder",
+            ));
+        }
+        Ok(Weights {
+            path: dir.to_path_buf(),
+            source: Source::Safetensors(tensors),
+        })
+    }
+
+    /// The file or folder the weights come from (for error messages).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Tells the GGUF reader the head counts, so Q/K rows come out in HF layout.
+    pub fn set_llama_heads(&mut self, num_heads: usize, num_kv_heads: usize) {
+        if let Source::Gguf { heads, .. } = &mut self.source {
+            *heads = Some((num_heads, num_kv_heads));
+        }
+    }
+
+    /// Whether a tensor of that HF name exists.
+    pub fn contains(&self, name: &str) -> bool {
+        match &self.source {
+            Source::Safetensors(t) => t.contains_key(name),
+            Source::Gguf { content, .. } => {
+                gguf_name(name).is_some_and(|g| content.tensor_infos.contains_key(&g))
+            }
+        }
+    }
+
+    /// The tensor `name` as f32, checked against `shape`.
+    pub fn get(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, LoadError> {
+        let path = self.path.clone();
+        let tensor = match &mut self.source {
+            Source::Safetensors(t) => t
+                .get(name)
+                .cloned()
+                .ok_or_else(|| LoadError::format(&path, format!("missing tensor '{name}'")))?,
+            Source::Gguf {
+                file,
+                content,
+                heads,
+            } => {
+                let g = gguf_name(name).ok_or_else(|| {
+                    LoadError::format(&path, format!("no GGUF name for tensor '{name}'"))
+                })?;
+                if !content.tensor_infos.contains_key(&g) {
+                    return Err(LoadError::format(&path, format!("missing tensor '{g}'")));
+                }
+                let q = content
+                    .tensor(file, &g, &Device::Cpu)
+                    .map_err(|e| LoadError::format(&path, format!("tensor '{g}': {e}")))?;
+                let t = q
+                    .dequantize(&Device::Cpu)
+                    .map_err(|e| LoadError::format(&path, format!("tensor '{g}': {e}")))?;
+                let permute_heads = match (heads, name) {
+                    (Some((h, _)), n) if n.ends_with("q_proj.weight") => Some(*h),
+                    (Some((_, kv)), n) if n.ends_with("k_proj.weight") => Some(*kv),
+                    _ => None,
+                };
+                match permute_heads {
+                    Some(h) if t.rank() == 2 && t.dim(0).is_ok_and(|r| r % (2 * h) == 0) => {
+                        unpermute_rows(&t, h).map_err(|e| LoadError::format(&path, e))?
+                    }
+                    _ => t,
+                }
+            }
+        };
+        if tensor.dims() != shape {
+            return Err(LoadError::format(
+                &path,
+                format!(
+                    "shape mismatch for '{name}': config implies {shape:?}, weights have {:?}",
+                    tensor.dims()
+                ),
+            ));
+        }
+        match tensor.dtype() {
+            DType::F32 => Ok(tensor),
+            DType::F16 | DType::BF16 => tensor
+                .to_dtype(DType::F32)
+                .map_err(|e| LoadError::format(&path, e)),
+            other => Err(LoadError::unsupported(
+                &path,
+                format!("tensor '{name}' has dtype {other:?} (supported: f32, f16, bf16, GGUF)"),
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gguf_names_map_llama_tensors() {
+        assert_eq!(
+            gguf_name("model.layers.3.self_attn.k_proj.weight").as_deref(),
+            Some("blk.3.attn_k.weight")
+        );
+        assert_eq!(
+            gguf_name("model.layers.12.post_attention_layernorm.weight").as_deref(),
+            Some("blk.12.ffn_norm.weight")
+        );
+        assert_eq!(
+            gguf_name("lm_head.weight").as_deref(),
+            Some("output.weight")
+        );
+        assert_eq!(gguf_name("model.layers.0.weird.weight"), None);
+    }
+
+    #[test]
+    fn unpermute_inverts_llama_cpp_permute() -> candle_core::Result<()> {
+        // llama.cpp: w.reshape(h, 2, rows/h/2, cols).swapaxes(1, 2).reshape(rows, cols)
+        let (heads, rows, cols) = (2, 8, 3);
+        let hf = Tensor::arange(0f32, (rows * cols) as f32, &Device::Cpu)?.reshape((rows, cols))?;
+        let gguf = hf
+            .reshape((heads, 2, rows / heads / 2, cols))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((rows, cols))?;
+        let back = unpermute_rows(&gguf, heads)?;
+        assert_eq!(back.to_vec2::<f32>()?, hf.to_vec2::<f32>()?);
+        Ok(())
+    }
+}

@@ -1,0 +1,271 @@
+//! Builds a Hugging Face `tokenizer.json` document from GGUF tokenizer metadata, so the GGUF
+//! vocabulary runs through the same `tokenizers` machinery as an HF folder and `convert` can
+//! write it out unchanged.
+//!
+//! Supported: `tokenizer.ggml.model = gpt2` (byte-level BPE; pre-tokenizer chosen by
+//! `tokenizer.ggml.pre`, as llama.cpp does) and `llama` (SentencePiece BPE with byte fallback;
+//! merges rebuilt from the scores, as transformers does).
+
+use std::collections::HashMap;
+
+use serde_json::{json, Map, Value};
+
+use super::TextError;
+
+const TYPE_NORMAL: i64 = 1;
+const TYPE_UNKNOWN: i64 = 2;
+const TYPE_CONTROL: i64 = 3;
+const TYPE_USER_DEFINED: i64 = 4;
+
+const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Tokenizer facts from GGUF metadata that are not part of `tokenizer.json`.
+#[derive(Debug, Clone)]
+pub struct GgufTokenizerFacts {
+    /// `tokenizer.json` contents.
+    pub tokenizer_json: Value,
+    /// BOS token text.
+    pub bos_token: Option<String>,
+    /// EOS token text.
+    pub eos_token: Option<String>,
+    /// Unknown token text.
+    pub unk_token: Option<String>,
+    /// Padding token text.
+    pub pad_token: Option<String>,
+    /// Whether BOS is prepended when encoding with special tokens.
+    pub add_bos: bool,
+    /// Whether EOS is appended when encoding with special tokens.
+    pub add_eos: bool,
+    /// Jinja chat template.
+    pub chat_template: Option<String>,
+}
+
+fn byte_level(use_regex: bool) -> Value {
+    json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex})
+}
+
+fn split_then_byte_level(regex: &str) -> Value {
+    json!({"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false},
+        byte_level(false),
+    ]})
+}
+
+fn gpt2_pre_tokenizer(pre: &str) -> Result<Value, TextError> {
+    Ok(match pre {
+        "default" | "gpt2" | "gpt-2" | "olmo" | "phi-2" | "jina-es" | "jina-de" => byte_level(true),
+        // Every digit isolated, then GPT-2 splitting (upstream SmolLM / StarCoder tokenizers).
+        "smollm" | "starcoder" | "refact" => json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": true},
+            byte_level(true),
+        ]}),
+        "llama3" | "llama-bpe" | "llama-v3" | "smaug-bpe" | "falcon3" | "dbrx" => {
+            split_then_byte_level(LLAMA3_REGEX)
+        }
+        "qwen2" | "deepseek-r1-qwen" | "stablelm2" | "megrez" => split_then_byte_level(QWEN2_REGEX),
+        other => {
+            return Err(TextError::Unsupported(format!(
+                "GGUF tokenizer.ggml.pre '{other}' (supported: default, gpt2, smollm, starcoder, \
+                 refact, llama3/llama-bpe, qwen2)"
+            )))
+        }
+    })
+}
+
+/// Merges for a SentencePiece vocabulary, rebuilt from piece scores the way transformers'
+/// `SentencePieceExtractor` does: every split of a piece into two known pieces, ordered by the
+/// merged piece's score (highest first), ties by the ids of the parts.
+fn spm_merges(tokens: &[String], scores: &[f32], types: &[i64]) -> Vec<Value> {
+    let ids: HashMap<&str, usize> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.as_str(), i))
+        .collect();
+    let mut merges: Vec<(usize, usize, f32)> = Vec::new();
+    for (i, piece) in tokens.iter().enumerate() {
+        if types.get(i).copied().unwrap_or(TYPE_NORMAL) != TYPE_NORMAL {
+            continue;
+        }
+        let score = scores.get(i).copied().unwrap_or(0.0);
+        let mut local = Vec::new();
+        for (cut, _) in piece.char_indices().skip(1) {
+            if let (Some(&l), Some(&r)) = (ids.get(&piece[..cut]), ids.get(&piece[cut..])) {
+                local.push((l, r, score));
+            }
+        }
+        local.sort_by_key(|&(l, r, _)| (l, r));
+        merges.extend(local);
+    }
+    merges.sort_by(|a, b| b.2.total_cmp(&a.2));
+    merges
+        .into_iter()
+        .map(|(l, r, _)| json!([tokens[l], tokens[r]]))
+        .collect()
+}
+
+/// Reads the tokenizer out of GGUF metadata.
+pub fn from_gguf_metadata(md: &Map<String, Value>) -> Result<GgufTokenizerFacts, TextError> {
+    let model = md
+        .get("tokenizer.ggml.model")
+        .and_then(Value::as_str)
+        .ok_or_else(|| TextError::Invalid("GGUF metadata has no tokenizer.ggml.model".into()))?;
+    let tokens: Vec<String> = md
+        .get("tokenizer.ggml.tokens")
+        .and_then(Value::as_array)
+        .ok_or_else(|| TextError::Invalid("GGUF metadata has no tokenizer.ggml.tokens".into()))?
+        .iter()
+        .map(|v| v.as_str().unwrap_or_default().to_string())
+        .collect();
+    let types: Vec<i64> = md
+        .get("tokenizer.ggml.token_type")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .map(|v| v.as_i64().unwrap_or(TYPE_NORMAL))
+                .collect()
+        })
+        .unwrap_or_default();
+    let token_id = |key: &str| {
+        md.get(key)
+            .and_then(Value::as_u64)
+            .filter(|&i| (i as usize) < tokens.len())
+            .map(|i| i as u32)
+    };
+    let token_text = |id: Option<u32>| id.map(|i| tokens[i as usize].clone());
+    let flag = |key: &str| md.get(key).and_then(Value::as_bool);
+    let bos_id = token_id("tokenizer.ggml.bos_token_id");
+    let eos_id = token_id("tokenizer.ggml.eos_token_id");
+    let unk_id = token_id("tokenizer.ggml.unknown_token_id");
+
+    let added_tokens: Vec<Value> = tokens
+        .iter()
+        .enumerate()
+        .filter_map(|(i, t)| {
+            let ty = types.get(i).copied().unwrap_or(TYPE_NORMAL);
+            let special = ty == TYPE_CONTROL || ty == TYPE_UNKNOWN;
+            (special || ty == TYPE_USER_DEFINED).then(|| {
+                json!({"id": i, "content": t, "single_word": false, "lstrip": false,
+                       "rstrip": false, "normalized": !special, "special": special})
+            })
+        })
+        .collect();
+    let vocab: Map<String, Value> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), json!(i)))
+        .collect();
+
+    let (add_bos_default, tokenizer_parts) = match model {
+        "gpt2" => {
+            let pre = md
+                .get("tokenizer.ggml.pre")
+                .and_then(Value::as_str)
+                .unwrap_or("default");
+            let merges = md
+                .get("tokenizer.ggml.merges")
+                .and_then(Value::as_array)
+                .cloned()
+                .ok_or_else(|| TextError::Invalid("GGUF gpt2 tokenizer has no merges".into()))?;
+            let parts = json!({
+                "normalizer": null,
+                "pre_tokenizer": gpt2_pre_tokenizer(pre)?,
+                "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+                "model": {"type": "BPE", "dropout": null, "unk_token": null,
+                          "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                          "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                          "vocab": vocab, "merges": merges},
+            });
+            (false, parts)
+        }
+        "llama" => {
+            let scores: Vec<f32> = md
+                .get("tokenizer.ggml.scores")
+                .and_then(Value::as_array)
+                .map(|a| a.iter().map(|v| v.as_f64().unwrap_or(0.0) as f32).collect())
+                .unwrap_or_default();
+            let add_space_prefix = flag("tokenizer.ggml.add_space_prefix").unwrap_or(true);
+            let mut normalizers = Vec::new();
+            if add_space_prefix {
+                normalizers.push(json!({"type": "Prepend", "prepend": "▁"}));
+            }
+            normalizers
+                .push(json!({"type": "Replace", "pattern": {"String": " "}, "content": "▁"}));
+            let mut decoders = vec![
+                json!({"type": "Replace", "pattern": {"String": "▁"}, "content": " "}),
+                json!({"type": "ByteFallback"}),
+                json!({"type": "Fuse"}),
+            ];
+            if add_space_prefix {
+                decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+            }
+            let parts = json!({
+                "normalizer": {"type": "Sequence", "normalizers": normalizers},
+                "pre_tokenizer": null,
+                "decoder": {"type": "Sequence", "decoders": decoders},
+                "model": {"type": "BPE", "dropout": null, "unk_token": token_text(unk_id),
+                          "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                          "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+                          "vocab": vocab, "merges": spm_merges(&tokens, &scores, &types)},
+            });
+            (true, parts)
+        }
+        other => {
+            return Err(TextError::Unsupported(format!(
+                "GGUF tokenizer model '{other}' (supported: gpt2, llama)"
+            )))
+        }
+    };
+    let add_bos =
+        flag("tokenizer.ggml.add_bos_token").unwrap_or(add_bos_default) && bos_id.is_some();
+    let add_eos = flag("tokenizer.ggml.add_eos_token").unwrap_or(false) && eos_id.is_some();
+
+    let mut single = Vec::new();
+    let mut special_tokens = Map::new();
+    if let (true, Some(id)) = (add_bos, bos_id) {
+        let t = &tokens[id as usize];
+        single.push(json!({"SpecialToken": {"id": t, "type_id": 0}}));
+        special_tokens.insert(t.clone(), json!({"id": t, "ids": [id], "tokens": [t]}));
+    }
+    single.push(json!({"Sequence": {"id": "A", "type_id": 0}}));
+    if let (true, Some(id)) = (add_eos, eos_id) {
+        let t = &tokens[id as usize];
+        single.push(json!({"SpecialToken": {"id": t, "type_id": 0}}));
+        special_tokens.insert(t.clone(), json!({"id": t, "ids": [id], "tokens": [t]}));
+    }
+    let mut pair = single.clone();
+    pair.extend(single.iter().map(|v| {
+        if v.get("Sequence").is_some() {
+            json!({"Sequence": {"id": "B", "type_id": 1}})
+        } else {
+            v.clone()
+        }
+    }));
+
+    let mut doc = json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added_tokens,
+        "post_processor": {"type": "TemplateProcessing", "single": single, "pair": pair,
+                           "special_tokens": special_tokens},
+    });
+    if let (Some(d), Some(p)) = (doc.as_object_mut(), tokenizer_parts.as_object()) {
+        for (k, v) in p {
+            d.insert(k.clone(), v.clone());
+        }
+    }
+    Ok(GgufTokenizerFacts {
+        tokenizer_json: doc,
+        bos_token: token_text(bos_id),
+        eos_token: token_text(eos_id),
+        unk_token: token_text(unk_id),
+        pad_token: token_text(token_id("tokenizer.ggml.padding_token_id")),
+        add_bos,
+        add_eos,
+        chat_template: md
+            .get("tokenizer.chat_template")
+            .and_then(Value::as_str)
+            .map(str::to_string),
+    })
+}
