@@ -176,3 +176,7 @@ impl Llama {
         out
     }
 }
+
+#[cfg(test)]
+#[path = "llama_tests.rs"]
+mod tests;

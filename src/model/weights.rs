@@ -195,6 +195,15 @@ impl Weights {
         })
     }
 
+    /// Weights already in memory (tiny models built in tests, adapters). `label` names them in
+    /// errors.
+    pub fn from_tensors(label: &Path, tensors: HashMap<String, Tensor>) -> Self {
+        Weights {
+            path: label.to_path_buf(),
+            source: Source::Safetensors(tensors),
+        }
+    }
+
     /// The file or folder the weights come from (for error messages).
     pub fn path(&self) -> &Path {
         &self.path

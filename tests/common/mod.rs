@@ -1,0 +1,70 @@
+//! Shared helpers for integration tests: the default model (tests fail, never skip, when it is
+//! missing), reference data, and a float32 HF folder converted from the GGUF once per process.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use nextoken::model::Model;
+use nextoken::text::Tokenizer;
+use serde_json::Value;
+
+/// Repository root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The default GGUF; panics with the fix when it is missing.
+pub fn model_path() -> PathBuf {
+    let p = repo().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        p.exists(),
+        "default model missing at {} — run models/fetch-default.sh",
+        p.display()
+    );
+    p
+}
+
+/// A JSON file from `tests/reference/`.
+pub fn reference(name: &str) -> Value {
+    let p = repo().join("tests/reference").join(name);
+    let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    serde_json::from_str(&text).expect("reference JSON")
+}
+
+/// The GGUF model and tokenizer, loaded once.
+pub fn gguf() -> &'static (Model, Tokenizer) {
+    static CELL: OnceLock<(Model, Tokenizer)> = OnceLock::new();
+    CELL.get_or_init(|| nextoken::load(&model_path()).expect("default model loads"))
+}
+
+/// A float32 HF folder made by `convert` from the default GGUF, once per process.
+pub fn converted_dir() -> &'static Path {
+    static CELL: OnceLock<tempfile::TempDir> = OnceLock::new();
+    CELL.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        nextoken::convert::gguf_to_hf(
+            &model_path(),
+            dir.path(),
+            nextoken::convert::ConvertDtype::F32,
+        )
+        .expect("convert");
+        dir
+    })
+    .path()
+}
+
+/// The converted folder's model and tokenizer, loaded once.
+pub fn converted() -> &'static (Model, Tokenizer) {
+    static CELL: OnceLock<(Model, Tokenizer)> = OnceLock::new();
+    CELL.get_or_init(|| nextoken::load(converted_dir()).expect("converted folder loads"))
+}
+
+/// Integers of a JSON array.
+pub fn u32s(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_u64().expect("integer") as u32)
+        .collect()
+}
