@@ -38,7 +38,7 @@ impl Llama {
     pub fn load(config: ModelConfig, w: &mut Weights) -> std::result::Result<Self, LoadError> {
         let c = &config;
         let (h, q, kv, ff) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
-        if c.head_dim % 2 != 0 {
+        if !c.head_dim.is_multiple_of(2) {
             return Err(LoadError::format(
                 w.path(),
                 "head_dim must be even for rotary embedding",

@@ -189,6 +189,15 @@ impl Model {
                 std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder"),
             ));
         }
+        // A weights or config file inside an HF folder stands for the folder.
+        let is_hf_file = path.is_file()
+            && path
+                .extension()
+                .is_some_and(|e| e == "safetensors" || e == "json");
+        let path = match (is_hf_file, path.parent()) {
+            (true, Some(parent)) => parent,
+            _ => path,
+        };
         if path.is_dir() {
             let config_path = path.join("config.json");
             let text = std::fs::read_to_string(&config_path)
