@@ -3,11 +3,12 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use nextoken::convert::ConvertDtype;
-use nextoken::engine::{self, GenerateOptions, SamplingParams};
+use nextoken::engine::{EngineConfig, EngineHandle, GenerateRequest, SamplingParams};
 use nextoken::text::Detokenizer;
 
 /// Default model: what `models/fetch-default.sh` downloads.
@@ -90,17 +91,18 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     let tokenizer = Arc::new(tokenizer);
     let prompt_ids = tokenizer.encode(&args.prompt, true)?;
     anyhow::ensure!(!prompt_ids.is_empty(), "the prompt is empty");
+    let context = model.config().max_position_embeddings;
+    anyhow::ensure!(
+        prompt_ids.len() < context,
+        "the prompt ({} tokens) fills the context ({context})",
+        prompt_ids.len()
+    );
     let mut stop = model.config().eos_token_ids.clone();
     stop.extend(tokenizer.eos_id());
     stop.sort_unstable();
     stop.dedup();
-    let opts = GenerateOptions {
-        max_new_tokens: args.max_tokens,
-        stop_token_ids: if args.ignore_eos {
-            vec![]
-        } else {
-            stop.clone()
-        },
+    let request = GenerateRequest {
+        prompt: prompt_ids.clone(),
         sampling: SamplingParams {
             temperature: args.temperature,
             top_p: args.top_p,
@@ -108,15 +110,24 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
             seed: args.seed,
             ..Default::default()
         },
-        ..Default::default()
+        max_new_tokens: args.max_tokens.min(context - prompt_ids.len()),
+        stop_token_ids: if args.ignore_eos { vec![] } else { stop },
+        adapter: None,
+        top_logprobs: None,
     };
+    // The stop token ends the stream; it is in output_ids but not in the text.
+    let stop_ids = request.stop_token_ids.clone();
+    let engine = EngineHandle::spawn(model, EngineConfig::default())?;
     let mut detok = Detokenizer::new(tokenizer.clone(), false);
     let mut stdout = std::io::stdout().lock();
     let json = args.json;
     let mut text = String::new();
     let mut stream_err = None;
-    let out = engine::generate(&model, &prompt_ids, &opts, false, |id| {
-        if !args.ignore_eos && stop.contains(&id) {
+    let started = Instant::now();
+    let mut first_token_at = None;
+    let out = engine.submit(request)?.blocking_collect(|id| {
+        first_token_at.get_or_insert_with(Instant::now);
+        if stop_ids.contains(&id) {
             return;
         }
         match detok.step(id) {
@@ -131,6 +142,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
             Err(e) => stream_err = Some(e),
         }
     })?;
+    let finished_at = Instant::now();
     if let Some(e) = stream_err {
         return Err(e.into());
     }
@@ -140,15 +152,16 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
             write!(stdout, "{rest}")?;
         }
     }
-    let prefill_tps = prompt_ids.len() as f64 / out.prefill_time.as_secs_f64().max(1e-9);
-    let decoded = out.output_ids.len().saturating_sub(1);
-    let decode_tps = decoded as f64 / out.decode_time.as_secs_f64().max(1e-9);
+    let first = first_token_at.unwrap_or(finished_at);
+    let prefill_tps = prompt_ids.len() as f64 / (first - started).as_secs_f64().max(1e-9);
+    let decoded = out.tokens.len().saturating_sub(1);
+    let decode_tps = decoded as f64 / (finished_at - first).as_secs_f64().max(1e-9);
     if json {
         let obj = serde_json::json!({
             "prompt_ids": prompt_ids,
-            "output_ids": out.output_ids,
+            "output_ids": out.tokens,
             "text": text,
-            "finish_reason": out.finish_reason.as_str(),
+            "finish_reason": out.finish.as_str(),
             "prefill_tokens_per_s": prefill_tps,
             "decode_tokens_per_s": decode_tps,
         });
@@ -158,7 +171,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         eprintln!(
             "prompt: {} tokens, {prefill_tps:.1} tok/s | decode: {decoded} tokens, {decode_tps:.1} tok/s | finish: {}",
             prompt_ids.len(),
-            out.finish_reason.as_str()
+            out.finish.as_str()
         );
     }
     Ok(())

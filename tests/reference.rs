@@ -7,15 +7,15 @@
 
 mod common;
 
+use common::engine::{engine, run};
 use common::*;
-use nextoken::engine::{generate, GenerateOptions};
-use nextoken::model::Model;
+use nextoken::engine::{EngineConfig, EngineHandle, FinishReason, GenerateRequest};
 use nextoken::text::Tokenizer;
 
 const F32_LOGPROB_TOL: f64 = 1e-3;
 const FLIP_MARGIN: f64 = 0.01;
 
-fn check_against_hf(model: &Model, tokenizer: &Tokenizer, label: &str) {
+fn check_against_hf(engine: &EngineHandle, tokenizer: &Tokenizer, label: &str) {
     let reference = reference("hf_f32.json");
     let prompts = reference["prompts"].as_array().expect("prompts");
     assert!(!prompts.is_empty());
@@ -27,30 +27,33 @@ fn check_against_hf(model: &Model, tokenizer: &Tokenizer, label: &str) {
             .expect("encode");
         assert_eq!(ids, prompt_ids, "{label}/{name}: prompt ids");
         let want = u32s(&p["greedy"]["new_token_ids"]);
-        let opts = GenerateOptions {
-            max_new_tokens: want.len(),
-            ..Default::default()
-        };
-        let out = generate(model, &ids, &opts, true, |_| {}).expect("generate");
-        assert_eq!(out.output_ids.len(), want.len(), "{label}/{name}: length");
+        let mut request = GenerateRequest::greedy(ids, want.len());
+        request.top_logprobs = Some(20);
+        let out = run(engine, request);
+        assert_eq!(out.tokens.len(), want.len(), "{label}/{name}: length");
         let steps = p["greedy"]["steps"].as_array().expect("steps");
         for (i, step) in steps.iter().enumerate() {
             let margin = step["top1_top2_logit_margin"].as_f64().expect("margin");
-            if out.output_ids[i] != want[i] {
+            if out.tokens[i] != want[i] {
                 // A flip is tolerated only where the reference itself is a near-tie; after
                 // it, the continuations legitimately differ.
                 assert!(
                     margin < FLIP_MARGIN,
                     "{label}/{name}: step {i}: got {} want {} (margin {margin})",
-                    out.output_ids[i],
+                    out.tokens[i],
                     want[i]
                 );
                 break;
             }
             let top_ids = u32s(&step["top5_ids"]);
             let top_lp = step["top5_logprobs"].as_array().expect("logprobs");
+            let ours_top = &out.logprobs[i].as_ref().expect("logprobs requested").top;
             for (id, lp) in top_ids.iter().zip(top_lp) {
-                let ours = f64::from(out.logprobs[i][*id as usize]);
+                let ours = ours_top
+                    .iter()
+                    .find(|(t, _)| t == id)
+                    .map(|(_, lp)| f64::from(*lp))
+                    .unwrap_or_else(|| panic!("{label}/{name}: step {i}: {id} not in our top 20"));
                 let theirs = lp.as_f64().expect("f64");
                 assert!(
                     (ours - theirs).abs() < F32_LOGPROB_TOL,
@@ -63,14 +66,14 @@ fn check_against_hf(model: &Model, tokenizer: &Tokenizer, label: &str) {
 
 #[test]
 fn gguf_matches_transformers_f32() {
-    let (model, tokenizer) = gguf();
-    check_against_hf(model, tokenizer, "gguf");
+    check_against_hf(&engine(EngineConfig::default()), &gguf().1, "gguf");
 }
 
 #[test]
 fn converted_f32_folder_matches_transformers_f32() {
-    let (model, tokenizer) = converted();
-    check_against_hf(model, tokenizer, "folder");
+    let (model, tokenizer) = nextoken::load(converted_dir()).expect("converted folder loads");
+    let engine = EngineHandle::spawn(model, EngineConfig::default()).expect("engine");
+    check_against_hf(&engine, &tokenizer, "folder");
 }
 
 #[test]
@@ -87,47 +90,51 @@ fn prompt_ids_match_llama_cpp() {
 
 #[test]
 fn eos_ends_generation_with_the_eos_id() {
-    let (model, tokenizer) = gguf();
+    let engine = engine(EngineConfig::default());
+    let tokenizer = &gguf().1;
     let reference = reference("hf_f32.json");
     let p = &reference["prompts"][0];
     let eos_at = p["greedy"]["first_eos_index"]
         .as_u64()
         .expect("this prompt reaches EOS") as usize;
     let want = &u32s(&p["greedy"]["new_token_ids"])[..=eos_at];
-    let opts = GenerateOptions {
-        max_new_tokens: 64,
-        stop_token_ids: model.config().eos_token_ids.clone(),
-        ..Default::default()
-    };
     assert_eq!(tokenizer.eos_id(), Some(2));
-    let ids = u32s(&p["prompt_ids"]);
-    let out = generate(model, &ids, &opts, false, |_| {}).expect("generate");
-    assert_eq!(out.output_ids, want);
-    assert_eq!(out.finish_reason, nextoken::engine::FinishReason::Stop);
+    let mut request = GenerateRequest::greedy(u32s(&p["prompt_ids"]), 64);
+    request.stop_token_ids = vec![2];
+    let out = run(&engine, request);
+    assert_eq!(out.tokens, want);
+    assert_eq!(out.finish, FinishReason::StopToken(2));
+    assert_eq!(out.usage.completion_tokens, want.len());
+    assert_eq!(out.usage.prompt_tokens, 5);
 }
 
 #[test]
-fn chunked_prefill_and_batching_do_not_change_tokens() {
-    let (model, tokenizer) = gguf();
+fn chunked_prefill_does_not_change_tokens() {
+    let tokenizer = &gguf().1;
     let prompt = "The lighthouse keeper counted 1,234 ships in 2023; each one carried";
     let ids = tokenizer.encode(prompt, true).expect("encode");
-    let run = |chunk: usize| {
-        let opts = GenerateOptions {
-            max_new_tokens: 16,
-            prefill_chunk: chunk,
+    let go = |max_batch_tokens: usize| {
+        let engine = engine(EngineConfig {
+            max_batch_tokens,
             ..Default::default()
-        };
-        generate(model, &ids, &opts, true, |_| {}).expect("generate")
+        });
+        let mut request = GenerateRequest::greedy(ids.clone(), 16);
+        request.top_logprobs = Some(5);
+        run(&engine, request)
     };
-    let whole = run(512);
+    let whole = go(512);
     for chunk in [1, 3, 7] {
-        let part = run(chunk);
-        assert_eq!(part.output_ids, whole.output_ids, "chunk {chunk}");
-        let d = part.logprobs[0]
-            .iter()
-            .zip(&whole.logprobs[0])
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max);
-        assert!(d < 1e-3, "chunk {chunk}: logprob diff {d}");
+        let part = go(chunk);
+        assert_eq!(part.tokens, whole.tokens, "chunk {chunk}");
+        let (a, b) = (
+            part.logprobs[0].as_ref().expect("lp"),
+            whole.logprobs[0].as_ref().expect("lp"),
+        );
+        assert!(
+            (a.logprob - b.logprob).abs() < 1e-3,
+            "chunk {chunk}: {} vs {}",
+            a.logprob,
+            b.logprob
+        );
     }
 }

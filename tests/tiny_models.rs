@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use nextoken::engine::{generate, GenerateOptions};
+use nextoken::engine::{EngineConfig, EngineHandle, GenerateRequest};
 use nextoken::model::{ForwardBatch, Model};
 
 fn check_model(name: &str) {
@@ -15,6 +15,7 @@ fn check_model(name: &str) {
         .join("tests/reference/tiny")
         .join(entry["dir"].as_str().expect("dir"));
     let (model, _) = Model::load(&dir).expect("tiny model loads");
+    let mut greedy = Vec::new();
     for (i, case) in entry["cases"].as_array().expect("cases").iter().enumerate() {
         let ids = u32s(&case["input_ids"]);
         let mut kv = model.new_kv_cache(ids.len().div_ceil(16), 16);
@@ -36,22 +37,25 @@ fn check_model(name: &str) {
                 "{name} case {i}: {a} vs {b}"
             );
         }
-        let out = generate(
-            &model,
-            &ids,
-            &GenerateOptions {
-                max_new_tokens: 8,
-                ..Default::default()
-            },
-            false,
-            |_| {},
-        )
-        .expect("generate");
-        assert_eq!(
-            out.output_ids,
-            u32s(&case["greedy8"]),
-            "{name} case {i}: greedy8"
-        );
+        greedy.push((ids, u32s(&case["greedy8"])));
+    }
+    let config = EngineConfig {
+        kv_cache_bytes: 1 << 20,
+        ..Default::default()
+    };
+    let engine = EngineHandle::spawn(model, config).expect("engine");
+    // All cases at once through the engine: a mixed batch.
+    let gens: Vec<_> = greedy
+        .iter()
+        .map(|(ids, _)| {
+            engine
+                .submit(GenerateRequest::greedy(ids.clone(), 8))
+                .expect("submit")
+        })
+        .collect();
+    for (i, (g, (_, want))) in gens.into_iter().zip(&greedy).enumerate() {
+        let out = g.blocking_collect(|_| {}).expect("completes");
+        assert_eq!(&out.tokens, want, "{name} case {i}: greedy8");
     }
 }
 

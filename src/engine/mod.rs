@@ -1,8 +1,298 @@
-//! Engine layer: turns token ids into more token ids. Sampling, and (for now) single-sequence
-//! generation over the model's ragged-batch forward. Knows nothing of HTTP or text.
+//! Engine layer: continuous batching over one model. Tokens in, tokens out; knows nothing of
+//! HTTP or text.
+//!
+//! The engine runs on its own thread (named `engine`) and owns the model, the KV cache, the
+//! block pool and every sequence. [`EngineHandle::submit`] queues a [`GenerateRequest`] and
+//! returns a [`Generation`], a channel of [`Event`]s; dropping the `Generation` cancels the
+//! request and its KV blocks are free again at the next step.
 
+pub mod block_pool;
+pub mod request;
 pub mod sampler;
-pub mod single;
+pub mod scheduler;
+pub mod sequence;
+pub mod step;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+
+use crate::model::{KvCache, Model};
+
+pub use request::{EngineError, Event, FinishReason, GenerateRequest, TokenLogprob, Usage};
 pub use sampler::{Sampler, SamplingParams};
-pub use single::{generate, FinishReason, GenerateOptions, Generated};
+pub use scheduler::SchedulerConfig;
+
+/// Most alternatives per token that can be asked for.
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// Engine settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineConfig {
+    /// Tokens per step over all sequences.
+    pub max_batch_tokens: usize,
+    /// Sequences running at once.
+    pub max_running_seqs: usize,
+    /// Requests queued beyond the running ones before `submit` answers `Overloaded`.
+    pub max_waiting: usize,
+    /// Bytes of the KV pool.
+    pub kv_cache_bytes: usize,
+    /// Tokens per KV block.
+    pub block_size: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            max_batch_tokens: 512,
+            max_running_seqs: 64,
+            max_waiting: 1024,
+            kv_cache_bytes: 1024 << 20,
+            block_size: 16,
+        }
+    }
+}
+
+/// Gauges and counters, published after every step (for `/metrics`, `/health`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EngineStats {
+    /// Sequences holding KV blocks.
+    pub num_running: usize,
+    /// Sequences queued.
+    pub num_waiting: usize,
+    /// KV blocks in use.
+    pub kv_blocks_used: usize,
+    /// KV blocks in the pool.
+    pub kv_blocks_total: usize,
+    /// Prompt tokens computed (recomputation after preemption counts again).
+    pub prompt_tokens_total: u64,
+    /// Tokens generated.
+    pub generation_tokens_total: u64,
+    /// Steps run.
+    pub num_steps: u64,
+    /// Requests cancelled by their client.
+    pub num_cancelled: u64,
+    /// Preemptions for lack of KV blocks.
+    pub num_preempted: u64,
+    /// Duration of the last step.
+    pub last_step_seconds: f64,
+}
+
+enum Command {
+    Submit(sequence::Sequence),
+}
+
+/// A request in flight. Dropping it cancels the request.
+pub struct Generation {
+    id: u64,
+    events: UnboundedReceiver<Event>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Generation {
+    /// Engine-wide request id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The next event; `None` after the last one.
+    pub async fn next(&mut self) -> Option<Event> {
+        self.events.recv().await
+    }
+
+    /// The next event, blocking the current thread (not for async contexts).
+    pub fn blocking_next(&mut self) -> Option<Event> {
+        self.events.blocking_recv()
+    }
+}
+
+/// Facts about the model that submitters need to validate requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelLimits {
+    /// Longest sequence (prompt + generated).
+    pub context_length: usize,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Tokens the KV pool can hold.
+    pub kv_capacity_tokens: usize,
+}
+
+/// Cheap-to-clone handle to the engine thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    commands: UnboundedSender<Command>,
+    admission: Arc<Semaphore>,
+    stats: watch::Receiver<EngineStats>,
+    next_id: Arc<AtomicU64>,
+    limits: ModelLimits,
+}
+
+impl EngineHandle {
+    /// Loads nothing: takes a loaded model and starts the engine thread.
+    pub fn spawn(model: Model, config: EngineConfig) -> Result<Self, EngineError> {
+        let c = model.config();
+        let per_block =
+            KvCache::bytes_per_token(c.num_layers, c.kv_dim()) * config.block_size.max(1);
+        let num_blocks = (config.kv_cache_bytes / per_block.max(1)).max(1);
+        let limits = ModelLimits {
+            context_length: c.max_position_embeddings,
+            vocab_size: c.vocab_size,
+            kv_capacity_tokens: num_blocks * config.block_size,
+        };
+        let scheduler = SchedulerConfig {
+            max_batch_tokens: config.max_batch_tokens.max(1),
+            max_running_seqs: config.max_running_seqs.max(1),
+        };
+        let mut core =
+            step::EngineCore::new(model, num_blocks, config.block_size.max(1), scheduler);
+        let (commands, mut rx) = unbounded_channel();
+        let (stats_tx, stats) = watch::channel(core.stats());
+        std::thread::Builder::new()
+            .name("engine".into())
+            .spawn(move || 'outer: loop {
+                if core.is_idle() {
+                    match rx.blocking_recv() {
+                        Some(Command::Submit(seq)) => core.add(seq),
+                        None => break 'outer,
+                    }
+                }
+                loop {
+                    match rx.try_recv() {
+                        Ok(Command::Submit(seq)) => core.add(seq),
+                        Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
+                        Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => {
+                            if core.is_idle() {
+                                break 'outer;
+                            }
+                            break;
+                        }
+                    }
+                }
+                core.step();
+                let _ = stats_tx.send(core.stats());
+            })
+            .map_err(|e| EngineError::Model(format!("cannot start the engine thread: {e}")))?;
+        Ok(EngineHandle {
+            commands,
+            admission: Arc::new(Semaphore::new(
+                config.max_running_seqs.max(1) + config.max_waiting,
+            )),
+            stats,
+            next_id: Arc::new(AtomicU64::new(0)),
+            limits,
+        })
+    }
+
+    /// What requests are validated against.
+    pub fn limits(&self) -> &ModelLimits {
+        &self.limits
+    }
+
+    /// Statistics as of the last step.
+    pub fn stats(&self) -> EngineStats {
+        self.stats.borrow().clone()
+    }
+
+    /// Queues a request. `Invalid` if it can never run, `Overloaded` when the queue is full,
+    /// `Stopped` if the engine thread is gone.
+    pub fn submit(&self, request: GenerateRequest) -> Result<Generation, EngineError> {
+        let l = &self.limits;
+        if request.prompt.is_empty() {
+            return Err(EngineError::Invalid("the prompt is empty".into()));
+        }
+        if request.max_new_tokens == 0 {
+            return Err(EngineError::Invalid(
+                "max_new_tokens must be at least 1".into(),
+            ));
+        }
+        if let Some(&bad) = request.prompt.iter().find(|&&t| t as usize >= l.vocab_size) {
+            return Err(EngineError::Invalid(format!(
+                "token id {bad} is outside the vocabulary (size {})",
+                l.vocab_size
+            )));
+        }
+        let total = request.prompt.len().saturating_add(request.max_new_tokens);
+        if total > l.context_length {
+            return Err(EngineError::Invalid(format!(
+                "the prompt ({} tokens) plus max_new_tokens ({}) exceeds the context length ({})",
+                request.prompt.len(),
+                request.max_new_tokens,
+                l.context_length
+            )));
+        }
+        if total > l.kv_capacity_tokens {
+            return Err(EngineError::Invalid(format!(
+                "the prompt ({} tokens) plus max_new_tokens ({}) exceeds the KV cache ({} tokens)",
+                request.prompt.len(),
+                request.max_new_tokens,
+                l.kv_capacity_tokens
+            )));
+        }
+        if request.top_logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
+            return Err(EngineError::Invalid(format!(
+                "at most {MAX_TOP_LOGPROBS} top log-probabilities"
+            )));
+        }
+        let permit = self
+            .admission
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| EngineError::Overloaded)?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = unbounded_channel();
+        let seq = sequence::Sequence::new(id, request, tx);
+        self.commands
+            .send(Command::Submit(seq))
+            .map_err(|_| EngineError::Stopped)?;
+        Ok(Generation {
+            id,
+            events: rx,
+            _permit: permit,
+        })
+    }
+}
+
+/// Everything one request produced, collected (for the CLI, benchmarks and tests).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Collected {
+    /// Generated ids, ending with the stop token when it stopped on one.
+    pub tokens: Vec<crate::model::TokenId>,
+    /// Per token, when requested.
+    pub logprobs: Vec<Option<TokenLogprob>>,
+    /// How it ended.
+    pub finish: FinishReason,
+    /// Token counts.
+    pub usage: Usage,
+}
+
+impl Generation {
+    /// Blocks until the request ends, calling `on_token` for each token as it arrives.
+    pub fn blocking_collect(
+        mut self,
+        mut on_token: impl FnMut(crate::model::TokenId),
+    ) -> Result<Collected, EngineError> {
+        let mut tokens = Vec::new();
+        let mut logprobs = Vec::new();
+        while let Some(ev) = self.blocking_next() {
+            match ev {
+                Event::Token { id, logprob } => {
+                    on_token(id);
+                    tokens.push(id);
+                    logprobs.push(logprob);
+                }
+                Event::Finished { reason, usage } => {
+                    return Ok(Collected {
+                        tokens,
+                        logprobs,
+                        finish: reason,
+                        usage,
+                    })
+                }
+                Event::Failed(e) => return Err(e),
+            }
+        }
+        Err(EngineError::Stopped)
+    }
+}

@@ -2,6 +2,8 @@
 //! missing), reference data, and a float32 HF folder converted from the GGUF once per process.
 #![allow(dead_code)]
 
+pub mod engine;
+
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 

@@ -1,0 +1,111 @@
+//! The public seam of the engine: what a request is, and the events that answer it.
+
+use crate::model::TokenId;
+
+use super::sampler::SamplingParams;
+
+/// One generation request, already validated (the engine cannot see an invalid value).
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    /// Prompt token ids (non-empty).
+    pub prompt: Vec<TokenId>,
+    /// Sampling settings.
+    pub sampling: SamplingParams,
+    /// Upper bound on new tokens.
+    pub max_new_tokens: usize,
+    /// Token ids that end the request (the model's EOS unless `ignore_eos`, plus any others).
+    pub stop_token_ids: Vec<TokenId>,
+    /// LoRA adapter name (reserved; `None` is the base model).
+    pub adapter: Option<String>,
+    /// Number of alternatives to report with each token's log-probability (≤ 20).
+    pub top_logprobs: Option<usize>,
+}
+
+impl GenerateRequest {
+    /// A greedy request for `max_new_tokens` tokens with no stop tokens.
+    pub fn greedy(prompt: Vec<TokenId>, max_new_tokens: usize) -> Self {
+        GenerateRequest {
+            prompt,
+            sampling: SamplingParams::greedy(),
+            max_new_tokens,
+            stop_token_ids: Vec::new(),
+            adapter: None,
+            top_logprobs: None,
+        }
+    }
+}
+
+/// Log-probability of a generated token and of the most likely alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    /// Log-probability of the chosen token.
+    pub logprob: f32,
+    /// The most likely tokens with their log-probabilities, most likely first.
+    pub top: Vec<(TokenId, f32)>,
+}
+
+/// Why a request finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// One of the stop token ids was generated (it is the last token sent).
+    StopToken(TokenId),
+    /// `max_new_tokens` or the model's context length was reached.
+    Length,
+}
+
+impl FinishReason {
+    /// OpenAI spelling: `stop` or `length`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            FinishReason::StopToken(_) => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// Token counts of a finished request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Generated tokens.
+    pub completion_tokens: usize,
+}
+
+/// What the engine sends back for a request, in order: tokens, then one `Finished` or `Failed`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A new token.
+    Token {
+        /// The token id.
+        id: TokenId,
+        /// Its log-probability, when requested.
+        logprob: Option<TokenLogprob>,
+    },
+    /// The request ended normally.
+    Finished {
+        /// Why.
+        reason: FinishReason,
+        /// Token counts.
+        usage: Usage,
+    },
+    /// The request failed.
+    Failed(EngineError),
+}
+
+/// Errors of the engine.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EngineError {
+    /// The request can never run (too long for the context or the KV pool, empty prompt, ...).
+    #[error("{0}")]
+    Invalid(String),
+    /// Too many requests are waiting.
+    #[error("the server is overloaded: too many requests waiting")]
+    Overloaded,
+    /// The engine thread is gone.
+    #[error("the engine has stopped")]
+    Stopped,
+    /// The model failed during a step.
+    #[error("model error: {0}")]
+    Model(String),
+}

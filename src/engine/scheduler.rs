@@ -1,0 +1,336 @@
+//! `Scheduler`: decides which tokens of which sequences run in the next step.
+//!
+//! Tokens, not phases (vLLM v1): every sequence has `num_computed_tokens` catching up with
+//! `tokens.len()`; a step gives running sequences their tokens first (1 when decoding, a chunk
+//! when prefilling), then admits waiting ones, all under one token budget. When KV blocks run
+//! out, the newest running sequence is preempted: its blocks are freed and it is recomputed
+//! later from its tokens. The result is plain data ([`ScheduledBatch`]); no tensors here.
+
+use std::collections::VecDeque;
+
+use super::block_pool::BlockPool;
+use super::sequence::Sequence;
+
+/// Limits of one step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SchedulerConfig {
+    /// Tokens per step over all sequences (prefill chunks + decode tokens).
+    pub max_batch_tokens: usize,
+    /// Sequences running at once.
+    pub max_running_seqs: usize,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            max_batch_tokens: 512,
+            max_running_seqs: 64,
+        }
+    }
+}
+
+/// One sequence's share of a step: its next `num_tokens` uncomputed tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scheduled {
+    /// Index into [`Scheduler::running`].
+    pub index: usize,
+    /// Tokens to compute this step.
+    pub num_tokens: usize,
+}
+
+/// What the next step computes, in row order.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ScheduledBatch {
+    /// Per sequence.
+    pub items: Vec<Scheduled>,
+    /// Sequences preempted while scheduling (their ids).
+    pub preempted: Vec<u64>,
+}
+
+impl ScheduledBatch {
+    /// Total tokens of the step.
+    pub fn num_tokens(&self) -> usize {
+        self.items.iter().map(|s| s.num_tokens).sum()
+    }
+}
+
+/// Waiting and running sequences.
+pub struct Scheduler {
+    config: SchedulerConfig,
+    /// Not started, or preempted (those go to the front).
+    pub waiting: VecDeque<Sequence>,
+    /// Holding KV blocks, oldest first.
+    pub running: Vec<Sequence>,
+}
+
+impl Scheduler {
+    /// An empty scheduler.
+    pub fn new(config: SchedulerConfig) -> Self {
+        Scheduler {
+            config,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+        }
+    }
+
+    /// Queues a new sequence.
+    pub fn add(&mut self, seq: Sequence) {
+        self.waiting.push_back(seq);
+    }
+
+    /// Nothing to do.
+    pub fn is_idle(&self) -> bool {
+        self.waiting.is_empty() && self.running.is_empty()
+    }
+
+    /// Removes sequences whose client went away; returns how many.
+    pub fn reap_cancelled(&mut self, pool: &mut BlockPool) -> usize {
+        let before = self.waiting.len() + self.running.len();
+        self.running.retain(|s| {
+            let keep = !s.is_cancelled();
+            if !keep {
+                pool.release(&s.block_table);
+            }
+            keep
+        });
+        self.waiting.retain(|s| {
+            let keep = !s.is_cancelled();
+            if !keep {
+                pool.release(&s.block_table);
+            }
+            keep
+        });
+        before - self.waiting.len() - self.running.len()
+    }
+
+    /// Removes running sequence `index` and frees its blocks.
+    pub fn finish(&mut self, index: usize, pool: &mut BlockPool) -> Sequence {
+        let seq = self.running.remove(index);
+        pool.release(&seq.block_table);
+        seq
+    }
+
+    fn preempt_newest(&mut self, pool: &mut BlockPool) -> Option<u64> {
+        let mut seq = self.running.pop()?;
+        pool.release(&seq.block_table);
+        seq.block_table.clear();
+        seq.num_computed_tokens = 0;
+        let id = seq.id;
+        self.waiting.push_front(seq);
+        Some(id)
+    }
+
+    /// Plans the next step, allocating the KV blocks it needs.
+    pub fn schedule(&mut self, pool: &mut BlockPool) -> ScheduledBatch {
+        let mut batch = ScheduledBatch::default();
+        let mut budget = self.config.max_batch_tokens;
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let seq = &self.running[i];
+            let n = seq.num_uncomputed().min(budget);
+            if n == 0 {
+                i += 1;
+                continue;
+            }
+            let need = pool
+                .blocks_for(seq.num_computed_tokens + n)
+                .saturating_sub(seq.block_table.len());
+            match pool.allocate(need) {
+                Some(blocks) => {
+                    self.running[i].block_table.extend(blocks);
+                    batch.items.push(Scheduled {
+                        index: i,
+                        num_tokens: n,
+                    });
+                    budget -= n;
+                    i += 1;
+                }
+                None => {
+                    // Out of blocks: the newest running sequence gives its blocks back (it may
+                    // be this one; then the loop ends because `i` is past the end).
+                    if let Some(id) = self.preempt_newest(pool) {
+                        batch.preempted.push(id);
+                    }
+                }
+            }
+        }
+        if !batch.preempted.is_empty() {
+            return batch;
+        }
+        while budget > 0 && self.running.len() < self.config.max_running_seqs {
+            let Some(seq) = self.waiting.front() else {
+                break;
+            };
+            let n = seq.num_uncomputed().min(budget);
+            let need = pool
+                .blocks_for(seq.num_computed_tokens + n)
+                .saturating_sub(seq.block_table.len());
+            let Some(blocks) = pool.allocate(need) else {
+                break;
+            };
+            let Some(mut seq) = self.waiting.pop_front() else {
+                break;
+            };
+            seq.block_table.extend(blocks);
+            self.running.push(seq);
+            batch.items.push(Scheduled {
+                index: self.running.len() - 1,
+                num_tokens: n,
+            });
+            budget -= n;
+        }
+        batch
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::request::{Event, GenerateRequest};
+    use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+    fn seq(id: u64, prompt_len: usize) -> (Sequence, UnboundedReceiver<Event>) {
+        let (tx, rx) = unbounded_channel();
+        let req = GenerateRequest::greedy(vec![1; prompt_len], 100);
+        (Sequence::new(id, req, tx), rx)
+    }
+
+    /// Marks the scheduled tokens computed, and decoding sequences as having sampled one more.
+    fn run(s: &mut Scheduler, batch: &ScheduledBatch) {
+        for item in &batch.items {
+            let seq = &mut s.running[item.index];
+            seq.num_computed_tokens += item.num_tokens;
+            if seq.num_uncomputed() == 0 {
+                seq.tokens.push(7);
+            }
+        }
+    }
+
+    fn config(max_batch_tokens: usize, max_running_seqs: usize) -> SchedulerConfig {
+        SchedulerConfig {
+            max_batch_tokens,
+            max_running_seqs,
+        }
+    }
+
+    #[test]
+    fn budget_chunks_long_prompts_and_keeps_decodes_moving() {
+        let mut pool = BlockPool::new(100, 16);
+        let mut s = Scheduler::new(config(64, 8));
+        let (a, _ra) = seq(0, 10);
+        let (b, _rb) = seq(1, 150);
+        s.add(a);
+        s.add(b);
+        let first = s.schedule(&mut pool);
+        assert_eq!(
+            first.items,
+            vec![
+                Scheduled {
+                    index: 0,
+                    num_tokens: 10
+                },
+                Scheduled {
+                    index: 1,
+                    num_tokens: 54
+                }
+            ]
+        );
+        run(&mut s, &first);
+        // Next step: the short one decodes one token, the long one continues its prefill.
+        let second = s.schedule(&mut pool);
+        assert_eq!(
+            second.items,
+            vec![
+                Scheduled {
+                    index: 0,
+                    num_tokens: 1
+                },
+                Scheduled {
+                    index: 1,
+                    num_tokens: 63
+                }
+            ]
+        );
+        assert_eq!(second.num_tokens(), 64);
+        assert_eq!(s.running[1].block_table.len(), pool.blocks_for(54 + 63));
+    }
+
+    #[test]
+    fn max_running_limits_admission() {
+        let mut pool = BlockPool::new(100, 16);
+        let mut s = Scheduler::new(config(512, 2));
+        let mut rxs = vec![];
+        for i in 0..3 {
+            let (q, rx) = seq(i, 4);
+            rxs.push(rx);
+            s.add(q);
+        }
+        let b = s.schedule(&mut pool);
+        assert_eq!(b.items.len(), 2);
+        assert_eq!(s.waiting.len(), 1);
+    }
+
+    #[test]
+    fn out_of_blocks_preempts_the_newest_and_frees_its_blocks() {
+        // 4 blocks of 4 tokens: two 6-token prompts take 2 blocks each.
+        let mut pool = BlockPool::new(4, 4);
+        let mut s = Scheduler::new(config(512, 8));
+        let (a, _ra) = seq(0, 6);
+        let (b, _rb) = seq(1, 6);
+        s.add(a);
+        s.add(b);
+        let first = s.schedule(&mut pool);
+        assert_eq!(first.items.len(), 2);
+        assert_eq!(pool.num_free(), 0);
+        run(&mut s, &first);
+        // Both decode positions 6 and 7 in their 2 blocks; position 8 needs a third block.
+        for _ in 0..2 {
+            let step = s.schedule(&mut pool);
+            assert_eq!(step.items.len(), 2);
+            assert!(step.preempted.is_empty());
+            run(&mut s, &step);
+        }
+        let third = s.schedule(&mut pool);
+        // a needs a block for position 8; b (newest) is preempted to free one.
+        assert_eq!(third.preempted, vec![1]);
+        assert_eq!(
+            third.items,
+            vec![Scheduled {
+                index: 0,
+                num_tokens: 1
+            }]
+        );
+        assert_eq!(s.waiting.len(), 1);
+        assert_eq!(s.waiting[0].num_computed_tokens, 0);
+        assert!(s.waiting[0].block_table.is_empty());
+        assert_eq!(
+            s.waiting[0].tokens.len(),
+            9,
+            "keeps its generated tokens for recompute"
+        );
+        assert_eq!(pool.num_used(), 3);
+    }
+
+    #[test]
+    fn cancelled_sequences_release_their_blocks() {
+        let mut pool = BlockPool::new(10, 4);
+        let mut s = Scheduler::new(config(512, 8));
+        let (a, ra) = seq(0, 9);
+        let (b, _rb) = seq(1, 3);
+        let (c, rc) = seq(2, 3);
+        s.add(a);
+        s.add(b);
+        s.add(c);
+        let batch = s.schedule(&mut pool);
+        assert_eq!(batch.items.len(), 3);
+        assert_eq!(pool.num_used(), 5);
+        drop(ra);
+        drop(rc);
+        assert_eq!(s.reap_cancelled(&mut pool), 2);
+        assert_eq!(pool.num_used(), 1);
+        let only = s.finish(0, &mut pool);
+        assert_eq!(only.id, 1);
+        assert_eq!(pool.num_used(), 0);
+        assert!(s.is_idle());
+    }
+}

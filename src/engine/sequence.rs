@@ -1,0 +1,79 @@
+//! `Sequence`: everything about one request while the engine holds it, owned by the engine
+//! thread alone. Finishing or cancelling a request is removing its `Sequence`.
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::model::TokenId;
+
+use super::request::{Event, GenerateRequest};
+use super::sampler::Sampler;
+
+/// One request's state.
+pub struct Sequence {
+    /// Engine-wide id, in arrival order.
+    pub id: u64,
+    /// Prompt followed by the generated tokens.
+    pub tokens: Vec<TokenId>,
+    /// Length of the prompt within `tokens`.
+    pub num_prompt_tokens: usize,
+    /// Tokens whose K/V are in the cache (the rest is computed in coming steps).
+    pub num_computed_tokens: usize,
+    /// KV blocks holding positions `0..num_computed_tokens` (and room for the next tokens).
+    pub block_table: Vec<u32>,
+    /// Upper bound on generated tokens.
+    pub max_new_tokens: usize,
+    /// Token ids that finish the request.
+    pub stop_token_ids: Vec<TokenId>,
+    /// Alternatives to report with each token, if any.
+    pub top_logprobs: Option<usize>,
+    /// Seeded sampler; its RNG advances only when this sequence samples.
+    pub sampler: Sampler,
+    /// Where events go; closed when the client dropped its `Generation`.
+    pub events: UnboundedSender<Event>,
+}
+
+impl Sequence {
+    /// Wraps a validated request.
+    pub fn new(id: u64, request: GenerateRequest, events: UnboundedSender<Event>) -> Self {
+        let num_prompt_tokens = request.prompt.len();
+        let mut tokens = request.prompt;
+        tokens.reserve(request.max_new_tokens);
+        Sequence {
+            id,
+            tokens,
+            num_prompt_tokens,
+            num_computed_tokens: 0,
+            block_table: Vec::new(),
+            max_new_tokens: request.max_new_tokens,
+            stop_token_ids: request.stop_token_ids,
+            top_logprobs: request.top_logprobs,
+            sampler: Sampler::new(request.sampling),
+            events,
+        }
+    }
+
+    /// Tokens not yet in the cache.
+    pub fn num_uncomputed(&self) -> usize {
+        self.tokens.len() - self.num_computed_tokens
+    }
+
+    /// Generated tokens so far.
+    pub fn num_generated(&self) -> usize {
+        self.tokens.len() - self.num_prompt_tokens
+    }
+
+    /// Whether the client has gone away.
+    pub fn is_cancelled(&self) -> bool {
+        self.events.is_closed()
+    }
+
+    /// The prompt part of `tokens`.
+    pub fn prompt(&self) -> &[TokenId] {
+        &self.tokens[..self.num_prompt_tokens]
+    }
+
+    /// The generated part of `tokens`.
+    pub fn generated(&self) -> &[TokenId] {
+        &self.tokens[self.num_prompt_tokens..]
+    }
+}

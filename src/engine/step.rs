@@ -1,0 +1,186 @@
+//! `EngineCore`: one step of continuous batching. schedule → one forward over the ragged
+//! batch → sample → emit → finish. Owns the model, the KV cache, the block pool and every
+//! sequence; runs on the engine thread only.
+
+use std::time::Instant;
+
+use crate::model::{ForwardBatch, KvCache, Model};
+
+use super::block_pool::BlockPool;
+use super::request::{EngineError, Event, FinishReason, TokenLogprob, Usage};
+use super::sampler::{log_softmax, top_logprobs};
+use super::scheduler::{ScheduledBatch, Scheduler, SchedulerConfig};
+use super::sequence::Sequence;
+use super::EngineStats;
+
+/// The engine's state and its step.
+pub struct EngineCore {
+    model: Model,
+    kv: KvCache,
+    pool: BlockPool,
+    scheduler: Scheduler,
+    stats: EngineStats,
+}
+
+impl EngineCore {
+    /// A core with a KV pool of `num_blocks` blocks.
+    pub fn new(
+        model: Model,
+        num_blocks: usize,
+        block_size: usize,
+        config: SchedulerConfig,
+    ) -> Self {
+        let kv = model.new_kv_cache(num_blocks, block_size);
+        EngineCore {
+            model,
+            kv,
+            pool: BlockPool::new(num_blocks, block_size),
+            scheduler: Scheduler::new(config),
+            stats: EngineStats {
+                kv_blocks_total: num_blocks,
+                ..Default::default()
+            },
+        }
+    }
+
+    /// Queues a sequence.
+    pub fn add(&mut self, seq: Sequence) {
+        self.scheduler.add(seq);
+    }
+
+    /// Nothing queued or running.
+    pub fn is_idle(&self) -> bool {
+        self.scheduler.is_idle()
+    }
+
+    /// Counters and gauges as of the last step.
+    pub fn stats(&self) -> EngineStats {
+        EngineStats {
+            num_running: self.scheduler.running.len(),
+            num_waiting: self.scheduler.waiting.len(),
+            kv_blocks_used: self.pool.num_used(),
+            ..self.stats.clone()
+        }
+    }
+
+    /// Runs one step. Model errors fail the sequences of that step; the engine goes on.
+    pub fn step(&mut self) {
+        let cancelled = self.scheduler.reap_cancelled(&mut self.pool);
+        self.stats.num_cancelled += cancelled as u64;
+        let batch = self.scheduler.schedule(&mut self.pool);
+        self.stats.num_preempted += batch.preempted.len() as u64;
+        if batch.items.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let forward = self.forward_batch(&batch);
+        match self.model.forward(&forward, &mut self.kv) {
+            Ok(logits) => match logits.to_vec2::<f32>() {
+                Ok(rows) => self.sample_and_emit(&batch, rows),
+                Err(e) => self.fail(&batch, &e.to_string()),
+            },
+            Err(e) => self.fail(&batch, &e.to_string()),
+        }
+        self.stats.num_steps += 1;
+        self.stats.last_step_seconds = started.elapsed().as_secs_f64();
+    }
+
+    fn forward_batch(&self, batch: &ScheduledBatch) -> ForwardBatch {
+        let bs = self.pool.block_size();
+        let mut fb = ForwardBatch::default();
+        for item in &batch.items {
+            let seq = &self.scheduler.running[item.index];
+            let start = seq.num_computed_tokens;
+            fb.push_seq(
+                &seq.tokens[start..start + item.num_tokens],
+                start,
+                &seq.block_table,
+                bs,
+            );
+        }
+        fb
+    }
+
+    fn sample_and_emit(&mut self, batch: &ScheduledBatch, mut rows: Vec<Vec<f32>>) {
+        let context = self.model.config().max_position_embeddings;
+        let mut finished = Vec::new();
+        for (item, row) in batch.items.iter().zip(rows.iter_mut()) {
+            let seq = &mut self.scheduler.running[item.index];
+            let before = seq.num_computed_tokens;
+            seq.num_computed_tokens += item.num_tokens;
+            let p = seq.num_prompt_tokens;
+            self.stats.prompt_tokens_total +=
+                (seq.num_computed_tokens.min(p) - before.min(p)) as u64;
+            if seq.num_uncomputed() > 0 {
+                continue; // a prefill chunk that does not reach the end yet
+            }
+            let logprob = seq.top_logprobs.map(|n| {
+                let lp = log_softmax(row);
+                (lp, n)
+            });
+            let id = {
+                let Sequence {
+                    sampler,
+                    tokens,
+                    num_prompt_tokens,
+                    ..
+                } = seq;
+                let (prompt, generated) = tokens.split_at(*num_prompt_tokens);
+                sampler.sample(row, prompt, generated)
+            };
+            let logprob = logprob.map(|(lp, n)| TokenLogprob {
+                logprob: lp[id as usize],
+                top: top_logprobs(&lp, n),
+            });
+            seq.tokens.push(id);
+            self.stats.generation_tokens_total += 1;
+            let _ = seq.events.send(Event::Token { id, logprob });
+            let reason = if seq.stop_token_ids.contains(&id) {
+                Some(FinishReason::StopToken(id))
+            } else if seq.num_generated() >= seq.max_new_tokens || seq.tokens.len() >= context {
+                Some(FinishReason::Length)
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                let usage = Usage {
+                    prompt_tokens: seq.num_prompt_tokens,
+                    completion_tokens: seq.num_generated(),
+                };
+                let _ = seq.events.send(Event::Finished { reason, usage });
+                finished.push(item.index);
+            }
+        }
+        self.remove(finished);
+    }
+
+    fn fail(&mut self, batch: &ScheduledBatch, message: &str) {
+        tracing::error!(message, "model step failed");
+        let mut indices = Vec::new();
+        for item in &batch.items {
+            let seq = &self.scheduler.running[item.index];
+            let _ = seq
+                .events
+                .send(Event::Failed(EngineError::Model(message.to_string())));
+            indices.push(item.index);
+        }
+        self.remove(indices);
+    }
+
+    fn remove(&mut self, mut indices: Vec<usize>) {
+        indices.sort_unstable();
+        for i in indices.into_iter().rev() {
+            self.scheduler.finish(i, &mut self.pool);
+        }
+    }
+
+    /// Blocks in use (for tests: all free again once everything has ended).
+    pub fn num_used_blocks(&self) -> usize {
+        self.pool.num_used()
+    }
+
+    /// The model (read-only).
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+}

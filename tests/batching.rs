@@ -1,0 +1,278 @@
+//! The engine on the real model: continuous batching gives exactly the tokens of each request
+//! run alone (greedy and seeded), cancellation and preemption free every KV block, chunked
+//! prefill changes nothing, and impossible requests are refused at submit.
+
+mod common;
+
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::engine::{engine, run};
+use common::*;
+use nextoken::engine::{
+    EngineConfig, EngineError, EngineHandle, Event, FinishReason, GenerateRequest, SamplingParams,
+};
+
+const PROMPTS: [&str; 16] = [
+    "The capital of France is",
+    "def fibonacci(n):\n",
+    "Once upon a time, in a small village by the sea,",
+    "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
+    "The three primary colors are",
+    "import numpy as np\n\nx = np.",
+    "My favourite recipe for pancakes needs",
+    "In 1969, the first humans",
+    "The quick brown fox",
+    "SELECT name, age FROM users WHERE",
+    "Photosynthesis is the process by which",
+    "Dear hiring manager,\n\nI am writing to",
+    "The best way to learn a new language is",
+    "fn main() {\n    let v = vec![1, 2, 3];\n",
+    "Water boils at 100 degrees Celsius, which is",
+    "Here is a list of the planets in the solar system:\n1.",
+];
+
+fn prompts() -> Vec<Vec<u32>> {
+    let tokenizer = &gguf().1;
+    PROMPTS
+        .iter()
+        .map(|p| tokenizer.encode(p, true).expect("encode"))
+        .collect()
+}
+
+/// Waits until the engine has nothing running or waiting, then returns its stats.
+fn wait_idle(engine: &EngineHandle) -> nextoken::engine::EngineStats {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = engine.stats();
+        if s.num_running == 0 && s.num_waiting == 0 {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "engine never went idle: {s:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Submits the requests one after another, each once the previous one has produced two
+/// tokens, so every request joins a batch that is already running; collects all outputs.
+fn run_staggered(engine: &EngineHandle, requests: Vec<GenerateRequest>) -> Vec<Vec<u32>> {
+    let mut handles = Vec::new();
+    for request in requests {
+        let mut generation = engine.submit(request).expect("submit");
+        let (started_tx, started_rx) = mpsc::channel();
+        handles.push(std::thread::spawn(move || {
+            let mut tokens = Vec::new();
+            while let Some(ev) = generation.blocking_next() {
+                match ev {
+                    Event::Token { id, .. } => {
+                        tokens.push(id);
+                        if tokens.len() == 2 {
+                            let _ = started_tx.send(());
+                        }
+                    }
+                    Event::Finished { .. } => break,
+                    Event::Failed(e) => panic!("failed: {e}"),
+                }
+            }
+            let _ = started_tx.send(());
+            tokens
+        }));
+        started_rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("request started");
+    }
+    handles
+        .into_iter()
+        .map(|h| h.join().expect("collector"))
+        .collect()
+}
+
+#[test]
+fn staggered_batch_gives_the_same_greedy_tokens_as_alone() {
+    let engine = engine(EngineConfig::default());
+    let requests: Vec<GenerateRequest> = prompts()
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| GenerateRequest::greedy(p, 6 + (i * 5) % 17))
+        .collect();
+    let alone: Vec<Vec<u32>> = requests
+        .iter()
+        .map(|r| run(&engine, r.clone()).tokens)
+        .collect();
+    let batched = run_staggered(&engine, requests);
+    for (i, (a, b)) in alone.iter().zip(&batched).enumerate() {
+        assert_eq!(a, b, "prompt {i}: {:?}", PROMPTS[i]);
+    }
+    let stats = wait_idle(&engine);
+    assert_eq!(stats.kv_blocks_used, 0);
+    assert!(stats.generation_tokens_total >= 2 * alone.iter().map(Vec::len).sum::<usize>() as u64);
+}
+
+#[test]
+fn seeded_sampling_is_the_same_alone_and_in_a_batch_of_8() {
+    let engine = engine(EngineConfig::default());
+    let requests: Vec<GenerateRequest> = prompts()
+        .into_iter()
+        .take(8)
+        .enumerate()
+        .map(|(i, p)| GenerateRequest {
+            sampling: SamplingParams {
+                temperature: 0.9,
+                top_p: 0.95,
+                top_k: 40,
+                seed: Some(1000 + i as u64),
+                ..Default::default()
+            },
+            ..GenerateRequest::greedy(p, 12)
+        })
+        .collect();
+    let alone: Vec<Vec<u32>> = requests
+        .iter()
+        .map(|r| run(&engine, r.clone()).tokens)
+        .collect();
+    let generations: Vec<_> = requests
+        .into_iter()
+        .map(|r| engine.submit(r).expect("submit"))
+        .collect();
+    let together: Vec<Vec<u32>> = generations
+        .into_iter()
+        .map(|g| g.blocking_collect(|_| {}).expect("completes").tokens)
+        .collect();
+    assert_eq!(alone, together);
+    let distinct: std::collections::HashSet<_> = together.iter().collect();
+    assert!(
+        distinct.len() > 4,
+        "different seeds and prompts give different outputs"
+    );
+}
+
+#[test]
+fn cancelling_half_the_requests_frees_everything() {
+    let engine = engine(EngineConfig::default());
+    let prompts = prompts();
+    let request = |i: usize| GenerateRequest::greedy(prompts[i].clone(), 24);
+    let alone: Vec<Vec<u32>> = (0..10)
+        .step_by(2)
+        .map(|i| run(&engine, request(i)).tokens)
+        .collect();
+    let mut generations: Vec<_> = (0..10)
+        .map(|i| engine.submit(request(i)).expect("submit"))
+        .collect();
+    // Everyone gets going, then every other request is dropped mid-flight.
+    let mut firsts = Vec::new();
+    for g in generations.iter_mut() {
+        match g.blocking_next() {
+            Some(Event::Token { id, .. }) => firsts.push(id),
+            other => panic!("expected a token, got {other:?}"),
+        }
+    }
+    let kept: Vec<_> = generations.into_iter().step_by(2).collect();
+    for (k, g) in kept.into_iter().enumerate() {
+        let out = g.blocking_collect(|_| {}).expect("completes");
+        let mut tokens = vec![firsts[2 * k]];
+        tokens.extend(out.tokens);
+        assert_eq!(tokens, alone[k], "kept request {k}");
+        assert_eq!(out.finish, FinishReason::Length);
+        assert_eq!(out.usage.completion_tokens, 24);
+    }
+    let stats = wait_idle(&engine);
+    assert_eq!(stats.kv_blocks_used, 0, "{stats:?}");
+    assert_eq!(stats.num_cancelled, 5, "{stats:?}");
+}
+
+#[test]
+fn tiny_kv_pool_preempts_and_still_gives_the_same_tokens() {
+    let c = gguf().0.config();
+    let bytes_per_block = nextoken::model::KvCache::bytes_per_token(c.num_layers, c.kv_dim()) * 16;
+    let requests: Vec<GenerateRequest> = prompts()
+        .into_iter()
+        .take(8)
+        .map(|p| GenerateRequest::greedy(p, 24))
+        .collect();
+    let roomy = engine(EngineConfig::default());
+    let want: Vec<Vec<u32>> = requests
+        .iter()
+        .map(|r| run(&roomy, r.clone()).tokens)
+        .collect();
+    drop(roomy);
+    // Each request needs 2–3 blocks; 6 blocks cannot hold 8 of them at once.
+    let tight = engine(EngineConfig {
+        kv_cache_bytes: 6 * bytes_per_block,
+        ..Default::default()
+    });
+    let generations: Vec<_> = requests
+        .into_iter()
+        .map(|r| tight.submit(r).expect("submit"))
+        .collect();
+    let got: Vec<Vec<u32>> = generations
+        .into_iter()
+        .map(|g| g.blocking_collect(|_| {}).expect("completes").tokens)
+        .collect();
+    assert_eq!(got, want);
+    let stats = wait_idle(&tight);
+    assert!(stats.num_preempted > 0, "the pool was too small: {stats:?}");
+    assert_eq!(stats.kv_blocks_used, 0);
+}
+
+#[test]
+fn chunked_prefill_of_a_1000_token_prompt_matches_one_pass() {
+    let tokenizer = &gguf().1;
+    let text = "The old lighthouse keeper wrote in his log every evening. ".repeat(120);
+    let mut prompt = tokenizer.encode(&text, true).expect("encode");
+    prompt.truncate(1000);
+    assert_eq!(prompt.len(), 1000);
+    let one_pass = engine(EngineConfig {
+        max_batch_tokens: 1024,
+        ..Default::default()
+    });
+    let a = run(&one_pass, GenerateRequest::greedy(prompt.clone(), 8));
+    drop(one_pass);
+    let chunked = engine(EngineConfig {
+        max_batch_tokens: 96,
+        ..Default::default()
+    });
+    let b = run(&chunked, GenerateRequest::greedy(prompt, 8));
+    assert_eq!(a.tokens, b.tokens);
+    assert_eq!(b.usage.prompt_tokens, 1000);
+}
+
+#[test]
+fn impossible_requests_are_refused_at_submit() {
+    let small = engine(EngineConfig {
+        kv_cache_bytes: 4 << 20,
+        ..Default::default()
+    });
+    let context = small.limits().context_length;
+    let err = |r: GenerateRequest| small.submit(r).err().expect("refused");
+    let e = err(GenerateRequest::greedy(vec![1; 10], context));
+    assert!(
+        matches!(&e, EngineError::Invalid(m) if m.contains("context length")),
+        "{e}"
+    );
+    let e = err(GenerateRequest::greedy(vec![1; 10], 500));
+    assert!(
+        matches!(&e, EngineError::Invalid(m) if m.contains("KV cache")),
+        "{e}"
+    );
+    let e = err(GenerateRequest::greedy(vec![], 5));
+    assert!(
+        matches!(&e, EngineError::Invalid(m) if m.contains("empty")),
+        "{e}"
+    );
+    let e = err(GenerateRequest::greedy(vec![49152], 5));
+    assert!(
+        matches!(&e, EngineError::Invalid(m) if m.contains("vocabulary")),
+        "{e}"
+    );
+    let e = err(GenerateRequest {
+        top_logprobs: Some(21),
+        ..GenerateRequest::greedy(vec![1], 5)
+    });
+    assert!(matches!(e, EngineError::Invalid(_)));
+    // A request that fits still runs on the same engine.
+    let ok = run(
+        &small,
+        GenerateRequest::greedy(vec![504, 3575, 282, 4649, 314], 3),
+    );
+    assert_eq!(ok.tokens[0], 7042);
+}
