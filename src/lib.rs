@@ -9,6 +9,7 @@
 //! - [`text`]: tokenizer loading, incremental detokenization.
 //! - [`engine`]: sampling and generation over the model.
 
+pub mod bench;
 pub mod convert;
 pub mod engine;
 pub mod model;

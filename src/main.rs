@@ -29,6 +29,8 @@ struct Cli {
 enum Command {
     /// Generate a continuation of a prompt.
     Generate(GenerateArgs),
+    /// Engine benchmark: C concurrent requests, P-token prompts, N new tokens each.
+    Bench(BenchArgs),
     /// Convert a GGUF file into a Hugging Face model folder.
     Convert {
         /// Input `.gguf` file.
@@ -70,6 +72,49 @@ struct GenerateArgs {
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// A `.gguf` file or a Hugging Face folder.
+    #[arg(long, env = "NEXTOKEN_MODEL", default_value = DEFAULT_MODEL)]
+    model: PathBuf,
+    /// Concurrency levels to sweep.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
+    concurrency: Vec<usize>,
+    /// Prompt tokens per request.
+    #[arg(long, default_value_t = 150)]
+    prompt_tokens: usize,
+    /// New tokens per request (EOS ignored).
+    #[arg(long, default_value_t = 128)]
+    new_tokens: usize,
+    /// Tokens per engine step.
+    #[arg(long, default_value_t = 512)]
+    max_batch_tokens: usize,
+    /// KV cache size in MiB.
+    #[arg(long, default_value_t = 1024)]
+    kv_cache_mb: usize,
+}
+
+fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
+    let (model, _) = nextoken::load(&args.model)?;
+    let max_running_seqs = args.concurrency.iter().copied().max().unwrap_or(1).max(64);
+    let engine = EngineHandle::spawn(
+        model,
+        EngineConfig {
+            max_batch_tokens: args.max_batch_tokens,
+            kv_cache_bytes: args.kv_cache_mb << 20,
+            max_running_seqs,
+            ..Default::default()
+        },
+    )?;
+    let config = nextoken::bench::BenchConfig {
+        concurrency: args.concurrency,
+        prompt_tokens: args.prompt_tokens,
+        new_tokens: args.new_tokens,
+    };
+    nextoken::bench::run(&engine, &config)?;
+    Ok(())
 }
 
 fn validate(args: &GenerateArgs) -> anyhow::Result<()> {
@@ -189,6 +234,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => run_generate(args),
+        Command::Bench(args) => run_bench(args),
         Command::Convert {
             input,
             out_dir,

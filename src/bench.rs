@@ -1,0 +1,147 @@
+//! `nextoken bench`: engine-level load test (no HTTP). For each concurrency C, submits C
+//! requests at once with P-token prompts and N new tokens (EOS ignored) and prints one JSON
+//! line: aggregate tokens/s, TTFT and inter-token latency percentiles, peak RSS.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::engine::{EngineHandle, Event, GenerateRequest};
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    /// Concurrency levels, one JSON line each.
+    pub concurrency: Vec<usize>,
+    /// Prompt tokens per request.
+    pub prompt_tokens: usize,
+    /// New tokens per request.
+    pub new_tokens: usize,
+}
+
+/// Peak resident memory of this process in MiB (Linux `VmHWM`), 0 where unknown.
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// The `q`-quantile (0..=1) of `xs` by nearest rank; 0 for an empty slice.
+pub fn percentile(xs: &mut [f64], q: f64) -> f64 {
+    if xs.is_empty() {
+        return 0.0;
+    }
+    xs.sort_by(f64::total_cmp);
+    let rank = ((q * xs.len() as f64).ceil() as usize).clamp(1, xs.len());
+    xs[rank - 1]
+}
+
+/// Distinct, deterministic prompts (no shared prefixes between requests).
+fn prompt(i: usize, len: usize, vocab: usize) -> Vec<u32> {
+    let mut s = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (0..len)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            // Skip the first ids (control tokens) of typical vocabularies.
+            (100 + (s >> 33) as usize % (vocab - 100)) as u32
+        })
+        .collect()
+}
+
+struct RequestTimes {
+    ttft: Duration,
+    gaps: Vec<Duration>,
+    tokens: usize,
+}
+
+/// Runs the sweep, printing one JSON line per concurrency level; returns the lines.
+pub fn run(engine: &EngineHandle, config: &BenchConfig) -> anyhow::Result<Vec<serde_json::Value>> {
+    let vocab = engine.limits().vocab_size;
+    anyhow::ensure!(vocab > 200, "vocabulary too small for the benchmark prompts");
+    let mut lines = Vec::new();
+    for &c in &config.concurrency {
+        let started = Instant::now();
+        let mut collectors = Vec::with_capacity(c);
+        for i in 0..c {
+            let request = GenerateRequest::greedy(prompt(i, config.prompt_tokens, vocab), config.new_tokens);
+            let mut generation = engine.submit(request)?;
+            collectors.push(std::thread::spawn(move || -> anyhow::Result<RequestTimes> {
+                let mut last = Instant::now();
+                let mut times = RequestTimes {
+                    ttft: Duration::ZERO,
+                    gaps: Vec::new(),
+                    tokens: 0,
+                };
+                while let Some(ev) = generation.blocking_next() {
+                    match ev {
+                        Event::Token { .. } => {
+                            let now = Instant::now();
+                            if times.tokens == 0 {
+                                times.ttft = now - started;
+                            } else {
+                                times.gaps.push(now - last);
+                            }
+                            last = now;
+                            times.tokens += 1;
+                        }
+                        Event::Finished { .. } => break,
+                        Event::Failed(e) => anyhow::bail!("request failed: {e}"),
+                    }
+                }
+                Ok(times)
+            }));
+        }
+        let mut results = Vec::with_capacity(c);
+        for h in collectors {
+            results.push(h.join().map_err(|_| anyhow::anyhow!("collector panicked"))??);
+        }
+        let wall = started.elapsed().as_secs_f64();
+        let total_tokens: usize = results.iter().map(|r| r.tokens).sum();
+        let mut ttft: Vec<f64> = results.iter().map(|r| r.ttft.as_secs_f64() * 1e3).collect();
+        let mut itl: Vec<f64> = results
+            .iter()
+            .flat_map(|r| r.gaps.iter().map(|g| g.as_secs_f64() * 1e3))
+            .collect();
+        let line = json!({
+            "concurrency": c,
+            "prompt_tokens": config.prompt_tokens,
+            "new_tokens": config.new_tokens,
+            "agg_tok_s": total_tokens as f64 / wall,
+            "ttft_ms_p50": percentile(&mut ttft, 0.5),
+            "ttft_ms_p95": percentile(&mut ttft, 0.95),
+            "itl_ms_p50": percentile(&mut itl, 0.5),
+            "wall_s": wall,
+            "peak_rss_mb": peak_rss_mb(),
+        });
+        println!("{line}");
+        lines.push(line);
+    }
+    Ok(lines)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_by_nearest_rank() {
+        let mut xs = vec![5.0, 1.0, 4.0, 2.0, 3.0];
+        assert_eq!(percentile(&mut xs, 0.5), 3.0);
+        assert_eq!(percentile(&mut xs, 0.95), 5.0);
+        assert_eq!(percentile(&mut [], 0.5), 0.0);
+    }
+
+    #[test]
+    fn prompts_are_distinct_and_in_range() {
+        let a = prompt(0, 50, 1000);
+        let b = prompt(1, 50, 1000);
+        assert_ne!(a, b);
+        assert!(a.iter().all(|&t| (100..1000).contains(&t)));
+    }
+}
