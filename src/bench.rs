@@ -47,7 +47,9 @@ fn prompt(i: usize, len: usize, vocab: usize) -> Vec<u32> {
     let mut s = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     (0..len)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             // Skip the first ids (control tokens) of typical vocabularies.
             (100 + (s >> 33) as usize % (vocab - 100)) as u32
         })
@@ -63,43 +65,52 @@ struct RequestTimes {
 /// Runs the sweep, printing one JSON line per concurrency level; returns the lines.
 pub fn run(engine: &EngineHandle, config: &BenchConfig) -> anyhow::Result<Vec<serde_json::Value>> {
     let vocab = engine.limits().vocab_size;
-    anyhow::ensure!(vocab > 200, "vocabulary too small for the benchmark prompts");
+    anyhow::ensure!(
+        vocab > 200,
+        "vocabulary too small for the benchmark prompts"
+    );
     let mut lines = Vec::new();
     for &c in &config.concurrency {
         let started = Instant::now();
         let mut collectors = Vec::with_capacity(c);
         for i in 0..c {
-            let request = GenerateRequest::greedy(prompt(i, config.prompt_tokens, vocab), config.new_tokens);
+            let request =
+                GenerateRequest::greedy(prompt(i, config.prompt_tokens, vocab), config.new_tokens);
             let mut generation = engine.submit(request)?;
-            collectors.push(std::thread::spawn(move || -> anyhow::Result<RequestTimes> {
-                let mut last = Instant::now();
-                let mut times = RequestTimes {
-                    ttft: Duration::ZERO,
-                    gaps: Vec::new(),
-                    tokens: 0,
-                };
-                while let Some(ev) = generation.blocking_next() {
-                    match ev {
-                        Event::Token { .. } => {
-                            let now = Instant::now();
-                            if times.tokens == 0 {
-                                times.ttft = now - started;
-                            } else {
-                                times.gaps.push(now - last);
+            collectors.push(std::thread::spawn(
+                move || -> anyhow::Result<RequestTimes> {
+                    let mut last = Instant::now();
+                    let mut times = RequestTimes {
+                        ttft: Duration::ZERO,
+                        gaps: Vec::new(),
+                        tokens: 0,
+                    };
+                    while let Some(ev) = generation.blocking_next() {
+                        match ev {
+                            Event::Token { .. } => {
+                                let now = Instant::now();
+                                if times.tokens == 0 {
+                                    times.ttft = now - started;
+                                } else {
+                                    times.gaps.push(now - last);
+                                }
+                                last = now;
+                                times.tokens += 1;
                             }
-                            last = now;
-                            times.tokens += 1;
+                            Event::Finished { .. } => break,
+                            Event::Failed(e) => anyhow::bail!("request failed: {e}"),
                         }
-                        Event::Finished { .. } => break,
-                        Event::Failed(e) => anyhow::bail!("request failed: {e}"),
                     }
-                }
-                Ok(times)
-            }));
+                    Ok(times)
+                },
+            ));
         }
         let mut results = Vec::with_capacity(c);
         for h in collectors {
-            results.push(h.join().map_err(|_| anyhow::anyhow!("collector panicked"))??);
+            results.push(
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("collector panicked"))??,
+            );
         }
         let wall = started.elapsed().as_secs_f64();
         let total_tokens: usize = results.iter().map(|r| r.tokens).sum();

@@ -2,17 +2,19 @@
 //!
 //! Layers (dependencies point one way):
 //! ```text
-//! server (HTTP, later) ──▶ engine ──▶ model (candle)
+//! server (axum) ──▶ engine ──▶ model (candle)
 //!        └──────────────▶ text (tokenizers)
 //! ```
 //! - [`model`]: architectures, weight loading (GGUF, safetensors), the ragged-batch forward.
 //! - [`text`]: tokenizer loading, incremental detokenization.
-//! - [`engine`]: sampling and generation over the model.
+//! - [`engine`]: continuous batching, KV block pool, sampling.
+//! - [`server`]: OpenAI-compatible HTTP API.
 
 pub mod bench;
 pub mod convert;
 pub mod engine;
 pub mod model;
+pub mod server;
 pub mod text;
 
 use std::path::Path;

@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use nextoken::convert::ConvertDtype;
 use nextoken::engine::{EngineConfig, EngineHandle, GenerateRequest, SamplingParams};
+use nextoken::server;
 use nextoken::text::Detokenizer;
 
 /// Default model: what `models/fetch-default.sh` downloads.
@@ -27,6 +28,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the OpenAI-compatible HTTP API.
+    Serve(ServeArgs),
     /// Generate a continuation of a prompt.
     Generate(GenerateArgs),
     /// Engine benchmark: C concurrent requests, P-token prompts, N new tokens each.
@@ -72,6 +75,162 @@ struct GenerateArgs {
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// A `.gguf` file or a Hugging Face folder.
+    #[arg(long, env = "NEXTOKEN_MODEL", default_value = DEFAULT_MODEL)]
+    model: PathBuf,
+    /// Address to listen on.
+    #[arg(long, env = "NEXTOKEN_HOST", default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on (0 = any free port).
+    #[arg(long, env = "NEXTOKEN_PORT", default_value_t = 8080)]
+    port: u16,
+    /// Model name clients use (default: the file or folder name).
+    #[arg(long, env = "NEXTOKEN_SERVED_MODEL_NAME")]
+    served_model_name: Option<String>,
+    /// API key clients must send as `Authorization: Bearer KEY` (repeatable; env: comma-separated).
+    #[arg(long = "api-key", env = "NEXTOKEN_API_KEY", value_delimiter = ',')]
+    api_keys: Vec<String>,
+    /// Require the API key for /metrics too.
+    #[arg(long, env = "NEXTOKEN_METRICS_REQUIRE_KEY")]
+    metrics_require_key: bool,
+    /// Tokens per engine step (prefill chunks + decode tokens).
+    #[arg(long, env = "NEXTOKEN_MAX_BATCH_TOKENS", default_value_t = 512)]
+    max_batch_tokens: usize,
+    /// Sequences decoded together at most.
+    #[arg(long, env = "NEXTOKEN_MAX_RUNNING_SEQS", default_value_t = 64)]
+    max_running_seqs: usize,
+    /// Requests queued beyond the running ones before answering 429.
+    #[arg(long, env = "NEXTOKEN_MAX_WAITING", default_value_t = 256)]
+    max_waiting: usize,
+    /// KV cache size in MiB.
+    #[arg(long, env = "NEXTOKEN_KV_CACHE_MB", default_value_t = 1024)]
+    kv_cache_mb: usize,
+    /// Largest request body in MiB.
+    #[arg(long, env = "NEXTOKEN_MAX_BODY_MB", default_value_t = 8)]
+    max_body_mb: usize,
+    /// CORS origin allowed to call the API (`*` for any).
+    #[arg(long, env = "NEXTOKEN_CORS_ALLOW_ORIGIN")]
+    cors_allow_origin: Option<String>,
+    /// Seconds running requests get to finish after SIGTERM/SIGINT.
+    #[arg(long, env = "NEXTOKEN_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
+    shutdown_grace_secs: u64,
+}
+
+fn model_name(path: &std::path::Path) -> String {
+    let name = if path.is_dir() {
+        path.file_name()
+    } else {
+        path.file_stem()
+    };
+    name.and_then(|n| n.to_str()).unwrap_or("model").to_string()
+}
+
+/// Loads the model into a running engine (blocking; seconds).
+fn load_for_serving(args: &ServeArgs, name: String) -> anyhow::Result<server::Loaded> {
+    let (model, tokenizer) = nextoken::load(&args.model)?;
+    let eos_ids = model.config().eos_token_ids.clone();
+    let generation_config = args.model.join("generation_config.json");
+    let defaults = std::fs::read_to_string(&generation_config)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .map(|v| server::openai::SamplingDefaults::from_generation_config(&v))
+        .unwrap_or_default();
+    let engine = EngineHandle::spawn(
+        model,
+        EngineConfig {
+            max_batch_tokens: args.max_batch_tokens,
+            max_running_seqs: args.max_running_seqs,
+            max_waiting: args.max_waiting,
+            kv_cache_bytes: args.kv_cache_mb << 20,
+            ..Default::default()
+        },
+    )?;
+    Ok(server::Loaded::new(
+        engine, tokenizer, name, eos_ids, defaults,
+    )?)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let config = server::ServerConfig {
+            served_model_name: args.served_model_name.clone(),
+            api_keys: args
+                .api_keys
+                .iter()
+                .filter(|k| !k.is_empty())
+                .cloned()
+                .collect(),
+            metrics_require_key: args.metrics_require_key,
+            max_body_bytes: args.max_body_mb << 20,
+            cors_allow_origin: args.cors_allow_origin.clone(),
+        };
+        let state = server::AppState::new(config);
+        let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
+            .await
+            .with_context(|| format!("binding {}:{}", args.host, args.port))?;
+        let addr = listener.local_addr()?;
+        eprintln!(
+            "nextoken: listening on http://{addr} (loading {})",
+            args.model.display()
+        );
+        // Listen first so /health answers 503 while the model loads.
+        let name = args
+            .served_model_name
+            .clone()
+            .unwrap_or_else(|| model_name(&args.model));
+        let grace = std::time::Duration::from_secs(args.shutdown_grace_secs);
+        let load_state = state.clone();
+        let loader = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            let loaded = load_for_serving(&args, name.clone())?;
+            load_state.set_loaded(std::sync::Arc::new(loaded));
+            eprintln!("nextoken: model '{name}' ready");
+            Ok(())
+        });
+        let app = server::router(state);
+        let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            eprintln!(
+                "nextoken: shutting down; running requests get {}s",
+                grace.as_secs()
+            );
+            tokio::spawn(async move {
+                tokio::time::sleep(grace).await;
+                eprintln!("nextoken: grace period over, exiting");
+                std::process::exit(0);
+            });
+        });
+        let serving = tokio::spawn(std::future::IntoFuture::into_future(server));
+        // A model that fails to load is a startup error: report it and exit non-zero.
+        loader.await.context("loader")??;
+        serving.await.context("server")??;
+        Ok(())
+    })
 }
 
 #[derive(clap::Args)]
@@ -233,6 +392,7 @@ fn main() -> std::process::ExitCode {
     nextoken::configure_threads(None);
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Serve(args) => run_serve(args),
         Command::Generate(args) => run_generate(args),
         Command::Bench(args) => run_bench(args),
         Command::Convert {

@@ -1,14 +1,18 @@
 //! Text layer: text ⇄ token ids. Tokenizer loading (HF `tokenizer.json` or GGUF metadata),
 //! special tokens, incremental detokenization. No engine, no HTTP, no tensors.
 
+pub mod chat_template;
 pub mod detokenizer;
 pub mod gguf_vocab;
+pub mod stop;
 
 use std::path::Path;
 
 use serde_json::{json, Map, Value};
 
+pub use chat_template::{ChatMessage, ChatTemplate};
 pub use detokenizer::Detokenizer;
+pub use stop::{StopCheck, StopMatcher};
 
 /// Errors of the text layer.
 #[derive(Debug, thiserror::Error)]
@@ -183,6 +187,16 @@ impl Tokenizer {
     /// The chat template, if the model ships one.
     pub fn chat_template(&self) -> Option<&str> {
         self.chat_template.as_deref()
+    }
+
+    /// BOS token text.
+    pub fn bos_token(&self) -> Option<&str> {
+        self.bos_token.as_deref()
+    }
+
+    /// EOS token text.
+    pub fn eos_token(&self) -> Option<&str> {
+        self.eos_token.as_deref()
     }
 
     /// Whether `id` is a special (control) token.

@@ -1,0 +1,591 @@
+//! `/v1/completions` and `/v1/chat/completions`. Streaming and non-streaming share one path:
+//! validate → submit `n` generations → `TextEvents` per choice → either one JSON body or SSE
+//! chunks (role first for chat, finish reasons, optional usage chunk, `data: [DONE]`).
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::State;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::stream::{self, BoxStream, SelectAll, StreamExt};
+use serde_json::{json, Value};
+
+use crate::engine::GenerateRequest;
+use crate::text::{ChatMessage, Tokenizer};
+
+use super::error::{ApiError, AppJson};
+use super::openai::{
+    parse_body, validate_top_logprobs, ChatRequest, CommonFields, CompletionRequest, ContentField,
+    PromptField, ValidCommon, WireUsage,
+};
+use super::stream::{TextEvent, TextEvents, TokenInfo};
+use super::{AppState, Loaded};
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Completion,
+    Chat,
+}
+
+/// How log-probabilities are reported, if at all.
+#[derive(Clone, Copy)]
+enum Logprobs {
+    None,
+    /// Completions format with this many alternatives.
+    Completion(usize),
+    /// Chat format with this many alternatives.
+    Chat(usize),
+}
+
+struct Job {
+    kind: Kind,
+    id: String,
+    created: u64,
+    model: String,
+    prompt_ids: Vec<u32>,
+    echo: Option<String>,
+    logprobs: Logprobs,
+    common: ValidCommon,
+    max_new_tokens: usize,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn request_id(prefix: &str) -> String {
+    format!("{prefix}-{:032x}", rand::random::<u128>())
+}
+
+fn check_model(loaded: &Loaded, common: &CommonFields) -> Result<(), ApiError> {
+    match &common.model {
+        Some(m) if !loaded.serves(m) => Err(ApiError::model_not_found(m)),
+        _ => Ok(()),
+    }
+}
+
+fn max_new_tokens(
+    loaded: &Loaded,
+    prompt_len: usize,
+    requested: Option<u32>,
+    param: &str,
+) -> Result<usize, ApiError> {
+    let context = loaded.engine.limits().context_length;
+    if prompt_len >= context {
+        return Err(ApiError::invalid(
+            "prompt",
+            format!("the prompt has {prompt_len} tokens; this model's context length is {context}"),
+        ));
+    }
+    match requested {
+        Some(0) => Err(ApiError::invalid(param, format!("`{param}` must be at least 1"))),
+        Some(m) if prompt_len + m as usize > context => Err(ApiError::invalid(
+            param,
+            format!(
+                "this model's maximum context length is {context} tokens; the prompt has {prompt_len} and `{param}` asks for {m} more"
+            ),
+        )),
+        Some(m) => Ok(m as usize),
+        None => Ok(context - prompt_len),
+    }
+}
+
+/// Submits every choice and wraps each in `TextEvents`.
+fn start(loaded: &Loaded, app: &AppState, job: &Job) -> Result<Vec<TextEvents>, ApiError> {
+    let stop_token_ids = if job.common.ignore_eos {
+        vec![]
+    } else {
+        loaded.eos_ids.clone()
+    };
+    let top_logprobs = match job.logprobs {
+        Logprobs::None => None,
+        Logprobs::Completion(n) | Logprobs::Chat(n) => Some(n),
+    };
+    let mut choices = Vec::with_capacity(job.common.n);
+    for i in 0..job.common.n {
+        let mut sampling = job.common.sampling.clone();
+        sampling.seed = sampling.seed.map(|s| s.wrapping_add(i as u64));
+        let request = GenerateRequest {
+            prompt: job.prompt_ids.clone(),
+            sampling,
+            max_new_tokens: job.max_new_tokens,
+            stop_token_ids: stop_token_ids.clone(),
+            adapter: None,
+            top_logprobs,
+        };
+        let generation = loaded.engine.submit(request)?;
+        choices.push(TextEvents::new(
+            generation,
+            loaded.tokenizer.clone(),
+            job.common.stop.clone(),
+            stop_token_ids.clone(),
+            Some(app.metrics()),
+        ));
+    }
+    Ok(choices)
+}
+
+fn token_text(tokenizer: &Tokenizer, id: u32) -> String {
+    tokenizer.decode(&[id], false).unwrap_or_default()
+}
+
+/// Completions-format log-probabilities of `tokens`; `offset` is the text offset of the first.
+fn completion_logprobs(tokenizer: &Tokenizer, tokens: &[TokenInfo], offset: &mut usize) -> Value {
+    let mut texts = Vec::new();
+    let mut lps = Vec::new();
+    let mut tops = Vec::new();
+    let mut offsets = Vec::new();
+    for t in tokens {
+        let text = token_text(tokenizer, t.id);
+        offsets.push(*offset);
+        *offset += text.len();
+        texts.push(text);
+        let lp = t.logprob.as_ref();
+        lps.push(lp.map(|l| l.logprob));
+        let top: serde_json::Map<String, Value> = lp
+            .map(|l| {
+                l.top
+                    .iter()
+                    .map(|(id, p)| (token_text(tokenizer, *id), json!(p)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        tops.push(Value::Object(top));
+    }
+    json!({"tokens": texts, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
+}
+
+/// Chat-format log-probabilities (`content` entries) of `tokens`.
+fn chat_logprobs(tokenizer: &Tokenizer, tokens: &[TokenInfo]) -> Vec<Value> {
+    let entry = |id: u32, logprob: f32| {
+        let text = token_text(tokenizer, id);
+        json!({"token": text, "logprob": logprob, "bytes": text.as_bytes()})
+    };
+    tokens
+        .iter()
+        .filter_map(|t| {
+            let l = t.logprob.as_ref()?;
+            let mut e = entry(t.id, l.logprob);
+            e["top_logprobs"] = l.top.iter().map(|(id, p)| entry(*id, *p)).collect();
+            Some(e)
+        })
+        .collect()
+}
+
+struct ChoiceResult {
+    text: String,
+    tokens: Vec<TokenInfo>,
+    finish: &'static str,
+    completion_tokens: usize,
+}
+
+async fn collect(mut events: TextEvents) -> Result<ChoiceResult, ApiError> {
+    let mut out = ChoiceResult {
+        text: String::new(),
+        tokens: Vec::new(),
+        finish: "length",
+        completion_tokens: 0,
+    };
+    while let Some(ev) = events.next().await {
+        match ev {
+            TextEvent::Delta { text, tokens } => {
+                out.text.push_str(&text);
+                out.tokens.extend(tokens);
+            }
+            TextEvent::Finished {
+                reason,
+                completion_tokens,
+            } => {
+                out.finish = reason;
+                out.completion_tokens = completion_tokens;
+            }
+            TextEvent::Failed(e) => return Err(e.into()),
+        }
+    }
+    Ok(out)
+}
+
+async fn respond_json(
+    loaded: &Loaded,
+    job: Job,
+    choices: Vec<TextEvents>,
+) -> Result<Response, ApiError> {
+    let results = futures::future::join_all(choices.into_iter().map(collect)).await;
+    let mut body_choices = Vec::new();
+    let mut completion_tokens = 0;
+    for (i, r) in results.into_iter().enumerate() {
+        let r = r?;
+        completion_tokens += r.completion_tokens;
+        let tokenizer = &loaded.tokenizer;
+        body_choices.push(match job.kind {
+            Kind::Completion => {
+                let echo = job.echo.clone().unwrap_or_default();
+                let mut offset = echo.len();
+                let logprobs = match job.logprobs {
+                    Logprobs::Completion(_) => completion_logprobs(tokenizer, &r.tokens, &mut offset),
+                    _ => Value::Null,
+                };
+                json!({"index": i, "text": echo + &r.text, "logprobs": logprobs, "finish_reason": r.finish})
+            }
+            Kind::Chat => {
+                let logprobs = match job.logprobs {
+                    Logprobs::Chat(_) => json!({"content": chat_logprobs(tokenizer, &r.tokens)}),
+                    _ => Value::Null,
+                };
+                json!({"index": i, "message": {"role": "assistant", "content": r.text},
+                       "logprobs": logprobs, "finish_reason": r.finish})
+            }
+        });
+    }
+    let object = match job.kind {
+        Kind::Completion => "text_completion",
+        Kind::Chat => "chat.completion",
+    };
+    let usage = WireUsage::new(job.prompt_ids.len(), completion_tokens);
+    Ok(axum::Json(json!({
+        "id": job.id, "object": object, "created": job.created, "model": job.model,
+        "choices": body_choices, "usage": usage,
+    }))
+    .into_response())
+}
+
+enum Phase {
+    Streaming,
+    Usage,
+    Done,
+    End,
+}
+
+struct SseState {
+    job: Job,
+    tokenizer: Arc<Tokenizer>,
+    pre: VecDeque<Value>,
+    merged: SelectAll<BoxStream<'static, (usize, TextEvent)>>,
+    offsets: Vec<usize>,
+    completion_tokens: usize,
+    phase: Phase,
+}
+
+impl SseState {
+    fn chunk(&self, choice: Value) -> Value {
+        let object = match self.job.kind {
+            Kind::Completion => "text_completion",
+            Kind::Chat => "chat.completion.chunk",
+        };
+        json!({"id": self.job.id, "object": object, "created": self.job.created,
+               "model": self.job.model, "choices": [choice]})
+    }
+
+    fn format(&mut self, i: usize, ev: TextEvent) -> Option<Value> {
+        match ev {
+            TextEvent::Delta { text, tokens } => {
+                if text.is_empty()
+                    && !matches!(
+                        self.job.logprobs,
+                        Logprobs::Completion(_) | Logprobs::Chat(_)
+                    )
+                {
+                    return None;
+                }
+                let choice = match (self.job.kind, self.job.logprobs) {
+                    (Kind::Completion, lp) => {
+                        let logprobs = match lp {
+                            Logprobs::Completion(_) => {
+                                completion_logprobs(&self.tokenizer, &tokens, &mut self.offsets[i])
+                            }
+                            _ => Value::Null,
+                        };
+                        json!({"index": i, "text": text, "logprobs": logprobs, "finish_reason": null})
+                    }
+                    (Kind::Chat, lp) => {
+                        let logprobs = match lp {
+                            Logprobs::Chat(_) => {
+                                json!({"content": chat_logprobs(&self.tokenizer, &tokens)})
+                            }
+                            _ => Value::Null,
+                        };
+                        json!({"index": i, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": null})
+                    }
+                };
+                Some(self.chunk(choice))
+            }
+            TextEvent::Finished {
+                reason,
+                completion_tokens,
+            } => {
+                self.completion_tokens += completion_tokens;
+                let choice = match self.job.kind {
+                    Kind::Completion => {
+                        json!({"index": i, "text": "", "logprobs": null, "finish_reason": reason})
+                    }
+                    Kind::Chat => {
+                        json!({"index": i, "delta": {}, "logprobs": null, "finish_reason": reason})
+                    }
+                };
+                Some(self.chunk(choice))
+            }
+            TextEvent::Failed(e) => {
+                self.phase = Phase::End;
+                Some(ApiError::from(e).body())
+            }
+        }
+    }
+
+    async fn next(&mut self) -> Option<SseEvent> {
+        loop {
+            if let Some(v) = self.pre.pop_front() {
+                return Some(SseEvent::default().data(v.to_string()));
+            }
+            match self.phase {
+                Phase::Streaming => match self.merged.next().await {
+                    Some((i, ev)) => {
+                        if let Some(v) = self.format(i, ev) {
+                            return Some(SseEvent::default().data(v.to_string()));
+                        }
+                    }
+                    None => {
+                        self.phase = if self.job.common.include_usage {
+                            Phase::Usage
+                        } else {
+                            Phase::Done
+                        };
+                    }
+                },
+                Phase::Usage => {
+                    self.phase = Phase::Done;
+                    let usage = WireUsage::new(self.job.prompt_ids.len(), self.completion_tokens);
+                    let object = match self.job.kind {
+                        Kind::Completion => "text_completion",
+                        Kind::Chat => "chat.completion.chunk",
+                    };
+                    let v = json!({"id": self.job.id, "object": object, "created": self.job.created,
+                                   "model": self.job.model, "choices": [], "usage": usage});
+                    return Some(SseEvent::default().data(v.to_string()));
+                }
+                Phase::Done => {
+                    self.phase = Phase::End;
+                    return Some(SseEvent::default().data("[DONE]"));
+                }
+                Phase::End => return None,
+            }
+        }
+    }
+}
+
+fn respond_sse(loaded: &Loaded, job: Job, choices: Vec<TextEvents>) -> Response {
+    let n = choices.len();
+    let mut merged = SelectAll::new();
+    for (i, events) in choices.into_iter().enumerate() {
+        let s = stream::unfold(events, move |mut ev| async move {
+            ev.next().await.map(|e| ((i, e), ev))
+        });
+        merged.push(s.boxed());
+    }
+    let mut state = SseState {
+        tokenizer: loaded.tokenizer.clone(),
+        pre: VecDeque::new(),
+        merged,
+        offsets: vec![job.echo.as_ref().map_or(0, String::len); n],
+        completion_tokens: 0,
+        phase: Phase::Streaming,
+        job,
+    };
+    for i in 0..n {
+        let first = match (state.job.kind, &state.job.echo) {
+            (Kind::Chat, _) => Some(
+                json!({"index": i, "delta": {"role": "assistant", "content": ""},
+                                           "logprobs": null, "finish_reason": null}),
+            ),
+            (Kind::Completion, Some(echo)) => {
+                Some(json!({"index": i, "text": echo, "logprobs": null, "finish_reason": null}))
+            }
+            _ => None,
+        };
+        if let Some(choice) = first {
+            let chunk = state.chunk(choice);
+            state.pre.push_back(chunk);
+        }
+    }
+    let events = stream::unfold(state, |mut st| async move {
+        st.next().await.map(|e| (Ok::<_, Infallible>(e), st))
+    });
+    Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+async fn run(app: AppState, job: Job) -> Result<Response, ApiError> {
+    let loaded = app.loaded()?;
+    let choices = start(loaded, &app, &job)?;
+    if job.common.stream {
+        Ok(respond_sse(loaded, job, choices))
+    } else {
+        respond_json(loaded, job, choices).await
+    }
+}
+
+/// `POST /v1/completions`.
+pub async fn completions(
+    State(app): State<AppState>,
+    AppJson(body): AppJson<Value>,
+) -> Result<Response, ApiError> {
+    let mut req: CompletionRequest = parse_body(&body)?;
+    req.common = parse_body(&body)?;
+    let loaded = app.loaded()?;
+    check_model(loaded, &req.common)?;
+    if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Err(ApiError::invalid(
+            "suffix",
+            "`suffix` (fill-in-the-middle) is not supported yet",
+        ));
+    }
+    let common = req.common.validate(&loaded.defaults, loaded.vocab_size())?;
+    let tokenizer = &loaded.tokenizer;
+    let prompt_ids = match req.prompt {
+        PromptField::Text(t) => tokenizer.encode(&t, true)?,
+        PromptField::Tokens(ids) => ids,
+        PromptField::Texts(mut v) if v.len() == 1 => tokenizer.encode(&v.remove(0), true)?,
+        PromptField::TokenBatches(mut v) if v.len() == 1 => v.remove(0),
+        _ => {
+            return Err(ApiError::invalid(
+                "prompt",
+                "batched prompts are not supported; send one prompt",
+            ))
+        }
+    };
+    if prompt_ids.is_empty() {
+        return Err(ApiError::invalid("prompt", "the prompt is empty"));
+    }
+    if let Some(&bad) = prompt_ids
+        .iter()
+        .find(|&&t| t as usize >= loaded.vocab_size())
+    {
+        return Err(ApiError::invalid(
+            "prompt",
+            format!("token id {bad} is outside the vocabulary"),
+        ));
+    }
+    let max_new_tokens = max_new_tokens(loaded, prompt_ids.len(), req.max_tokens, "max_tokens")?;
+    let logprobs = match req.logprobs {
+        Some(n) => Logprobs::Completion(validate_top_logprobs(n, "logprobs")?),
+        None => Logprobs::None,
+    };
+    let echo = if req.echo.unwrap_or(false) {
+        Some(tokenizer.decode(&prompt_ids, false)?)
+    } else {
+        None
+    };
+    let job = Job {
+        kind: Kind::Completion,
+        id: request_id("cmpl"),
+        created: now_secs(),
+        model: loaded.model_name.clone(),
+        prompt_ids,
+        echo,
+        logprobs,
+        common,
+        max_new_tokens,
+    };
+    run(app, job).await
+}
+
+fn message_text(content: Option<ContentField>, index: usize) -> Result<String, ApiError> {
+    match content {
+        None => Ok(String::new()),
+        Some(ContentField::Text(t)) => Ok(t),
+        Some(ContentField::Parts(parts)) => {
+            let mut out = String::new();
+            for p in parts {
+                if p.kind != "text" {
+                    return Err(ApiError::invalid(
+                        &format!("messages[{index}].content"),
+                        format!(
+                            "content part type '{}' is not supported (text only)",
+                            p.kind
+                        ),
+                    ));
+                }
+                out.push_str(p.text.as_deref().unwrap_or_default());
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// `POST /v1/chat/completions`.
+pub async fn chat_completions(
+    State(app): State<AppState>,
+    AppJson(body): AppJson<Value>,
+) -> Result<Response, ApiError> {
+    let mut req: ChatRequest = parse_body(&body)?;
+    req.common = parse_body(&body)?;
+    let loaded = app.loaded()?;
+    check_model(loaded, &req.common)?;
+    let common = req.common.validate(&loaded.defaults, loaded.vocab_size())?;
+    if req.messages.is_empty() {
+        return Err(ApiError::invalid(
+            "messages",
+            "`messages` must not be empty",
+        ));
+    }
+    let template = loaded.chat_template.as_ref().ok_or_else(|| {
+        ApiError::bad_request("this model has no chat template; use /v1/completions")
+    })?;
+    let mut messages = Vec::with_capacity(req.messages.len());
+    for (i, m) in req.messages.into_iter().enumerate() {
+        if !["system", "developer", "user", "assistant", "tool"].contains(&m.role.as_str()) {
+            return Err(ApiError::invalid(
+                &format!("messages[{i}].role"),
+                format!("unknown role '{}'", m.role),
+            ));
+        }
+        let role = if m.role == "developer" {
+            "system".to_string()
+        } else {
+            m.role
+        };
+        messages.push(ChatMessage {
+            role,
+            content: message_text(m.content, i)?,
+        });
+    }
+    let prompt = template
+        .render(&messages, req.add_generation_prompt.unwrap_or(true))
+        .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+    // The template writes any BOS itself (as transformers' apply_chat_template does).
+    let prompt_ids = loaded.tokenizer.encode(&prompt, false)?;
+    let requested = req.max_completion_tokens.or(req.max_tokens);
+    let param = if req.max_completion_tokens.is_some() {
+        "max_completion_tokens"
+    } else {
+        "max_tokens"
+    };
+    let max_new_tokens = max_new_tokens(loaded, prompt_ids.len(), requested, param)?;
+    let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
+        (true, n) => Logprobs::Chat(validate_top_logprobs(n.unwrap_or(0), "top_logprobs")?),
+        (false, Some(_)) => {
+            return Err(ApiError::invalid(
+                "top_logprobs",
+                "`top_logprobs` needs `logprobs: true`",
+            ))
+        }
+        (false, None) => Logprobs::None,
+    };
+    let job = Job {
+        kind: Kind::Chat,
+        id: request_id("chatcmpl"),
+        created: now_secs(),
+        model: loaded.model_name.clone(),
+        prompt_ids,
+        echo: None,
+        logprobs,
+        common,
+        max_new_tokens,
+    };
+    run(app, job).await
+}

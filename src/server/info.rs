@@ -1,0 +1,101 @@
+//! `/v1/models`, `/health`, `/tokenize`, `/detokenize` (llama.cpp field names), `/metrics`.
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::error::{ApiError, AppJson};
+use super::AppState;
+
+/// `GET /v1/models`.
+pub async fn models(State(app): State<AppState>) -> Result<Response, ApiError> {
+    let loaded = app.loaded()?;
+    Ok(axum::Json(json!({
+        "object": "list",
+        "data": [{
+            "id": loaded.model_name,
+            "object": "model",
+            "created": loaded.created,
+            "owned_by": "nextoken",
+            "max_model_len": loaded.engine.limits().context_length,
+        }],
+    }))
+    .into_response())
+}
+
+/// `GET /health`: 200 when the model is loaded, 503 while loading.
+pub async fn health(State(app): State<AppState>) -> Response {
+    match app.loaded() {
+        Ok(_) => (StatusCode::OK, axum::Json(json!({"status": "ok"}))).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `POST /tokenize` body.
+#[derive(Debug, Deserialize)]
+pub struct TokenizeRequest {
+    /// Text to tokenize.
+    pub content: String,
+    /// Add BOS/EOS as the model's tokenizer config says (default false).
+    #[serde(default)]
+    pub add_special: bool,
+    /// Return `{id, piece}` pairs instead of ids.
+    #[serde(default)]
+    pub with_pieces: bool,
+}
+
+/// `POST /tokenize`.
+pub async fn tokenize(
+    State(app): State<AppState>,
+    AppJson(req): AppJson<TokenizeRequest>,
+) -> Result<Response, ApiError> {
+    let loaded = app.loaded()?;
+    let ids = loaded.tokenizer.encode(&req.content, req.add_special)?;
+    let tokens: Vec<serde_json::Value> = if req.with_pieces {
+        ids.iter()
+            .map(|&id| {
+                let piece = loaded.tokenizer.decode(&[id], false).unwrap_or_default();
+                json!({"id": id, "piece": piece})
+            })
+            .collect()
+    } else {
+        ids.iter().map(|&id| json!(id)).collect()
+    };
+    Ok(axum::Json(json!({ "tokens": tokens })).into_response())
+}
+
+/// `POST /detokenize` body.
+#[derive(Debug, Deserialize)]
+pub struct DetokenizeRequest {
+    /// Token ids.
+    pub tokens: Vec<u32>,
+}
+
+/// `POST /detokenize`.
+pub async fn detokenize(
+    State(app): State<AppState>,
+    AppJson(req): AppJson<DetokenizeRequest>,
+) -> Result<Response, ApiError> {
+    let loaded = app.loaded()?;
+    if let Some(&bad) = req
+        .tokens
+        .iter()
+        .find(|&&t| t as usize >= loaded.vocab_size())
+    {
+        return Err(ApiError::invalid(
+            "tokens",
+            format!("token id {bad} is outside the vocabulary"),
+        ));
+    }
+    let content = loaded.tokenizer.decode(&req.tokens, false)?;
+    Ok(axum::Json(json!({ "content": content })).into_response())
+}
+
+/// `GET /metrics` (Prometheus text format).
+pub async fn metrics(State(app): State<AppState>) -> Response {
+    let stats = app.loaded().ok().map(|l| l.engine.stats());
+    let body = app.metrics().render(stats.as_ref());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}

@@ -1,0 +1,270 @@
+//! Server layer: a thin axum shell. Parses requests, calls the engine and the text layer,
+//! formats responses. The only layer that knows both the engine and text.
+
+pub mod completions;
+pub mod error;
+pub mod info;
+pub mod metrics;
+pub mod openai;
+pub mod stream;
+
+use std::sync::{Arc, OnceLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
+
+use crate::engine::EngineHandle;
+use crate::model::TokenId;
+use crate::text::{ChatTemplate, TextError, Tokenizer};
+
+use error::ApiError;
+use metrics::Metrics;
+use openai::SamplingDefaults;
+
+/// HTTP-level settings.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Name clients use for the model (default: the model file or folder name).
+    pub served_model_name: Option<String>,
+    /// Accepted API keys; empty = no authentication.
+    pub api_keys: Vec<String>,
+    /// Whether `/metrics` needs a key too.
+    pub metrics_require_key: bool,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+    /// Allowed CORS origin (`*` for any); none = no CORS headers.
+    pub cors_allow_origin: Option<String>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            served_model_name: None,
+            api_keys: Vec::new(),
+            metrics_require_key: false,
+            max_body_bytes: 8 << 20,
+            cors_allow_origin: None,
+        }
+    }
+}
+
+/// What exists once the model is loaded.
+pub struct Loaded {
+    /// The engine.
+    pub engine: EngineHandle,
+    /// The tokenizer.
+    pub tokenizer: Arc<Tokenizer>,
+    /// The compiled chat template, if the model has one.
+    pub chat_template: Option<ChatTemplate>,
+    /// Name the model is served under.
+    pub model_name: String,
+    /// Token ids that end generation unless `ignore_eos`.
+    pub eos_ids: Vec<TokenId>,
+    /// Sampling defaults from `generation_config.json`.
+    pub defaults: SamplingDefaults,
+    /// Load time (Unix seconds).
+    pub created: u64,
+}
+
+impl Loaded {
+    /// Bundles a running engine with its tokenizer.
+    pub fn new(
+        engine: EngineHandle,
+        tokenizer: Tokenizer,
+        model_name: String,
+        mut eos_ids: Vec<TokenId>,
+        defaults: SamplingDefaults,
+    ) -> Result<Self, TextError> {
+        let chat_template = tokenizer
+            .chat_template()
+            .map(|t| ChatTemplate::new(t, tokenizer.bos_token(), tokenizer.eos_token()))
+            .transpose()?;
+        eos_ids.extend(tokenizer.eos_id());
+        eos_ids.sort_unstable();
+        eos_ids.dedup();
+        Ok(Loaded {
+            engine,
+            tokenizer: Arc::new(tokenizer),
+            chat_template,
+            model_name,
+            eos_ids,
+            defaults,
+            created: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        })
+    }
+
+    /// Whether `name` refers to the served model.
+    pub fn serves(&self, name: &str) -> bool {
+        name == self.model_name
+    }
+
+    /// Vocabulary size of the model.
+    pub fn vocab_size(&self) -> usize {
+        self.engine.limits().vocab_size
+    }
+}
+
+struct Shared {
+    config: ServerConfig,
+    loaded: OnceLock<Arc<Loaded>>,
+    metrics: Arc<Metrics>,
+}
+
+/// Shared state of all handlers.
+#[derive(Clone)]
+pub struct AppState {
+    shared: Arc<Shared>,
+}
+
+impl AppState {
+    /// State of a server whose model is still loading.
+    pub fn new(config: ServerConfig) -> Self {
+        AppState {
+            shared: Arc::new(Shared {
+                config,
+                loaded: OnceLock::new(),
+                metrics: Arc::new(Metrics::default()),
+            }),
+        }
+    }
+
+    /// Marks the model loaded; requests are served from now on.
+    pub fn set_loaded(&self, loaded: Arc<Loaded>) {
+        let _ = self.shared.loaded.set(loaded);
+    }
+
+    /// The loaded model, or 503 while loading.
+    pub fn loaded(&self) -> Result<&Loaded, ApiError> {
+        self.shared.loaded.get().map(Arc::as_ref).ok_or_else(|| {
+            ApiError::status(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                "the model is loading; retry shortly",
+            )
+        })
+    }
+
+    /// Metrics registry.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.shared.metrics.clone()
+    }
+
+    /// Settings.
+    pub fn config(&self) -> &ServerConfig {
+        &self.shared.config
+    }
+}
+
+fn bearer(req: &Request) -> Option<&str> {
+    let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    value.strip_prefix("Bearer ").map(str::trim)
+}
+
+async fn auth(State(app): State<AppState>, req: Request, next: Next) -> Response {
+    let config = app.config();
+    let path = req.uri().path();
+    let exempt = path == "/health"
+        || (path == "/metrics" && !config.metrics_require_key)
+        || req.method() == Method::OPTIONS;
+    if config.api_keys.is_empty() || exempt {
+        return next.run(req).await;
+    }
+    match bearer(&req) {
+        Some(key) if config.api_keys.iter().any(|k| k == key) => next.run(req).await,
+        Some(_) => ApiError::status(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "invalid API key",
+        )
+        .into_response(),
+        None => ApiError::status(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "missing API key: send 'Authorization: Bearer <key>'",
+        )
+        .into_response(),
+    }
+}
+
+async fn count_requests(State(app): State<AppState>, req: Request, next: Next) -> Response {
+    let endpoint = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let response = next.run(req).await;
+    app.metrics()
+        .count_request(&endpoint, response.status().as_u16());
+    response
+}
+
+async fn not_found(req: Request) -> ApiError {
+    ApiError::status(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        format!("no route for {} {}", req.method(), req.uri().path()),
+    )
+}
+
+async fn method_not_allowed(req: Request) -> ApiError {
+    ApiError::status(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_request_error",
+        format!(
+            "method {} is not allowed on {}",
+            req.method(),
+            req.uri().path()
+        ),
+    )
+}
+
+/// The application's routes and layers.
+pub fn router(state: AppState) -> Router {
+    let config = state.config().clone();
+    let mut app = Router::new()
+        .route("/v1/completions", post(completions::completions))
+        .route("/v1/chat/completions", post(completions::chat_completions))
+        .route("/v1/models", get(info::models))
+        .route("/health", get(info::health))
+        .route("/tokenize", post(info::tokenize))
+        .route("/detokenize", post(info::detokenize))
+        .route("/metrics", get(info::metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            count_requests,
+        ))
+        .layer(middleware::from_fn_with_state(state.clone(), auth))
+        .layer(DefaultBodyLimit::max(config.max_body_bytes))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(DefaultMakeSpan::new().level(tracing::Level::INFO))
+                .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
+        );
+    if let Some(origin) = &config.cors_allow_origin {
+        let allow = if origin == "*" {
+            AllowOrigin::any()
+        } else {
+            match HeaderValue::from_str(origin) {
+                Ok(v) => AllowOrigin::exact(v),
+                Err(_) => AllowOrigin::any(),
+            }
+        };
+        app = app.layer(
+            CorsLayer::new()
+                .allow_origin(allow)
+                .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+                .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE]),
+        );
+    }
+    app.with_state(state)
+}

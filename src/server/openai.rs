@@ -1,0 +1,359 @@
+//! OpenAI wire types (requests as clients send them, responses as clients expect them) and
+//! their validation into engine terms. Unknown fields are ignored; wrong types and bad values
+//! are 400s that name the field.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::engine::{SamplingParams, MAX_TOP_LOGPROBS};
+
+use super::error::ApiError;
+
+/// `stop`: one string or a list.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum StopField {
+    /// One stop string.
+    One(String),
+    /// Several.
+    Many(Vec<String>),
+}
+
+/// `stream_options`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct StreamOptions {
+    /// Send a final chunk with the usage.
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// `prompt` of `/v1/completions`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum PromptField {
+    /// Text.
+    Text(String),
+    /// Token ids.
+    Tokens(Vec<u32>),
+    /// A batch of texts (only one element supported).
+    Texts(Vec<String>),
+    /// A batch of token arrays (only one element supported).
+    TokenBatches(Vec<Vec<u32>>),
+}
+
+/// Sampling and output fields shared by completions and chat.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct CommonFields {
+    /// Model name; must be the served one when given.
+    pub model: Option<String>,
+    /// Sampling temperature (0 = greedy).
+    pub temperature: Option<f32>,
+    /// Nucleus threshold.
+    pub top_p: Option<f32>,
+    /// Top-k (0 or -1 = off).
+    pub top_k: Option<i64>,
+    /// Min-p.
+    pub min_p: Option<f32>,
+    /// Presence penalty, -2..2.
+    pub presence_penalty: Option<f32>,
+    /// Frequency penalty, -2..2.
+    pub frequency_penalty: Option<f32>,
+    /// Repetition penalty, > 0.
+    pub repetition_penalty: Option<f32>,
+    /// Token id (as a string) → bias, -100..100.
+    pub logit_bias: Option<HashMap<String, f32>>,
+    /// RNG seed.
+    pub seed: Option<u64>,
+    /// Keep going after EOS.
+    pub ignore_eos: Option<bool>,
+    /// Stop strings.
+    pub stop: Option<StopField>,
+    /// Choices to generate.
+    pub n: Option<u32>,
+    /// Server-sent events.
+    pub stream: Option<bool>,
+    /// Streaming options.
+    pub stream_options: Option<StreamOptions>,
+    /// End-user id (accepted, logged nowhere).
+    pub user: Option<String>,
+}
+
+/// `POST /v1/completions`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CompletionRequest {
+    /// The prompt.
+    pub prompt: PromptField,
+    /// Upper bound on new tokens (default: the rest of the context).
+    pub max_tokens: Option<u32>,
+    /// Prepend the prompt to the output.
+    pub echo: Option<bool>,
+    /// Log-probabilities of the top `logprobs` tokens (0–20).
+    pub logprobs: Option<u32>,
+    /// Fill-in-the-middle suffix (not supported yet).
+    pub suffix: Option<String>,
+    /// Shared fields (parsed separately from the same body; see [`parse_body`]).
+    #[serde(skip)]
+    pub common: CommonFields,
+}
+
+/// Message content: text or a list of typed parts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum ContentField {
+    /// Text.
+    Text(String),
+    /// Parts; only `text` parts are supported.
+    Parts(Vec<ContentPart>),
+}
+
+/// One part of a message's content.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ContentPart {
+    /// `text` (others are refused).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The text of a text part.
+    pub text: Option<String>,
+}
+
+/// One chat message as sent.
+#[derive(Debug, Clone, Deserialize)]
+pub struct WireMessage {
+    /// `system`, `developer`, `user`, `assistant`, `tool`.
+    pub role: String,
+    /// Content (may be null for assistant messages).
+    pub content: Option<ContentField>,
+}
+
+/// `POST /v1/chat/completions`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChatRequest {
+    /// The conversation.
+    pub messages: Vec<WireMessage>,
+    /// Upper bound on new tokens.
+    pub max_tokens: Option<u32>,
+    /// Newer spelling of `max_tokens`.
+    pub max_completion_tokens: Option<u32>,
+    /// Return log-probabilities.
+    pub logprobs: Option<bool>,
+    /// Alternatives per token (0–20; needs `logprobs`).
+    pub top_logprobs: Option<u32>,
+    /// Open the assistant's turn (default true).
+    pub add_generation_prompt: Option<bool>,
+    /// Shared fields (parsed separately from the same body; see [`parse_body`]).
+    #[serde(skip)]
+    pub common: CommonFields,
+}
+
+/// Parses a request body into `T`, naming the offending field on error. Bodies are parsed
+/// twice (the endpoint's own fields, then [`CommonFields`]) rather than with `serde(flatten)`,
+/// which loses field paths in error messages.
+pub fn parse_body<T: serde::de::DeserializeOwned>(body: &Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(body).map_err(|e| {
+        let path = e.path().to_string();
+        let message = format!("invalid `{path}`: {}", e.inner());
+        if path == "." {
+            ApiError::bad_request(e.inner().to_string())
+        } else {
+            ApiError::invalid(&path, message)
+        }
+    })
+}
+
+/// Sampling defaults of the model (`generation_config.json`), applied to unset fields.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SamplingDefaults {
+    /// Default temperature.
+    pub temperature: Option<f32>,
+    /// Default top-p.
+    pub top_p: Option<f32>,
+    /// Default top-k.
+    pub top_k: Option<i64>,
+    /// Default repetition penalty.
+    pub repetition_penalty: Option<f32>,
+}
+
+impl SamplingDefaults {
+    /// Reads `generation_config.json` fields.
+    pub fn from_generation_config(v: &Value) -> Self {
+        let f = |k: &str| v.get(k).and_then(Value::as_f64).map(|x| x as f32);
+        SamplingDefaults {
+            temperature: f("temperature"),
+            top_p: f("top_p"),
+            top_k: v.get("top_k").and_then(Value::as_i64),
+            repetition_penalty: f("repetition_penalty"),
+        }
+    }
+}
+
+/// The shared fields, checked.
+#[derive(Debug, Clone)]
+pub struct ValidCommon {
+    /// Sampling settings (seed of choice 0; choice i uses seed + i).
+    pub sampling: SamplingParams,
+    /// Stop strings.
+    pub stop: Vec<String>,
+    /// Choices.
+    pub n: usize,
+    /// Keep going after EOS.
+    pub ignore_eos: bool,
+    /// Stream as SSE.
+    pub stream: bool,
+    /// Final usage chunk.
+    pub include_usage: bool,
+}
+
+fn check(ok: bool, param: &str, message: &str) -> Result<(), ApiError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(param, message))
+    }
+}
+
+impl CommonFields {
+    /// Validates the shared fields against the vocabulary size.
+    pub fn validate(
+        &self,
+        defaults: &SamplingDefaults,
+        vocab_size: usize,
+    ) -> Result<ValidCommon, ApiError> {
+        let temperature = self.temperature.or(defaults.temperature).unwrap_or(1.0);
+        check(
+            temperature.is_finite() && temperature >= 0.0,
+            "temperature",
+            "`temperature` must be >= 0",
+        )?;
+        let top_p = self.top_p.or(defaults.top_p).unwrap_or(1.0);
+        check(
+            top_p > 0.0 && top_p <= 1.0,
+            "top_p",
+            "`top_p` must be in (0, 1]",
+        )?;
+        let top_k = self.top_k.or(defaults.top_k).unwrap_or(0);
+        check(
+            top_k >= -1,
+            "top_k",
+            "`top_k` must be -1, 0 (off) or positive",
+        )?;
+        let min_p = self.min_p.unwrap_or(0.0);
+        check(
+            (0.0..=1.0).contains(&min_p),
+            "min_p",
+            "`min_p` must be in [0, 1]",
+        )?;
+        let presence = self.presence_penalty.unwrap_or(0.0);
+        check(
+            (-2.0..=2.0).contains(&presence),
+            "presence_penalty",
+            "`presence_penalty` must be in [-2, 2]",
+        )?;
+        let frequency = self.frequency_penalty.unwrap_or(0.0);
+        check(
+            (-2.0..=2.0).contains(&frequency),
+            "frequency_penalty",
+            "`frequency_penalty` must be in [-2, 2]",
+        )?;
+        let repetition = self
+            .repetition_penalty
+            .or(defaults.repetition_penalty)
+            .unwrap_or(1.0);
+        check(
+            repetition.is_finite() && repetition > 0.0,
+            "repetition_penalty",
+            "`repetition_penalty` must be > 0",
+        )?;
+        let mut logit_bias = Vec::new();
+        for (k, &v) in self.logit_bias.iter().flatten() {
+            let id: u32 = k
+                .parse()
+                .ok()
+                .filter(|&id: &u32| (id as usize) < vocab_size)
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        "logit_bias",
+                        format!("`logit_bias` key '{k}' is not a token id"),
+                    )
+                })?;
+            check(
+                (-100.0..=100.0).contains(&v),
+                "logit_bias",
+                "`logit_bias` values must be in [-100, 100]",
+            )?;
+            logit_bias.push((id, v));
+        }
+        logit_bias.sort_by_key(|&(id, _)| id);
+        let n = self.n.unwrap_or(1) as usize;
+        check((1..=16).contains(&n), "n", "`n` must be between 1 and 16")?;
+        let stop = match &self.stop {
+            None => vec![],
+            Some(StopField::One(s)) => vec![s.clone()],
+            Some(StopField::Many(v)) => v.clone(),
+        };
+        check(
+            stop.iter().all(|s| !s.is_empty()),
+            "stop",
+            "`stop` strings must not be empty",
+        )?;
+        Ok(ValidCommon {
+            sampling: SamplingParams {
+                temperature,
+                top_k: top_k.max(0) as usize,
+                top_p,
+                min_p,
+                repetition_penalty: repetition,
+                presence_penalty: presence,
+                frequency_penalty: frequency,
+                logit_bias,
+                seed: self.seed,
+            },
+            stop,
+            n,
+            ignore_eos: self.ignore_eos.unwrap_or(false),
+            stream: self.stream.unwrap_or(false),
+            include_usage: self
+                .stream_options
+                .as_ref()
+                .is_some_and(|o| o.include_usage),
+        })
+    }
+}
+
+/// Checks `logprobs` / `top_logprobs` counts.
+pub fn validate_top_logprobs(n: u32, param: &str) -> Result<usize, ApiError> {
+    check(
+        (n as usize) <= MAX_TOP_LOGPROBS,
+        param,
+        &format!("`{param}` must be between 0 and {MAX_TOP_LOGPROBS}"),
+    )?;
+    Ok(n as usize)
+}
+
+/// Token counts in responses.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct WireUsage {
+    /// Prompt tokens (per request, not per choice).
+    pub prompt_tokens: usize,
+    /// Generated tokens over all choices.
+    pub completion_tokens: usize,
+    /// Sum.
+    pub total_tokens: usize,
+}
+
+impl WireUsage {
+    /// Usage for a prompt and a number of generated tokens.
+    pub fn new(prompt_tokens: usize, completion_tokens: usize) -> Self {
+        WireUsage {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+        }
+    }
+
+    /// As JSON.
+    pub fn to_json(self) -> Value {
+        json!(self)
+    }
+}
