@@ -154,8 +154,21 @@ pub fn parse_body<T: serde::de::DeserializeOwned>(body: &Value) -> Result<T, Api
     serde_path_to_error::deserialize(body).map_err(|e| {
         let path = e.path().to_string();
         let message = format!("invalid `{path}`: {}", e.inner());
-        if path == "." {
-            ApiError::bad_request(e.inner().to_string())
+        let inner = e.inner().to_string();
+        let missing = inner
+            .strip_prefix("missing field `")
+            .and_then(|r| r.split('`').next())
+            .map(|f| {
+                if path == "." {
+                    f.to_string()
+                } else {
+                    format!("{path}.{f}")
+                }
+            });
+        if let Some(field) = missing {
+            ApiError::invalid(&field, format!("`{field}` is required"))
+        } else if path == "." {
+            ApiError::bad_request(inner)
         } else {
             ApiError::invalid(&path, message)
         }

@@ -1,0 +1,587 @@
+//! The HTTP API through the router (`oneshot`, no sockets), on the real model: every endpoint,
+//! the exact SSE framing, stop strings across tokens, logprobs, cancellation, and the status and
+//! OpenAI-shaped body of every error.
+
+mod common;
+
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{header, Request, StatusCode};
+use axum::Router;
+use common::*;
+use http_body_util::BodyExt;
+use nextoken::engine::{EngineConfig, EngineHandle};
+use nextoken::server::{self, AppState, Loaded, ServerConfig};
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+fn loaded_with(config: EngineConfig) -> Arc<Loaded> {
+    let (model, tokenizer) = nextoken::load(&model_path()).expect("model loads");
+    let eos = model.config().eos_token_ids.clone();
+    let engine = EngineHandle::spawn(model, config).expect("engine");
+    Arc::new(
+        Loaded::new(engine, tokenizer, "smollm2".into(), eos, Default::default()).expect("loaded"),
+    )
+}
+
+fn shared_loaded() -> Arc<Loaded> {
+    static CELL: OnceLock<Arc<Loaded>> = OnceLock::new();
+    CELL.get_or_init(|| loaded_with(EngineConfig::default()))
+        .clone()
+}
+
+fn app_with(config: ServerConfig, loaded: Option<Arc<Loaded>>) -> (Router, AppState) {
+    let state = AppState::new(config);
+    if let Some(l) = loaded {
+        state.set_loaded(l);
+    }
+    (server::router(state.clone()), state)
+}
+
+fn app() -> Router {
+    app_with(ServerConfig::default(), Some(shared_loaded())).0
+}
+
+async fn send(app: &Router, req: Request<Body>) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
+    let resp = app.clone().oneshot(req).await.expect("infallible");
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes()
+        .to_vec();
+    (status, headers, body)
+}
+
+fn post(path: &str, body: Value) -> Request<Body> {
+    Request::post(path)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body.to_string()))
+        .expect("request")
+}
+
+async fn post_json(app: &Router, path: &str, body: Value) -> (StatusCode, Value) {
+    let (status, _, bytes) = send(app, post(path, body)).await;
+    let v = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&bytes)));
+    (status, v)
+}
+
+/// Asserts an OpenAI error body with the status and (optionally) the param.
+fn assert_error(status: StatusCode, v: &Value, want: StatusCode, param: Option<&str>) {
+    assert_eq!(status, want, "{v}");
+    let e = &v["error"];
+    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    assert!(e["type"].is_string(), "{v}");
+    assert!(e.get("param").is_some() && e.get("code").is_some(), "{v}");
+    if let Some(p) = param {
+        assert_eq!(e["param"], p, "{v}");
+    }
+}
+
+/// Splits an SSE body into its `data:` payloads, checking the framing byte by byte.
+fn sse_payloads(bytes: &[u8]) -> Vec<String> {
+    let text = String::from_utf8(bytes.to_vec()).expect("utf-8");
+    assert!(
+        text.ends_with("data: [DONE]\n\n"),
+        "ends with [DONE]: {text:?}"
+    );
+    text.split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| {
+            assert!(
+                e.starts_with("data: "),
+                "every event is one data line: {e:?}"
+            );
+            assert!(!e[6..].contains('\n'), "single-line payload: {e:?}");
+            e[6..].to_string()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn completion_greedy_with_a_stop_string_split_across_tokens() {
+    let app = app();
+    // Greedy text is " Paris.\n\nThe answer is…": " Paris" "." "\n" "\n" are separate tokens.
+    let (status, v) = post_json(
+        &app,
+        "/v1/completions",
+        json!({"model": "smollm2", "prompt": "The capital of France is", "max_tokens": 20,
+               "temperature": 0, "stop": ["is.\n\nThe"]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["object"], "text_completion");
+    assert_eq!(v["model"], "smollm2");
+    assert!(v["id"].as_str().is_some_and(|id| id.starts_with("cmpl-")));
+    assert_eq!(v["choices"][0]["text"], " Par");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert_eq!(v["usage"]["prompt_tokens"], 5);
+    assert_eq!(
+        v["usage"]["completion_tokens"], 5,
+        "stopped as soon as the stop string completed"
+    );
+    assert_eq!(v["usage"]["total_tokens"], 10);
+}
+
+#[tokio::test]
+async fn completion_matches_the_reference_and_stops_on_eos() {
+    let app = app();
+    let reference = reference("hf_f32.json");
+    let p = &reference["prompts"][0];
+    let (status, v) = post_json(
+        &app,
+        "/v1/completions",
+        json!({"prompt": u32s(&p["prompt_ids"]), "max_tokens": 64, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let eos_at = p["greedy"]["first_eos_index"].as_u64().expect("eos") as usize;
+    let want = &u32s(&p["greedy"]["new_token_ids"])[..eos_at];
+    let text = gguf().1.decode(want, false).expect("decode");
+    assert_eq!(v["choices"][0]["text"], text.as_str());
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert_eq!(
+        v["usage"]["completion_tokens"],
+        eos_at + 1,
+        "EOS counts, is not shown"
+    );
+}
+
+#[tokio::test]
+async fn streaming_completion_bytes_and_usage() {
+    let app = app();
+    let body = json!({"prompt": "def fibonacci(n):\n", "max_tokens": 12, "temperature": 0,
+                      "stream": true, "stream_options": {"include_usage": true}});
+    let (status, headers, bytes) = send(&app, post("/v1/completions", body.clone())).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers[header::CONTENT_TYPE], "text/event-stream");
+    let payloads = sse_payloads(&bytes);
+    assert_eq!(payloads.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = payloads[..payloads.len() - 1]
+        .iter()
+        .map(|p| serde_json::from_str(p).expect("chunk JSON"))
+        .collect();
+    let usage = chunks.last().expect("usage chunk");
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"]["completion_tokens"], 12);
+    let finish = &chunks[chunks.len() - 2];
+    assert_eq!(finish["choices"][0]["finish_reason"], "length");
+    let streamed: String = chunks[..chunks.len() - 1]
+        .iter()
+        .map(|c| c["choices"][0]["text"].as_str().expect("text"))
+        .collect();
+    assert!(chunks.len() > 5, "streamed token by token");
+    let ids: std::collections::HashSet<&str> = chunks
+        .iter()
+        .map(|c| c["id"].as_str().expect("id"))
+        .collect();
+    assert_eq!(ids.len(), 1, "one id for the whole stream");
+    let mut plain = body;
+    plain["stream"] = json!(false);
+    let (_, v) = post_json(&app, "/v1/completions", plain).await;
+    assert_eq!(v["choices"][0]["text"].as_str(), Some(streamed.as_str()));
+}
+
+#[tokio::test]
+async fn completion_logprobs_and_echo() {
+    let app = app();
+    let (status, v) = post_json(
+        &app,
+        "/v1/completions",
+        json!({"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0,
+               "logprobs": 3, "echo": true}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let c = &v["choices"][0];
+    assert!(c["text"]
+        .as_str()
+        .expect("text")
+        .starts_with("The capital of France is Paris"));
+    let lp = &c["logprobs"];
+    let tokens = lp["tokens"].as_array().expect("tokens");
+    assert_eq!(tokens.len(), 4);
+    assert_eq!(tokens[0], " Paris");
+    let token_lps = lp["token_logprobs"].as_array().expect("lps");
+    // Reference (transformers f32): log p(" Paris") = -0.25808.
+    assert!((token_lps[0].as_f64().expect("f64") + 0.25808).abs() < 1e-3);
+    for (i, top) in lp["top_logprobs"]
+        .as_array()
+        .expect("tops")
+        .iter()
+        .enumerate()
+    {
+        let top = top.as_object().expect("dict");
+        assert!(!top.is_empty() && top.len() <= 3);
+        let best = top
+            .values()
+            .map(|x| x.as_f64().expect("f64"))
+            .fold(f64::MIN, f64::max);
+        assert!(
+            (best - token_lps[i].as_f64().expect("f64")).abs() < 1e-6,
+            "greedy picks the top"
+        );
+    }
+    let offsets: Vec<u64> = lp["text_offset"]
+        .as_array()
+        .expect("offsets")
+        .iter()
+        .map(|x| x.as_u64().expect("u64"))
+        .collect();
+    assert_eq!(offsets[0], "The capital of France is".len() as u64);
+    assert!(offsets.windows(2).all(|w| w[0] < w[1]));
+}
+
+#[tokio::test]
+async fn chat_completion_and_streaming_chat() {
+    let app = app();
+    let messages = json!([{"role": "user", "content": [{"type": "text", "text": "What is 2+2?"}]}]);
+    let (status, v) = post_json(
+        &app,
+        "/v1/chat/completions",
+        json!({"messages": messages, "max_tokens": 16, "temperature": 0, "logprobs": true, "top_logprobs": 2}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["object"], "chat.completion");
+    let c = &v["choices"][0];
+    assert_eq!(c["message"]["role"], "assistant");
+    let content = c["message"]["content"].as_str().expect("content");
+    assert!(content.contains('4'), "{content}");
+    // SmolLM2's template adds its default system prompt: 37 tokens in all.
+    assert_eq!(v["usage"]["prompt_tokens"], 37);
+    let entries = c["logprobs"]["content"].as_array().expect("logprobs");
+    assert_eq!(
+        entries.len() as u64,
+        v["usage"]["completion_tokens"].as_u64().expect("n")
+    );
+    assert_eq!(entries[0]["top_logprobs"].as_array().expect("top").len(), 2);
+
+    let (_, _, bytes) = send(
+        &app,
+        post("/v1/chat/completions", json!({"messages": messages, "max_tokens": 16, "temperature": 0,
+                                             "stream": true, "stream_options": {"include_usage": true}})),
+    )
+    .await;
+    let payloads = sse_payloads(&bytes);
+    let chunks: Vec<Value> = payloads[..payloads.len() - 1]
+        .iter()
+        .map(|p| serde_json::from_str(p).expect("json"))
+        .collect();
+    assert_eq!(chunks[0]["object"], "chat.completion.chunk");
+    assert_eq!(
+        chunks[0]["choices"][0]["delta"],
+        json!({"role": "assistant", "content": ""})
+    );
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| {
+            c["choices"]
+                .get(0)
+                .and_then(|ch| ch["delta"]["content"].as_str())
+        })
+        .collect();
+    assert_eq!(streamed, content);
+    assert_eq!(chunks.last().expect("usage")["usage"]["prompt_tokens"], 37);
+}
+
+#[tokio::test]
+async fn n_choices_and_seeded_sampling() {
+    let app = app();
+    let body = json!({"prompt": "Once upon a time", "max_tokens": 8, "temperature": 1.0, "seed": 7, "n": 3});
+    let (status, a) = post_json(&app, "/v1/completions", body.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{a}");
+    let (_, b) = post_json(&app, "/v1/completions", body).await;
+    assert_eq!(a["choices"], b["choices"], "same seed, same choices");
+    let choices = a["choices"].as_array().expect("choices");
+    assert_eq!(choices.len(), 3);
+    assert_eq!(a["usage"]["completion_tokens"], 24);
+    let indices: Vec<u64> = choices
+        .iter()
+        .map(|c| c["index"].as_u64().expect("index"))
+        .collect();
+    assert_eq!(indices, vec![0, 1, 2]);
+}
+
+#[tokio::test]
+async fn tokenize_detokenize_models_health_metrics() {
+    let app = app();
+    let (status, v) = post_json(&app, "/tokenize", json!({"content": "Hello, world!"})).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(v["tokens"], json!([19556, 28, 905, 17]));
+    let (_, v) = post_json(
+        &app,
+        "/tokenize",
+        json!({"content": "Hi 42", "with_pieces": true}),
+    )
+    .await;
+    assert_eq!(v["tokens"][2], json!({"id": 36, "piece": "4"}));
+    let (_, v) = post_json(&app, "/detokenize", json!({"tokens": [19556, 28, 905, 17]})).await;
+    assert_eq!(v["content"], "Hello, world!");
+    let (status, _, body) = send(
+        &app,
+        Request::get("/v1/models").body(Body::empty()).expect("req"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let v: Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(v["data"][0]["id"], "smollm2");
+    assert_eq!(v["data"][0]["object"], "model");
+    let (status, _, _) = send(
+        &app,
+        Request::get("/health").body(Body::empty()).expect("req"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, headers, body) = send(
+        &app,
+        Request::get("/metrics").body(Body::empty()).expect("req"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(headers[header::CONTENT_TYPE]
+        .to_str()
+        .expect("ct")
+        .starts_with("text/plain"));
+    let text = String::from_utf8(body).expect("utf-8");
+    for name in [
+        "nextoken:num_requests_running",
+        "nextoken:num_requests_waiting",
+        "nextoken:kv_cache_usage_perc",
+        "nextoken:prompt_tokens_total",
+        "nextoken:generation_tokens_total",
+        "nextoken:time_to_first_token_seconds_bucket",
+        "nextoken:inter_token_latency_seconds_bucket",
+        "nextoken:e2e_request_latency_seconds_count",
+        "nextoken:http_requests_total{endpoint=\"/tokenize\",status=\"200\"}",
+    ] {
+        assert!(text.contains(name), "{name} missing from:\n{text}");
+    }
+}
+
+#[tokio::test]
+async fn invalid_requests_get_openai_errors() {
+    let app = app();
+    let cases = [
+        (json!({"prompt": "hi", "temperature": -1}), "temperature"),
+        (json!({"prompt": "hi", "temperature": "hot"}), "temperature"),
+        (json!({"prompt": "hi", "top_p": 0}), "top_p"),
+        (json!({"prompt": "hi", "max_tokens": 0}), "max_tokens"),
+        (json!({"prompt": "hi", "max_tokens": 9000}), "max_tokens"),
+        (json!({"prompt": "hi", "n": 0}), "n"),
+        (json!({"prompt": "hi", "logprobs": 21}), "logprobs"),
+        (
+            json!({"prompt": "hi", "logit_bias": {"abc": 1}}),
+            "logit_bias",
+        ),
+        (json!({"prompt": "hi", "stop": [""]}), "stop"),
+        (json!({"prompt": ""}), "prompt"),
+        (json!({"prompt": [999999]}), "prompt"),
+        (json!({"prompt": {"a": 1}}), "prompt"),
+        (json!({"max_tokens": 3}), "prompt"),
+    ];
+    for (body, param) in cases {
+        let (status, v) = post_json(&app, "/v1/completions", body.clone()).await;
+        assert_error(status, &v, StatusCode::BAD_REQUEST, Some(param));
+    }
+    let (status, v) = post_json(&app, "/v1/chat/completions", json!({"messages": []})).await;
+    assert_error(status, &v, StatusCode::BAD_REQUEST, Some("messages"));
+    let (status, v) = post_json(
+        &app,
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "wizard", "content": "x"}]}),
+    )
+    .await;
+    assert_error(
+        status,
+        &v,
+        StatusCode::BAD_REQUEST,
+        Some("messages[0].role"),
+    );
+    let (status, v) = post_json(
+        &app,
+        "/v1/completions",
+        json!({"model": "gpt-4", "prompt": "hi"}),
+    )
+    .await;
+    assert_error(status, &v, StatusCode::NOT_FOUND, Some("model"));
+    assert_eq!(v["error"]["code"], "model_not_found");
+
+    let malformed = Request::post("/v1/completions")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from("{\"prompt\": "))
+        .expect("req");
+    let (status, _, body) = send(&app, malformed).await;
+    assert_error(
+        status,
+        &serde_json::from_slice(&body).expect("json"),
+        StatusCode::BAD_REQUEST,
+        None,
+    );
+    let no_ct = Request::post("/v1/completions")
+        .body(Body::from("{}"))
+        .expect("req");
+    let (status, _, body) = send(&app, no_ct).await;
+    assert_error(
+        status,
+        &serde_json::from_slice(&body).expect("json"),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        None,
+    );
+    let (status, _, body) = send(
+        &app,
+        Request::get("/v1/nothing")
+            .body(Body::empty())
+            .expect("req"),
+    )
+    .await;
+    assert_error(
+        status,
+        &serde_json::from_slice(&body).expect("json"),
+        StatusCode::NOT_FOUND,
+        None,
+    );
+    let (status, _, body) = send(
+        &app,
+        Request::get("/v1/completions")
+            .body(Body::empty())
+            .expect("req"),
+    )
+    .await;
+    assert_error(
+        status,
+        &serde_json::from_slice(&body).expect("json"),
+        StatusCode::METHOD_NOT_ALLOWED,
+        None,
+    );
+}
+
+#[tokio::test]
+async fn body_limit_auth_loading_and_overload() {
+    let small = ServerConfig {
+        max_body_bytes: 1024,
+        ..Default::default()
+    };
+    let (app, _) = app_with(small, Some(shared_loaded()));
+    let (status, v) = post_json(&app, "/v1/completions", json!({"prompt": "x".repeat(4000)})).await;
+    assert_error(status, &v, StatusCode::PAYLOAD_TOO_LARGE, None);
+
+    let keyed = ServerConfig {
+        api_keys: vec!["k1".into(), "k2".into()],
+        ..Default::default()
+    };
+    let (app, _) = app_with(keyed, Some(shared_loaded()));
+    let (status, v) = post_json(&app, "/tokenize", json!({"content": "a"})).await;
+    assert_error(status, &v, StatusCode::UNAUTHORIZED, None);
+    let wrong = Request::post("/tokenize")
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::AUTHORIZATION, "Bearer nope")
+        .body(Body::from(json!({"content": "a"}).to_string()))
+        .expect("req");
+    assert_eq!(send(&app, wrong).await.0, StatusCode::UNAUTHORIZED);
+    let right = Request::post("/tokenize")
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::AUTHORIZATION, "Bearer k2")
+        .body(Body::from(json!({"content": "a"}).to_string()))
+        .expect("req");
+    assert_eq!(send(&app, right).await.0, StatusCode::OK);
+    for open in ["/health", "/metrics"] {
+        let (status, _, _) = send(&app, Request::get(open).body(Body::empty()).expect("req")).await;
+        assert_eq!(status, StatusCode::OK, "{open} needs no key");
+    }
+
+    let (loading, _) = app_with(ServerConfig::default(), None);
+    let (status, _, body) = send(
+        &loading,
+        Request::get("/health").body(Body::empty()).expect("req"),
+    )
+    .await;
+    assert_error(
+        status,
+        &serde_json::from_slice(&body).expect("json"),
+        StatusCode::SERVICE_UNAVAILABLE,
+        None,
+    );
+    let (status, v) = post_json(&loading, "/v1/completions", json!({"prompt": "hi"})).await;
+    assert_error(status, &v, StatusCode::SERVICE_UNAVAILABLE, None);
+
+    // One request in flight at most: a second one is refused with 429 and Retry-After.
+    let tight = loaded_with(EngineConfig {
+        max_running_seqs: 1,
+        max_waiting: 0,
+        ..Default::default()
+    });
+    let (app, _) = app_with(ServerConfig::default(), Some(tight));
+    let long = post(
+        "/v1/completions",
+        json!({"prompt": "hi", "max_tokens": 200, "ignore_eos": true, "stream": true}),
+    );
+    let resp = app.clone().oneshot(long).await.expect("infallible");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let (status, headers, body) = send(
+        &app,
+        post("/v1/completions", json!({"prompt": "hi", "max_tokens": 2})),
+    )
+    .await;
+    assert_error(
+        status,
+        &serde_json::from_slice(&body).expect("json"),
+        StatusCode::TOO_MANY_REQUESTS,
+        None,
+    );
+    assert_eq!(headers[header::RETRY_AFTER], "1");
+    drop(resp); // cancels the stream; capacity comes back
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, _) = post_json(
+            &app,
+            "/v1/completions",
+            json!({"prompt": "hi", "max_tokens": 2}),
+        )
+        .await;
+        if status == StatusCode::OK {
+            break;
+        }
+        assert!(Instant::now() < deadline, "capacity never came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn dropping_a_stream_cancels_the_request() {
+    let loaded = loaded_with(EngineConfig::default());
+    let (app, _) = app_with(ServerConfig::default(), Some(loaded.clone()));
+    let req = post(
+        "/v1/completions",
+        json!({"prompt": "Tell me a long story", "max_tokens": 500,
+                                             "ignore_eos": true, "stream": true}),
+    );
+    let resp = app.clone().oneshot(req).await.expect("infallible");
+    let mut body = resp.into_body();
+    let mut chunks = 0;
+    while chunks < 3 {
+        let frame = body.frame().await.expect("frame").expect("ok");
+        if frame.data_ref().is_some_and(|d| d.starts_with(b"data: {")) {
+            chunks += 1;
+        }
+    }
+    assert_eq!(loaded.engine.stats().num_running, 1);
+    drop(body);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = loaded.engine.stats();
+        if s.num_running == 0 && s.kv_blocks_used == 0 {
+            assert_eq!(s.num_cancelled, 1);
+            assert!(s.generation_tokens_total < 100, "stopped early: {s:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "not cancelled: {s:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
