@@ -1,0 +1,193 @@
+//! A real `nextoken serve` process on a free port, driven by the official `openai` Python
+//! client and by a 64-client streaming load (httpx), plus graceful shutdown on SIGTERM. The
+//! Python packages are installed into a venv under `target/` on first use.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const KEY: &str = "test-key";
+
+/// A server process, killed on drop.
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_server(extra: &[&str]) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nextoken"))
+        .args([
+            "serve",
+            "--model",
+            model_path().to_str().expect("utf-8"),
+            "--port",
+            "0",
+        ])
+        .args(["--served-model-name", "smollm2", "--api-key", KEY])
+        .args(extra)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn server");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = BufReader::new(stderr).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("server printed its address")
+            .expect("line");
+        if let Some(rest) = line.split("listening on http://").nth(1) {
+            break rest.split_whitespace().next().expect("addr").to_string();
+        }
+    };
+    // Keep draining stderr so the server never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    let server = Server { child, addr };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while http_get(&server.addr, "/health").0 != 200 {
+        assert!(Instant::now() < deadline, "server never became healthy");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    server
+}
+
+/// Minimal blocking HTTP/1.1 request; returns (status, body).
+fn http(addr: &str, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let Ok(mut s) = TcpStream::connect(addr) else {
+        return (0, String::new());
+    };
+    let body = body.unwrap_or("");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    if s.write_all(req.as_bytes()).is_err() {
+        return (0, String::new());
+    }
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, b)| b.to_string());
+    (status, body)
+}
+
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    http(addr, "GET", path, None)
+}
+
+/// A venv with `openai` (and its `httpx`), created once under target/.
+fn python() -> PathBuf {
+    let venv = repo().join("target/py-venv");
+    let py = venv.join("bin/python");
+    let ok = |py: &PathBuf| {
+        Command::new(py)
+            .args(["-c", "import openai, httpx"])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !ok(&py) {
+        let status = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .expect("python3 -m venv");
+        assert!(status.success(), "creating the venv failed");
+        let status = Command::new(&py)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "openai>=1.40,<3",
+                "httpx",
+            ])
+            .status()
+            .expect("pip install openai");
+        assert!(status.success(), "pip install openai failed");
+    }
+    assert!(ok(&py), "the venv cannot import openai");
+    py
+}
+
+fn run_python(script: &str, server: &Server) {
+    let out = Command::new(python())
+        .arg(repo().join("tests/python").join(script))
+        .arg(format!("http://{}", server.addr))
+        .arg(KEY)
+        .output()
+        .expect("run python");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{script} failed:\n{stdout}\n{stderr}");
+    println!("{stdout}");
+}
+
+#[test]
+fn official_openai_client_and_a_64_client_load() {
+    let server = start_server(&[]);
+    run_python("openai_client_check.py", &server);
+    run_python("load_check.py", &server);
+}
+
+#[test]
+fn sigterm_lets_running_requests_finish_then_exits_zero() {
+    let mut server = start_server(&["--shutdown-grace-secs", "60"]);
+    let addr = server.addr.clone();
+    let request = std::thread::spawn(move || {
+        http(
+            &addr,
+            "POST",
+            "/v1/completions",
+            Some(
+                r#"{"prompt":"Once upon a time","max_tokens":40,"ignore_eos":true,"temperature":0}"#,
+            ),
+        )
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = server.child.id().to_string();
+    let status = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let (code, body) = request.join().expect("request thread");
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(
+        v["usage"]["completion_tokens"], 40,
+        "the running request finished"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = server.child.try_wait().expect("wait") {
+            assert!(status.success(), "exit status {status:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "server did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_ne!(
+        http_get(&server.addr, "/health").0,
+        200,
+        "no longer accepting"
+    );
+}

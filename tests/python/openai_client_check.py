@@ -1,0 +1,82 @@
+"""The official `openai` client against a running nextoken server.
+
+Usage: python openai_client_check.py BASE_URL API_KEY
+Exits non-zero (assertion) on any mismatch.
+"""
+import sys
+
+import openai
+
+base, key = sys.argv[1], sys.argv[2]
+client = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0)
+MODEL = "smollm2"
+
+models = client.models.list()
+assert [m.id for m in models.data] == [MODEL], models
+
+# Completions, then the same streamed: identical text.
+r = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0)
+assert r.object == "text_completion", r
+assert r.choices[0].text.startswith(" Paris."), r
+assert r.usage.prompt_tokens == 5 and r.usage.completion_tokens == 8, r.usage
+streamed = client.completions.create(
+    model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0, stream=True
+)
+text = "".join(c.choices[0].text for c in streamed if c.choices)
+assert text == r.choices[0].text, (text, r.choices[0].text)
+
+# Logprobs (completions format).
+lp = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=3, temperature=0, logprobs=2)
+assert lp.choices[0].logprobs.tokens[0] == " Paris", lp.choices[0].logprobs
+assert abs(lp.choices[0].logprobs.token_logprobs[0] + 0.258) < 1e-2
+assert len(lp.choices[0].logprobs.top_logprobs[0]) == 2
+
+# Chat, then streaming chat with include_usage: same content, usage in the last chunk.
+messages = [{"role": "user", "content": "What is 2+2?"}]
+c = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0)
+assert c.choices[0].message.role == "assistant"
+assert "4" in c.choices[0].message.content, c
+stream = client.chat.completions.create(
+    model=MODEL, messages=messages, max_tokens=16, temperature=0, stream=True,
+    stream_options={"include_usage": True},
+)
+parts, usage, roles = [], None, []
+for chunk in stream:
+    if chunk.usage is not None:
+        usage = chunk.usage
+    for choice in chunk.choices:
+        if choice.delta.role:
+            roles.append(choice.delta.role)
+        if choice.delta.content:
+            parts.append(choice.delta.content)
+assert roles == ["assistant"], roles
+assert "".join(parts) == c.choices[0].message.content
+assert usage is not None and usage.completion_tokens == c.usage.completion_tokens, usage
+
+# Chat logprobs.
+clp = client.chat.completions.create(
+    model=MODEL, messages=messages, max_tokens=4, temperature=0, logprobs=True, top_logprobs=3
+)
+content = clp.choices[0].logprobs.content
+assert len(content) == clp.usage.completion_tokens and len(content[0].top_logprobs) == 3
+
+# Errors surface as the right exception classes with our messages.
+try:
+    client.completions.create(model=MODEL, prompt="hi", temperature=-1)
+    raise AssertionError("expected BadRequestError")
+except openai.BadRequestError as e:
+    assert "temperature" in str(e), e
+    assert e.body["param"] == "temperature", e.body
+try:
+    client.completions.create(model="no-such-model", prompt="hi")
+    raise AssertionError("expected NotFoundError")
+except openai.NotFoundError as e:
+    assert "no-such-model" in str(e)
+bad = openai.OpenAI(base_url=base + "/v1", api_key="wrong-key", max_retries=0)
+try:
+    bad.models.list()
+    raise AssertionError("expected AuthenticationError")
+except openai.AuthenticationError as e:
+    assert "invalid API key" in str(e), e
+
+print("openai client: all checks passed")
