@@ -115,6 +115,10 @@ struct ServeArgs {
     /// CORS origin allowed to call the API (`*` for any).
     #[arg(long, env = "NEXTOKEN_CORS_ALLOW_ORIGIN")]
     cors_allow_origin: Option<String>,
+    /// Per-request generation time limit in seconds (0 = none); at the limit the request ends
+    /// with what it has generated (finish reason `length`).
+    #[arg(long, env = "NEXTOKEN_REQUEST_TIMEOUT", default_value_t = 0)]
+    request_timeout: u64,
     /// Seconds running requests get to finish after SIGTERM/SIGINT.
     #[arg(long, env = "NEXTOKEN_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     shutdown_grace_secs: u64,
@@ -189,6 +193,8 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             metrics_require_key: args.metrics_require_key,
             max_body_bytes: args.max_body_mb << 20,
             cors_allow_origin: args.cors_allow_origin.clone(),
+            request_timeout: (args.request_timeout > 0)
+                .then(|| std::time::Duration::from_secs(args.request_timeout)),
         };
         let state = server::AppState::new(config);
         let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))

@@ -585,3 +585,24 @@ async fn dropping_a_stream_cancels_the_request() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn request_timeout_ends_generation_with_what_it_has() {
+    let config = ServerConfig {
+        request_timeout: Some(Duration::from_millis(300)),
+        ..Default::default()
+    };
+    let (app, _) = app_with(config, Some(shared_loaded()));
+    let started = Instant::now();
+    let (status, v) = post_json(
+        &app,
+        "/v1/completions",
+        json!({"prompt": "Tell me everything", "max_tokens": 2000, "ignore_eos": true}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    let n = v["usage"]["completion_tokens"].as_u64().expect("n");
+    assert!(n < 2000, "{n}");
+    assert!(started.elapsed() < Duration::from_secs(20));
+}

@@ -106,6 +106,10 @@ fn start(loaded: &Loaded, app: &AppState, job: &Job) -> Result<Vec<TextEvents>, 
         Logprobs::None => None,
         Logprobs::Completion(n) | Logprobs::Chat(n) => Some(n),
     };
+    let deadline = app
+        .config()
+        .request_timeout
+        .map(|t| std::time::Instant::now() + t);
     let mut choices = Vec::with_capacity(job.common.n);
     for i in 0..job.common.n {
         let mut sampling = job.common.sampling.clone();
@@ -119,13 +123,16 @@ fn start(loaded: &Loaded, app: &AppState, job: &Job) -> Result<Vec<TextEvents>, 
             top_logprobs,
         };
         let generation = loaded.engine.submit(request)?;
-        choices.push(TextEvents::new(
-            generation,
-            loaded.tokenizer.clone(),
-            job.common.stop.clone(),
-            stop_token_ids.clone(),
-            Some(app.metrics()),
-        ));
+        choices.push(
+            TextEvents::new(
+                generation,
+                loaded.tokenizer.clone(),
+                job.common.stop.clone(),
+                stop_token_ids.clone(),
+                Some(app.metrics()),
+            )
+            .with_deadline(deadline),
+        );
     }
     Ok(choices)
 }

@@ -41,6 +41,8 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Allowed CORS origin (`*` for any); none = no CORS headers.
     pub cors_allow_origin: Option<String>,
+    /// Generation time limit per request; at the limit it ends with what it has (`length`).
+    pub request_timeout: Option<std::time::Duration>,
 }
 
 impl Default for ServerConfig {
@@ -51,6 +53,7 @@ impl Default for ServerConfig {
             metrics_require_key: false,
             max_body_bytes: 8 << 20,
             cors_allow_origin: None,
+            request_timeout: None,
         }
     }
 }

@@ -54,6 +54,7 @@ pub struct TextEvents {
     metrics: Option<Arc<Metrics>>,
     started: Instant,
     last_token: Option<Instant>,
+    deadline: Option<Instant>,
     done: bool,
 }
 
@@ -77,8 +78,16 @@ impl TextEvents {
             metrics,
             started: Instant::now(),
             last_token: None,
+            deadline: None,
             done: false,
         }
+    }
+
+    /// Ends generation at `deadline` with what was generated so far (finish reason `length`):
+    /// the server's request timeout and llama.cpp's `t_max_predict_ms`.
+    pub fn with_deadline(mut self, deadline: Option<Instant>) -> Self {
+        self.deadline = deadline;
+        self
     }
 
     fn finish(&mut self, reason: &'static str) {
@@ -103,6 +112,11 @@ impl TextEvents {
     fn end(&mut self) {
         self.generation = None; // cancels in the engine if still running
         self.done = true;
+        tracing::info!(
+            completion_tokens = self.completion_tokens,
+            elapsed_ms = self.started.elapsed().as_millis() as u64,
+            "generation ended"
+        );
         if let Some(m) = &self.metrics {
             m.e2e.observe(self.started.elapsed().as_secs_f64());
         }
@@ -160,9 +174,19 @@ impl TextEvents {
             if self.done {
                 return None;
             }
-            let ev = match self.generation.as_mut() {
-                Some(g) => g.next().await,
-                None => None,
+            let ev = match (self.generation.as_mut(), self.deadline) {
+                (Some(g), Some(d)) => {
+                    match tokio::time::timeout_at(tokio::time::Instant::from_std(d), g.next()).await
+                    {
+                        Ok(ev) => ev,
+                        Err(_) => {
+                            self.finish("length");
+                            continue;
+                        }
+                    }
+                }
+                (Some(g), None) => g.next().await,
+                (None, _) => None,
             };
             match ev {
                 Some(Event::Token { id, logprob }) => {
