@@ -50,7 +50,7 @@ pub fn gguf_to_hf(input: &Path, out_dir: &Path, dtype: ConvertDtype) -> anyhow::
     std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let config = model.config();
     let tensors = model
-        .named_tensors()
+        .named_tensors()?
         .into_iter()
         .map(|(name, t)| Ok((name, t.to_dtype(dtype.dtype())?)))
         .collect::<candle_core::Result<HashMap<_, _>>>()?;

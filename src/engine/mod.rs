@@ -146,7 +146,8 @@ impl EngineHandle {
             max_running_seqs: config.max_running_seqs.max(1),
         };
         let mut core =
-            step::EngineCore::new(model, num_blocks, config.block_size.max(1), scheduler);
+            step::EngineCore::new(model, num_blocks, config.block_size.max(1), scheduler)
+                .map_err(|e| EngineError::Model(format!("cannot start compute threads: {e}")))?;
         let (commands, mut rx) = unbounded_channel();
         let (stats_tx, stats) = watch::channel(core.stats());
         std::thread::Builder::new()

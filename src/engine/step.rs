@@ -20,6 +20,9 @@ pub struct EngineCore {
     pool: BlockPool,
     scheduler: Scheduler,
     stats: EngineStats,
+    /// Compute threads. The forward runs *inside* the pool, so the engine thread sleeps while
+    /// it computes instead of competing with spinning workers for the cores.
+    threads: rayon::ThreadPool,
 }
 
 impl EngineCore {
@@ -29,9 +32,14 @@ impl EngineCore {
         num_blocks: usize,
         block_size: usize,
         config: SchedulerConfig,
-    ) -> Self {
+    ) -> std::result::Result<Self, rayon::ThreadPoolBuildError> {
         let kv = model.new_kv_cache(num_blocks, block_size);
-        EngineCore {
+        let threads = rayon::ThreadPoolBuilder::new()
+            .num_threads(rayon::current_num_threads())
+            .thread_name(|i| format!("compute-{i}"))
+            .build()?;
+        Ok(EngineCore {
+            threads,
             model,
             kv,
             pool: BlockPool::new(num_blocks, block_size),
@@ -40,7 +48,7 @@ impl EngineCore {
                 kv_blocks_total: num_blocks,
                 ..Default::default()
             },
-        }
+        })
     }
 
     /// Queues a sequence.
@@ -74,7 +82,8 @@ impl EngineCore {
         }
         let started = Instant::now();
         let forward = self.forward_batch(&batch);
-        match self.model.forward(&forward, &mut self.kv) {
+        let (model, kv) = (&self.model, &mut self.kv);
+        match self.threads.install(|| model.forward(&forward, kv)) {
             Ok(logits) => match logits.to_vec2::<f32>() {
                 Ok(rows) => self.sample_and_emit(&batch, rows),
                 Err(e) => self.fail(&batch, &e.to_string()),

@@ -26,7 +26,7 @@ struct Block {
 /// A llama-family model with its weights in memory.
 pub struct Llama {
     config: ModelConfig,
-    embed_tokens: Tensor, // (vocab, hidden)
+    embed_tokens: Linear, // (vocab, hidden); also the head when tied
     blocks: Vec<Block>,
     norm: Tensor,    // (hidden,)
     lm_head: Linear, // (vocab, hidden); shares storage with embed_tokens when tied
@@ -44,16 +44,13 @@ impl Llama {
                 "head_dim must be even for rotary embedding",
             ));
         }
-        let embed_tokens = w.get("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let embed_tokens = w.get_linear("model.embed_tokens.weight", [c.vocab_size, h])?;
         let mut blocks = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let p = format!("model.layers.{i}");
             let mut lin =
                 |name: &str, out: usize, inp: usize| -> std::result::Result<Linear, LoadError> {
-                    Ok(Linear::new(
-                        w.get(&format!("{p}.{name}.weight"), &[out, inp])?,
-                        None,
-                    ))
+                    w.get_linear(&format!("{p}.{name}.weight"), [out, inp])
                 };
             let q_proj = lin("self_attn.q_proj", q, h)?;
             let k_proj = lin("self_attn.k_proj", kv, h)?;
@@ -77,9 +74,9 @@ impl Llama {
         }
         let norm = w.get("model.norm.weight", &[h])?;
         let lm_head = if c.tie_word_embeddings || !w.contains("lm_head.weight") {
-            Linear::new(embed_tokens.clone(), None)
+            embed_tokens.clone()
         } else {
-            Linear::new(w.get("lm_head.weight", &[c.vocab_size, h])?, None)
+            w.get_linear("lm_head.weight", [c.vocab_size, h])?
         };
         let tied = c.tie_word_embeddings || !w.contains("lm_head.weight");
         let mut config = config;
@@ -110,8 +107,7 @@ impl Llama {
             num_kv_heads: c.num_kv_heads,
             head_dim: c.head_dim,
         };
-        let ids = Tensor::from_slice(&batch.token_ids, rows, &Device::Cpu)?;
-        let mut x = self.embed_tokens.index_select(&ids, 0)?; // (T, hidden)
+        let mut x = self.embed_tokens.rows(&batch.token_ids)?; // (T, hidden)
         let rope = self.rope.tables(&batch.positions);
         let plan = AttentionPlan::new(batch, kv.block_size());
         for (i, b) in self.blocks.iter().enumerate() {
@@ -144,11 +140,11 @@ impl Llama {
         self.lm_head.forward(&x)?.contiguous()
     }
 
-    /// Every weight by its Hugging Face name; the head is omitted when tied.
-    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+    /// Every weight by its Hugging Face name, as f32; the head is omitted when tied.
+    pub fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = vec![(
             "model.embed_tokens.weight".to_string(),
-            self.embed_tokens.clone(),
+            self.embed_tokens.weight_f32()?,
         )];
         for (i, b) in self.blocks.iter().enumerate() {
             let p = format!("model.layers.{i}");
@@ -166,14 +162,14 @@ impl Llama {
                 ("mlp.up_proj", &b.up_proj),
                 ("mlp.down_proj", &b.down_proj),
             ] {
-                out.push((format!("{p}.{name}.weight"), l.weight().clone()));
+                out.push((format!("{p}.{name}.weight"), l.weight_f32()?));
             }
         }
         out.push(("model.norm.weight".to_string(), self.norm.clone()));
         if !self.config.tie_word_embeddings {
-            out.push(("lm_head.weight".to_string(), self.lm_head.weight().clone()));
+            out.push(("lm_head.weight".to_string(), self.lm_head.weight_f32()?));
         }
-        out
+        Ok(out)
     }
 }
 

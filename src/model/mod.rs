@@ -11,6 +11,7 @@ pub mod config;
 pub mod kv_cache;
 pub mod linear;
 pub mod llama;
+pub mod quant;
 pub mod weights;
 
 use std::path::{Path, PathBuf};
@@ -247,8 +248,8 @@ impl Model {
         KvCache::new(c.num_layers, c.kv_dim(), num_blocks, block_size)
     }
 
-    /// Every weight by its Hugging Face name (for `convert`).
-    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+    /// Every weight by its Hugging Face name, as f32 (for `convert`).
+    pub fn named_tensors(&self) -> candle_core::Result<Vec<(String, Tensor)>> {
         match self {
             Model::Llama(m) => m.named_tensors(),
         }

@@ -9,10 +9,12 @@ use std::fs::File;
 use std::io::{Read, Seek};
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::gguf_file;
+use candle_core::quantized::{gguf_file, GgmlDType};
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
+use super::linear::Linear;
+use super::quant::{QMatrix, QuantFormat};
 use super::LoadError;
 
 /// Where the tensors live.
@@ -61,6 +63,19 @@ fn gguf_name(hf: &str) -> Option<String> {
         _ => return None,
     };
     Some(format!("blk.{layer}.{gguf_module}.{suffix}"))
+}
+
+/// For each HF row, the GGUF row it comes from under llama.cpp's Q/K permutation (see
+/// [`unpermute_rows`]): HF `(head, t, j)` ← GGUF `(head, j, t)` with `t ∈ {0,1}`, `j < hd/2`.
+fn unpermute_sources(rows: usize, heads: usize) -> Vec<usize> {
+    let hd = rows / heads;
+    (0..rows)
+        .map(|r| {
+            let (h, rem) = (r / hd, r % hd);
+            let (t, j) = (rem / (hd / 2), rem % (hd / 2));
+            h * hd + 2 * j + t
+        })
+        .collect()
 }
 
 /// Undoes llama.cpp's `permute` of Q/K rows (which turns HF's rotate-half rope layout into
@@ -226,6 +241,68 @@ impl Weights {
         }
     }
 
+    /// How many heads' rows of `name` llama.cpp permuted (Q and K of llama GGUFs).
+    fn permuted_heads(&self, name: &str) -> Option<usize> {
+        match &self.source {
+            Source::Gguf {
+                heads: Some((h, kv)),
+                ..
+            } => {
+                if name.ends_with("q_proj.weight") {
+                    Some(*h)
+                } else if name.ends_with("k_proj.weight") {
+                    Some(*kv)
+                } else {
+                    None
+                }
+            }
+            _ => None,
+        }
+    }
+
+    /// The 2-D weight `name` as a [`Linear`]: GGUF Q4_1/Q8_0 stay quantized (read as raw
+    /// blocks); everything else is loaded as f32.
+    pub fn get_linear(&mut self, name: &str, shape: [usize; 2]) -> Result<Linear, LoadError> {
+        let path = self.path.clone();
+        let permute = self.permuted_heads(name);
+        if let Source::Gguf { file, content, .. } = &mut self.source {
+            let g = gguf_name(name).unwrap_or_default();
+            if let Some(info) = content.tensor_infos.get(&g) {
+                let format = match info.ggml_dtype {
+                    GgmlDType::Q4_1 => Some(QuantFormat::Q4_1),
+                    GgmlDType::Q8_0 => Some(QuantFormat::Q8_0),
+                    _ => None,
+                };
+                if let Some(format) = format {
+                    if info.shape.dims() != shape {
+                        return Err(LoadError::format(
+                            &path,
+                            format!(
+                                "shape mismatch for '{name}': config implies {shape:?}, weights have {:?}",
+                                info.shape.dims()
+                            ),
+                        ));
+                    }
+                    let bytes = info.shape.elem_count() / info.ggml_dtype.block_size()
+                        * info.ggml_dtype.type_size();
+                    let mut data = vec![0u8; bytes];
+                    file.seek(std::io::SeekFrom::Start(
+                        content.tensor_data_offset + info.offset,
+                    ))
+                    .and_then(|_| file.read_exact(&mut data))
+                    .map_err(|e| LoadError::io(&path, e))?;
+                    let mut q = QMatrix::from_gguf_bytes(format, shape[0], shape[1], &data)
+                        .map_err(|e| LoadError::format(&path, format!("tensor '{g}': {e}")))?;
+                    if let Some(h) = permute.filter(|&h| shape[0].is_multiple_of(2 * h)) {
+                        q = q.gather_rows(&unpermute_sources(shape[0], h));
+                    }
+                    return Ok(Linear::quantized(q, None));
+                }
+            }
+        }
+        Ok(Linear::new(self.get(name, &shape)?, None))
+    }
+
     /// The tensor `name` as f32, checked against `shape`.
     pub fn get(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, LoadError> {
         let path = self.path.clone();
@@ -305,6 +382,19 @@ mod tests {
             Some("output.weight")
         );
         assert_eq!(gguf_name("model.layers.0.weird.weight"), None);
+    }
+
+    #[test]
+    fn unpermute_sources_match_the_tensor_unpermute() -> candle_core::Result<()> {
+        let (heads, rows, cols) = (3, 12, 2);
+        let gguf =
+            Tensor::arange(0f32, (rows * cols) as f32, &Device::Cpu)?.reshape((rows, cols))?;
+        let hf = unpermute_rows(&gguf, heads)?.to_vec2::<f32>()?;
+        let g = gguf.to_vec2::<f32>()?;
+        for (r, src) in unpermute_sources(rows, heads).into_iter().enumerate() {
+            assert_eq!(hf[r], g[src]);
+        }
+        Ok(())
     }
 
     #[test]
