@@ -150,7 +150,7 @@ pub fn write_kv(layer: &mut LayerKv, slots: &[u32], k: &[f32], v: &[f32], kv_dim
     }
 }
 
-#[inline]
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     // Eight independent lanes so the compiler vectorises; fixed order, so deterministic.
     let mut acc = [0f32; 8];
@@ -165,6 +165,69 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         sum += a[i] * b[i];
     }
     acc.iter().sum::<f32>() + sum
+}
+
+/// Where one (row, head) reads its keys and values.
+struct HeadView<'a> {
+    k: &'a [f32],
+    v: &'a [f32],
+    slots: &'a [u32],
+    kv_dim: usize,
+    offset: usize,
+    scale: f32,
+}
+
+/// Softmax(q·Kᵀ·scale)·V for one query head, written into `out` (zeroed).
+#[inline(always)]
+fn attend_one(q: &[f32], view: &HeadView, scores: &mut Vec<f32>, out: &mut [f32]) {
+    let hd = q.len();
+    scores.clear();
+    let mut max = f32::NEG_INFINITY;
+    for &s in view.slots {
+        let base = s as usize * view.kv_dim + view.offset;
+        let x = dot(q, &view.k[base..base + hd]) * view.scale;
+        max = max.max(x);
+        scores.push(x);
+    }
+    let mut sum = 0f32;
+    for x in scores.iter_mut() {
+        *x = (*x - max).exp();
+        sum += *x;
+    }
+    let inv = 1.0 / sum;
+    for (&s, &w) in view.slots.iter().zip(scores.iter()) {
+        let base = s as usize * view.kv_dim + view.offset;
+        let p = w * inv;
+        for (oi, vi) in out.iter_mut().zip(&view.v[base..base + hd]) {
+            *oi += p * vi;
+        }
+    }
+}
+
+/// The same function compiled for AVX2 (identical operation order, wider registers).
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_one_avx2(q: &[f32], view: &HeadView, scores: &mut Vec<f32>, out: &mut [f32]) {
+    attend_one(q, view, scores, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+fn attend_one_dispatch(q: &[f32], view: &HeadView, scores: &mut Vec<f32>, out: &mut [f32]) {
+    use std::sync::OnceLock;
+    static AVX2: OnceLock<bool> = OnceLock::new();
+    if *AVX2.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
+        // SAFETY: AVX2 and FMA were detected at run time.
+        unsafe { attend_one_avx2(q, view, scores, out) }
+    } else {
+        attend_one(q, view, scores, out)
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn attend_one_dispatch(q: &[f32], view: &HeadView, scores: &mut Vec<f32>, out: &mut [f32]) {
+    attend_one(q, view, scores, out)
 }
 
 /// Causal attention of every row over its own sequence's cached context (which already holds
@@ -189,30 +252,15 @@ pub fn attend(
         Vec::new,
         |scores: &mut Vec<f32>, (idx, o)| {
             let (t, h) = (idx / num_heads, idx % num_heads);
-            let kv_off = (h / group) * head_dim;
-            let qh = &q[idx * head_dim..(idx + 1) * head_dim];
-            let slots = &plan.context_slots[plan.row_seq[t]][..=batch.positions[t] as usize];
-            scores.clear();
-            let mut max = f32::NEG_INFINITY;
-            for &s in slots {
-                let base = s as usize * kv_dim + kv_off;
-                let x = dot(qh, &layer.k[base..base + head_dim]) * scale;
-                max = max.max(x);
-                scores.push(x);
-            }
-            let mut sum = 0f32;
-            for x in scores.iter_mut() {
-                *x = (*x - max).exp();
-                sum += *x;
-            }
-            let inv = 1.0 / sum;
-            for (&s, &w) in slots.iter().zip(scores.iter()) {
-                let base = s as usize * kv_dim + kv_off;
-                let p = w * inv;
-                for (oi, vi) in o.iter_mut().zip(&layer.v[base..base + head_dim]) {
-                    *oi += p * vi;
-                }
-            }
+            let view = HeadView {
+                k: &layer.k,
+                v: &layer.v,
+                slots: &plan.context_slots[plan.row_seq[t]][..=batch.positions[t] as usize],
+                kv_dim,
+                offset: (h / group) * head_dim,
+                scale,
+            };
+            attend_one_dispatch(&q[idx * head_dim..(idx + 1) * head_dim], &view, scores, o);
         },
     );
     out
