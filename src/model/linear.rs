@@ -15,9 +15,13 @@ use super::quant::QMatrix;
 enum Weight {
     /// `(out, in)` f32, contiguous.
     F32(Tensor),
-    /// Quantized blocks.
-    Quant(Arc<QMatrix>),
+    /// Quantized blocks, plus their exact f32 dequantization for many-row calls.
+    Quant(Arc<QMatrix>, Tensor),
 }
+
+/// From this many activation rows on, the f32 GEMM on the dequantized copy beats the
+/// quantized kernel (prefill chunks, large batches); both compute the same function.
+const GEMM_MIN_ROWS: usize = 32;
 
 /// `y = x · Wᵀ (+ b)` with `W: (out, in)`.
 #[derive(Clone)]
@@ -36,19 +40,24 @@ impl Linear {
         }
     }
 
-    /// Wraps a quantized weight.
-    pub fn quantized(weight: QMatrix, bias: Option<Tensor>) -> Self {
-        Linear {
-            weight: Weight::Quant(Arc::new(weight)),
+    /// Wraps a quantized weight (and keeps an exact f32 copy for many-row calls).
+    pub fn quantized(weight: QMatrix, bias: Option<Tensor>) -> Result<Self> {
+        let dense = Tensor::from_vec(
+            weight.dequantize(),
+            (weight.rows(), weight.cols()),
+            &Device::Cpu,
+        )?;
+        Ok(Linear {
+            weight: Weight::Quant(Arc::new(weight), dense),
             bias,
-        }
+        })
     }
 
     /// `(out_features, in_features)`.
     pub fn dims(&self) -> (usize, usize) {
         match &self.weight {
             Weight::F32(w) => w.dims2().unwrap_or((0, 0)),
-            Weight::Quant(q) => (q.rows(), q.cols()),
+            Weight::Quant(q, _) => (q.rows(), q.cols()),
         }
     }
 
@@ -56,7 +65,8 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
             Weight::F32(w) => x.matmul(&w.t()?)?,
-            Weight::Quant(q) => {
+            Weight::Quant(_, w) if x.dim(0)? >= GEMM_MIN_ROWS => x.matmul(&w.t()?)?,
+            Weight::Quant(q, _) => {
                 let rows = x.dim(0)?;
                 let xs = x.flatten_all()?.to_vec1::<f32>()?;
                 Tensor::from_vec(q.matmul(&xs, rows), (rows, q.rows()), &Device::Cpu)?
@@ -71,14 +81,8 @@ impl Linear {
     /// Rows `ids` of the weight as f32 `(ids.len(), in)`: the embedding lookup.
     pub fn rows(&self, ids: &[u32]) -> Result<Tensor> {
         match &self.weight {
-            Weight::F32(w) => w.index_select(&Tensor::from_slice(ids, ids.len(), &Device::Cpu)?, 0),
-            Weight::Quant(q) => {
-                let cols = q.cols();
-                let mut out = vec![0f32; ids.len() * cols];
-                for (row, &id) in out.chunks_exact_mut(cols).zip(ids) {
-                    q.dequantize_row(id as usize, row);
-                }
-                Tensor::from_vec(out, (ids.len(), cols), &Device::Cpu)
+            Weight::F32(w) | Weight::Quant(_, w) => {
+                w.index_select(&Tensor::from_slice(ids, ids.len(), &Device::Cpu)?, 0)
             }
         }
     }
@@ -87,7 +91,7 @@ impl Linear {
     pub fn weight_f32(&self) -> Result<Tensor> {
         match &self.weight {
             Weight::F32(w) => Ok(w.clone()),
-            Weight::Quant(q) => {
+            Weight::Quant(q, _) => {
                 Tensor::from_vec(q.dequantize(), (q.rows(), q.cols()), &Device::Cpu)
             }
         }

@@ -326,24 +326,45 @@ mod simd_x86 {
         _mm_cvtss_f32(s)
     }
 
+    // The row count is a const parameter so accumulators live in registers; each row runs the
+    // same instructions for every R, which keeps results bit-identical across batch sizes.
     pub(super) fn dot_q4_1(w: &[BlockQ4_1], xs: &[f32], sums: &[f32], out: &mut [f32]) {
         // SAFETY: only called after run-time detection of AVX2 and FMA (`simd_available`).
-        unsafe { dot_q4_1_avx2(w, xs, sums, out) }
+        unsafe {
+            match out.len() {
+                1 => dot_q4_1_avx2::<1>(w, xs, sums, out),
+                2 => dot_q4_1_avx2::<2>(w, xs, sums, out),
+                3 => dot_q4_1_avx2::<3>(w, xs, sums, out),
+                _ => dot_q4_1_avx2::<4>(w, xs, sums, out),
+            }
+        }
     }
 
     pub(super) fn dot_q8_0(w: &[BlockQ8_0], xs: &[f32], out: &mut [f32]) {
         // SAFETY: only called after run-time detection of AVX2 and FMA (`simd_available`).
-        unsafe { dot_q8_0_avx2(w, xs, out) }
+        unsafe {
+            match out.len() {
+                1 => dot_q8_0_avx2::<1>(w, xs, out),
+                2 => dot_q8_0_avx2::<2>(w, xs, out),
+                3 => dot_q8_0_avx2::<3>(w, xs, out),
+                _ => dot_q8_0_avx2::<4>(w, xs, out),
+            }
+        }
     }
 
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn dot_q4_1_avx2(w: &[BlockQ4_1], xs: &[f32], sums: &[f32], out: &mut [f32]) {
-        let rows = out.len();
+    unsafe fn dot_q4_1_avx2<const R: usize>(
+        w: &[BlockQ4_1],
+        xs: &[f32],
+        sums: &[f32],
+        out: &mut [f32],
+    ) {
+        let rows = R;
         let nb = w.len();
         let cols = nb * BLOCK;
-        assert!(rows <= 4 && xs.len() >= rows * cols && sums.len() >= rows * nb);
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut macc = [0f32; 4];
+        assert!(out.len() == R && xs.len() >= rows * cols && sums.len() >= rows * nb);
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut macc = [0f32; R];
         let mask = _mm_set1_epi8(0x0F);
         for (b, blk) in w.iter().enumerate() {
             // SAFETY: `qs` is 16 bytes; unaligned load.
@@ -374,11 +395,11 @@ mod simd_x86 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn dot_q8_0_avx2(w: &[BlockQ8_0], xs: &[f32], out: &mut [f32]) {
-        let rows = out.len();
+    unsafe fn dot_q8_0_avx2<const R: usize>(w: &[BlockQ8_0], xs: &[f32], out: &mut [f32]) {
+        let rows = R;
         let cols = w.len() * BLOCK;
-        assert!(rows <= 4 && xs.len() >= rows * cols);
-        let mut acc = [_mm256_setzero_ps(); 4];
+        assert!(out.len() == R && xs.len() >= rows * cols);
+        let mut acc = [_mm256_setzero_ps(); R];
         for (b, blk) in w.iter().enumerate() {
             let p = blk.qs.as_ptr();
             // SAFETY: `qs` is 32 bytes; four unaligned 8-byte loads inside it.

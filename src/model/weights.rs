@@ -296,7 +296,7 @@ impl Weights {
                     if let Some(h) = permute.filter(|&h| shape[0].is_multiple_of(2 * h)) {
                         q = q.gather_rows(&unpermute_sources(shape[0], h));
                     }
-                    return Ok(Linear::quantized(q, None));
+                    return Linear::quantized(q, None).map_err(|e| LoadError::format(&path, e));
                 }
             }
         }
