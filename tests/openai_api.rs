@@ -606,3 +606,40 @@ async fn request_timeout_ends_generation_with_what_it_has() {
     assert!(n < 2000, "{n}");
     assert!(started.elapsed() < Duration::from_secs(20));
 }
+
+#[tokio::test]
+async fn multibyte_characters_split_across_tokens_stream_whole() {
+    let app = app();
+    // Byte-level BPE spells each emoji with several tokens that each hold part of its UTF-8.
+    let body = json!({"prompt": "Emojis: 😀😃😄😁😆😅", "max_tokens": 15, "temperature": 0,
+                      "logprobs": 0, "stream": true});
+    let (status, _, bytes) = send(&app, post("/v1/completions", body.clone())).await;
+    assert_eq!(status, StatusCode::OK);
+    let payloads = sse_payloads(&bytes);
+    let mut streamed = String::new();
+    let mut max_tokens_per_chunk = 0;
+    for p in &payloads[..payloads.len() - 1] {
+        let chunk: Value = serde_json::from_str(p).expect("json");
+        let choice = &chunk["choices"][0];
+        let text = choice["text"].as_str().expect("text");
+        assert!(
+            !text.contains('\u{FFFD}'),
+            "a chunk split a character: {text:?}"
+        );
+        streamed.push_str(text);
+        let n = choice["logprobs"]["tokens"].as_array().map_or(0, Vec::len);
+        max_tokens_per_chunk = max_tokens_per_chunk.max(n);
+    }
+    assert!(
+        streamed.chars().filter(|c| (*c as u32) > 0xFFFF).count() >= 3,
+        "{streamed:?}"
+    );
+    assert!(
+        max_tokens_per_chunk >= 2,
+        "bytes were held until the character was complete"
+    );
+    let mut plain = body;
+    plain["stream"] = json!(false);
+    let (_, v) = post_json(&app, "/v1/completions", plain).await;
+    assert_eq!(v["choices"][0]["text"].as_str(), Some(streamed.as_str()));
+}
