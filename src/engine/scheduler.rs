@@ -86,20 +86,16 @@ impl Scheduler {
     /// Removes sequences whose client went away; returns how many.
     pub fn reap_cancelled(&mut self, pool: &mut BlockPool) -> usize {
         let before = self.waiting.len() + self.running.len();
-        self.running.retain(|s| {
-            let keep = !s.is_cancelled();
-            if !keep {
+        let mut keep = |s: &Sequence| {
+            // Checked once: the client may go away between two checks.
+            let cancelled = s.is_cancelled();
+            if cancelled {
                 pool.release(&s.block_table);
             }
-            keep
-        });
-        self.waiting.retain(|s| {
-            let keep = !s.is_cancelled();
-            if !keep {
-                pool.release(&s.block_table);
-            }
-            keep
-        });
+            !cancelled
+        };
+        self.running.retain(&mut keep);
+        self.waiting.retain(&mut keep);
         before - self.waiting.len() - self.running.len()
     }
 

@@ -30,6 +30,16 @@ enum Kind {
     Chat,
 }
 
+impl Kind {
+    /// `object` of a streamed chunk.
+    fn chunk_object(self) -> &'static str {
+        match self {
+            Kind::Completion => "text_completion",
+            Kind::Chat => "chat.completion.chunk",
+        }
+    }
+}
+
 /// How log-probabilities are reported, if at all.
 #[derive(Clone, Copy)]
 enum Logprobs {
@@ -280,10 +290,7 @@ struct SseState {
 
 impl SseState {
     fn chunk(&self, choice: Value) -> Value {
-        let object = match self.job.kind {
-            Kind::Completion => "text_completion",
-            Kind::Chat => "chat.completion.chunk",
-        };
+        let object = self.job.kind.chunk_object();
         json!({"id": self.job.id, "object": object, "created": self.job.created,
                "model": self.job.model, "choices": [choice]})
     }
@@ -366,10 +373,7 @@ impl SseState {
                 Phase::Usage => {
                     self.phase = Phase::Done;
                     let usage = WireUsage::new(self.job.prompt_ids.len(), self.completion_tokens);
-                    let object = match self.job.kind {
-                        Kind::Completion => "text_completion",
-                        Kind::Chat => "chat.completion.chunk",
-                    };
+                    let object = self.job.kind.chunk_object();
                     let v = json!({"id": self.job.id, "object": object, "created": self.job.created,
                                    "model": self.job.model, "choices": [], "usage": usage});
                     return Some(SseEvent::default().data(v.to_string()));
