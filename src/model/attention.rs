@@ -167,67 +167,236 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + sum
 }
 
-/// Where one (row, head) reads its keys and values.
+/// Where one (row, KV head) reads its keys and values.
 struct HeadView<'a> {
     k: &'a [f32],
     v: &'a [f32],
     slots: &'a [u32],
     kv_dim: usize,
     offset: usize,
+    head_dim: usize,
     scale: f32,
 }
 
-/// Softmax(q·Kᵀ·scale)·V for one query head, written into `out` (zeroed).
-#[inline(always)]
-fn attend_one(q: &[f32], view: &HeadView, scores: &mut Vec<f32>, out: &mut [f32]) {
-    let hd = q.len();
-    scores.clear();
-    let mut max = f32::NEG_INFINITY;
-    for &s in view.slots {
-        let base = s as usize * view.kv_dim + view.offset;
-        let x = dot(q, &view.k[base..base + hd]) * view.scale;
-        max = max.max(x);
-        scores.push(x);
-    }
-    let mut sum = 0f32;
-    for x in scores.iter_mut() {
-        *x = (*x - max).exp();
-        sum += *x;
-    }
-    let inv = 1.0 / sum;
-    for (&s, &w) in view.slots.iter().zip(scores.iter()) {
-        let base = s as usize * view.kv_dim + view.offset;
-        let p = w * inv;
-        for (oi, vi) in out.iter_mut().zip(&view.v[base..base + hd]) {
-            *oi += p * vi;
+/// Softmax(q·Kᵀ·scale)·V for the query heads `q: (G, head_dim)` that share one KV head,
+/// written into `out` (zeroed). Portable path.
+fn attend_group(q: &[f32], view: &HeadView, scores: &mut Vec<f32>, out: &mut [f32]) {
+    let hd = view.head_dim;
+    for (qg, og) in q.chunks_exact(hd).zip(out.chunks_exact_mut(hd)) {
+        scores.clear();
+        let mut max = f32::NEG_INFINITY;
+        for &s in view.slots {
+            let base = s as usize * view.kv_dim + view.offset;
+            let x = dot(qg, &view.k[base..base + hd]) * view.scale;
+            max = max.max(x);
+            scores.push(x);
+        }
+        let mut sum = 0f32;
+        for x in scores.iter_mut() {
+            *x = (*x - max).exp();
+            sum += *x;
+        }
+        let inv = 1.0 / sum;
+        for (&s, &w) in view.slots.iter().zip(scores.iter()) {
+            let base = s as usize * view.kv_dim + view.offset;
+            let p = w * inv;
+            for (oi, vi) in og.iter_mut().zip(&view.v[base..base + hd]) {
+                *oi += p * vi;
+            }
         }
     }
 }
 
-/// The same function compiled for AVX2 (identical operation order, wider registers).
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn attend_one_avx2(q: &[f32], view: &HeadView, scores: &mut Vec<f32>, out: &mut [f32]) {
-    attend_one(q, view, scores, out)
-}
+mod simd_x86 {
+    //! AVX2 attention for head widths that are multiples of 8 (up to 256). Every score, exp and
+    //! output element of a (row, head) runs a fixed operation sequence that depends only on its
+    //! own context length, never on other rows or sequences: batch invariance holds.
+    use std::arch::x86_64::*;
 
-#[cfg(target_arch = "x86_64")]
-#[allow(unsafe_code)]
-fn attend_one_dispatch(q: &[f32], view: &HeadView, scores: &mut Vec<f32>, out: &mut [f32]) {
-    use std::sync::OnceLock;
-    static AVX2: OnceLock<bool> = OnceLock::new();
-    if *AVX2.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
-        // SAFETY: AVX2 and FMA were detected at run time.
-        unsafe { attend_one_avx2(q, view, scores, out) }
-    } else {
-        attend_one(q, view, scores, out)
+    use super::HeadView;
+
+    /// Widest head handled (32 vectors of q kept per head in L1, output in 8-vector chunks).
+    pub(super) const MAX_HEAD_DIM: usize = 256;
+
+    /// `exp(x)` for `x ≤ 0` (Cephes polynomial, ~1 ulp); underflows to 0 below -87.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn exp_neg(x: __m256) -> __m256 {
+        let x = _mm256_max_ps(x, _mm256_set1_ps(-87.0));
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm256_set1_ps(1.987_569_1e-4);
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.398_199_9e-3));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.333_452e-3));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.166_579_6e-2));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.666_666_5e-1));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5));
+        p = _mm256_fmadd_ps(
+            p,
+            _mm256_mul_ps(r, r),
+            _mm256_add_ps(r, _mm256_set1_ps(1.0)),
+        );
+        let e = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvtps_epi32(n),
+            _mm256_set1_epi32(127),
+        ));
+        _mm256_mul_ps(p, _mm256_castsi256_ps(e))
+    }
+
+    /// Sums of four 8-lane accumulators, each reduced by the same fixed tree.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum4(a: [__m256; 4]) -> __m128 {
+        let h = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+        _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h))
+    }
+
+    /// The AVX2 form of `super::attend_group` (`head_dim % 8 == 0`, `≤ MAX_HEAD_DIM`).
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn attend_group(q: &[f32], view: &HeadView, scores: &mut Vec<f32>, out: &mut [f32]) {
+        let hd = view.head_dim;
+        let nc = hd / 8;
+        let groups = q.len() / hd;
+        let n = view.slots.len();
+        let padded = n.next_multiple_of(4);
+        assert!(hd.is_multiple_of(8) && hd <= MAX_HEAD_DIM && out.len() == q.len());
+        assert!(view.slots.iter().all(|&s| {
+            (s as usize + 1) * view.kv_dim >= s as usize * view.kv_dim + view.offset + hd
+                && (s as usize + 1) * view.kv_dim <= view.k.len().min(view.v.len())
+        }));
+        scores.clear();
+        scores.resize(groups * padded, 0.0);
+        let scale = _mm256_set1_ps(view.scale);
+        // SAFETY (whole body): every slot's head row lies inside k and v (asserted above);
+        // q/out hold `groups × hd`; scores hold `groups × padded`.
+        unsafe {
+            let kp = view.k.as_ptr().add(view.offset);
+            let vp = view.v.as_ptr().add(view.offset);
+            let row = |i: usize, base: *const f32| -> *const f32 {
+                // Padding keys repeat the last real one; their scores are never used.
+                base.add(view.slots[i.min(n - 1)] as usize * view.kv_dim)
+            };
+            // Scores, four keys at a time.
+            for g in 0..groups {
+                let qg = q.as_ptr().add(g * hd);
+                for i in (0..padded).step_by(4) {
+                    let ks = [row(i, kp), row(i + 1, kp), row(i + 2, kp), row(i + 3, kp)];
+                    let mut acc = [_mm256_setzero_ps(); 4];
+                    for c in 0..nc {
+                        let qc = _mm256_loadu_ps(qg.add(c * 8));
+                        for j in 0..4 {
+                            acc[j] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(ks[j].add(c * 8)), acc[j]);
+                        }
+                    }
+                    let s = _mm_mul_ps(hsum4(acc), _mm256_castps256_ps128(scale));
+                    _mm_storeu_ps(scores.as_mut_ptr().add(g * padded + i), s);
+                }
+            }
+            for g in 0..groups {
+                let sg = &mut scores[g * padded..g * padded + padded];
+                let mut max = f32::NEG_INFINITY;
+                for &x in &sg[..n] {
+                    max = max.max(x);
+                }
+                let mx = _mm256_set1_ps(max);
+                let mut sum = _mm256_setzero_ps();
+                let mut i = 0;
+                while i + 8 <= n {
+                    let e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(sg.as_ptr().add(i)), mx));
+                    _mm256_storeu_ps(sg.as_mut_ptr().add(i), e);
+                    sum = _mm256_add_ps(sum, e);
+                    i += 8;
+                }
+                let mut tail = [0f32; 8];
+                tail[..n - i].copy_from_slice(&sg[i..n]);
+                let e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(tail.as_ptr()), mx));
+                _mm256_storeu_ps(tail.as_mut_ptr(), e);
+                // Lanes past the context contribute nothing.
+                tail[n - i..].fill(0.0);
+                sg[i..n].copy_from_slice(&tail[..n - i]);
+                sum = _mm256_add_ps(sum, _mm256_loadu_ps(tail.as_ptr()));
+                let s4 = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps::<1>(sum));
+                let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+                let total = _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps::<0b01>(s2, s2)));
+                let inv = 1.0 / total;
+                for x in &mut sg[..n] {
+                    *x *= inv;
+                }
+            }
+            // Weighted values, up to eight output vectors at a time.
+            for g in 0..groups {
+                let og = out.as_mut_ptr().add(g * hd);
+                let sg = scores.as_ptr().add(g * padded);
+                let rows: Vec<*const f32> = (0..n).map(|i| row(i, vp)).collect();
+                for c0 in (0..nc).step_by(8) {
+                    let o = og.add(c0 * 8);
+                    match nc - c0 {
+                        1 => weighted::<1>(sg, &rows, c0, o),
+                        2 => weighted::<2>(sg, &rows, c0, o),
+                        3 => weighted::<3>(sg, &rows, c0, o),
+                        4 => weighted::<4>(sg, &rows, c0, o),
+                        5 => weighted::<5>(sg, &rows, c0, o),
+                        6 => weighted::<6>(sg, &rows, c0, o),
+                        7 => weighted::<7>(sg, &rows, c0, o),
+                        _ => weighted::<8>(sg, &rows, c0, o),
+                    }
+                }
+            }
+        }
+    }
+
+    /// `out[c] = Σᵢ p[i]·v_i[c0 + c]` for `W` vectors, keys in order.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn weighted<const W: usize>(
+        p: *const f32,
+        rows: &[*const f32],
+        c0: usize,
+        out: *mut f32,
+    ) {
+        let mut acc = [_mm256_setzero_ps(); W];
+        // SAFETY: `p` holds rows.len() weights; each row holds (c0 + W) · 8 values; `out` W · 8.
+        unsafe {
+            for (i, &v) in rows.iter().enumerate() {
+                let w = _mm256_set1_ps(*p.add(i));
+                let v = v.add(c0 * 8);
+                for (c, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(v.add(c * 8)), *a);
+                }
+            }
+            for (c, a) in acc.iter().enumerate() {
+                _mm256_storeu_ps(out.add(c * 8), *a);
+            }
+        }
     }
 }
 
-#[cfg(not(target_arch = "x86_64"))]
-fn attend_one_dispatch(q: &[f32], view: &HeadView, scores: &mut Vec<f32>, out: &mut [f32]) {
-    attend_one(q, view, scores, out)
+fn attend_group_dispatch(q: &[f32], view: &HeadView, scores: &mut Vec<f32>, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static AVX2: OnceLock<bool> = OnceLock::new();
+        let simd = *AVX2
+            .get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"));
+        if simd
+            && view.head_dim.is_multiple_of(8)
+            && view.head_dim <= simd_x86::MAX_HEAD_DIM
+            && !view.slots.is_empty()
+        {
+            #[allow(unsafe_code)]
+            // SAFETY: AVX2 and FMA were detected at run time.
+            unsafe {
+                simd_x86::attend_group(q, view, scores, out)
+            };
+            return;
+        }
+    }
+    attend_group(q, view, scores, out)
 }
 
 /// Causal attention of every row over its own sequence's cached context (which already holds
@@ -248,20 +417,22 @@ pub fn attend(
     let group = num_heads / num_kv_heads;
     let scale = 1.0 / (head_dim as f32).sqrt();
     let mut out = vec![0f32; q.len()];
-    out.par_chunks_mut(head_dim).enumerate().for_each_init(
-        Vec::new,
-        |scores: &mut Vec<f32>, (idx, o)| {
-            let (t, h) = (idx / num_heads, idx % num_heads);
+    // One task per (row, KV head): the query heads sharing a KV head read each key once.
+    out.par_chunks_mut(group * head_dim)
+        .enumerate()
+        .for_each_init(Vec::new, |scores: &mut Vec<f32>, (idx, o)| {
+            let (t, kvh) = (idx / num_kv_heads, idx % num_kv_heads);
             let view = HeadView {
                 k: &layer.k,
                 v: &layer.v,
                 slots: &plan.context_slots[plan.row_seq[t]][..=batch.positions[t] as usize],
                 kv_dim,
-                offset: (h / group) * head_dim,
+                offset: kvh * head_dim,
+                head_dim,
                 scale,
             };
-            attend_one_dispatch(&q[idx * head_dim..(idx + 1) * head_dim], &view, scores, o);
-        },
-    );
+            let qs = &q[idx * group * head_dim..(idx + 1) * group * head_dim];
+            attend_group_dispatch(qs, &view, scores, o);
+        });
     out
 }

@@ -2,8 +2,9 @@
 //! through, so kernels can change without touching architecture code.
 //!
 //! Arithmetic everywhere: f32 activations times the exactly dequantized weights — the function
-//! transformers computes in float32. GGUF Q4_1/Q8_0 weights stay quantized in memory and run
-//! through `quant::QMatrix` kernels; other weights are f32 tensors multiplied by candle.
+//! transformers computes in float32. GGUF Q4_1/Q8_0 weights stay quantized in memory (no f32
+//! copy) and run through `quant::QMatrix` kernels, one function for every row count; other
+//! weights are f32 tensors multiplied by candle.
 
 use std::sync::Arc;
 
@@ -15,13 +16,9 @@ use super::quant::QMatrix;
 enum Weight {
     /// `(out, in)` f32, contiguous.
     F32(Tensor),
-    /// Quantized blocks, plus their exact f32 dequantization for many-row calls.
-    Quant(Arc<QMatrix>, Tensor),
+    /// Panel-packed quantized blocks.
+    Quant(Arc<QMatrix>),
 }
-
-/// From this many activation rows on, the f32 GEMM on the dequantized copy beats the
-/// quantized kernel (prefill chunks, large batches); both compute the same function.
-const GEMM_MIN_ROWS: usize = 32;
 
 /// `y = x · Wᵀ (+ b)` with `W: (out, in)`.
 #[derive(Clone)]
@@ -40,15 +37,10 @@ impl Linear {
         }
     }
 
-    /// Wraps a quantized weight (and keeps an exact f32 copy for many-row calls).
+    /// Wraps a quantized weight.
     pub fn quantized(weight: QMatrix, bias: Option<Tensor>) -> Result<Self> {
-        let dense = Tensor::from_vec(
-            weight.dequantize(),
-            (weight.rows(), weight.cols()),
-            &Device::Cpu,
-        )?;
         Ok(Linear {
-            weight: Weight::Quant(Arc::new(weight), dense),
+            weight: Weight::Quant(Arc::new(weight)),
             bias,
         })
     }
@@ -57,7 +49,7 @@ impl Linear {
     pub fn dims(&self) -> (usize, usize) {
         match &self.weight {
             Weight::F32(w) => w.dims2().unwrap_or((0, 0)),
-            Weight::Quant(q, _) => (q.rows(), q.cols()),
+            Weight::Quant(q) => (q.rows(), q.cols()),
         }
     }
 
@@ -65,8 +57,7 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
             Weight::F32(w) => x.matmul(&w.t()?)?,
-            Weight::Quant(_, w) if x.dim(0)? >= GEMM_MIN_ROWS => x.matmul(&w.t()?)?,
-            Weight::Quant(q, _) => {
+            Weight::Quant(q) => {
                 let rows = x.dim(0)?;
                 let xs = x.flatten_all()?.to_vec1::<f32>()?;
                 Tensor::from_vec(q.matmul(&xs, rows), (rows, q.rows()), &Device::Cpu)?
@@ -81,8 +72,18 @@ impl Linear {
     /// Rows `ids` of the weight as f32 `(ids.len(), in)`: the embedding lookup.
     pub fn rows(&self, ids: &[u32]) -> Result<Tensor> {
         match &self.weight {
-            Weight::F32(w) | Weight::Quant(_, w) => {
-                w.index_select(&Tensor::from_slice(ids, ids.len(), &Device::Cpu)?, 0)
+            Weight::F32(w) => w.index_select(&Tensor::from_slice(ids, ids.len(), &Device::Cpu)?, 0),
+            Weight::Quant(q) => {
+                let cols = q.cols();
+                let mut out = vec![0f32; ids.len() * cols];
+                for (row, &id) in out.chunks_exact_mut(cols).zip(ids) {
+                    let id = id as usize;
+                    if id >= q.rows() {
+                        candle_core::bail!("row {id} out of range for {} rows", q.rows());
+                    }
+                    q.dequantize_row(id, row);
+                }
+                Tensor::from_vec(out, (ids.len(), cols), &Device::Cpu)
             }
         }
     }
@@ -91,7 +92,7 @@ impl Linear {
     pub fn weight_f32(&self) -> Result<Tensor> {
         match &self.weight {
             Weight::F32(w) => Ok(w.clone()),
-            Weight::Quant(q, _) => {
+            Weight::Quant(q) => {
                 Tensor::from_vec(q.dequantize(), (q.rows(), q.cols()), &Device::Cpu)
             }
         }

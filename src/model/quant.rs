@@ -1,17 +1,26 @@
 //! `QMatrix`: a weight matrix kept in GGUF block quantization (Q4_1, Q8_0), repacked at load
-//! with f32 scales, and its matmul against f32 activations.
+//! into 16-output panels, and its matmul against f32 activations.
 //!
-//! Arithmetic: the same function as f32 activations times the exactly dequantized weights
-//! (transformers' float32 arithmetic), regrouped per 32-element block:
-//! `Σ x·(d·q + m) = d·Σ x·q + m·Σ x` (Q4_1) and `Σ x·(d·q) = d·Σ x·q` (Q8_0).
-//! Every activation row goes through the same operation sequence whatever the number of rows in
-//! the call, so results are bit-identical alone or batched (batch invariance by construction).
-//! AVX2+FMA kernels are chosen at run time; a scalar path computes the same function elsewhere.
+//! Layout: outputs are grouped in panels of 16; per panel and 32-input block the 16 scales
+//! (and minimums) sit together, then the quants input by input, so one AVX2 load yields the
+//! weights of 8 outputs at one input — the "outer product" form a GEMM micro-kernel wants.
+//!
+//! Arithmetic (the one function every path computes, whatever the row count): for output `n`
+//! and activation row `x`, per block `b` in order,
+//! `S = Σⱼ x[j]·q[j]` (fused multiply-adds, j ascending, from 0),
+//! `acc = d·S + acc`, then (Q4_1) `acc = m·X + acc` with `X = Σⱼ x[j]` (ascending) — i.e.
+//! `Σ x·(d·q + m)` regrouped per block. Each output lane runs the same chain of fused
+//! operations on every path (one row, few rows with in-register unpacking, many rows through a
+//! dequantized panel in cache, scalar fallback), so results are bit-identical alone or batched:
+//! batch invariance by construction. AVX2+FMA+F16C is chosen at run time.
 
 use rayon::prelude::*;
 
 /// Elements per quantization block.
 pub const BLOCK: usize = 32;
+
+/// Outputs per panel: two AVX2 vectors.
+const PANEL: usize = 16;
 
 /// Block formats with a fast path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,46 +31,85 @@ pub enum QuantFormat {
     Q8_0,
 }
 
-/// A Q4_1 block with f32 scale/min (repacked from GGUF's f16).
+/// 16 outputs × 32 inputs of Q4_1.
 #[derive(Debug, Clone, Copy)]
 #[repr(C)]
-pub struct BlockQ4_1 {
-    d: f32,
-    m: f32,
-    /// Element j in the low nibble of byte j, element j+16 in its high nibble (GGUF layout).
-    qs: [u8; 16],
+struct PanelQ4_1 {
+    /// f16 bits of each output's scale.
+    d: [u16; PANEL],
+    /// f16 bits of each output's minimum.
+    m: [u16; PANEL],
+    /// `qs[2·g + h][i]`: the quants of output `8h + i` for inputs `8g..8g+8`, input `8g + j` in
+    /// bits `4j..4j+4` — one AVX2 load holds 8 inputs × 8 outputs, unpacked without shuffles.
+    qs: [[u32; 8]; 8],
 }
 
-/// A Q8_0 block with an f32 scale.
+/// 16 outputs × 32 inputs of Q8_0.
 #[derive(Debug, Clone, Copy)]
 #[repr(C)]
-pub struct BlockQ8_0 {
-    d: f32,
-    qs: [i8; 32],
+struct PanelQ8_0 {
+    /// f16 bits of each output's scale.
+    d: [u16; PANEL],
+    /// Per input: the 16 outputs' quants.
+    qs: [[i8; PANEL]; BLOCK],
 }
 
+const EMPTY_Q4_1: PanelQ4_1 = PanelQ4_1 {
+    d: [0; PANEL],
+    m: [0; PANEL],
+    qs: [[0; 8]; 8],
+};
+const EMPTY_Q8_0: PanelQ8_0 = PanelQ8_0 {
+    d: [0; PANEL],
+    qs: [[0; PANEL]; BLOCK],
+};
+
+/// Panel-major blocks: panel `p`, block `b` at `p * nb + b`.
 #[derive(Debug, Clone)]
-enum Blocks {
-    Q4_1(Vec<BlockQ4_1>),
-    Q8_0(Vec<BlockQ8_0>),
+enum Panels {
+    Q4_1(Vec<PanelQ4_1>),
+    Q8_0(Vec<PanelQ8_0>),
 }
 
-/// A `(rows, cols)` quantized matrix, row-major in blocks of 32 along `cols`.
+/// A `(rows, cols)` quantized matrix (rows = output features), panel-packed.
 #[derive(Debug, Clone)]
 pub struct QMatrix {
     rows: usize,
     cols: usize,
-    blocks: Blocks,
+    panels: Panels,
 }
 
-fn f16_at(bytes: &[u8], at: usize) -> f32 {
-    half::f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
+fn f16_bits(bytes: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([bytes[at], bytes[at + 1]])
 }
 
-/// Output rows handled per parallel task.
-const OUT_TILE: usize = 16;
-/// Activation rows sharing one unpacked weight block.
-const ROW_GROUP: usize = 4;
+fn f16_to_f32(bits: u16) -> f32 {
+    half::f16::from_bits(bits).to_f32()
+}
+
+/// Quant of output `i`, input `k` of a Q4_1 panel block.
+fn q4_at(blk: &PanelQ4_1, i: usize, k: usize) -> u32 {
+    (blk.qs[(k / 8) * 2 + i / 8][i % 8] >> (4 * (k % 8))) & 0xF
+}
+
+/// Q4_1 quants are unpacked by masking a nibble in place (`q·16ʲ`, no shift) for inputs
+/// `j = 0..7` of each group of 8, and by a shift for `j = 7`; activations carry the inverse
+/// power of two. Both scalings are exact, so `x'·q' = x·q` and every path multiplies the same
+/// pair of floats.
+const Q4_SCALE: [f32; 8] = [
+    1.0, 16.0, 256.0, 4096.0, 65536.0, 1048576.0, 16777216.0, 1.0,
+];
+
+/// One output row's block in plain form: f16 scale, f16 minimum (0 for Q8_0), quants.
+#[derive(Clone, Copy)]
+struct RowBlock {
+    d: u16,
+    m: u16,
+    q: [i16; BLOCK],
+}
+
+/// Activation rows per kernel call (12 accumulators of one panel).
+const MICRO_ROWS: usize = 6;
 
 impl QMatrix {
     /// Parses GGUF block bytes of a `(rows, cols)` matrix.
@@ -74,50 +122,111 @@ impl QMatrix {
         if !cols.is_multiple_of(BLOCK) {
             return Err(format!("{cols} columns are not a multiple of {BLOCK}"));
         }
-        let n = rows * cols / BLOCK;
+        let nb = cols / BLOCK;
         let block_bytes = match format {
             QuantFormat::Q4_1 => 20,
             QuantFormat::Q8_0 => 34,
         };
-        if bytes.len() != n * block_bytes {
+        if bytes.len() != rows * nb * block_bytes {
             return Err(format!(
                 "expected {} bytes of {format:?} blocks, got {}",
-                n * block_bytes,
+                rows * nb * block_bytes,
                 bytes.len()
             ));
         }
-        let blocks = match format {
-            QuantFormat::Q4_1 => Blocks::Q4_1(
-                bytes
-                    .chunks_exact(20)
-                    .map(|b| {
-                        let mut qs = [0u8; 16];
-                        qs.copy_from_slice(&b[4..20]);
-                        BlockQ4_1 {
-                            d: f16_at(b, 0),
-                            m: f16_at(b, 2),
-                            qs,
-                        }
-                    })
-                    .collect(),
-            ),
-            QuantFormat::Q8_0 => Blocks::Q8_0(
-                bytes
-                    .chunks_exact(34)
-                    .map(|b| {
-                        let mut qs = [0i8; 32];
-                        for (q, &byte) in qs.iter_mut().zip(&b[2..34]) {
-                            *q = byte as i8;
-                        }
-                        BlockQ8_0 {
-                            d: f16_at(b, 0),
-                            qs,
-                        }
-                    })
-                    .collect(),
-            ),
+        let mut m = QMatrix::empty(format, rows, cols);
+        for (i, b) in bytes.chunks_exact(block_bytes).enumerate() {
+            let mut q = [0i16; BLOCK];
+            let block = match format {
+                QuantFormat::Q4_1 => {
+                    for j in 0..16 {
+                        q[j] = i16::from(b[4 + j] & 0x0F);
+                        q[j + 16] = i16::from(b[4 + j] >> 4);
+                    }
+                    RowBlock {
+                        d: f16_bits(b, 0),
+                        m: f16_bits(b, 2),
+                        q,
+                    }
+                }
+                QuantFormat::Q8_0 => {
+                    for (qj, &byte) in q.iter_mut().zip(&b[2..34]) {
+                        *qj = i16::from(byte as i8);
+                    }
+                    RowBlock {
+                        d: f16_bits(b, 0),
+                        m: 0,
+                        q,
+                    }
+                }
+            };
+            m.set_block(i / nb, i % nb, &block);
+        }
+        Ok(m)
+    }
+
+    fn empty(format: QuantFormat, rows: usize, cols: usize) -> Self {
+        let n = rows.div_ceil(PANEL) * (cols / BLOCK);
+        let panels = match format {
+            QuantFormat::Q4_1 => Panels::Q4_1(vec![EMPTY_Q4_1; n]),
+            QuantFormat::Q8_0 => Panels::Q8_0(vec![EMPTY_Q8_0; n]),
         };
-        Ok(QMatrix { rows, cols, blocks })
+        QMatrix { rows, cols, panels }
+    }
+
+    fn block(&self, row: usize, b: usize) -> RowBlock {
+        let nb = self.cols / BLOCK;
+        let (p, i) = (row / PANEL, row % PANEL);
+        let mut q = [0i16; BLOCK];
+        match &self.panels {
+            Panels::Q4_1(v) => {
+                let blk = &v[p * nb + b];
+                for (k, qk) in q.iter_mut().enumerate() {
+                    *qk = q4_at(blk, i, k) as i16;
+                }
+                RowBlock {
+                    d: blk.d[i],
+                    m: blk.m[i],
+                    q,
+                }
+            }
+            Panels::Q8_0(v) => {
+                let blk = &v[p * nb + b];
+                for (k, qk) in q.iter_mut().enumerate() {
+                    *qk = i16::from(blk.qs[k][i]);
+                }
+                RowBlock {
+                    d: blk.d[i],
+                    m: 0,
+                    q,
+                }
+            }
+        }
+    }
+
+    fn set_block(&mut self, row: usize, b: usize, block: &RowBlock) {
+        let nb = self.cols / BLOCK;
+        let (p, i) = (row / PANEL, row % PANEL);
+        match &mut self.panels {
+            Panels::Q4_1(v) => {
+                let blk = &mut v[p * nb + b];
+                blk.d[i] = block.d;
+                blk.m[i] = block.m;
+                for (k, &qk) in block.q.iter().enumerate() {
+                    let word = &mut blk.qs[(k / 8) * 2 + i / 8][i % 8];
+                    let shift = 4 * (k % 8);
+                    // Quants are 0..16 by construction (parsed from nibbles).
+                    *word = (*word & !(0xF << shift)) | (((qk as u32) & 0xF) << shift);
+                }
+            }
+            Panels::Q8_0(v) => {
+                let blk = &mut v[p * nb + b];
+                blk.d[i] = block.d;
+                for (k, &qk) in block.q.iter().enumerate() {
+                    blk.qs[k][i] = qk as i8;
+                }
+            }
+        }
     }
 
     /// Rows (output features).
@@ -132,56 +241,42 @@ impl QMatrix {
 
     /// The block format.
     pub fn format(&self) -> QuantFormat {
-        match self.blocks {
-            Blocks::Q4_1(_) => QuantFormat::Q4_1,
-            Blocks::Q8_0(_) => QuantFormat::Q8_0,
+        match self.panels {
+            Panels::Q4_1(_) => QuantFormat::Q4_1,
+            Panels::Q8_0(_) => QuantFormat::Q8_0,
+        }
+    }
+
+    /// Bytes held by the packed weights.
+    pub fn bytes(&self) -> usize {
+        match &self.panels {
+            Panels::Q4_1(v) => std::mem::size_of_val(v.as_slice()),
+            Panels::Q8_0(v) => std::mem::size_of_val(v.as_slice()),
         }
     }
 
     /// A matrix whose row `i` is this matrix's row `source[i]`.
     pub fn gather_rows(&self, source: &[usize]) -> Self {
         let nb = self.cols / BLOCK;
-        fn pick<T: Copy>(v: &[T], nb: usize, source: &[usize]) -> Vec<T> {
-            source
-                .iter()
-                .flat_map(|&r| v[r * nb..(r + 1) * nb].iter().copied())
-                .collect()
+        let mut out = QMatrix::empty(self.format(), source.len(), self.cols);
+        for (i, &r) in source.iter().enumerate() {
+            for b in 0..nb {
+                out.set_block(i, b, &self.block(r, b));
+            }
         }
-        let blocks = match &self.blocks {
-            Blocks::Q4_1(v) => Blocks::Q4_1(pick(v, nb, source)),
-            Blocks::Q8_0(v) => Blocks::Q8_0(pick(v, nb, source)),
-        };
-        QMatrix {
-            rows: source.len(),
-            cols: self.cols,
-            blocks,
-        }
+        out
     }
 
     /// Row `r` dequantized exactly (`d·q + m` in f32, as ggml and gguf-py compute it).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        let nb = self.cols / BLOCK;
-        match &self.blocks {
-            Blocks::Q4_1(v) => {
-                for (b, o) in v[r * nb..(r + 1) * nb]
-                    .iter()
-                    .zip(out.chunks_exact_mut(BLOCK))
-                {
-                    for j in 0..16 {
-                        o[j] = f32::from(b.qs[j] & 0x0F) * b.d + b.m;
-                        o[j + 16] = f32::from(b.qs[j] >> 4) * b.d + b.m;
-                    }
-                }
-            }
-            Blocks::Q8_0(v) => {
-                for (b, o) in v[r * nb..(r + 1) * nb]
-                    .iter()
-                    .zip(out.chunks_exact_mut(BLOCK))
-                {
-                    for (oj, &q) in o.iter_mut().zip(&b.qs) {
-                        *oj = f32::from(q) * b.d;
-                    }
-                }
+        for (b, o) in out.chunks_exact_mut(BLOCK).enumerate() {
+            let blk = self.block(r, b);
+            let (d, m) = (f16_to_f32(blk.d), f16_to_f32(blk.m));
+            for (oj, &q) in o.iter_mut().zip(&blk.q) {
+                *oj = match self.format() {
+                    QuantFormat::Q4_1 => f32::from(q) * d + m,
+                    QuantFormat::Q8_0 => f32::from(q) * d,
+                };
             }
         }
     }
@@ -197,49 +292,126 @@ impl QMatrix {
 
     /// `y = x · Wᵀ` for `x: (t, cols)` row-major; returns `(t, rows)` row-major.
     pub fn matmul(&self, x: &[f32], t: usize) -> Vec<f32> {
-        debug_assert_eq!(x.len(), t * self.cols);
+        assert_eq!(x.len(), t * self.cols, "activation size");
         let nb = self.cols / BLOCK;
-        // Per activation row and block: Σx (the Q4_1 minimum's share), in a fixed order.
-        let sums: Vec<f32> = match self.blocks {
-            Blocks::Q4_1(_) => x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect(),
-            Blocks::Q8_0(_) => Vec::new(),
+        let np = self.rows.div_ceil(PANEL);
+        // Per activation row and block: Σx (the Q4_1 minimum's share), ascending.
+        let xsum: Vec<f32> = match self.panels {
+            Panels::Q4_1(_) => x
+                .chunks_exact(BLOCK)
+                .map(|c| c.iter().fold(0f32, |s, &v| s + v))
+                .collect(),
+            Panels::Q8_0(_) => vec![0f32; t * nb],
         };
-        let simd = simd_available();
-        // Output tiles in parallel; each tile computes all activation rows, `(tile, t)` order.
-        let tiles: Vec<Vec<f32>> = (0..self.rows.div_ceil(OUT_TILE))
+        let scaled: Vec<f32>;
+        let x = match self.panels {
+            Panels::Q4_1(_) => {
+                scaled = scale_for_q4(x);
+                &scaled
+            }
+            Panels::Q8_0(_) => x,
+        };
+        let job = Job {
+            panels: &self.panels,
+            nb,
+            x,
+            xsum: &xsum,
+            t,
+        };
+        // Panel groups in parallel: enough tasks to balance, few enough to amortise dispatch.
+        let threads = rayon::current_num_threads().max(1);
+        let per_task = np.div_ceil(threads * 4).max(4).min(np.max(1));
+        let groups: Vec<(usize, Vec<f32>)> = (0..np)
+            .step_by(per_task)
+            .collect::<Vec<_>>()
             .into_par_iter()
-            .map(|tile| {
-                let o0 = tile * OUT_TILE;
-                let o1 = (o0 + OUT_TILE).min(self.rows);
-                let mut out = vec![0f32; (o1 - o0) * t];
-                for g in (0..t).step_by(ROW_GROUP) {
-                    let rows = (t - g).min(ROW_GROUP);
-                    for o in o0..o1 {
-                        let dst = &mut out[(o - o0) * t + g..(o - o0) * t + g + rows];
-                        let xs = &x[g * self.cols..(g + rows) * self.cols];
-                        match &self.blocks {
-                            Blocks::Q4_1(v) => {
-                                let w = &v[o * nb..(o + 1) * nb];
-                                let s = &sums[g * nb..(g + rows) * nb];
-                                dot_q4_1(simd, w, xs, s, dst);
-                            }
-                            Blocks::Q8_0(v) => dot_q8_0(simd, &v[o * nb..(o + 1) * nb], xs, dst),
-                        }
-                    }
-                }
-                out
+            .map(|p0| {
+                let p1 = (p0 + per_task).min(np);
+                let width = (p1 - p0) * PANEL;
+                let mut out = vec![0f32; t * width];
+                job.run(p0, p1, &mut out);
+                (p0, out)
             })
             .collect();
         let mut y = vec![0f32; t * self.rows];
-        for (tile, out) in tiles.iter().enumerate() {
-            let o0 = tile * OUT_TILE;
-            for (i, col) in out.chunks_exact(t).enumerate() {
-                for (r, &v) in col.iter().enumerate() {
-                    y[r * self.rows + o0 + i] = v;
-                }
+        for (p0, out) in &groups {
+            let width = out.len() / t.max(1);
+            let c0 = p0 * PANEL;
+            let keep = width.min(self.rows - c0);
+            for r in 0..t {
+                y[r * self.rows + c0..r * self.rows + c0 + keep]
+                    .copy_from_slice(&out[r * width..r * width + keep]);
             }
         }
         y
+    }
+}
+
+/// Activations divided by `Q4_SCALE` (exact powers of two).
+fn scale_for_q4(x: &[f32]) -> Vec<f32> {
+    x.chunks_exact(8)
+        .flat_map(|c| c.iter().zip(&Q4_SCALE).map(|(v, s)| v / s))
+        .collect()
+}
+
+/// One matmul's shared inputs (`x` scaled for Q4_1).
+struct Job<'a> {
+    panels: &'a Panels,
+    nb: usize,
+    x: &'a [f32],
+    xsum: &'a [f32],
+    t: usize,
+}
+
+impl Job<'_> {
+    /// Panels `p0..p1` for every row into `out: (t, (p1-p0)*16)`.
+    fn run(&self, p0: usize, p1: usize, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if simd_available() {
+            simd_x86::run(self, p0, p1, out);
+            return;
+        }
+        self.run_scalar(p0, p1, out);
+    }
+
+    fn run_scalar(&self, p0: usize, p1: usize, out: &mut [f32]) {
+        let (nb, cols) = (self.nb, self.nb * BLOCK);
+        let width = (p1 - p0) * PANEL;
+        for p in p0..p1 {
+            for i in 0..PANEL {
+                for r in 0..self.t {
+                    let x = &self.x[r * cols..(r + 1) * cols];
+                    let mut acc = 0f32;
+                    for b in 0..nb {
+                        let (d, m, s) = match self.panels {
+                            Panels::Q4_1(v) => {
+                                let blk = &v[p * nb + b];
+                                let mut s = 0f32;
+                                for j in 0..BLOCK {
+                                    // The SIMD unpacking's exact power-of-two scaling (below).
+                                    let q = q4_at(blk, i, j) as f32 * Q4_SCALE[j % 8];
+                                    s = x[b * BLOCK + j].mul_add(q, s);
+                                }
+                                (f16_to_f32(blk.d[i]), Some(f16_to_f32(blk.m[i])), s)
+                            }
+                            Panels::Q8_0(v) => {
+                                let blk = &v[p * nb + b];
+                                let mut s = 0f32;
+                                for j in 0..BLOCK {
+                                    s = x[b * BLOCK + j].mul_add(f32::from(blk.qs[j][i]), s);
+                                }
+                                (f16_to_f32(blk.d[i]), None, s)
+                            }
+                        };
+                        acc = d.mul_add(s, acc);
+                        if let Some(m) = m {
+                            acc = m.mul_add(self.xsum[r * nb + b], acc);
+                        }
+                    }
+                    out[r * width + (p - p0) * PANEL + i] = acc;
+                }
+            }
+        }
     }
 }
 
@@ -247,7 +419,11 @@ impl QMatrix {
 fn simd_available() -> bool {
     use std::sync::OnceLock;
     static SIMD: OnceLock<bool> = OnceLock::new();
-    *SIMD.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+    *SIMD.get_or_init(|| {
+        is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+    })
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -255,177 +431,197 @@ fn simd_available() -> bool {
     false
 }
 
-/// One weight row against up to `ROW_GROUP` activation rows (`xs`: rows × cols).
-fn dot_q4_1(simd: bool, w: &[BlockQ4_1], xs: &[f32], sums: &[f32], out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if simd {
-        simd_x86::dot_q4_1(w, xs, sums, out);
-        return;
-    }
-    let _ = simd;
-    let cols = w.len() * BLOCK;
-    for (r, o) in out.iter_mut().enumerate() {
-        let x = &xs[r * cols..(r + 1) * cols];
-        let s = &sums[r * w.len()..(r + 1) * w.len()];
-        let mut acc = 0f32;
-        let mut macc = 0f32;
-        for (b, blk) in w.iter().enumerate() {
-            let xb = &x[b * BLOCK..(b + 1) * BLOCK];
-            let mut dot = 0f32;
-            for j in 0..16 {
-                dot += xb[j] * f32::from(blk.qs[j] & 0x0F) + xb[j + 16] * f32::from(blk.qs[j] >> 4);
-            }
-            acc += blk.d * dot;
-            macc += blk.m * s[b];
-        }
-        *o = acc + macc;
-    }
-}
-
-fn dot_q8_0(simd: bool, w: &[BlockQ8_0], xs: &[f32], out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if simd {
-        simd_x86::dot_q8_0(w, xs, out);
-        return;
-    }
-    let _ = simd;
-    let cols = w.len() * BLOCK;
-    for (r, o) in out.iter_mut().enumerate() {
-        let x = &xs[r * cols..(r + 1) * cols];
-        let mut acc = 0f32;
-        for (b, blk) in w.iter().enumerate() {
-            let dot: f32 = x[b * BLOCK..(b + 1) * BLOCK]
-                .iter()
-                .zip(&blk.qs)
-                .map(|(a, &q)| a * f32::from(q))
-                .sum();
-            acc += blk.d * dot;
-        }
-        *o = acc;
-    }
-}
-
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod simd_x86 {
-    //! AVX2 + FMA kernels. Each activation row runs the identical instruction sequence whether
-    //! it is alone in the call or one of several, which is what makes batching invisible.
+    //! AVX2 + FMA + F16C kernels. Lanes run along outputs; every lane runs the identical chain
+    //! of fused operations whatever the kernel, which is what makes batching invisible.
     use std::arch::x86_64::*;
 
-    use super::{BlockQ4_1, BlockQ8_0, BLOCK};
+    use super::{Job, Panels, BLOCK, MICRO_ROWS, PANEL};
 
-    /// Horizontal sum in a fixed order.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn hsum(v: __m256) -> f32 {
-        let lo = _mm256_castps256_ps128(v);
-        let hi = _mm256_extractf128_ps::<1>(v);
-        let s = _mm_add_ps(lo, hi);
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
-        _mm_cvtss_f32(s)
+    /// Pointers into one panel block: scales, minimums (Q4_1 only), quants.
+    #[derive(Clone, Copy)]
+    struct BlockPtrs {
+        d: *const u16,
+        m: *const u16,
+        qs: *const u8,
     }
 
-    // The row count is a const parameter so accumulators live in registers; each row runs the
-    // same instructions for every R, which keeps results bit-identical across batch sizes.
-    pub(super) fn dot_q4_1(w: &[BlockQ4_1], xs: &[f32], sums: &[f32], out: &mut [f32]) {
-        // SAFETY: only called after run-time detection of AVX2 and FMA (`simd_available`).
-        unsafe {
-            match out.len() {
-                1 => dot_q4_1_avx2::<1>(w, xs, sums, out),
-                2 => dot_q4_1_avx2::<2>(w, xs, sums, out),
-                3 => dot_q4_1_avx2::<3>(w, xs, sums, out),
-                _ => dot_q4_1_avx2::<4>(w, xs, sums, out),
-            }
-        }
-    }
-
-    pub(super) fn dot_q8_0(w: &[BlockQ8_0], xs: &[f32], out: &mut [f32]) {
-        // SAFETY: only called after run-time detection of AVX2 and FMA (`simd_available`).
-        unsafe {
-            match out.len() {
-                1 => dot_q8_0_avx2::<1>(w, xs, out),
-                2 => dot_q8_0_avx2::<2>(w, xs, out),
-                3 => dot_q8_0_avx2::<3>(w, xs, out),
-                _ => dot_q8_0_avx2::<4>(w, xs, out),
-            }
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn dot_q4_1_avx2<const R: usize>(
-        w: &[BlockQ4_1],
-        xs: &[f32],
-        sums: &[f32],
-        out: &mut [f32],
-    ) {
-        let rows = R;
-        let nb = w.len();
-        let cols = nb * BLOCK;
-        assert!(out.len() == R && xs.len() >= rows * cols && sums.len() >= rows * nb);
-        let mut acc = [_mm256_setzero_ps(); R];
-        let mut macc = [0f32; R];
-        let mask = _mm_set1_epi8(0x0F);
-        for (b, blk) in w.iter().enumerate() {
-            // SAFETY: `qs` is 16 bytes; unaligned load.
-            let q = unsafe { _mm_loadu_si128(blk.qs.as_ptr().cast()) };
-            let lo = _mm_and_si128(q, mask);
-            let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), mask);
-            let q0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-            let q1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(lo)));
-            let q2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-            let q3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(hi)));
-            let d = _mm256_set1_ps(blk.d);
-            for r in 0..rows {
-                // SAFETY: row r's block b spans xs[r*cols + b*32 .. +32], inside `xs` (asserted).
-                unsafe {
-                    let p = xs.as_ptr().add(r * cols + b * BLOCK);
-                    let mut s = _mm256_mul_ps(_mm256_loadu_ps(p), q0);
-                    s = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(8)), q1, s);
-                    s = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(16)), q2, s);
-                    s = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(24)), q3, s);
-                    acc[r] = _mm256_fmadd_ps(d, s, acc[r]);
+    fn block_ptrs(job: &Job, p: usize, b: usize) -> BlockPtrs {
+        match job.panels {
+            Panels::Q4_1(v) => {
+                let blk = &v[p * job.nb + b];
+                BlockPtrs {
+                    d: blk.d.as_ptr(),
+                    m: blk.m.as_ptr(),
+                    qs: blk.qs.as_ptr().cast(),
                 }
-                macc[r] += blk.m * sums[r * nb + b];
             }
-        }
-        for ((o, a), m) in out.iter_mut().zip(acc).zip(macc) {
-            *o = hsum(a) + m;
+            Panels::Q8_0(v) => {
+                let blk = &v[p * job.nb + b];
+                BlockPtrs {
+                    d: blk.d.as_ptr(),
+                    m: blk.d.as_ptr(),
+                    qs: blk.qs.as_ptr().cast(),
+                }
+            }
         }
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn dot_q8_0_avx2<const R: usize>(w: &[BlockQ8_0], xs: &[f32], out: &mut [f32]) {
-        let rows = R;
-        let cols = w.len() * BLOCK;
-        assert!(out.len() == R && xs.len() >= rows * cols);
-        let mut acc = [_mm256_setzero_ps(); R];
-        for (b, blk) in w.iter().enumerate() {
-            let p = blk.qs.as_ptr();
-            // SAFETY: `qs` is 32 bytes; four unaligned 8-byte loads inside it.
-            let (q0, q1, q2, q3) = unsafe {
-                (
+    pub(super) fn run(job: &Job, p0: usize, p1: usize, out: &mut [f32]) {
+        let q4 = matches!(job.panels, Panels::Q4_1(_));
+        assert!(out.len() >= job.t * (p1 - p0) * PANEL);
+        assert!(job.x.len() >= job.t * job.nb * BLOCK && job.xsum.len() >= job.t * job.nb);
+        // SAFETY: only called after run-time detection of AVX2, FMA and F16C
+        // (`simd_available`); the sizes every pointer below walks are asserted above.
+        unsafe {
+            if q4 {
+                run_avx2::<true>(job, p0, p1, out)
+            } else {
+                run_avx2::<false>(job, p0, p1, out)
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn run_avx2<const Q4: bool>(job: &Job, p0: usize, p1: usize, out: &mut [f32]) {
+        let o = out.as_mut_ptr();
+        // Row tiles of up to MICRO_ROWS; narrower tiles take more panels at once so enough
+        // independent accumulator chains hide the FMA latency.
+        let mut r = 0;
+        while r < job.t {
+            let n = (job.t - r).min(MICRO_ROWS);
+            // SAFETY: rows r..r+n < t and panels p0..p1 exist; `out` holds t × width.
+            unsafe {
+                match n {
+                    1 => tile::<Q4, 1, 3>(job, p0, p1, r, o),
+                    2 => tile::<Q4, 2, 2>(job, p0, p1, r, o),
+                    3 => tile::<Q4, 3, 2>(job, p0, p1, r, o),
+                    4 => tile::<Q4, 4, 1>(job, p0, p1, r, o),
+                    5 => tile::<Q4, 5, 1>(job, p0, p1, r, o),
+                    _ => tile::<Q4, 6, 1>(job, p0, p1, r, o),
+                }
+            }
+            r += n;
+        }
+    }
+
+    /// Rows `r0..r0+MR` against panels `p0..p1`, `NP` panels per kernel call.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tile<const Q4: bool, const MR: usize, const NP: usize>(
+        job: &Job,
+        p0: usize,
+        p1: usize,
+        r0: usize,
+        out: *mut f32,
+    ) {
+        let width = (p1 - p0) * PANEL;
+        let mut p = p0;
+        // SAFETY: forwarded from the caller; each call's panels lie inside p0..p1.
+        unsafe {
+            while p + NP <= p1 {
+                fused::<Q4, MR, NP>(job, p, r0, out.add(r0 * width + (p - p0) * PANEL), width);
+                p += NP;
+            }
+            while p < p1 {
+                fused::<Q4, MR, 1>(job, p, r0, out.add(r0 * width + (p - p0) * PANEL), width);
+                p += 1;
+            }
+        }
+    }
+
+    /// The quants of input `k` for the panel's 16 outputs as f32 (Q4_1: scaled by
+    /// `Q4_SCALE[k % 8]`): `[outputs 0..8, outputs 8..16]`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn unpack<const Q4: bool>(qs: *const u8, k: usize) -> [__m256; 2] {
+        // SAFETY: `qs` points at one panel block's quants (256 bytes Q4_1, 512 Q8_0); k < 32.
+        unsafe {
+            if Q4 {
+                let (g, j) = (k / 8, k % 8);
+                let v0 = _mm256_loadu_si256(qs.add(g * 64).cast());
+                let v1 = _mm256_loadu_si256(qs.add(g * 64 + 32).cast());
+                if j == 7 {
+                    [
+                        _mm256_cvtepi32_ps(_mm256_srli_epi32::<28>(v0)),
+                        _mm256_cvtepi32_ps(_mm256_srli_epi32::<28>(v1)),
+                    ]
+                } else {
+                    let mask = _mm256_set1_epi32(0xF << (4 * j));
+                    [
+                        _mm256_cvtepi32_ps(_mm256_and_si256(v0, mask)),
+                        _mm256_cvtepi32_ps(_mm256_and_si256(v1, mask)),
+                    ]
+                }
+            } else {
+                let p = qs.add(k * PANEL);
+                [
                     _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p.cast()))),
                     _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(8).cast()))),
-                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(16).cast()))),
-                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(24).cast()))),
-                )
-            };
-            let d = _mm256_set1_ps(blk.d);
-            for (r, a) in acc.iter_mut().enumerate().take(rows) {
-                // SAFETY: row r's block b spans xs[r*cols + b*32 .. +32], inside `xs` (asserted).
-                unsafe {
-                    let x = xs.as_ptr().add(r * cols + b * BLOCK);
-                    let mut s = _mm256_mul_ps(_mm256_loadu_ps(x), q0);
-                    s = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(8)), q1, s);
-                    s = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(16)), q2, s);
-                    s = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(24)), q3, s);
-                    *a = _mm256_fmadd_ps(d, s, *a);
-                }
+                ]
             }
         }
-        for (o, a) in out.iter_mut().zip(acc) {
-            *o = hsum(a);
+    }
+
+    /// `MR` rows × `NP` panels, quants unpacked in registers.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn fused<const Q4: bool, const MR: usize, const NP: usize>(
+        job: &Job,
+        p: usize,
+        r0: usize,
+        out: *mut f32,
+        width: usize,
+    ) {
+        let (nb, cols) = (job.nb, job.nb * BLOCK);
+        let mut acc = [[[_mm256_setzero_ps(); 2]; NP]; MR];
+        // SAFETY (whole body): rows r0..r0+MR and panels p..p+NP exist (caller), so every
+        // x, xsum and out offset is inside the asserted sizes.
+        unsafe {
+            for b in 0..nb {
+                let mut s = [[[_mm256_setzero_ps(); 2]; NP]; MR];
+                let ptrs: [BlockPtrs; NP] = std::array::from_fn(|i| block_ptrs(job, p + i, b));
+                for g in 0..BLOCK / 8 {
+                    for j in 0..8 {
+                        let k = g * 8 + j;
+                        for (i, bp) in ptrs.iter().enumerate() {
+                            let w = unpack::<Q4>(bp.qs, k);
+                            for (r, sr) in s.iter_mut().enumerate() {
+                                let x = job.x.as_ptr().add((r0 + r) * cols + b * BLOCK + k);
+                                let x = _mm256_broadcast_ss(&*x);
+                                sr[i][0] = _mm256_fmadd_ps(x, w[0], sr[i][0]);
+                                sr[i][1] = _mm256_fmadd_ps(x, w[1], sr[i][1]);
+                            }
+                        }
+                    }
+                }
+                for (i, bp) in ptrs.iter().enumerate() {
+                    let d = [
+                        _mm256_cvtph_ps(_mm_loadu_si128(bp.d.cast())),
+                        _mm256_cvtph_ps(_mm_loadu_si128(bp.d.add(8).cast())),
+                    ];
+                    let m = [
+                        _mm256_cvtph_ps(_mm_loadu_si128(bp.m.cast())),
+                        _mm256_cvtph_ps(_mm_loadu_si128(bp.m.add(8).cast())),
+                    ];
+                    for r in 0..MR {
+                        let xs = _mm256_set1_ps(*job.xsum.get_unchecked((r0 + r) * nb + b));
+                        for v in 0..2 {
+                            acc[r][i][v] = _mm256_fmadd_ps(d[v], s[r][i][v], acc[r][i][v]);
+                            if Q4 {
+                                acc[r][i][v] = _mm256_fmadd_ps(m[v], xs, acc[r][i][v]);
+                            }
+                        }
+                    }
+                }
+            }
+            for (r, ar) in acc.iter().enumerate() {
+                for (i, ai) in ar.iter().enumerate() {
+                    let dst = out.add(r * width + i * PANEL);
+                    _mm256_storeu_ps(dst, ai[0]);
+                    _mm256_storeu_ps(dst.add(8), ai[1]);
+                }
+            }
         }
     }
 }
@@ -494,57 +690,55 @@ mod tests {
     #[test]
     fn every_row_is_bit_identical_alone_or_batched() {
         for format in [QuantFormat::Q4_1, QuantFormat::Q8_0] {
-            let (rows, cols) = (40, 64);
+            let (rows, cols) = (40, 96);
             let q =
                 QMatrix::from_gguf_bytes(format, rows, cols, &random_bytes(format, rows, cols, 9))
                     .expect("valid");
-            let x = activations(11, cols);
-            let batched = q.matmul(&x, 11);
-            for r in 0..11 {
-                let alone = q.matmul(&x[r * cols..(r + 1) * cols], 1);
-                assert_eq!(
-                    alone,
-                    batched[r * rows..(r + 1) * rows],
-                    "{format:?} row {r}"
-                );
+            let x = activations(13, cols);
+            // Every row count exercises a different kernel shape (1, 2 fused; 3.. micro-tiles).
+            for t in 1..=13 {
+                let batched = q.matmul(&x[..t * cols], t);
+                for r in 0..t {
+                    let alone = q.matmul(&x[r * cols..(r + 1) * cols], 1);
+                    assert_eq!(
+                        alone,
+                        batched[r * rows..(r + 1) * rows],
+                        "{format:?} t={t} row {r}"
+                    );
+                }
             }
         }
     }
 
     #[test]
-    fn scalar_and_simd_paths_agree() {
-        let (rows, cols) = (8, 64);
+    fn scalar_and_simd_paths_are_bit_identical() {
         for format in [QuantFormat::Q4_1, QuantFormat::Q8_0] {
+            let (rows, cols) = (48, 96);
             let q =
                 QMatrix::from_gguf_bytes(format, rows, cols, &random_bytes(format, rows, cols, 5))
                     .expect("valid");
-            let x = activations(3, cols);
-            let nb = cols / BLOCK;
-            let sums: Vec<f32> = x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect();
-            for o in 0..rows {
-                let (mut a, mut b) = ([0f32; 3], [0f32; 3]);
-                match &q.blocks {
-                    Blocks::Q4_1(v) => {
-                        dot_q4_1(false, &v[o * nb..(o + 1) * nb], &x, &sums, &mut a);
-                        dot_q4_1(
-                            simd_available(),
-                            &v[o * nb..(o + 1) * nb],
-                            &x,
-                            &sums,
-                            &mut b,
-                        );
-                    }
-                    Blocks::Q8_0(v) => {
-                        dot_q8_0(false, &v[o * nb..(o + 1) * nb], &x, &mut a);
-                        dot_q8_0(simd_available(), &v[o * nb..(o + 1) * nb], &x, &mut b);
-                    }
-                }
-                for (p, s) in a.iter().zip(&b) {
-                    assert!(
-                        (p - s).abs() < 1e-4 * (1.0 + p.abs()),
-                        "{format:?}: {p} vs {s}"
-                    );
-                }
+            for t in [1, 2, 3, 7] {
+                let x = activations(t, cols);
+                let nb = cols / BLOCK;
+                let xsum: Vec<f32> = match format {
+                    QuantFormat::Q4_1 => x
+                        .chunks_exact(BLOCK)
+                        .map(|c| c.iter().fold(0f32, |s, &v| s + v))
+                        .collect(),
+                    QuantFormat::Q8_0 => vec![0f32; t * nb],
+                };
+                let job = Job {
+                    panels: &q.panels,
+                    nb,
+                    x: &x,
+                    xsum: &xsum,
+                    t,
+                };
+                let np = rows / PANEL;
+                let (mut a, mut b) = (vec![0f32; t * rows], vec![1f32; t * rows]);
+                job.run_scalar(0, np, &mut a);
+                job.run(0, np, &mut b);
+                assert_eq!(a, b, "{format:?} t={t}");
             }
         }
     }

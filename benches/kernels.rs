@@ -1,0 +1,75 @@
+//! Quantized matmul kernels in isolation: GFLOP/s and weight bandwidth per row count.
+//!
+//! `cargo bench --bench kernels [-- THREADS]` (default: the process's rayon pool). Prints one
+//! JSON line per (format, shape, rows) with the median of several timed runs.
+
+use std::time::Instant;
+
+use nextoken::model::quant::{QMatrix, QuantFormat, BLOCK};
+
+fn random_bytes(format: QuantFormat, rows: usize, cols: usize) -> Vec<u8> {
+    let mut s = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = || {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (s >> 33) as u32
+    };
+    let mut out = Vec::new();
+    for _ in 0..rows * cols / BLOCK {
+        out.extend(half::f16::from_f32(0.001 + (next() % 1000) as f32 * 1e-5).to_le_bytes());
+        match format {
+            QuantFormat::Q4_1 => {
+                out.extend(half::f16::from_f32(-((next() % 1000) as f32) * 1e-4).to_le_bytes());
+                out.extend((0..16).map(|_| next() as u8));
+            }
+            QuantFormat::Q8_0 => out.extend((0..32).map(|_| next() as u8)),
+        }
+    }
+    out
+}
+
+fn main() {
+    if let Some(threads) = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse::<usize>().ok())
+    {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build_global()
+            .expect("pool");
+    }
+    let shapes = [
+        (QuantFormat::Q4_1, 1536, 576),
+        (QuantFormat::Q4_1, 576, 1536),
+        (QuantFormat::Q8_0, 49152, 576),
+    ];
+    for (format, rows, cols) in shapes {
+        let q = QMatrix::from_gguf_bytes(format, rows, cols, &random_bytes(format, rows, cols))
+            .expect("valid");
+        for t in [1usize, 2, 4, 8, 16, 64, 256] {
+            let x: Vec<f32> = (0..t * cols)
+                .map(|i| (i % 17) as f32 * 0.01 - 0.08)
+                .collect();
+            let budget = 2e8 / (rows * cols * t) as f64;
+            let reps = (budget.ceil() as usize).clamp(1, 2000);
+            let mut times = Vec::new();
+            for _ in 0..7 {
+                let start = Instant::now();
+                for _ in 0..reps {
+                    std::hint::black_box(q.matmul(std::hint::black_box(&x), t));
+                }
+                times.push(start.elapsed().as_secs_f64() / reps as f64);
+            }
+            times.sort_by(f64::total_cmp);
+            let median = times[times.len() / 2];
+            let flops = 2.0 * (rows * cols * t) as f64;
+            println!(
+                "{{\"format\":\"{format:?}\",\"rows\":{rows},\"cols\":{cols},\"t\":{t},\"us\":{:.1},\"gflops\":{:.1},\"weight_gb_s\":{:.1}}}",
+                median * 1e6,
+                flops / median / 1e9,
+                q.bytes() as f64 / median / 1e9
+            );
+        }
+    }
+}
