@@ -110,6 +110,8 @@ struct RowBlock {
 
 /// Activation rows per kernel call (12 accumulators of one panel).
 const MICRO_ROWS: usize = 6;
+/// Rows whose activations share one unpacking of each panel (≈ 48 × 1536 × 4 B in L2).
+const ROW_BLOCK: usize = 48;
 
 impl QMatrix {
     /// Parses GGUF block bytes of a `(rows, cols)` matrix.
@@ -438,7 +440,7 @@ mod simd_x86 {
     //! of fused operations whatever the kernel, which is what makes batching invisible.
     use std::arch::x86_64::*;
 
-    use super::{Job, Panels, BLOCK, MICRO_ROWS, PANEL};
+    use super::{Job, Panels, BLOCK, MICRO_ROWS, PANEL, ROW_BLOCK};
 
     /// Pointers into one panel block: scales, minimums (Q4_1 only), quants.
     #[derive(Clone, Copy)]
@@ -487,6 +489,40 @@ mod simd_x86 {
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn run_avx2<const Q4: bool>(job: &Job, p0: usize, p1: usize, out: &mut [f32]) {
         let o = out.as_mut_ptr();
+        let unpacked_min = if Q4 { usize::MAX } else { 6 };
+        if job.t >= unpacked_min {
+            // Many rows: panels are unpacked to f32 once per block of rows (the block's
+            // activations stay in L2) and reused by every row tile of the block.
+            let width = (p1 - p0) * PANEL;
+            let mut quants = vec![0f32; job.nb * BLOCK * PANEL];
+            let mut scales = vec![0f32; job.nb * 2 * PANEL];
+            for r_start in (0..job.t).step_by(ROW_BLOCK) {
+                let r_end = (r_start + ROW_BLOCK).min(job.t);
+                let tiles = (r_end - r_start).div_ceil(MICRO_ROWS);
+                for p in p0..p1 {
+                    // SAFETY: panel p exists; the buffers hold nb blocks; rows < t.
+                    unsafe {
+                        unpack_panel::<Q4>(job, p, &mut quants, &mut scales);
+                        let (q, s) = (quants.as_ptr(), scales.as_ptr());
+                        // Balanced tiles (8 rows = 4 + 4, not 6 + 2) keep chains busy.
+                        for i in 0..tiles {
+                            let a = r_start + (r_end - r_start) * i / tiles;
+                            let b = r_start + (r_end - r_start) * (i + 1) / tiles;
+                            let dst = o.add(a * width + (p - p0) * PANEL);
+                            match b - a {
+                                1 => micro::<Q4, 1>(job, a, q, s, dst, width),
+                                2 => micro::<Q4, 2>(job, a, q, s, dst, width),
+                                3 => micro::<Q4, 3>(job, a, q, s, dst, width),
+                                4 => micro::<Q4, 4>(job, a, q, s, dst, width),
+                                5 => micro::<Q4, 5>(job, a, q, s, dst, width),
+                                _ => micro::<Q4, 6>(job, a, q, s, dst, width),
+                            }
+                        }
+                    }
+                }
+            }
+            return;
+        }
         // Row tiles of up to MICRO_ROWS; narrower tiles take more panels at once so enough
         // independent accumulator chains hide the FMA latency.
         let mut r = 0;
@@ -504,6 +540,89 @@ mod simd_x86 {
                 }
             }
             r += n;
+        }
+    }
+
+    /// Panel `p` unpacked: `quants[b][k][16]` as f32 (the same values `unpack` yields),
+    /// `scales[b] = [d; 16] ++ [m; 16]`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn unpack_panel<const Q4: bool>(
+        job: &Job,
+        p: usize,
+        quants: &mut [f32],
+        scales: &mut [f32],
+    ) {
+        assert!(quants.len() >= job.nb * BLOCK * PANEL && scales.len() >= job.nb * 2 * PANEL);
+        // SAFETY: offsets below stay inside the asserted lengths; panel p exists (caller).
+        unsafe {
+            for b in 0..job.nb {
+                let bp = block_ptrs(job, p, b);
+                let sc = scales.as_mut_ptr().add(b * 2 * PANEL);
+                let m = if Q4 { bp.m } else { bp.d };
+                _mm256_storeu_ps(sc, _mm256_cvtph_ps(_mm_loadu_si128(bp.d.cast())));
+                _mm256_storeu_ps(
+                    sc.add(8),
+                    _mm256_cvtph_ps(_mm_loadu_si128(bp.d.add(8).cast())),
+                );
+                _mm256_storeu_ps(sc.add(16), _mm256_cvtph_ps(_mm_loadu_si128(m.cast())));
+                _mm256_storeu_ps(
+                    sc.add(24),
+                    _mm256_cvtph_ps(_mm_loadu_si128(m.add(8).cast())),
+                );
+                for k in 0..BLOCK {
+                    let w = unpack::<Q4>(bp.qs, k);
+                    let q = quants.as_mut_ptr().add((b * BLOCK + k) * PANEL);
+                    _mm256_storeu_ps(q, w[0]);
+                    _mm256_storeu_ps(q.add(8), w[1]);
+                }
+            }
+        }
+    }
+
+    /// `MR` rows (from `r0`) × one unpacked panel.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn micro<const Q4: bool, const MR: usize>(
+        job: &Job,
+        r0: usize,
+        quants: *const f32,
+        scales: *const f32,
+        out: *mut f32,
+        width: usize,
+    ) {
+        let (nb, cols) = (job.nb, job.nb * BLOCK);
+        let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+        // SAFETY (whole body): rows r0..r0+MR exist (caller); `quants`/`scales` hold nb blocks.
+        unsafe {
+            for b in 0..nb {
+                let mut s = [[_mm256_setzero_ps(); 2]; MR];
+                let xb = job.x.as_ptr().add(r0 * cols + b * BLOCK);
+                for k in 0..BLOCK {
+                    let q = quants.add((b * BLOCK + k) * PANEL);
+                    let (w0, w1) = (_mm256_loadu_ps(q), _mm256_loadu_ps(q.add(8)));
+                    for (r, sr) in s.iter_mut().enumerate() {
+                        let x = _mm256_broadcast_ss(&*xb.add(r * cols + k));
+                        sr[0] = _mm256_fmadd_ps(x, w0, sr[0]);
+                        sr[1] = _mm256_fmadd_ps(x, w1, sr[1]);
+                    }
+                }
+                let sc = scales.add(b * 2 * PANEL);
+                let d = [_mm256_loadu_ps(sc), _mm256_loadu_ps(sc.add(8))];
+                let m = [_mm256_loadu_ps(sc.add(16)), _mm256_loadu_ps(sc.add(24))];
+                for r in 0..MR {
+                    let xs = _mm256_set1_ps(*job.xsum.get_unchecked((r0 + r) * nb + b));
+                    for v in 0..2 {
+                        acc[r][v] = _mm256_fmadd_ps(d[v], s[r][v], acc[r][v]);
+                        if Q4 {
+                            acc[r][v] = _mm256_fmadd_ps(m[v], xs, acc[r][v]);
+                        }
+                    }
+                }
+            }
+            for (r, ar) in acc.iter().enumerate() {
+                let dst = out.add(r * width);
+                _mm256_storeu_ps(dst, ar[0]);
+                _mm256_storeu_ps(dst.add(8), ar[1]);
+            }
         }
     }
 
