@@ -276,3 +276,91 @@ fn impossible_requests_are_refused_at_submit() {
     );
     assert_eq!(ok.tokens[0], 7042);
 }
+
+/// A prompt that spans many KV blocks.
+fn long_prompt(extra: &str) -> Vec<u32> {
+    let text = PROMPTS.join(" ") + extra;
+    gguf().1.encode(&text, true).expect("encode")
+}
+
+#[test]
+fn prefix_cache_reuses_full_blocks_and_changes_no_token() {
+    let engine = engine(EngineConfig::default());
+    let prompt = long_prompt("");
+    let len = prompt.len();
+    let cached = (len - 1) / 16 * 16;
+    assert!(
+        cached >= 64,
+        "the prompt spans several blocks ({len} tokens)"
+    );
+
+    let s0 = wait_idle(&engine);
+    let first = run(&engine, GenerateRequest::greedy(prompt.clone(), 12));
+    assert_eq!(first.usage.cached_tokens, 0);
+    let s1 = wait_idle(&engine);
+    assert_eq!(s1.prompt_tokens_total - s0.prompt_tokens_total, len as u64);
+
+    let again = run(&engine, GenerateRequest::greedy(prompt.clone(), 12));
+    assert_eq!(
+        again.tokens, first.tokens,
+        "cached KV gives the same tokens"
+    );
+    assert_eq!(again.usage.cached_tokens, cached);
+    let s2 = wait_idle(&engine);
+    assert_eq!(
+        s2.prompt_tokens_total - s1.prompt_tokens_total,
+        (len - cached) as u64,
+        "only the uncached tail is computed"
+    );
+    assert_eq!(
+        s2.prefix_cache_hits_total - s1.prefix_cache_hits_total,
+        cached as u64
+    );
+
+    // A longer prompt sharing the head: same tokens as on an engine that never saw it.
+    let longer = long_prompt(" And finally, the answer is");
+    let warm = run(&engine, GenerateRequest::greedy(longer.clone(), 12));
+    assert!(warm.usage.cached_tokens >= cached - 16);
+    let fresh_engine = common::engine::engine(EngineConfig::default());
+    let cold = run(&fresh_engine, GenerateRequest::greedy(longer, 12));
+    assert_eq!(cold.usage.cached_tokens, 0);
+    assert_eq!(warm.tokens, cold.tokens);
+
+    assert_eq!(wait_idle(&engine).kv_blocks_used, 0);
+}
+
+#[test]
+fn identical_concurrent_prompts_compute_the_shared_prefix_once() {
+    let engine = engine(EngineConfig::default());
+    let prompt = long_prompt(" Four answers:");
+    let len = prompt.len();
+    let cached = (len - 1) / 16 * 16;
+    let s0 = wait_idle(&engine);
+    // Submitted together, as the server does for `n > 1`.
+    let generations: Vec<_> = (0..4)
+        .map(|_| {
+            engine
+                .submit(GenerateRequest::greedy(prompt.clone(), 10))
+                .expect("submit")
+        })
+        .collect();
+    let outs: Vec<_> = generations
+        .into_iter()
+        .map(|g| g.blocking_collect(|_| {}).expect("completes"))
+        .collect();
+    for o in &outs[1..] {
+        assert_eq!(o.tokens, outs[0].tokens);
+    }
+    let total_cached: usize = outs.iter().map(|o| o.usage.cached_tokens).sum();
+    assert_eq!(
+        total_cached,
+        3 * cached,
+        "three of four reuse the first one's blocks"
+    );
+    let s1 = wait_idle(&engine);
+    assert_eq!(
+        s1.prompt_tokens_total - s0.prompt_tokens_total,
+        (len + 3 * (len - cached)) as u64
+    );
+    assert_eq!(s1.kv_blocks_used, 0);
+}

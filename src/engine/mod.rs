@@ -76,6 +76,10 @@ pub struct EngineStats {
     pub num_cancelled: u64,
     /// Preemptions for lack of KV blocks.
     pub num_preempted: u64,
+    /// Prompt tokens looked up in the prefix cache at admission.
+    pub prefix_cache_queries_total: u64,
+    /// Of those, tokens whose KV was found and reused.
+    pub prefix_cache_hits_total: u64,
     /// Duration of the last step.
     pub last_step_seconds: f64,
 }

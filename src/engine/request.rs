@@ -70,6 +70,8 @@ pub struct Usage {
     pub prompt_tokens: usize,
     /// Generated tokens.
     pub completion_tokens: usize,
+    /// Prompt tokens whose KV came from the prefix cache (not computed again).
+    pub cached_tokens: usize,
 }
 
 /// What the engine sends back for a request, in order: tokens, then one `Finished` or `Failed`.

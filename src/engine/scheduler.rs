@@ -8,7 +8,9 @@
 
 use std::collections::VecDeque;
 
-use super::block_pool::BlockPool;
+use std::collections::HashSet;
+
+use super::block_pool::{BlockHash, BlockPool};
 use super::sequence::Sequence;
 
 /// Limits of one step.
@@ -45,6 +47,10 @@ pub struct ScheduledBatch {
     pub items: Vec<Scheduled>,
     /// Sequences preempted while scheduling (their ids).
     pub preempted: Vec<u64>,
+    /// Tokens of admitted sequences looked up in the prefix cache.
+    pub prefix_queried_tokens: usize,
+    /// Of those, tokens found (their KV is reused, not computed).
+    pub prefix_hit_tokens: usize,
 }
 
 impl ScheduledBatch {
@@ -111,6 +117,7 @@ impl Scheduler {
         pool.release(&seq.block_table);
         seq.block_table.clear();
         seq.num_computed_tokens = 0;
+        seq.num_registered_blocks = 0;
         let id = seq.id;
         self.waiting.push_front(seq);
         Some(id)
@@ -153,21 +160,60 @@ impl Scheduler {
         if !batch.preempted.is_empty() {
             return batch;
         }
+        // Blocks this step completes: a waiting prompt that needs one of them waits a step and
+        // then takes it from the cache (how `n > 1` and identical concurrent prompts share).
+        let bs = pool.block_size();
+        let mut in_flight: HashSet<BlockHash> = HashSet::new();
+        for item in &batch.items {
+            let seq = &mut self.running[item.index];
+            let end = seq.num_computed_tokens + item.num_tokens;
+            let from = seq.num_computed_tokens / bs;
+            in_flight.extend(seq.hashes_up_to(end, bs).iter().skip(from));
+        }
         while budget > 0 && self.running.len() < self.config.max_running_seqs {
-            let Some(seq) = self.waiting.front() else {
+            let Some(seq) = self.waiting.front_mut() else {
                 break;
             };
+            let mut taken = 0;
+            if seq.block_table.is_empty() {
+                // At least the last token is computed: its logits are needed.
+                let hashes = seq.hashes_up_to(seq.tokens.len() - 1, bs);
+                let known = pool.known_prefix(hashes);
+                if hashes.get(known).is_some_and(|h| in_flight.contains(h)) {
+                    break;
+                }
+                let blocks = pool.take_prefix(hashes);
+                taken = blocks.len();
+                batch.prefix_queried_tokens += seq.tokens.len();
+                batch.prefix_hit_tokens += taken * bs;
+                seq.num_computed_tokens = taken * bs;
+                seq.num_registered_blocks = taken;
+                if seq.num_generated() == 0 {
+                    seq.num_cached_tokens = taken * bs;
+                }
+                seq.block_table = blocks;
+            }
             let n = seq.num_uncomputed().min(budget);
             let need = pool
                 .blocks_for(seq.num_computed_tokens + n)
                 .saturating_sub(seq.block_table.len());
             let Some(blocks) = pool.allocate(need) else {
+                if taken > 0 {
+                    // Give the cached prefix back; it is taken again when room is made.
+                    pool.release(&seq.block_table);
+                    seq.block_table.clear();
+                    seq.num_computed_tokens = 0;
+                    seq.num_registered_blocks = 0;
+                }
                 break;
             };
             let Some(mut seq) = self.waiting.pop_front() else {
                 break;
             };
             seq.block_table.extend(blocks);
+            let end = seq.num_computed_tokens + n;
+            let from = seq.num_computed_tokens / bs;
+            in_flight.extend(seq.hashes_up_to(end, bs).iter().skip(from));
             self.running.push(seq);
             batch.items.push(Scheduled {
                 index: self.running.len() - 1,
@@ -176,6 +222,22 @@ impl Scheduler {
             budget -= n;
         }
         batch
+    }
+
+    /// Names the blocks a sequence has filled since the last call, so later requests can
+    /// reuse them.
+    pub fn register_full_blocks(seq: &mut Sequence, pool: &mut BlockPool) {
+        let bs = pool.block_size();
+        let full = seq.num_computed_tokens / bs;
+        if full <= seq.num_registered_blocks {
+            return;
+        }
+        let start = seq.num_registered_blocks;
+        let hashes = seq.hashes_up_to(full * bs, bs).to_vec();
+        for i in start..full.min(seq.block_table.len()) {
+            pool.register(seq.block_table[i], hashes[i]);
+        }
+        seq.num_registered_blocks = full;
     }
 }
 
@@ -187,15 +249,17 @@ mod tests {
 
     fn seq(id: u64, prompt_len: usize) -> (Sequence, UnboundedReceiver<Event>) {
         let (tx, rx) = unbounded_channel();
-        let req = GenerateRequest::greedy(vec![1; prompt_len], 100);
+        // Distinct prompts per id: identical ones would share cached blocks.
+        let req = GenerateRequest::greedy(vec![id as u32 + 1; prompt_len], 100);
         (Sequence::new(id, req, tx), rx)
     }
 
     /// Marks the scheduled tokens computed, and decoding sequences as having sampled one more.
-    fn run(s: &mut Scheduler, batch: &ScheduledBatch) {
+    fn run(s: &mut Scheduler, batch: &ScheduledBatch, pool: &mut BlockPool) {
         for item in &batch.items {
             let seq = &mut s.running[item.index];
             seq.num_computed_tokens += item.num_tokens;
+            Scheduler::register_full_blocks(seq, pool);
             if seq.num_uncomputed() == 0 {
                 seq.tokens.push(7);
             }
@@ -231,7 +295,7 @@ mod tests {
                 }
             ]
         );
-        run(&mut s, &first);
+        run(&mut s, &first, &mut pool);
         // Next step: the short one decodes one token, the long one continues its prefill.
         let second = s.schedule(&mut pool);
         assert_eq!(
@@ -278,13 +342,13 @@ mod tests {
         let first = s.schedule(&mut pool);
         assert_eq!(first.items.len(), 2);
         assert_eq!(pool.num_free(), 0);
-        run(&mut s, &first);
+        run(&mut s, &first, &mut pool);
         // Both decode positions 6 and 7 in their 2 blocks; position 8 needs a third block.
         for _ in 0..2 {
             let step = s.schedule(&mut pool);
             assert_eq!(step.items.len(), 2);
             assert!(step.preempted.is_empty());
-            run(&mut s, &step);
+            run(&mut s, &step, &mut pool);
         }
         let third = s.schedule(&mut pool);
         // a needs a block for position 8; b (newest) is preempted to free one.
@@ -305,6 +369,40 @@ mod tests {
             "keeps its generated tokens for recompute"
         );
         assert_eq!(pool.num_used(), 3);
+    }
+
+    #[test]
+    fn identical_prompts_share_the_prefix_computed_once() {
+        let mut pool = BlockPool::new(10, 4);
+        let mut s = Scheduler::new(config(512, 8));
+        let (tx, _r1) = tokio::sync::mpsc::unbounded_channel();
+        let (tx2, _r2) = tokio::sync::mpsc::unbounded_channel();
+        let prompt: Vec<u32> = (10..19).collect(); // 9 tokens: 2 full blocks + 1
+        s.add(Sequence::new(
+            0,
+            GenerateRequest::greedy(prompt.clone(), 5),
+            tx,
+        ));
+        s.add(Sequence::new(1, GenerateRequest::greedy(prompt, 5), tx2));
+        let first = s.schedule(&mut pool);
+        assert_eq!(first.items.len(), 1, "the twin waits for the shared blocks");
+        assert_eq!(first.num_tokens(), 9);
+        run(&mut s, &first, &mut pool);
+        let second = s.schedule(&mut pool);
+        // The first decodes; the twin computes only its last prompt token.
+        assert_eq!(second.items.len(), 2);
+        assert_eq!(second.items[1].num_tokens, 1);
+        assert_eq!(s.running[1].num_cached_tokens, 8);
+        assert_eq!(s.running[1].block_table[..2], s.running[0].block_table[..2]);
+        assert_eq!(pool.ref_count(s.running[0].block_table[0]), 2);
+        run(&mut s, &second, &mut pool);
+        s.finish(1, &mut pool);
+        s.finish(0, &mut pool);
+        assert_eq!(pool.num_used(), 0);
+        assert!(
+            pool.num_cached_free() >= 2,
+            "named blocks stay cached once free"
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::model::TokenId;
 
+use super::block_pool::{block_hashes, BlockHash};
 use super::request::{Event, GenerateRequest};
 use super::sampler::Sampler;
 
@@ -20,6 +21,14 @@ pub struct Sequence {
     pub num_computed_tokens: usize,
     /// KV blocks holding positions `0..num_computed_tokens` (and room for the next tokens).
     pub block_table: Vec<u32>,
+    /// Names of this sequence's full blocks so far (prefix caching), in order.
+    pub block_hashes: Vec<BlockHash>,
+    /// Leading entries of `block_table` already named in the pool.
+    pub num_registered_blocks: usize,
+    /// Prompt tokens whose KV came from the prefix cache at admission.
+    pub num_cached_tokens: usize,
+    /// Seeds the block names: requests on different adapters never share KV.
+    pub cache_salt: u64,
     /// Upper bound on generated tokens.
     pub max_new_tokens: usize,
     /// Token ids that finish the request.
@@ -44,12 +53,37 @@ impl Sequence {
             num_prompt_tokens,
             num_computed_tokens: 0,
             block_table: Vec::new(),
+            block_hashes: Vec::new(),
+            num_registered_blocks: 0,
+            num_cached_tokens: 0,
+            cache_salt: request.adapter.as_deref().map_or(0, |a| {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                a.hash(&mut h);
+                h.finish() | 1
+            }),
             max_new_tokens: request.max_new_tokens,
             stop_token_ids: request.stop_token_ids,
             top_logprobs: request.top_logprobs,
             sampler: Sampler::new(request.sampling),
             events,
         }
+    }
+
+    /// Names of the full blocks among the first `tokens` tokens, extending the stored chain.
+    pub fn hashes_up_to(&mut self, tokens: usize, block_size: usize) -> &[BlockHash] {
+        let full = tokens.min(self.tokens.len()) / block_size;
+        if full > self.block_hashes.len() {
+            let done = self.block_hashes.len();
+            let salt = self.block_hashes.last().copied().unwrap_or(self.cache_salt);
+            let more = block_hashes(
+                &self.tokens[done * block_size..full * block_size],
+                block_size,
+                salt,
+            );
+            self.block_hashes.extend(more);
+        }
+        &self.block_hashes[..full]
     }
 
     /// Tokens not yet in the cache.

@@ -77,6 +77,8 @@ impl EngineCore {
         self.stats.num_cancelled += cancelled as u64;
         let batch = self.scheduler.schedule(&mut self.pool);
         self.stats.num_preempted += batch.preempted.len() as u64;
+        self.stats.prefix_cache_queries_total += batch.prefix_queried_tokens as u64;
+        self.stats.prefix_cache_hits_total += batch.prefix_hit_tokens as u64;
         if batch.items.is_empty() {
             return;
         }
@@ -117,6 +119,7 @@ impl EngineCore {
             let seq = &mut self.scheduler.running[item.index];
             let before = seq.num_computed_tokens;
             seq.num_computed_tokens += item.num_tokens;
+            Scheduler::register_full_blocks(seq, &mut self.pool);
             let p = seq.num_prompt_tokens;
             self.stats.prompt_tokens_total +=
                 (seq.num_computed_tokens.min(p) - before.min(p)) as u64;
@@ -155,6 +158,7 @@ impl EngineCore {
                 let usage = Usage {
                     prompt_tokens: seq.num_prompt_tokens,
                     completion_tokens: seq.num_generated(),
+                    cached_tokens: seq.num_cached_tokens,
                 };
                 let _ = seq.events.send(Event::Finished { reason, usage });
                 finished.push(item.index);

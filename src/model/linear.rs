@@ -69,6 +69,67 @@ impl Linear {
         }
     }
 
+    /// `x: (rows, in)` row-major → `(rows, out)` row-major, without tensor plumbing.
+    pub fn forward_vec(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+        let mut y = match &self.weight {
+            Weight::F32(w) => {
+                let (_, cols) = w.dims2()?;
+                let xt = Tensor::from_slice(x, (rows, cols), &Device::Cpu)?;
+                xt.matmul(&w.t()?)?.flatten_all()?.to_vec1::<f32>()?
+            }
+            Weight::Quant(q) => q.matmul(x, rows),
+        };
+        if let Some(b) = &self.bias {
+            let b = b.to_vec1::<f32>()?;
+            for row in y.chunks_exact_mut(b.len()) {
+                for (v, bi) in row.iter_mut().zip(&b) {
+                    *v += bi;
+                }
+            }
+        }
+        Ok(y)
+    }
+
+    /// Several projections of the same input stacked into one (their outputs side by side),
+    /// so one kernel call serves them all; `None` when their storage cannot be stacked.
+    pub fn stack(parts: &[&Linear]) -> Option<Linear> {
+        let bias = if parts.iter().all(|p| p.bias.is_none()) {
+            None
+        } else {
+            let biases: Option<Vec<Tensor>> = parts
+                .iter()
+                .map(|p| match &p.bias {
+                    Some(b) => Some(b.clone()),
+                    None => Tensor::zeros(p.dims().0, candle_core::DType::F32, &Device::Cpu).ok(),
+                })
+                .collect();
+            Some(Tensor::cat(&biases?, 0).ok()?)
+        };
+        let weight = match &parts.first()?.weight {
+            Weight::F32(_) => {
+                let ws: Option<Vec<Tensor>> = parts
+                    .iter()
+                    .map(|p| match &p.weight {
+                        Weight::F32(w) => Some(w.clone()),
+                        Weight::Quant(_) => None,
+                    })
+                    .collect();
+                Weight::F32(Tensor::cat(&ws?, 0).ok()?)
+            }
+            Weight::Quant(_) => {
+                let qs: Option<Vec<&QMatrix>> = parts
+                    .iter()
+                    .map(|p| match &p.weight {
+                        Weight::Quant(q) => Some(q.as_ref()),
+                        Weight::F32(_) => None,
+                    })
+                    .collect();
+                Weight::Quant(Arc::new(QMatrix::stack(&qs?)?))
+            }
+        };
+        Some(Linear { weight, bias })
+    }
+
     /// Rows `ids` of the weight as f32 `(ids.len(), in)`: the embedding lookup.
     pub fn rows(&self, ids: &[u32]) -> Result<Tensor> {
         match &self.weight {

@@ -257,6 +257,42 @@ impl QMatrix {
         }
     }
 
+    /// The matrices' rows one after another (same format and columns; every part but the last
+    /// a whole number of panels), or `None`.
+    pub fn stack(parts: &[&QMatrix]) -> Option<Self> {
+        let first = parts.first()?;
+        let (format, cols) = (first.format(), first.cols);
+        let fits = parts.iter().all(|p| p.format() == format && p.cols == cols)
+            && parts[..parts.len() - 1]
+                .iter()
+                .all(|p| p.rows.is_multiple_of(PANEL));
+        if !fits {
+            return None;
+        }
+        let rows = parts.iter().map(|p| p.rows).sum();
+        let panels = match format {
+            QuantFormat::Q4_1 => Panels::Q4_1(
+                parts
+                    .iter()
+                    .flat_map(|p| match &p.panels {
+                        Panels::Q4_1(v) => v.clone(),
+                        Panels::Q8_0(_) => Vec::new(),
+                    })
+                    .collect(),
+            ),
+            QuantFormat::Q8_0 => Panels::Q8_0(
+                parts
+                    .iter()
+                    .flat_map(|p| match &p.panels {
+                        Panels::Q8_0(v) => v.clone(),
+                        Panels::Q4_1(_) => Vec::new(),
+                    })
+                    .collect(),
+            ),
+        };
+        Some(QMatrix { rows, cols, panels })
+    }
+
     /// A matrix whose row `i` is this matrix's row `source[i]`.
     pub fn gather_rows(&self, source: &[usize]) -> Self {
         let nb = self.cols / BLOCK;

@@ -145,6 +145,18 @@ impl Metrics {
             s.generation_tokens_total as f64,
         );
         gauge(
+            "prefix_cache_queries_total",
+            "Prompt tokens looked up in the prefix cache.",
+            "counter",
+            s.prefix_cache_queries_total as f64,
+        );
+        gauge(
+            "prefix_cache_hits_total",
+            "Prompt tokens whose KV came from the prefix cache.",
+            "counter",
+            s.prefix_cache_hits_total as f64,
+        );
+        gauge(
             "num_preemptions_total",
             "Sequences preempted for lack of KV blocks.",
             "counter",
