@@ -234,8 +234,9 @@ impl Scheduler {
         }
         let start = seq.num_registered_blocks;
         let hashes = seq.hashes_up_to(full * bs, bs).to_vec();
-        for i in start..full.min(seq.block_table.len()) {
-            pool.register(seq.block_table[i], hashes[i]);
+        let end = full.min(seq.block_table.len());
+        for (&block, &hash) in seq.block_table[start..end].iter().zip(&hashes[start..end]) {
+            pool.register(block, hash);
         }
         seq.num_registered_blocks = full;
     }
