@@ -119,6 +119,10 @@ struct ServeArgs {
     /// with what it has generated (finish reason `length`).
     #[arg(long, env = "NEXTOKEN_REQUEST_TIMEOUT", default_value_t = 0)]
     request_timeout: u64,
+    /// Fill-in-the-middle template (starcoder, qwen, codellama, deepseek, codestral); default:
+    /// detected from the vocabulary, else prefix completion.
+    #[arg(long, env = "NEXTOKEN_FIM_TEMPLATE")]
+    fim_template: Option<String>,
     /// Seconds running requests get to finish after SIGTERM/SIGINT.
     #[arg(long, env = "NEXTOKEN_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     shutdown_grace_secs: u64,
@@ -153,9 +157,17 @@ fn load_for_serving(args: &ServeArgs, name: String) -> anyhow::Result<server::Lo
             ..Default::default()
         },
     )?;
-    Ok(server::Loaded::new(
-        engine, tokenizer, name, eos_ids, defaults,
-    )?)
+    let fim = match &args.fim_template {
+        Some(name) => {
+            Some(nextoken::text::FimTemplate::named(name, &tokenizer).map_err(anyhow::Error::msg)?)
+        }
+        None => None,
+    };
+    let loaded = server::Loaded::new(engine, tokenizer, name, eos_ids, defaults)?;
+    Ok(match fim {
+        Some(t) => loaded.with_fim(nextoken::text::FimMode::Native(t)),
+        None => loaded,
+    })
 }
 
 async fn shutdown_signal() {

@@ -91,6 +91,12 @@ fn sse_payloads(bytes: &[u8]) -> Vec<String> {
         text.ends_with("data: [DONE]\n\n"),
         "ends with [DONE]: {text:?}"
     );
+    sse_events(bytes)
+}
+
+/// The `data:` payloads of an SSE body (llama.cpp's dialect sends no `[DONE]`).
+fn sse_events(bytes: &[u8]) -> Vec<String> {
+    let text = String::from_utf8(bytes.to_vec()).expect("utf-8");
     text.split("\n\n")
         .filter(|e| !e.is_empty())
         .map(|e| {
@@ -642,4 +648,187 @@ async fn multibyte_characters_split_across_tokens_stream_whole() {
     plain["stream"] = json!(false);
     let (_, v) = post_json(&app, "/v1/completions", plain).await;
     assert_eq!(v["choices"][0]["text"].as_str(), Some(streamed.as_str()));
+}
+
+/// What llama.vim sends to `/infill` (its field set), greedy.
+fn llama_vim_body(stream: bool) -> Value {
+    json!({
+        "input_prefix": "import math\n\ndef circle_area(radius):\n",
+        "input_suffix": "\n\nprint(circle_area(2.0))\n",
+        "input_extra": [{"filename": "util.py", "text": "def square(x):\n    return x * x\n"}],
+        "prompt": "    ",
+        "n_predict": 24,
+        "n_indent": 4,
+        "top_k": 40,
+        "top_p": 0.99,
+        "temperature": 0,
+        "stream": stream,
+        "samplers": ["top_k", "top_p", "infill"],
+        "cache_prompt": true,
+        "t_max_predict_ms": 5000,
+        "id_slot": -1,
+    })
+}
+
+#[tokio::test]
+async fn infill_serves_llama_vim_with_the_prefix_fallback_and_the_cache() {
+    let app = app();
+    let (status, first) = post_json(&app, "/infill", llama_vim_body(false)).await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    let content = first["content"].as_str().expect("content");
+    assert_eq!(first["fim_mode"], "prefix", "SmolLM2 has no FIM tokens");
+    assert!(
+        !content.contains("print(circle_area(2.0))"),
+        "cut where the completion repeats the suffix: {content:?}"
+    );
+    let n = first["tokens_predicted"].as_u64().expect("n");
+    assert!((1..=24).contains(&n));
+    assert_eq!(first["timings"]["predicted_n"], n);
+    assert!(first["timings"]["prompt_ms"].as_f64().expect("ms") > 0.0);
+    assert!(["eos", "limit", "word"].contains(&first["stop_type"].as_str().expect("type")));
+    assert_eq!(first["stop"], true);
+    let evaluated = first["tokens_evaluated"].as_u64().expect("evaluated");
+    assert!(
+        evaluated > 20,
+        "extra file + prefix + typed text: {evaluated}"
+    );
+
+    // The same request again: the context comes from the prefix cache, the tokens do not change.
+    let (_, again) = post_json(&app, "/infill", llama_vim_body(false)).await;
+    assert_eq!(again["content"], first["content"]);
+    let cached = again["tokens_cached"].as_u64().expect("cached");
+    assert_eq!(cached, (evaluated - 1) / 16 * 16);
+    assert_eq!(again["timings"]["prompt_n"], evaluated - cached);
+
+    // Streaming: llama.cpp's SSE events, text pieces then a final object with the timings.
+    let (status, headers, bytes) = send(&app, post("/infill", llama_vim_body(true))).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers[header::CONTENT_TYPE], "text/event-stream");
+    let events: Vec<Value> = sse_events(&bytes)
+        .iter()
+        .map(|p| serde_json::from_str(p).expect("event JSON"))
+        .collect();
+    let (last, pieces) = events.split_last().expect("events");
+    assert_eq!(last["stop"], true);
+    assert_eq!(last["tokens_predicted"], n);
+    assert!(pieces.iter().all(|e| e["stop"] == false));
+    let streamed: String = pieces
+        .iter()
+        .map(|e| e["content"].as_str().expect("piece"))
+        .collect();
+    assert_eq!(streamed, content);
+}
+
+#[tokio::test]
+async fn suffix_completion_native_completion_and_ollama_generate_share_the_path() {
+    let app = app();
+    let prefix = "def add(a, b):\n";
+    let suffix = "\n\nresult = add(1, 2)\n";
+    let (status, v) = post_json(
+        &app,
+        "/v1/completions",
+        json!({"prompt": prefix, "suffix": suffix, "max_tokens": 16, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["fim_mode"], "prefix");
+    let text = v["choices"][0]["text"].as_str().expect("text").to_string();
+    assert!(v["usage"]["prompt_tokens_details"]["cached_tokens"].is_u64());
+
+    let (status, infill) = post_json(
+        &app,
+        "/infill",
+        json!({"input_prefix": prefix, "input_suffix": suffix, "n_predict": 16,
+               "temperature": 0}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(infill["content"], text.as_str(), "one FIM path");
+
+    let (status, native) = post_json(
+        &app,
+        "/completion",
+        json!({"prompt": prefix, "n_predict": 8, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, oai) = post_json(
+        &app,
+        "/v1/completions",
+        json!({"prompt": prefix, "max_tokens": 8, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(native["content"], oai["choices"][0]["text"]);
+    assert_eq!(native["tokens_predicted"], 8);
+    assert_eq!(native["stop_type"], "limit");
+
+    let (status, ollama) = post_json(
+        &app,
+        "/api/generate",
+        json!({"model": "smollm2", "prompt": prefix, "suffix": suffix, "stream": false,
+               "options": {"temperature": 0, "num_predict": 16}}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{ollama}");
+    assert_eq!(ollama["response"], text.as_str());
+    assert_eq!(ollama["done"], true);
+
+    // Streaming Ollama: newline-delimited JSON, the last line `done`.
+    let (status, headers, bytes) = send(
+        &app,
+        post(
+            "/api/generate",
+            json!({"prompt": prefix, "suffix": suffix,
+                   "options": {"temperature": 0, "num_predict": 16}}),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers[header::CONTENT_TYPE], "application/x-ndjson");
+    let lines: Vec<Value> = String::from_utf8(bytes)
+        .expect("utf-8")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("line JSON"))
+        .collect();
+    let (last, pieces) = lines.split_last().expect("lines");
+    assert_eq!(last["done"], true);
+    assert!(last["eval_count"].as_u64().expect("count") >= 1);
+    let streamed: String = pieces
+        .iter()
+        .map(|l| l["response"].as_str().expect("piece"))
+        .collect();
+    assert_eq!(streamed, text);
+
+    // `t_max_predict_ms` ends generation that long after the first token.
+    let (status, timed) = post_json(
+        &app,
+        "/infill",
+        json!({"input_prefix": prefix, "n_predict": 400, "t_max_predict_ms": 1,
+               "temperature": 0, "ignore_eos": true}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(timed["stop_type"], "limit");
+    assert!(
+        timed["tokens_predicted"].as_u64().expect("n") < 100,
+        "{timed}"
+    );
+
+    // Errors stay OpenAI-shaped.
+    let (status, e) = post_json(
+        &app,
+        "/infill",
+        json!({"input_prefix": "x", "temperature": -1}),
+    )
+    .await;
+    assert_error(status, &e, StatusCode::BAD_REQUEST, Some("temperature"));
+    let (status, e) = post_json(&app, "/api/generate", json!({"suffix": "x"})).await;
+    assert_error(status, &e, StatusCode::BAD_REQUEST, Some("prompt"));
+    let (status, e) = post_json(
+        &app,
+        "/v1/completions",
+        json!({"prompt": [1, 2], "suffix": "x"}),
+    )
+    .await;
+    assert_error(status, &e, StatusCode::BAD_REQUEST, Some("suffix"));
 }

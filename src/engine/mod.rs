@@ -13,7 +13,7 @@ pub mod scheduler;
 pub mod sequence;
 pub mod step;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
@@ -92,10 +92,17 @@ enum Command {
 pub struct Generation {
     id: u64,
     events: UnboundedReceiver<Event>,
+    cached_tokens: Arc<AtomicUsize>,
     _permit: OwnedSemaphorePermit,
 }
 
 impl Generation {
+    /// Prompt tokens whose KV came from the prefix cache (known once the request is admitted;
+    /// 0 before).
+    pub fn cached_tokens(&self) -> usize {
+        self.cached_tokens.load(Ordering::Relaxed)
+    }
+
     /// Engine-wide request id.
     pub fn id(&self) -> u64 {
         self.id
@@ -248,12 +255,14 @@ impl EngineHandle {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = unbounded_channel();
         let seq = sequence::Sequence::new(id, request, tx);
+        let cached_tokens = seq.cached_tokens_report.clone();
         self.commands
             .send(Command::Submit(seq))
             .map_err(|_| EngineError::Stopped)?;
         Ok(Generation {
             id,
             events: rx,
+            cached_tokens,
             _permit: permit,
         })
     }

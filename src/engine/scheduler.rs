@@ -189,7 +189,7 @@ impl Scheduler {
                 seq.num_computed_tokens = taken * bs;
                 seq.num_registered_blocks = taken;
                 if seq.num_generated() == 0 {
-                    seq.num_cached_tokens = taken * bs;
+                    seq.set_cached_tokens(taken * bs);
                 }
                 seq.block_table = blocks;
             }

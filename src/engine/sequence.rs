@@ -1,6 +1,9 @@
 //! `Sequence`: everything about one request while the engine holds it, owned by the engine
 //! thread alone. Finishing or cancelling a request is removing its `Sequence`.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::model::TokenId;
@@ -27,6 +30,8 @@ pub struct Sequence {
     pub num_registered_blocks: usize,
     /// Prompt tokens whose KV came from the prefix cache at admission.
     pub num_cached_tokens: usize,
+    /// `num_cached_tokens`, readable by the client's `Generation`.
+    pub cached_tokens_report: Arc<AtomicUsize>,
     /// Seeds the block names: requests on different adapters never share KV.
     pub cache_salt: u64,
     /// Upper bound on generated tokens.
@@ -56,6 +61,7 @@ impl Sequence {
             block_hashes: Vec::new(),
             num_registered_blocks: 0,
             num_cached_tokens: 0,
+            cached_tokens_report: Arc::new(AtomicUsize::new(0)),
             cache_salt: request.adapter.as_deref().map_or(0, |a| {
                 use std::hash::{Hash, Hasher};
                 let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -84,6 +90,12 @@ impl Sequence {
             self.block_hashes.extend(more);
         }
         &self.block_hashes[..full]
+    }
+
+    /// Records the prompt tokens served from the prefix cache.
+    pub fn set_cached_tokens(&mut self, n: usize) {
+        self.num_cached_tokens = n;
+        self.cached_tokens_report.store(n, Ordering::Relaxed);
     }
 
     /// Tokens not yet in the cache.

@@ -14,6 +14,7 @@ use futures::stream::{self, BoxStream, SelectAll, StreamExt};
 use serde_json::{json, Value};
 
 use crate::engine::GenerateRequest;
+use crate::text::fim::{self, FimInput};
 use crate::text::{ChatMessage, Tokenizer};
 
 use super::error::{ApiError, AppJson};
@@ -60,6 +61,10 @@ struct Job {
     logprobs: Logprobs,
     common: ValidCommon,
     max_new_tokens: usize,
+    /// Token ids that also end generation (a FIM template's end tokens).
+    extra_stop_ids: Vec<u32>,
+    /// `"fim"` or `"prefix"` when the request had a `suffix`.
+    fim_mode: Option<&'static str>,
 }
 
 fn now_secs() -> u64 {
@@ -107,11 +112,12 @@ fn max_new_tokens(
 
 /// Submits every choice and wraps each in `TextEvents`.
 fn start(loaded: &Loaded, app: &AppState, job: &Job) -> Result<Vec<TextEvents>, ApiError> {
-    let stop_token_ids = if job.common.ignore_eos {
+    let mut stop_token_ids = if job.common.ignore_eos {
         vec![]
     } else {
         loaded.eos_ids.clone()
     };
+    stop_token_ids.extend(&job.extra_stop_ids);
     let top_logprobs = match job.logprobs {
         Logprobs::None => None,
         Logprobs::Completion(n) | Logprobs::Chat(n) => Some(n),
@@ -199,6 +205,7 @@ struct ChoiceResult {
     tokens: Vec<TokenInfo>,
     finish: &'static str,
     completion_tokens: usize,
+    cached_tokens: usize,
 }
 
 async fn collect(mut events: TextEvents) -> Result<ChoiceResult, ApiError> {
@@ -207,6 +214,7 @@ async fn collect(mut events: TextEvents) -> Result<ChoiceResult, ApiError> {
         tokens: Vec::new(),
         finish: "length",
         completion_tokens: 0,
+        cached_tokens: 0,
     };
     while let Some(ev) = events.next().await {
         match ev {
@@ -217,9 +225,11 @@ async fn collect(mut events: TextEvents) -> Result<ChoiceResult, ApiError> {
             TextEvent::Finished {
                 reason,
                 completion_tokens,
+                cached_tokens,
             } => {
                 out.finish = reason;
                 out.completion_tokens = completion_tokens;
+                out.cached_tokens = cached_tokens;
             }
             TextEvent::Failed(e) => return Err(e.into()),
         }
@@ -235,9 +245,11 @@ async fn respond_json(
     let results = futures::future::join_all(choices.into_iter().map(collect)).await;
     let mut body_choices = Vec::new();
     let mut completion_tokens = 0;
+    let mut cached_tokens = 0;
     for (i, r) in results.into_iter().enumerate() {
         let r = r?;
         completion_tokens += r.completion_tokens;
+        cached_tokens = cached_tokens.max(r.cached_tokens);
         let tokenizer = &loaded.tokenizer;
         body_choices.push(match job.kind {
             Kind::Completion => {
@@ -263,12 +275,15 @@ async fn respond_json(
         Kind::Completion => "text_completion",
         Kind::Chat => "chat.completion",
     };
-    let usage = WireUsage::new(job.prompt_ids.len(), completion_tokens);
-    Ok(axum::Json(json!({
+    let usage = WireUsage::new(job.prompt_ids.len(), completion_tokens, cached_tokens);
+    let mut body = json!({
         "id": job.id, "object": object, "created": job.created, "model": job.model,
         "choices": body_choices, "usage": usage,
-    }))
-    .into_response())
+    });
+    if let Some(mode) = job.fim_mode {
+        body["fim_mode"] = json!(mode);
+    }
+    Ok(axum::Json(body).into_response())
 }
 
 enum Phase {
@@ -285,6 +300,8 @@ struct SseState {
     merged: SelectAll<BoxStream<'static, (usize, TextEvent)>>,
     offsets: Vec<usize>,
     completion_tokens: usize,
+    /// The most prompt tokens any choice found in the prefix cache.
+    cached_tokens: usize,
     phase: Phase,
 }
 
@@ -331,8 +348,10 @@ impl SseState {
             TextEvent::Finished {
                 reason,
                 completion_tokens,
+                cached_tokens,
             } => {
                 self.completion_tokens += completion_tokens;
+                self.cached_tokens = self.cached_tokens.max(cached_tokens);
                 let choice = match self.job.kind {
                     Kind::Completion => {
                         json!({"index": i, "text": "", "logprobs": null, "finish_reason": reason})
@@ -372,7 +391,11 @@ impl SseState {
                 },
                 Phase::Usage => {
                     self.phase = Phase::Done;
-                    let usage = WireUsage::new(self.job.prompt_ids.len(), self.completion_tokens);
+                    let usage = WireUsage::new(
+                        self.job.prompt_ids.len(),
+                        self.completion_tokens,
+                        self.cached_tokens,
+                    );
                     let object = self.job.kind.chunk_object();
                     let v = json!({"id": self.job.id, "object": object, "created": self.job.created,
                                    "model": self.job.model, "choices": [], "usage": usage});
@@ -403,6 +426,7 @@ fn respond_sse(loaded: &Loaded, job: Job, choices: Vec<TextEvents>) -> Response 
         merged,
         offsets: vec![job.echo.as_ref().map_or(0, String::len); n],
         completion_tokens: 0,
+        cached_tokens: 0,
         phase: Phase::Streaming,
         job,
     };
@@ -449,25 +473,42 @@ pub async fn completions(
     req.common = parse_body(&body)?;
     let loaded = app.loaded()?;
     check_model(loaded, &req.common)?;
-    if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
-        return Err(ApiError::invalid(
-            "suffix",
-            "`suffix` (fill-in-the-middle) is not supported yet",
-        ));
-    }
-    let common = req.common.validate(&loaded.defaults, loaded.vocab_size())?;
+    let mut common = req.common.validate(&loaded.defaults, loaded.vocab_size())?;
     let tokenizer = &loaded.tokenizer;
-    let prompt_ids = match req.prompt {
-        PromptField::Text(t) => tokenizer.encode(&t, true)?,
-        PromptField::Tokens(ids) => ids,
-        PromptField::Texts(mut v) if v.len() == 1 => tokenizer.encode(&v.remove(0), true)?,
-        PromptField::TokenBatches(mut v) if v.len() == 1 => v.remove(0),
-        _ => {
+    let mut extra_stop_ids = Vec::new();
+    let mut fim_mode = None;
+    let prompt_ids = match (req.prompt, req.suffix.filter(|s| !s.is_empty())) {
+        // Fill-in-the-middle: the model's FIM template, or prefix completion cut at the suffix.
+        (PromptField::Text(prefix), Some(suffix)) => {
+            let input = FimInput {
+                prefix,
+                suffix,
+                ..Default::default()
+            };
+            let built = fim::build(tokenizer, &loaded.fim, &input)?;
+            extra_stop_ids = built.stop_ids;
+            common.stop.extend(built.stop_strings);
+            fim_mode = Some(built.mode);
+            built.ids
+        }
+        (_, Some(_)) => {
             return Err(ApiError::invalid(
-                "prompt",
-                "batched prompts are not supported; send one prompt",
+                "suffix",
+                "`suffix` needs a text `prompt` (the code before the cursor)",
             ))
         }
+        (prompt, None) => match prompt {
+            PromptField::Text(t) => tokenizer.encode(&t, true)?,
+            PromptField::Tokens(ids) => ids,
+            PromptField::Texts(mut v) if v.len() == 1 => tokenizer.encode(&v.remove(0), true)?,
+            PromptField::TokenBatches(mut v) if v.len() == 1 => v.remove(0),
+            _ => {
+                return Err(ApiError::invalid(
+                    "prompt",
+                    "batched prompts are not supported; send one prompt",
+                ))
+            }
+        },
     };
     if prompt_ids.is_empty() {
         return Err(ApiError::invalid("prompt", "the prompt is empty"));
@@ -501,6 +542,8 @@ pub async fn completions(
         logprobs,
         common,
         max_new_tokens,
+        extra_stop_ids,
+        fim_mode,
     };
     run(app, job).await
 }
@@ -597,6 +640,8 @@ pub async fn chat_completions(
         logprobs,
         common,
         max_new_tokens,
+        extra_stop_ids: Vec::new(),
+        fim_mode: None,
     };
     run(app, job).await
 }

@@ -3,6 +3,7 @@
 
 pub mod completions;
 pub mod error;
+pub mod infill;
 pub mod info;
 pub mod metrics;
 pub mod openai;
@@ -22,7 +23,7 @@ use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
 
 use crate::engine::EngineHandle;
 use crate::model::TokenId;
-use crate::text::{ChatTemplate, TextError, Tokenizer};
+use crate::text::{ChatTemplate, FimMode, FimTemplate, TextError, Tokenizer};
 
 use error::ApiError;
 use metrics::Metrics;
@@ -72,6 +73,8 @@ pub struct Loaded {
     pub eos_ids: Vec<TokenId>,
     /// Sampling defaults from `generation_config.json`.
     pub defaults: SamplingDefaults,
+    /// How fill-in-the-middle requests are served (detected from the vocabulary).
+    pub fim: FimMode,
     /// Load time (Unix seconds).
     pub created: u64,
 }
@@ -92,7 +95,9 @@ impl Loaded {
         eos_ids.extend(tokenizer.eos_id());
         eos_ids.sort_unstable();
         eos_ids.dedup();
+        let fim = FimTemplate::detect(&tokenizer).map_or(FimMode::PrefixOnly, FimMode::Native);
         Ok(Loaded {
+            fim,
             engine,
             tokenizer: Arc::new(tokenizer),
             chat_template,
@@ -103,6 +108,12 @@ impl Loaded {
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
         })
+    }
+
+    /// Serves fill-in-the-middle with `mode` instead of the detected one (`--fim-template`).
+    pub fn with_fim(mut self, mode: FimMode) -> Self {
+        self.fim = mode;
+        self
     }
 
     /// Whether `name` refers to the served model.
@@ -234,6 +245,9 @@ pub fn router(state: AppState) -> Router {
     let config = state.config().clone();
     let mut app = Router::new()
         .route("/v1/completions", post(completions::completions))
+        .route("/infill", post(infill::infill))
+        .route("/completion", post(infill::completion))
+        .route("/api/generate", post(infill::ollama_generate))
         .route("/v1/chat/completions", post(completions::chat_completions))
         .route("/v1/models", get(info::models))
         .route("/health", get(info::health))

@@ -353,15 +353,25 @@ pub struct WireUsage {
     pub completion_tokens: usize,
     /// Sum.
     pub total_tokens: usize,
+    /// Prefix-cache hits.
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+/// OpenAI's `usage.prompt_tokens_details`.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens whose KV came from the prefix cache.
+    pub cached_tokens: usize,
 }
 
 impl WireUsage {
-    /// Usage for a prompt and a number of generated tokens.
-    pub fn new(prompt_tokens: usize, completion_tokens: usize) -> Self {
+    /// Usage for a prompt, a number of generated tokens and the prompt tokens found cached.
+    pub fn new(prompt_tokens: usize, completion_tokens: usize, cached_tokens: usize) -> Self {
         WireUsage {
             prompt_tokens,
             completion_tokens,
             total_tokens: prompt_tokens + completion_tokens,
+            prompt_tokens_details: PromptTokensDetails { cached_tokens },
         }
     }
 

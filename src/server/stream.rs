@@ -37,6 +37,8 @@ pub enum TextEvent {
         reason: &'static str,
         /// Tokens generated.
         completion_tokens: usize,
+        /// Prompt tokens whose KV came from the prefix cache.
+        cached_tokens: usize,
     },
     /// The engine failed.
     Failed(EngineError),
@@ -55,6 +57,7 @@ pub struct TextEvents {
     started: Instant,
     last_token: Option<Instant>,
     deadline: Option<Instant>,
+    predict_budget: Option<std::time::Duration>,
     done: bool,
 }
 
@@ -79,6 +82,7 @@ impl TextEvents {
             started: Instant::now(),
             last_token: None,
             deadline: None,
+            predict_budget: None,
             done: false,
         }
     }
@@ -87,6 +91,20 @@ impl TextEvents {
     /// the server's request timeout and llama.cpp's `t_max_predict_ms`.
     pub fn with_deadline(mut self, deadline: Option<Instant>) -> Self {
         self.deadline = deadline;
+        self
+    }
+
+    /// Prompt tokens served from the prefix cache (0 once the generation is gone).
+    fn cached_tokens(&self) -> usize {
+        self.generation
+            .as_ref()
+            .map_or(0, Generation::cached_tokens)
+    }
+
+    /// Starts a generation time budget at the first token (llama.cpp's `t_max_predict_ms`);
+    /// the earlier of it and any deadline applies.
+    pub fn with_predict_budget(mut self, budget: Option<std::time::Duration>) -> Self {
+        self.predict_budget = budget;
         self
     }
 
@@ -105,6 +123,7 @@ impl TextEvents {
         self.pending.push_back(TextEvent::Finished {
             reason,
             completion_tokens: self.completion_tokens,
+            cached_tokens: self.cached_tokens(),
         });
         self.end();
     }
@@ -128,6 +147,12 @@ impl TextEvents {
             match self.last_token {
                 None => m.ttft.observe((now - self.started).as_secs_f64()),
                 Some(prev) => m.itl.observe((now - prev).as_secs_f64()),
+            }
+        }
+        if self.last_token.is_none() {
+            if let Some(budget) = self.predict_budget {
+                let end = now + budget;
+                self.deadline = Some(self.deadline.map_or(end, |d| d.min(end)));
             }
         }
         self.last_token = Some(now);
@@ -158,6 +183,7 @@ impl TextEvents {
                 self.pending.push_back(TextEvent::Finished {
                     reason: "stop",
                     completion_tokens: self.completion_tokens,
+                    cached_tokens: self.cached_tokens(),
                 });
                 self.end();
             }

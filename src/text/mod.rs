@@ -3,6 +3,7 @@
 
 pub mod chat_template;
 pub mod detokenizer;
+pub mod fim;
 pub mod gguf_vocab;
 pub mod stop;
 
@@ -12,6 +13,7 @@ use serde_json::{json, Map, Value};
 
 pub use chat_template::{ChatMessage, ChatTemplate};
 pub use detokenizer::Detokenizer;
+pub use fim::{FimMode, FimTemplate};
 pub use stop::{StopCheck, StopMatcher};
 
 /// Errors of the text layer.

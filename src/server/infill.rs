@@ -1,0 +1,747 @@
+//! Editor dialects: llama.cpp's `POST /infill` (llama.vim, llama.vscode) and `POST /completion`
+//! (Continue, Tabby), and Ollama's `POST /api/generate`. All three go through one path:
+//! fields → a [`Plan`] (prompt ids built by `text::fim` when there is a suffix) → one
+//! `TextEvents` → a JSON body, SSE events (llama.cpp) or newline-delimited JSON (Ollama).
+
+use std::convert::Infallible;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::stream;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::engine::{GenerateRequest, SamplingParams};
+use crate::text::fim::{self, ExtraFile, FimInput};
+
+use super::error::{ApiError, AppJson};
+use super::openai::parse_body;
+use super::stream::{TextEvent, TextEvents};
+use super::{AppState, Loaded};
+
+/// A prompt as text or token ids.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum PromptValue {
+    Text(String),
+    Tokens(Vec<u32>),
+}
+
+/// One `input_extra` chunk.
+#[derive(Debug, Deserialize)]
+struct ExtraChunk {
+    #[serde(default)]
+    filename: Option<String>,
+    #[serde(default)]
+    text: String,
+}
+
+/// llama.cpp's request fields (`/infill` and `/completion`); unknown fields are ignored, as
+/// llama.cpp does.
+#[derive(Debug, Deserialize, Default)]
+struct LlamaRequest {
+    #[serde(default)]
+    input_prefix: Option<String>,
+    #[serde(default)]
+    input_suffix: Option<String>,
+    #[serde(default)]
+    input_extra: Option<Vec<ExtraChunk>>,
+    #[serde(default)]
+    prompt: Option<PromptValue>,
+    #[serde(default)]
+    n_predict: Option<i64>,
+    #[serde(default)]
+    t_max_predict_ms: Option<u64>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    temperature: Option<f32>,
+    #[serde(default)]
+    top_k: Option<i64>,
+    #[serde(default)]
+    top_p: Option<f32>,
+    #[serde(default)]
+    min_p: Option<f32>,
+    #[serde(default)]
+    seed: Option<i64>,
+    #[serde(default)]
+    stop: Option<Vec<String>>,
+    #[serde(default)]
+    repeat_penalty: Option<f32>,
+    #[serde(default)]
+    presence_penalty: Option<f32>,
+    #[serde(default)]
+    frequency_penalty: Option<f32>,
+    #[serde(default)]
+    ignore_eos: Option<bool>,
+}
+
+/// Ollama's `options`.
+#[derive(Debug, Deserialize, Default)]
+struct OllamaOptions {
+    #[serde(default)]
+    temperature: Option<f32>,
+    #[serde(default)]
+    top_k: Option<i64>,
+    #[serde(default)]
+    top_p: Option<f32>,
+    #[serde(default)]
+    min_p: Option<f32>,
+    #[serde(default)]
+    seed: Option<i64>,
+    #[serde(default)]
+    num_predict: Option<i64>,
+    #[serde(default)]
+    stop: Option<Vec<String>>,
+    #[serde(default)]
+    repeat_penalty: Option<f32>,
+    #[serde(default)]
+    presence_penalty: Option<f32>,
+    #[serde(default)]
+    frequency_penalty: Option<f32>,
+}
+
+/// Ollama's `/api/generate` fields.
+#[derive(Debug, Deserialize)]
+struct OllamaRequest {
+    #[serde(default)]
+    model: Option<String>,
+    prompt: String,
+    #[serde(default)]
+    suffix: Option<String>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    options: Option<OllamaOptions>,
+}
+
+/// Sampling fields common to the dialects, before validation.
+struct RawSampling {
+    temperature: Option<f32>,
+    top_k: Option<i64>,
+    top_p: Option<f32>,
+    min_p: Option<f32>,
+    seed: Option<i64>,
+    repeat_penalty: Option<f32>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+}
+
+/// llama.cpp's defaults (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05).
+fn sampling(raw: RawSampling) -> Result<SamplingParams, ApiError> {
+    let temperature = raw.temperature.unwrap_or(0.8);
+    if !temperature.is_finite() || temperature < 0.0 {
+        return Err(ApiError::invalid(
+            "temperature",
+            "`temperature` must be ≥ 0",
+        ));
+    }
+    let top_p = raw.top_p.unwrap_or(0.95);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::invalid("top_p", "`top_p` must be in (0, 1]"));
+    }
+    let min_p = raw.min_p.unwrap_or(0.05);
+    if !(0.0..=1.0).contains(&min_p) {
+        return Err(ApiError::invalid("min_p", "`min_p` must be in [0, 1]"));
+    }
+    let repetition_penalty = raw.repeat_penalty.unwrap_or(1.0);
+    if !repetition_penalty.is_finite() || repetition_penalty <= 0.0 {
+        return Err(ApiError::invalid(
+            "repeat_penalty",
+            "`repeat_penalty` must be > 0",
+        ));
+    }
+    for (v, name) in [
+        (raw.presence_penalty, "presence_penalty"),
+        (raw.frequency_penalty, "frequency_penalty"),
+    ] {
+        if v.is_some_and(|v| !v.is_finite()) {
+            return Err(ApiError::invalid(
+                name,
+                format!("`{name}` must be a number"),
+            ));
+        }
+    }
+    Ok(SamplingParams {
+        temperature,
+        // ≤ 0 means off in llama.cpp.
+        top_k: raw.top_k.map_or(40, |k| k.max(0) as usize),
+        top_p,
+        min_p,
+        repetition_penalty,
+        presence_penalty: raw.presence_penalty.unwrap_or(0.0),
+        frequency_penalty: raw.frequency_penalty.unwrap_or(0.0),
+        logit_bias: Vec::new(),
+        // Negative seeds (llama.cpp's -1) draw a random one.
+        seed: raw.seed.and_then(|s| u64::try_from(s).ok()),
+    })
+}
+
+/// What to run for one editor request.
+struct Plan {
+    prompt_ids: Vec<u32>,
+    stop_ids: Vec<u32>,
+    stop_strings: Vec<String>,
+    sampling: SamplingParams,
+    n_predict: Option<i64>,
+    predict_budget: Option<Duration>,
+    fim_mode: Option<&'static str>,
+}
+
+/// A finished generation with its timings.
+struct Outcome {
+    text: String,
+    ids: Vec<u32>,
+    reason: &'static str,
+    cached_tokens: usize,
+    submitted: Instant,
+    first_token: Option<Instant>,
+    ended: Instant,
+}
+
+/// Assembles a FIM prompt from editor fields with the model's FIM mode.
+fn fim_plan(loaded: &Loaded, input: &FimInput) -> Result<fim::FimPrompt, ApiError> {
+    Ok(fim::build(&loaded.tokenizer, &loaded.fim, input)?)
+}
+
+fn check_ids(loaded: &Loaded, ids: &[u32]) -> Result<(), ApiError> {
+    if ids.is_empty() {
+        return Err(ApiError::invalid("prompt", "the prompt is empty"));
+    }
+    match ids.iter().find(|&&t| t as usize >= loaded.vocab_size()) {
+        Some(bad) => Err(ApiError::invalid(
+            "prompt",
+            format!("token id {bad} is outside the vocabulary"),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Submits the plan; returns its text events and the stop ids in force.
+fn start(
+    app: &AppState,
+    loaded: &Loaded,
+    plan: Plan,
+    ignore_eos: bool,
+) -> Result<TextEvents, ApiError> {
+    check_ids(loaded, &plan.prompt_ids)?;
+    let context = loaded.engine.limits().context_length;
+    let prompt_len = plan.prompt_ids.len();
+    if prompt_len >= context {
+        return Err(ApiError::invalid(
+            "prompt",
+            format!("the prompt has {prompt_len} tokens; this model's context length is {context}"),
+        ));
+    }
+    let room = context - prompt_len;
+    let max_new_tokens = match plan.n_predict {
+        None => room,
+        Some(n) if n < 0 => room,
+        Some(0) => return Err(ApiError::invalid("n_predict", "`n_predict` must not be 0")),
+        // Editors ask for a fixed budget; near the end of the context it is clamped.
+        Some(n) => (n as usize).min(room),
+    };
+    let mut stop_ids = plan.stop_ids;
+    if !ignore_eos {
+        stop_ids.extend(&loaded.eos_ids);
+    }
+    let generation = loaded.engine.submit(GenerateRequest {
+        prompt: plan.prompt_ids,
+        sampling: plan.sampling,
+        max_new_tokens,
+        stop_token_ids: stop_ids.clone(),
+        adapter: None,
+        top_logprobs: None,
+    })?;
+    let deadline = app.config().request_timeout.map(|t| Instant::now() + t);
+    Ok(TextEvents::new(
+        generation,
+        loaded.tokenizer.clone(),
+        plan.stop_strings,
+        stop_ids,
+        Some(app.metrics()),
+    )
+    .with_deadline(deadline)
+    .with_predict_budget(plan.predict_budget))
+}
+
+async fn collect(mut events: TextEvents, submitted: Instant) -> Result<Outcome, ApiError> {
+    let mut out = Outcome {
+        text: String::new(),
+        ids: Vec::new(),
+        reason: "length",
+        cached_tokens: 0,
+        submitted,
+        first_token: None,
+        ended: submitted,
+    };
+    while let Some(ev) = events.next().await {
+        match ev {
+            TextEvent::Delta { text, tokens } => {
+                if out.first_token.is_none() && !tokens.is_empty() {
+                    out.first_token = Some(Instant::now());
+                }
+                out.text.push_str(&text);
+                out.ids.extend(tokens.iter().map(|t| t.id));
+            }
+            TextEvent::Finished {
+                reason,
+                cached_tokens,
+                ..
+            } => {
+                out.reason = reason;
+                out.cached_tokens = cached_tokens;
+            }
+            TextEvent::Failed(e) => return Err(e.into()),
+        }
+    }
+    out.ended = Instant::now();
+    Ok(out)
+}
+
+/// llama.cpp's final object: content, counts, stop type, cache hits, timings.
+fn llama_final(loaded: &Loaded, plan_info: &PlanInfo, o: &Outcome, content: &str) -> Value {
+    let first = o.first_token.unwrap_or(o.ended);
+    let prompt_ms = (first - o.submitted).as_secs_f64() * 1e3;
+    let predicted_ms = (o.ended - first).as_secs_f64() * 1e3;
+    let predicted_n = o.ids.len();
+    let prompt_n = plan_info.prompt_len.saturating_sub(o.cached_tokens);
+    let per = |ms: f64, n: usize| if n == 0 { 0.0 } else { ms / n as f64 };
+    let rate = |ms: f64, n: usize| if ms <= 0.0 { 0.0 } else { n as f64 * 1e3 / ms };
+    let ended_on_stop_token = o
+        .ids
+        .last()
+        .is_some_and(|id| plan_info.stop_ids.contains(id));
+    let stop_type = match o.reason {
+        "stop" if ended_on_stop_token => "eos",
+        "stop" => "word",
+        _ => "limit",
+    };
+    json!({
+        "index": 0,
+        "content": content,
+        "tokens": [],
+        "id_slot": 0,
+        "stop": true,
+        "model": loaded.model_name,
+        "tokens_predicted": predicted_n,
+        "tokens_evaluated": plan_info.prompt_len,
+        "generation_settings": {"n_ctx": loaded.engine.limits().context_length},
+        "has_new_line": content.contains('\n'),
+        "truncated": false,
+        "stop_type": stop_type,
+        "stopping_word": "",
+        "tokens_cached": o.cached_tokens,
+        "fim_mode": plan_info.fim_mode,
+        "timings": {
+            "prompt_n": prompt_n,
+            "prompt_ms": prompt_ms,
+            "prompt_per_token_ms": per(prompt_ms, prompt_n),
+            "prompt_per_second": rate(prompt_ms, prompt_n),
+            "predicted_n": predicted_n,
+            "predicted_ms": predicted_ms,
+            "predicted_per_token_ms": per(predicted_ms, predicted_n),
+            "predicted_per_second": rate(predicted_ms, predicted_n),
+        },
+    })
+}
+
+/// What the response needs to know about the plan after it was submitted.
+struct PlanInfo {
+    prompt_len: usize,
+    stop_ids: Vec<u32>,
+    fim_mode: Option<&'static str>,
+}
+
+/// Runs a llama.cpp-dialect plan and answers in llama.cpp's format.
+async fn respond_llama(
+    app: AppState,
+    plan: Plan,
+    ignore_eos: bool,
+    stream: bool,
+) -> Result<Response, ApiError> {
+    let loaded = app.loaded()?;
+    let mut info = PlanInfo {
+        prompt_len: plan.prompt_ids.len(),
+        stop_ids: plan.stop_ids.clone(),
+        fim_mode: plan.fim_mode,
+    };
+    if !ignore_eos {
+        info.stop_ids.extend(&loaded.eos_ids);
+    }
+    let submitted = Instant::now();
+    let events = start(&app, loaded, plan, ignore_eos)?;
+    if !stream {
+        let o = collect(events, submitted).await?;
+        return Ok(axum::Json(llama_final(loaded, &info, &o, &o.text)).into_response());
+    }
+    // SSE: one event per text delta, then the final object (llama.cpp sends no [DONE] here).
+    struct St {
+        app: AppState,
+        events: Option<TextEvents>,
+        info: PlanInfo,
+        o: Outcome,
+    }
+    let st = St {
+        app: app.clone(),
+        events: Some(events),
+        info,
+        o: Outcome {
+            text: String::new(),
+            ids: Vec::new(),
+            reason: "length",
+            cached_tokens: 0,
+            submitted,
+            first_token: None,
+            ended: submitted,
+        },
+    };
+    let s = stream::unfold(st, |mut st| async move {
+        let events = st.events.as_mut()?;
+        loop {
+            match events.next().await {
+                Some(TextEvent::Delta { text, tokens }) => {
+                    if st.o.first_token.is_none() && !tokens.is_empty() {
+                        st.o.first_token = Some(Instant::now());
+                    }
+                    st.o.ids.extend(tokens.iter().map(|t| t.id));
+                    if text.is_empty() {
+                        continue;
+                    }
+                    let ids: Vec<u32> = tokens.iter().map(|t| t.id).collect();
+                    let v = json!({"index": 0, "content": text, "tokens": ids, "stop": false,
+                                   "id_slot": 0, "tokens_predicted": st.o.ids.len(),
+                                   "tokens_evaluated": st.info.prompt_len});
+                    return Some((
+                        Ok::<_, Infallible>(SseEvent::default().data(v.to_string())),
+                        st,
+                    ));
+                }
+                Some(TextEvent::Finished {
+                    reason,
+                    cached_tokens,
+                    ..
+                }) => {
+                    st.o.reason = reason;
+                    st.o.cached_tokens = cached_tokens;
+                }
+                Some(TextEvent::Failed(e)) => {
+                    st.events = None;
+                    let body = ApiError::from(e).body();
+                    return Some((Ok(SseEvent::default().data(body.to_string())), st));
+                }
+                None => {
+                    st.events = None;
+                    st.o.ended = Instant::now();
+                    let loaded = st.app.loaded().ok()?;
+                    let v = llama_final(loaded, &st.info, &st.o, "");
+                    return Some((Ok(SseEvent::default().data(v.to_string())), st));
+                }
+            }
+        }
+    });
+    Ok(Sse::new(s).keep_alive(KeepAlive::default()).into_response())
+}
+
+fn extra_files(chunks: Option<Vec<ExtraChunk>>) -> Vec<ExtraFile> {
+    chunks
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| ExtraFile {
+            filename: c.filename.unwrap_or_else(|| "tmp".into()),
+            text: c.text,
+        })
+        .collect()
+}
+
+fn llama_sampling(r: &LlamaRequest) -> Result<SamplingParams, ApiError> {
+    sampling(RawSampling {
+        temperature: r.temperature,
+        top_k: r.top_k,
+        top_p: r.top_p,
+        min_p: r.min_p,
+        seed: r.seed,
+        repeat_penalty: r.repeat_penalty,
+        presence_penalty: r.presence_penalty,
+        frequency_penalty: r.frequency_penalty,
+    })
+}
+
+/// `POST /infill` (llama.cpp): `input_prefix`, `input_suffix`, `input_extra`, `prompt`.
+pub async fn infill(
+    State(app): State<AppState>,
+    AppJson(body): AppJson<Value>,
+) -> Result<Response, ApiError> {
+    let mut req: LlamaRequest = parse_body(&body)?;
+    let loaded = app.loaded()?;
+    let prompt = match &req.prompt {
+        None => String::new(),
+        Some(PromptValue::Text(t)) => t.clone(),
+        Some(PromptValue::Tokens(_)) => {
+            return Err(ApiError::invalid(
+                "prompt",
+                "`prompt` must be text for /infill",
+            ))
+        }
+    };
+    let input = FimInput {
+        prefix: req.input_prefix.clone().unwrap_or_default(),
+        suffix: req.input_suffix.clone().unwrap_or_default(),
+        prompt,
+        extra: extra_files(req.input_extra.take()),
+    };
+    let built = fim_plan(loaded, &input)?;
+    let mut stop_strings = req.stop.clone().unwrap_or_default();
+    stop_strings.extend(built.stop_strings);
+    let plan = Plan {
+        prompt_ids: built.ids,
+        stop_ids: built.stop_ids,
+        stop_strings,
+        sampling: llama_sampling(&req)?,
+        n_predict: req.n_predict,
+        predict_budget: req.t_max_predict_ms.map(Duration::from_millis),
+        fim_mode: Some(built.mode),
+    };
+    respond_llama(
+        app.clone(),
+        plan,
+        req.ignore_eos.unwrap_or(false),
+        req.stream.unwrap_or(false),
+    )
+    .await
+}
+
+/// `POST /completion` (llama.cpp's native completion): `prompt` (text or ids), `n_predict`.
+pub async fn completion(
+    State(app): State<AppState>,
+    AppJson(body): AppJson<Value>,
+) -> Result<Response, ApiError> {
+    let mut req: LlamaRequest = parse_body(&body)?;
+    let loaded = app.loaded()?;
+    let (prompt_ids, stop_ids, mut stop_strings, fim_mode) = match (&req.prompt, &req.input_suffix)
+    {
+        (Some(PromptValue::Tokens(ids)), _) => (ids.clone(), Vec::new(), Vec::new(), None),
+        (prompt, Some(suffix)) => {
+            let prefix = match prompt {
+                Some(PromptValue::Text(t)) => t.clone(),
+                _ => req.input_prefix.clone().unwrap_or_default(),
+            };
+            let built = fim_plan(
+                loaded,
+                &FimInput {
+                    prefix,
+                    suffix: suffix.clone(),
+                    prompt: String::new(),
+                    extra: extra_files(req.input_extra.take()),
+                },
+            )?;
+            (
+                built.ids,
+                built.stop_ids,
+                built.stop_strings,
+                Some(built.mode),
+            )
+        }
+        (Some(PromptValue::Text(t)), None) => (
+            loaded.tokenizer.encode(t, true)?,
+            Vec::new(),
+            Vec::new(),
+            None,
+        ),
+        (None, None) => return Err(ApiError::invalid("prompt", "`prompt` is required")),
+    };
+    stop_strings.extend(req.stop.clone().unwrap_or_default());
+    let plan = Plan {
+        prompt_ids,
+        stop_ids,
+        stop_strings,
+        sampling: llama_sampling(&req)?,
+        n_predict: req.n_predict,
+        predict_budget: req.t_max_predict_ms.map(Duration::from_millis),
+        fim_mode,
+    };
+    respond_llama(
+        app.clone(),
+        plan,
+        req.ignore_eos.unwrap_or(false),
+        req.stream.unwrap_or(false),
+    )
+    .await
+}
+
+/// RFC 3339 UTC time, as Ollama writes `created_at`.
+fn rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:09}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_nanos()
+    )
+}
+
+/// Ollama's final object (durations in nanoseconds).
+fn ollama_final(model: &str, prompt_len: usize, o: &Outcome, response: &str) -> Value {
+    let first = o.first_token.unwrap_or(o.ended);
+    let ns = |d: Duration| d.as_nanos() as u64;
+    json!({
+        "model": model,
+        "created_at": rfc3339(SystemTime::now()),
+        "response": response,
+        "done": true,
+        "done_reason": if o.reason == "stop" { "stop" } else { "length" },
+        "context": [],
+        "total_duration": ns(o.ended - o.submitted),
+        "load_duration": 0,
+        "prompt_eval_count": prompt_len,
+        "prompt_eval_duration": ns(first - o.submitted),
+        "eval_count": o.ids.len(),
+        "eval_duration": ns(o.ended - first),
+    })
+}
+
+/// `POST /api/generate` (Ollama): `prompt`, optional `suffix` (FIM), `options`, `stream`
+/// (default true: newline-delimited JSON).
+pub async fn ollama_generate(
+    State(app): State<AppState>,
+    AppJson(body): AppJson<Value>,
+) -> Result<Response, ApiError> {
+    let req: OllamaRequest = parse_body(&body)?;
+    let loaded = app.loaded()?;
+    if let Some(m) = &req.model {
+        if !loaded.serves(m) {
+            return Err(ApiError::model_not_found(m));
+        }
+    }
+    let opts = req.options.unwrap_or_default();
+    let (prompt_ids, stop_ids, mut stop_strings, fim_mode) = match &req.suffix {
+        Some(suffix) => {
+            let built = fim_plan(
+                loaded,
+                &FimInput {
+                    prefix: req.prompt.clone(),
+                    suffix: suffix.clone(),
+                    ..Default::default()
+                },
+            )?;
+            (
+                built.ids,
+                built.stop_ids,
+                built.stop_strings,
+                Some(built.mode),
+            )
+        }
+        None => (
+            loaded.tokenizer.encode(&req.prompt, true)?,
+            Vec::new(),
+            Vec::new(),
+            None,
+        ),
+    };
+    stop_strings.extend(opts.stop.clone().unwrap_or_default());
+    let plan = Plan {
+        prompt_ids,
+        stop_ids,
+        stop_strings,
+        sampling: sampling(RawSampling {
+            temperature: opts.temperature,
+            top_k: opts.top_k,
+            top_p: opts.top_p,
+            min_p: opts.min_p,
+            seed: opts.seed,
+            repeat_penalty: opts.repeat_penalty,
+            presence_penalty: opts.presence_penalty,
+            frequency_penalty: opts.frequency_penalty,
+        })?,
+        n_predict: opts.num_predict,
+        predict_budget: None,
+        fim_mode,
+    };
+    let prompt_len = plan.prompt_ids.len();
+    let model = loaded.model_name.clone();
+    let submitted = Instant::now();
+    let events = start(&app, loaded, plan, false)?;
+    if !req.stream.unwrap_or(true) {
+        let o = collect(events, submitted).await?;
+        return Ok(axum::Json(ollama_final(&model, prompt_len, &o, &o.text)).into_response());
+    }
+    let st = (
+        Some(events),
+        Outcome {
+            text: String::new(),
+            ids: Vec::new(),
+            reason: "length",
+            cached_tokens: 0,
+            submitted,
+            first_token: None,
+            ended: submitted,
+        },
+    );
+    let model2 = loaded.model_name.clone();
+    let s = stream::unfold(st, move |(mut events, mut o)| {
+        let model = model2.clone();
+        async move {
+            let ev = events.as_mut()?;
+            loop {
+                match ev.next().await {
+                    Some(TextEvent::Delta { text, tokens }) => {
+                        if o.first_token.is_none() && !tokens.is_empty() {
+                            o.first_token = Some(Instant::now());
+                        }
+                        o.ids.extend(tokens.iter().map(|t| t.id));
+                        if text.is_empty() {
+                            continue;
+                        }
+                        let v = json!({"model": model, "created_at": rfc3339(SystemTime::now()),
+                                       "response": text, "done": false});
+                        return Some((Ok::<_, Infallible>(format!("{v}\n")), (events, o)));
+                    }
+                    Some(TextEvent::Finished { reason, .. }) => o.reason = reason,
+                    Some(TextEvent::Failed(e)) => {
+                        let v = json!({"error": ApiError::from(e).message});
+                        return Some((Ok(format!("{v}\n")), (None, o)));
+                    }
+                    None => {
+                        o.ended = Instant::now();
+                        let v = ollama_final(&model, prompt_len, &o, "");
+                        return Some((Ok(format!("{v}\n")), (None, o)));
+                    }
+                }
+            }
+        }
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(s),
+    )
+        .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000000000Z");
+        let t = UNIX_EPOCH + Duration::from_secs(1_709_251_199); // 2024-02-29T23:59:59Z
+        assert_eq!(rfc3339(t), "2024-02-29T23:59:59.000000000Z");
+    }
+}
