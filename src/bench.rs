@@ -136,6 +136,113 @@ pub fn run(engine: &EngineHandle, config: &BenchConfig) -> anyhow::Result<Vec<se
     Ok(lines)
 }
 
+/// Time from submit to the first token; the generation is then run to its end.
+fn first_token_ms(engine: &EngineHandle, request: GenerateRequest) -> anyhow::Result<(f64, usize)> {
+    let started = Instant::now();
+    let mut generation = engine.submit(request)?;
+    let mut ttft = None;
+    while let Some(ev) = generation.blocking_next() {
+        match ev {
+            Event::Token { .. } => {
+                ttft.get_or_insert_with(|| started.elapsed().as_secs_f64() * 1e3);
+            }
+            Event::Finished { .. } => break,
+            Event::Failed(e) => anyhow::bail!("request failed: {e}"),
+        }
+    }
+    let cached = generation.cached_tokens();
+    Ok((ttft.unwrap_or(0.0), cached))
+}
+
+/// Editor autocomplete: a `context`-token file, then `requests` completions whose last
+/// `changed` tokens differ each time (the cursor moved), `new_tokens` each. Prints and returns
+/// one JSON line with the cold and warm TTFT.
+pub fn autocomplete(
+    engine: &EngineHandle,
+    context: usize,
+    changed: usize,
+    new_tokens: usize,
+    requests: usize,
+) -> anyhow::Result<serde_json::Value> {
+    let vocab = engine.limits().vocab_size;
+    anyhow::ensure!(
+        changed < context,
+        "--changed must be below the context size"
+    );
+    let base = prompt(10_000, context, vocab);
+    let (cold, _) = first_token_ms(engine, GenerateRequest::greedy(base.clone(), new_tokens))?;
+    let mut ttft = Vec::new();
+    let mut cached = Vec::new();
+    for r in 0..requests {
+        let mut p = base[..context - changed].to_vec();
+        p.extend(prompt(20_000 + r, changed, vocab));
+        let (t, c) = first_token_ms(engine, GenerateRequest::greedy(p, new_tokens))?;
+        ttft.push(t);
+        cached.push(c as f64);
+    }
+    let line = json!({
+        "scenario": "autocomplete",
+        "context_tokens": context,
+        "changed_tokens": changed,
+        "new_tokens": new_tokens,
+        "requests": requests,
+        "ttft_ms_cold": cold,
+        "ttft_ms_p50": percentile(&mut ttft, 0.5),
+        "ttft_ms_p95": percentile(&mut ttft, 0.95),
+        "cached_tokens_p50": percentile(&mut cached, 0.5),
+    });
+    println!("{line}");
+    Ok(line)
+}
+
+/// Typing: a new request every `interval`, each abandoning the previous one (its context one
+/// token longer, as if a character was typed). Prints and returns one JSON line: the most
+/// requests running at once, and the last request's TTFT next to a lone request's.
+pub fn typing(
+    engine: &EngineHandle,
+    context: usize,
+    keystrokes: usize,
+    interval: Duration,
+    new_tokens: usize,
+) -> anyhow::Result<serde_json::Value> {
+    let vocab = engine.limits().vocab_size;
+    let base = prompt(30_000, context + keystrokes, vocab);
+    let (single, _) = first_token_ms(
+        engine,
+        GenerateRequest::greedy(base[..context].to_vec(), new_tokens),
+    )?;
+    let mut max_running = 0;
+    let mut previous = None;
+    for k in 1..keystrokes {
+        let g = engine.submit(GenerateRequest::greedy(
+            base[..context + k].to_vec(),
+            new_tokens,
+        ))?;
+        drop(previous.replace(g)); // the editor abandons the previous request
+        let until = Instant::now() + interval;
+        while Instant::now() < until {
+            max_running = max_running.max(engine.stats().num_running);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    drop(previous);
+    let (last, _) = first_token_ms(
+        engine,
+        GenerateRequest::greedy(base[..context + keystrokes].to_vec(), new_tokens),
+    )?;
+    let line = json!({
+        "scenario": "typing",
+        "context_tokens": context,
+        "keystrokes": keystrokes,
+        "interval_ms": interval.as_millis() as u64,
+        "max_running": max_running,
+        "single_ttft_ms": single,
+        "last_ttft_ms": last,
+    });
+    println!("{line}");
+    Ok(line)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

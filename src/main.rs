@@ -271,6 +271,12 @@ struct BenchArgs {
     /// KV cache size in MiB.
     #[arg(long, default_value_t = 1024)]
     kv_cache_mb: usize,
+    /// What to run: `sweep` (concurrency sweep), `autocomplete`, `typing`, or `editors` (both).
+    #[arg(long, default_value = "sweep")]
+    scenario: String,
+    /// Editor scenarios: context tokens.
+    #[arg(long, default_value_t = 1500)]
+    context_tokens: usize,
 }
 
 fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
@@ -285,12 +291,30 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
             ..Default::default()
         },
     )?;
-    let config = nextoken::bench::BenchConfig {
-        concurrency: args.concurrency,
-        prompt_tokens: args.prompt_tokens,
-        new_tokens: args.new_tokens,
-    };
-    nextoken::bench::run(&engine, &config)?;
+    let ctx = args.context_tokens;
+    match args.scenario.as_str() {
+        "sweep" => {
+            let config = nextoken::bench::BenchConfig {
+                concurrency: args.concurrency,
+                prompt_tokens: args.prompt_tokens,
+                new_tokens: args.new_tokens,
+            };
+            nextoken::bench::run(&engine, &config)?;
+        }
+        "autocomplete" | "typing" | "editors" => {
+            if args.scenario != "typing" {
+                // The cursor moves: the last 5% of the context changes, 32 new tokens.
+                nextoken::bench::autocomplete(&engine, ctx, ctx / 20, 32, 10)?;
+            }
+            if args.scenario != "autocomplete" {
+                let interval = std::time::Duration::from_millis(50);
+                nextoken::bench::typing(&engine, ctx, 20, interval, 32)?;
+            }
+        }
+        other => {
+            anyhow::bail!("unknown --scenario `{other}` (sweep, autocomplete, typing, editors)")
+        }
+    }
     Ok(())
 }
 

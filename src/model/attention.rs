@@ -178,14 +178,14 @@ struct HeadView<'a> {
     scale: f32,
 }
 
-/// Softmax(q·Kᵀ·scale)·V for the query heads `q: (G, head_dim)` that share one KV head,
-/// written into `out` (zeroed). Portable path.
-fn attend_group(q: &[f32], view: &HeadView, scores: &mut Vec<f32>, out: &mut [f32]) {
+/// Softmax(q·Kᵀ·scale)·V for query vectors `q: (Q, head_dim)` that share one KV head, vector
+/// `g` attending to the first `ns[g]` slots; written into `out` (zeroed). Portable path.
+fn attend_group(q: &[f32], ns: &[usize], view: &HeadView, scores: &mut Vec<f32>, out: &mut [f32]) {
     let hd = view.head_dim;
-    for (qg, og) in q.chunks_exact(hd).zip(out.chunks_exact_mut(hd)) {
+    for ((qg, og), &n) in q.chunks_exact(hd).zip(out.chunks_exact_mut(hd)).zip(ns) {
         scores.clear();
         let mut max = f32::NEG_INFINITY;
-        for &s in view.slots {
+        for &s in &view.slots[..n] {
             let base = s as usize * view.kv_dim + view.offset;
             let x = dot(qg, &view.k[base..base + hd]) * view.scale;
             max = max.max(x);
@@ -197,7 +197,7 @@ fn attend_group(q: &[f32], view: &HeadView, scores: &mut Vec<f32>, out: &mut [f3
             sum += *x;
         }
         let inv = 1.0 / sum;
-        for (&s, &w) in view.slots.iter().zip(scores.iter()) {
+        for (&s, &w) in view.slots[..n].iter().zip(scores.iter()) {
             let base = s as usize * view.kv_dim + view.offset;
             let p = w * inv;
             for (oi, vi) in og.iter_mut().zip(&view.v[base..base + hd]) {
@@ -256,24 +256,36 @@ mod simd_x86 {
         _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h))
     }
 
+    /// Keys per block: a block's K (or V) head rows stay in L1 while every query vector of
+    /// the tile uses them.
+    const KEY_BLOCK: usize = 64;
+
     /// The AVX2 form of `super::attend_group` (`head_dim % 8 == 0`, `≤ MAX_HEAD_DIM`).
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn attend_group(q: &[f32], view: &HeadView, scores: &mut Vec<f32>, out: &mut [f32]) {
+    pub(super) fn attend_group(
+        q: &[f32],
+        ns: &[usize],
+        view: &HeadView,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
         let hd = view.head_dim;
         let nc = hd / 8;
-        let groups = q.len() / hd;
+        let qn = q.len() / hd;
         let n = view.slots.len();
         let padded = n.next_multiple_of(4);
         assert!(hd.is_multiple_of(8) && hd <= MAX_HEAD_DIM && out.len() == q.len());
+        assert!(ns.len() == qn && ns.iter().all(|&m| (1..=n).contains(&m)));
         assert!(view.slots.iter().all(|&s| {
             (s as usize + 1) * view.kv_dim >= s as usize * view.kv_dim + view.offset + hd
                 && (s as usize + 1) * view.kv_dim <= view.k.len().min(view.v.len())
         }));
         scores.clear();
-        scores.resize(groups * padded, 0.0);
+        scores.resize(qn * padded, 0.0);
         let scale = _mm256_set1_ps(view.scale);
         // SAFETY (whole body): every slot's head row lies inside k and v (asserted above);
-        // q/out hold `groups × hd`; scores hold `groups × padded`.
+        // q/out hold `qn × hd`; scores hold `qn × padded`; key indices stay below `padded`
+        // and are clamped to real slots.
         unsafe {
             let kp = view.k.as_ptr().add(view.offset);
             let vp = view.v.as_ptr().add(view.offset);
@@ -281,23 +293,30 @@ mod simd_x86 {
                 // Padding keys repeat the last real one; their scores are never used.
                 base.add(view.slots[i.min(n - 1)] as usize * view.kv_dim)
             };
-            // Scores, four keys at a time.
-            for g in 0..groups {
-                let qg = q.as_ptr().add(g * hd);
-                for i in (0..padded).step_by(4) {
-                    let ks = [row(i, kp), row(i + 1, kp), row(i + 2, kp), row(i + 3, kp)];
-                    let mut acc = [_mm256_setzero_ps(); 4];
-                    for c in 0..nc {
-                        let qc = _mm256_loadu_ps(qg.add(c * 8));
-                        for j in 0..4 {
-                            acc[j] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(ks[j].add(c * 8)), acc[j]);
+            // Scores, four keys at a time; each score's arithmetic depends only on its query
+            // and key, so blocking and the tile's other rows change nothing.
+            for kb in (0..padded).step_by(KEY_BLOCK) {
+                for (g, &m) in ns.iter().enumerate() {
+                    let qg = q.as_ptr().add(g * hd);
+                    let end = m.next_multiple_of(4).min(kb + KEY_BLOCK);
+                    let mut i = kb;
+                    while i < end {
+                        let ks = [row(i, kp), row(i + 1, kp), row(i + 2, kp), row(i + 3, kp)];
+                        let mut acc = [_mm256_setzero_ps(); 4];
+                        for c in 0..nc {
+                            let qc = _mm256_loadu_ps(qg.add(c * 8));
+                            for j in 0..4 {
+                                acc[j] =
+                                    _mm256_fmadd_ps(qc, _mm256_loadu_ps(ks[j].add(c * 8)), acc[j]);
+                            }
                         }
+                        let s = _mm_mul_ps(hsum4(acc), _mm256_castps256_ps128(scale));
+                        _mm_storeu_ps(scores.as_mut_ptr().add(g * padded + i), s);
+                        i += 4;
                     }
-                    let s = _mm_mul_ps(hsum4(acc), _mm256_castps256_ps128(scale));
-                    _mm_storeu_ps(scores.as_mut_ptr().add(g * padded + i), s);
                 }
             }
-            for g in 0..groups {
+            for (g, &n) in ns.iter().enumerate() {
                 let sg = &mut scores[g * padded..g * padded + padded];
                 let mut max = f32::NEG_INFINITY;
                 for &x in &sg[..n] {
@@ -328,29 +347,37 @@ mod simd_x86 {
                     *x *= inv;
                 }
             }
-            // Weighted values, up to eight output vectors at a time.
-            for g in 0..groups {
-                let og = out.as_mut_ptr().add(g * hd);
-                let sg = scores.as_ptr().add(g * padded);
-                let rows: Vec<*const f32> = (0..n).map(|i| row(i, vp)).collect();
-                for c0 in (0..nc).step_by(8) {
-                    let o = og.add(c0 * 8);
-                    match nc - c0 {
-                        1 => weighted::<1>(sg, &rows, c0, o),
-                        2 => weighted::<2>(sg, &rows, c0, o),
-                        3 => weighted::<3>(sg, &rows, c0, o),
-                        4 => weighted::<4>(sg, &rows, c0, o),
-                        5 => weighted::<5>(sg, &rows, c0, o),
-                        6 => weighted::<6>(sg, &rows, c0, o),
-                        7 => weighted::<7>(sg, &rows, c0, o),
-                        _ => weighted::<8>(sg, &rows, c0, o),
+            // Weighted values: key blocks outer; each output keeps accumulating in key order
+            // (stored and reloaded exactly between blocks).
+            let rows: Vec<*const f32> = (0..n).map(|i| row(i, vp)).collect();
+            for kb in (0..n).step_by(KEY_BLOCK) {
+                for (g, &m) in ns.iter().enumerate() {
+                    let end = m.min(kb + KEY_BLOCK);
+                    if end <= kb {
+                        continue;
+                    }
+                    let og = out.as_mut_ptr().add(g * hd);
+                    let sg = scores.as_ptr().add(g * padded + kb);
+                    let rs = &rows[kb..end];
+                    for c0 in (0..nc).step_by(8) {
+                        let o = og.add(c0 * 8);
+                        match nc - c0 {
+                            1 => weighted::<1>(sg, rs, c0, o),
+                            2 => weighted::<2>(sg, rs, c0, o),
+                            3 => weighted::<3>(sg, rs, c0, o),
+                            4 => weighted::<4>(sg, rs, c0, o),
+                            5 => weighted::<5>(sg, rs, c0, o),
+                            6 => weighted::<6>(sg, rs, c0, o),
+                            7 => weighted::<7>(sg, rs, c0, o),
+                            _ => weighted::<8>(sg, rs, c0, o),
+                        }
                     }
                 }
             }
         }
     }
 
-    /// `out[c] = Σᵢ p[i]·v_i[c0 + c]` for `W` vectors, keys in order.
+    /// `out[c] += Σᵢ p[i]·v_i[c0 + c]` for `W` vectors, keys in order.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn weighted<const W: usize>(
@@ -359,9 +386,9 @@ mod simd_x86 {
         c0: usize,
         out: *mut f32,
     ) {
-        let mut acc = [_mm256_setzero_ps(); W];
         // SAFETY: `p` holds rows.len() weights; each row holds (c0 + W) · 8 values; `out` W · 8.
         unsafe {
+            let mut acc: [__m256; W] = std::array::from_fn(|c| _mm256_loadu_ps(out.add(c * 8)));
             for (i, &v) in rows.iter().enumerate() {
                 let w = _mm256_set1_ps(*p.add(i));
                 let v = v.add(c0 * 8);
@@ -376,7 +403,13 @@ mod simd_x86 {
     }
 }
 
-fn attend_group_dispatch(q: &[f32], view: &HeadView, scores: &mut Vec<f32>, out: &mut [f32]) {
+fn attend_group_dispatch(
+    q: &[f32],
+    ns: &[usize],
+    view: &HeadView,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::sync::OnceLock;
@@ -391,13 +424,16 @@ fn attend_group_dispatch(q: &[f32], view: &HeadView, scores: &mut Vec<f32>, out:
             #[allow(unsafe_code)]
             // SAFETY: AVX2 and FMA were detected at run time.
             unsafe {
-                simd_x86::attend_group(q, view, scores, out)
+                simd_x86::attend_group(q, ns, view, scores, out)
             };
             return;
         }
     }
-    attend_group(q, view, scores, out)
+    attend_group(q, ns, view, scores, out)
 }
+
+/// Consecutive rows of one sequence attended together (their keys read once per tile).
+const ROW_TILE: usize = 8;
 
 /// Causal attention of every row over its own sequence's cached context (which already holds
 /// this step's keys/values). `q: (T, num_heads * head_dim)` after rope; returns the same shape.
@@ -416,24 +452,58 @@ pub fn attend(
     let kv_dim = num_kv_heads * head_dim;
     let group = num_heads / num_kv_heads;
     let scale = 1.0 / (head_dim as f32).sqrt();
-    let mut out = vec![0f32; q.len()];
-    // One task per (row, KV head): the query heads sharing a KV head read each key once.
-    out.par_chunks_mut(group * head_dim)
-        .enumerate()
-        .for_each_init(Vec::new, |scores: &mut Vec<f32>, (idx, o)| {
-            let (t, kvh) = (idx / num_kv_heads, idx % num_kv_heads);
+    let q_dim = num_heads * head_dim;
+    // Tiles of up to ROW_TILE consecutive rows of the same sequence.
+    let mut tiles = Vec::new();
+    let mut r = 0;
+    for s in &batch.seqs {
+        let end = r + s.query_len;
+        while r < end {
+            let e = (r + ROW_TILE).min(end);
+            tiles.push((r, e));
+            r = e;
+        }
+    }
+    // One task per (tile, KV head): the rows and query heads sharing a KV head read each key
+    // block once.
+    let tasks: Vec<(usize, usize, usize)> = tiles
+        .iter()
+        .flat_map(|&(a, b)| (0..num_kv_heads).map(move |h| (a, b, h)))
+        .collect();
+    let results: Vec<(usize, usize, Vec<f32>)> = tasks
+        .into_par_iter()
+        .map_init(Vec::new, |scores: &mut Vec<f32>, (r0, r1, kvh)| {
+            let rows = r1 - r0;
+            let mut qs = Vec::with_capacity(rows * group * head_dim);
+            let mut ns = Vec::with_capacity(rows * group);
+            for t in r0..r1 {
+                let base = t * q_dim + kvh * group * head_dim;
+                qs.extend_from_slice(&q[base..base + group * head_dim]);
+                ns.extend(std::iter::repeat_n(batch.positions[t] as usize + 1, group));
+            }
+            let longest = ns.iter().copied().max().unwrap_or(0);
             let view = HeadView {
                 k: &layer.k,
                 v: &layer.v,
-                slots: &plan.context_slots[plan.row_seq[t]][..=batch.positions[t] as usize],
+                slots: &plan.context_slots[plan.row_seq[r0]][..longest],
                 kv_dim,
                 offset: kvh * head_dim,
                 head_dim,
                 scale,
             };
-            let qs = &q[idx * group * head_dim..(idx + 1) * group * head_dim];
-            attend_group_dispatch(qs, &view, scores, o);
-        });
+            let mut o = vec![0f32; qs.len()];
+            attend_group_dispatch(&qs, &ns, &view, scores, &mut o);
+            (r0, kvh, o)
+        })
+        .collect();
+    let mut out = vec![0f32; q.len()];
+    let width = group * head_dim;
+    for (r0, kvh, o) in results {
+        for (i, chunk) in o.chunks_exact(width).enumerate() {
+            let base = (r0 + i) * q_dim + kvh * width;
+            out[base..base + width].copy_from_slice(chunk);
+        }
+    }
     out
 }
 
@@ -458,12 +528,12 @@ mod tests {
         for head_dim in [64, 24, 128] {
             let (kv_heads, group) = (2, 3);
             let kv_dim = kv_heads * head_dim;
-            let slots_total = 40;
+            let slots_total = 160;
             let k = values(slots_total * kv_dim, 1);
             let v = values(slots_total * kv_dim, 2);
             let q = values(group * head_dim, 3);
-            for n in 1..=19 {
-                let slots: Vec<u32> = (0..n as u32).map(|i| (i * 7 + 3) % 40).collect();
+            for n in (1..=19).chain([70, 130]) {
+                let slots: Vec<u32> = (0..n as u32).map(|i| (i * 7 + 3) % 160).collect();
                 let view = HeadView {
                     k: &k,
                     v: &v,
@@ -474,8 +544,10 @@ mod tests {
                     scale: 0.125,
                 };
                 let (mut a, mut b) = (vec![0f32; q.len()], vec![0f32; q.len()]);
-                attend_group(&q, &view, &mut Vec::new(), &mut a);
-                attend_group_dispatch(&q, &view, &mut Vec::new(), &mut b);
+                // Query vectors with different context lengths, as in a prefill tile.
+                let ns: Vec<usize> = (0..group).map(|g| n - g.min(n - 1)).collect();
+                attend_group(&q, &ns, &view, &mut Vec::new(), &mut a);
+                attend_group_dispatch(&q, &ns, &view, &mut Vec::new(), &mut b);
                 for (x, y) in a.iter().zip(&b) {
                     assert!((x - y).abs() < 1e-5, "hd {head_dim} n {n}: {x} vs {y}");
                 }
