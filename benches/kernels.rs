@@ -1,7 +1,9 @@
 //! Quantized matmul kernels in isolation: GFLOP/s and weight bandwidth per row count.
 //!
 //! `cargo bench --bench kernels [-- THREADS]` (default: the process's rayon pool). Prints one
-//! JSON line per (format, shape, rows) with the median of several timed runs.
+//! JSON line per (format, shape, rows) with the median of several timed runs. Under
+//! `cargo test` (no `--bench` argument) it only checks that the kernels run. Under
+//! `cargo test` it only checks that the kernels run.
 
 use std::time::Instant;
 
@@ -30,9 +32,16 @@ fn random_bytes(format: QuantFormat, rows: usize, cols: usize) -> Vec<u8> {
 }
 
 fn main() {
+    // `cargo test --all-targets` runs this binary without `--bench`: a quick smoke run only.
+    if !std::env::args().any(|a| a == "--bench") {
+        let bytes = random_bytes(QuantFormat::Q4_1, 32, 64);
+        let q = QMatrix::from_gguf_bytes(QuantFormat::Q4_1, 32, 64, &bytes).expect("valid");
+        assert_eq!(q.matmul(&vec![0.5f32; 7 * 64], 7).len(), 7 * 32);
+        return;
+    }
     if let Some(threads) = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse::<usize>().ok())
+        .skip(1)
+        .find_map(|a| a.parse::<usize>().ok())
     {
         rayon::ThreadPoolBuilder::new()
             .num_threads(threads)

@@ -1,6 +1,6 @@
 //! Editor dialects: llama.cpp's `POST /infill` (llama.vim, llama.vscode) and `POST /completion`
 //! (Continue, Tabby), and Ollama's `POST /api/generate`. All three go through one path:
-//! fields → a [`Plan`] (prompt ids built by `text::fim` when there is a suffix) → one
+//! fields → a `Plan` (prompt ids built by `text::fim` when there is a suffix) → one
 //! `TextEvents` → a JSON body, SSE events (llama.cpp) or newline-delimited JSON (Ollama).
 
 use std::convert::Infallible;
