@@ -59,50 +59,22 @@ struct LlamaRequest {
     #[serde(default)]
     stream: Option<bool>,
     #[serde(default)]
-    temperature: Option<f32>,
-    #[serde(default)]
-    top_k: Option<i64>,
-    #[serde(default)]
-    top_p: Option<f32>,
-    #[serde(default)]
-    min_p: Option<f32>,
-    #[serde(default)]
-    seed: Option<i64>,
-    #[serde(default)]
     stop: Option<Vec<String>>,
     #[serde(default)]
-    repeat_penalty: Option<f32>,
-    #[serde(default)]
-    presence_penalty: Option<f32>,
-    #[serde(default)]
-    frequency_penalty: Option<f32>,
-    #[serde(default)]
     ignore_eos: Option<bool>,
+    #[serde(flatten)]
+    sampling: RawSampling,
 }
 
 /// Ollama's `options`.
 #[derive(Debug, Deserialize, Default)]
 struct OllamaOptions {
     #[serde(default)]
-    temperature: Option<f32>,
-    #[serde(default)]
-    top_k: Option<i64>,
-    #[serde(default)]
-    top_p: Option<f32>,
-    #[serde(default)]
-    min_p: Option<f32>,
-    #[serde(default)]
-    seed: Option<i64>,
-    #[serde(default)]
     num_predict: Option<i64>,
     #[serde(default)]
     stop: Option<Vec<String>>,
-    #[serde(default)]
-    repeat_penalty: Option<f32>,
-    #[serde(default)]
-    presence_penalty: Option<f32>,
-    #[serde(default)]
-    frequency_penalty: Option<f32>,
+    #[serde(flatten)]
+    sampling: RawSampling,
 }
 
 /// Ollama's `/api/generate` fields.
@@ -119,20 +91,30 @@ struct OllamaRequest {
     options: Option<OllamaOptions>,
 }
 
-/// Sampling fields common to the dialects, before validation.
+/// Sampling fields common to the dialects (same names in llama.cpp's body and Ollama's
+/// `options`), before validation.
+#[derive(Debug, Deserialize, Default)]
 struct RawSampling {
+    #[serde(default)]
     temperature: Option<f32>,
+    #[serde(default)]
     top_k: Option<i64>,
+    #[serde(default)]
     top_p: Option<f32>,
+    #[serde(default)]
     min_p: Option<f32>,
+    #[serde(default)]
     seed: Option<i64>,
+    #[serde(default)]
     repeat_penalty: Option<f32>,
+    #[serde(default)]
     presence_penalty: Option<f32>,
+    #[serde(default)]
     frequency_penalty: Option<f32>,
 }
 
 /// llama.cpp's defaults (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05).
-fn sampling(raw: RawSampling) -> Result<SamplingParams, ApiError> {
+fn sampling(raw: &RawSampling) -> Result<SamplingParams, ApiError> {
     let temperature = raw.temperature.unwrap_or(0.8);
     if !temperature.is_finite() || temperature < 0.0 {
         return Err(ApiError::invalid(
@@ -203,6 +185,21 @@ struct Outcome {
     ended: Instant,
 }
 
+impl Outcome {
+    /// Nothing generated yet.
+    fn new(submitted: Instant) -> Self {
+        Outcome {
+            text: String::new(),
+            ids: Vec::new(),
+            reason: "length",
+            cached_tokens: 0,
+            submitted,
+            first_token: None,
+            ended: submitted,
+        }
+    }
+}
+
 /// Assembles a FIM prompt from editor fields with the model's FIM mode.
 fn fim_plan(loaded: &Loaded, input: &FimInput) -> Result<fim::FimPrompt, ApiError> {
     Ok(fim::build(&loaded.tokenizer, &loaded.fim, input)?)
@@ -270,15 +267,7 @@ fn start(
 }
 
 async fn collect(mut events: TextEvents, submitted: Instant) -> Result<Outcome, ApiError> {
-    let mut out = Outcome {
-        text: String::new(),
-        ids: Vec::new(),
-        reason: "length",
-        cached_tokens: 0,
-        submitted,
-        first_token: None,
-        ended: submitted,
-    };
+    let mut out = Outcome::new(submitted);
     while let Some(ev) = events.next().await {
         match ev {
             TextEvent::Delta { text, tokens } => {
@@ -390,15 +379,7 @@ async fn respond_llama(
         app: app.clone(),
         events: Some(events),
         info,
-        o: Outcome {
-            text: String::new(),
-            ids: Vec::new(),
-            reason: "length",
-            cached_tokens: 0,
-            submitted,
-            first_token: None,
-            ended: submitted,
-        },
+        o: Outcome::new(submitted),
     };
     let s = stream::unfold(st, |mut st| async move {
         let events = st.events.as_mut()?;
@@ -458,19 +439,6 @@ fn extra_files(chunks: Option<Vec<ExtraChunk>>) -> Vec<ExtraFile> {
         .collect()
 }
 
-fn llama_sampling(r: &LlamaRequest) -> Result<SamplingParams, ApiError> {
-    sampling(RawSampling {
-        temperature: r.temperature,
-        top_k: r.top_k,
-        top_p: r.top_p,
-        min_p: r.min_p,
-        seed: r.seed,
-        repeat_penalty: r.repeat_penalty,
-        presence_penalty: r.presence_penalty,
-        frequency_penalty: r.frequency_penalty,
-    })
-}
-
 /// `POST /infill` (llama.cpp): `input_prefix`, `input_suffix`, `input_extra`, `prompt`.
 pub async fn infill(
     State(app): State<AppState>,
@@ -501,7 +469,7 @@ pub async fn infill(
         prompt_ids: built.ids,
         stop_ids: built.stop_ids,
         stop_strings,
-        sampling: llama_sampling(&req)?,
+        sampling: sampling(&req.sampling)?,
         n_predict: req.n_predict,
         predict_budget: req.t_max_predict_ms.map(Duration::from_millis),
         fim_mode: Some(built.mode),
@@ -559,7 +527,7 @@ pub async fn completion(
         prompt_ids,
         stop_ids,
         stop_strings,
-        sampling: llama_sampling(&req)?,
+        sampling: sampling(&req.sampling)?,
         n_predict: req.n_predict,
         predict_budget: req.t_max_predict_ms.map(Duration::from_millis),
         fim_mode,
@@ -660,16 +628,7 @@ pub async fn ollama_generate(
         prompt_ids,
         stop_ids,
         stop_strings,
-        sampling: sampling(RawSampling {
-            temperature: opts.temperature,
-            top_k: opts.top_k,
-            top_p: opts.top_p,
-            min_p: opts.min_p,
-            seed: opts.seed,
-            repeat_penalty: opts.repeat_penalty,
-            presence_penalty: opts.presence_penalty,
-            frequency_penalty: opts.frequency_penalty,
-        })?,
+        sampling: sampling(&opts.sampling)?,
         n_predict: opts.num_predict,
         predict_budget: None,
         fim_mode,
@@ -682,18 +641,7 @@ pub async fn ollama_generate(
         let o = collect(events, submitted).await?;
         return Ok(axum::Json(ollama_final(&model, prompt_len, &o, &o.text)).into_response());
     }
-    let st = (
-        Some(events),
-        Outcome {
-            text: String::new(),
-            ids: Vec::new(),
-            reason: "length",
-            cached_tokens: 0,
-            submitted,
-            first_token: None,
-            ended: submitted,
-        },
-    );
+    let st = (Some(events), Outcome::new(submitted));
     let model2 = loaded.model_name.clone();
     let s = stream::unfold(st, move |(mut events, mut o)| {
         let model = model2.clone();
