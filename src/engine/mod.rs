@@ -13,13 +13,14 @@ pub mod scheduler;
 pub mod sequence;
 pub mod step;
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
-use crate::model::{KvCache, Model};
+use crate::model::{KvCache, LoraAdapter, Model, ModelConfig};
 
 pub use request::{EngineError, Event, FinishReason, GenerateRequest, TokenLogprob, Usage};
 pub use sampler::{Sampler, SamplingParams};
@@ -138,12 +139,17 @@ pub struct EngineHandle {
     stats: watch::Receiver<EngineStats>,
     next_id: Arc<AtomicU64>,
     limits: ModelLimits,
+    config: Arc<ModelConfig>,
+    /// Loaded adapters by name. Submitting resolves the name here, so a sequence keeps its
+    /// adapter even if it is unloaded while the sequence runs.
+    adapters: Arc<RwLock<BTreeMap<String, Arc<LoraAdapter>>>>,
 }
 
 impl EngineHandle {
     /// Loads nothing: takes a loaded model and starts the engine thread.
     pub fn spawn(model: Model, config: EngineConfig) -> Result<Self, EngineError> {
         let c = model.config();
+        let config_arc = Arc::new(c.clone());
         let per_block =
             KvCache::bytes_per_token(c.num_layers, c.kv_dim()) * config.block_size.max(1);
         let num_blocks = (config.kv_cache_bytes / per_block.max(1)).max(1);
@@ -194,7 +200,42 @@ impl EngineHandle {
             stats,
             next_id: Arc::new(AtomicU64::new(0)),
             limits,
+            config: config_arc,
+            adapters: Arc::default(),
         })
+    }
+
+    /// The served model's hyper-parameters (adapters are checked against them).
+    pub fn model_config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Makes `adapter` available under `name` to requests submitted from now on, replacing
+    /// any adapter of that name (running requests keep the one they started with).
+    pub fn load_adapter(&self, name: &str, adapter: LoraAdapter) {
+        if let Ok(mut map) = self.adapters.write() {
+            map.insert(name.to_string(), Arc::new(adapter));
+        }
+    }
+
+    /// Removes an adapter; `false` if none had that name.
+    pub fn unload_adapter(&self, name: &str) -> bool {
+        self.adapters
+            .write()
+            .is_ok_and(|mut map| map.remove(name).is_some())
+    }
+
+    /// Names of the loaded adapters, sorted.
+    pub fn adapter_names(&self) -> Vec<String> {
+        self.adapters
+            .read()
+            .map(|map| map.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Whether an adapter of that name is loaded.
+    pub fn has_adapter(&self, name: &str) -> bool {
+        self.adapters.read().is_ok_and(|map| map.contains_key(name))
     }
 
     /// What requests are validated against.
@@ -247,6 +288,16 @@ impl EngineHandle {
                 "at most {MAX_TOP_LOGPROBS} top log-probabilities"
             )));
         }
+        let adapter = match &request.adapter {
+            None => None,
+            Some(name) => Some(
+                self.adapters
+                    .read()
+                    .ok()
+                    .and_then(|map| map.get(name).cloned())
+                    .ok_or_else(|| EngineError::UnknownAdapter(name.clone()))?,
+            ),
+        };
         let permit = self
             .admission
             .clone()
@@ -254,7 +305,7 @@ impl EngineHandle {
             .map_err(|_| EngineError::Overloaded)?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = unbounded_channel();
-        let seq = sequence::Sequence::new(id, request, tx);
+        let seq = sequence::Sequence::new(id, request, adapter, tx);
         let cached_tokens = seq.cached_tokens_report.clone();
         self.commands
             .send(Command::Submit(seq))

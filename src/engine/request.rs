@@ -15,7 +15,8 @@ pub struct GenerateRequest {
     pub max_new_tokens: usize,
     /// Token ids that end the request (the model's EOS unless `ignore_eos`, plus any others).
     pub stop_token_ids: Vec<TokenId>,
-    /// LoRA adapter name (reserved; `None` is the base model).
+    /// LoRA adapter name, as loaded with [`super::EngineHandle::load_adapter`]; `None` is the
+    /// base model.
     pub adapter: Option<String>,
     /// Number of alternatives to report with each token's log-probability (≤ 20).
     pub top_logprobs: Option<usize>,
@@ -104,6 +105,9 @@ pub enum EngineError {
     /// Too many requests are waiting.
     #[error("the server is overloaded: too many requests waiting")]
     Overloaded,
+    /// No adapter is loaded under that name.
+    #[error("no model or adapter named '{0}'")]
+    UnknownAdapter(String),
     /// The engine thread is gone.
     #[error("the engine has stopped")]
     Stopped,

@@ -252,7 +252,7 @@ mod tests {
         let (tx, rx) = unbounded_channel();
         // Distinct prompts per id: identical ones would share cached blocks.
         let req = GenerateRequest::greedy(vec![id as u32 + 1; prompt_len], 100);
-        (Sequence::new(id, req, tx), rx)
+        (Sequence::new(id, req, None, tx), rx)
     }
 
     /// Marks the scheduled tokens computed, and decoding sequences as having sampled one more.
@@ -382,9 +382,15 @@ mod tests {
         s.add(Sequence::new(
             0,
             GenerateRequest::greedy(prompt.clone(), 5),
+            None,
             tx,
         ));
-        s.add(Sequence::new(1, GenerateRequest::greedy(prompt, 5), tx2));
+        s.add(Sequence::new(
+            1,
+            GenerateRequest::greedy(prompt, 5),
+            None,
+            tx2,
+        ));
         let first = s.schedule(&mut pool);
         assert_eq!(first.items.len(), 1, "the twin waits for the shared blocks");
         assert_eq!(first.num_tokens(), 9);

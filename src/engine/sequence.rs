@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::model::TokenId;
+use crate::model::{LoraAdapter, TokenId};
 
 use super::block_pool::{block_hashes, BlockHash};
 use super::request::{Event, GenerateRequest};
@@ -34,6 +34,8 @@ pub struct Sequence {
     pub cached_tokens_report: Arc<AtomicUsize>,
     /// Seeds the block names: requests on different adapters never share KV.
     pub cache_salt: u64,
+    /// The adapter this sequence runs with (`None`: the base model).
+    pub adapter: Option<Arc<LoraAdapter>>,
     /// Upper bound on generated tokens.
     pub max_new_tokens: usize,
     /// Token ids that finish the request.
@@ -48,7 +50,12 @@ pub struct Sequence {
 
 impl Sequence {
     /// Wraps a validated request.
-    pub fn new(id: u64, request: GenerateRequest, events: UnboundedSender<Event>) -> Self {
+    pub fn new(
+        id: u64,
+        request: GenerateRequest,
+        adapter: Option<Arc<LoraAdapter>>,
+        events: UnboundedSender<Event>,
+    ) -> Self {
         let num_prompt_tokens = request.prompt.len();
         let mut tokens = request.prompt;
         tokens.reserve(request.max_new_tokens);
@@ -62,12 +69,14 @@ impl Sequence {
             num_registered_blocks: 0,
             num_cached_tokens: 0,
             cached_tokens_report: Arc::new(AtomicUsize::new(0)),
-            cache_salt: request.adapter.as_deref().map_or(0, |a| {
+            // Salted by the load, not the name: a reloaded adapter never reuses old KV.
+            cache_salt: adapter.as_ref().map_or(0, |a| {
                 use std::hash::{Hash, Hasher};
                 let mut h = std::collections::hash_map::DefaultHasher::new();
-                a.hash(&mut h);
+                a.id().hash(&mut h);
                 h.finish() | 1
             }),
+            adapter,
             max_new_tokens: request.max_new_tokens,
             stop_token_ids: request.stop_token_ids,
             top_logprobs: request.top_logprobs,

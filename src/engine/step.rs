@@ -108,6 +108,9 @@ impl EngineCore {
                 &seq.block_table,
                 bs,
             );
+            if let Some(span) = fb.seqs.last_mut() {
+                span.adapter = seq.adapter.clone();
+            }
         }
         fb
     }

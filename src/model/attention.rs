@@ -82,6 +82,11 @@ impl Rope {
 }
 
 impl RopeTables {
+    /// `(cos, sin)`, each `(T, head_dim / 2)` row-major.
+    pub fn as_slices(&self) -> (&[f32], &[f32]) {
+        (&self.cos, &self.sin)
+    }
+
     /// Rotates `x: (T, heads * head_dim)` in place: `x·cos + rotate_half(x)·sin`.
     pub fn apply(&self, x: &mut [f32], heads: usize) {
         let half = self.half;

@@ -8,9 +8,11 @@ use super::attention::{self, AttentionPlan, HeadDims, Rope};
 use super::config::ModelConfig;
 use super::kv_cache::KvCache;
 use super::linear::Linear;
+use super::lora::{self, LoraAdapter, Target};
 use super::weights::Weights;
 use super::{ForwardBatch, LoadError};
 
+#[derive(Clone)]
 struct Block {
     input_norm: Vec<f32>,          // (hidden,)
     qkv: Projections,              // q (num_heads * head_dim), k, v (num_kv_heads * head_dim)
@@ -22,6 +24,7 @@ struct Block {
 
 /// Projections of one input, stacked into a single kernel call when their storage allows
 /// (each output column is computed independently, so stacking changes no result).
+#[derive(Clone)]
 enum Projections {
     Stacked(Linear, Vec<usize>),
     Separate(Vec<Linear>),
@@ -88,7 +91,8 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     out
 }
 
-/// A llama-family model with its weights in memory.
+/// A llama-family model with its weights in memory. Cloning shares the (immutable) weights.
+#[derive(Clone)]
 pub struct Llama {
     config: ModelConfig,
     embed_tokens: Linear, // (vocab, hidden); also the head when tied
@@ -182,29 +186,50 @@ impl Llama {
             .to_vec1::<f32>()?; // (T, hidden)
         let rope = self.rope.tables(&batch.positions);
         let plan = AttentionPlan::new(batch, kv.block_size());
+        // Each row's adapter, only when some sequence has one (the base-only path stays bare).
+        let row_adapters: Option<Vec<Option<&LoraAdapter>>> =
+            batch.seqs.iter().any(|s| s.adapter.is_some()).then(|| {
+                batch
+                    .seqs
+                    .iter()
+                    .flat_map(|s| std::iter::repeat_n(s.adapter.as_deref(), s.query_len))
+                    .collect()
+            });
+        let lora = |y: &mut [f32], x: &[f32], layer: usize, t: Target| match &row_adapters {
+            Some(ra) => lora::add_deltas(y, x, ra, layer, t),
+            None => Ok(()),
+        };
         for (i, b) in self.blocks.iter().enumerate() {
             let h = rms_norm(&x, &b.input_norm, eps);
             let mut qkv = b.qkv.forward(&h, rows)?.into_iter();
-            let (Some(mut q), Some(mut k), Some(v)) = (qkv.next(), qkv.next(), qkv.next()) else {
+            let (Some(mut q), Some(mut k), Some(mut v)) = (qkv.next(), qkv.next(), qkv.next())
+            else {
                 candle_core::bail!("q/k/v projections missing");
             };
+            lora(&mut q, &h, i, Target::Q)?;
+            lora(&mut k, &h, i, Target::K)?;
+            lora(&mut v, &h, i, Target::V)?;
             rope.apply(&mut q, c.num_heads);
             rope.apply(&mut k, c.num_kv_heads);
             let layer = kv.layer_mut(i);
             attention::write_kv(layer, &batch.slots, &k, &v, c.kv_dim());
             let attn = attention::attend(&q, layer, batch, &plan, dims);
-            let o = b.o_proj.forward_vec(&attn, rows)?;
+            let mut o = b.o_proj.forward_vec(&attn, rows)?;
+            lora(&mut o, &attn, i, Target::O)?;
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
             let h = rms_norm(&x, &b.post_attention_norm, eps);
             let mut gu = b.gate_up.forward(&h, rows)?.into_iter();
-            let (Some(mut gate), Some(up)) = (gu.next(), gu.next()) else {
+            let (Some(mut gate), Some(mut up)) = (gu.next(), gu.next()) else {
                 candle_core::bail!("gate/up projections missing");
             };
+            lora(&mut gate, &h, i, Target::Gate)?;
+            lora(&mut up, &h, i, Target::Up)?;
             // SiLU(gate) · up, candle's arithmetic for SiLU.
             for (g, u) in gate.iter_mut().zip(&up) {
                 *g = *g / ((-*g).exp() + 1.0) * u;
             }
-            let mlp = b.down_proj.forward_vec(&gate, rows)?;
+            let mut mlp = b.down_proj.forward_vec(&gate, rows)?;
+            lora(&mut mlp, &gate, i, Target::Down)?;
             x.iter_mut().zip(&mlp).for_each(|(a, b)| *a += b);
         }
         // Only each sequence's last row goes through the (large) output head.

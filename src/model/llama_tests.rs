@@ -7,7 +7,7 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 
 use super::*;
-use crate::model::{ForwardBatch, Model, ModelConfig};
+use crate::model::{ForwardBatch, LoraAdapter, Model, ModelConfig, Target};
 
 fn tiny_config(tied: bool) -> ModelConfig {
     ModelConfig {
@@ -317,6 +317,159 @@ fn shape_mismatch_is_reported_with_the_tensor_name() {
     assert!(err.contains("tiny.safetensors"), "{err}");
     assert!(
         err.contains("model.layers.1.mlp.up_proj.weight") && err.contains("[80, 48]"),
+        "{err}"
+    );
+}
+
+/// Every position's logits from the serving forward, one token per step, with an adapter.
+fn serve_positions(model: &Model, ids: &[u32], adapter: Option<&LoraAdapter>) -> Vec<Vec<f32>> {
+    let bs = 4;
+    let blocks = ids.len().div_ceil(bs);
+    let mut kv = model.new_kv_cache(blocks, bs);
+    let table: Vec<u32> = (0..blocks as u32).collect();
+    let adapter = adapter.map(|a| {
+        std::sync::Arc::new(
+            LoraAdapter::new(
+                model.config(),
+                a.rank(),
+                a.scale() * a.rank() as f64,
+                false,
+                a.targets()
+                    .iter()
+                    .flat_map(|&t| {
+                        (0..model.config().num_layers).map(move |l| ((l, t), a.get(l, t)))
+                    })
+                    .filter_map(|(k, p)| p.map(|p| (k, p.clone())))
+                    .collect(),
+            )
+            .expect("adapter fits"),
+        )
+    });
+    (0..ids.len())
+        .map(|p| {
+            let mut b = ForwardBatch::default();
+            b.push_seq(&ids[p..p + 1], p, &table, bs);
+            b.seqs[0].adapter = adapter.clone();
+            model
+                .forward(&b, &mut kv)
+                .expect("forward")
+                .squeeze(0)
+                .expect("one row")
+                .to_vec1::<f32>()
+                .expect("f32")
+        })
+        .collect()
+}
+
+/// LoRA variables with a non-zero B (fresh ones start exactly at the base model).
+fn perturbed_lora(c: &ModelConfig, targets: &[Target]) -> crate::model::llama_train::LoraVars {
+    let lora = crate::model::llama_train::LoraVars::init(c, 4, 8.0, 0.0, targets, 7).expect("init");
+    for (i, v) in lora.all_vars().iter().enumerate() {
+        if v.dims()[0] != 4 {
+            v.set(&random_tensor(v.dims(), 100 + i as u64, 0.2))
+                .expect("set");
+        }
+    }
+    lora
+}
+
+#[test]
+fn training_graph_equals_serving_forward_with_and_without_an_adapter() {
+    let (model, _) = tiny_model(false);
+    let c = model.config().clone();
+    let frozen = model.frozen().expect("frozen");
+    let ids = [3u32, 17, 42, 5, 88, 1, 60, 33, 9];
+    for targets in [&Target::ALL[..], &[Target::Q, Target::V][..]] {
+        let lora = perturbed_lora(&c, targets);
+        let adapter = lora.to_adapter(&c).expect("adapter");
+        let train = frozen.logits(&ids, &lora).expect("train logits");
+        let train = train.to_vec2::<f32>().expect("2d");
+        let served = serve_positions(&model, &ids, Some(&adapter));
+        let base = serve_positions(&model, &ids, None);
+        assert_eq!(train.len(), ids.len() - 1);
+        for p in 0..ids.len() - 1 {
+            let d = max_diff(&train[p], &served[p]);
+            assert!(d < 2e-4, "position {p}: training vs serving differ by {d}");
+            assert!(
+                max_diff(&served[p], &base[p]) > 1e-2,
+                "the adapter changes the logits"
+            );
+        }
+    }
+}
+
+#[test]
+fn every_lora_parameter_receives_a_gradient() {
+    let (model, _) = tiny_model(true);
+    let c = model.config().clone();
+    let frozen = model.frozen().expect("frozen");
+    let lora = perturbed_lora(&c, &Target::ALL);
+    let seqs: [&[u32]; 2] = [&[1, 2, 3, 4, 5, 6], &[9, 8, 7]];
+    let masks: [&[bool]; 2] = [
+        &[false, false, true, true, true, true],
+        &[false, true, true],
+    ];
+    let batch = crate::model::llama_train::TrainBatch {
+        tokens: &seqs,
+        targets: &masks,
+    };
+    let (loss, n) = frozen.loss_sum(&batch, &lora, Some(1)).expect("loss");
+    assert_eq!(n, 6);
+    let grads = loss.backward().expect("backward");
+    let vars = lora.all_vars();
+    assert_eq!(vars.len(), c.num_layers * 7 * 2);
+    for v in &vars {
+        let g = grads
+            .get(v.as_tensor())
+            .expect("every LoRA factor has a gradient");
+        let norm = g
+            .sqr()
+            .expect("sqr")
+            .sum_all()
+            .expect("sum")
+            .to_scalar::<f32>()
+            .expect("f32");
+        assert!(norm > 0.0, "zero gradient for a {:?} factor", v.dims());
+    }
+}
+
+#[test]
+fn lora_adapter_round_trips_through_peft_files() {
+    let (model, _) = tiny_model(true);
+    let c = model.config().clone();
+    let adapter = perturbed_lora(&c, &[Target::Q, Target::Down])
+        .to_adapter(&c)
+        .expect("adapter");
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("my-adapter");
+    adapter.save_peft(&path, "tiny").expect("save");
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(path.join("adapter_config.json")).expect("config"),
+    )
+    .expect("json");
+    assert_eq!(cfg["r"], 4);
+    assert_eq!(cfg["lora_alpha"], 8.0);
+    assert_eq!(
+        cfg["target_modules"],
+        serde_json::json!(["q_proj", "down_proj"])
+    );
+    let names =
+        candle_core::safetensors::load(path.join("adapter_model.safetensors"), &Device::Cpu)
+            .expect("safetensors");
+    assert!(names.contains_key("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"));
+    assert_eq!(names.len(), c.num_layers * 2 * 2);
+    let back = LoraAdapter::load_peft(&path, &c).expect("load");
+    let ids = [5u32, 6, 7, 8];
+    assert_eq!(
+        serve_positions(&model, &ids, Some(&adapter)),
+        serve_positions(&model, &ids, Some(&back))
+    );
+    // A base model of another shape is refused with the reason.
+    let mut other = c.clone();
+    other.hidden_size = 64;
+    let err = LoraAdapter::load_peft(&path, &other).expect_err("shape mismatch");
+    assert!(
+        err.to_string().contains("do not fit the base model"),
         "{err}"
     );
 }

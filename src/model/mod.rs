@@ -11,16 +11,20 @@ pub mod config;
 pub mod kv_cache;
 pub mod linear;
 pub mod llama;
+pub mod llama_train;
+pub mod lora;
 pub mod quant;
 pub mod weights;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::Tensor;
 
 pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use kv_cache::KvCache;
 pub use linear::Linear;
+pub use lora::{LoraAdapter, Target};
 pub use weights::Weights;
 
 /// A token id.
@@ -85,6 +89,8 @@ pub struct SeqSpan {
     pub context_len: usize,
     /// KV block ids holding positions `0..context_len`, in order.
     pub block_table: Vec<u32>,
+    /// The LoRA adapter this sequence's rows run with; `None` is the base model.
+    pub adapter: Option<Arc<LoraAdapter>>,
 }
 
 /// The ragged batch of one step.
@@ -127,6 +133,7 @@ impl ForwardBatch {
             query_len: tokens.len(),
             context_len: start + tokens.len(),
             block_table: block_table.to_vec(),
+            adapter: None,
         });
     }
 
@@ -161,7 +168,9 @@ impl ForwardBatch {
     }
 }
 
-/// A loaded model, one variant per architecture family.
+/// A loaded model, one variant per architecture family. Cloning shares the weights (the
+/// trainer reads the same base weights the engine serves).
+#[derive(Clone)]
 pub enum Model {
     /// Llama family.
     Llama(llama::Llama),

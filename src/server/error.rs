@@ -114,6 +114,7 @@ impl From<EngineError> for ApiError {
                 "the engine is not running",
             ),
             EngineError::Model(m) => ApiError::internal(m),
+            EngineError::UnknownAdapter(name) => ApiError::model_not_found(&name),
         }
     }
 }

@@ -1,0 +1,364 @@
+//! The llama forward as an autograd graph, for LoRA training: frozen f32 base weights, trainable
+//! LoRA factors ([`LoraVars`]), masked cross-entropy.
+//!
+//! Only ops whose backward candle implements are used (the fast `rms_norm`, `softmax_last_dim`
+//! and `rope` kernels silently drop gradients). Frozen projections go through
+//! [`FrozenMatmul`], a custom op whose backward computes only the input gradient — the weight
+//! gradient of a frozen `(out, in)` matrix would be the largest product of the step and is
+//! thrown away.
+
+use std::collections::HashMap;
+
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor, Var, D};
+use rand::{Rng, SeedableRng};
+
+use super::attention::Rope;
+use super::config::ModelConfig;
+use super::lora::{lora_delta, LoraAdapter, LoraPair, Target};
+use super::Model;
+
+/// `x · Wᵀ` for a frozen `W: (out, in)`: backward gives `x` its gradient and nothing else.
+struct FrozenMatmul {
+    w: Tensor,
+}
+
+impl CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(x) = storage else {
+            candle_core::bail!("frozen-matmul: f32 input expected");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("frozen-matmul: contiguous input expected");
+        };
+        let (out, inp) = self.w.dims2()?;
+        let (rows, cols) = layout.shape().dims2()?;
+        if cols != inp {
+            candle_core::bail!("frozen-matmul: input has {cols} columns, weight {inp}");
+        }
+        let xt = Tensor::from_slice(&x[start..end], (rows, cols), &Device::Cpu)?;
+        let y = xt.matmul(&self.w.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+        Ok((CpuStorage::F32(y), Shape::from((rows, out))))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.matmul(&self.w)?))
+    }
+}
+
+struct FrozenBlock {
+    input_norm: Tensor,
+    post_attention_norm: Tensor,
+    /// Per [`Target`], `(out, in)`.
+    w: Vec<Tensor>,
+}
+
+/// The base model's weights as f32 tensors, frozen, for training.
+pub struct FrozenLlama {
+    config: ModelConfig,
+    embed: Tensor,
+    blocks: Vec<FrozenBlock>,
+    norm: Tensor,
+    lm_head: Tensor,
+    rope: Rope,
+}
+
+/// The LoRA factors being trained, as autograd variables.
+pub struct LoraVars {
+    rank: usize,
+    alpha: f64,
+    targets: Vec<Target>,
+    dropout: f32,
+    /// `(layer, target)` → `(A: (r, in), B: (out, r))`.
+    vars: HashMap<(usize, Target), (Var, Var)>,
+}
+
+impl LoraVars {
+    /// PEFT's initialisation: `A` uniform in `±1/√in` (Kaiming with `a = √5`), `B` zero, so
+    /// training starts exactly at the base model. Seeded.
+    pub fn init(
+        config: &ModelConfig,
+        rank: usize,
+        alpha: f64,
+        dropout: f32,
+        targets: &[Target],
+        seed: u64,
+    ) -> Result<Self> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut vars = HashMap::new();
+        for layer in 0..config.num_layers {
+            for &t in targets {
+                let (out, inp) = t.dims(config);
+                let bound = 1.0 / (inp as f32).sqrt();
+                let a: Vec<f32> = (0..rank * inp)
+                    .map(|_| rng.random_range(-bound..bound))
+                    .collect();
+                let a = Var::from_tensor(&Tensor::from_vec(a, (rank, inp), &Device::Cpu)?)?;
+                let b = Var::zeros((out, rank), DType::F32, &Device::Cpu)?;
+                vars.insert((layer, t), (a, b));
+            }
+        }
+        let mut targets = targets.to_vec();
+        targets.sort();
+        targets.dedup();
+        Ok(LoraVars {
+            rank,
+            alpha,
+            targets,
+            dropout,
+            vars,
+        })
+    }
+
+    /// Every variable, in a fixed order (layer, target, A then B).
+    pub fn all_vars(&self) -> Vec<Var> {
+        let mut keys: Vec<_> = self.vars.keys().copied().collect();
+        keys.sort();
+        keys.iter()
+            .flat_map(|k| {
+                let (a, b) = &self.vars[k];
+                [a.clone(), b.clone()]
+            })
+            .collect()
+    }
+
+    /// `alpha / r`.
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.rank as f64
+    }
+
+    /// A serving adapter with the current values.
+    pub fn to_adapter(&self, config: &ModelConfig) -> std::result::Result<LoraAdapter, String> {
+        let mut pairs = HashMap::new();
+        for (&k, (a, b)) in &self.vars {
+            let copy = |v: &Var| v.as_tensor().copy().map_err(|e| e.to_string());
+            pairs.insert(
+                k,
+                LoraPair {
+                    a: copy(a)?,
+                    b: copy(b)?,
+                },
+            );
+        }
+        LoraAdapter::new(config, self.rank, self.alpha, false, pairs)
+    }
+
+    /// Adapted projections.
+    pub fn targets(&self) -> &[Target] {
+        &self.targets
+    }
+}
+
+/// Sequences to train on: `tokens[i]` with `targets[i][p]` true where token `p` is predicted
+/// (counted in the loss).
+pub struct TrainBatch<'a> {
+    /// Token ids of each sequence.
+    pub tokens: &'a [&'a [u32]],
+    /// Loss mask, same shape as `tokens`.
+    pub targets: &'a [&'a [bool]],
+}
+
+impl Model {
+    /// The base weights dequantized to f32 for training (held only while a job runs).
+    pub fn frozen(&self) -> Result<FrozenLlama> {
+        match self {
+            Model::Llama(m) => m.frozen(),
+        }
+    }
+}
+
+impl super::llama::Llama {
+    /// See [`Model::frozen`].
+    pub fn frozen(&self) -> Result<FrozenLlama> {
+        let named: HashMap<String, Tensor> = self.named_tensors()?.into_iter().collect();
+        let get = |name: &str| -> Result<Tensor> {
+            named
+                .get(name)
+                .cloned()
+                .ok_or_else(|| candle_core::Error::Msg(format!("missing {name}")))
+        };
+        let c = self.config().clone();
+        let mut blocks = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            let p = format!("model.layers.{i}");
+            blocks.push(FrozenBlock {
+                input_norm: get(&format!("{p}.input_layernorm.weight"))?,
+                post_attention_norm: get(&format!("{p}.post_attention_layernorm.weight"))?,
+                w: Target::ALL
+                    .iter()
+                    .map(|t| get(&format!("{p}.{}.weight", t.module_path()))?.contiguous())
+                    .collect::<Result<_>>()?,
+            });
+        }
+        let embed = get("model.embed_tokens.weight")?;
+        let lm_head = if c.tie_word_embeddings {
+            embed.clone()
+        } else {
+            get("lm_head.weight")?
+        };
+        Ok(FrozenLlama {
+            rope: Rope::new(&c),
+            embed,
+            blocks,
+            norm: get("model.norm.weight")?,
+            lm_head,
+            config: c,
+        })
+    }
+}
+
+fn frozen(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    x.apply_op1(FrozenMatmul { w: w.clone() })
+}
+
+impl FrozenLlama {
+    /// The model's hyper-parameters.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Logits of the rows selected by `targets` (each target token's logits come from the row
+    /// before it) and their labels: `(n, vocab)` and `(n,)`. `dropout_seed` enables LoRA
+    /// dropout with a deterministic mask.
+    fn target_logits(
+        &self,
+        batch: &TrainBatch,
+        lora: &LoraVars,
+        dropout_seed: Option<u64>,
+    ) -> Result<(Tensor, Tensor)> {
+        let c = &self.config;
+        let b = batch.tokens.len();
+        let t = batch.tokens.iter().map(|s| s.len()).max().unwrap_or(0);
+        if b == 0 || t < 2 {
+            candle_core::bail!("training batch: every sequence needs at least two tokens");
+        }
+        let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let dev = &Device::Cpu;
+        let mut ids = Vec::with_capacity(b * t);
+        for s in batch.tokens {
+            ids.extend_from_slice(s);
+            ids.extend(std::iter::repeat_n(0u32, t - s.len()));
+        }
+        let ids = Tensor::from_vec(ids, b * t, dev)?;
+        let mut x = self.embed.index_select(&ids, 0)?; // (b·t, h), no gradient
+        let positions: Vec<u32> = (0..t as u32).collect();
+        let tables = self.rope.tables(&positions);
+        let (cos, sin) = tables.as_slices();
+        let cos = Tensor::from_slice(cos, (t, hd / 2), dev)?;
+        let sin = Tensor::from_slice(sin, (t, hd / 2), dev)?;
+        let mask: Vec<f32> = (0..t)
+            .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (t, t), dev)?;
+        let mut rng = dropout_seed.map(rand::rngs::StdRng::seed_from_u64);
+        let eps = c.rms_norm_eps as f32;
+        let mut proj =
+            |x: &Tensor, blk: &FrozenBlock, layer: usize, tg: Target| -> Result<Tensor> {
+                let y = frozen(x, &blk.w[tg as usize])?;
+                match lora.vars.get(&(layer, tg)) {
+                    None => Ok(y),
+                    Some((a, bb)) => {
+                        let xin = match rng.as_mut() {
+                            Some(r) if lora.dropout > 0.0 => {
+                                let keep = 1.0 - lora.dropout;
+                                let m: Vec<f32> = (0..x.elem_count())
+                                    .map(|_| {
+                                        if r.random::<f32>() < keep {
+                                            1.0 / keep
+                                        } else {
+                                            0.0
+                                        }
+                                    })
+                                    .collect();
+                                (x * Tensor::from_vec(m, x.shape(), dev)?)?
+                            }
+                            _ => x.clone(),
+                        };
+                        y + lora_delta(&xin, a.as_tensor(), bb.as_tensor(), lora.scale())?
+                    }
+                }
+            };
+        for (layer, blk) in self.blocks.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm_slow(&x, &blk.input_norm, eps)?;
+            let q = proj(&h, blk, layer, Target::Q)?;
+            let k = proj(&h, blk, layer, Target::K)?;
+            let v = proj(&h, blk, layer, Target::V)?;
+            let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
+            let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let q = candle_nn::rotary_emb::rope_slow(&q, &cos, &sin)?;
+            let k = candle_nn::rotary_emb::rope_slow(&k, &cos, &sin)?;
+            let group = nh / nkv;
+            let repeat = |x: Tensor| -> Result<Tensor> {
+                if group == 1 {
+                    return Ok(x);
+                }
+                x.unsqueeze(2)?
+                    .broadcast_as((b, nkv, group, t, hd))?
+                    .reshape((b, nh, t, hd))
+            };
+            let (k, v) = (repeat(k)?, repeat(v)?);
+            let att = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (hd as f64).sqrt()))?;
+            let att = candle_nn::ops::softmax(&att.broadcast_add(&mask)?, D::Minus1)?;
+            let y = att
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .contiguous()?
+                .reshape((b * t, nh * hd))?;
+            x = (x + proj(&y, blk, layer, Target::O)?)?;
+            let h = candle_nn::ops::rms_norm_slow(&x, &blk.post_attention_norm, eps)?;
+            let gate = proj(&h, blk, layer, Target::Gate)?;
+            let up = proj(&h, blk, layer, Target::Up)?;
+            let m = (gate.silu()? * up)?;
+            x = (x + proj(&m, blk, layer, Target::Down)?)?;
+        }
+        let mut rows = Vec::new();
+        let mut labels = Vec::new();
+        for (i, (s, m)) in batch.tokens.iter().zip(batch.targets).enumerate() {
+            for p in 1..s.len() {
+                if m.get(p).copied().unwrap_or(false) {
+                    rows.push((i * t + p - 1) as u32);
+                    labels.push(s[p]);
+                }
+            }
+        }
+        if rows.is_empty() {
+            candle_core::bail!("training batch: no target tokens");
+        }
+        let n = rows.len();
+        let x = x.index_select(&Tensor::from_vec(rows, n, dev)?, 0)?;
+        let x = candle_nn::ops::rms_norm_slow(&x, &self.norm, eps)?;
+        let logits = frozen(&x, &self.lm_head)?;
+        Ok((logits, Tensor::from_vec(labels, n, dev)?))
+    }
+
+    /// Summed cross-entropy over the batch's target tokens (divide by the token count for the
+    /// mean), and that count.
+    pub fn loss_sum(
+        &self,
+        batch: &TrainBatch,
+        lora: &LoraVars,
+        dropout_seed: Option<u64>,
+    ) -> Result<(Tensor, usize)> {
+        let (logits, labels) = self.target_logits(batch, lora, dropout_seed)?;
+        let n = labels.dim(0)?;
+        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let picked = logp.gather(&labels.unsqueeze(1)?, 1)?;
+        Ok((picked.sum_all()?.neg()?, n))
+    }
+
+    /// Logits of every position of one sequence (tests compare them with the serving path).
+    pub fn logits(&self, tokens: &[u32], lora: &LoraVars) -> Result<Tensor> {
+        let mask = vec![true; tokens.len()];
+        let seqs = [tokens];
+        let masks = [&mask[..]];
+        let batch = TrainBatch {
+            tokens: &seqs,
+            targets: &masks,
+        };
+        Ok(self.target_logits(&batch, lora, None)?.0)
+    }
+}
