@@ -16,6 +16,7 @@ pub mod engine;
 pub mod model;
 pub mod server;
 pub mod text;
+pub mod train;
 
 use std::path::Path;
 use std::sync::Once;

@@ -126,6 +126,21 @@ struct ServeArgs {
     /// Seconds running requests get to finish after SIGTERM/SIGINT.
     #[arg(long, env = "NEXTOKEN_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     shutdown_grace_secs: u64,
+    /// Where uploaded files, fine-tuning jobs, their events and adapters are kept (created if
+    /// missing; everything in it is listed again after a restart).
+    #[arg(long, env = "NEXTOKEN_DATA_DIR", default_value = "nextoken-data")]
+    data_dir: PathBuf,
+    /// A PEFT LoRA adapter to serve from startup, as NAME=PATH (repeatable; env:
+    /// comma-separated). Requests select it with `"model": "NAME"`.
+    #[arg(long = "lora", env = "NEXTOKEN_LORA", value_delimiter = ',')]
+    loras: Vec<String>,
+    /// A folder `POST /v1/load_lora_adapter` may load adapters from (repeatable; the data
+    /// dir's adapters are always allowed).
+    #[arg(long = "lora-dir", env = "NEXTOKEN_LORA_DIR", value_delimiter = ',')]
+    lora_dirs: Vec<PathBuf>,
+    /// Turn off the fine-tuning API (files and jobs).
+    #[arg(long, env = "NEXTOKEN_NO_TRAINING")]
+    no_training: bool,
 }
 
 fn model_name(path: &std::path::Path) -> String {
@@ -141,6 +156,8 @@ fn model_name(path: &std::path::Path) -> String {
 fn load_for_serving(args: &ServeArgs, name: String) -> anyhow::Result<server::Loaded> {
     let (model, tokenizer) = nextoken::load(&args.model)?;
     let eos_ids = model.config().eos_token_ids.clone();
+    // The trainer reads the same (shared, immutable) base weights the engine serves.
+    let base_for_training = (!args.no_training).then(|| model.clone());
     let generation_config = args.model.join("generation_config.json");
     let defaults = std::fs::read_to_string(&generation_config)
         .ok()
@@ -163,7 +180,41 @@ fn load_for_serving(args: &ServeArgs, name: String) -> anyhow::Result<server::Lo
         }
         None => None,
     };
-    let loaded = server::Loaded::new(engine, tokenizer, name, eos_ids, defaults)?;
+    for spec in &args.loras {
+        let (lora_name, path) = spec
+            .split_once('=')
+            .with_context(|| format!("--lora '{spec}': expected NAME=PATH"))?;
+        let adapter = nextoken::model::LoraAdapter::load_peft(
+            std::path::Path::new(path),
+            engine.model_config(),
+        )
+        .with_context(|| format!("--lora {lora_name}"))?;
+        engine.load_adapter(lora_name, adapter);
+        eprintln!("nextoken: adapter '{lora_name}' loaded from {path}");
+    }
+    let chat_template = tokenizer.chat_template().map(str::to_string);
+    let mut loaded =
+        server::Loaded::new(engine.clone(), tokenizer, name.clone(), eos_ids, defaults)?
+            .with_lora_dirs(args.lora_dirs.clone());
+    if let Some(model) = base_for_training {
+        let c = model.config();
+        let jobs = nextoken::train::TrainingJobs::start(
+            nextoken::train::TrainingConfig {
+                data_dir: args.data_dir.clone(),
+                base_model: name,
+                max_example_tokens: c.max_position_embeddings.min(2048),
+                micro_batch_tokens: 512,
+            },
+            nextoken::train::TrainerModel {
+                model,
+                tokenizer: loaded.tokenizer.clone(),
+                chat_template,
+            },
+            engine,
+        )
+        .with_context(|| format!("data dir {}", args.data_dir.display()))?;
+        loaded = loaded.with_training(jobs);
+    }
     Ok(match fim {
         Some(t) => loaded.with_fim(nextoken::text::FimMode::Native(t)),
         None => loaded,

@@ -56,6 +56,8 @@ struct Job {
     id: String,
     created: u64,
     model: String,
+    /// LoRA adapter the request runs with (`None`: the base model).
+    adapter: Option<String>,
     prompt_ids: Vec<u32>,
     echo: Option<String>,
     logprobs: Logprobs,
@@ -77,11 +79,9 @@ fn request_id(prefix: &str) -> String {
     format!("{prefix}-{:032x}", rand::random::<u128>())
 }
 
-fn check_model(loaded: &Loaded, common: &CommonFields) -> Result<(), ApiError> {
-    match &common.model {
-        Some(m) if !loaded.serves(m) => Err(ApiError::model_not_found(m)),
-        _ => Ok(()),
-    }
+/// The adapter the request's `model` names (`None`: the base model); 404 for unknown names.
+fn check_model(loaded: &Loaded, common: &CommonFields) -> Result<Option<String>, ApiError> {
+    loaded.resolve_model(common.model.as_deref())
 }
 
 fn max_new_tokens(
@@ -135,7 +135,7 @@ fn start(loaded: &Loaded, app: &AppState, job: &Job) -> Result<Vec<TextEvents>, 
             sampling,
             max_new_tokens: job.max_new_tokens,
             stop_token_ids: stop_token_ids.clone(),
-            adapter: None,
+            adapter: job.adapter.clone(),
             top_logprobs,
         };
         let generation = loaded.engine.submit(request)?;
@@ -472,7 +472,7 @@ pub async fn completions(
     let mut req: CompletionRequest = parse_body(&body)?;
     req.common = parse_body(&body)?;
     let loaded = app.loaded()?;
-    check_model(loaded, &req.common)?;
+    let adapter = check_model(loaded, &req.common)?;
     let mut common = req.common.validate(&loaded.defaults, loaded.vocab_size())?;
     let tokenizer = &loaded.tokenizer;
     let mut extra_stop_ids = Vec::new();
@@ -536,7 +536,8 @@ pub async fn completions(
         kind: Kind::Completion,
         id: request_id("cmpl"),
         created: now_secs(),
-        model: loaded.model_name.clone(),
+        model: adapter.clone().unwrap_or_else(|| loaded.model_name.clone()),
+        adapter,
         prompt_ids,
         echo,
         logprobs,
@@ -579,7 +580,7 @@ pub async fn chat_completions(
     let mut req: ChatRequest = parse_body(&body)?;
     req.common = parse_body(&body)?;
     let loaded = app.loaded()?;
-    check_model(loaded, &req.common)?;
+    let adapter = check_model(loaded, &req.common)?;
     let common = req.common.validate(&loaded.defaults, loaded.vocab_size())?;
     if req.messages.is_empty() {
         return Err(ApiError::invalid(
@@ -634,7 +635,8 @@ pub async fn chat_completions(
         kind: Kind::Chat,
         id: request_id("chatcmpl"),
         created: now_secs(),
-        model: loaded.model_name.clone(),
+        model: adapter.clone().unwrap_or_else(|| loaded.model_name.clone()),
+        adapter,
         prompt_ids,
         echo: None,
         logprobs,

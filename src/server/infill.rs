@@ -44,6 +44,9 @@ struct ExtraChunk {
 /// llama.cpp does.
 #[derive(Debug, Deserialize, Default)]
 struct LlamaRequest {
+    /// Base model or a loaded adapter (llama.cpp ignores it; we route by it).
+    #[serde(default)]
+    model: Option<String>,
     #[serde(default)]
     input_prefix: Option<String>,
     #[serde(default)]
@@ -172,6 +175,8 @@ struct Plan {
     n_predict: Option<i64>,
     predict_budget: Option<Duration>,
     fim_mode: Option<&'static str>,
+    /// LoRA adapter (`None`: the base model).
+    adapter: Option<String>,
 }
 
 /// A finished generation with its timings.
@@ -251,7 +256,7 @@ fn start(
         sampling: plan.sampling,
         max_new_tokens,
         stop_token_ids: stop_ids.clone(),
-        adapter: None,
+        adapter: plan.adapter,
         top_logprobs: None,
     })?;
     let deadline = app.config().request_timeout.map(|t| Instant::now() + t);
@@ -473,6 +478,7 @@ pub async fn infill(
         n_predict: req.n_predict,
         predict_budget: req.t_max_predict_ms.map(Duration::from_millis),
         fim_mode: Some(built.mode),
+        adapter: loaded.resolve_model(req.model.as_deref())?,
     };
     respond_llama(
         app.clone(),
@@ -531,6 +537,7 @@ pub async fn completion(
         n_predict: req.n_predict,
         predict_budget: req.t_max_predict_ms.map(Duration::from_millis),
         fim_mode,
+        adapter: loaded.resolve_model(req.model.as_deref())?,
     };
     respond_llama(
         app.clone(),
@@ -593,11 +600,7 @@ pub async fn ollama_generate(
 ) -> Result<Response, ApiError> {
     let req: OllamaRequest = parse_body(&body)?;
     let loaded = app.loaded()?;
-    if let Some(m) = &req.model {
-        if !loaded.serves(m) {
-            return Err(ApiError::model_not_found(m));
-        }
-    }
+    let adapter = loaded.resolve_model(req.model.as_deref())?;
     let opts = req.options.unwrap_or_default();
     let (prompt_ids, stop_ids, mut stop_strings, fim_mode) = match &req.suffix {
         Some(suffix) => {
@@ -632,9 +635,10 @@ pub async fn ollama_generate(
         n_predict: opts.num_predict,
         predict_budget: None,
         fim_mode,
+        adapter: adapter.clone(),
     };
     let prompt_len = plan.prompt_ids.len();
-    let model = loaded.model_name.clone();
+    let model = adapter.unwrap_or_else(|| loaded.model_name.clone());
     let submitted = Instant::now();
     let events = start(&app, loaded, plan, false)?;
     if !req.stream.unwrap_or(true) {

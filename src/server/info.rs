@@ -12,17 +12,28 @@ use super::AppState;
 /// `GET /v1/models`.
 pub async fn models(State(app): State<AppState>) -> Result<Response, ApiError> {
     let loaded = app.loaded()?;
-    Ok(axum::Json(json!({
-        "object": "list",
-        "data": [{
-            "id": loaded.model_name,
+    let context = loaded.engine.limits().context_length;
+    let mut data = vec![json!({
+        "id": loaded.model_name,
+        "object": "model",
+        "created": loaded.created,
+        "owned_by": "nextoken",
+        "root": loaded.model_name,
+        "parent": null,
+        "max_model_len": context,
+    })];
+    for name in loaded.engine.adapter_names() {
+        data.push(json!({
+            "id": name,
             "object": "model",
             "created": loaded.created,
             "owned_by": "nextoken",
-            "max_model_len": loaded.engine.limits().context_length,
-        }],
-    }))
-    .into_response())
+            "root": loaded.model_name,
+            "parent": loaded.model_name,
+            "max_model_len": context,
+        }));
+    }
+    Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
 }
 
 /// `GET /health`: 200 when the model is loaded, 503 while loading.

@@ -3,12 +3,14 @@
 
 pub mod completions;
 pub mod error;
+pub mod fine_tuning;
 pub mod infill;
 pub mod info;
 pub mod metrics;
 pub mod openai;
 pub mod stream;
 
+use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -24,6 +26,7 @@ use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
 use crate::engine::EngineHandle;
 use crate::model::TokenId;
 use crate::text::{ChatTemplate, FimMode, FimTemplate, TextError, Tokenizer};
+use crate::train::TrainingJobs;
 
 use error::ApiError;
 use metrics::Metrics;
@@ -77,6 +80,10 @@ pub struct Loaded {
     pub fim: FimMode,
     /// Load time (Unix seconds).
     pub created: u64,
+    /// Fine-tuning jobs, when training is enabled.
+    pub training: Option<TrainingJobs>,
+    /// Folders `POST /v1/load_lora_adapter` may load from (besides the data dir's adapters).
+    pub lora_dirs: Vec<PathBuf>,
 }
 
 impl Loaded {
@@ -107,7 +114,21 @@ impl Loaded {
             created: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
+            training: None,
+            lora_dirs: Vec::new(),
         })
+    }
+
+    /// Enables the fine-tuning API with these jobs.
+    pub fn with_training(mut self, jobs: TrainingJobs) -> Self {
+        self.training = Some(jobs);
+        self
+    }
+
+    /// Lets the runtime adapter API load from `dirs` too.
+    pub fn with_lora_dirs(mut self, dirs: Vec<PathBuf>) -> Self {
+        self.lora_dirs = dirs;
+        self
     }
 
     /// Serves fill-in-the-middle with `mode` instead of the detected one (`--fim-template`).
@@ -116,9 +137,20 @@ impl Loaded {
         self
     }
 
-    /// Whether `name` refers to the served model.
+    /// Whether `name` refers to the base model.
     pub fn serves(&self, name: &str) -> bool {
         name == self.model_name
+    }
+
+    /// Maps a request's `model` to the adapter it names: `None` for the base model (or no
+    /// name), the adapter's name when one is loaded, 404 otherwise.
+    pub fn resolve_model(&self, name: Option<&str>) -> Result<Option<String>, ApiError> {
+        match name {
+            None | Some("") => Ok(None),
+            Some(m) if self.serves(m) => Ok(None),
+            Some(m) if self.engine.has_adapter(m) => Ok(Some(m.to_string())),
+            Some(m) => Err(ApiError::model_not_found(m)),
+        }
     }
 
     /// Vocabulary size of the model.
@@ -254,6 +286,36 @@ pub fn router(state: AppState) -> Router {
         .route("/tokenize", post(info::tokenize))
         .route("/detokenize", post(info::detokenize))
         .route("/metrics", get(info::metrics))
+        .route(
+            "/v1/files",
+            post(fine_tuning::upload_file).get(fine_tuning::list_files),
+        )
+        .route(
+            "/v1/files/{id}",
+            get(fine_tuning::get_file).delete(fine_tuning::delete_file),
+        )
+        .route("/v1/files/{id}/content", get(fine_tuning::file_content))
+        .route(
+            "/v1/fine_tuning/jobs",
+            post(fine_tuning::create_job).get(fine_tuning::list_jobs),
+        )
+        .route("/v1/fine_tuning/jobs/{id}", get(fine_tuning::get_job))
+        .route(
+            "/v1/fine_tuning/jobs/{id}/events",
+            get(fine_tuning::job_events),
+        )
+        .route(
+            "/v1/fine_tuning/jobs/{id}/cancel",
+            post(fine_tuning::cancel_job),
+        )
+        .route(
+            "/v1/load_lora_adapter",
+            post(fine_tuning::load_lora_adapter),
+        )
+        .route(
+            "/v1/unload_lora_adapter",
+            post(fine_tuning::unload_lora_adapter),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(
