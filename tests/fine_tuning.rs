@@ -510,3 +510,181 @@ async fn invalid_data_and_requests_get_clear_errors() {
     let (_, list) = call(app, "GET", "/v1/fine_tuning/jobs", None).await;
     assert_eq!(list["data"].as_array().map(Vec::len), Some(1));
 }
+
+#[test]
+fn training_data_masks_exactly_the_completion_and_the_assistant_turns() {
+    use nextoken::text::ChatTemplate;
+    use nextoken::train::dataset::{parse_jsonl, DataFormat};
+    let tok = &gguf().1;
+    let template = ChatTemplate::new(
+        tok.chat_template().expect("template"),
+        tok.bos_token(),
+        tok.eos_token(),
+    )
+    .expect("compiles");
+    let format = DataFormat {
+        tokenizer: tok,
+        chat_template: Some(&template),
+        eos_id: tok.eos_id(),
+        max_tokens: 64,
+    };
+    let text = [
+        json!({"prompt": "The sky is", "completion": " blue."}).to_string(),
+        String::new(),
+        json!({"messages": [
+            {"role": "user", "content": "Capital of France?"},
+            {"role": "assistant", "content": "Paris."},
+            {"role": "user", "content": [{"type": "text", "text": "And Italy?"}]},
+            {"role": "assistant", "content": "Rome."},
+        ]})
+        .to_string(),
+    ]
+    .join("\n");
+    let ex = parse_jsonl(&text, &format).expect("valid");
+    assert_eq!(ex.len(), 2);
+    let learned = |e: &nextoken::train::dataset::Example| -> Vec<u32> {
+        e.tokens
+            .iter()
+            .zip(&e.targets)
+            .filter(|(_, &t)| t)
+            .map(|(&id, _)| id)
+            .collect()
+    };
+    // The prompt is tokenized as /v1/completions tokenizes it; the completion ends with EOS.
+    let prompt = tok.encode("The sky is", true).expect("encode");
+    assert_eq!(&ex[0].tokens[..prompt.len()], &prompt[..]);
+    assert_eq!(
+        tok.decode(&learned(&ex[0]), false).expect("decode"),
+        " blue.<|im_end|>"
+    );
+    // Only the assistant turns (with their end-of-turn) are learned.
+    assert_eq!(
+        tok.decode(&learned(&ex[1]), false).expect("decode"),
+        "Paris.<|im_end|>\nRome.<|im_end|>\n"
+    );
+    let whole = tok.decode(&ex[1].tokens, false).expect("decode");
+    assert!(whole.starts_with("<|im_start|>system\n"), "{whole}");
+
+    for (bad, line, why) in [
+        (
+            "{\"prompt\": \"a\", \"completion\": \" b\"}\nnot json",
+            2,
+            "invalid JSON",
+        ),
+        (
+            "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}",
+            1,
+            "no assistant message",
+        ),
+        (
+            "{\"messages\": [{\"role\": \"robot\", \"content\": \"hi\"}]}",
+            1,
+            "not system, user or assistant",
+        ),
+        (
+            "{\"prompt\": \"a\", \"completion\": \"\"}",
+            1,
+            "'completion' is empty",
+        ),
+        (
+            &json!({"prompt": "word ".repeat(100), "completion": " x"}).to_string(),
+            1,
+            "the limit is 64",
+        ),
+    ] {
+        let err = parse_jsonl(bad, &format).expect_err(bad);
+        assert_eq!(err.line, Some(line), "{bad}: {err}");
+        assert!(err.to_string().contains(why), "{bad}: {err}");
+    }
+    assert_eq!(
+        parse_jsonl("\n\n", &format).expect_err("empty").to_string(),
+        "the file has no examples"
+    );
+}
+
+#[test]
+fn training_is_deterministic_for_a_seed() {
+    use nextoken::model::Target;
+    use nextoken::train::dataset::{parse_jsonl, DataFormat};
+    use nextoken::train::trainer::{train, Outcome, TrainParams};
+    let (model, tok) = gguf();
+    let format = DataFormat {
+        tokenizer: tok,
+        chat_template: None,
+        eos_id: tok.eos_id(),
+        max_tokens: 64,
+    };
+    let data = parse_jsonl(&facts_jsonl(), &format).expect("valid");
+    let frozen = model.frozen().expect("frozen");
+    let run = |seed: u64| {
+        let p = TrainParams {
+            n_epochs: 1,
+            batch_size: 5,
+            learning_rate: 1e-3,
+            rank: 4,
+            alpha: 8.0,
+            dropout: 0.1,
+            targets: vec![Target::V],
+            seed,
+            micro_batch_tokens: 48,
+        };
+        let mut losses = Vec::new();
+        let Outcome::Finished(lora) = train(
+            &frozen,
+            &data,
+            &data[..2],
+            &p,
+            || true,
+            |r| losses.push((r.train_loss, r.valid_loss)),
+        )
+        .expect("trains") else {
+            panic!("not cancelled");
+        };
+        let b: Vec<Vec<f32>> = lora
+            .all_vars()
+            .iter()
+            .map(|v| {
+                v.as_tensor()
+                    .flatten_all()
+                    .expect("flat")
+                    .to_vec1()
+                    .expect("f32")
+            })
+            .collect();
+        (losses, b)
+    };
+    let (l1, w1) = run(3);
+    let (l2, w2) = run(3);
+    let (_, w3) = run(4);
+    assert_eq!(l1.len(), 2);
+    assert!(l1[1].1.is_some(), "validation loss after the epoch");
+    assert_eq!(l1, l2);
+    assert_eq!(w1, w2, "same seed, same adapter");
+    assert_ne!(w1, w3, "another seed, another adapter");
+    // Cancelling stops before the next pass.
+    let p = TrainParams {
+        n_epochs: 1,
+        batch_size: 5,
+        learning_rate: 1e-3,
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        targets: vec![Target::V],
+        seed: 1,
+        micro_batch_tokens: 512,
+    };
+    let mut passes = 0;
+    let out = train(
+        &frozen,
+        &data,
+        &[],
+        &p,
+        || {
+            passes += 1;
+            passes < 2
+        },
+        |_| {},
+    )
+    .expect("runs");
+    assert!(matches!(out, Outcome::Cancelled));
+}
