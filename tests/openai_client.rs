@@ -18,6 +18,7 @@ const KEY: &str = "test-key";
 struct Server {
     child: Child,
     addr: String,
+    _data: Option<tempfile::TempDir>,
 }
 
 impl Drop for Server {
@@ -27,7 +28,16 @@ impl Drop for Server {
     }
 }
 
+/// A server with a fresh data dir of its own.
 fn start_server(extra: &[&str]) -> Server {
+    let data = tempfile::tempdir().expect("tmp");
+    let dir = data.path().to_str().expect("utf-8").to_string();
+    let mut server = start_server_in(&dir, extra);
+    server._data = Some(data);
+    server
+}
+
+fn start_server_in(data_dir: &str, extra: &[&str]) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_nextoken"))
         .args([
             "serve",
@@ -37,6 +47,7 @@ fn start_server(extra: &[&str]) -> Server {
             "0",
         ])
         .args(["--served-model-name", "smollm2", "--api-key", KEY])
+        .args(["--data-dir", data_dir])
         .args(extra)
         .stderr(Stdio::piped())
         .spawn()
@@ -54,7 +65,11 @@ fn start_server(extra: &[&str]) -> Server {
     };
     // Keep draining stderr so the server never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
-    let server = Server { child, addr };
+    let server = Server {
+        child,
+        addr,
+        _data: None,
+    };
     let deadline = Instant::now() + Duration::from_secs(120);
     while http_get(&server.addr, "/health").0 != 200 {
         assert!(Instant::now() < deadline, "server never became healthy");
@@ -128,7 +143,7 @@ fn python() -> PathBuf {
     py
 }
 
-fn run_python(script: &str, server: &Server) {
+fn run_python(script: &str, server: &Server) -> String {
     let out = Command::new(python())
         .arg(repo().join("tests/python").join(script))
         .arg(format!("http://{}", server.addr))
@@ -139,6 +154,7 @@ fn run_python(script: &str, server: &Server) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{script} failed:\n{stdout}\n{stderr}");
     println!("{stdout}");
+    stdout.to_string()
 }
 
 #[test]
@@ -189,5 +205,94 @@ fn sigterm_lets_running_requests_finish_then_exits_zero() {
         http_get(&server.addr, "/health").0,
         200,
         "no longer accepting"
+    );
+}
+
+fn json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {body}"))
+}
+
+/// The official client drives a fine-tune end to end; then a long job is killed mid-run
+/// (SIGKILL) and the restarted server reports it `failed`/`interrupted` while the earlier
+/// adapter is listed and served again, and the files are still there.
+#[test]
+fn fine_tuning_with_the_openai_client_survives_a_kill() {
+    let data = tempfile::tempdir().expect("tmp");
+    let dir = data.path().to_str().expect("utf-8").to_string();
+    let mut server = start_server_in(&dir, &[]);
+    let out = run_python("fine_tuning_check.py", &server);
+    let ft_model = out.lines().last().expect("model name").trim().to_string();
+    let prompt = r#""prompt":"The river Dunmere flows into","max_tokens":8,"temperature":0"#;
+    let (code, before) = http(
+        &server.addr,
+        "POST",
+        "/v1/completions",
+        Some(&format!(r#"{{"model":"{ft_model}",{prompt}}}"#)),
+    );
+    assert_eq!(code, 200, "{before}");
+    let before = json(&before)["choices"][0]["text"].clone();
+
+    // A long job; kill the server once it has reported a step.
+    let (_, files) = http_get(&server.addr, "/v1/files");
+    let file_id = json(&files)["data"][0]["id"]
+        .as_str()
+        .expect("file")
+        .to_string();
+    let (code, job) = http(
+        &server.addr,
+        "POST",
+        "/v1/fine_tuning/jobs",
+        Some(&format!(
+            r#"{{"model":"smollm2","training_file":"{file_id}","hyperparameters":{{"n_epochs":50,"batch_size":1}}}}"#
+        )),
+    );
+    assert_eq!(code, 200, "{job}");
+    let job_id = json(&job)["id"].as_str().expect("id").to_string();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (_, events) = http_get(
+            &server.addr,
+            &format!("/v1/fine_tuning/jobs/{job_id}/events"),
+        );
+        if events.contains("\"metrics\"") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no training step reported: {events}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    server.child.kill().expect("SIGKILL");
+    let _ = server.child.wait();
+    drop(server);
+
+    let server = start_server_in(&dir, &[]);
+    let (_, job) = http_get(&server.addr, &format!("/v1/fine_tuning/jobs/{job_id}"));
+    let job = json(&job);
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["error"]["code"], "interrupted", "{job}");
+    assert_eq!(job["fine_tuned_model"], serde_json::Value::Null);
+    let (_, models) = http_get(&server.addr, "/v1/models");
+    assert!(models.contains(&ft_model), "{models}");
+    let (code, after) = http(
+        &server.addr,
+        "POST",
+        "/v1/completions",
+        Some(&format!(r#"{{"model":"{ft_model}",{prompt}}}"#)),
+    );
+    assert_eq!(code, 200, "{after}");
+    assert_eq!(
+        json(&after)["choices"][0]["text"],
+        before,
+        "same adapter, same tokens"
+    );
+    let (_, files) = http_get(&server.addr, "/v1/files");
+    assert!(files.contains(&file_id), "{files}");
+    let (_, jobs) = http_get(&server.addr, "/v1/fine_tuning/jobs");
+    assert_eq!(
+        json(&jobs)["data"].as_array().map(Vec::len),
+        Some(2),
+        "{jobs}"
     );
 }
