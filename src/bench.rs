@@ -250,6 +250,73 @@ pub fn typing(
     Ok(line)
 }
 
+/// LoRA training speed: seconds per optimizer step on `batch` random-id sequences of `len`
+/// tokens (loss over every token), r = 8, alpha = 16, q/v targets, as in
+/// `../shared/reference/lora_speed.json`. One warm-up step, then `steps` timed; prints and
+/// returns the median.
+pub fn lora_step(
+    model: &crate::model::Model,
+    batch: usize,
+    len: usize,
+    steps: usize,
+) -> anyhow::Result<f64> {
+    use crate::model::Target;
+    use crate::train::dataset::Example;
+    use crate::train::trainer::{train, TrainParams};
+    let vocab = model.config().vocab_size as u32;
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let examples: Vec<Example> = (0..batch * (steps + 1))
+        .map(|_| Example {
+            tokens: (0..len)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    (state % vocab as u64) as u32
+                })
+                .collect(),
+            targets: vec![true; len],
+        })
+        .collect();
+    let frozen = model.frozen()?;
+    let params = TrainParams {
+        n_epochs: 1,
+        batch_size: batch,
+        learning_rate: 1e-3,
+        rank: 8,
+        alpha: 16.0,
+        dropout: 0.0,
+        targets: vec![Target::Q, Target::V],
+        seed: 1,
+        micro_batch_tokens: batch * len,
+    };
+    let mut times = Vec::new();
+    let mut last = Instant::now();
+    train(
+        &frozen,
+        &examples,
+        &[],
+        &params,
+        || true,
+        |r| {
+            let now = Instant::now();
+            let dt = now.duration_since(last).as_secs_f64();
+            last = now;
+            eprintln!("step {}: {dt:.3} s, loss {:.3}", r.step, r.train_loss);
+            if r.step > 1 {
+                times.push(dt);
+            }
+        },
+    )?;
+    let median = percentile(&mut times, 0.5);
+    println!(
+        "{}",
+        json!({"scenario": "lora", "batch": [batch, len], "rank": 8, "targets": ["q_proj", "v_proj"],
+               "median_s_per_step": median, "steps": times.len(), "peak_rss_mb": peak_rss_mb()})
+    );
+    Ok(median)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

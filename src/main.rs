@@ -322,7 +322,8 @@ struct BenchArgs {
     /// KV cache size in MiB.
     #[arg(long, default_value_t = 1024)]
     kv_cache_mb: usize,
-    /// What to run: `sweep` (concurrency sweep), `autocomplete`, `typing`, or `editors` (both).
+    /// What to run: `sweep` (concurrency sweep), `autocomplete`, `typing`, `editors` (both), or
+    /// `lora` (seconds per LoRA training step, batch 4 × 128 tokens).
     #[arg(long, default_value = "sweep")]
     scenario: String,
     /// Editor scenarios: context tokens.
@@ -332,6 +333,10 @@ struct BenchArgs {
 
 fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
     let (model, _) = nextoken::load(&args.model)?;
+    if args.scenario == "lora" {
+        nextoken::bench::lora_step(&model, 4, 128, 5)?;
+        return Ok(());
+    }
     let max_running_seqs = args.concurrency.iter().copied().max().unwrap_or(1).max(64);
     let engine = EngineHandle::spawn(
         model,
@@ -363,7 +368,9 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
             }
         }
         other => {
-            anyhow::bail!("unknown --scenario `{other}` (sweep, autocomplete, typing, editors)")
+            anyhow::bail!(
+                "unknown --scenario `{other}` (sweep, autocomplete, typing, editors, lora)"
+            )
         }
     }
     Ok(())
