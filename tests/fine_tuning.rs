@@ -441,6 +441,59 @@ async fn invalid_data_and_requests_get_clear_errors() {
     assert!(msg.contains("line 2:"), "{msg}");
     assert_eq!(job["fine_tuned_model"], Value::Null);
 
+    // The event stream replays the job's events oldest first and ends with the job.
+    let (status, bytes) = send(
+        app,
+        Request::get(format!(
+            "/v1/fine_tuning/jobs/{}/events?stream=true",
+            job["id"].as_str().expect("id")
+        ))
+        .body(Body::empty())
+        .expect("req"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let text = String::from_utf8(bytes).expect("utf-8");
+    let events: Vec<Value> = text
+        .split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| serde_json::from_str(e.strip_prefix("data: ").expect("data line")).expect("json"))
+        .collect();
+    assert_eq!(events[0]["message"], "Validating training file");
+    let last = events.last().expect("events");
+    assert_eq!(last["level"], "error");
+    assert!(
+        last["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("line 2:")),
+        "{last}"
+    );
+
+    // A disk error fails the job cleanly; the server keeps serving.
+    let adapters = f.data_dir.path().join("adapters");
+    std::fs::remove_dir_all(&adapters).expect("rm");
+    std::fs::write(&adapters, "not a folder").expect("block the adapters folder");
+    let (_, good) = upload(app, "ok.jsonl", "fine-tune", &facts_jsonl()).await;
+    let (_, job) = call(
+        app,
+        "POST",
+        "/v1/fine_tuning/jobs",
+        Some(json!({"model": "smollm2", "training_file": good["id"], "hyperparameters": {"n_epochs": 1, "batch_size": 10}})),
+    )
+    .await;
+    let job = wait_for_job(
+        app,
+        job["id"].as_str().expect("id"),
+        Duration::from_secs(120),
+    )
+    .await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["error"]["code"], "storage_error", "{job}");
+    assert_eq!(job["fine_tuned_model"], Value::Null);
+    let (_, models) = call(app, "GET", "/v1/models", None).await;
+    assert_eq!(models["data"].as_array().map(Vec::len), Some(1), "{models}");
+    assert!(!complete(app, "smollm2", "Hello").await.is_empty());
+
     let (status, v) = upload(app, "x.jsonl", "assistants", "{}").await;
     assert_eq!(
         (status, &v["error"]["param"]),
@@ -508,7 +561,7 @@ async fn invalid_data_and_requests_get_clear_errors() {
     let (status, _) = call(app, "GET", &format!("/v1/files/{file_id}"), None).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     let (_, list) = call(app, "GET", "/v1/fine_tuning/jobs", None).await;
-    assert_eq!(list["data"].as_array().map(Vec::len), Some(1));
+    assert_eq!(list["data"].as_array().map(Vec::len), Some(2));
 }
 
 #[test]

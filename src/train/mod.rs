@@ -508,6 +508,8 @@ impl TrainingJobs {
         } else {
             "info"
         };
+        // The event first: whoever sees the final status also finds the final event.
+        self.event(id, level, &message, None);
         let stored = self.update(id, |j| {
             j.status = status;
             j.error = error;
@@ -517,7 +519,6 @@ impl TrainingJobs {
         if let Err(e) = stored {
             tracing::error!(job = id, error = %e, "cannot store the job's final state");
         }
-        self.event(id, level, &message, None);
     }
 
     fn fail(&self, id: &str, code: &str, message: String, param: Option<&str>) {
