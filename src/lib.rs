@@ -50,6 +50,11 @@ pub fn configure_threads(threads: Option<usize>) {
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         // Candle and rayon both read this variable; set before any pool exists.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        // Candle's element-wise worker spins ~25k iterations after every op before parking;
+        // during training that spinning competes with the matmul threads for the cores.
+        if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+            std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "1000");
+        }
         let _ = rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build_global();

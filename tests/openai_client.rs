@@ -232,6 +232,12 @@ fn fine_tuning_with_the_openai_client_survives_a_kill() {
     assert_eq!(code, 200, "{before}");
     let before = json(&before)["choices"][0]["text"].clone();
 
+    let (_, jobs) = http_get(&server.addr, "/v1/fine_tuning/jobs");
+    let first_job = json(&jobs)["data"][0]["id"]
+        .as_str()
+        .expect("the succeeded job")
+        .to_string();
+
     // A long job; kill the server once it has reported a step.
     let (_, files) = http_get(&server.addr, "/v1/files");
     let file_id = json(&files)["data"][0]["id"]
@@ -267,7 +273,9 @@ fn fine_tuning_with_the_openai_client_survives_a_kill() {
     let _ = server.child.wait();
     drop(server);
 
-    let server = start_server_in(&dir, &[]);
+    // Restart; also serve the first job's adapter files under a second name with --lora.
+    let adapter_dir = format!("{dir}/adapters/{first_job}");
+    let server = start_server_in(&dir, &["--lora", &format!("mine={adapter_dir}")]);
     let (_, job) = http_get(&server.addr, &format!("/v1/fine_tuning/jobs/{job_id}"));
     let job = json(&job);
     assert_eq!(job["status"], "failed", "{job}");
@@ -286,6 +294,19 @@ fn fine_tuning_with_the_openai_client_survives_a_kill() {
         json(&after)["choices"][0]["text"],
         before,
         "same adapter, same tokens"
+    );
+    assert!(models.contains("\"mine\""), "{models}");
+    let (code, mine) = http(
+        &server.addr,
+        "POST",
+        "/v1/completions",
+        Some(&format!(r#"{{"model":"mine",{prompt}}}"#)),
+    );
+    assert_eq!(code, 200, "{mine}");
+    assert_eq!(
+        json(&mine)["choices"][0]["text"],
+        before,
+        "--lora serves the same adapter"
     );
     let (_, files) = http_get(&server.addr, "/v1/files");
     assert!(files.contains(&file_id), "{files}");

@@ -164,7 +164,9 @@ impl Scheduler {
         // then takes it from the cache (how `n > 1` and identical concurrent prompts share).
         let bs = pool.block_size();
         let mut in_flight: HashSet<BlockHash> = HashSet::new();
-        for item in &batch.items {
+        // Only an admission can need them.
+        let admitting = !self.waiting.is_empty();
+        for item in batch.items.iter().filter(|_| admitting) {
             let seq = &mut self.running[item.index];
             let end = seq.num_computed_tokens + item.num_tokens;
             let from = seq.num_computed_tokens / bs;

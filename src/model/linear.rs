@@ -80,9 +80,17 @@ impl Linear {
             Weight::Quant(q) => q.matmul(x, rows),
         };
         if let Some(b) = &self.bias {
-            let b = b.to_vec1::<f32>()?;
-            for row in y.chunks_exact_mut(b.len()) {
-                for (v, bi) in row.iter_mut().zip(&b) {
+            // Read in place: no copy of the bias per call.
+            let n = b.elem_count();
+            let (storage, layout) = b.storage_and_layout();
+            let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(all)) = &*storage else {
+                candle_core::bail!("bias must be an f32 CPU tensor");
+            };
+            let Some(b) = all.get(layout.start_offset()..layout.start_offset() + n) else {
+                candle_core::bail!("bias storage too short");
+            };
+            for row in y.chunks_exact_mut(n) {
+                for (v, bi) in row.iter_mut().zip(b) {
                     *v += bi;
                 }
             }
@@ -162,5 +170,28 @@ impl Linear {
     /// The bias, if any.
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bias_is_added_to_every_row_in_both_paths() {
+        let w = Tensor::new(&[[1f32, 0.], [0., 1.], [1., 1.]], &Device::Cpu).expect("w");
+        // A bias that is a view into a larger tensor (non-zero start offset).
+        let b = Tensor::new(&[9f32, 10., 20., 30.], &Device::Cpu)
+            .and_then(|t| t.narrow(0, 1, 3))
+            .expect("b");
+        let l = Linear::new(w, Some(b));
+        let y = l.forward_vec(&[1., 2., 3., 4.], 2).expect("forward");
+        assert_eq!(y, vec![11., 22., 33., 13., 24., 37.]);
+        let x = Tensor::new(&[[1f32, 2.], [3., 4.]], &Device::Cpu).expect("x");
+        let t = l
+            .forward(&x)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>());
+        assert_eq!(t.expect("tensor path"), y);
     }
 }

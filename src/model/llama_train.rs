@@ -49,6 +49,73 @@ impl CustomOp1 for FrozenMatmul {
     }
 }
 
+/// Per-row cross-entropy `logsumexp(x) − x[label]` of `(n, vocab)` logits, with its gradient
+/// `softmax(x) − onehot(label)` in one pass — candle's composed log-softmax makes about a dozen
+/// passes and allocations over the (large) logits.
+struct CrossEntropy {
+    labels: Vec<u32>,
+}
+
+/// `(max, Σ exp(x − max))` of a row.
+fn row_stats(row: &[f32]) -> (f32, f32) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    (max, row.iter().map(|v| (v - max).exp()).sum())
+}
+
+impl CustomOp1 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "cross-entropy"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let CpuStorage::F32(x) = storage else {
+            candle_core::bail!("cross-entropy: f32 logits expected");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("cross-entropy: contiguous logits expected");
+        };
+        let (n, v) = layout.shape().dims2()?;
+        if n != self.labels.len() || self.labels.iter().any(|&l| l as usize >= v) {
+            candle_core::bail!("cross-entropy: labels do not fit the logits");
+        }
+        let losses: Vec<f32> = x[start..end]
+            .par_chunks_exact(v)
+            .zip(self.labels.par_iter())
+            .map(|(row, &l)| {
+                let (max, sum) = row_stats(row);
+                max + sum.ln() - row[l as usize]
+            })
+            .collect();
+        Ok((CpuStorage::F32(losses), Shape::from(n)))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        use rayon::prelude::*;
+        let g = grad.to_vec1::<f32>()?;
+        let arg = arg.contiguous()?;
+        let (n, v) = arg.dims2()?;
+        let (storage, layout) = arg.storage_and_layout();
+        let candle_core::Storage::Cpu(CpuStorage::F32(x)) = &*storage else {
+            candle_core::bail!("cross-entropy: f32 CPU logits expected");
+        };
+        let x = &x[layout.start_offset()..layout.start_offset() + n * v];
+        let mut out = vec![0f32; n * v];
+        out.par_chunks_exact_mut(v)
+            .zip(x.par_chunks_exact(v))
+            .zip(self.labels.par_iter().zip(g.par_iter()))
+            .for_each(|((o, row), (&l, &gi))| {
+                let (max, sum) = row_stats(row);
+                let k = gi / sum;
+                for (oi, xi) in o.iter_mut().zip(row) {
+                    *oi = (xi - max).exp() * k;
+                }
+                o[l as usize] -= gi;
+            });
+        Ok(Some(Tensor::from_vec(out, (n, v), &Device::Cpu)?))
+    }
+}
+
 struct FrozenBlock {
     input_norm: Tensor,
     post_attention_norm: Tensor,
@@ -344,10 +411,10 @@ impl FrozenLlama {
         dropout_seed: Option<u64>,
     ) -> Result<(Tensor, usize)> {
         let (logits, labels) = self.target_logits(batch, lora, dropout_seed)?;
-        let n = labels.dim(0)?;
-        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        let picked = logp.gather(&labels.unsqueeze(1)?, 1)?;
-        Ok((picked.sum_all()?.neg()?, n))
+        let labels = labels.to_vec1::<u32>()?;
+        let n = labels.len();
+        let losses = logits.apply_op1(CrossEntropy { labels })?;
+        Ok((losses.sum_all()?, n))
     }
 
     /// Logits of every position of one sequence (tests compare them with the serving path).
@@ -360,5 +427,56 @@ impl FrozenLlama {
             targets: &masks,
         };
         Ok(self.target_logits(&batch, lora, None)?.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fused_cross_entropy_equals_composed_log_softmax() {
+        let data: Vec<f32> = (0..3 * 7)
+            .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.7)
+            .collect();
+        let labels = vec![2u32, 0, 6];
+        let x = Var::from_tensor(&Tensor::from_vec(data, (3, 7), &Device::Cpu).unwrap()).unwrap();
+        let weights = Tensor::new(&[1f32, 2., 3.], &Device::Cpu).unwrap();
+        // Composed: −Σ w · log_softmax(x)[label].
+        let ids = Tensor::from_vec(labels.clone(), (3, 1), &Device::Cpu).unwrap();
+        let logp = candle_nn::ops::log_softmax(x.as_tensor(), D::Minus1).unwrap();
+        let picked = logp.gather(&ids, 1).unwrap().squeeze(1).unwrap();
+        let want = (picked * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .neg()
+            .unwrap();
+        let want_grad = want.backward().unwrap();
+        let fused = x.as_tensor().apply_op1(CrossEntropy { labels }).unwrap();
+        let got = (fused * &weights).unwrap().sum_all().unwrap();
+        let got_grad = got.backward().unwrap();
+        let (a, b) = (
+            want.to_scalar::<f32>().unwrap(),
+            got.to_scalar::<f32>().unwrap(),
+        );
+        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        let ga = want_grad
+            .get(x.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let gb = got_grad
+            .get(x.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for (p, q) in ga.iter().zip(&gb) {
+            assert!((p - q).abs() < 1e-5, "{ga:?} vs {gb:?}");
+        }
     }
 }

@@ -224,12 +224,7 @@ fn check_ids(loaded: &Loaded, ids: &[u32]) -> Result<(), ApiError> {
 }
 
 /// Submits the plan; returns its text events and the stop ids in force.
-fn start(
-    app: &AppState,
-    loaded: &Loaded,
-    plan: Plan,
-    ignore_eos: bool,
-) -> Result<TextEvents, ApiError> {
+fn start(app: &AppState, loaded: &Loaded, plan: Plan) -> Result<TextEvents, ApiError> {
     check_ids(loaded, &plan.prompt_ids)?;
     let context = loaded.engine.limits().context_length;
     let prompt_len = plan.prompt_ids.len();
@@ -247,10 +242,7 @@ fn start(
         // Editors ask for a fixed budget; near the end of the context it is clamped.
         Some(n) => (n as usize).min(room),
     };
-    let mut stop_ids = plan.stop_ids;
-    if !ignore_eos {
-        stop_ids.extend(&loaded.eos_ids);
-    }
+    let stop_ids = plan.stop_ids;
     let generation = loaded.engine.submit(GenerateRequest {
         prompt: plan.prompt_ids,
         sampling: plan.sampling,
@@ -354,21 +346,21 @@ struct PlanInfo {
 /// Runs a llama.cpp-dialect plan and answers in llama.cpp's format.
 async fn respond_llama(
     app: AppState,
-    plan: Plan,
+    mut plan: Plan,
     ignore_eos: bool,
     stream: bool,
 ) -> Result<Response, ApiError> {
     let loaded = app.loaded()?;
-    let mut info = PlanInfo {
+    if !ignore_eos {
+        plan.stop_ids.extend(&loaded.eos_ids);
+    }
+    let info = PlanInfo {
         prompt_len: plan.prompt_ids.len(),
         stop_ids: plan.stop_ids.clone(),
         fim_mode: plan.fim_mode,
     };
-    if !ignore_eos {
-        info.stop_ids.extend(&loaded.eos_ids);
-    }
     let submitted = Instant::now();
-    let events = start(&app, loaded, plan, ignore_eos)?;
+    let events = start(&app, loaded, plan)?;
     if !stream {
         let o = collect(events, submitted).await?;
         return Ok(axum::Json(llama_final(loaded, &info, &o, &o.text)).into_response());
@@ -627,6 +619,8 @@ pub async fn ollama_generate(
         ),
     };
     stop_strings.extend(opts.stop.clone().unwrap_or_default());
+    let mut stop_ids = stop_ids;
+    stop_ids.extend(&loaded.eos_ids);
     let plan = Plan {
         prompt_ids,
         stop_ids,
@@ -640,7 +634,7 @@ pub async fn ollama_generate(
     let prompt_len = plan.prompt_ids.len();
     let model = adapter.unwrap_or_else(|| loaded.model_name.clone());
     let submitted = Instant::now();
-    let events = start(&app, loaded, plan, false)?;
+    let events = start(&app, loaded, plan)?;
     if !req.stream.unwrap_or(true) {
         let o = collect(events, submitted).await?;
         return Ok(axum::Json(ollama_final(&model, prompt_len, &o, &o.text)).into_response());
