@@ -3,7 +3,7 @@
 //!
 //! Only ops whose backward candle implements are used (the fast `rms_norm`, `softmax_last_dim`
 //! and `rope` kernels silently drop gradients). Frozen projections go through
-//! [`FrozenMatmul`], a custom op whose backward computes only the input gradient — the weight
+//! `FrozenMatmul`, a custom op whose backward computes only the input gradient — the weight
 //! gradient of a frozen `(out, in)` matrix would be the largest product of the step and is
 //! thrown away.
 
