@@ -317,3 +317,67 @@ fn fine_tuning_with_the_openai_client_survives_a_kill() {
         "{jobs}"
     );
 }
+
+/// Chromium for the browser test: `$CHROMIUM`, else `chromium` on the PATH (the test command
+/// installs the Debian package in CI). Missing is a failure, not a skip.
+fn chromium() -> PathBuf {
+    if let Some(p) = std::env::var_os("CHROMIUM") {
+        return PathBuf::from(p);
+    }
+    for name in ["chromium", "chromium-browser", "google-chrome"] {
+        if let Ok(out) = Command::new("which").arg(name).output() {
+            if out.status.success() {
+                return PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+            }
+        }
+    }
+    panic!("no Chromium found: install the `chromium` package (apt-get install chromium) or set CHROMIUM");
+}
+
+/// playwright-core from npm, installed once under target/.
+fn playwright_dir() -> PathBuf {
+    let dir = repo().join("target/browser-node");
+    if !dir.join("node_modules/playwright-core").exists() {
+        std::fs::create_dir_all(&dir).expect("dir");
+        let status = Command::new("npm")
+            .args(["install", "--silent", "--no-audit", "--no-fund", "--prefix"])
+            .arg(&dir)
+            .arg("playwright-core@1")
+            .status()
+            .expect("npm (Node.js) is needed for the browser test");
+        assert!(status.success(), "npm install playwright-core failed");
+    }
+    dir
+}
+
+#[test]
+fn playground_in_headless_chromium() {
+    let chromium = chromium();
+    let node_dir = playwright_dir();
+    let server = start_server(&[]);
+    let shots = repo().join("target/test-output/playground");
+    std::fs::create_dir_all(&shots).expect("screenshot dir");
+    // The script imports playwright-core from node_modules next to it.
+    let script = node_dir.join("playground.mjs");
+    std::fs::copy(repo().join("tests/browser/playground.mjs"), &script).expect("copy script");
+    let out = Command::new("node")
+        .arg(&script)
+        .arg(format!("http://{}", server.addr))
+        .arg(KEY)
+        .arg(&shots)
+        .env("CHROMIUM", &chromium)
+        .output()
+        .expect("run node");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "playground check failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("playground: ok"), "{stdout}");
+    for shot in ["completion.png", "chat.png", "finetune.png"] {
+        assert!(shots.join(shot).exists(), "screenshot {shot}");
+    }
+    // The page itself needs no key; the API behind it does.
+    assert_eq!(http_get(&server.addr, "/").0, 200);
+}

@@ -110,3 +110,9 @@ pub async fn metrics(State(app): State<AppState>) -> Response {
     let body = app.metrics().render(stats.as_ref());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
+
+/// `GET /`: the playground page (compiled into the binary, so it is there wherever the binary
+/// is; no key needed to load it — its API calls send the key the user enters).
+pub async fn playground() -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("../../static/index.html"))
+}

@@ -219,6 +219,7 @@ async fn auth(State(app): State<AppState>, req: Request, next: Next) -> Response
     let config = app.config();
     let path = req.uri().path();
     let exempt = path == "/health"
+        || path == "/"
         || (path == "/metrics" && !config.metrics_require_key)
         || req.method() == Method::OPTIONS;
     if config.api_keys.is_empty() || exempt {
@@ -276,6 +277,7 @@ async fn method_not_allowed(req: Request) -> ApiError {
 pub fn router(state: AppState) -> Router {
     let config = state.config().clone();
     let mut app = Router::new()
+        .route("/", get(info::playground))
         .route("/v1/completions", post(completions::completions))
         .route("/infill", post(infill::infill))
         .route("/completion", post(infill::completion))
