@@ -334,3 +334,40 @@ fn unsupported_tensor_dtype_is_a_clear_error() {
     candle_core::safetensors::save(&tensors, &p).expect("save");
     expect_load_error(&m, &["unsupported", "model.norm.weight", "I64"]);
 }
+
+/// The README's configuration reference is checked against `--help`: every `serve` flag and
+/// every `NEXTOKEN_*` variable it accepts is documented, and the README names none that do not
+/// exist.
+#[test]
+fn readme_documents_every_serve_flag_and_variable() {
+    let out = nextoken(&["serve", "--help"]);
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout).to_string();
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        .expect("README");
+    let words = |text: &str, prefix: &str| -> std::collections::BTreeSet<String> {
+        text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '_'))
+            .filter(|w| w.starts_with(prefix) && w.len() > prefix.len())
+            .map(str::to_string)
+            .collect()
+    };
+    let flags: Vec<String> = words(&help, "--")
+        .into_iter()
+        .filter(|f| f != "--help" && f != "--version")
+        .collect();
+    assert!(flags.len() >= 15, "{flags:?}");
+    for f in &flags {
+        assert!(readme.contains(f.as_str()), "README does not document {f}");
+    }
+    let vars = words(&help, "NEXTOKEN_");
+    assert!(vars.len() >= 15, "{vars:?}");
+    for v in &vars {
+        assert!(readme.contains(v.as_str()), "README does not document {v}");
+    }
+    for v in words(&readme, "NEXTOKEN_") {
+        assert!(
+            vars.contains(&v),
+            "README names {v}, which `serve --help` does not accept"
+        );
+    }
+}

@@ -55,6 +55,14 @@ try {
   const status = await page.textContent("#status");
   check(/running \d+ · waiting \d+ · KV/.test(status), "status strip: " + status);
   await page.screenshot({ path: `${shots}/finetune.png` });
+
+  // Try the new model in the same page.
+  await page.click("nav button[data-tab=completion]");
+  await page.fill("#prompt", "The river Dunmere flows into");
+  await page.fill("#max_tokens", "6");
+  await page.click("#run-completion");
+  await page.waitForFunction(() => / 6 tokens$/.test(document.querySelector("#stats").textContent), null, { timeout: 60000 });
+  check((await page.textContent("#out")).startsWith("The river Dunmere flows into"), "fine-tuned model answered");
   check(errors.length === 0, "no page errors: " + errors.join("; "));
   console.log("playground: ok");
 } finally {
