@@ -108,8 +108,14 @@ fn http_get(addr: &str, path: &str) -> (u16, String) {
     http(addr, "GET", path, None)
 }
 
-/// A venv with `openai` (and its `httpx`), created once under target/.
+/// A venv with `openai` (and its `httpx`), created once under target/ (tests of this file run
+/// in parallel: only one creates it).
 fn python() -> PathBuf {
+    static VENV: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    VENV.get_or_init(create_venv).clone()
+}
+
+fn create_venv() -> PathBuf {
     let venv = repo().join("target/py-venv");
     let py = venv.join("bin/python");
     let ok = |py: &PathBuf| {
