@@ -17,6 +17,17 @@ use super::config::ModelConfig;
 use super::lora::{lora_delta, LoraAdapter, LoraPair, Target};
 use super::Model;
 
+/// The contiguous f32 data a custom op's CPU kernel reads.
+fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(x) = storage else {
+        candle_core::bail!("{op}: f32 input expected");
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{op}: contiguous input expected");
+    };
+    Ok(&x[start..end])
+}
+
 /// `x · Wᵀ` for a frozen `W: (out, in)`: backward gives `x` its gradient and nothing else.
 struct FrozenMatmul {
     w: Tensor,
@@ -28,18 +39,13 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(x) = storage else {
-            candle_core::bail!("frozen-matmul: f32 input expected");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("frozen-matmul: contiguous input expected");
-        };
+        let x = contiguous_f32(storage, layout, "frozen-matmul")?;
         let (out, inp) = self.w.dims2()?;
         let (rows, cols) = layout.shape().dims2()?;
         if cols != inp {
             candle_core::bail!("frozen-matmul: input has {cols} columns, weight {inp}");
         }
-        let xt = Tensor::from_slice(&x[start..end], (rows, cols), &Device::Cpu)?;
+        let xt = Tensor::from_slice(x, (rows, cols), &Device::Cpu)?;
         let y = xt.matmul(&self.w.t()?)?.flatten_all()?.to_vec1::<f32>()?;
         Ok((CpuStorage::F32(y), Shape::from((rows, out))))
     }
@@ -69,17 +75,12 @@ impl CustomOp1 for CrossEntropy {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         use rayon::prelude::*;
-        let CpuStorage::F32(x) = storage else {
-            candle_core::bail!("cross-entropy: f32 logits expected");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("cross-entropy: contiguous logits expected");
-        };
+        let x = contiguous_f32(storage, layout, "cross-entropy")?;
         let (n, v) = layout.shape().dims2()?;
         if n != self.labels.len() || self.labels.iter().any(|&l| l as usize >= v) {
             candle_core::bail!("cross-entropy: labels do not fit the logits");
         }
-        let losses: Vec<f32> = x[start..end]
+        let losses: Vec<f32> = x
             .par_chunks_exact(v)
             .zip(self.labels.par_iter())
             .map(|(row, &l)| {
