@@ -252,7 +252,13 @@ fn unsupported_gguf_architecture_is_a_clear_error() {
     let arch = gguf_file::Value::String("gpt2".into());
     gguf_file::write(&mut f, &[("general.architecture", &arch)], &[]).expect("write gguf");
     drop(f);
-    expect_load_error(&p, &["unsupported architecture 'gpt2'", "llama"]);
+    expect_load_error(
+        &p,
+        &[
+            "unsupported architecture 'gpt2'",
+            "llama, qwen2, phi3, gemma2, starcoder2",
+        ],
+    );
 }
 
 fn tiny_llama_copy(dir: &Path) -> std::path::PathBuf {
@@ -285,6 +291,11 @@ fn unsupported_hf_architecture_is_a_clear_error() {
         &[
             "unsupported architecture 'GPT2LMHeadModel'",
             "LlamaForCausalLM",
+            "MistralForCausalLM",
+            "Qwen2ForCausalLM",
+            "Phi3ForCausalLM",
+            "Gemma2ForCausalLM",
+            "Starcoder2ForCausalLM",
         ],
     );
 }

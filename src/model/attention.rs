@@ -11,31 +11,87 @@ use super::config::{ModelConfig, RopeScaling};
 use super::kv_cache::LayerKv;
 use super::ForwardBatch;
 
-/// Rotary embedding frequencies (`head_dim / 2` of them), HF's rotate-half layout.
+/// Rotary embedding frequencies (`rotary_dim / 2` of them), HF's rotate-half layout over the
+/// first `rotary_dim` dimensions of each head (all of them unless the rotary is partial).
 #[derive(Debug, Clone)]
 pub struct Rope {
     inv_freq: Vec<f32>,
+    head_dim: usize,
+    /// Multiplier of cos and sin (YaRN's attention factor; 1 otherwise).
+    attention_scaling: f32,
 }
 
-/// `cos`/`sin` of every row's position: `(T, head_dim / 2)` each.
+/// `cos`/`sin` of every row's position: `(T, rotary_dim / 2)` each.
 pub struct RopeTables {
     cos: Vec<f32>,
     sin: Vec<f32>,
     half: usize,
+    head_dim: usize,
+}
+
+/// YaRN frequencies as transformers computes them (`_compute_yarn_parameters`).
+fn yarn_inv_freq(
+    dim: usize,
+    base: f64,
+    factor: f64,
+    original: usize,
+    (beta_fast, beta_slow): (f64, f64),
+    truncate: bool,
+) -> Vec<f32> {
+    let correction_dim = |rot: f64| {
+        dim as f64 * (original as f64 / (rot * 2.0 * std::f64::consts::PI)).ln() / (2.0 * base.ln())
+    };
+    let (mut low, mut high) = (correction_dim(beta_fast), correction_dim(beta_slow));
+    if truncate {
+        (low, high) = (low.floor(), high.ceil());
+    }
+    let (low, mut high) = (low.max(0.0), high.min(dim as f64 - 1.0));
+    if low == high {
+        high += 0.001;
+    }
+    (0..dim / 2)
+        .map(|i| {
+            let pos_freq = (base as f32).powf((2 * i) as f32 / dim as f32);
+            let extrapolation = 1.0 / pos_freq;
+            let interpolation = 1.0 / (factor as f32 * pos_freq);
+            let ramp = ((i as f32 - low as f32) / (high as f32 - low as f32)).clamp(0.0, 1.0);
+            let extrapolation_factor = 1.0 - ramp;
+            interpolation * (1.0 - extrapolation_factor) + extrapolation * extrapolation_factor
+        })
+        .collect()
 }
 
 impl Rope {
     /// Frequencies as transformers computes them in float32, with the config's scaling.
     pub fn new(config: &ModelConfig) -> Self {
-        let dim = config.head_dim;
+        let dim = config.features.rotary_dim.unwrap_or(config.head_dim);
         let theta = config.rope_theta as f32;
         let mut inv_freq: Vec<f32> = (0..dim / 2)
             .map(|i| 1.0 / theta.powf((2 * i) as f32 / dim as f32))
             .collect();
+        let mut attention_scaling = 1.0;
         match &config.rope_scaling {
             None => {}
             Some(RopeScaling::Linear { factor }) => {
                 inv_freq.iter_mut().for_each(|f| *f /= *factor as f32);
+            }
+            Some(RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings,
+                beta_fast,
+                beta_slow,
+                attention_factor,
+                truncate,
+            }) => {
+                inv_freq = yarn_inv_freq(
+                    dim,
+                    config.rope_theta,
+                    *factor,
+                    *original_max_position_embeddings,
+                    (*beta_fast, *beta_slow),
+                    *truncate,
+                );
+                attention_scaling = *attention_factor as f32;
             }
             Some(RopeScaling::Llama3 {
                 factor,
@@ -62,7 +118,11 @@ impl Rope {
                 }
             }
         }
-        Rope { inv_freq }
+        Rope {
+            inv_freq,
+            head_dim: config.head_dim,
+            attention_scaling,
+        }
     }
 
     /// Tables for the given positions, computed once per forward and shared by all layers.
@@ -73,29 +133,35 @@ impl Rope {
         for &p in positions {
             for &f in &self.inv_freq {
                 let angle = p as f32 * f;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
+                cos.push(angle.cos() * self.attention_scaling);
+                sin.push(angle.sin() * self.attention_scaling);
             }
         }
-        RopeTables { cos, sin, half }
+        RopeTables {
+            cos,
+            sin,
+            half,
+            head_dim: self.head_dim,
+        }
     }
 }
 
 impl RopeTables {
-    /// `(cos, sin)`, each `(T, head_dim / 2)` row-major.
+    /// `(cos, sin)`, each `(T, rotary_dim / 2)` row-major.
     pub fn as_slices(&self) -> (&[f32], &[f32]) {
         (&self.cos, &self.sin)
     }
 
-    /// Rotates `x: (T, heads * head_dim)` in place: `x·cos + rotate_half(x)·sin`.
+    /// Rotates `x: (T, heads * head_dim)` in place: `x·cos + rotate_half(x)·sin` over each
+    /// head's rotary dimensions; the rest pass through.
     pub fn apply(&self, x: &mut [f32], heads: usize) {
         let half = self.half;
-        let row_len = heads * 2 * half;
+        let row_len = heads * self.head_dim;
         for (t, row) in x.chunks_exact_mut(row_len).enumerate() {
             let cos = &self.cos[t * half..(t + 1) * half];
             let sin = &self.sin[t * half..(t + 1) * half];
-            for head in row.chunks_exact_mut(2 * half) {
-                let (a, b) = head.split_at_mut(half);
+            for head in row.chunks_exact_mut(self.head_dim) {
+                let (a, b) = head[..2 * half].split_at_mut(half);
                 for i in 0..half {
                     let (x1, x2) = (a[i], b[i]);
                     a[i] = x1 * cos[i] - x2 * sin[i];
@@ -135,7 +201,7 @@ impl AttentionPlan {
     }
 }
 
-/// Head counts of one attention layer.
+/// Shape and arithmetic of one attention layer.
 #[derive(Debug, Clone, Copy)]
 pub struct HeadDims {
     /// Query heads.
@@ -144,6 +210,12 @@ pub struct HeadDims {
     pub num_kv_heads: usize,
     /// Width of a head.
     pub head_dim: usize,
+    /// Multiplier of `q·k`.
+    pub scale: f32,
+    /// `cap · tanh(score / cap)` before the softmax.
+    pub softcap: Option<f32>,
+    /// Keys further back than `window - 1` positions are not attended.
+    pub window: Option<usize>,
 }
 
 /// Writes the new rows' keys and values (`(T, kv_dim)` each) into their slots.
@@ -173,6 +245,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// Where one (row, KV head) reads its keys and values.
+#[derive(Clone, Copy)]
 struct HeadView<'a> {
     k: &'a [f32],
     v: &'a [f32],
@@ -181,18 +254,35 @@ struct HeadView<'a> {
     offset: usize,
     head_dim: usize,
     scale: f32,
+    softcap: Option<f32>,
+}
+
+/// Gemma 2's score soft-capping, in transformers' order of operations.
+#[inline]
+fn soft_cap(x: f32, cap: f32) -> f32 {
+    (x / cap).tanh() * cap
 }
 
 /// Softmax(q·Kᵀ·scale)·V for query vectors `q: (Q, head_dim)` that share one KV head, vector
-/// `g` attending to the first `ns[g]` slots; written into `out` (zeroed). Portable path.
-fn attend_group(q: &[f32], ns: &[usize], view: &HeadView, scores: &mut Vec<f32>, out: &mut [f32]) {
+/// `g` attending to slots `ranges[g].0 .. ranges[g].1`; written into `out` (zeroed).
+/// Portable path.
+fn attend_group(
+    q: &[f32],
+    ranges: &[(usize, usize)],
+    view: &HeadView,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
     let hd = view.head_dim;
-    for ((qg, og), &n) in q.chunks_exact(hd).zip(out.chunks_exact_mut(hd)).zip(ns) {
+    for ((qg, og), &(lo, n)) in q.chunks_exact(hd).zip(out.chunks_exact_mut(hd)).zip(ranges) {
         scores.clear();
         let mut max = f32::NEG_INFINITY;
-        for &s in &view.slots[..n] {
+        for &s in &view.slots[lo..n] {
             let base = s as usize * view.kv_dim + view.offset;
-            let x = dot(qg, &view.k[base..base + hd]) * view.scale;
+            let mut x = dot(qg, &view.k[base..base + hd]) * view.scale;
+            if let Some(cap) = view.softcap {
+                x = soft_cap(x, cap);
+            }
             max = max.max(x);
             scores.push(x);
         }
@@ -202,7 +292,7 @@ fn attend_group(q: &[f32], ns: &[usize], view: &HeadView, scores: &mut Vec<f32>,
             sum += *x;
         }
         let inv = 1.0 / sum;
-        for (&s, &w) in view.slots[..n].iter().zip(scores.iter()) {
+        for (&s, &w) in view.slots[lo..n].iter().zip(scores.iter()) {
             let base = s as usize * view.kv_dim + view.offset;
             let p = w * inv;
             for (oi, vi) in og.iter_mut().zip(&view.v[base..base + hd]) {
@@ -269,7 +359,7 @@ mod simd_x86 {
     #[target_feature(enable = "avx2,fma")]
     pub(super) fn attend_group(
         q: &[f32],
-        ns: &[usize],
+        ranges: &[(usize, usize)],
         view: &HeadView,
         scores: &mut Vec<f32>,
         out: &mut [f32],
@@ -280,7 +370,7 @@ mod simd_x86 {
         let n = view.slots.len();
         let padded = n.next_multiple_of(4);
         assert!(hd.is_multiple_of(8) && hd <= MAX_HEAD_DIM && out.len() == q.len());
-        assert!(ns.len() == qn && ns.iter().all(|&m| (1..=n).contains(&m)));
+        assert!(ranges.len() == qn && ranges.iter().all(|&(lo, m)| lo < m && m <= n));
         assert!(view.slots.iter().all(|&s| {
             (s as usize + 1) * view.kv_dim >= s as usize * view.kv_dim + view.offset + hd
                 && (s as usize + 1) * view.kv_dim <= view.k.len().min(view.v.len())
@@ -301,10 +391,10 @@ mod simd_x86 {
             // Scores, four keys at a time; each score's arithmetic depends only on its query
             // and key, so blocking and the tile's other rows change nothing.
             for kb in (0..padded).step_by(KEY_BLOCK) {
-                for (g, &m) in ns.iter().enumerate() {
+                for (g, &(lo, m)) in ranges.iter().enumerate() {
                     let qg = q.as_ptr().add(g * hd);
                     let end = m.next_multiple_of(4).min(kb + KEY_BLOCK);
-                    let mut i = kb;
+                    let mut i = kb.max(lo & !3);
                     while i < end {
                         let ks = [row(i, kp), row(i + 1, kp), row(i + 2, kp), row(i + 3, kp)];
                         let mut acc = [_mm256_setzero_ps(); 4];
@@ -321,8 +411,16 @@ mod simd_x86 {
                     }
                 }
             }
-            for (g, &n) in ns.iter().enumerate() {
-                let sg = &mut scores[g * padded..g * padded + padded];
+            for (g, &(lo, n)) in ranges.iter().enumerate() {
+                // This query's keys only: the 8-lane sums below start at its first key, so
+                // where the tile's view begins changes nothing.
+                let sg = &mut scores[g * padded + lo..g * padded + padded];
+                let n = n - lo;
+                if let Some(cap) = view.softcap {
+                    for x in &mut sg[..n] {
+                        *x = super::soft_cap(*x, cap);
+                    }
+                }
                 let mut max = f32::NEG_INFINITY;
                 for &x in &sg[..n] {
                     max = max.max(x);
@@ -356,14 +454,15 @@ mod simd_x86 {
             // (stored and reloaded exactly between blocks).
             let rows: Vec<*const f32> = (0..n).map(|i| row(i, vp)).collect();
             for kb in (0..n).step_by(KEY_BLOCK) {
-                for (g, &m) in ns.iter().enumerate() {
+                for (g, &(lo, m)) in ranges.iter().enumerate() {
+                    let begin = kb.max(lo);
                     let end = m.min(kb + KEY_BLOCK);
-                    if end <= kb {
+                    if end <= begin {
                         continue;
                     }
                     let og = out.as_mut_ptr().add(g * hd);
-                    let sg = scores.as_ptr().add(g * padded + kb);
-                    let rs = &rows[kb..end];
+                    let sg = scores.as_ptr().add(g * padded + begin);
+                    let rs = &rows[begin..end];
                     for c0 in (0..nc).step_by(8) {
                         let o = og.add(c0 * 8);
                         match nc - c0 {
@@ -410,7 +509,7 @@ mod simd_x86 {
 
 fn attend_group_dispatch(
     q: &[f32],
-    ns: &[usize],
+    ranges: &[(usize, usize)],
     view: &HeadView,
     scores: &mut Vec<f32>,
     out: &mut [f32],
@@ -429,12 +528,12 @@ fn attend_group_dispatch(
             #[allow(unsafe_code)]
             // SAFETY: AVX2 and FMA were detected at run time.
             unsafe {
-                simd_x86::attend_group(q, ns, view, scores, out)
+                simd_x86::attend_group(q, ranges, view, scores, out)
             };
             return;
         }
     }
-    attend_group(q, ns, view, scores, out)
+    attend_group(q, ranges, view, scores, out)
 }
 
 /// Consecutive rows of one sequence attended together (their keys read once per tile).
@@ -453,10 +552,12 @@ pub fn attend(
         num_heads,
         num_kv_heads,
         head_dim,
+        scale,
+        softcap,
+        window,
     } = dims;
     let kv_dim = num_kv_heads * head_dim;
     let group = num_heads / num_kv_heads;
-    let scale = 1.0 / (head_dim as f32).sqrt();
     let q_dim = num_heads * head_dim;
     // Tiles of up to ROW_TILE consecutive rows of the same sequence.
     let mut tiles = Vec::new();
@@ -480,24 +581,33 @@ pub fn attend(
         .map_init(Vec::new, |scores: &mut Vec<f32>, (r0, r1, kvh)| {
             let rows = r1 - r0;
             let mut qs = Vec::with_capacity(rows * group * head_dim);
-            let mut ns = Vec::with_capacity(rows * group);
+            let mut ranges = Vec::with_capacity(rows * group);
             for t in r0..r1 {
                 let base = t * q_dim + kvh * group * head_dim;
                 qs.extend_from_slice(&q[base..base + group * head_dim]);
-                ns.extend(std::iter::repeat_n(batch.positions[t] as usize + 1, group));
+                let end = batch.positions[t] as usize + 1;
+                let start = window.map_or(0, |w| end.saturating_sub(w));
+                ranges.extend(std::iter::repeat_n((start, end), group));
             }
-            let longest = ns.iter().copied().max().unwrap_or(0);
+            // The tile's view starts at its earliest key (rows are consecutive positions, so
+            // a sliding window skips all but a few keys outside any row's window).
+            let first = ranges.iter().map(|r| r.0).min().unwrap_or(0);
+            let longest = ranges.iter().map(|r| r.1).max().unwrap_or(0);
+            ranges
+                .iter_mut()
+                .for_each(|r| *r = (r.0 - first, r.1 - first));
             let view = HeadView {
                 k: &layer.k,
                 v: &layer.v,
-                slots: &plan.context_slots[plan.row_seq[r0]][..longest],
+                slots: &plan.context_slots[plan.row_seq[r0]][first..longest],
                 kv_dim,
                 offset: kvh * head_dim,
                 head_dim,
                 scale,
+                softcap,
             };
             let mut o = vec![0f32; qs.len()];
-            attend_group_dispatch(&qs, &ns, &view, scores, &mut o);
+            attend_group_dispatch(&qs, &ranges, &view, scores, &mut o);
             (r0, kvh, o)
         })
         .collect();
@@ -547,14 +657,24 @@ mod tests {
                     offset: head_dim,
                     head_dim,
                     scale: 0.125,
+                    softcap: None,
                 };
-                let (mut a, mut b) = (vec![0f32; q.len()], vec![0f32; q.len()]);
                 // Query vectors with different context lengths, as in a prefill tile.
-                let ns: Vec<usize> = (0..group).map(|g| n - g.min(n - 1)).collect();
-                attend_group(&q, &ns, &view, &mut Vec::new(), &mut a);
-                attend_group_dispatch(&q, &ns, &view, &mut Vec::new(), &mut b);
-                for (x, y) in a.iter().zip(&b) {
-                    assert!((x - y).abs() < 1e-5, "hd {head_dim} n {n}: {x} vs {y}");
+                // ... and sliding windows starting anywhere, with and without soft-capping.
+                for (window, softcap) in [(None, None), (Some(5), None), (Some(9), Some(3.0))] {
+                    let ranges: Vec<(usize, usize)> = (0..group)
+                        .map(|g| {
+                            let end = n - g.min(n - 1);
+                            (window.map_or(0, |w: usize| end.saturating_sub(w)), end)
+                        })
+                        .collect();
+                    let view = HeadView { softcap, ..view };
+                    let (mut a, mut b) = (vec![0f32; q.len()], vec![0f32; q.len()]);
+                    attend_group(&q, &ranges, &view, &mut Vec::new(), &mut a);
+                    attend_group_dispatch(&q, &ranges, &view, &mut Vec::new(), &mut b);
+                    for (x, y) in a.iter().zip(&b) {
+                        assert!((x - y).abs() < 1e-5, "hd {head_dim} n {n}: {x} vs {y}");
+                    }
                 }
             }
         }

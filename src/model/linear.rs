@@ -45,6 +45,14 @@ impl Linear {
         })
     }
 
+    /// The same weight with a `(out,)` bias added.
+    pub fn with_bias(self, bias: Tensor) -> Self {
+        Linear {
+            bias: Some(bias),
+            ..self
+        }
+    }
+
     /// `(out_features, in_features)`.
     pub fn dims(&self) -> (usize, usize) {
         match &self.weight {

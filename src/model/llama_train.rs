@@ -13,7 +13,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, T
 use rand::{Rng, SeedableRng};
 
 use super::attention::Rope;
-use super::config::ModelConfig;
+use super::config::{Architecture, Features, ModelConfig};
 use super::lora::{lora_delta, LoraAdapter, LoraPair, Target};
 use super::Model;
 
@@ -233,14 +233,21 @@ impl Model {
     /// The base weights dequantized to f32 for training (held only while a job runs).
     pub fn frozen(&self) -> Result<FrozenLlama> {
         match self {
-            Model::Llama(m) => m.frozen(),
+            Model::Decoder(m) => m.frozen(),
         }
     }
 }
 
-impl super::llama::Llama {
+impl super::decoder::Decoder {
     /// See [`Model::frozen`].
     pub fn frozen(&self) -> Result<FrozenLlama> {
+        let c = self.config();
+        if c.architecture != Architecture::Llama || c.features != Features::default() {
+            candle_core::bail!(
+                "fine-tuning supports llama-architecture models; this one is {}",
+                c.architecture.hf_name()
+            );
+        }
         let named: HashMap<String, Tensor> = self.named_tensors()?.into_iter().collect();
         let get = |name: &str| -> Result<Tensor> {
             named

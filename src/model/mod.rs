@@ -8,9 +8,9 @@
 
 pub mod attention;
 pub mod config;
+pub mod decoder;
 pub mod kv_cache;
 pub mod linear;
-pub mod llama;
 pub mod llama_train;
 pub mod lora;
 pub mod quant;
@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use candle_core::Tensor;
 
-pub use config::{Architecture, ModelConfig, RopeScaling};
+pub use config::{Activation, Architecture, Features, ModelConfig, RopeScaling};
 pub use kv_cache::KvCache;
 pub use linear::Linear;
 pub use lora::{LoraAdapter, Target};
@@ -168,12 +168,13 @@ impl ForwardBatch {
     }
 }
 
-/// A loaded model, one variant per architecture family. Cloning shares the weights (the
-/// trainer reads the same base weights the engine serves).
+/// A loaded model. Every supported architecture runs the one [`decoder::Decoder`]; a family
+/// that needs a different forward pass would be another variant. Cloning shares the weights
+/// (the trainer reads the same base weights the engine serves).
 #[derive(Clone)]
 pub enum Model {
-    /// Llama family.
-    Llama(llama::Llama),
+    /// Decoder-only transformer (all of [`Architecture::ALL`]).
+    Decoder(decoder::Decoder),
 }
 
 /// Where a model was loaded from; the tokenizer is built from the same source.
@@ -216,8 +217,11 @@ impl Model {
                 .map_err(|e| LoadError::format(&config_path, format!("invalid JSON: {e}")))?;
             let config = ModelConfig::from_hf_json(&json, &config_path)?;
             let mut weights = Weights::open_safetensors_dir(path)?;
-            let model = llama::Llama::load(config, &mut weights)?;
-            Ok((Model::Llama(model), ModelSource::HfDir(path.to_path_buf())))
+            let model = decoder::Decoder::load(config, &mut weights)?;
+            Ok((
+                Model::Decoder(model),
+                ModelSource::HfDir(path.to_path_buf()),
+            ))
         } else {
             let (mut weights, metadata) = Weights::open_gguf(path)?;
             let config = ModelConfig::from_gguf_metadata(
@@ -225,20 +229,20 @@ impl Model {
                 weights.contains("lm_head.weight"),
                 path,
             )?;
-            weights.set_llama_heads(config.num_heads, config.num_kv_heads);
-            let model = llama::Llama::load(config, &mut weights)?;
+            weights.set_gguf_architecture(&config);
+            let model = decoder::Decoder::load(config, &mut weights)?;
             let source = ModelSource::Gguf {
                 path: path.to_path_buf(),
                 metadata,
             };
-            Ok((Model::Llama(model), source))
+            Ok((Model::Decoder(model), source))
         }
     }
 
     /// The model's hyper-parameters.
     pub fn config(&self) -> &ModelConfig {
         match self {
-            Model::Llama(m) => m.config(),
+            Model::Decoder(m) => m.config(),
         }
     }
 
@@ -247,7 +251,7 @@ impl Model {
     pub fn forward(&self, batch: &ForwardBatch, kv: &mut KvCache) -> candle_core::Result<Tensor> {
         batch.validate(kv, self.config().vocab_size)?;
         match self {
-            Model::Llama(m) => m.forward(batch, kv),
+            Model::Decoder(m) => m.forward(batch, kv),
         }
     }
 
@@ -260,7 +264,7 @@ impl Model {
     /// Every weight by its Hugging Face name, as f32 (for `convert`).
     pub fn named_tensors(&self) -> candle_core::Result<Vec<(String, Tensor)>> {
         match self {
-            Model::Llama(m) => m.named_tensors(),
+            Model::Decoder(m) => m.named_tensors(),
         }
     }
 }

@@ -13,6 +13,7 @@ use candle_core::quantized::{gguf_file, GgmlDType};
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
+use super::config::Architecture;
 use super::linear::Linear;
 use super::quant::{QMatrix, QuantFormat};
 use super::LoadError;
@@ -25,8 +26,10 @@ enum Source {
     Gguf {
         file: File,
         content: gguf_file::Content,
-        /// Query and key/value head counts, to undo llama.cpp's Q/K permutation.
+        /// Query and key/value head counts, to undo llama.cpp's Q/K permutation (llama only).
         heads: Option<(usize, usize)>,
+        /// Architecture, for the names that differ between families.
+        arch: Architecture,
     },
 }
 
@@ -36,11 +39,12 @@ pub struct Weights {
     source: Source,
 }
 
-/// Maps a Hugging Face llama tensor name onto its llama.cpp GGUF name.
-fn gguf_name(hf: &str) -> Option<String> {
+/// Maps a Hugging Face tensor name onto its llama.cpp GGUF name.
+pub fn gguf_name(arch: Architecture, hf: &str) -> Option<String> {
     let fixed = match hf {
         "model.embed_tokens.weight" => Some("token_embd.weight"),
         "model.norm.weight" => Some("output_norm.weight"),
+        "model.norm.bias" => Some("output_norm.bias"),
         "lm_head.weight" => Some("output.weight"),
         _ => None,
     };
@@ -52,7 +56,13 @@ fn gguf_name(hf: &str) -> Option<String> {
     let (module, suffix) = rest.rsplit_once('.')?;
     let gguf_module = match module {
         "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" if arch == Architecture::Gemma2 => "post_attention_norm",
         "post_attention_layernorm" => "ffn_norm",
+        "pre_feedforward_layernorm" => "ffn_norm",
+        "post_feedforward_layernorm" => "post_ffw_norm",
+        "self_attn.qkv_proj" => "attn_qkv",
+        "mlp.gate_up_proj" | "mlp.c_fc" => "ffn_up",
+        "mlp.c_proj" => "ffn_down",
         "self_attn.q_proj" => "attn_q",
         "self_attn.k_proj" => "attn_k",
         "self_attn.v_proj" => "attn_v",
@@ -166,6 +176,7 @@ impl Weights {
                 file,
                 content,
                 heads: None,
+                arch: Architecture::Llama,
             },
         };
         Ok((weights, metadata))
@@ -224,19 +235,27 @@ impl Weights {
         &self.path
     }
 
-    /// Tells the GGUF reader the head counts, so Q/K rows come out in HF layout.
-    pub fn set_llama_heads(&mut self, num_heads: usize, num_kv_heads: usize) {
-        if let Source::Gguf { heads, .. } = &mut self.source {
-            *heads = Some((num_heads, num_kv_heads));
+    /// Tells the GGUF reader the architecture: its tensor names, and for llama (whose Q/K
+    /// rows llama.cpp permutes) the head counts, so Q/K rows come out in HF layout.
+    pub fn set_gguf_architecture(&mut self, config: &super::ModelConfig) {
+        if let Source::Gguf { heads, arch, .. } = &mut self.source {
+            *arch = config.architecture;
+            *heads = (config.architecture.gguf_name() == "llama")
+                .then_some((config.num_heads, config.num_kv_heads));
         }
+    }
+
+    /// Whether the tensors come from a GGUF file.
+    pub fn is_gguf(&self) -> bool {
+        matches!(self.source, Source::Gguf { .. })
     }
 
     /// Whether a tensor of that HF name exists.
     pub fn contains(&self, name: &str) -> bool {
         match &self.source {
             Source::Safetensors(t) => t.contains_key(name),
-            Source::Gguf { content, .. } => {
-                gguf_name(name).is_some_and(|g| content.tensor_infos.contains_key(&g))
+            Source::Gguf { content, arch, .. } => {
+                gguf_name(*arch, name).is_some_and(|g| content.tensor_infos.contains_key(&g))
             }
         }
     }
@@ -265,8 +284,14 @@ impl Weights {
     pub fn get_linear(&mut self, name: &str, shape: [usize; 2]) -> Result<Linear, LoadError> {
         let path = self.path.clone();
         let permute = self.permuted_heads(name);
-        if let Source::Gguf { file, content, .. } = &mut self.source {
-            let g = gguf_name(name).unwrap_or_default();
+        if let Source::Gguf {
+            file,
+            content,
+            arch,
+            ..
+        } = &mut self.source
+        {
+            let g = gguf_name(*arch, name).unwrap_or_default();
             if let Some(info) = content.tensor_infos.get(&g) {
                 let format = match info.ggml_dtype {
                     GgmlDType::Q4_1 => Some(QuantFormat::Q4_1),
@@ -315,8 +340,9 @@ impl Weights {
                 file,
                 content,
                 heads,
+                arch,
             } => {
-                let g = gguf_name(name).ok_or_else(|| {
+                let g = gguf_name(*arch, name).ok_or_else(|| {
                     LoadError::format(&path, format!("no GGUF name for tensor '{name}'"))
                 })?;
                 if !content.tensor_infos.contains_key(&g) {
@@ -370,18 +396,29 @@ mod tests {
     #[test]
     fn gguf_names_map_llama_tensors() {
         assert_eq!(
-            gguf_name("model.layers.3.self_attn.k_proj.weight").as_deref(),
+            gguf_name(
+                Architecture::Llama,
+                "model.layers.3.self_attn.k_proj.weight"
+            )
+            .as_deref(),
             Some("blk.3.attn_k.weight")
         );
         assert_eq!(
-            gguf_name("model.layers.12.post_attention_layernorm.weight").as_deref(),
+            gguf_name(
+                Architecture::Llama,
+                "model.layers.12.post_attention_layernorm.weight"
+            )
+            .as_deref(),
             Some("blk.12.ffn_norm.weight")
         );
         assert_eq!(
-            gguf_name("lm_head.weight").as_deref(),
+            gguf_name(Architecture::Llama, "lm_head.weight").as_deref(),
             Some("output.weight")
         );
-        assert_eq!(gguf_name("model.layers.0.weird.weight"), None);
+        assert_eq!(
+            gguf_name(Architecture::Llama, "model.layers.0.weird.weight"),
+            None
+        );
     }
 
     #[test]

@@ -27,6 +27,7 @@ fn tiny_config(tied: bool) -> ModelConfig {
         bos_token_id: None,
         eos_token_ids: vec![],
         pad_token_id: None,
+        features: Default::default(),
     }
 }
 
@@ -79,8 +80,8 @@ fn tiny_model(tied: bool) -> (Model, HashMap<String, Tensor>) {
     let c = tiny_config(tied);
     let tensors = tiny_tensors(&c);
     let mut w = Weights::from_tensors(Path::new("<tiny>"), tensors.clone());
-    let m = Llama::load(c, &mut w).expect("tiny model loads");
-    (Model::Llama(m), tensors)
+    let m = Decoder::load(c, &mut w).expect("tiny model loads");
+    (Model::Decoder(m), tensors)
 }
 
 fn mat(t: &HashMap<String, Tensor>, name: &str) -> Vec<Vec<f64>> {
@@ -313,7 +314,10 @@ fn shape_mismatch_is_reported_with_the_tensor_name() {
         random_tensor(&[81, c.hidden_size], 9, 0.1),
     );
     let mut w = Weights::from_tensors(Path::new("tiny.safetensors"), tensors);
-    let err = Llama::load(c, &mut w).err().expect("must fail").to_string();
+    let err = Decoder::load(c, &mut w)
+        .err()
+        .expect("must fail")
+        .to_string();
     assert!(err.contains("tiny.safetensors"), "{err}");
     assert!(
         err.contains("model.layers.1.mlp.up_proj.weight") && err.contains("[80, 48]"),
