@@ -1,12 +1,17 @@
-//! `convert`: a GGUF file → a Hugging Face model folder (`config.json`,
-//! `generation_config.json`, `tokenizer.json`, `tokenizer_config.json`, `model.safetensors`)
-//! that transformers loads as is. Weights are the exact dequantized values in HF layout.
+//! `convert`, both ways:
+//! - a GGUF file → a Hugging Face model folder (`config.json`, `generation_config.json`,
+//!   `tokenizer.json`, `tokenizer_config.json`, `model.safetensors`) that transformers loads as
+//!   is; weights are the exact dequantized values in HF layout;
+//! - a Hugging Face folder → a GGUF file in llama.cpp's layout (tensor names, metadata keys,
+//!   Q/K row permutation for llama, Gemma's `1 + w` norms), f32/f16 or quantized with candle's
+//!   quantizers, written by candle's GGUF writer.
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{bail, Context};
-use candle_core::DType;
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+use candle_core::{DType, Tensor};
 use serde_json::json;
 
 /// Weight dtype of the written folder.
@@ -46,7 +51,16 @@ pub fn gguf_to_hf(input: &Path, out_dir: &Path, dtype: ConvertDtype) -> anyhow::
             input.display()
         );
     }
-    let (model, tokenizer) = crate::load(input)?;
+    let (model, source) = crate::model::Model::load(input)?;
+    // A GGUF without a vocabulary (tiny test models) converts to a folder without tokenizer.
+    let tokenizer = match &source {
+        crate::model::ModelSource::Gguf { metadata, .. }
+            if metadata.contains_key("tokenizer.ggml.model") =>
+        {
+            Some(crate::text::Tokenizer::from_gguf_metadata(metadata)?)
+        }
+        _ => None,
+    };
     std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let config = model.config();
     let tensors = model
@@ -73,6 +87,138 @@ pub fn gguf_to_hf(input: &Path, out_dir: &Path, dtype: ConvertDtype) -> anyhow::
         json!({"bos_token_id": config.bos_token_id, "eos_token_id": eos,
                "pad_token_id": config.pad_token_id}),
     )?;
-    tokenizer.save_hf_files(out_dir, config.max_position_embeddings)?;
+    if let Some(tokenizer) = tokenizer {
+        tokenizer.save_hf_files(out_dir, config.max_position_embeddings)?;
+    }
+    Ok(())
+}
+
+/// Tensor type of the GGUF written from a folder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum GgufQuant {
+    /// float32 (exact).
+    F32,
+    /// float16.
+    F16,
+    /// 8-bit blocks of 32 with an f16 scale.
+    #[value(name = "q8_0")]
+    Q8_0,
+    /// 4-bit blocks of 32 with an f16 scale.
+    #[value(name = "q4_0")]
+    Q4_0,
+    /// 4-bit blocks of 32 with an f16 scale and minimum.
+    #[value(name = "q4_1")]
+    Q4_1,
+}
+
+impl GgufQuant {
+    fn dtype(self) -> GgmlDType {
+        match self {
+            GgufQuant::F32 => GgmlDType::F32,
+            GgufQuant::F16 => GgmlDType::F16,
+            GgufQuant::Q8_0 => GgmlDType::Q8_0,
+            GgufQuant::Q4_0 => GgmlDType::Q4_0,
+            GgufQuant::Q4_1 => GgmlDType::Q4_1,
+        }
+    }
+
+    /// llama.cpp's `general.file_type`.
+    fn file_type(self) -> u32 {
+        match self {
+            GgufQuant::F32 => 0,
+            GgufQuant::F16 => 1,
+            GgufQuant::Q4_0 => 2,
+            GgufQuant::Q4_1 => 3,
+            GgufQuant::Q8_0 => 7,
+        }
+    }
+}
+
+/// llama.cpp's Q/K row permutation (HF rotate-half layout → ggml's interleaved one).
+fn permute_rows(w: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
+    let (rows, cols) = w.dims2()?;
+    w.reshape((heads, 2, rows / heads / 2, cols))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((rows, cols))
+}
+
+/// Converts the HF folder `input` into the GGUF file `out`. 2-D weights get `quant` (those
+/// whose rows do not split into 32-value blocks fall back to f16, as llama.cpp does); norms
+/// and biases stay f32. The tokenizer is written when the folder has one.
+pub fn hf_to_gguf(input: &Path, out: &Path, quant: GgufQuant) -> anyhow::Result<()> {
+    if !input.is_dir() {
+        bail!(
+            "{}: convert to GGUF expects a Hugging Face folder",
+            input.display()
+        );
+    }
+    let (model, _) = crate::model::Model::load(input)?;
+    let config = model.config();
+    let arch = config.architecture;
+    let mut metadata = config.to_gguf_metadata();
+    let name = input
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    metadata.push(("general.name".into(), gguf_file::Value::String(name)));
+    metadata.push((
+        "general.file_type".into(),
+        gguf_file::Value::U32(quant.file_type()),
+    ));
+    if input.join("tokenizer.json").exists() {
+        let tokenizer = crate::text::Tokenizer::from_hf_dir(input)?;
+        metadata.extend(tokenizer.gguf_metadata()?);
+    }
+    // The last value of a key wins; llama.cpp refuses duplicate keys.
+    let mut seen = std::collections::HashSet::new();
+    let mut unique: Vec<(String, gguf_file::Value)> = metadata
+        .into_iter()
+        .rev()
+        .filter(|(k, _)| seen.insert(k.clone()))
+        .collect();
+    unique.reverse();
+    let permute = arch.gguf_name() == "llama";
+    let mut tensors = Vec::new();
+    for (hf, t) in model.named_tensors()? {
+        let gguf = crate::model::weights::gguf_name(arch, &hf)
+            .with_context(|| format!("no GGUF name for tensor '{hf}'"))?;
+        // A fresh buffer: candle's quantizer reads the whole storage, not a view's part of it.
+        let mut t = Tensor::from_vec(
+            t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+            t.shape(),
+            &candle_core::Device::Cpu,
+        )?;
+        if permute && hf.ends_with("q_proj.weight") {
+            t = permute_rows(&t, config.num_heads)?;
+        } else if permute && hf.ends_with("k_proj.weight") {
+            t = permute_rows(&t, config.num_kv_heads)?;
+        }
+        if arch.unit_offset_norms() && hf.ends_with("norm.weight") {
+            t = (t + 1.0)?;
+        }
+        let t = t.contiguous()?.copy()?;
+        let dtype = if t.rank() < 2 {
+            GgmlDType::F32
+        } else if t.dim(1)? % quant.dtype().block_size() != 0 {
+            GgmlDType::F16
+        } else {
+            quant.dtype()
+        };
+        let q = QTensor::quantize(&t, dtype).with_context(|| format!("quantizing '{hf}'"))?;
+        tensors.push((gguf, q));
+    }
+    let tmp = out.with_extension("gguf.tmp");
+    let mut file = std::io::BufWriter::new(
+        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?,
+    );
+    let md_refs: Vec<(&str, &gguf_file::Value)> =
+        unique.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut file, &md_refs, &t_refs)?;
+    use std::io::Write;
+    file.flush()?;
+    drop(file);
+    std::fs::rename(&tmp, out).with_context(|| format!("writing {}", out.display()))?;
     Ok(())
 }

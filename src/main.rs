@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use nextoken::convert::ConvertDtype;
+use nextoken::convert::{ConvertDtype, GgufQuant};
 use nextoken::engine::{EngineConfig, EngineHandle, GenerateRequest, SamplingParams};
 use nextoken::server;
 use nextoken::text::Detokenizer;
@@ -34,15 +34,19 @@ enum Command {
     Generate(GenerateArgs),
     /// Engine benchmark: C concurrent requests, P-token prompts, N new tokens each.
     Bench(BenchArgs),
-    /// Convert a GGUF file into a Hugging Face model folder.
+    /// Convert between formats: a `.gguf` file into a Hugging Face folder, or a Hugging Face
+    /// folder into a `.gguf` file.
     Convert {
-        /// Input `.gguf` file.
+        /// Input: a `.gguf` file or a Hugging Face folder.
         input: PathBuf,
-        /// Output folder.
-        out_dir: PathBuf,
-        /// Weight dtype of the folder.
+        /// Output: a folder (from GGUF) or a `.gguf` file (from a folder).
+        output: PathBuf,
+        /// Weight dtype of the folder written from a GGUF file.
         #[arg(long, value_enum, default_value = "f32")]
         dtype: ConvertDtype,
+        /// Tensor type of the GGUF written from a folder.
+        #[arg(long, value_enum, default_value = "f16")]
+        quant: GgufQuant,
     },
 }
 
@@ -513,10 +517,15 @@ fn main() -> std::process::ExitCode {
         Command::Bench(args) => run_bench(args),
         Command::Convert {
             input,
-            out_dir,
+            output,
             dtype,
-        } => nextoken::convert::gguf_to_hf(&input, &out_dir, dtype)
-            .with_context(|| format!("converting {}", input.display())),
+            quant,
+        } => if input.is_dir() {
+            nextoken::convert::hf_to_gguf(&input, &output, quant)
+        } else {
+            nextoken::convert::gguf_to_hf(&input, &output, dtype)
+        }
+        .with_context(|| format!("converting {}", input.display())),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

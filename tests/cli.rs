@@ -150,6 +150,59 @@ fn generate_text_mode_streams_and_reports_speed() {
 }
 
 #[test]
+fn convert_writes_gguf_from_a_folder_with_llama_cpp_names() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = repo().join("tests/reference/tiny/gemma2");
+    let out = dir.path().join("gemma2-q8.gguf");
+    let run = nextoken(&[
+        "convert",
+        src.to_str().expect("utf-8"),
+        out.to_str().expect("utf-8"),
+        "--quant",
+        "q8_0",
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let mut file = std::fs::File::open(&out).expect("open");
+    let content = gguf_file::Content::read(&mut file).expect("GGUF");
+    let md = |k: &str| content.metadata.get(k).cloned();
+    assert_eq!(
+        md("general.architecture").and_then(|v| v.to_string().ok().cloned()),
+        Some("gemma2".to_string())
+    );
+    assert_eq!(
+        md("gemma2.attention.sliding_window").and_then(|v| v.to_u32().ok()),
+        Some(8)
+    );
+    assert_eq!(
+        md("gemma2.final_logit_softcapping").and_then(|v| v.to_f32().ok()),
+        Some(30.0)
+    );
+    let info = |n: &str| content.tensor_infos.get(n).map(|i| i.ggml_dtype);
+    use candle_core::quantized::GgmlDType;
+    assert_eq!(info("blk.1.attn_q.weight"), Some(GgmlDType::Q8_0));
+    assert_eq!(info("blk.0.post_ffw_norm.weight"), Some(GgmlDType::F32));
+    assert_eq!(
+        info("blk.0.post_attention_norm.weight"),
+        Some(GgmlDType::F32)
+    );
+    assert_eq!(info("output.weight"), None, "tied head: no output tensor");
+    // An unknown --quant is refused by the argument parser, naming the choices.
+    let bad = nextoken(&[
+        "convert",
+        src.to_str().expect("utf-8"),
+        out.to_str().expect("utf-8"),
+        "--quant",
+        "q3_k",
+    ]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("q4_1"));
+}
+
+#[test]
 fn convert_writes_a_loadable_hf_folder() {
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().join("bf16");

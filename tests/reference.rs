@@ -77,6 +77,13 @@ fn converted_f32_folder_matches_transformers_f32() {
 }
 
 #[test]
+fn gguf_written_from_the_f32_folder_matches_transformers_f32() {
+    let (model, tokenizer) = nextoken::load(gguf_from_folder()).expect("GGUF from folder loads");
+    let engine = EngineHandle::spawn(model, EngineConfig::default()).expect("engine");
+    check_against_hf(&engine, &tokenizer, "folder → GGUF f32");
+}
+
+#[test]
 fn prompt_ids_match_llama_cpp() {
     let (_, tokenizer) = gguf();
     let reference = reference("llamacpp_q4_1.json");

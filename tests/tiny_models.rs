@@ -130,3 +130,93 @@ fn tiny_gemma2_with_softcapping_and_alternating_windows_matches_transformers() {
 fn tiny_starcoder2_with_layer_norm_and_biases_matches_transformers() {
     check_model("starcoder2");
 }
+
+/// Largest absolute difference between two logit rows.
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(*x) * f64::from(*y))
+        .sum();
+    let norm = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    dot / (norm(a) * norm(b))
+}
+
+/// `convert DIR OUT.gguf` for every tensor type: the GGUF reads back as the same architecture
+/// and runs the same function — exactly in f32 (also through the engine), exactly what its own
+/// f16 values say in f16 (checked by converting it back to a folder), and within quantization
+/// error for q8_0/q4_0/q4_1.
+fn check_gguf(name: &str) {
+    use nextoken::convert::{gguf_to_hf, hf_to_gguf, ConvertDtype, GgufQuant};
+    let (dir, cases) = cases(name);
+    let (folder, _) = Model::load(&dir).expect("folder loads");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let folder_logits: Vec<Vec<f32>> = cases.iter().map(|c| last_logits(&folder, &c.0)).collect();
+    // (type, max |Δlogit|, min cosine similarity) against the f32 folder; random tiny
+    // models amplify weight rounding, so the 4-bit bounds are loose and the cosine says more.
+    for (quant, bound, min_cos) in [
+        (GgufQuant::F32, 0.0, 0.999_999),
+        (GgufQuant::F16, 0.05, 0.9999),
+        (GgufQuant::Q8_0, 0.5, 0.995),
+        (GgufQuant::Q4_0, 5.0, 0.8),
+        (GgufQuant::Q4_1, 5.0, 0.8),
+    ] {
+        let path = tmp.path().join(format!("{name}-{quant:?}.gguf"));
+        hf_to_gguf(&dir, &path, quant).expect("convert to GGUF");
+        let (gguf, _) = Model::load(&path).expect("GGUF loads");
+        let (a, b) = (folder.config(), gguf.config());
+        assert_eq!(a.architecture, b.architecture, "{name} {quant:?}");
+        assert_eq!(a.features.sliding_layers, b.features.sliding_layers);
+        assert_eq!(a.features.sliding_window, b.features.sliding_window);
+        assert_eq!(
+            (a.features.qkv_bias, a.features.o_bias, a.features.mlp_bias),
+            (b.features.qkv_bias, b.features.o_bias, b.features.mlp_bias)
+        );
+        assert_eq!(a.tie_word_embeddings, b.tie_word_embeddings);
+        for (i, (case, want)) in cases.iter().zip(&folder_logits).enumerate() {
+            let got = last_logits(&gguf, &case.0);
+            let d = max_diff(&got, want);
+            let cos = cosine(&got, want);
+            eprintln!("{name} {quant:?} case {i}: max |Δlogit| {d}, cosine {cos}");
+            assert!(
+                d <= bound,
+                "{name} {quant:?} case {i}: max |Δlogit| {d} > {bound}"
+            );
+            assert!(
+                cos >= min_cos,
+                "{name} {quant:?} case {i}: cosine {cos} < {min_cos}"
+            );
+        }
+        match quant {
+            GgufQuant::F32 => check_engine(&format!("{name} GGUF f32"), gguf, &cases),
+            _ => {
+                let back = tmp.path().join(format!("{name}-from-{quant:?}"));
+                gguf_to_hf(&path, &back, ConvertDtype::F32).expect("back to a folder");
+                let (again, _) = Model::load(&back).expect("folder from GGUF loads");
+                for case in &cases {
+                    // Quantized kernels sum in their own order: equal up to f32 rounding.
+                    let d = max_diff(&last_logits(&again, &case.0), &last_logits(&gguf, &case.0));
+                    assert!(
+                        d < 1e-5,
+                        "{name} {quant:?}: the GGUF run is the function of its dequantized \
+                         weights, off by {d}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn tiny_models_convert_to_gguf_and_back() {
+    for name in ["llama", "qwen2", "mistral", "phi3", "gemma2", "starcoder2"] {
+        check_gguf(name);
+    }
+}

@@ -53,6 +53,16 @@ fn converted_tokenizer_json_matches_reference() {
 }
 
 #[test]
+fn tokenizer_written_to_gguf_by_convert_matches_reference() {
+    let (_, tokenizer) = nextoken::load(gguf_from_folder()).expect("GGUF from folder loads");
+    check_cases(&tokenizer, "folder → GGUF");
+    let original = &gguf().1;
+    assert_eq!(tokenizer.eos_id(), original.eos_id());
+    assert_eq!(tokenizer.bos_id(), original.bos_id());
+    assert_eq!(tokenizer.chat_template(), original.chat_template());
+}
+
+#[test]
 fn special_tokens_and_bos_policy() {
     let tokenizer = &gguf().1;
     let reference = reference("tokenizer.json");

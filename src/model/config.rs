@@ -667,7 +667,6 @@ impl ModelConfig {
                 "general.architecture".to_string(),
                 GgufValue::String(a.into()),
             ),
-            ("general.file_type".to_string(), GgufValue::U32(0)),
             (k("context_length"), u(self.max_position_embeddings)),
             (k("embedding_length"), u(self.hidden_size)),
             (k("feed_forward_length"), u(self.intermediate_size)),

@@ -269,3 +269,114 @@ pub fn from_gguf_metadata(md: &Map<String, Value>) -> Result<GgufTokenizerFacts,
             .map(str::to_string),
     })
 }
+
+/// Whether every field of `want` is in `have` with the same value (extra fields of `have`,
+/// such as defaults a newer `tokenizers` writes, do not matter).
+fn json_covers(have: &Value, want: &Value) -> bool {
+    match (have, want) {
+        (Value::Object(h), Value::Object(w)) => w
+            .iter()
+            .all(|(k, v)| h.get(k).is_some_and(|hv| json_covers(hv, v))),
+        (Value::Array(h), Value::Array(w)) => {
+            h.len() == w.len() && h.iter().zip(w).all(|(a, b)| json_covers(a, b))
+        }
+        _ => have == want,
+    }
+}
+
+/// GGUF tokenizer metadata (llama.cpp's keys) for a byte-level BPE tokenizer, the inverse of
+/// [`from_gguf_metadata`] for `tokenizer.ggml.model = gpt2`. Other tokenizer kinds are an error
+/// that names what was found.
+pub fn to_gguf_metadata(
+    tok: &super::Tokenizer,
+) -> Result<Vec<(String, candle_core::quantized::gguf_file::Value)>, TextError> {
+    use candle_core::quantized::gguf_file::Value as G;
+    let doc: Value = serde_json::from_str(
+        &tok.inner
+            .to_string(false)
+            .map_err(|e| TextError::Tokenizer(e.to_string()))?,
+    )
+    .map_err(|e| TextError::Invalid(e.to_string()))?;
+    let model = &doc["model"];
+    let kind = model["type"].as_str().unwrap_or("<none>");
+    let pre_json = &doc["pre_tokenizer"];
+    let pre = ["gpt2", "smollm", "llama3", "qwen2"]
+        .into_iter()
+        .find(|name| gpt2_pre_tokenizer(name).is_ok_and(|want| json_covers(pre_json, &want)));
+    let (true, Some(pre)) = (kind == "BPE", pre) else {
+        return Err(TextError::Unsupported(format!(
+            "tokenizer for GGUF: only byte-level BPE tokenizers are written (model type \
+             '{kind}', pre-tokenizer {})",
+            pre_json
+        )));
+    };
+    let vocab_size = tok.inner.get_vocab_size(true);
+    let mut tokens: Vec<String> = (0..vocab_size).map(|i| format!("[PAD{i}]")).collect();
+    let mut types = vec![TYPE_NORMAL; vocab_size];
+    for (text, id) in tok.inner.get_vocab(true) {
+        if let Some(slot) = tokens.get_mut(id as usize) {
+            *slot = text;
+        }
+    }
+    for (id, added) in tok.inner.get_added_tokens_decoder() {
+        if let Some(t) = types.get_mut(id as usize) {
+            *t = if added.special {
+                TYPE_CONTROL
+            } else {
+                TYPE_USER_DEFINED
+            };
+        }
+    }
+    let merges: Vec<G> = model["merges"]
+        .as_array()
+        .map(|ms| {
+            ms.iter()
+                .filter_map(|m| match m {
+                    Value::String(s) => Some(s.clone()),
+                    Value::Array(pair) => Some(format!(
+                        "{} {}",
+                        pair.first()?.as_str()?,
+                        pair.get(1)?.as_str()?
+                    )),
+                    _ => None,
+                })
+                .map(G::String)
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut md = vec![
+        ("tokenizer.ggml.model".to_string(), G::String("gpt2".into())),
+        ("tokenizer.ggml.pre".to_string(), G::String(pre.into())),
+        (
+            "tokenizer.ggml.tokens".to_string(),
+            G::Array(tokens.into_iter().map(G::String).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type".to_string(),
+            G::Array(types.into_iter().map(|t| G::I32(t as i32)).collect()),
+        ),
+        ("tokenizer.ggml.merges".to_string(), G::Array(merges)),
+        (
+            "tokenizer.ggml.add_bos_token".to_string(),
+            G::Bool(tok.add_bos),
+        ),
+        (
+            "tokenizer.ggml.add_eos_token".to_string(),
+            G::Bool(tok.add_eos),
+        ),
+    ];
+    for (key, text) in [
+        ("tokenizer.ggml.bos_token_id", &tok.bos_token),
+        ("tokenizer.ggml.eos_token_id", &tok.eos_token),
+        ("tokenizer.ggml.unknown_token_id", &tok.unk_token),
+        ("tokenizer.ggml.padding_token_id", &tok.pad_token),
+    ] {
+        if let Some(id) = text.as_deref().and_then(|t| tok.inner.token_to_id(t)) {
+            md.push((key.to_string(), G::U32(id)));
+        }
+    }
+    if let Some(t) = &tok.chat_template {
+        md.push(("tokenizer.chat_template".to_string(), G::String(t.clone())));
+    }
+    Ok(md)
+}

@@ -209,6 +209,13 @@ impl Tokenizer {
             .is_some_and(|t| t.special)
     }
 
+    /// llama.cpp's GGUF tokenizer metadata for this tokenizer (byte-level BPE only).
+    pub fn gguf_metadata(
+        &self,
+    ) -> Result<Vec<(String, candle_core::quantized::gguf_file::Value)>, TextError> {
+        gguf_vocab::to_gguf_metadata(self)
+    }
+
     /// Writes `tokenizer.json` and `tokenizer_config.json` (HF format) into `dir`.
     pub fn save_hf_files(&self, dir: &Path, model_max_length: usize) -> Result<(), TextError> {
         let io = |e: std::io::Error| TextError::Invalid(format!("{}: {e}", dir.display()));

@@ -56,6 +56,20 @@ pub fn converted_dir() -> &'static Path {
     .path()
 }
 
+/// A GGUF file (f32) written by `convert` from the converted folder: the round trip
+/// GGUF → folder → GGUF, made once per test binary.
+pub fn gguf_from_folder() -> &'static Path {
+    static CELL: OnceLock<(tempfile::TempDir, std::path::PathBuf)> = OnceLock::new();
+    let (_, path) = CELL.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("smollm2-f32.gguf");
+        nextoken::convert::hf_to_gguf(converted_dir(), &path, nextoken::convert::GgufQuant::F32)
+            .expect("convert folder to GGUF");
+        (dir, path)
+    });
+    path
+}
+
 /// The converted folder's model and tokenizer, loaded once.
 pub fn converted() -> &'static (Model, Tokenizer) {
     static CELL: OnceLock<(Model, Tokenizer)> = OnceLock::new();
