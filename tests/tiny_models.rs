@@ -220,3 +220,82 @@ fn tiny_models_convert_to_gguf_and_back() {
         check_gguf(name);
     }
 }
+
+/// Greedy tokens from plain forwards over a KV cache that keeps every position (no engine,
+/// no ring): what the engine must reproduce.
+fn greedy_direct(model: &Model, prompt: &[u32], new_tokens: usize) -> Vec<u32> {
+    let bs = 16;
+    let total = prompt.len() + new_tokens;
+    let mut kv = model.new_kv_cache(total.div_ceil(bs), bs);
+    let table: Vec<u32> = (0..kv.num_blocks() as u32).collect();
+    let mut ids = prompt.to_vec();
+    let mut start = 0;
+    while ids.len() < total {
+        let mut batch = ForwardBatch::default();
+        batch.push_seq(&ids[start..], start, &table, bs);
+        let logits = model
+            .forward(&batch, &mut kv)
+            .and_then(|l| l.squeeze(0))
+            .and_then(|l| l.to_vec1::<f32>())
+            .expect("forward");
+        start = ids.len();
+        let best = (0..logits.len())
+            .max_by(|&a, &b| logits[a].total_cmp(&logits[b]).then(b.cmp(&a)))
+            .expect("logits");
+        ids.push(best as u32);
+    }
+    ids.split_off(prompt.len())
+}
+
+/// Sliding-window layers keep a ring of blocks per sequence: over generations many times the
+/// window long, two concurrent sequences never hold more than their rings in the window pool,
+/// and their tokens are those of a cache that keeps everything.
+#[test]
+fn sliding_window_kv_does_not_grow_past_the_window() {
+    use nextoken::engine::scheduler::WindowPool;
+    for name in ["mistral", "gemma2"] {
+        let (dir, cases) = cases(name);
+        let (model, _) = Model::load(&dir).expect("tiny model loads");
+        let window = model
+            .config()
+            .features
+            .sliding_window
+            .expect("sliding window");
+        let prompts = [cases[1].0.clone(), cases[0].0.clone()];
+        let want: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| greedy_direct(&model, p, 120))
+            .collect();
+        let (block_size, step_tokens, seqs) = (4, 7, 2);
+        let config = EngineConfig {
+            kv_cache_bytes: 1 << 20,
+            block_size,
+            max_batch_tokens: step_tokens,
+            max_running_seqs: seqs,
+            ..Default::default()
+        };
+        let engine = EngineHandle::spawn(model, config).expect("engine");
+        let ring = WindowPool::ring_blocks(block_size, window, step_tokens);
+        assert!(
+            ring * block_size < 120,
+            "the ring is far shorter than the sequences"
+        );
+        assert_eq!(engine.stats().kv_window_blocks_total, seqs * ring, "{name}");
+        let gens: Vec<_> = prompts
+            .iter()
+            .map(|p| {
+                engine
+                    .submit(GenerateRequest::greedy(p.clone(), 120))
+                    .expect("submit")
+            })
+            .collect();
+        let mut peak = 0;
+        for (i, (g, want)) in gens.into_iter().zip(&want).enumerate() {
+            let out = g
+                .blocking_collect(|_| peak = peak.max(engine.stats().kv_window_blocks_used))
+                .expect("completes");
+            assert_eq!(&out.tokens, want, "{name} sequence {i}");
+        }
+        assert!(peak > 0 && peak <= seqs * ring, "{name}: peak {peak}");
+    }
+}

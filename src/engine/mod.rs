@@ -67,6 +67,10 @@ pub struct EngineStats {
     pub kv_blocks_used: usize,
     /// KV blocks in the pool.
     pub kv_blocks_total: usize,
+    /// Blocks of the sliding-window layers' pool in use (0 without such layers).
+    pub kv_window_blocks_used: usize,
+    /// Blocks in the sliding-window layers' pool.
+    pub kv_window_blocks_total: usize,
     /// Prompt tokens computed (recomputation after preemption counts again).
     pub prompt_tokens_total: u64,
     /// Tokens generated.
@@ -87,6 +91,59 @@ pub struct EngineStats {
 
 enum Command {
     Submit(sequence::Sequence),
+}
+
+/// How the KV budget is split between the full-attention pool and, for models with
+/// sliding-window layers, the window pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvSizes {
+    /// Tokens per block.
+    pub block_size: usize,
+    /// Blocks of the full-attention pool.
+    pub num_blocks: usize,
+    /// Blocks of the window pool (0 without sliding layers).
+    pub num_window_blocks: usize,
+    /// Blocks of the window pool one sequence holds at most.
+    pub window_ring: usize,
+}
+
+impl KvSizes {
+    /// Sliding layers get their share of the budget by layer count, but never more than every
+    /// running sequence's full ring; full layers get the rest. A model with only sliding
+    /// layers keeps a full pool of bookkeeping blocks with no storage behind them.
+    pub fn new(c: &ModelConfig, config: &EngineConfig) -> Self {
+        let bs = config.block_size.max(1);
+        let sliding = (0..c.num_layers)
+            .filter(|&i| c.layer_window(i).is_some())
+            .count();
+        let full = c.num_layers - sliding;
+        let per_block = |layers: usize| KvCache::bytes_per_token(layers, c.kv_dim()) * bs;
+        let budget = config.kv_cache_bytes;
+        let Some(window) = c.features.sliding_window.filter(|_| sliding > 0) else {
+            return KvSizes {
+                block_size: bs,
+                num_blocks: (budget / per_block(full).max(1)).max(1),
+                num_window_blocks: 0,
+                window_ring: 0,
+            };
+        };
+        let seqs = config.max_running_seqs.max(1);
+        let ring = scheduler::WindowPool::ring_blocks(bs, window, config.max_batch_tokens.max(1));
+        let share = budget / c.num_layers * sliding;
+        let num_window_blocks = (share / per_block(sliding).max(1)).clamp(ring, seqs * ring);
+        let rest = budget.saturating_sub(num_window_blocks * per_block(sliding));
+        let num_blocks = if full == 0 {
+            seqs * c.max_position_embeddings.div_ceil(bs)
+        } else {
+            (rest / per_block(full)).max(1)
+        };
+        KvSizes {
+            block_size: bs,
+            num_blocks,
+            num_window_blocks,
+            window_ring: ring,
+        }
+    }
 }
 
 /// A request in flight. Dropping it cancels the request.
@@ -150,9 +207,8 @@ impl EngineHandle {
     pub fn spawn(model: Model, config: EngineConfig) -> Result<Self, EngineError> {
         let c = model.config();
         let config_arc = Arc::new(c.clone());
-        let per_block =
-            KvCache::bytes_per_token(c.num_layers, c.kv_dim()) * config.block_size.max(1);
-        let num_blocks = (config.kv_cache_bytes / per_block.max(1)).max(1);
+        let sizes = KvSizes::new(c, &config);
+        let num_blocks = sizes.num_blocks;
         let limits = ModelLimits {
             context_length: c.max_position_embeddings,
             vocab_size: c.vocab_size,
@@ -162,9 +218,8 @@ impl EngineHandle {
             max_batch_tokens: config.max_batch_tokens.max(1),
             max_running_seqs: config.max_running_seqs.max(1),
         };
-        let mut core =
-            step::EngineCore::new(model, num_blocks, config.block_size.max(1), scheduler)
-                .map_err(|e| EngineError::Model(format!("cannot start compute threads: {e}")))?;
+        let mut core = step::EngineCore::new(model, sizes, scheduler)
+            .map_err(|e| EngineError::Model(format!("cannot start compute threads: {e}")))?;
         let (commands, mut rx) = unbounded_channel();
         let (stats_tx, stats) = watch::channel(core.stats());
         std::thread::Builder::new()

@@ -60,9 +60,33 @@ impl ScheduledBatch {
     }
 }
 
+/// The sliding-window layers' own block pool. Each sequence holds at most `ring` of its
+/// blocks, reused in turn as positions move on.
+pub struct WindowPool {
+    /// The blocks.
+    pub pool: BlockPool,
+    /// Blocks per sequence: enough for the window plus one step's tokens, so no key a row
+    /// of the step attends is overwritten by another row of the same step.
+    pub ring: usize,
+}
+
+impl WindowPool {
+    /// The positions a step reads span `window + step - 1` tokens; the ring holds more than
+    /// that, whatever their alignment to blocks.
+    pub fn ring_blocks(block_size: usize, window: usize, max_step_tokens: usize) -> usize {
+        (window + max_step_tokens)
+            .saturating_sub(2)
+            .div_ceil(block_size)
+            + 1
+    }
+}
+
 /// Waiting and running sequences.
 pub struct Scheduler {
     config: SchedulerConfig,
+    /// Present when the model has sliding-window layers; prefix caching is then off (the
+    /// window pool's contents are per sequence).
+    pub window: Option<WindowPool>,
     /// Not started, or preempted (those go to the front).
     pub waiting: VecDeque<Sequence>,
     /// Holding KV blocks, oldest first.
@@ -74,9 +98,54 @@ impl Scheduler {
     pub fn new(config: SchedulerConfig) -> Self {
         Scheduler {
             config,
+            window: None,
             waiting: VecDeque::new(),
             running: Vec::new(),
         }
+    }
+
+    /// A scheduler whose sequences also hold blocks of a window pool.
+    pub fn with_window(config: SchedulerConfig, window: WindowPool) -> Self {
+        Scheduler {
+            window: Some(window),
+            ..Self::new(config)
+        }
+    }
+
+    /// Frees every block `seq` holds, in both pools.
+    fn release(seq: &mut Sequence, pool: &mut BlockPool, window: &mut Option<WindowPool>) {
+        pool.release(&seq.block_table);
+        seq.block_table.clear();
+        if let Some(w) = window {
+            w.pool.release(&seq.window_table);
+        }
+        seq.window_table.clear();
+    }
+
+    /// Allocates what `seq` needs to hold `tokens` tokens, in both pools, or nothing.
+    fn grow(
+        seq: &mut Sequence,
+        tokens: usize,
+        pool: &mut BlockPool,
+        window: &mut Option<WindowPool>,
+    ) -> bool {
+        let need = pool
+            .blocks_for(tokens)
+            .saturating_sub(seq.block_table.len());
+        let Some(blocks) = pool.allocate(need) else {
+            return false;
+        };
+        if let Some(w) = window {
+            let want = w.pool.blocks_for(tokens).min(w.ring);
+            let need = want.saturating_sub(seq.window_table.len());
+            let Some(more) = w.pool.allocate(need) else {
+                pool.release(&blocks);
+                return false;
+            };
+            seq.window_table.extend(more);
+        }
+        seq.block_table.extend(blocks);
+        true
     }
 
     /// Queues a new sequence.
@@ -92,30 +161,30 @@ impl Scheduler {
     /// Removes sequences whose client went away; returns how many.
     pub fn reap_cancelled(&mut self, pool: &mut BlockPool) -> usize {
         let before = self.waiting.len() + self.running.len();
-        let mut keep = |s: &Sequence| {
+        let window = &mut self.window;
+        let mut keep = |s: &mut Sequence| {
             // Checked once: the client may go away between two checks.
             let cancelled = s.is_cancelled();
             if cancelled {
-                pool.release(&s.block_table);
+                Self::release(s, pool, window);
             }
             !cancelled
         };
-        self.running.retain(&mut keep);
-        self.waiting.retain(&mut keep);
+        self.running.retain_mut(&mut keep);
+        self.waiting.retain_mut(&mut keep);
         before - self.waiting.len() - self.running.len()
     }
 
     /// Removes running sequence `index` and frees its blocks.
     pub fn finish(&mut self, index: usize, pool: &mut BlockPool) -> Sequence {
-        let seq = self.running.remove(index);
-        pool.release(&seq.block_table);
+        let mut seq = self.running.remove(index);
+        Self::release(&mut seq, pool, &mut self.window);
         seq
     }
 
     fn preempt_newest(&mut self, pool: &mut BlockPool) -> Option<u64> {
         let mut seq = self.running.pop()?;
-        pool.release(&seq.block_table);
-        seq.block_table.clear();
+        Self::release(&mut seq, pool, &mut self.window);
         seq.num_computed_tokens = 0;
         seq.num_registered_blocks = 0;
         let id = seq.id;
@@ -135,12 +204,9 @@ impl Scheduler {
                 i += 1;
                 continue;
             }
-            let need = pool
-                .blocks_for(seq.num_computed_tokens + n)
-                .saturating_sub(seq.block_table.len());
-            match pool.allocate(need) {
-                Some(blocks) => {
-                    self.running[i].block_table.extend(blocks);
+            let tokens = seq.num_computed_tokens + n;
+            match Self::grow(&mut self.running[i], tokens, pool, &mut self.window) {
+                true => {
                     batch.items.push(Scheduled {
                         index: i,
                         num_tokens: n,
@@ -148,7 +214,7 @@ impl Scheduler {
                     budget -= n;
                     i += 1;
                 }
-                None => {
+                false => {
                     // Out of blocks: the newest running sequence gives its blocks back (it may
                     // be this one; then the loop ends because `i` is past the end).
                     if let Some(id) = self.preempt_newest(pool) {
@@ -165,7 +231,7 @@ impl Scheduler {
         let bs = pool.block_size();
         let mut in_flight: HashSet<BlockHash> = HashSet::new();
         // Only an admission can need them.
-        let admitting = !self.waiting.is_empty();
+        let admitting = !self.waiting.is_empty() && self.window.is_none();
         for item in batch.items.iter().filter(|_| admitting) {
             let seq = &mut self.running[item.index];
             let end = seq.num_computed_tokens + item.num_tokens;
@@ -177,7 +243,7 @@ impl Scheduler {
                 break;
             };
             let mut taken = 0;
-            if seq.block_table.is_empty() {
+            if seq.block_table.is_empty() && self.window.is_none() {
                 // At least the last token is computed: its logits are needed.
                 let hashes = seq.hashes_up_to(seq.tokens.len() - 1, bs);
                 let known = pool.known_prefix(hashes);
@@ -196,10 +262,7 @@ impl Scheduler {
                 seq.block_table = blocks;
             }
             let n = seq.num_uncomputed().min(budget);
-            let need = pool
-                .blocks_for(seq.num_computed_tokens + n)
-                .saturating_sub(seq.block_table.len());
-            let Some(blocks) = pool.allocate(need) else {
+            if !Self::grow(seq, seq.num_computed_tokens + n, pool, &mut self.window) {
                 if taken > 0 {
                     // Give the cached prefix back; it is taken again when room is made.
                     pool.release(&seq.block_table);
@@ -208,11 +271,10 @@ impl Scheduler {
                     seq.num_registered_blocks = 0;
                 }
                 break;
-            };
+            }
             let Some(mut seq) = self.waiting.pop_front() else {
                 break;
             };
-            seq.block_table.extend(blocks);
             let end = seq.num_computed_tokens + n;
             let from = seq.num_computed_tokens / bs;
             in_flight.extend(seq.hashes_up_to(end, bs).iter().skip(from));

@@ -24,6 +24,9 @@ pub struct Sequence {
     pub num_computed_tokens: usize,
     /// KV blocks holding positions `0..num_computed_tokens` (and room for the next tokens).
     pub block_table: Vec<u32>,
+    /// Sliding-window layers: blocks of the window pool, used as a ring (see
+    /// `model::SeqSpan::window_table`).
+    pub window_table: Vec<u32>,
     /// Names of this sequence's full blocks so far (prefix caching), in order.
     pub block_hashes: Vec<BlockHash>,
     /// Leading entries of `block_table` already named in the pool.
@@ -65,6 +68,7 @@ impl Sequence {
             num_prompt_tokens,
             num_computed_tokens: 0,
             block_table: Vec::new(),
+            window_table: Vec::new(),
             block_hashes: Vec::new(),
             num_registered_blocks: 0,
             num_cached_tokens: 0,

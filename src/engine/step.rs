@@ -9,7 +9,7 @@ use crate::model::{ForwardBatch, KvCache, Model};
 use super::block_pool::BlockPool;
 use super::request::{EngineError, Event, FinishReason, TokenLogprob, Usage};
 use super::sampler::{log_softmax, top_logprobs};
-use super::scheduler::{ScheduledBatch, Scheduler, SchedulerConfig};
+use super::scheduler::{ScheduledBatch, Scheduler, SchedulerConfig, WindowPool};
 use super::sequence::Sequence;
 use super::EngineStats;
 
@@ -26,14 +26,30 @@ pub struct EngineCore {
 }
 
 impl EngineCore {
-    /// A core with a KV pool of `num_blocks` blocks.
+    /// A core with KV pools of the given sizes.
     pub fn new(
         model: Model,
-        num_blocks: usize,
-        block_size: usize,
+        sizes: super::KvSizes,
         config: SchedulerConfig,
     ) -> std::result::Result<Self, rayon::ThreadPoolBuildError> {
-        let kv = model.new_kv_cache(num_blocks, block_size);
+        let super::KvSizes {
+            block_size,
+            num_blocks,
+            num_window_blocks,
+            window_ring,
+        } = sizes;
+        let kv = model.new_kv_cache_windowed(num_blocks, num_window_blocks, block_size);
+        let scheduler = if num_window_blocks > 0 {
+            Scheduler::with_window(
+                config,
+                WindowPool {
+                    pool: BlockPool::new(num_window_blocks, block_size),
+                    ring: window_ring,
+                },
+            )
+        } else {
+            Scheduler::new(config)
+        };
         let threads = rayon::ThreadPoolBuilder::new()
             .num_threads(rayon::current_num_threads())
             .thread_name(|i| format!("compute-{i}"))
@@ -43,9 +59,10 @@ impl EngineCore {
             model,
             kv,
             pool: BlockPool::new(num_blocks, block_size),
-            scheduler: Scheduler::new(config),
+            scheduler,
             stats: EngineStats {
                 kv_blocks_total: num_blocks,
+                kv_window_blocks_total: num_window_blocks,
                 ..Default::default()
             },
         })
@@ -67,6 +84,11 @@ impl EngineCore {
             num_running: self.scheduler.running.len(),
             num_waiting: self.scheduler.waiting.len(),
             kv_blocks_used: self.pool.num_used(),
+            kv_window_blocks_used: self
+                .scheduler
+                .window
+                .as_ref()
+                .map_or(0, |w| w.pool.num_used()),
             ..self.stats.clone()
         }
     }
@@ -98,7 +120,10 @@ impl EngineCore {
 
     fn forward_batch(&self, batch: &ScheduledBatch) -> ForwardBatch {
         let bs = self.pool.block_size();
-        let mut fb = ForwardBatch::default();
+        let mut fb = ForwardBatch {
+            window_ring: self.scheduler.window.as_ref().map_or(0, |w| w.ring),
+            ..Default::default()
+        };
         for item in &batch.items {
             let seq = &self.scheduler.running[item.index];
             let start = seq.num_computed_tokens;
@@ -110,6 +135,7 @@ impl EngineCore {
             );
             if let Some(span) = fb.seqs.last_mut() {
                 span.adapter = seq.adapter.clone();
+                span.window_table.clone_from(&seq.window_table);
             }
         }
         fb
@@ -122,7 +148,9 @@ impl EngineCore {
             let seq = &mut self.scheduler.running[item.index];
             let before = seq.num_computed_tokens;
             seq.num_computed_tokens += item.num_tokens;
-            Scheduler::register_full_blocks(seq, &mut self.pool);
+            if self.scheduler.window.is_none() {
+                Scheduler::register_full_blocks(seq, &mut self.pool);
+            }
             let p = seq.num_prompt_tokens;
             self.stats.prompt_tokens_total +=
                 (seq.num_computed_tokens.min(p) - before.min(p)) as u64;
@@ -193,6 +221,11 @@ impl EngineCore {
     /// Blocks in use (for tests: all free again once everything has ended).
     pub fn num_used_blocks(&self) -> usize {
         self.pool.num_used()
+            + self
+                .scheduler
+                .window
+                .as_ref()
+                .map_or(0, |w| w.pool.num_used())
     }
 
     /// The model (read-only).

@@ -177,14 +177,28 @@ impl RopeTables {
 pub struct AttentionPlan {
     row_seq: Vec<usize>,
     context_slots: Vec<Vec<u32>>,
+    /// Sliding layers, per sequence: the first position any of this step's rows attends and
+    /// the window-pool slots of the positions from there on.
+    window_slots: Vec<(usize, Vec<u32>)>,
+    /// Sliding layers: the window-pool slot each row's keys/values are written to.
+    row_window_slots: Vec<u32>,
 }
 
 impl AttentionPlan {
-    /// Derives the plan from a (validated) batch.
-    pub fn new(batch: &ForwardBatch, block_size: usize) -> Self {
+    /// Derives the plan from a (validated) batch; `window` is the sliding layers' window.
+    pub fn new(batch: &ForwardBatch, block_size: usize, window: Option<usize>) -> Self {
         let mut row_seq = Vec::with_capacity(batch.token_ids.len());
         let mut context_slots = Vec::with_capacity(batch.seqs.len());
+        let mut window_slots = Vec::new();
+        let mut row_window_slots = Vec::new();
         for (i, s) in batch.seqs.iter().enumerate() {
+            if let Some(w) = window {
+                let first_row = s.context_len - s.query_len;
+                let lo = (first_row + 1).saturating_sub(w);
+                let slot = |p: usize| s.window_slot(p, batch.window_ring, block_size);
+                window_slots.push((lo, (lo..s.context_len).map(slot).collect()));
+                row_window_slots.extend((first_row..s.context_len).map(slot));
+            }
             row_seq.extend(std::iter::repeat_n(i, s.query_len));
             context_slots.push(
                 (0..s.context_len)
@@ -197,6 +211,28 @@ impl AttentionPlan {
         AttentionPlan {
             row_seq,
             context_slots,
+            window_slots,
+            row_window_slots,
+        }
+    }
+
+    /// Where this step's rows write their keys and values in a full (`sliding = false`) or
+    /// sliding-window layer.
+    pub fn write_slots<'a>(&'a self, batch: &'a ForwardBatch, sliding: bool) -> &'a [u32] {
+        if sliding {
+            &self.row_window_slots
+        } else {
+            &batch.slots
+        }
+    }
+
+    /// Sequence `seq`'s slots from position `from` to `to` in a full or sliding layer.
+    fn slots(&self, seq: usize, sliding: bool, from: usize, to: usize) -> &[u32] {
+        if sliding {
+            let (lo, slots) = &self.window_slots[seq];
+            &slots[from - lo..to - lo]
+        } else {
+            &self.context_slots[seq][from..to]
         }
     }
 }
@@ -599,7 +635,7 @@ pub fn attend(
             let view = HeadView {
                 k: &layer.k,
                 v: &layer.v,
-                slots: &plan.context_slots[plan.row_seq[r0]][first..longest],
+                slots: plan.slots(plan.row_seq[r0], window.is_some(), first, longest),
                 kv_dim,
                 offset: kvh * head_dim,
                 head_dim,

@@ -389,7 +389,7 @@ impl Decoder {
             x.iter_mut().for_each(|v| *v *= normalizer);
         }
         let rope = self.rope.tables(&batch.positions);
-        let plan = AttentionPlan::new(batch, kv.block_size());
+        let plan = AttentionPlan::new(batch, kv.block_size(), c.features.sliding_window);
         // Each row's adapter, only when some sequence has one (the base-only path stays bare).
         let row_adapters: Option<Vec<Option<&LoraAdapter>>> =
             batch.seqs.iter().any(|s| s.adapter.is_some()).then(|| {
@@ -416,15 +416,17 @@ impl Decoder {
             lora(&mut v, &h, i, Target::V)?;
             rope.apply(&mut q, c.num_heads);
             rope.apply(&mut k, c.num_kv_heads);
+            let window = c.layer_window(i);
             let layer = kv.layer_mut(i);
-            attention::write_kv(layer, &batch.slots, &k, &v, c.kv_dim());
+            let slots = plan.write_slots(batch, window.is_some());
+            attention::write_kv(layer, slots, &k, &v, c.kv_dim());
             let dims = HeadDims {
                 num_heads: c.num_heads,
                 num_kv_heads: c.num_kv_heads,
                 head_dim: c.head_dim,
                 scale: c.attention_scale(),
                 softcap: c.features.attn_logit_softcapping.map(|s| s as f32),
-                window: c.layer_window(i),
+                window,
             };
             let attn = attention::attend(&q, layer, batch, &plan, dims);
             let mut o = b.o_proj.forward_vec(&attn, rows)?;

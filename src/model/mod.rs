@@ -91,6 +91,22 @@ pub struct SeqSpan {
     pub block_table: Vec<u32>,
     /// The LoRA adapter this sequence's rows run with; `None` is the base model.
     pub adapter: Option<Arc<LoraAdapter>>,
+    /// Blocks of the sliding-window pool, used as a ring of [`ForwardBatch::window_ring`]
+    /// blocks: position `p` lives in `window_table[(p / block_size) % ring]`. Empty: the
+    /// sliding layers index their pool with `block_table` (no ring).
+    pub window_table: Vec<u32>,
+}
+
+impl SeqSpan {
+    /// The slot of position `pos` in the sliding-window pool.
+    pub fn window_slot(&self, pos: usize, ring: usize, block_size: usize) -> u32 {
+        let (table, index) = if self.window_table.is_empty() {
+            (&self.block_table, pos / block_size)
+        } else {
+            (&self.window_table, (pos / block_size) % ring.max(1))
+        };
+        table[index] * block_size as u32 + (pos % block_size) as u32
+    }
 }
 
 /// The ragged batch of one step.
@@ -110,6 +126,8 @@ pub struct ForwardBatch {
     pub slots: Vec<u32>,
     /// Per sequence, in row order.
     pub seqs: Vec<SeqSpan>,
+    /// Blocks in each sequence's window ring (see [`SeqSpan::window_table`]).
+    pub window_ring: usize,
 }
 
 impl ForwardBatch {
@@ -134,6 +152,7 @@ impl ForwardBatch {
             context_len: start + tokens.len(),
             block_table: block_table.to_vec(),
             adapter: None,
+            window_table: vec![],
         });
     }
 
@@ -162,6 +181,21 @@ impl ForwardBatch {
                 || s.block_table.iter().any(|&b| b as usize >= kv.num_blocks())
             {
                 candle_core::bail!("forward batch: block table does not cover the context");
+            }
+            if !kv.has_windows() {
+                continue;
+            }
+            let (table, covers) = if s.window_table.is_empty() {
+                (&s.block_table, true)
+            } else {
+                let need = s.context_len.div_ceil(bs).min(self.window_ring);
+                (
+                    &s.window_table,
+                    self.window_ring > 0 && s.window_table.len() >= need,
+                )
+            };
+            if !covers || table.iter().any(|&b| b as usize >= kv.num_window_blocks()) {
+                candle_core::bail!("forward batch: window table does not cover the window");
             }
         }
         Ok(())
@@ -255,10 +289,30 @@ impl Model {
         }
     }
 
-    /// A KV cache for this model with `num_blocks` blocks of `block_size` tokens.
+    /// A KV cache for this model with `num_blocks` blocks of `block_size` tokens for every
+    /// layer (sliding-window layers index theirs with the block table too).
     pub fn new_kv_cache(&self, num_blocks: usize, block_size: usize) -> KvCache {
+        self.new_kv_cache_windowed(num_blocks, num_blocks, block_size)
+    }
+
+    /// A KV cache whose sliding-window layers have their own pool of `num_window_blocks`.
+    pub fn new_kv_cache_windowed(
+        &self,
+        num_blocks: usize,
+        num_window_blocks: usize,
+        block_size: usize,
+    ) -> KvCache {
         let c = self.config();
-        KvCache::new(c.num_layers, c.kv_dim(), num_blocks, block_size)
+        let sliding: Vec<bool> = (0..c.num_layers)
+            .map(|i| c.layer_window(i).is_some())
+            .collect();
+        KvCache::with_windows(
+            &sliding,
+            c.kv_dim(),
+            num_blocks,
+            num_window_blocks,
+            block_size,
+        )
     }
 
     /// Every weight by its Hugging Face name, as f32 (for `convert`).
