@@ -200,6 +200,15 @@ fn load_for_serving(args: &ServeArgs, name: String) -> anyhow::Result<server::Lo
     let mut loaded =
         server::Loaded::new(engine.clone(), tokenizer, name.clone(), eos_ids, defaults)?
             .with_lora_dirs(args.lora_dirs.clone());
+    let base_for_training = base_for_training.filter(|m| {
+        let ok = m.supports_training();
+        if !ok {
+            eprintln!(
+                "nextoken: fine-tuning is off: the trainer runs llama-architecture models only"
+            );
+        }
+        ok
+    });
     if let Some(model) = base_for_training {
         let c = model.config();
         let jobs = nextoken::train::TrainingJobs::start(

@@ -299,3 +299,38 @@ fn sliding_window_kv_does_not_grow_past_the_window() {
         assert!(peak > 0 && peak <= seqs * ring, "{name}: peak {peak}");
     }
 }
+
+/// The same checkpoints with their config written the way older transformers (4.x) wrote it
+/// — `rope_theta` and `rope_scaling` at the top level (`type`, not `rope_type`), no
+/// `rope_parameters`, no `layer_types` — give the same logits.
+#[test]
+fn older_config_layout_gives_the_same_logits() {
+    for name in ["llama", "qwen2", "mistral", "gemma2"] {
+        let (dir, cases) = cases(name);
+        let tmp = tempfile::tempdir().expect("tempdir");
+        for f in ["config.json", "model.safetensors"] {
+            std::fs::copy(dir.join(f), tmp.path().join(f)).expect("copy");
+        }
+        let path = tmp.path().join("config.json");
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
+        let obj = v.as_object_mut().expect("object");
+        let mut rope = obj.remove("rope_parameters").expect("rope_parameters");
+        obj.remove("layer_types");
+        let rope = rope.as_object_mut().expect("rope object");
+        obj.insert("rope_theta".into(), rope.remove("rope_theta").expect("theta"));
+        let kind = rope.remove("rope_type").expect("rope_type");
+        if kind != "default" {
+            rope.insert("type".into(), kind);
+            obj.insert("rope_scaling".into(), serde_json::Value::Object(rope.clone()));
+        }
+        std::fs::write(&path, v.to_string()).expect("write");
+        let (model, _) = Model::load(tmp.path()).expect("older layout loads");
+        for (i, (ids, want, _)) in cases.iter().enumerate() {
+            let ours = last_logits(&model, ids);
+            for (a, b) in ours.iter().zip(want) {
+                assert!((f64::from(*a) - b).abs() < 1e-4, "{name} case {i}: {a} vs {b}");
+            }
+        }
+    }
+}

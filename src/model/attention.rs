@@ -672,6 +672,49 @@ mod tests {
             .collect()
     }
 
+    /// YaRN frequencies against a float64 port of transformers' `_compute_yarn_parameters`
+    /// (head_dim 16, base 10000, factor 4, original context 128, betas 32/1).
+    #[test]
+    fn yarn_frequencies_match_transformers() {
+        let v = serde_json::json!({"architectures": ["LlamaForCausalLM"], "vocab_size": 8,
+            "hidden_size": 64, "intermediate_size": 8, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "rope_theta": 10000.0,
+            "rope_scaling": {"type": "yarn", "factor": 4.0,
+                             "original_max_position_embeddings": 128}});
+        let c = ModelConfig::from_hf_json(&v, std::path::Path::new("c")).expect("config");
+        let rope = Rope::new(&c);
+        let want = [
+            1.0,
+            0.237_170_825,
+            0.05,
+            0.007_905_694_15,
+            0.0025,
+            0.000_790_569_415,
+            0.000_25,
+            7.905_694_15e-5,
+        ];
+        for (a, b) in rope.inv_freq.iter().zip(want) {
+            assert!((f64::from(*a) - b).abs() <= 1e-6 * b, "{a} vs {b}");
+        }
+        assert!((f64::from(rope.attention_scaling) - 1.138_629_436_111_989).abs() < 1e-6);
+        // Partial rotary leaves the tail of each head alone.
+        let mut c = c;
+        c.features.rotary_dim = Some(8);
+        let t = Rope::new(&c).tables(&[3]);
+        let mut x: Vec<f32> = (0..32).map(|i| i as f32).collect();
+        t.apply(&mut x, 2);
+        for head in 0..2 {
+            let h = &x[head * 16..head * 16 + 16];
+            assert_eq!(
+                &h[8..],
+                &((head * 16 + 8)..(head * 16 + 16))
+                    .map(|i| i as f32)
+                    .collect::<Vec<_>>()[..]
+            );
+            assert_ne!(h[0], (head * 16) as f32);
+        }
+    }
+
     /// The dispatched (AVX2 where available) path agrees with the portable one for every
     /// context length around the 4-key and 8-lane boundaries, with scattered slots.
     #[test]

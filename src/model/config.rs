@@ -468,7 +468,16 @@ impl ModelConfig {
                 (b, b, flag("mlp_bias").unwrap_or(false))
             }
         };
-        let sliding_window = get_usize(v, "sliding_window").filter(|&w| w > 0);
+        // transformers' config defaults apply to absent keys (an explicit null means none).
+        let defaulted = |k: &str, default: Option<f64>| match v.get(k) {
+            None => default,
+            Some(x) => x.as_f64(),
+        };
+        let gemma = arch == Architecture::Gemma2;
+        let family_window = matches!(arch, Architecture::Mistral | Architecture::Gemma2);
+        let sliding_window = defaulted("sliding_window", family_window.then_some(4096.0))
+            .map(|w| w as usize)
+            .filter(|&w| w > 0);
         let sliding = sliding_layers(v, arch, num_layers, sliding_window, path)?;
         let sliding_window = sliding_window.filter(|_| sliding.iter().any(|&s| s));
         Ok(ModelConfig {
@@ -505,9 +514,12 @@ impl ModelConfig {
                 } else {
                     vec![]
                 },
-                attn_logit_softcapping: num_f("attn_logit_softcapping"),
-                final_logit_softcapping: num_f("final_logit_softcapping"),
-                query_pre_attn_scalar: num_f("query_pre_attn_scalar"),
+                attn_logit_softcapping: defaulted("attn_logit_softcapping", gemma.then_some(50.0)),
+                final_logit_softcapping: defaulted(
+                    "final_logit_softcapping",
+                    gemma.then_some(30.0),
+                ),
+                query_pre_attn_scalar: defaulted("query_pre_attn_scalar", gemma.then_some(256.0)),
                 rotary_dim,
             },
         })
@@ -907,5 +919,142 @@ impl ModelConfig {
             .query_pre_attn_scalar
             .unwrap_or(self.head_dim as f64);
         (1.0 / d.sqrt()) as f32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(v: Value) -> Result<ModelConfig, LoadError> {
+        ModelConfig::from_hf_json(&v, Path::new("config.json"))
+    }
+
+    fn base(arch: &str) -> Value {
+        json!({"architectures": [arch], "vocab_size": 320, "hidden_size": 64,
+               "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+               "num_key_value_heads": 2})
+    }
+
+    #[test]
+    fn rope_fields_at_top_level_and_in_rope_parameters_agree() {
+        let mut old = base("LlamaForCausalLM");
+        old["rope_theta"] = json!(500000.0);
+        old["rope_scaling"] = json!({"type": "linear", "factor": 2.0});
+        let mut new = base("LlamaForCausalLM");
+        new["rope_parameters"] =
+            json!({"rope_type": "linear", "factor": 2.0, "rope_theta": 500000.0});
+        let (a, b) = (parse(old).expect("old"), parse(new).expect("new"));
+        assert_eq!(a, b);
+        assert_eq!(a.rope_theta, 500000.0);
+        assert_eq!(a.rope_scaling, Some(RopeScaling::Linear { factor: 2.0 }));
+    }
+
+    #[test]
+    fn yarn_defaults_follow_transformers() {
+        let mut v = base("Qwen2ForCausalLM");
+        v["max_position_embeddings"] = json!(32768);
+        v["rope_scaling"] = json!({"type": "yarn", "factor": 4.0,
+                                   "original_max_position_embeddings": 8192});
+        let c = parse(v).expect("yarn");
+        let Some(RopeScaling::Yarn {
+            factor,
+            original_max_position_embeddings,
+            beta_fast,
+            beta_slow,
+            attention_factor,
+            truncate,
+        }) = c.rope_scaling
+        else {
+            panic!("not yarn: {:?}", c.rope_scaling);
+        };
+        assert_eq!(
+            (
+                factor,
+                original_max_position_embeddings,
+                beta_fast,
+                beta_slow
+            ),
+            (4.0, 8192, 32.0, 1.0)
+        );
+        assert!((attention_factor - (0.1 * 4f64.ln() + 1.0)).abs() < 1e-12);
+        assert!(truncate);
+    }
+
+    #[test]
+    fn explicit_head_dim_and_architecture_switches() {
+        let mut v = base("Gemma2ForCausalLM");
+        v["head_dim"] = json!(32);
+        v["sliding_window"] = json!(16);
+        v["query_pre_attn_scalar"] = json!(24);
+        let c = parse(v).expect("gemma2");
+        assert_eq!((c.head_dim, c.q_dim(), c.kv_dim()), (32, 128, 64));
+        // No layer_types: Gemma 2 alternates, the first layer sliding.
+        assert_eq!(c.features.sliding_layers, vec![true, false, true, false]);
+        assert_eq!(c.layer_window(2), Some(16));
+        assert_eq!(c.layer_window(1), None);
+        assert_eq!(c.features.hidden_act, Activation::GeluTanh);
+        assert!(c.tie_word_embeddings, "Gemma 2 ties by default");
+        assert!((c.attention_scale() - 1.0 / 24f32.sqrt()).abs() < 1e-7);
+
+        let mut v = base("Qwen2ForCausalLM");
+        v["sliding_window"] = json!(4096);
+        v["use_sliding_window"] = json!(true);
+        v["max_window_layers"] = json!(2);
+        let c = parse(v).expect("qwen2");
+        assert_eq!(c.features.sliding_layers, vec![false, false, true, true]);
+        assert!(c.features.qkv_bias && !c.features.o_bias);
+
+        let mut v = base("Qwen2ForCausalLM");
+        v["sliding_window"] = json!(4096);
+        v["use_sliding_window"] = json!(false);
+        let c = parse(v).expect("qwen2 without windows");
+        assert_eq!(c.features.sliding_window, None);
+        assert!(c.features.sliding_layers.is_empty());
+
+        let mut v = base("Starcoder2ForCausalLM");
+        v["norm_epsilon"] = json!(1e-5);
+        let c = parse(v).expect("starcoder2");
+        assert!(c.architecture.layer_norm() && !c.architecture.gated_mlp());
+        assert_eq!(c.rms_norm_eps, 1e-5);
+        assert!(c.features.qkv_bias && c.features.o_bias && c.features.mlp_bias);
+
+        let mut v = base("Phi3ForCausalLM");
+        v["partial_rotary_factor"] = json!(0.5);
+        assert_eq!(parse(v).expect("phi3").features.rotary_dim, Some(8));
+    }
+
+    #[test]
+    fn unsupported_variants_are_named() {
+        let mut v = base("Phi3ForCausalLM");
+        v["rope_scaling"] = json!({"type": "longrope", "short_factor": [1.0]});
+        let e = parse(v).expect_err("longrope").to_string();
+        assert!(e.contains("longrope") && e.contains("yarn"), "{e}");
+        let mut v = base("LlamaForCausalLM");
+        v["hidden_act"] = json!("relu2");
+        let e = parse(v).expect_err("relu2").to_string();
+        assert!(
+            e.contains("relu2") && e.contains("gelu_pytorch_tanh"),
+            "{e}"
+        );
+        let e = parse(base("GPT2LMHeadModel"))
+            .expect_err("gpt2")
+            .to_string();
+        for arch in Architecture::ALL {
+            assert!(e.contains(arch.hf_name()), "{e}");
+        }
+    }
+
+    #[test]
+    fn hf_json_round_trips_every_architecture() {
+        for arch in Architecture::ALL {
+            let mut v = base(arch.hf_name());
+            if matches!(arch, Architecture::Mistral | Architecture::Gemma2) {
+                v["sliding_window"] = json!(8);
+            }
+            let c = parse(v).expect("parse");
+            let again = parse(c.to_hf_json("float32")).expect("reparse");
+            assert_eq!(c, again, "{arch:?}");
+        }
     }
 }

@@ -230,6 +230,12 @@ pub struct TrainBatch<'a> {
 }
 
 impl Model {
+    /// Whether the training graph covers this architecture (llama only, for now).
+    pub fn supports_training(&self) -> bool {
+        let c = self.config();
+        c.architecture == Architecture::Llama && c.features == Features::default()
+    }
+
     /// The base weights dequantized to f32 for training (held only while a job runs).
     pub fn frozen(&self) -> Result<FrozenLlama> {
         match self {
@@ -242,7 +248,7 @@ impl super::decoder::Decoder {
     /// See [`Model::frozen`].
     pub fn frozen(&self) -> Result<FrozenLlama> {
         let c = self.config();
-        if c.architecture != Architecture::Llama || c.features != Features::default() {
+        if !Model::Decoder(self.clone()).supports_training() {
             candle_core::bail!(
                 "fine-tuning supports llama-architecture models; this one is {}",
                 c.architecture.hf_name()

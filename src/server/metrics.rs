@@ -133,6 +133,18 @@ impl Metrics {
             s.kv_blocks_total as f64,
         );
         gauge(
+            "kv_cache_window_blocks_used",
+            "Blocks of the sliding-window layers' KV pool in use (0 without such layers).",
+            "gauge",
+            s.kv_window_blocks_used as f64,
+        );
+        gauge(
+            "kv_cache_window_blocks_total",
+            "Blocks in the sliding-window layers' KV pool.",
+            "gauge",
+            s.kv_window_blocks_total as f64,
+        );
+        gauge(
             "prompt_tokens_total",
             "Prompt tokens computed.",
             "counter",

@@ -79,6 +79,14 @@ impl Tokenizer {
     /// Loads `tokenizer.json` and, when present, `tokenizer_config.json` from an HF folder.
     pub fn from_hf_dir(dir: &Path) -> Result<Self, TextError> {
         let path = dir.join("tokenizer.json");
+        if !path.exists() {
+            return Err(TextError::Invalid(format!(
+                "{}: no tokenizer.json in the folder; the weights load, but text in and out \
+                 needs the model's tokenizer (copy tokenizer.json and tokenizer_config.json \
+                 from its repository)",
+                dir.display()
+            )));
+        }
         let inner = tokenizers::Tokenizer::from_file(&path)
             .map_err(|e| TextError::Invalid(format!("{}: {e}", path.display())))?;
         let config_path = dir.join("tokenizer_config.json");
