@@ -12,6 +12,9 @@ use std::path::Path;
 use anyhow::{bail, Context};
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Tensor};
+
+use crate::model::attention::Rope;
+use crate::model::{ModelConfig, RopeScaling};
 use serde_json::json;
 
 /// Weight dtype of the written folder.
@@ -180,6 +183,30 @@ pub fn hf_to_gguf(input: &Path, out: &Path, quant: GgufQuant) -> anyhow::Result<
     unique.reverse();
     let permute = arch.gguf_name() == "llama";
     let mut tensors = Vec::new();
+    // llama.cpp reads Llama 3 rope scaling as per-frequency divisors (nextoken reads the
+    // metadata keys written above first).
+    if matches!(
+        config.rope_scaling,
+        Some(RopeScaling::Llama3 { .. } | RopeScaling::FreqFactors(_))
+    ) {
+        let scaled = Rope::new(config);
+        let plain = Rope::new(&ModelConfig {
+            rope_scaling: None,
+            ..config.clone()
+        });
+        let factors: Vec<f32> = plain
+            .inv_freq()
+            .iter()
+            .zip(scaled.inv_freq())
+            .map(|(p, s)| p / s)
+            .collect();
+        let n = factors.len();
+        let t = Tensor::from_vec(factors, n, &candle_core::Device::Cpu)?;
+        tensors.push((
+            "rope_freqs.weight".to_string(),
+            QTensor::quantize(&t, GgmlDType::F32)?,
+        ));
+    }
     for (hf, t) in model.named_tensors()? {
         let gguf = crate::model::weights::gguf_name(arch, &hf)
             .with_context(|| format!("no GGUF name for tensor '{hf}'"))?;

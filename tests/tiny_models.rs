@@ -139,6 +139,32 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// A copy of the GGUF `src` without the metadata keys containing `drop`.
+fn strip_metadata(src: &std::path::Path, dst: &std::path::Path, drop: &str) {
+    use candle_core::quantized::{gguf_file, QTensor};
+    let mut f = std::fs::File::open(src).expect("open");
+    let content = gguf_file::Content::read(&mut f).expect("GGUF");
+    let md: Vec<(&str, &gguf_file::Value)> = content
+        .metadata
+        .iter()
+        .filter(|(k, _)| !k.contains(drop))
+        .map(|(k, v)| (k.as_str(), v))
+        .collect();
+    let tensors: Vec<(String, QTensor)> = content
+        .tensor_infos
+        .keys()
+        .map(|n| {
+            let t = content
+                .tensor(&mut f, n, &candle_core::Device::Cpu)
+                .expect("tensor");
+            (n.clone(), t)
+        })
+        .collect();
+    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let mut out = std::fs::File::create(dst).expect("create");
+    gguf_file::write(&mut out, &md, &refs).expect("write");
+}
+
 fn cosine(a: &[f32], b: &[f32]) -> f64 {
     let dot: f64 = a
         .iter()
@@ -195,7 +221,27 @@ fn check_gguf(name: &str) {
             );
         }
         match quant {
-            GgufQuant::F32 => check_engine(&format!("{name} GGUF f32"), gguf, &cases),
+            GgufQuant::F32 => {
+                check_engine(&format!("{name} GGUF f32"), gguf, &cases);
+                if name == "llama" {
+                    // As llama.cpp's own files carry Llama 3 scaling: only `rope_freqs`.
+                    let bare = tmp.path().join("llama-rope-freqs.gguf");
+                    strip_metadata(&path, &bare, "rope.scaling");
+                    let (m, _) = Model::load(&bare).expect("loads");
+                    assert!(matches!(
+                        m.config().rope_scaling,
+                        Some(nextoken::model::RopeScaling::FreqFactors(_))
+                    ));
+                    for (i, (ids, want, _)) in cases.iter().enumerate() {
+                        for (a, b) in last_logits(&m, ids).iter().zip(want) {
+                            assert!(
+                                (f64::from(*a) - b).abs() < 1e-4,
+                                "rope_freqs {i}: {a} vs {b}"
+                            );
+                        }
+                    }
+                }
+            }
             _ => {
                 let back = tmp.path().join(format!("{name}-from-{quant:?}"));
                 gguf_to_hf(&path, &back, ConvertDtype::F32).expect("back to a folder");
@@ -318,18 +364,27 @@ fn older_config_layout_gives_the_same_logits() {
         let mut rope = obj.remove("rope_parameters").expect("rope_parameters");
         obj.remove("layer_types");
         let rope = rope.as_object_mut().expect("rope object");
-        obj.insert("rope_theta".into(), rope.remove("rope_theta").expect("theta"));
+        obj.insert(
+            "rope_theta".into(),
+            rope.remove("rope_theta").expect("theta"),
+        );
         let kind = rope.remove("rope_type").expect("rope_type");
         if kind != "default" {
             rope.insert("type".into(), kind);
-            obj.insert("rope_scaling".into(), serde_json::Value::Object(rope.clone()));
+            obj.insert(
+                "rope_scaling".into(),
+                serde_json::Value::Object(rope.clone()),
+            );
         }
         std::fs::write(&path, v.to_string()).expect("write");
         let (model, _) = Model::load(tmp.path()).expect("older layout loads");
         for (i, (ids, want, _)) in cases.iter().enumerate() {
             let ours = last_logits(&model, ids);
             for (a, b) in ours.iter().zip(want) {
-                assert!((f64::from(*a) - b).abs() < 1e-4, "{name} case {i}: {a} vs {b}");
+                assert!(
+                    (f64::from(*a) - b).abs() < 1e-4,
+                    "{name} case {i}: {a} vs {b}"
+                );
             }
         }
     }

@@ -75,6 +75,9 @@ impl Rope {
             Some(RopeScaling::Linear { factor }) => {
                 inv_freq.iter_mut().for_each(|f| *f /= *factor as f32);
             }
+            Some(RopeScaling::FreqFactors(factors)) => {
+                inv_freq.iter_mut().zip(factors).for_each(|(f, d)| *f /= d);
+            }
             Some(RopeScaling::Yarn {
                 factor,
                 original_max_position_embeddings,
@@ -123,6 +126,11 @@ impl Rope {
             head_dim: config.head_dim,
             attention_scaling,
         }
+    }
+
+    /// The rotation frequencies, `rotary_dim / 2` of them.
+    pub fn inv_freq(&self) -> &[f32] {
+        &self.inv_freq
     }
 
     /// Tables for the given positions, computed once per forward and shared by all layers.

@@ -185,6 +185,9 @@ pub enum RopeScaling {
         /// Scale factor.
         factor: f64,
     },
+    /// Per-frequency divisors, as llama.cpp stores them in a `rope_freqs.weight` tensor
+    /// (its Llama 3 GGUFs carry the scaling this way).
+    FreqFactors(Vec<f32>),
     /// YaRN: interpolation blended with extrapolation by frequency band, and cos/sin scaled.
     Yarn {
         /// Scale factor.
@@ -718,7 +721,8 @@ impl ModelConfig {
         }
         let f32v = |x: f64| GgufValue::F32(x as f32);
         match &self.rope_scaling {
-            None => {}
+            // Written as the `rope_freqs.weight` tensor by `convert`.
+            None | Some(RopeScaling::FreqFactors(_)) => {}
             Some(RopeScaling::Linear { factor }) => {
                 md.push((k("rope.scaling.type"), GgufValue::String("linear".into())));
                 md.push((k("rope.scaling.factor"), f32v(*factor)));
@@ -776,6 +780,10 @@ impl ModelConfig {
     pub fn to_hf_json(&self, dtype: &str) -> Value {
         let rope_scaling = match &self.rope_scaling {
             None => Value::Null,
+            Some(RopeScaling::FreqFactors(_)) => {
+                tracing::warn!("rope frequency factors have no config.json form; dropped");
+                Value::Null
+            }
             Some(RopeScaling::Linear { factor }) => {
                 json!({"rope_type": "linear", "factor": factor})
             }

@@ -77,7 +77,10 @@ fn tiny_tensors(c: &ModelConfig) -> HashMap<String, Tensor> {
 }
 
 fn tiny_model(tied: bool) -> (Model, HashMap<String, Tensor>) {
-    let c = tiny_config(tied);
+    model_of(tiny_config(tied))
+}
+
+fn model_of(c: ModelConfig) -> (Model, HashMap<String, Tensor>) {
     let tensors = tiny_tensors(&c);
     let mut w = Weights::from_tensors(Path::new("<tiny>"), tensors.clone());
     let m = Decoder::load(c, &mut w).expect("tiny model loads");
@@ -247,6 +250,20 @@ fn forward_matches_naive_reference_gqa_tied_and_untied() {
         for (a, b) in ours.iter().zip(&want) {
             assert!((f64::from(*a) - b).abs() < 1e-4, "tied={tied}: {a} vs {b}");
         }
+    }
+}
+
+/// Heads wider than `hidden / heads` (Gemma-style `head_dim`): q/o are not square.
+#[test]
+fn forward_matches_naive_reference_with_head_dim_not_hidden_over_heads() {
+    let mut c = tiny_config(false);
+    c.head_dim = 12; // 6 heads × 12 = 72 ≠ hidden 48
+    let (model, tensors) = model_of(c.clone());
+    let ids: Vec<u32> = vec![3, 17, 42, 5, 96, 0, 11, 64, 64, 2, 33];
+    let ours = run_alone(&model, &ids, 4);
+    let want = reference_logits(&c, &tensors, &ids);
+    for (a, b) in ours.iter().zip(&want) {
+        assert!((f64::from(*a) - b).abs() < 1e-4, "{a} vs {b}");
     }
 }
 
@@ -476,4 +493,57 @@ fn lora_adapter_round_trips_through_peft_files() {
         err.to_string().contains("do not fit the base model"),
         "{err}"
     );
+}
+
+/// LoRA on the other architectures: serving with an adapter equals serving the base weights
+/// with the adapter merged in (`W + scale · B·A`), on the tiny transformers checkpoints.
+#[test]
+fn lora_on_other_architectures_equals_merged_weights() {
+    let targets = [Target::Q, Target::V, Target::O];
+    for name in ["qwen2", "mistral", "gemma2", "starcoder2"] {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/reference/tiny")
+            .join(name);
+        let (model, _) = Model::load(&dir).expect("tiny model loads");
+        let c = model.config().clone();
+        let adapter = perturbed_lora(&c, &targets)
+            .to_adapter(&c)
+            .expect("adapter");
+        let mut tensors: HashMap<String, Tensor> = model
+            .named_tensors()
+            .expect("tensors")
+            .into_iter()
+            .collect();
+        for layer in 0..c.num_layers {
+            for t in targets {
+                let pair = adapter.get(layer, t).expect("pair");
+                let name = format!("model.layers.{layer}.{}.weight", t.module_path());
+                let w = &tensors[&name];
+                let delta = pair
+                    .b
+                    .matmul(&pair.a)
+                    .and_then(|d| d.affine(adapter.scale(), 0.0))
+                    .expect("delta");
+                let merged = (w + delta).expect("merge");
+                tensors.insert(name, merged);
+            }
+        }
+        let mut w = Weights::from_tensors(Path::new("<merged>"), tensors);
+        let merged = Model::Decoder(Decoder::load(c.clone(), &mut w).expect("merged loads"));
+        let ids = [1u32, 17, 42, 99, 5, 200, 3, 77, 31, 250, 12, 64];
+        let served = serve_positions(&model, &ids, Some(&adapter));
+        let want = serve_positions(&merged, &ids, None);
+        let base = serve_positions(&model, &ids, None);
+        for p in 0..ids.len() {
+            let d = max_diff(&served[p], &want[p]);
+            assert!(
+                d < 2e-4,
+                "{name} position {p}: adapter vs merged differ by {d}"
+            );
+            assert!(
+                max_diff(&served[p], &base[p]) > 1e-3,
+                "{name}: the adapter matters"
+            );
+        }
+    }
 }

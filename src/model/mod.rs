@@ -264,6 +264,15 @@ impl Model {
                 path,
             )?;
             weights.set_gguf_architecture(&config);
+            let mut config = config;
+            if config.rope_scaling.is_none() && weights.contains("rope_freqs.weight") {
+                let half = config.features.rotary_dim.unwrap_or(config.head_dim) / 2;
+                let factors = weights
+                    .get("rope_freqs.weight", &[half])?
+                    .to_vec1::<f32>()
+                    .map_err(|e| LoadError::format(path, e))?;
+                config.rope_scaling = Some(RopeScaling::FreqFactors(factors));
+            }
             let model = decoder::Decoder::load(config, &mut weights)?;
             let source = ModelSource::Gguf {
                 path: path.to_path_buf(),

@@ -45,6 +45,8 @@ pub fn gguf_name(arch: Architecture, hf: &str) -> Option<String> {
         "model.embed_tokens.weight" => Some("token_embd.weight"),
         "model.norm.weight" => Some("output_norm.weight"),
         "model.norm.bias" => Some("output_norm.bias"),
+        // Not an HF tensor: llama.cpp's rope frequency divisors (Llama 3 scaling).
+        "rope_freqs.weight" => Some("rope_freqs.weight"),
         "lm_head.weight" => Some("output.weight"),
         _ => None,
     };
