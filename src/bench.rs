@@ -43,7 +43,7 @@ pub fn percentile(xs: &mut [f64], q: f64) -> f64 {
 }
 
 /// Distinct, deterministic prompts (no shared prefixes between requests).
-fn prompt(i: usize, len: usize, vocab: usize) -> Vec<u32> {
+pub(crate) fn prompt(i: usize, len: usize, vocab: usize) -> Vec<u32> {
     let mut s = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     (0..len)
         .map(|_| {
@@ -134,6 +134,58 @@ pub fn run(engine: &EngineHandle, config: &BenchConfig) -> anyhow::Result<Vec<se
         lines.push(line);
     }
     Ok(lines)
+}
+
+/// Runs `request` to its end; returns the seconds it took.
+fn timed(engine: &EngineHandle, request: GenerateRequest) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    engine
+        .submit(request)?
+        .blocking_collect(|_| {})
+        .map_err(|e| anyhow::anyhow!("request failed: {e}"))?;
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// llama-bench's two figures for one sequence, medians of `repetitions`: prefill of a
+/// `pp`-token prompt (to its first token) and decode of `tg` tokens from a 1-token prompt.
+/// Prints and returns `{"pp", "prefill_tok_s", "tg", "decode_tok_s", "runs"}`.
+pub fn pp_tg(
+    engine: &EngineHandle,
+    pp: usize,
+    tg: usize,
+    repetitions: usize,
+) -> anyhow::Result<serde_json::Value> {
+    let vocab = engine.limits().vocab_size;
+    anyhow::ensure!(
+        vocab > 200,
+        "vocabulary too small for the benchmark prompts"
+    );
+    let (mut prefill, mut decode) = (Vec::new(), Vec::new());
+    for r in 0..repetitions.max(1) {
+        if pp > 0 {
+            // A fresh prompt each time: nothing comes from the prefix cache.
+            let s = timed(engine, GenerateRequest::greedy(prompt(r, pp, vocab), 1))?;
+            prefill.push(pp as f64 / s);
+        }
+        if tg > 0 {
+            let s = timed(
+                engine,
+                GenerateRequest::greedy(prompt(r + 500, 1, vocab), tg),
+            )?;
+            decode.push(tg as f64 / s);
+        }
+    }
+    let runs = json!({"prefill_tok_s": prefill, "decode_tok_s": decode});
+    let line = json!({
+        "pp": pp,
+        "prefill_tok_s": percentile(&mut prefill, 0.5),
+        "tg": tg,
+        "decode_tok_s": percentile(&mut decode, 0.5),
+        "runs": runs,
+        "peak_rss_mb": peak_rss_mb(),
+    });
+    println!("{line}");
+    Ok(line)
 }
 
 /// Time from submit to the first token; the generation is then run to its end.

@@ -11,6 +11,7 @@
 //! - [`server`]: OpenAI-compatible HTTP API.
 
 pub mod bench;
+pub mod bench_http;
 pub mod convert;
 pub mod engine;
 pub mod model;

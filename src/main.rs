@@ -342,9 +342,39 @@ struct BenchArgs {
     /// Editor scenarios: context tokens.
     #[arg(long, default_value_t = 1500)]
     context_tokens: usize,
+    /// llama-bench mode: prefill a prompt of this many tokens (one sequence).
+    #[arg(long)]
+    pp: Option<usize>,
+    /// llama-bench mode: decode this many tokens (one sequence).
+    #[arg(long)]
+    tg: Option<usize>,
+    /// llama-bench mode: runs per figure (the median is printed).
+    #[arg(long, default_value_t = 3)]
+    repetitions: usize,
+    /// HTTP mode: the base URL of a running OpenAI-compatible server (this one, llama.cpp's
+    /// llama-server, ...); streams `/v1/completions` at each concurrency level.
+    #[arg(long)]
+    url: Option<String>,
+    /// HTTP mode: bearer token for the server.
+    #[arg(long)]
+    api_key: Option<String>,
+    /// HTTP mode: the server's process id, to report its peak RSS.
+    #[arg(long)]
+    server_pid: Option<u32>,
 }
 
 fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
+    if let Some(url) = &args.url {
+        let config = nextoken::bench_http::HttpBenchConfig {
+            concurrency: args.concurrency.clone(),
+            prompt_tokens: args.prompt_tokens,
+            new_tokens: args.new_tokens,
+            api_key: args.api_key.clone(),
+            server_pid: args.server_pid,
+        };
+        nextoken::bench_http::run(url, &config)?;
+        return Ok(());
+    }
     let (model, _) = nextoken::load(&args.model)?;
     if args.scenario == "lora" {
         nextoken::bench::lora_step(&model, 4, 128, 5)?;
@@ -361,6 +391,15 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         },
     )?;
     let ctx = args.context_tokens;
+    if args.pp.is_some() || args.tg.is_some() {
+        nextoken::bench::pp_tg(
+            &engine,
+            args.pp.unwrap_or(0),
+            args.tg.unwrap_or(0),
+            args.repetitions,
+        )?;
+        return Ok(());
+    }
     match args.scenario.as_str() {
         "sweep" => {
             let config = nextoken::bench::BenchConfig {

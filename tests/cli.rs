@@ -150,6 +150,41 @@ fn generate_text_mode_streams_and_reports_speed() {
 }
 
 #[test]
+fn bench_pp_tg_mode_prints_llama_bench_figures() {
+    let out = nextoken(&[
+        "bench",
+        "--model",
+        model_path().to_str().expect("utf-8"),
+        "--pp",
+        "32",
+        "--tg",
+        "4",
+        "--repetitions",
+        "3",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).expect("JSON");
+    assert_eq!((v["pp"].as_u64(), v["tg"].as_u64()), (Some(32), Some(4)));
+    for key in ["prefill_tok_s", "decode_tok_s"] {
+        let runs: Vec<f64> = v["runs"][key]
+            .as_array()
+            .expect("runs")
+            .iter()
+            .map(|x| x.as_f64().expect("f64"))
+            .collect();
+        assert_eq!(runs.len(), 3, "{key}");
+        let mut sorted = runs.clone();
+        sorted.sort_by(f64::total_cmp);
+        assert_eq!(v[key].as_f64(), Some(sorted[1]), "{key} is the median");
+        assert!(sorted[0] > 0.0);
+    }
+}
+
+#[test]
 fn convert_writes_gguf_from_a_folder_with_llama_cpp_names() {
     let dir = tempfile::tempdir().expect("tempdir");
     let src = repo().join("tests/reference/tiny/gemma2");

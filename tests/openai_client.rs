@@ -387,3 +387,37 @@ fn playground_in_headless_chromium() {
     // The page itself needs no key; the API behind it does.
     assert_eq!(http_get(&server.addr, "/").0, 200);
 }
+
+/// `nextoken bench --url` against a running server: streamed completions over HTTP, every
+/// requested token counted, the server's peak RSS read from its pid.
+#[test]
+fn bench_url_mode_measures_a_running_server() {
+    let server = start_server(&["--no-training"]);
+    let out = Command::new(env!("CARGO_BIN_EXE_nextoken"))
+        .args(["bench", "--url", &format!("http://{}", server.addr)])
+        .args(["--api-key", KEY, "--concurrency", "1,3"])
+        .args(["--prompt-tokens", "20", "--new-tokens", "6"])
+        .args(["--server-pid", &server.child.id().to_string()])
+        .output()
+        .expect("run bench");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).expect("utf-8");
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    for (line, c) in lines.iter().zip([1.0, 3.0]) {
+        assert_eq!(line["concurrency"].as_f64(), Some(c));
+        let tokens =
+            line["agg_tok_s"].as_f64().expect("agg") * line["wall_s"].as_f64().expect("wall");
+        assert_eq!(tokens.round(), 6.0 * c, "every token counted: {line}");
+        assert!(line["ttft_ms_p50"].as_f64().expect("ttft") > 0.0);
+        assert!(line["itl_ms_p50"].as_f64().expect("itl") > 0.0);
+        assert!(line["peak_rss_mb"].as_f64().expect("rss") > 50.0, "{line}");
+    }
+}
