@@ -17,6 +17,9 @@ MODEL=${MODEL:-$REPO/models/SmolLM2-135M-Instruct.Q4_1.gguf}
 THREADS=${THREADS:-$(nproc)}
 RUNS=${RUNS:-3}
 CONC=${CONC:-16}
+# The same KV capacity as llama-server's context below (CONC × 512 tokens): SmolLM2 keeps
+# 30 layers × 192 × 2 f32 = 46,080 bytes of KV per token (llama.cpp: f16, half that).
+KV_MB=${KV_MB:-$((CONC * 512 * 46080 / 1048576))}
 mkdir -p "$WORK"
 ./models/fetch-default.sh
 
@@ -63,7 +66,7 @@ wait_ready() { # url
 load() { # name url pid
   for r in $(seq 1 "$RUNS"); do
     "$NT" bench --url "$2" --concurrency "$CONC" --prompt-tokens 153 --new-tokens 128 \
-      --server-pid "$3" >>"$OUT/$1-server.jsonl"
+      --server-pid "$3" --prompt-seed "$r" >>"$OUT/$1-server.jsonl"
   done
 }
 
@@ -77,7 +80,7 @@ load llama http://127.0.0.1:8091 "$LPID"
 kill "$LPID"; wait "$LPID" 2>/dev/null || true
 
 echo "== $CONC concurrent streams: nextoken serve"
-"$NT" serve --model "$MODEL" --host 127.0.0.1 --port 8092 --no-training \
+"$NT" serve --model "$MODEL" --host 127.0.0.1 --port 8092 --no-training --kv-cache-mb "$KV_MB" \
   --data-dir "$WORK/data" >"$OUT/nextoken-server.log" 2>&1 &
 NPID=$!
 trap 'kill $NPID 2>/dev/null || true' EXIT

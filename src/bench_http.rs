@@ -239,6 +239,9 @@ pub struct HttpBenchConfig {
     pub api_key: Option<String>,
     /// The server's process id, to report its peak RSS.
     pub server_pid: Option<u32>,
+    /// Picks the prompts: runs with different seeds share no prefix, so a server's prompt
+    /// cache cannot carry one run into the next.
+    pub prompt_seed: usize,
 }
 
 /// Runs the sweep against `url`, printing one JSON line per concurrency level (the engine
@@ -260,7 +263,11 @@ pub fn run(url: &str, config: &HttpBenchConfig) -> anyhow::Result<Vec<Value>> {
                     "model": model,
                     // Ids below 10,000 exist in any vocabulary worth benchmarking; distinct
                     // per request so no server can share a prefix.
-                    "prompt": crate::bench::prompt(i + 1000, config.prompt_tokens, 10_000),
+                    "prompt": crate::bench::prompt(
+                        1000 + config.prompt_seed * 100_000 + i,
+                        config.prompt_tokens,
+                        10_000,
+                    ),
                     "max_tokens": config.new_tokens,
                     "temperature": 0.0,
                     "ignore_eos": true,

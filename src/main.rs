@@ -361,6 +361,10 @@ struct BenchArgs {
     /// HTTP mode: the server's process id, to report its peak RSS.
     #[arg(long)]
     server_pid: Option<u32>,
+    /// HTTP mode: selects the prompts; give each repeated run its own so no server answers
+    /// from its prompt cache.
+    #[arg(long, default_value_t = 0)]
+    prompt_seed: usize,
 }
 
 fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
@@ -371,6 +375,7 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
             new_tokens: args.new_tokens,
             api_key: args.api_key.clone(),
             server_pid: args.server_pid,
+            prompt_seed: args.prompt_seed,
         };
         nextoken::bench_http::run(url, &config)?;
         return Ok(());

@@ -6,12 +6,63 @@
 //! keeps only a ring of blocks there (its *window table*), reused as positions move on, so
 //! their KV does not grow past the window.
 
+/// Zeroed f32 storage from an anonymous memory mapping: its pages are backed by memory only
+/// once written, so a large KV pool costs what the cached tokens use, not what it could hold
+/// (a heap allocation of this size may be zeroed eagerly, touching every page).
+pub enum KvBuf {
+    /// The usual case.
+    Mapped(memmap2::MmapMut, usize),
+    /// Where the mapping failed, or the size is 0.
+    Heap(Vec<f32>),
+}
+
+impl KvBuf {
+    /// `len` zeros.
+    pub fn zeroed(len: usize) -> Self {
+        if len == 0 {
+            return KvBuf::Heap(Vec::new());
+        }
+        match memmap2::MmapMut::map_anon(len * std::mem::size_of::<f32>()) {
+            Ok(map) => KvBuf::Mapped(map, len),
+            Err(_) => KvBuf::Heap(vec![0.0; len]),
+        }
+    }
+}
+
+impl std::ops::Deref for KvBuf {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match self {
+            // SAFETY: the mapping is page-aligned (so f32-aligned), holds `len` f32s, starts
+            // zeroed (0.0), and lives as long as `self`.
+            #[allow(unsafe_code)]
+            KvBuf::Mapped(map, len) => unsafe {
+                std::slice::from_raw_parts(map.as_ptr().cast::<f32>(), *len)
+            },
+            KvBuf::Heap(v) => v,
+        }
+    }
+}
+
+impl std::ops::DerefMut for KvBuf {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        match self {
+            // SAFETY: as in `deref`; `&mut self` makes the borrow exclusive.
+            #[allow(unsafe_code)]
+            KvBuf::Mapped(map, len) => unsafe {
+                std::slice::from_raw_parts_mut(map.as_mut_ptr().cast::<f32>(), *len)
+            },
+            KvBuf::Heap(v) => v,
+        }
+    }
+}
+
 /// Keys and values of one layer: `(num_slots, kv_dim)` each, row-major.
 pub struct LayerKv {
     /// Keys after rotary embedding.
-    pub k: Vec<f32>,
+    pub k: KvBuf,
     /// Values.
-    pub v: Vec<f32>,
+    pub v: KvBuf,
 }
 
 /// Paged KV storage for all layers.
@@ -46,8 +97,8 @@ impl KvCache {
                 let blocks = if s { num_window_blocks } else { num_blocks };
                 let n = blocks * block_size * kv_dim;
                 LayerKv {
-                    k: vec![0.0; n],
-                    v: vec![0.0; n],
+                    k: KvBuf::zeroed(n),
+                    v: KvBuf::zeroed(n),
                 }
             })
             .collect();
@@ -119,5 +170,25 @@ impl KvCache {
             l.k.copy_within(from * d..(from + 1) * d, to * d);
             l.v.copy_within(from * d..(from + 1) * d, to * d);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kv_buffers_start_zeroed_and_keep_what_is_written() {
+        for len in [0, 1, 3, 100_000] {
+            let mut b = KvBuf::zeroed(len);
+            assert_eq!(b.len(), len);
+            assert!(b.iter().all(|&x| x == 0.0));
+            if len > 0 {
+                b[len - 1] = 2.5;
+                b.copy_within(len - 1..len, 0);
+                assert_eq!((b[0], b[len - 1]), (2.5, 2.5));
+            }
+        }
+        assert!(matches!(KvBuf::zeroed(10), KvBuf::Mapped(..)));
     }
 }
