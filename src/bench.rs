@@ -56,10 +56,37 @@ pub(crate) fn prompt(i: usize, len: usize, vocab: usize) -> Vec<u32> {
         .collect()
 }
 
-struct RequestTimes {
-    ttft: Duration,
-    gaps: Vec<Duration>,
-    tokens: usize,
+/// One request's timings: first token (from the wave's start), gaps between tokens, count.
+pub(crate) struct RequestTimes {
+    pub(crate) ttft: Duration,
+    pub(crate) gaps: Vec<Duration>,
+    pub(crate) tokens: usize,
+}
+
+/// The sweep's figures for one wave of requests that took `wall` seconds: aggregate tokens/s,
+/// TTFT p50/p95 and inter-token latency p50 (ms), and the wall time.
+pub(crate) fn wave_summary(results: &[RequestTimes], wall: f64) -> serde_json::Value {
+    let total: usize = results.iter().map(|r| r.tokens).sum();
+    let mut ttft: Vec<f64> = results.iter().map(|r| r.ttft.as_secs_f64() * 1e3).collect();
+    let mut itl: Vec<f64> = results
+        .iter()
+        .flat_map(|r| r.gaps.iter().map(|g| g.as_secs_f64() * 1e3))
+        .collect();
+    json!({
+        "agg_tok_s": total as f64 / wall,
+        "ttft_ms_p50": percentile(&mut ttft, 0.5),
+        "ttft_ms_p95": percentile(&mut ttft, 0.95),
+        "itl_ms_p50": percentile(&mut itl, 0.5),
+        "wall_s": wall,
+    })
+}
+
+/// `base` with the fields of `more` added.
+pub(crate) fn merged(mut base: serde_json::Value, more: serde_json::Value) -> serde_json::Value {
+    if let (Some(b), serde_json::Value::Object(m)) = (base.as_object_mut(), more) {
+        b.extend(m);
+    }
+    base
 }
 
 /// Runs the sweep, printing one JSON line per concurrency level; returns the lines.
@@ -112,24 +139,16 @@ pub fn run(engine: &EngineHandle, config: &BenchConfig) -> anyhow::Result<Vec<se
                     .map_err(|_| anyhow::anyhow!("collector panicked"))??,
             );
         }
-        let wall = started.elapsed().as_secs_f64();
-        let total_tokens: usize = results.iter().map(|r| r.tokens).sum();
-        let mut ttft: Vec<f64> = results.iter().map(|r| r.ttft.as_secs_f64() * 1e3).collect();
-        let mut itl: Vec<f64> = results
-            .iter()
-            .flat_map(|r| r.gaps.iter().map(|g| g.as_secs_f64() * 1e3))
-            .collect();
-        let line = json!({
-            "concurrency": c,
-            "prompt_tokens": config.prompt_tokens,
-            "new_tokens": config.new_tokens,
-            "agg_tok_s": total_tokens as f64 / wall,
-            "ttft_ms_p50": percentile(&mut ttft, 0.5),
-            "ttft_ms_p95": percentile(&mut ttft, 0.95),
-            "itl_ms_p50": percentile(&mut itl, 0.5),
-            "wall_s": wall,
-            "peak_rss_mb": peak_rss_mb(),
-        });
+        let summary = wave_summary(&results, started.elapsed().as_secs_f64());
+        let line = merged(
+            json!({
+                "concurrency": c,
+                "prompt_tokens": config.prompt_tokens,
+                "new_tokens": config.new_tokens,
+                "peak_rss_mb": peak_rss_mb(),
+            }),
+            summary,
+        );
         println!("{line}");
         lines.push(line);
     }

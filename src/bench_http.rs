@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
-use crate::bench::percentile;
+use crate::bench::{merged, wave_summary, RequestTimes};
 
 /// `http://host:port[/prefix]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -148,27 +148,20 @@ impl<R: BufRead> Read for Chunked<R> {
     }
 }
 
-/// Timings of one streamed completion.
-struct Streamed {
-    ttft: Duration,
-    gaps: Vec<Duration>,
-    tokens: usize,
-}
-
 /// One streaming completion; times are measured from `wave_start`.
 fn stream_completion(
     target: &HttpTarget,
     body: &Value,
     api_key: Option<&str>,
     wave_start: Instant,
-) -> anyhow::Result<Streamed> {
+) -> anyhow::Result<RequestTimes> {
     let (status, mut reader) = target.send("POST", "/v1/completions", Some(body), api_key)?;
     if status != 200 {
         let mut text = String::new();
         let _ = reader.read_to_string(&mut text);
         bail!("POST /v1/completions: {status} {text}");
     }
-    let mut out = Streamed {
+    let mut out = RequestTimes {
         ttft: Duration::ZERO,
         gaps: Vec::new(),
         tokens: 0,
@@ -288,25 +281,17 @@ pub fn run(url: &str, config: &HttpBenchConfig) -> anyhow::Result<Vec<Value>> {
                     .map_err(|_| anyhow::anyhow!("client thread panicked"))??,
             );
         }
-        let wall = wave_start.elapsed().as_secs_f64();
-        let total: usize = results.iter().map(|r| r.tokens).sum();
-        let mut ttft: Vec<f64> = results.iter().map(|r| r.ttft.as_secs_f64() * 1e3).collect();
-        let mut itl: Vec<f64> = results
-            .iter()
-            .flat_map(|r| r.gaps.iter().map(|g| g.as_secs_f64() * 1e3))
-            .collect();
-        let line = json!({
-            "url": url,
-            "concurrency": c,
-            "prompt_tokens": config.prompt_tokens,
-            "new_tokens": config.new_tokens,
-            "agg_tok_s": total as f64 / wall,
-            "ttft_ms_p50": percentile(&mut ttft, 0.5),
-            "ttft_ms_p95": percentile(&mut ttft, 0.95),
-            "itl_ms_p50": percentile(&mut itl, 0.5),
-            "wall_s": wall,
-            "peak_rss_mb": config.server_pid.and_then(peak_rss_of),
-        });
+        let summary = wave_summary(&results, wave_start.elapsed().as_secs_f64());
+        let line = merged(
+            json!({
+                "url": url,
+                "concurrency": c,
+                "prompt_tokens": config.prompt_tokens,
+                "new_tokens": config.new_tokens,
+                "peak_rss_mb": config.server_pid.and_then(peak_rss_of),
+            }),
+            summary,
+        );
         println!("{line}");
         lines.push(line);
     }

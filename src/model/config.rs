@@ -285,6 +285,15 @@ fn ids(v: Option<&Value>) -> Vec<u32> {
     }
 }
 
+/// transformers' YaRN `get_mscale`: `0.1 · mscale · ln(factor) + 1` above factor 1.
+fn yarn_mscale(factor: f64, mscale: f64) -> f64 {
+    if factor <= 1.0 {
+        1.0
+    } else {
+        0.1 * mscale * factor.ln() + 1.0
+    }
+}
+
 fn parse_rope_scaling(
     v: &Value,
     max_position_embeddings: usize,
@@ -310,14 +319,7 @@ fn parse_rope_scaling(
         })),
         "yarn" => {
             let factor = f("factor").unwrap_or(1.0);
-            // transformers' get_mscale: 0.1·mscale·ln(factor) + 1 above factor 1.
-            let mscale = |m: f64| {
-                if factor <= 1.0 {
-                    1.0
-                } else {
-                    0.1 * m * factor.ln() + 1.0
-                }
-            };
+            let mscale = |m: f64| yarn_mscale(factor, m);
             let attention_factor = match (f("attention_factor"), f("mscale"), f("mscale_all_dim")) {
                 (Some(a), _, _) => a,
                 (None, Some(m), Some(all)) if m != 0.0 && all != 0.0 => mscale(m) / mscale(all),
@@ -599,14 +601,8 @@ impl ModelConfig {
                     .unwrap_or(max_position_embeddings),
                 beta_fast: f("rope.scaling.yarn_beta_fast").unwrap_or(32.0),
                 beta_slow: f("rope.scaling.yarn_beta_slow").unwrap_or(1.0),
-                attention_factor: f("rope.scaling.attn_factor").unwrap_or_else(|| {
-                    let factor = f("rope.scaling.factor").unwrap_or(1.0);
-                    if factor <= 1.0 {
-                        1.0
-                    } else {
-                        0.1 * factor.ln() + 1.0
-                    }
-                }),
+                attention_factor: f("rope.scaling.attn_factor")
+                    .unwrap_or_else(|| yarn_mscale(f("rope.scaling.factor").unwrap_or(1.0), 1.0)),
                 truncate: true,
             }),
             Some("llama3") => Some(RopeScaling::Llama3 {

@@ -229,11 +229,15 @@ pub struct TrainBatch<'a> {
     pub targets: &'a [&'a [bool]],
 }
 
+/// The training graph is llama's: plain llama configs only.
+fn trainable(c: &ModelConfig) -> bool {
+    c.architecture == Architecture::Llama && c.features == Features::default()
+}
+
 impl Model {
     /// Whether the training graph covers this architecture (llama only, for now).
     pub fn supports_training(&self) -> bool {
-        let c = self.config();
-        c.architecture == Architecture::Llama && c.features == Features::default()
+        trainable(self.config())
     }
 
     /// The base weights dequantized to f32 for training (held only while a job runs).
@@ -248,7 +252,7 @@ impl super::decoder::Decoder {
     /// See [`Model::frozen`].
     pub fn frozen(&self) -> Result<FrozenLlama> {
         let c = self.config();
-        if !Model::Decoder(self.clone()).supports_training() {
+        if !trainable(c) {
             candle_core::bail!(
                 "fine-tuning supports llama-architecture models; this one is {}",
                 c.architecture.hf_name()
