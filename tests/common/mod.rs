@@ -40,34 +40,57 @@ pub fn gguf() -> &'static (Model, Tokenizer) {
     CELL.get_or_init(|| nextoken::load(&model_path()).expect("default model loads"))
 }
 
-/// A float32 HF folder made by `convert` from the default GGUF, once per process.
-pub fn converted_dir() -> &'static Path {
-    static CELL: OnceLock<tempfile::TempDir> = OnceLock::new();
+/// This test process's folder for artifacts shared by its tests. Statics are never dropped, so
+/// a `TempDir` held in one would leak (half a gigabyte per converted model, per test binary,
+/// which once filled CI's disk): instead each process writes under
+/// `$CARGO_TARGET_TMPDIR/fixtures/pid-N`, and removes the folders of processes that have exited.
+fn process_dir() -> &'static Path {
+    static CELL: OnceLock<PathBuf> = OnceLock::new();
     CELL.get_or_init(|| {
-        let dir = tempfile::tempdir().expect("tempdir");
-        nextoken::convert::gguf_to_hf(
-            &model_path(),
-            dir.path(),
-            nextoken::convert::ConvertDtype::F32,
-        )
-        .expect("convert");
+        let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fixtures");
+        std::fs::create_dir_all(&root).expect("fixtures dir");
+        let proc_fs = Path::new("/proc/self").exists();
+        for entry in std::fs::read_dir(&root)
+            .expect("read fixtures dir")
+            .flatten()
+        {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name.strip_prefix("pid-") else {
+                continue;
+            };
+            if proc_fs && !Path::new("/proc").join(pid).exists() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        let dir = root.join(format!("pid-{}", std::process::id()));
+        // A leftover from an exited process that had this pid is stale too.
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("process fixtures dir");
         dir
     })
-    .path()
+}
+
+/// A float32 HF folder made by `convert` from the default GGUF, once per process.
+pub fn converted_dir() -> &'static Path {
+    static CELL: OnceLock<PathBuf> = OnceLock::new();
+    CELL.get_or_init(|| {
+        let dir = process_dir().join("converted");
+        nextoken::convert::gguf_to_hf(&model_path(), &dir, nextoken::convert::ConvertDtype::F32)
+            .expect("convert");
+        dir
+    })
 }
 
 /// A GGUF file (f32) written by `convert` from the converted folder: the round trip
 /// GGUF → folder → GGUF, made once per test binary.
 pub fn gguf_from_folder() -> &'static Path {
-    static CELL: OnceLock<(tempfile::TempDir, std::path::PathBuf)> = OnceLock::new();
-    let (_, path) = CELL.get_or_init(|| {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("smollm2-f32.gguf");
+    static CELL: OnceLock<PathBuf> = OnceLock::new();
+    CELL.get_or_init(|| {
+        let path = process_dir().join("smollm2-f32.gguf");
         nextoken::convert::hf_to_gguf(converted_dir(), &path, nextoken::convert::GgufQuant::F32)
             .expect("convert folder to GGUF");
-        (dir, path)
-    });
-    path
+        path
+    })
 }
 
 /// The converted folder's model and tokenizer, loaded once.
