@@ -215,8 +215,11 @@ async fn completion_logprobs_and_echo() {
     assert_eq!(tokens.len(), 4);
     assert_eq!(tokens[0], " Paris");
     let token_lps = lp["token_logprobs"].as_array().expect("lps");
-    // Reference (transformers f32): log p(" Paris") = -0.25808.
-    assert!((token_lps[0].as_f64().expect("f64") + 0.25808).abs() < 1e-3);
+    // References: log p(" Paris") = -0.25808 (transformers f32), -0.2589 (llama.cpp); the
+    // quantized path lands within its tolerance of both (tests/reference.rs), the runner-up
+    // token 2.5 nats lower.
+    let paris = token_lps[0].as_f64().expect("f64");
+    assert!((paris + 0.25808).abs() < 0.1, "{paris}");
     for (i, top) in lp["top_logprobs"]
         .as_array()
         .expect("tops")

@@ -247,10 +247,15 @@ fn check_gguf(name: &str) {
                 gguf_to_hf(&path, &back, ConvertDtype::F32).expect("back to a folder");
                 let (again, _) = Model::load(&back).expect("folder from GGUF loads");
                 for case in &cases {
-                    // Quantized kernels sum in their own order: equal up to f32 rounding.
-                    let d = max_diff(&last_logits(&again, &case.0), &last_logits(&gguf, &case.0));
+                    // Quantized weights run with 8-bit activations (llama.cpp's arithmetic):
+                    // equal to the dequantized weights' f32 run up to that rounding, which
+                    // these tiny widths (a few 32-value blocks per row) barely average out:
+                    // 1.5–4% of the largest logit here; a layout or sign error is ~100%.
+                    let f32_run = last_logits(&again, &case.0);
+                    let scale = f32_run.iter().fold(1f32, |m, v| m.max(v.abs()));
+                    let d = max_diff(&f32_run, &last_logits(&gguf, &case.0));
                     assert!(
-                        d < 1e-5,
+                        d < 0.06 * scale,
                         "{name} {quant:?}: the GGUF run is the function of its dequantized \
                          weights, off by {d}"
                     );

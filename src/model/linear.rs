@@ -1,10 +1,11 @@
 //! `Linear`: the one type every projection (and the embedding table) of every architecture goes
 //! through, so kernels can change without touching architecture code.
 //!
-//! Arithmetic everywhere: f32 activations times the exactly dequantized weights — the function
-//! transformers computes in float32. GGUF Q4_1/Q8_0 weights stay quantized in memory (no f32
-//! copy) and run through `quant::QMatrix` kernels, one function for every row count; other
-//! weights are f32 tensors multiplied by candle.
+//! Arithmetic: f32 weights (safetensors, f32/f16 GGUF tensors) are f32 tensors multiplied by
+//! candle — the function transformers computes in float32. GGUF Q4_1/Q8_0 weights stay
+//! quantized in memory (no f32 copy) and run through `quant::QMatrix` kernels with llama.cpp's
+//! arithmetic (activations quantized to 8 bits per block, integer dot products), one function
+//! for every row count.
 
 use std::sync::Arc;
 

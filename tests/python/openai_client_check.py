@@ -28,7 +28,8 @@ assert text == r.choices[0].text, (text, r.choices[0].text)
 # Logprobs (completions format).
 lp = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=3, temperature=0, logprobs=2)
 assert lp.choices[0].logprobs.tokens[0] == " Paris", lp.choices[0].logprobs
-assert abs(lp.choices[0].logprobs.token_logprobs[0] + 0.258) < 1e-2
+# " Paris": -0.258 in float32, -0.259 in llama.cpp; the quantized path is within 0.1 of both.
+assert abs(lp.choices[0].logprobs.token_logprobs[0] + 0.258) < 0.1, lp.choices[0].logprobs
 assert len(lp.choices[0].logprobs.top_logprobs[0]) == 2
 
 # Chat, then streaming chat with include_usage: same content, usage in the last chunk.
