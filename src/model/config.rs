@@ -149,6 +149,17 @@ impl Activation {
 
     /// Applies the activation in place, in transformers' float32 arithmetic.
     pub fn apply(self, xs: &mut [f32]) {
+        // Elementwise: prefill-sized inputs are split across cores (no value changes).
+        const CHUNK: usize = 16 * 1024;
+        if xs.len() > 2 * CHUNK {
+            use rayon::prelude::*;
+            xs.par_chunks_mut(CHUNK).for_each(|c| self.apply_serial(c));
+        } else {
+            self.apply_serial(xs);
+        }
+    }
+
+    fn apply_serial(self, xs: &mut [f32]) {
         match self {
             Activation::Silu => xs.iter_mut().for_each(|g| *g = *g / ((-*g).exp() + 1.0)),
             Activation::GeluTanh => {

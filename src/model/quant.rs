@@ -333,17 +333,24 @@ impl QMatrix {
     /// `y = x · Wᵀ` for `x: (t, cols)` row-major; returns `(t, rows)` row-major.
     pub fn matmul(&self, x: &[f32], t: usize) -> Vec<f32> {
         assert_eq!(x.len(), t * self.cols, "activation size");
-        let nb = self.cols / BLOCK;
         let np = self.rows.div_ceil(PANEL);
         let acts = QuantizedActs::new(x, self.cols);
-        let job = Job {
-            panels: &self.panels,
-            nb,
-            acts: &acts,
-            t,
-        };
-        // Panel groups in parallel: enough tasks to balance, few enough to amortise dispatch.
         let threads = rayon::current_num_threads().max(1);
+        if t >= 32 && self.rows.is_multiple_of(PANEL) {
+            // Many rows (prefill): tasks take blocks of rows and write them in place.
+            let mut y = vec![0f32; t * self.rows];
+            let per_task = t.div_ceil(threads * 2);
+            y.par_chunks_mut(per_task * self.rows)
+                .enumerate()
+                .for_each(|(i, chunk)| {
+                    let r0 = i * per_task;
+                    let job = acts.job(&self.panels, r0, r0 + chunk.len() / self.rows);
+                    job.run(0, np, chunk);
+                });
+            return y;
+        }
+        let job = acts.job(&self.panels, 0, t);
+        // Panel groups in parallel: enough tasks to balance, few enough to amortise dispatch.
         let per_task = np.div_ceil(threads * 4).max(4).min(np.max(1));
         let groups: Vec<(usize, Vec<f32>)> = (0..np)
             .step_by(per_task)
@@ -379,55 +386,101 @@ pub struct QuantizedActs {
     d: Vec<f32>,
     /// Per row and block: `d·Σq` rounded to f16 (the Q4_1 minimum's share).
     s: Vec<f32>,
+    /// Inputs per row.
+    cols: usize,
 }
 
 impl QuantizedActs {
     /// Quantizes `x: (t, cols)` row-major, `cols` a multiple of 32.
     pub fn new(x: &[f32], cols: usize) -> Self {
-        let blocks = x.len() / BLOCK;
+        debug_assert!(cols.is_multiple_of(BLOCK) && x.len().is_multiple_of(cols.max(1)));
+        let (nb, blocks) = (cols / BLOCK, x.len() / BLOCK);
         let mut out = QuantizedActs {
             q: vec![0; x.len()],
-            d: Vec::with_capacity(blocks),
-            s: Vec::with_capacity(blocks),
+            d: vec![0.0; blocks],
+            s: vec![0.0; blocks],
+            cols,
         };
-        debug_assert!(cols.is_multiple_of(BLOCK));
-        for (xb, qb) in x.chunks_exact(BLOCK).zip(out.q.chunks_exact_mut(BLOCK)) {
-            let xb: &[f32; BLOCK] = xb.try_into().expect("chunks of BLOCK");
-            let (amax, q) = quantize_block(xb);
-            let d = amax / 127.0;
-            let mut sum = 0i32;
-            for (k, &v) in q.iter().enumerate() {
-                sum += i32::from(v);
-                qb[(k / 8) * 8 + (k % 2) * 4 + (k % 8) / 2] = v;
+        let row = |((xr, qr), (dr, sr)): ((&[f32], &mut [i8]), (&mut [f32], &mut [f32]))| {
+            for (((xb, qb), d), s) in xr
+                .chunks_exact(BLOCK)
+                .zip(qr.chunks_exact_mut(BLOCK))
+                .zip(dr.iter_mut())
+                .zip(sr.iter_mut())
+            {
+                let xb: &[f32; BLOCK] = xb.try_into().expect("chunks of BLOCK");
+                let qb: &mut [i8; BLOCK] = qb.try_into().expect("chunks of BLOCK");
+                let (amax, sum) = quantize_block(xb, qb);
+                let scale = amax / 127.0;
+                *d = half::f16::from_f32(scale).to_f32();
+                *s = half::f16::from_f32(scale * sum as f32).to_f32();
             }
-            out.d.push(half::f16::from_f32(d).to_f32());
-            out.s.push(half::f16::from_f32(d * sum as f32).to_f32());
+        };
+        let rows = x.len() / cols.max(1);
+        let parts = x
+            .chunks(cols.max(1))
+            .zip(out.q.chunks_mut(cols.max(1)))
+            .zip(out.d.chunks_mut(nb.max(1)).zip(out.s.chunks_mut(nb.max(1))));
+        // Rows are independent: prefill-sized inputs are quantized on every core.
+        if rows >= 16 {
+            parts.par_bridge().for_each(row);
+        } else {
+            parts.for_each(row);
         }
         out
     }
 }
 
-/// `(max |x|, round(x · 127 / max |x|))` of one block, ties to even.
-fn quantize_block(xb: &[f32; BLOCK]) -> (f32, [i8; BLOCK]) {
+/// Index in the stored order of input `k` of a block (see [`QuantizedActs`]).
+fn stored_at(k: usize) -> usize {
+    (k / 8) * 8 + (k % 2) * 4 + (k % 8) / 2
+}
+
+/// Quantizes one block into `qb` (stored order): returns `(max |x|, Σq)`; each quant is
+/// `round(x · 127 / max |x|)`, ties to even.
+fn quantize_block(xb: &[f32; BLOCK], qb: &mut [i8; BLOCK]) -> (f32, i32) {
     #[cfg(target_arch = "x86_64")]
     if simd_available() {
-        return simd_x86::quantize_block(xb);
+        return simd_x86::quantize_block(xb, qb);
     }
-    quantize_block_scalar(xb)
+    quantize_block_scalar(xb, qb)
 }
 
-fn quantize_block_scalar(xb: &[f32; BLOCK]) -> (f32, [i8; BLOCK]) {
+fn quantize_block_scalar(xb: &[f32; BLOCK], qb: &mut [i8; BLOCK]) -> (f32, i32) {
     let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
     let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-    // `as` saturates (and maps NaN to 0): no overflow whatever the input.
-    (amax, xb.map(|v| (v * id).round_ties_even() as i8))
+    let mut sum = 0;
+    for (k, &v) in xb.iter().enumerate() {
+        // Within ±127 for finite inputs; `as` saturates whatever comes.
+        let q = (v * id).round_ties_even() as i8;
+        qb[stored_at(k)] = q;
+        sum += i32::from(q);
+    }
+    (amax, sum)
 }
 
-/// One matmul's shared inputs.
+impl QuantizedActs {
+    /// The matmul of rows `r0..r1` against `panels`.
+    fn job<'a>(&'a self, panels: &'a Panels, r0: usize, r1: usize) -> Job<'a> {
+        let (cols, nb) = (self.cols, self.cols / BLOCK);
+        Job {
+            panels,
+            nb,
+            q: &self.q[r0 * cols..r1 * cols],
+            d: &self.d[r0 * nb..r1 * nb],
+            s: &self.s[r0 * nb..r1 * nb],
+            t: r1 - r0,
+        }
+    }
+}
+
+/// One matmul's inputs: the panels and `t` rows of quantized activations.
 struct Job<'a> {
     panels: &'a Panels,
     nb: usize,
-    acts: &'a QuantizedActs,
+    q: &'a [i8],
+    d: &'a [f32],
+    s: &'a [f32],
     t: usize,
 }
 
@@ -449,14 +502,13 @@ impl Job<'_> {
         for p in p0..p1 {
             for i in 0..PANEL {
                 for r in 0..self.t {
-                    let xq = &self.acts.q[r * cols..(r + 1) * cols];
+                    let xq = &self.q[r * cols..(r + 1) * cols];
                     let mut acc = 0f32;
                     for b in 0..nb {
                         let xb = &xq[b * BLOCK..(b + 1) * BLOCK];
                         // Activation byte of input k (the stored order, see `QuantizedActs`).
-                        let x_at =
-                            |k: usize| i32::from(xb[(k / 8) * 8 + (k % 2) * 4 + (k % 8) / 2]);
-                        let (dx, sx) = (self.acts.d[r * nb + b], self.acts.s[r * nb + b]);
+                        let x_at = |k: usize| i32::from(xb[stored_at(k)]);
+                        let (dx, sx) = (self.d[r * nb + b], self.s[r * nb + b]);
                         match self.panels {
                             Panels::Q4_1(v) => {
                                 let blk = &v[p * nb + b];
@@ -541,14 +593,14 @@ mod simd_x86 {
     }
 
     /// [`super::quantize_block_scalar`] in vector form (same products, same rounding).
-    pub(super) fn quantize_block(xb: &[f32; BLOCK]) -> (f32, [i8; BLOCK]) {
+    pub(super) fn quantize_block(xb: &[f32; BLOCK], qb: &mut [i8; BLOCK]) -> (f32, i32) {
         // SAFETY: only called after run-time detection of AVX2 (`simd_available`).
-        unsafe { quantize_block_avx2(xb) }
+        unsafe { quantize_block_avx2(xb, qb) }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn quantize_block_avx2(xb: &[f32; BLOCK]) -> (f32, [i8; BLOCK]) {
-        // SAFETY: four loads of 8 inside the 32-element array.
+    unsafe fn quantize_block_avx2(xb: &[f32; BLOCK], qb: &mut [i8; BLOCK]) -> (f32, i32) {
+        // SAFETY: four loads of 8 inside the 32-element array, one 32-byte store into `qb`.
         unsafe {
             let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(xb.as_ptr().add(8 * i)));
             let sign = _mm256_set1_ps(-0.0);
@@ -559,14 +611,28 @@ mod simd_x86 {
             _mm256_storeu_ps(lanes.as_mut_ptr(), m);
             let amax = lanes.iter().fold(0f32, |a, &b| a.max(b));
             let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
-            let mut q = [0i32; BLOCK];
-            for (i, x) in v.iter().enumerate() {
+            // Each group of 8 into the stored order 0, 2, 4, 6, 1, 3, 5, 7.
+            let order = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+            let q: [__m256i; 4] = std::array::from_fn(|i| {
                 let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-                    _mm256_mul_ps(*x, id),
+                    _mm256_mul_ps(v[i], id),
                 );
-                _mm256_storeu_si256(q.as_mut_ptr().add(8 * i).cast(), _mm256_cvtps_epi32(r));
-            }
-            (amax, q.map(|v| v.clamp(-128, 127) as i8))
+                _mm256_permutevar8x32_epi32(_mm256_cvtps_epi32(r), order)
+            });
+            let total =
+                _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+            let mut sums = [0i32; 8];
+            _mm256_storeu_si256(sums.as_mut_ptr().cast(), total);
+            // Saturating packs interleave 4-byte runs across the two 128-bit halves; one
+            // permutation puts the groups back in sequence.
+            let bytes = _mm256_packs_epi16(
+                _mm256_packs_epi32(q[0], q[1]),
+                _mm256_packs_epi32(q[2], q[3]),
+            );
+            let bytes =
+                _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256(qb.as_mut_ptr().cast(), bytes);
+            (amax, sums.iter().sum())
         }
     }
 
@@ -574,8 +640,8 @@ mod simd_x86 {
         let q4 = matches!(job.panels, Panels::Q4_1(_));
         let cols = job.nb * BLOCK;
         assert!(out.len() >= job.t * (p1 - p0) * PANEL);
-        assert!(job.acts.q.len() >= job.t * cols);
-        assert!(job.acts.d.len() >= job.t * job.nb && job.acts.s.len() >= job.t * job.nb);
+        assert!(job.q.len() >= job.t * cols);
+        assert!(job.d.len() >= job.t * job.nb && job.s.len() >= job.t * job.nb);
         // SAFETY: only called after run-time detection of AVX2, FMA and F16C
         // (`simd_available`); the sizes every pointer below walks are asserted above.
         unsafe {
@@ -649,7 +715,7 @@ mod simd_x86 {
         // SAFETY (whole body): rows r0..r0+R and panel p exist (caller), h < 2, so every
         // activation, scale and output offset is inside the sizes `run` asserted.
         unsafe {
-            let xq = job.acts.q.as_ptr().add(r0 * cols);
+            let xq = job.q.as_ptr().add(r0 * cols);
             for b in 0..nb {
                 let bp = block_ptrs(job, p, b);
                 // Q4_1: 16-bit sums (≤ 16 products of 15 × 127 per lane: no overflow);
@@ -695,7 +761,7 @@ mod simd_x86 {
                 let dw = _mm256_cvtph_ps(_mm_loadu_si128(bp.d.add(8 * h).cast()));
                 for (r, (ar, sr)) in acc.iter_mut().zip(&isum).enumerate() {
                     let at = (r0 + r) * nb + b;
-                    let dx = _mm256_set1_ps(*job.acts.d.get_unchecked(at));
+                    let dx = _mm256_set1_ps(*job.d.get_unchecked(at));
                     let i32s = if Q4 {
                         _mm256_madd_epi16(*sr, ones)
                     } else {
@@ -706,7 +772,7 @@ mod simd_x86 {
                 if Q4 {
                     let mw = _mm256_cvtph_ps(_mm_loadu_si128(bp.m.add(8 * h).cast()));
                     for (r, ar) in acc.iter_mut().enumerate() {
-                        let sx = _mm256_set1_ps(*job.acts.s.get_unchecked((r0 + r) * nb + b));
+                        let sx = _mm256_set1_ps(*job.s.get_unchecked((r0 + r) * nb + b));
                         *ar = _mm256_fmadd_ps(mw, sx, *ar);
                     }
                 }
@@ -787,9 +853,9 @@ mod tests {
             let q =
                 QMatrix::from_gguf_bytes(format, rows, cols, &random_bytes(format, rows, cols, 9))
                     .expect("valid");
-            let x = activations(13, cols);
-            // Every row count exercises a different kernel shape (1, 2 fused; 3.. micro-tiles).
-            for t in 1..=13 {
+            let x = activations(18, cols);
+            // Row tiles of 1–4 and their mixes; 16+ rows are quantized in parallel.
+            for t in 1..=18 {
                 let batched = q.matmul(&x[..t * cols], t);
                 for r in 0..t {
                     let alone = q.matmul(&x[r * cols..(r + 1) * cols], 1);
@@ -804,6 +870,27 @@ mod tests {
     }
 
     #[test]
+    fn prefill_sized_batches_are_bit_identical_to_single_rows() {
+        for format in [QuantFormat::Q4_1, QuantFormat::Q8_0] {
+            // Whole panels and ≥ 32 rows: row blocks written in place by parallel tasks.
+            let (rows, cols, t) = (48, 96, 70);
+            let q =
+                QMatrix::from_gguf_bytes(format, rows, cols, &random_bytes(format, rows, cols, 4))
+                    .expect("valid");
+            let x = activations(t, cols);
+            let batched = q.matmul(&x, t);
+            for r in 0..t {
+                let alone = q.matmul(&x[r * cols..(r + 1) * cols], 1);
+                assert_eq!(
+                    alone,
+                    batched[r * rows..(r + 1) * rows],
+                    "{format:?} row {r}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn scalar_and_simd_paths_are_bit_identical() {
         for format in [QuantFormat::Q4_1, QuantFormat::Q8_0] {
             let (rows, cols) = (48, 96);
@@ -813,12 +900,7 @@ mod tests {
             for t in [1, 2, 3, 4, 5, 7] {
                 let x = activations(t, cols);
                 let acts = QuantizedActs::new(&x, cols);
-                let job = Job {
-                    panels: &q.panels,
-                    nb: cols / BLOCK,
-                    acts: &acts,
-                    t,
-                };
+                let job = acts.job(&q.panels, 0, t);
                 let np = rows / PANEL;
                 let (mut a, mut b) = (vec![0f32; t * rows], vec![1f32; t * rows]);
                 job.run_scalar(0, np, &mut a);
@@ -842,10 +924,12 @@ mod tests {
             if i == 2 {
                 xb = [0.0; BLOCK];
             }
-            let want = quantize_block_scalar(&xb);
-            assert_eq!(quantize_block(&xb), want, "block {i}");
+            let (mut a, mut b) = ([0i8; BLOCK], [0i8; BLOCK]);
+            let want = quantize_block_scalar(&xb, &mut a);
+            assert_eq!(quantize_block(&xb, &mut b), want, "block {i}");
+            assert_eq!(a, b, "block {i}");
             if i == 1 {
-                assert_eq!(&want.1[1..3], &[2, 4], "ties to even");
+                assert_eq!([a[stored_at(1)], a[stored_at(2)]], [2, 4], "ties to even");
             }
         }
     }
