@@ -108,8 +108,9 @@ struct RowBlock {
     q: [i16; BLOCK],
 }
 
-/// Activation rows per kernel call.
-const MICRO_ROWS: usize = 4;
+/// Activation rows per kernel call: Q4_1 (one 16-bit sum per row) and Q8_0 (wider
+/// per-row work, so fewer rows keep its values in registers).
+const MICRO_ROWS: [usize; 2] = [6, 4];
 /// Rows whose quantized activations stay in L2 while every panel passes over them.
 const ROW_BLOCK: usize = 64;
 
@@ -401,7 +402,8 @@ impl QuantizedActs {
             s: vec![0.0; blocks],
             cols,
         };
-        let row = |((xr, qr), (dr, sr)): ((&[f32], &mut [i8]), (&mut [f32], &mut [f32]))| {
+        type RowParts<'a> = ((&'a [f32], &'a mut [i8]), (&'a mut [f32], &'a mut [f32]));
+        let row = |((xr, qr), (dr, sr)): RowParts| {
             for (((xb, qb), d), s) in xr
                 .chunks_exact(BLOCK)
                 .zip(qr.chunks_exact_mut(BLOCK))
@@ -661,7 +663,7 @@ mod simd_x86 {
         // row tile of the block uses them.
         for r_start in (0..job.t).step_by(ROW_BLOCK) {
             let r_end = (r_start + ROW_BLOCK).min(job.t);
-            let tiles = (r_end - r_start).div_ceil(MICRO_ROWS);
+            let tiles = (r_end - r_start).div_ceil(MICRO_ROWS[usize::from(!Q4)]);
             for p in p0..p1 {
                 for i in 0..tiles {
                     // Balanced tiles (6 rows = 3 + 3, not 4 + 2).
@@ -674,7 +676,9 @@ mod simd_x86 {
                             1 => kernel::<Q4, 1>(job, p, a, dst, width),
                             2 => kernel::<Q4, 2>(job, p, a, dst, width),
                             3 => kernel::<Q4, 3>(job, p, a, dst, width),
-                            _ => kernel::<Q4, 4>(job, p, a, dst, width),
+                            4 => kernel::<Q4, 4>(job, p, a, dst, width),
+                            5 => kernel::<Q4, 5>(job, p, a, dst, width),
+                            _ => kernel::<Q4, 6>(job, p, a, dst, width),
                         }
                     }
                 }
