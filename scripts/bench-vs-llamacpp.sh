@@ -17,9 +17,9 @@ MODEL=${MODEL:-$REPO/models/SmolLM2-135M-Instruct.Q4_1.gguf}
 THREADS=${THREADS:-$(nproc)}
 RUNS=${RUNS:-3}
 CONC=${CONC:-16}
-# The same KV capacity as llama-server's context below (CONC × 512 tokens): SmolLM2 keeps
-# 30 layers × 192 × 2 f32 = 46,080 bytes of KV per token (llama.cpp: f16, half that).
-KV_MB=${KV_MB:-$((CONC * 512 * 46080 / 1048576))}
+# The same KV capacity as llama-server's context below (CONC × 512 tokens): the Q4_1 model's
+# cache is f16 in both servers, 30 layers × 192 × 2 × 2 bytes = 23,040 bytes per token.
+KV_MB=${KV_MB:-$((CONC * 512 * 23040 / 1048576))}
 mkdir -p "$WORK"
 ./models/fetch-default.sh
 

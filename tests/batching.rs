@@ -182,8 +182,10 @@ fn cancelling_half_the_requests_frees_everything() {
 
 #[test]
 fn tiny_kv_pool_preempts_and_still_gives_the_same_tokens() {
-    let c = gguf().0.config();
-    let bytes_per_block = nextoken::model::KvCache::bytes_per_token(c.num_layers, c.kv_dim()) * 16;
+    let model = &gguf().0;
+    let c = model.config();
+    let bytes_per_block =
+        nextoken::model::KvCache::bytes_per_token(c.num_layers, c.kv_dim(), model.kv_dtype()) * 16;
     let requests: Vec<GenerateRequest> = prompts()
         .into_iter()
         .take(8)

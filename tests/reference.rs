@@ -176,10 +176,11 @@ fn prompt_ids_match_llama_cpp() {
     }
 }
 
+/// On the f32 folder, whose greedy run is float32's token for token up to the EOS.
 #[test]
 fn eos_ends_generation_with_the_eos_id() {
-    let engine = engine(EngineConfig::default());
-    let tokenizer = &gguf().1;
+    let (model, tokenizer) = nextoken::load(converted_dir()).expect("converted folder loads");
+    let engine = EngineHandle::spawn(model, EngineConfig::default()).expect("engine");
     let reference = reference("hf_f32.json");
     let p = &reference["prompts"][0];
     let eos_at = p["greedy"]["first_eos_index"]

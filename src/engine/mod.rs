@@ -20,7 +20,7 @@ use std::sync::{Arc, RwLock};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
-use crate::model::{KvCache, LoraAdapter, Model, ModelConfig};
+use crate::model::{KvCache, KvDtype, LoraAdapter, Model, ModelConfig};
 
 pub use request::{EngineError, Event, FinishReason, GenerateRequest, TokenLogprob, Usage};
 pub use sampler::{Sampler, SamplingParams};
@@ -111,13 +111,13 @@ impl KvSizes {
     /// Sliding layers get their share of the budget by layer count, but never more than every
     /// running sequence's full ring; full layers get the rest. A model with only sliding
     /// layers keeps a full pool of bookkeeping blocks with no storage behind them.
-    pub fn new(c: &ModelConfig, config: &EngineConfig) -> Self {
+    pub fn new(c: &ModelConfig, dtype: KvDtype, config: &EngineConfig) -> Self {
         let bs = config.block_size.max(1);
         let sliding = (0..c.num_layers)
             .filter(|&i| c.layer_window(i).is_some())
             .count();
         let full = c.num_layers - sliding;
-        let per_block = |layers: usize| KvCache::bytes_per_token(layers, c.kv_dim()) * bs;
+        let per_block = |layers: usize| KvCache::bytes_per_token(layers, c.kv_dim(), dtype) * bs;
         let budget = config.kv_cache_bytes;
         let Some(window) = c.features.sliding_window.filter(|_| sliding > 0) else {
             return KvSizes {
@@ -207,7 +207,7 @@ impl EngineHandle {
     pub fn spawn(model: Model, config: EngineConfig) -> Result<Self, EngineError> {
         let c = model.config();
         let config_arc = Arc::new(c.clone());
-        let sizes = KvSizes::new(c, &config);
+        let sizes = KvSizes::new(c, model.kv_dtype(), &config);
         let num_blocks = sizes.num_blocks;
         let limits = ModelLimits {
             context_length: c.max_position_embeddings,

@@ -262,37 +262,103 @@ pub struct HeadDims {
     pub window: Option<usize>,
 }
 
+/// A KV cache element: f32, or f16 (rounded to nearest on write, exact on read).
+pub trait KvElem: Copy + Send + Sync + 'static {
+    /// The stored form of `x`.
+    fn from_f32(x: f32) -> Self;
+    /// The value.
+    fn to_f32(self) -> f32;
+    /// Eight consecutive values as f32 lanes.
+    ///
+    /// # Safety
+    /// `p` is readable for 8 values; AVX2 and F16C are available.
+    #[cfg(target_arch = "x86_64")]
+    #[allow(unsafe_code)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl KvElem for f32 {
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(unsafe_code)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        // SAFETY: the caller guarantees 8 readable values.
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+}
+
+impl KvElem for half::f16 {
+    fn from_f32(x: f32) -> Self {
+        half::f16::from_f32(x)
+    }
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(unsafe_code)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees 8 readable values (16 bytes).
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
+    }
+}
+
 /// Writes the new rows' keys and values (`(T, kv_dim)` each) into their slots.
 pub fn write_kv(layer: &mut LayerKv, slots: &[u32], k: &[f32], v: &[f32], kv_dim: usize) {
-    for (t, &slot) in slots.iter().enumerate() {
-        let dst = slot as usize * kv_dim;
-        layer.k[dst..dst + kv_dim].copy_from_slice(&k[t * kv_dim..(t + 1) * kv_dim]);
-        layer.v[dst..dst + kv_dim].copy_from_slice(&v[t * kv_dim..(t + 1) * kv_dim]);
+    fn write<E: KvElem>(dst: &mut [E], slots: &[u32], src: &[f32], kv_dim: usize) {
+        for (t, &slot) in slots.iter().enumerate() {
+            let at = slot as usize * kv_dim;
+            for (d, &x) in dst[at..at + kv_dim]
+                .iter_mut()
+                .zip(&src[t * kv_dim..(t + 1) * kv_dim])
+            {
+                *d = E::from_f32(x);
+            }
+        }
+    }
+    match layer {
+        LayerKv::F32 { k: lk, v: lv } => {
+            write(lk, slots, k, kv_dim);
+            write(lv, slots, v, kv_dim);
+        }
+        LayerKv::F16 { k: lk, v: lv } => {
+            write(lk, slots, k, kv_dim);
+            write(lv, slots, v, kv_dim);
+        }
     }
 }
 
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot<E: KvElem>(a: &[f32], b: &[E]) -> f32 {
     // Eight independent lanes so the compiler vectorises; fixed order, so deterministic.
     let mut acc = [0f32; 8];
     let chunks = a.len() / 8;
     for c in 0..chunks {
         for l in 0..8 {
-            acc[l] += a[c * 8 + l] * b[c * 8 + l];
+            acc[l] += a[c * 8 + l] * b[c * 8 + l].to_f32();
         }
     }
     let mut sum = 0f32;
     for i in chunks * 8..a.len() {
-        sum += a[i] * b[i];
+        sum += a[i] * b[i].to_f32();
     }
     acc.iter().sum::<f32>() + sum
 }
 
 /// Where one (row, KV head) reads its keys and values.
 #[derive(Clone, Copy)]
-struct HeadView<'a> {
-    k: &'a [f32],
-    v: &'a [f32],
+struct HeadView<'a, E> {
+    k: &'a [E],
+    v: &'a [E],
     slots: &'a [u32],
     kv_dim: usize,
     offset: usize,
@@ -310,10 +376,10 @@ fn soft_cap(x: f32, cap: f32) -> f32 {
 /// Softmax(q·Kᵀ·scale)·V for query vectors `q: (Q, head_dim)` that share one KV head, vector
 /// `g` attending to slots `ranges[g].0 .. ranges[g].1`; written into `out` (zeroed).
 /// Portable path.
-fn attend_group(
+fn attend_group<E: KvElem>(
     q: &[f32],
     ranges: &[(usize, usize)],
-    view: &HeadView,
+    view: &HeadView<E>,
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
@@ -340,7 +406,7 @@ fn attend_group(
             let base = s as usize * view.kv_dim + view.offset;
             let p = w * inv;
             for (oi, vi) in og.iter_mut().zip(&view.v[base..base + hd]) {
-                *oi += p * vi;
+                *oi += p * vi.to_f32();
             }
         }
     }
@@ -354,14 +420,14 @@ mod simd_x86 {
     //! own context length, never on other rows or sequences: batch invariance holds.
     use std::arch::x86_64::*;
 
-    use super::HeadView;
+    use super::{HeadView, KvElem};
 
     /// Widest head handled (32 vectors of q kept per head in L1, output in 8-vector chunks).
     pub(super) const MAX_HEAD_DIM: usize = 256;
 
     /// `exp(x)` for `x ≤ 0` (Cephes polynomial, ~1 ulp); underflows to 0 below -87.
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     fn exp_neg(x: __m256) -> __m256 {
         let x = _mm256_max_ps(x, _mm256_set1_ps(-87.0));
         let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
@@ -389,7 +455,7 @@ mod simd_x86 {
 
     /// Sums of four 8-lane accumulators, each reduced by the same fixed tree.
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     fn hsum4(a: [__m256; 4]) -> __m128 {
         let h = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
         _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h))
@@ -400,11 +466,11 @@ mod simd_x86 {
     const KEY_BLOCK: usize = 64;
 
     /// The AVX2 form of `super::attend_group` (`head_dim % 8 == 0`, `≤ MAX_HEAD_DIM`).
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn attend_group(
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn attend_group<E: KvElem>(
         q: &[f32],
         ranges: &[(usize, usize)],
-        view: &HeadView,
+        view: &HeadView<E>,
         scores: &mut Vec<f32>,
         out: &mut [f32],
     ) {
@@ -428,7 +494,7 @@ mod simd_x86 {
         unsafe {
             let kp = view.k.as_ptr().add(view.offset);
             let vp = view.v.as_ptr().add(view.offset);
-            let row = |i: usize, base: *const f32| -> *const f32 {
+            let row = |i: usize, base: *const E| -> *const E {
                 // Padding keys repeat the last real one; their scores are never used.
                 base.add(view.slots[i.min(n - 1)] as usize * view.kv_dim)
             };
@@ -445,8 +511,7 @@ mod simd_x86 {
                         for c in 0..nc {
                             let qc = _mm256_loadu_ps(qg.add(c * 8));
                             for j in 0..4 {
-                                acc[j] =
-                                    _mm256_fmadd_ps(qc, _mm256_loadu_ps(ks[j].add(c * 8)), acc[j]);
+                                acc[j] = _mm256_fmadd_ps(qc, E::load8(ks[j].add(c * 8)), acc[j]);
                             }
                         }
                         let s = _mm_mul_ps(hsum4(acc), _mm256_castps256_ps128(scale));
@@ -496,7 +561,7 @@ mod simd_x86 {
             }
             // Weighted values: key blocks outer; each output keeps accumulating in key order
             // (stored and reloaded exactly between blocks).
-            let rows: Vec<*const f32> = (0..n).map(|i| row(i, vp)).collect();
+            let rows: Vec<*const E> = (0..n).map(|i| row(i, vp)).collect();
             for kb in (0..n).step_by(KEY_BLOCK) {
                 for (g, &(lo, m)) in ranges.iter().enumerate() {
                     let begin = kb.max(lo);
@@ -510,14 +575,14 @@ mod simd_x86 {
                     for c0 in (0..nc).step_by(8) {
                         let o = og.add(c0 * 8);
                         match nc - c0 {
-                            1 => weighted::<1>(sg, rs, c0, o),
-                            2 => weighted::<2>(sg, rs, c0, o),
-                            3 => weighted::<3>(sg, rs, c0, o),
-                            4 => weighted::<4>(sg, rs, c0, o),
-                            5 => weighted::<5>(sg, rs, c0, o),
-                            6 => weighted::<6>(sg, rs, c0, o),
-                            7 => weighted::<7>(sg, rs, c0, o),
-                            _ => weighted::<8>(sg, rs, c0, o),
+                            1 => weighted::<E, 1>(sg, rs, c0, o),
+                            2 => weighted::<E, 2>(sg, rs, c0, o),
+                            3 => weighted::<E, 3>(sg, rs, c0, o),
+                            4 => weighted::<E, 4>(sg, rs, c0, o),
+                            5 => weighted::<E, 5>(sg, rs, c0, o),
+                            6 => weighted::<E, 6>(sg, rs, c0, o),
+                            7 => weighted::<E, 7>(sg, rs, c0, o),
+                            _ => weighted::<E, 8>(sg, rs, c0, o),
                         }
                     }
                 }
@@ -527,10 +592,10 @@ mod simd_x86 {
 
     /// `out[c] += Σᵢ p[i]·v_i[c0 + c]` for `W` vectors, keys in order.
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn weighted<const W: usize>(
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn weighted<E: KvElem, const W: usize>(
         p: *const f32,
-        rows: &[*const f32],
+        rows: &[*const E],
         c0: usize,
         out: *mut f32,
     ) {
@@ -541,7 +606,7 @@ mod simd_x86 {
                 let w = _mm256_set1_ps(*p.add(i));
                 let v = v.add(c0 * 8);
                 for (c, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(v.add(c * 8)), *a);
+                    *a = _mm256_fmadd_ps(w, E::load8(v.add(c * 8)), *a);
                 }
             }
             for (c, a) in acc.iter().enumerate() {
@@ -551,10 +616,10 @@ mod simd_x86 {
     }
 }
 
-fn attend_group_dispatch(
+fn attend_group_dispatch<E: KvElem>(
     q: &[f32],
     ranges: &[(usize, usize)],
-    view: &HeadView,
+    view: &HeadView<E>,
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
@@ -562,15 +627,18 @@ fn attend_group_dispatch(
     {
         use std::sync::OnceLock;
         static AVX2: OnceLock<bool> = OnceLock::new();
-        let simd = *AVX2
-            .get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"));
+        let simd = *AVX2.get_or_init(|| {
+            is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+        });
         if simd
             && view.head_dim.is_multiple_of(8)
             && view.head_dim <= simd_x86::MAX_HEAD_DIM
             && !view.slots.is_empty()
         {
             #[allow(unsafe_code)]
-            // SAFETY: AVX2 and FMA were detected at run time.
+            // SAFETY: AVX2, FMA and F16C were detected at run time.
             unsafe {
                 simd_x86::attend_group(q, ranges, view, scores, out)
             };
@@ -588,6 +656,20 @@ const ROW_TILE: usize = 8;
 pub fn attend(
     q: &[f32],
     layer: &LayerKv,
+    batch: &ForwardBatch,
+    plan: &AttentionPlan,
+    dims: HeadDims,
+) -> Vec<f32> {
+    match layer {
+        LayerKv::F32 { k, v } => attend_in(q, k, v, batch, plan, dims),
+        LayerKv::F16 { k, v } => attend_in(q, k, v, batch, plan, dims),
+    }
+}
+
+fn attend_in<E: KvElem>(
+    q: &[f32],
+    layer_k: &[E],
+    layer_v: &[E],
     batch: &ForwardBatch,
     plan: &AttentionPlan,
     dims: HeadDims,
@@ -641,8 +723,8 @@ pub fn attend(
                 .iter_mut()
                 .for_each(|r| *r = (r.0 - first, r.1 - first));
             let view = HeadView {
-                k: &layer.k,
-                v: &layer.v,
+                k: layer_k,
+                v: layer_v,
                 slots: plan.slots(plan.row_seq[r0], window.is_some(), first, longest),
                 kv_dim,
                 offset: kvh * head_dim,
@@ -765,5 +847,73 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// An f16 cache holding values that f16 represents exactly gives bit-identical attention
+    /// to an f32 cache holding the same values (both kernels): storage is the only difference.
+    #[test]
+    fn f16_cache_is_the_f32_cache_of_its_rounded_values() {
+        let (head_dim, kv_heads, group) = (64, 2, 3);
+        let kv_dim = kv_heads * head_dim;
+        let k16: Vec<half::f16> = values(160 * kv_dim, 1)
+            .into_iter()
+            .map(half::f16::from_f32)
+            .collect();
+        let v16: Vec<half::f16> = values(160 * kv_dim, 2)
+            .into_iter()
+            .map(half::f16::from_f32)
+            .collect();
+        let (k32, v32): (Vec<f32>, Vec<f32>) = (
+            k16.iter().map(|x| x.to_f32()).collect(),
+            v16.iter().map(|x| x.to_f32()).collect(),
+        );
+        let q = values(group * head_dim, 3);
+        let slots: Vec<u32> = (0..37u32).map(|i| (i * 7 + 3) % 160).collect();
+        let ranges: Vec<(usize, usize)> = (0..group).map(|g| (0, 37 - g)).collect();
+        let view32 = HeadView {
+            k: &k32[..],
+            v: &v32[..],
+            slots: &slots,
+            kv_dim,
+            offset: head_dim,
+            head_dim,
+            scale: 0.125,
+            softcap: None,
+        };
+        let view16 = HeadView {
+            k: &k16[..],
+            v: &v16[..],
+            slots: &slots,
+            kv_dim,
+            offset: head_dim,
+            head_dim,
+            scale: 0.125,
+            softcap: None,
+        };
+        let run = |f: &dyn Fn(&mut [f32])| {
+            let mut o = vec![0f32; q.len()];
+            f(&mut o);
+            o
+        };
+        let portable32 = run(&|o| attend_group(&q, &ranges, &view32, &mut Vec::new(), o));
+        let portable16 = run(&|o| attend_group(&q, &ranges, &view16, &mut Vec::new(), o));
+        assert_eq!(portable32, portable16);
+        let fast32 = run(&|o| attend_group_dispatch(&q, &ranges, &view32, &mut Vec::new(), o));
+        let fast16 = run(&|o| attend_group_dispatch(&q, &ranges, &view16, &mut Vec::new(), o));
+        assert_eq!(fast32, fast16);
+        // Writing rounds to nearest.
+        let mut layer = crate::model::kv_cache::LayerKv::F16 {
+            k: crate::model::kv_cache::KvBuf::zeroed(kv_dim),
+            v: crate::model::kv_cache::KvBuf::zeroed(kv_dim),
+        };
+        let row = values(kv_dim, 4);
+        write_kv(&mut layer, &[0], &row, &row, kv_dim);
+        let LayerKv::F16 { k, .. } = &layer else {
+            unreachable!("built as f16")
+        };
+        assert!(k
+            .iter()
+            .zip(&row)
+            .all(|(a, &b)| *a == half::f16::from_f32(b)));
     }
 }

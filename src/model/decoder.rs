@@ -10,7 +10,7 @@ use rayon::prelude::*;
 
 use super::attention::{self, AttentionPlan, HeadDims, Rope};
 use super::config::{Architecture, ModelConfig};
-use super::kv_cache::KvCache;
+use super::kv_cache::{KvCache, KvDtype};
 use super::linear::Linear;
 use super::lora::{self, LoraAdapter, Target};
 use super::weights::Weights;
@@ -374,6 +374,16 @@ impl Decoder {
     /// The model's hyper-parameters.
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    /// f16 KV when the projections are block-quantized (see `Model::kv_dtype`), else f32.
+    pub fn kv_dtype(&self) -> KvDtype {
+        let quantized = self.blocks.first().is_some_and(|b| b.o_proj.is_quantized());
+        if quantized {
+            KvDtype::F16
+        } else {
+            KvDtype::F32
+        }
     }
 
     /// One step over a ragged batch; see [`super::Model::forward`].

@@ -6,63 +6,129 @@
 //! keeps only a ring of blocks there (its *window table*), reused as positions move on, so
 //! their KV does not grow past the window.
 
-/// Zeroed f32 storage from an anonymous memory mapping: its pages are backed by memory only
-/// once written, so a large KV pool costs what the cached tokens use, not what it could hold
-/// (a heap allocation of this size may be zeroed eagerly, touching every page).
-pub enum KvBuf {
+/// What a KV cache stores per element: f32, or f16 — half the memory and the bandwidth that
+/// attention over long batches is bound by (llama.cpp's default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvDtype {
+    /// 4 bytes per value: attention is exactly transformers' float32.
+    F32,
+    /// 2 bytes per value, rounded to nearest when written.
+    F16,
+}
+
+impl KvDtype {
+    /// Bytes per stored value.
+    pub fn size(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::F16 => 2,
+        }
+    }
+}
+
+/// Zeroed storage of `T` (f32 or f16) from an anonymous memory mapping: its pages are backed by
+/// memory only once written, so a large KV pool costs what the cached tokens use, not what it
+/// could hold (a heap allocation of this size may be zeroed eagerly, touching every page).
+pub enum KvBuf<T> {
     /// The usual case.
     Mapped(memmap2::MmapMut, usize),
     /// Where the mapping failed, or the size is 0.
-    Heap(Vec<f32>),
+    Heap(Vec<T>),
 }
 
-impl KvBuf {
+/// Element types whose all-zero bytes are the value 0 (so a fresh mapping reads as zeros).
+pub trait ZeroBits: Copy + Default {}
+impl ZeroBits for f32 {}
+impl ZeroBits for half::f16 {}
+
+impl<T: ZeroBits> KvBuf<T> {
     /// `len` zeros.
     pub fn zeroed(len: usize) -> Self {
         if len == 0 {
             return KvBuf::Heap(Vec::new());
         }
-        match memmap2::MmapMut::map_anon(len * std::mem::size_of::<f32>()) {
+        match memmap2::MmapMut::map_anon(len * std::mem::size_of::<T>()) {
             Ok(map) => KvBuf::Mapped(map, len),
-            Err(_) => KvBuf::Heap(vec![0.0; len]),
+            Err(_) => KvBuf::Heap(vec![T::default(); len]),
         }
     }
 }
 
-impl std::ops::Deref for KvBuf {
-    type Target = [f32];
-    fn deref(&self) -> &[f32] {
+impl<T: ZeroBits> std::ops::Deref for KvBuf<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
         match self {
-            // SAFETY: the mapping is page-aligned (so f32-aligned), holds `len` f32s, starts
-            // zeroed (0.0), and lives as long as `self`.
+            // SAFETY: the mapping is page-aligned (so aligned for T), holds `len` values of T,
+            // starts zeroed (all-zero bits are 0 for every `ZeroBits` type), and lives as long
+            // as `self`.
             #[allow(unsafe_code)]
             KvBuf::Mapped(map, len) => unsafe {
-                std::slice::from_raw_parts(map.as_ptr().cast::<f32>(), *len)
+                std::slice::from_raw_parts(map.as_ptr().cast::<T>(), *len)
             },
             KvBuf::Heap(v) => v,
         }
     }
 }
 
-impl std::ops::DerefMut for KvBuf {
-    fn deref_mut(&mut self) -> &mut [f32] {
+impl<T: ZeroBits> std::ops::DerefMut for KvBuf<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
         match self {
-            // SAFETY: as in `deref`; `&mut self` makes the borrow exclusive.
+            // SAFETY: as in `deref`, with exclusive access through `&mut self`.
             #[allow(unsafe_code)]
             KvBuf::Mapped(map, len) => unsafe {
-                std::slice::from_raw_parts_mut(map.as_mut_ptr().cast::<f32>(), *len)
+                std::slice::from_raw_parts_mut(map.as_mut_ptr().cast::<T>(), *len)
             },
             KvBuf::Heap(v) => v,
         }
     }
 }
 
-/// Keys and values of one layer: `(num_slots, kv_dim)` each, row-major.
-pub struct LayerKv {
-    /// Keys after rotary embedding.
-    pub k: KvBuf,
-    /// Values.
-    pub v: KvBuf,
+/// Keys (after rotary embedding) and values of one layer: `(num_slots, kv_dim)` each,
+/// row-major, in the cache's element type.
+pub enum LayerKv {
+    /// f32 storage.
+    F32 {
+        /// Keys.
+        k: KvBuf<f32>,
+        /// Values.
+        v: KvBuf<f32>,
+    },
+    /// f16 storage.
+    F16 {
+        /// Keys.
+        k: KvBuf<half::f16>,
+        /// Values.
+        v: KvBuf<half::f16>,
+    },
+}
+
+impl LayerKv {
+    fn zeroed(dtype: KvDtype, len: usize) -> Self {
+        match dtype {
+            KvDtype::F32 => LayerKv::F32 {
+                k: KvBuf::zeroed(len),
+                v: KvBuf::zeroed(len),
+            },
+            KvDtype::F16 => LayerKv::F16 {
+                k: KvBuf::zeroed(len),
+                v: KvBuf::zeroed(len),
+            },
+        }
+    }
+
+    /// Copies slot `from`'s row to slot `to` in K and V (rows of `d` values).
+    fn copy_row(&mut self, from: usize, to: usize, d: usize) {
+        match self {
+            LayerKv::F32 { k, v } => {
+                k.copy_within(from * d..(from + 1) * d, to * d);
+                v.copy_within(from * d..(from + 1) * d, to * d);
+            }
+            LayerKv::F16 { k, v } => {
+                k.copy_within(from * d..(from + 1) * d, to * d);
+                v.copy_within(from * d..(from + 1) * d, to * d);
+            }
+        }
+    }
 }
 
 /// Paged KV storage for all layers.
@@ -79,27 +145,31 @@ impl KvCache {
     /// Allocates `num_blocks` blocks of `block_size` tokens for `num_layers` full-attention
     /// layers.
     pub fn new(num_layers: usize, kv_dim: usize, num_blocks: usize, block_size: usize) -> Self {
-        Self::with_windows(&vec![false; num_layers], kv_dim, num_blocks, 0, block_size)
+        Self::with_windows(
+            &vec![false; num_layers],
+            kv_dim,
+            num_blocks,
+            0,
+            block_size,
+            KvDtype::F32,
+        )
     }
 
     /// Full layers get `num_blocks` blocks; layers marked in `sliding` get
-    /// `num_window_blocks`.
+    /// `num_window_blocks`; values stored as `dtype`.
     pub fn with_windows(
         sliding: &[bool],
         kv_dim: usize,
         num_blocks: usize,
         num_window_blocks: usize,
         block_size: usize,
+        dtype: KvDtype,
     ) -> Self {
         let layers = sliding
             .iter()
             .map(|&s| {
                 let blocks = if s { num_window_blocks } else { num_blocks };
-                let n = blocks * block_size * kv_dim;
-                LayerKv {
-                    k: KvBuf::zeroed(n),
-                    v: KvBuf::zeroed(n),
-                }
+                LayerKv::zeroed(dtype, blocks * block_size * kv_dim)
             })
             .collect();
         KvCache {
@@ -112,9 +182,9 @@ impl KvCache {
         }
     }
 
-    /// Bytes one cached token takes over `num_layers` layers (keys and values, f32).
-    pub fn bytes_per_token(num_layers: usize, kv_dim: usize) -> usize {
-        num_layers * kv_dim * 2 * std::mem::size_of::<f32>()
+    /// Bytes one cached token takes over `num_layers` layers (keys and values).
+    pub fn bytes_per_token(num_layers: usize, kv_dim: usize, dtype: KvDtype) -> usize {
+        num_layers * kv_dim * 2 * dtype.size()
     }
 
     /// Tokens per block.
@@ -167,8 +237,7 @@ impl KvCache {
             .zip(&self.sliding)
             .filter(|(_, &s)| !s)
         {
-            l.k.copy_within(from * d..(from + 1) * d, to * d);
-            l.v.copy_within(from * d..(from + 1) * d, to * d);
+            l.copy_row(from, to, d);
         }
     }
 }
@@ -180,7 +249,7 @@ mod tests {
     #[test]
     fn kv_buffers_start_zeroed_and_keep_what_is_written() {
         for len in [0, 1, 3, 100_000] {
-            let mut b = KvBuf::zeroed(len);
+            let mut b = KvBuf::<f32>::zeroed(len);
             assert_eq!(b.len(), len);
             assert!(b.iter().all(|&x| x == 0.0));
             if len > 0 {
@@ -189,6 +258,8 @@ mod tests {
                 assert_eq!((b[0], b[len - 1]), (2.5, 2.5));
             }
         }
-        assert!(matches!(KvBuf::zeroed(10), KvBuf::Mapped(..)));
+        assert!(matches!(KvBuf::<f32>::zeroed(10), KvBuf::Mapped(..)));
+        let h = KvBuf::<half::f16>::zeroed(5);
+        assert!(h.iter().all(|&x| x == half::f16::ZERO));
     }
 }

@@ -54,6 +54,11 @@ impl Linear {
         }
     }
 
+    /// Whether the weight stays block-quantized (runs the 8-bit-activation kernels).
+    pub fn is_quantized(&self) -> bool {
+        matches!(self.weight, Weight::Quant(_))
+    }
+
     /// `(out_features, in_features)`.
     pub fn dims(&self) -> (usize, usize) {
         match &self.weight {

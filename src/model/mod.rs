@@ -22,7 +22,7 @@ use std::sync::Arc;
 use candle_core::Tensor;
 
 pub use config::{Activation, Architecture, Features, ModelConfig, RopeScaling};
-pub use kv_cache::KvCache;
+pub use kv_cache::{KvCache, KvDtype};
 pub use linear::Linear;
 pub use lora::{LoraAdapter, Target};
 pub use weights::Weights;
@@ -321,7 +321,17 @@ impl Model {
             num_blocks,
             num_window_blocks,
             block_size,
+            self.kv_dtype(),
         )
+    }
+
+    /// The KV cache's element type: f16 for quantized weights (llama.cpp's arithmetic, whose
+    /// default cache type it is: half the memory and the bandwidth attention is bound by), f32
+    /// for float weights (so they stay exactly transformers' float32).
+    pub fn kv_dtype(&self) -> KvDtype {
+        match self {
+            Model::Decoder(m) => m.kv_dtype(),
+        }
     }
 
     /// Every weight by its Hugging Face name, as f32 (for `convert`).

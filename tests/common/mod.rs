@@ -107,3 +107,15 @@ pub fn u32s(v: &Value) -> Vec<u32> {
         .map(|x| x.as_u64().expect("integer") as u32)
         .collect()
 }
+
+/// Leading steps of an `hf_f32.json` prompt's greedy run where float32's top two are at least
+/// half a nat apart: the quantized GGUF path follows float32 there token for token, and may
+/// take the other branch at the first closer call (see tests/reference.rs).
+pub fn firm_steps(prompt: &Value) -> usize {
+    prompt["greedy"]["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .take_while(|s| s["top1_top2_logit_margin"].as_f64().expect("margin") >= 0.5)
+        .count()
+}
