@@ -1,9 +1,9 @@
 //! Quantized matmul kernels in isolation: GFLOP/s and weight bandwidth per row count.
 //!
 //! `cargo bench --bench kernels [-- THREADS]` (default: the process's rayon pool). Prints one
-//! JSON line per (format, shape, rows) with the median of several timed runs. Under
-//! `cargo test` (no `--bench` argument) it only checks that the kernels run. Under
-//! `cargo test` it only checks that the kernels run.
+//! JSON line per (format, shape, rows) with the median of several timed runs;
+//! `KERNELS_FORMAT=Q4_1` and `KERNELS_T=16,64` narrow the sweep. Under `cargo test` (no
+//! `--bench` argument) it only checks that the kernels run.
 
 use std::time::Instant;
 
@@ -53,10 +53,23 @@ fn main() {
         (QuantFormat::Q4_1, 576, 1536),
         (QuantFormat::Q8_0, 49152, 576),
     ];
+    let only_format = std::env::var("KERNELS_FORMAT").ok();
+    let only_t: Option<Vec<usize>> = std::env::var("KERNELS_T")
+        .ok()
+        .map(|v| v.split(',').filter_map(|t| t.parse().ok()).collect());
     for (format, rows, cols) in shapes {
+        if only_format
+            .as_ref()
+            .is_some_and(|f| *f != format!("{format:?}"))
+        {
+            continue;
+        }
         let q = QMatrix::from_gguf_bytes(format, rows, cols, &random_bytes(format, rows, cols))
             .expect("valid");
         for t in [1usize, 2, 4, 8, 16, 64, 256] {
+            if only_t.as_ref().is_some_and(|ts| !ts.contains(&t)) {
+                continue;
+            }
             let x: Vec<f32> = (0..t * cols)
                 .map(|i| (i % 17) as f32 * 0.01 - 0.08)
                 .collect();

@@ -365,6 +365,9 @@ struct HeadView<'a, E> {
     head_dim: usize,
     scale: f32,
     softcap: Option<f32>,
+    /// Whether this pass fetches whole slot rows (every KV head's K and V) one key block
+    /// ahead: set for the first head of a tile, whose later heads then find them in cache.
+    prefetch: bool,
 }
 
 /// Gemma 2's score soft-capping, in transformers' order of operations.
@@ -498,9 +501,30 @@ mod simd_x86 {
                 // Padding keys repeat the last real one; their scores are never used.
                 base.add(view.slots[i.min(n - 1)] as usize * view.kv_dim)
             };
+            // Slot rows sit in scattered cache blocks, far more of them per step than the
+            // caches hold: without prefetching, the loads below wait on memory one at a time.
+            let row_bytes = view.kv_dim * std::mem::size_of::<E>();
+            let prefetch = |from: usize, to: usize| {
+                if !view.prefetch {
+                    return;
+                }
+                for i in from..to.min(n) {
+                    let at = view.slots[i] as usize * view.kv_dim;
+                    let (k, v) = (
+                        view.k.as_ptr().add(at).cast::<i8>(),
+                        view.v.as_ptr().add(at).cast::<i8>(),
+                    );
+                    for off in (0..row_bytes).step_by(64) {
+                        _mm_prefetch::<_MM_HINT_T0>(k.add(off));
+                        _mm_prefetch::<_MM_HINT_T0>(v.add(off));
+                    }
+                }
+            };
+            prefetch(0, KEY_BLOCK);
             // Scores, four keys at a time; each score's arithmetic depends only on its query
             // and key, so blocking and the tile's other rows change nothing.
             for kb in (0..padded).step_by(KEY_BLOCK) {
+                prefetch(kb + KEY_BLOCK, kb + 2 * KEY_BLOCK);
                 for (g, &(lo, m)) in ranges.iter().enumerate() {
                     let qg = q.as_ptr().add(g * hd);
                     let end = m.next_multiple_of(4).min(kb + KEY_BLOCK);
@@ -696,53 +720,70 @@ fn attend_in<E: KvElem>(
             r = e;
         }
     }
-    // One task per (tile, KV head): the rows and query heads sharing a KV head read each key
-    // block once.
-    let tasks: Vec<(usize, usize, usize)> = tiles
+    // With enough tiles, one task per tile, KV heads in turn: the first head's pass prefetches
+    // the tile's whole slot rows, which the other heads then read from cache. With few tiles
+    // (one or two sequences decoding), one task per (tile, KV head) so every core works.
+    let split = tiles.len() < 2 * rayon::current_num_threads();
+    let tasks: Vec<(usize, usize, std::ops::Range<usize>)> = tiles
         .iter()
-        .flat_map(|&(a, b)| (0..num_kv_heads).map(move |h| (a, b, h)))
+        .flat_map(|&(a, b)| {
+            let per = if split { 1 } else { num_kv_heads };
+            (0..num_kv_heads)
+                .step_by(per)
+                .map(move |h| (a, b, h..(h + per).min(num_kv_heads)))
+        })
         .collect();
-    let results: Vec<(usize, usize, Vec<f32>)> = tasks
+    let results: Vec<(usize, usize, Vec<Vec<f32>>)> = tasks
         .into_par_iter()
-        .map_init(Vec::new, |scores: &mut Vec<f32>, (r0, r1, kvh)| {
-            let rows = r1 - r0;
-            let mut qs = Vec::with_capacity(rows * group * head_dim);
-            let mut ranges = Vec::with_capacity(rows * group);
-            for t in r0..r1 {
-                let base = t * q_dim + kvh * group * head_dim;
-                qs.extend_from_slice(&q[base..base + group * head_dim]);
-                let end = batch.positions[t] as usize + 1;
-                let start = window.map_or(0, |w| end.saturating_sub(w));
-                ranges.extend(std::iter::repeat_n((start, end), group));
-            }
-            // The tile's view starts at its earliest key (rows are consecutive positions, so
-            // a sliding window skips all but a few keys outside any row's window).
-            let first = ranges.iter().map(|r| r.0).min().unwrap_or(0);
-            let longest = ranges.iter().map(|r| r.1).max().unwrap_or(0);
-            ranges
-                .iter_mut()
-                .for_each(|r| *r = (r.0 - first, r.1 - first));
-            let view = HeadView {
-                k: layer_k,
-                v: layer_v,
-                slots: plan.slots(plan.row_seq[r0], window.is_some(), first, longest),
-                kv_dim,
-                offset: kvh * head_dim,
-                head_dim,
-                scale,
-                softcap,
-            };
-            let mut o = vec![0f32; qs.len()];
-            attend_group_dispatch(&qs, &ranges, &view, scores, &mut o);
-            (r0, kvh, o)
+        .map_init(Vec::new, |scores: &mut Vec<f32>, (r0, r1, heads)| {
+            let h0 = heads.start;
+            let outs = heads
+                .map(|kvh| {
+                    let rows = r1 - r0;
+                    let mut qs = Vec::with_capacity(rows * group * head_dim);
+                    let mut ranges = Vec::with_capacity(rows * group);
+                    for t in r0..r1 {
+                        let base = t * q_dim + kvh * group * head_dim;
+                        qs.extend_from_slice(&q[base..base + group * head_dim]);
+                        let end = batch.positions[t] as usize + 1;
+                        let start = window.map_or(0, |w| end.saturating_sub(w));
+                        ranges.extend(std::iter::repeat_n((start, end), group));
+                    }
+                    // The tile's view starts at its earliest key (rows are consecutive
+                    // positions, so a sliding window skips all but a few keys outside any
+                    // row's window).
+                    let first = ranges.iter().map(|r| r.0).min().unwrap_or(0);
+                    let longest = ranges.iter().map(|r| r.1).max().unwrap_or(0);
+                    ranges
+                        .iter_mut()
+                        .for_each(|r| *r = (r.0 - first, r.1 - first));
+                    let view = HeadView {
+                        k: layer_k,
+                        v: layer_v,
+                        slots: plan.slots(plan.row_seq[r0], window.is_some(), first, longest),
+                        kv_dim,
+                        offset: kvh * head_dim,
+                        head_dim,
+                        scale,
+                        softcap,
+                        prefetch: !split && kvh == 0 && num_kv_heads > 1,
+                    };
+                    let mut o = vec![0f32; qs.len()];
+                    attend_group_dispatch(&qs, &ranges, &view, scores, &mut o);
+                    o
+                })
+                .collect();
+            (r0, h0, outs)
         })
         .collect();
     let mut out = vec![0f32; q.len()];
     let width = group * head_dim;
-    for (r0, kvh, o) in results {
-        for (i, chunk) in o.chunks_exact(width).enumerate() {
-            let base = (r0 + i) * q_dim + kvh * width;
-            out[base..base + width].copy_from_slice(chunk);
+    for (r0, h0, outs) in results {
+        for (kvh, o) in (h0..).zip(&outs) {
+            for (i, chunk) in o.chunks_exact(width).enumerate() {
+                let base = (r0 + i) * q_dim + kvh * width;
+                out[base..base + width].copy_from_slice(chunk);
+            }
         }
     }
     out
@@ -827,6 +868,7 @@ mod tests {
                     head_dim,
                     scale: 0.125,
                     softcap: None,
+                    prefetch: true,
                 };
                 // Query vectors with different context lengths, as in a prefill tile.
                 // ... and sliding windows starting anywhere, with and without soft-capping.
@@ -879,6 +921,7 @@ mod tests {
             head_dim,
             scale: 0.125,
             softcap: None,
+            prefetch: true,
         };
         let view16 = HeadView {
             k: &k16[..],
@@ -889,6 +932,7 @@ mod tests {
             head_dim,
             scale: 0.125,
             softcap: None,
+            prefetch: true,
         };
         let run = |f: &dyn Fn(&mut [f32])| {
             let mut o = vec![0f32; q.len()];

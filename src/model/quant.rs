@@ -419,15 +419,21 @@ impl QuantizedActs {
             }
         };
         let rows = x.len() / cols.max(1);
-        let parts = x
-            .chunks(cols.max(1))
-            .zip(out.q.chunks_mut(cols.max(1)))
-            .zip(out.d.chunks_mut(nb.max(1)).zip(out.s.chunks_mut(nb.max(1))));
-        // Rows are independent: prefill-sized inputs are quantized on every core.
-        if rows >= 16 {
-            parts.par_bridge().for_each(row);
+        let w = cols.max(1);
+        let nbw = nb.max(1);
+        // Rows are independent: prefill-sized inputs are quantized on every core (decode-sized
+        // ones are a few microseconds, less than waking the pool).
+        if rows >= 64 {
+            x.par_chunks(w)
+                .zip(out.q.par_chunks_mut(w))
+                .zip(out.d.par_chunks_mut(nbw).zip(out.s.par_chunks_mut(nbw)))
+                .with_min_len(16)
+                .for_each(row);
         } else {
-            parts.for_each(row);
+            x.chunks(w)
+                .zip(out.q.chunks_mut(w))
+                .zip(out.d.chunks_mut(nbw).zip(out.s.chunks_mut(nbw)))
+                .for_each(row);
         }
         out
     }
