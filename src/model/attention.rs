@@ -523,8 +523,50 @@ mod simd_x86 {
             prefetch(0, KEY_BLOCK);
             // Scores, four keys at a time; each score's arithmetic depends only on its query
             // and key, so blocking and the tile's other rows change nothing.
+            // Tiles of several rows (prefill) stage each key/value block once as f32 (an exact
+            // conversion) for all their queries, instead of converting it per query.
+            let staged = qn > 3;
+            let mut stage = if staged {
+                vec![0f32; KEY_BLOCK * hd]
+            } else {
+                Vec::new()
+            };
+            let sp = stage.as_mut_ptr();
+            let mut active = Vec::with_capacity(qn);
             for kb in (0..padded).step_by(KEY_BLOCK) {
                 prefetch(kb + KEY_BLOCK, kb + 2 * KEY_BLOCK);
+                if staged {
+                    let kend = (kb + KEY_BLOCK).min(padded);
+                    for i in kb..kend {
+                        let src = row(i, kp);
+                        for c in 0..nc {
+                            _mm256_storeu_ps(
+                                sp.add((i - kb) * hd + c * 8),
+                                E::load8(src.add(c * 8)),
+                            );
+                        }
+                    }
+                    // Per group of four keys, the queries that need it.
+                    for i in (kb..kend).step_by(4) {
+                        active.clear();
+                        active.extend(ranges.iter().enumerate().filter_map(|(g, &(lo, m))| {
+                            (i >= (lo & !3) && i < m.next_multiple_of(4)).then_some(g)
+                        }));
+                        let ks = sp.add((i - kb) * hd).cast_const();
+                        let so = scores.as_mut_ptr();
+                        // Two queries × four keys: eight accumulators, no spills.
+                        for set in active.chunks(2) {
+                            let at = |a: usize| {
+                                (q.as_ptr().add(set[a] * hd), so.add(set[a] * padded + i))
+                            };
+                            match *set {
+                                [_] => scores_staged::<1>([at(0)], ks, hd, scale),
+                                _ => scores_staged::<2>([at(0), at(1)], ks, hd, scale),
+                            }
+                        }
+                    }
+                    continue;
+                }
                 for (g, &(lo, m)) in ranges.iter().enumerate() {
                     let qg = q.as_ptr().add(g * hd);
                     let end = m.next_multiple_of(4).min(kb + KEY_BLOCK);
@@ -554,10 +596,21 @@ mod simd_x86 {
                         *x = super::soft_cap(*x, cap);
                     }
                 }
-                let mut max = f32::NEG_INFINITY;
-                for &x in &sg[..n] {
-                    max = max.max(x);
+                // The maximum is the same in any order; eight lanes break the scalar chain.
+                // (`maxps` returns its second operand where the first is NaN, as `f32::max`
+                // ignores NaN.)
+                let mut mv = _mm256_set1_ps(f32::NEG_INFINITY);
+                let mut i = 0;
+                while i + 8 <= n {
+                    mv = _mm256_max_ps(_mm256_loadu_ps(sg.as_ptr().add(i)), mv);
+                    i += 8;
                 }
+                let mut lanes = [0f32; 8];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), mv);
+                let max = sg[i..n]
+                    .iter()
+                    .chain(&lanes)
+                    .fold(f32::NEG_INFINITY, |m, &x| m.max(x));
                 let mx = _mm256_set1_ps(max);
                 let mut sum = _mm256_setzero_ps();
                 let mut i = 0;
@@ -585,6 +638,34 @@ mod simd_x86 {
             }
             // Weighted values: key blocks outer; each output keeps accumulating in key order
             // (stored and reloaded exactly between blocks).
+            if staged {
+                for kb in (0..n).step_by(KEY_BLOCK) {
+                    let kend = (kb + KEY_BLOCK).min(n);
+                    for i in kb..kend {
+                        let src = row(i, vp);
+                        for c in 0..nc {
+                            _mm256_storeu_ps(
+                                sp.add((i - kb) * hd + c * 8),
+                                E::load8(src.add(c * 8)),
+                            );
+                        }
+                    }
+                    let rows: Vec<*const f32> = (kb..kend)
+                        .map(|i| sp.add((i - kb) * hd).cast_const())
+                        .collect();
+                    for (g, &(lo, m)) in ranges.iter().enumerate() {
+                        let begin = kb.max(lo);
+                        let end = m.min(kend);
+                        if end <= begin {
+                            continue;
+                        }
+                        let og = out.as_mut_ptr().add(g * hd);
+                        let sg = scores.as_ptr().add(g * padded + begin);
+                        weighted_all::<f32>(sg, &rows[begin - kb..end - kb], nc, og);
+                    }
+                }
+                return;
+            }
             let rows: Vec<*const E> = (0..n).map(|i| row(i, vp)).collect();
             for kb in (0..n).step_by(KEY_BLOCK) {
                 for (g, &(lo, m)) in ranges.iter().enumerate() {
@@ -595,20 +676,56 @@ mod simd_x86 {
                     }
                     let og = out.as_mut_ptr().add(g * hd);
                     let sg = scores.as_ptr().add(g * padded + begin);
-                    let rs = &rows[begin..end];
-                    for c0 in (0..nc).step_by(8) {
-                        let o = og.add(c0 * 8);
-                        match nc - c0 {
-                            1 => weighted::<E, 1>(sg, rs, c0, o),
-                            2 => weighted::<E, 2>(sg, rs, c0, o),
-                            3 => weighted::<E, 3>(sg, rs, c0, o),
-                            4 => weighted::<E, 4>(sg, rs, c0, o),
-                            5 => weighted::<E, 5>(sg, rs, c0, o),
-                            6 => weighted::<E, 6>(sg, rs, c0, o),
-                            7 => weighted::<E, 7>(sg, rs, c0, o),
-                            _ => weighted::<E, 8>(sg, rs, c0, o),
-                        }
+                    weighted_all::<E>(sg, &rows[begin..end], nc, og);
+                }
+            }
+        }
+    }
+
+    /// Four scaled scores (keys `k`, rows `hd` apart) for each of `Q` queries `(query, out)`:
+    /// per query and key the same FMA chain and reduction as the unstaged loop.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn scores_staged<const Q: usize>(
+        qs: [(*const f32, *mut f32); Q],
+        k: *const f32,
+        hd: usize,
+        scale: __m256,
+    ) {
+        // SAFETY: each query holds `hd` values, `k` four rows of `hd`, each output four.
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); 4]; Q];
+            for c in 0..hd / 8 {
+                for (qa, &(qp, _)) in acc.iter_mut().zip(&qs) {
+                    let qc = _mm256_loadu_ps(qp.add(c * 8));
+                    for (j, a) in qa.iter_mut().enumerate() {
+                        *a = _mm256_fmadd_ps(qc, _mm256_loadu_ps(k.add(j * hd + c * 8)), *a);
                     }
+                }
+            }
+            for (qa, &(_, op)) in acc.iter().zip(&qs) {
+                _mm_storeu_ps(op, _mm_mul_ps(hsum4(*qa), _mm256_castps256_ps128(scale)));
+            }
+        }
+    }
+
+    /// [`weighted`] over a whole head (`nc` vectors), eight vectors at a time.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn weighted_all<E: KvElem>(p: *const f32, rows: &[*const E], nc: usize, out: *mut f32) {
+        // SAFETY: forwarded to `weighted` with the caller's sizes.
+        unsafe {
+            for c0 in (0..nc).step_by(8) {
+                let o = out.add(c0 * 8);
+                match nc - c0 {
+                    1 => weighted::<E, 1>(p, rows, c0, o),
+                    2 => weighted::<E, 2>(p, rows, c0, o),
+                    3 => weighted::<E, 3>(p, rows, c0, o),
+                    4 => weighted::<E, 4>(p, rows, c0, o),
+                    5 => weighted::<E, 5>(p, rows, c0, o),
+                    6 => weighted::<E, 6>(p, rows, c0, o),
+                    7 => weighted::<E, 7>(p, rows, c0, o),
+                    _ => weighted::<E, 8>(p, rows, c0, o),
                 }
             }
         }
@@ -850,8 +967,9 @@ mod tests {
     /// context length around the 4-key and 8-lane boundaries, with scattered slots.
     #[test]
     fn simd_and_portable_paths_agree() {
-        for head_dim in [64, 24, 128] {
-            let (kv_heads, group) = (2, 3);
+        // Groups of 3 (one row's heads) take the direct path; 8 (a prefill tile) the staged one.
+        for (head_dim, group) in [(64, 3), (24, 3), (128, 3), (64, 8), (24, 8), (128, 8)] {
+            let kv_heads = 2;
             let kv_dim = kv_heads * head_dim;
             let slots_total = 160;
             let k = values(slots_total * kv_dim, 1);
@@ -885,6 +1003,20 @@ mod tests {
                     attend_group_dispatch(&q, &ranges, &view, &mut Vec::new(), &mut b);
                     for (x, y) in a.iter().zip(&b) {
                         assert!((x - y).abs() < 1e-5, "hd {head_dim} n {n}: {x} vs {y}");
+                    }
+                    // Each query alone gives the same bits as in its tile (batch invariance).
+                    for (g, range) in ranges.iter().enumerate() {
+                        let qg = &q[g * head_dim..(g + 1) * head_dim];
+                        let mut alone = vec![0f32; head_dim];
+                        attend_group_dispatch(qg, &[*range], &view, &mut Vec::new(), &mut alone);
+                        let tiled = &b[g * head_dim..(g + 1) * head_dim];
+                        assert!(
+                            alone
+                                .iter()
+                                .zip(tiled)
+                                .all(|(x, y)| x.to_bits() == y.to_bits()),
+                            "hd {head_dim} n {n} group {group} query {g}"
+                        );
                     }
                 }
             }
