@@ -653,15 +653,32 @@ mod simd_x86 {
                     let rows: Vec<*const f32> = (kb..kend)
                         .map(|i| sp.add((i - kb) * hd).cast_const())
                         .collect();
-                    for (g, &(lo, m)) in ranges.iter().enumerate() {
-                        let begin = kb.max(lo);
-                        let end = m.min(kend);
-                        if end <= begin {
-                            continue;
+                    // Consecutive queries over the same keys (a row's heads) in pairs: each
+                    // value vector loaded once for both.
+                    let span = |g: usize| (kb.max(ranges[g].0), ranges[g].1.min(kend));
+                    let (sbase, obase) = (scores.as_ptr(), out.as_mut_ptr());
+                    let mut g = 0;
+                    while g < qn {
+                        let (begin, end) = span(g);
+                        let pair = g + 1 < qn && span(g + 1) == (begin, end);
+                        if end > begin {
+                            let rs = &rows[begin - kb..end - kb];
+                            let at = |g: usize| (sbase.add(g * padded + begin), obase.add(g * hd));
+                            if pair {
+                                for c0 in (0..nc).step_by(4) {
+                                    match nc - c0 {
+                                        1 => weighted_pair::<1>([at(g), at(g + 1)], rs, c0),
+                                        2 => weighted_pair::<2>([at(g), at(g + 1)], rs, c0),
+                                        3 => weighted_pair::<3>([at(g), at(g + 1)], rs, c0),
+                                        _ => weighted_pair::<4>([at(g), at(g + 1)], rs, c0),
+                                    }
+                                }
+                            } else {
+                                let (sg, og) = at(g);
+                                weighted_all::<f32>(sg, rs, nc, og);
+                            }
                         }
-                        let og = out.as_mut_ptr().add(g * hd);
-                        let sg = scores.as_ptr().add(g * padded + begin);
-                        weighted_all::<f32>(sg, &rows[begin - kb..end - kb], nc, og);
+                        g += if pair { 2 } else { 1 };
                     }
                 }
                 return;
@@ -705,6 +722,40 @@ mod simd_x86 {
             }
             for (qa, &(_, op)) in acc.iter().zip(&qs) {
                 _mm_storeu_ps(op, _mm_mul_ps(hsum4(*qa), _mm256_castps256_ps128(scale)));
+            }
+        }
+    }
+
+    /// [`weighted`] for two queries `(weights, output)` over the same f32 value rows, `W`
+    /// vectors from `c0`: per output element the same FMA sequence.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn weighted_pair<const W: usize>(
+        qs: [(*const f32, *mut f32); 2],
+        rows: &[*const f32],
+        c0: usize,
+    ) {
+        // SAFETY: each weight row holds rows.len() weights; each value row (c0 + W) · 8
+        // values; each output (c0 + W) · 8.
+        unsafe {
+            let mut acc: [[__m256; W]; 2] = std::array::from_fn(|a| {
+                std::array::from_fn(|c| _mm256_loadu_ps(qs[a].1.add((c0 + c) * 8)))
+            });
+            for (i, &v) in rows.iter().enumerate() {
+                let w = [
+                    _mm256_set1_ps(*qs[0].0.add(i)),
+                    _mm256_set1_ps(*qs[1].0.add(i)),
+                ];
+                for c in 0..W {
+                    let x = _mm256_loadu_ps(v.add((c0 + c) * 8));
+                    acc[0][c] = _mm256_fmadd_ps(w[0], x, acc[0][c]);
+                    acc[1][c] = _mm256_fmadd_ps(w[1], x, acc[1][c]);
+                }
+            }
+            for (a, qa) in acc.iter().enumerate() {
+                for (c, x) in qa.iter().enumerate() {
+                    _mm256_storeu_ps(qs[a].1.add((c0 + c) * 8), *x);
+                }
             }
         }
     }
