@@ -746,10 +746,11 @@ mod simd_x86 {
                     _mm256_set1_ps(*qs[0].0.add(i)),
                     _mm256_set1_ps(*qs[1].0.add(i)),
                 ];
-                for c in 0..W {
+                let [a0, a1] = &mut acc;
+                for (c, (x0, x1)) in a0.iter_mut().zip(a1.iter_mut()).enumerate() {
                     let x = _mm256_loadu_ps(v.add((c0 + c) * 8));
-                    acc[0][c] = _mm256_fmadd_ps(w[0], x, acc[0][c]);
-                    acc[1][c] = _mm256_fmadd_ps(w[1], x, acc[1][c]);
+                    *x0 = _mm256_fmadd_ps(w[0], x, *x0);
+                    *x1 = _mm256_fmadd_ps(w[1], x, *x1);
                 }
             }
             for (a, qa) in acc.iter().enumerate() {
