@@ -532,20 +532,21 @@ mod simd_x86 {
                 Vec::new()
             };
             let sp = stage.as_mut_ptr();
+            // Rows `kb..kend` of `base` (K or V) into the stage as f32, `hd` apart.
+            let stage_rows = |base: *const E, kb: usize, kend: usize| {
+                for i in kb..kend {
+                    let src = row(i, base);
+                    for c in 0..nc {
+                        _mm256_storeu_ps(sp.add((i - kb) * hd + c * 8), E::load8(src.add(c * 8)));
+                    }
+                }
+            };
             let mut active = Vec::with_capacity(qn);
             for kb in (0..padded).step_by(KEY_BLOCK) {
                 prefetch(kb + KEY_BLOCK, kb + 2 * KEY_BLOCK);
                 if staged {
                     let kend = (kb + KEY_BLOCK).min(padded);
-                    for i in kb..kend {
-                        let src = row(i, kp);
-                        for c in 0..nc {
-                            _mm256_storeu_ps(
-                                sp.add((i - kb) * hd + c * 8),
-                                E::load8(src.add(c * 8)),
-                            );
-                        }
-                    }
+                    stage_rows(kp, kb, kend);
                     // Per group of four keys, the queries that need it.
                     for i in (kb..kend).step_by(4) {
                         active.clear();
@@ -641,15 +642,7 @@ mod simd_x86 {
             if staged {
                 for kb in (0..n).step_by(KEY_BLOCK) {
                     let kend = (kb + KEY_BLOCK).min(n);
-                    for i in kb..kend {
-                        let src = row(i, vp);
-                        for c in 0..nc {
-                            _mm256_storeu_ps(
-                                sp.add((i - kb) * hd + c * 8),
-                                E::load8(src.add(c * 8)),
-                            );
-                        }
-                    }
+                    stage_rows(vp, kb, kend);
                     let rows: Vec<*const f32> = (kb..kend)
                         .map(|i| sp.add((i - kb) * hd).cast_const())
                         .collect();
