@@ -8,25 +8,16 @@
 //! thrown away.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor, Var, D};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor, Var};
 use rand::{Rng, SeedableRng};
 
 use super::attention::Rope;
 use super::config::{Architecture, Features, ModelConfig};
 use super::lora::{lora_delta, LoraAdapter, LoraPair, Target};
+use super::train_ops::{contiguous_f32, RmsNorm, RopeAttention, SwiGlu};
 use super::Model;
-
-/// The contiguous f32 data a custom op's CPU kernel reads.
-fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(x) = storage else {
-        candle_core::bail!("{op}: f32 input expected");
-    };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("{op}: contiguous input expected");
-    };
-    Ok(&x[start..end])
-}
 
 /// `x · Wᵀ` for a frozen `W: (out, in)`: backward gives `x` its gradient and nothing else.
 struct FrozenMatmul {
@@ -118,8 +109,8 @@ impl CustomOp1 for CrossEntropy {
 }
 
 struct FrozenBlock {
-    input_norm: Tensor,
-    post_attention_norm: Tensor,
+    input_norm: Arc<Vec<f32>>,
+    post_attention_norm: Arc<Vec<f32>>,
     /// Per [`Target`], `(out, in)`.
     w: Vec<Tensor>,
 }
@@ -129,7 +120,7 @@ pub struct FrozenLlama {
     config: ModelConfig,
     embed: Tensor,
     blocks: Vec<FrozenBlock>,
-    norm: Tensor,
+    norm: Arc<Vec<f32>>,
     lm_head: Tensor,
     rope: Rope,
 }
@@ -265,13 +256,14 @@ impl super::decoder::Decoder {
                 .cloned()
                 .ok_or_else(|| candle_core::Error::Msg(format!("missing {name}")))
         };
+        let norm = |name: &str| -> Result<Arc<Vec<f32>>> { Ok(Arc::new(get(name)?.to_vec1()?)) };
         let c = self.config().clone();
         let mut blocks = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let p = format!("model.layers.{i}");
             blocks.push(FrozenBlock {
-                input_norm: get(&format!("{p}.input_layernorm.weight"))?,
-                post_attention_norm: get(&format!("{p}.post_attention_layernorm.weight"))?,
+                input_norm: norm(&format!("{p}.input_layernorm.weight"))?,
+                post_attention_norm: norm(&format!("{p}.post_attention_layernorm.weight"))?,
                 w: Target::ALL
                     .iter()
                     .map(|t| get(&format!("{p}.{}.weight", t.module_path()))?.contiguous())
@@ -288,7 +280,7 @@ impl super::decoder::Decoder {
             rope: Rope::new(&c),
             embed,
             blocks,
-            norm: get("model.norm.weight")?,
+            norm: norm("model.norm.weight")?,
             lm_head,
             config: c,
         })
@@ -332,12 +324,7 @@ impl FrozenLlama {
         let positions: Vec<u32> = (0..t as u32).collect();
         let tables = self.rope.tables(&positions);
         let (cos, sin) = tables.as_slices();
-        let cos = Tensor::from_slice(cos, (t, hd / 2), dev)?;
-        let sin = Tensor::from_slice(sin, (t, hd / 2), dev)?;
-        let mask: Vec<f32> = (0..t)
-            .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-            .collect();
-        let mask = Tensor::from_vec(mask, (t, t), dev)?;
+        let (cos, sin) = (Arc::new(cos.to_vec()), Arc::new(sin.to_vec()));
         let mut rng = dropout_seed.map(rand::rngs::StdRng::seed_from_u64);
         let eps = c.rms_norm_eps as f32;
         let mut proj =
@@ -366,38 +353,36 @@ impl FrozenLlama {
                     }
                 }
             };
+        let rms_norm = |x: &Tensor, weight: &Arc<Vec<f32>>| {
+            x.apply_op1(RmsNorm {
+                weight: weight.clone(),
+                eps,
+            })
+        };
         for (layer, blk) in self.blocks.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm_slow(&x, &blk.input_norm, eps)?;
-            let q = proj(&h, blk, layer, Target::Q)?;
-            let k = proj(&h, blk, layer, Target::K)?;
-            let v = proj(&h, blk, layer, Target::V)?;
-            let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
-            let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-            let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-            let q = candle_nn::rotary_emb::rope_slow(&q, &cos, &sin)?;
-            let k = candle_nn::rotary_emb::rope_slow(&k, &cos, &sin)?;
-            let group = nh / nkv;
-            let repeat = |x: Tensor| -> Result<Tensor> {
-                if group == 1 {
-                    return Ok(x);
-                }
-                x.unsqueeze(2)?
-                    .broadcast_as((b, nkv, group, t, hd))?
-                    .reshape((b, nh, t, hd))
-            };
-            let (k, v) = (repeat(k)?, repeat(v)?);
-            let att = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (hd as f64).sqrt()))?;
-            let att = candle_nn::ops::softmax(&att.broadcast_add(&mask)?, D::Minus1)?;
-            let y = att
-                .matmul(&v)?
-                .transpose(1, 2)?
-                .contiguous()?
-                .reshape((b * t, nh * hd))?;
+            let h = rms_norm(&x, &blk.input_norm)?;
+            let q = proj(&h, blk, layer, Target::Q)?.contiguous()?;
+            let k = proj(&h, blk, layer, Target::K)?.contiguous()?;
+            let v = proj(&h, blk, layer, Target::V)?.contiguous()?;
+            let y = q.apply_op3(
+                &k,
+                &v,
+                RopeAttention {
+                    batch: b,
+                    seq_len: t,
+                    heads: nh,
+                    kv_heads: nkv,
+                    head_dim: hd,
+                    cos: cos.clone(),
+                    sin: sin.clone(),
+                    scale: 1.0 / (hd as f32).sqrt(),
+                },
+            )?;
             x = (x + proj(&y, blk, layer, Target::O)?)?;
-            let h = candle_nn::ops::rms_norm_slow(&x, &blk.post_attention_norm, eps)?;
-            let gate = proj(&h, blk, layer, Target::Gate)?;
-            let up = proj(&h, blk, layer, Target::Up)?;
-            let m = (gate.silu()? * up)?;
+            let h = rms_norm(&x, &blk.post_attention_norm)?;
+            let gate = proj(&h, blk, layer, Target::Gate)?.contiguous()?;
+            let up = proj(&h, blk, layer, Target::Up)?.contiguous()?;
+            let m = gate.apply_op2(&up, SwiGlu)?;
             x = (x + proj(&m, blk, layer, Target::Down)?)?;
         }
         let mut rows = Vec::new();
@@ -415,7 +400,10 @@ impl FrozenLlama {
         }
         let n = rows.len();
         let x = x.index_select(&Tensor::from_vec(rows, n, dev)?, 0)?;
-        let x = candle_nn::ops::rms_norm_slow(&x, &self.norm, eps)?;
+        let x = x.apply_op1(RmsNorm {
+            weight: self.norm.clone(),
+            eps,
+        })?;
         let logits = frozen(&x, &self.lm_head)?;
         Ok((logits, Tensor::from_vec(labels, n, dev)?))
     }
@@ -451,6 +439,7 @@ impl FrozenLlama {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::D;
 
     #[test]
     fn fused_cross_entropy_equals_composed_log_softmax() {

@@ -14,6 +14,7 @@ pub mod linear;
 pub mod llama_train;
 pub mod lora;
 pub mod quant;
+mod train_ops;
 pub mod weights;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,613 @@
+//! Fused kernels of the LoRA training graph, as candle custom ops with hand-written backward
+//! passes: RMSNorm, SwiGLU and rotary + causal grouped-query attention.
+//!
+//! Composed from candle's elementwise ops, each of these is a dozen graph nodes, each a full
+//! pass over memory with its own allocation, and as many again in the backward pass; that
+//! overhead cost about as much as the step's matrix products. Each op here reads its inputs
+//! once per pass. Tests check values and gradients against the composed candle ops.
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Device, Layout, Result, Shape};
+use candle_core::{Storage, Tensor};
+use rayon::prelude::*;
+
+/// The contiguous f32 data a custom op's CPU kernel reads.
+pub(super) fn contiguous_f32<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    op: &str,
+) -> Result<&'a [f32]> {
+    let CpuStorage::F32(x) = storage else {
+        candle_core::bail!("{op}: f32 input expected");
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{op}: contiguous input expected");
+    };
+    Ok(&x[start..end])
+}
+
+/// A tensor's values as a flat vector (backward passes read their saved inputs this way).
+fn values(t: &Tensor) -> Result<Vec<f32>> {
+    t.flatten_all()?.to_vec1::<f32>()
+}
+
+/// Runs `f` on a tensor's contiguous f32 data without copying it.
+fn with_f32<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("{op}: CPU tensor expected");
+    };
+    f(contiguous_f32(cpu, layout, op)?)
+}
+
+fn matrix(data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
+    Tensor::from_vec(data, shape, &Device::Cpu)
+}
+
+/// `1 / sqrt(mean(x²) + eps)` of a row.
+fn inv_rms(row: &[f32], eps: f32) -> f32 {
+    let sum2: f32 = row.iter().map(|v| v * v).sum();
+    1.0 / (sum2 / row.len() as f32 + eps).sqrt()
+}
+
+/// RMSNorm with a frozen weight: `y = x / rms(x) · w`, row by row; backward gives `x` its
+/// gradient `r·(w⊙g) − x·r³·Σ(w⊙g⊙x)/n`.
+pub(super) struct RmsNorm {
+    /// The norm's weight (one value per column).
+    pub weight: Arc<Vec<f32>>,
+    /// Added to the mean square.
+    pub eps: f32,
+}
+
+impl CustomOp1 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(storage, layout, "rms-norm")?;
+        let n = self.weight.len();
+        if n == 0 || !x.len().is_multiple_of(n) {
+            candle_core::bail!("rms-norm: rows of {n} expected");
+        }
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(y, x)| {
+            let r = inv_rms(x, self.eps);
+            for ((y, x), w) in y.iter_mut().zip(x).zip(self.weight.iter()) {
+                *y = x * r * w;
+            }
+        });
+        Ok((CpuStorage::F32(y), layout.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let n = self.weight.len();
+        let g = values(grad)?;
+        let dx = with_f32(arg, "rms-norm", |x| {
+            let mut dx = vec![0f32; x.len()];
+            dx.par_chunks_mut(n)
+                .zip(x.par_chunks(n).zip(g.par_chunks(n)))
+                .for_each(|(dx, (x, g))| {
+                    let r = inv_rms(x, self.eps);
+                    let dot: f32 = x
+                        .iter()
+                        .zip(g)
+                        .zip(self.weight.iter())
+                        .map(|((x, g), w)| x * g * w)
+                        .sum();
+                    let c = r * r * r * dot / n as f32;
+                    for (((d, x), g), w) in dx.iter_mut().zip(x).zip(g).zip(self.weight.iter()) {
+                        *d = r * w * g - x * c;
+                    }
+                });
+            Ok(dx)
+        })?;
+        Ok(Some(matrix(dx, arg.dims())?))
+    }
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// SwiGLU: `silu(gate) · up`, elementwise.
+pub(super) struct SwiGlu;
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let gate = contiguous_f32(s1, l1, "swiglu")?;
+        let up = contiguous_f32(s2, l2, "swiglu")?;
+        if gate.len() != up.len() {
+            candle_core::bail!("swiglu: gate and up differ in size");
+        }
+        let mut y = vec![0f32; gate.len()];
+        y.par_chunks_mut(4096)
+            .zip(gate.par_chunks(4096).zip(up.par_chunks(4096)))
+            .for_each(|(y, (g, u))| {
+                for ((y, g), u) in y.iter_mut().zip(g).zip(u) {
+                    *y = g * sigmoid(*g) * u;
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = values(grad)?;
+        let (dg, du) = with_f32(gate, "swiglu", |x| {
+            with_f32(up, "swiglu", |u| {
+                let mut dg = vec![0f32; x.len()];
+                let mut du = vec![0f32; x.len()];
+                dg.par_chunks_mut(4096)
+                    .zip(du.par_chunks_mut(4096))
+                    .zip(
+                        x.par_chunks(4096)
+                            .zip(u.par_chunks(4096))
+                            .zip(g.par_chunks(4096)),
+                    )
+                    .for_each(|((dg, du), ((x, u), g))| {
+                        for i in 0..dg.len() {
+                            let s = sigmoid(x[i]);
+                            du[i] = g[i] * x[i] * s;
+                            dg[i] = g[i] * u[i] * s * (1.0 + x[i] * (1.0 - s));
+                        }
+                    });
+                Ok((dg, du))
+            })
+        })?;
+        Ok((Some(matrix(dg, gate.dims())?), Some(matrix(du, up.dims())?)))
+    }
+}
+
+/// Rotary embedding then causal grouped-query attention over a padded batch, straight from the
+/// projections' row layout: `q: (b·t, heads·d)`, `k, v: (b·t, kv_heads·d)` → `(b·t, heads·d)`.
+/// Rows are sequence-major; each sequence's row `i` sits at position `i`. Nothing of size
+/// `t × t` outlives a head: the backward pass recomputes each head's probabilities.
+pub(super) struct RopeAttention {
+    /// Sequences in the batch.
+    pub batch: usize,
+    /// Padded sequence length.
+    pub seq_len: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (divides `heads`).
+    pub kv_heads: usize,
+    /// Dimensions per head.
+    pub head_dim: usize,
+    /// `cos`/`sin` per position and rotary pair: `(t, d/2)` each.
+    pub cos: Arc<Vec<f32>>,
+    /// See `cos`.
+    pub sin: Arc<Vec<f32>>,
+    /// Score multiplier (`1/√d`).
+    pub scale: f32,
+}
+
+/// `y = x·cos + rotate_half(x)·sin` for one head's row.
+fn rope(x: &[f32], cos: &[f32], sin: &[f32], y: &mut [f32]) {
+    let half = cos.len();
+    for i in 0..half {
+        let (a, b) = (x[i], x[i + half]);
+        y[i] = a * cos[i] - b * sin[i];
+        y[i + half] = b * cos[i] + a * sin[i];
+    }
+}
+
+/// The transpose of [`rope`] (rotation by the opposite angle): gradients back through it.
+fn rope_back(g: &[f32], cos: &[f32], sin: &[f32], y: &mut [f32]) {
+    let half = cos.len();
+    for i in 0..half {
+        let (a, b) = (g[i], g[i + half]);
+        y[i] = a * cos[i] + b * sin[i];
+        y[i + half] = b * cos[i] - a * sin[i];
+    }
+}
+
+/// `y += a · x`.
+fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y += a * x;
+    }
+}
+
+/// Softmax of a row in place.
+fn softmax(row: &mut [f32]) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in row.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    row.iter_mut().for_each(|v| *v *= inv);
+}
+
+impl RopeAttention {
+    fn check(&self, q: usize, k: usize, v: usize) -> Result<()> {
+        let rows = self.batch * self.seq_len;
+        let ok = self.kv_heads > 0
+            && self.heads.is_multiple_of(self.kv_heads)
+            && self.head_dim.is_multiple_of(2)
+            && q == rows * self.heads * self.head_dim
+            && k == rows * self.kv_heads * self.head_dim
+            && v == k
+            && self.cos.len() == self.seq_len * self.head_dim / 2
+            && self.sin.len() == self.cos.len();
+        if !ok {
+            candle_core::bail!("rope-attention: inputs do not match the batch shape");
+        }
+        Ok(())
+    }
+
+    /// One head's rows of `x: (b·t, heads·d)` for sequence `s`, rotated: `(t, d)`, times `mul`.
+    fn rotated(&self, x: &[f32], heads: usize, s: usize, h: usize, mul: f32) -> Vec<f32> {
+        let (t, d) = (self.seq_len, self.head_dim);
+        let half = d / 2;
+        let mut out = vec![0f32; t * d];
+        for (i, o) in out.chunks_exact_mut(d).enumerate() {
+            let at = ((s * t + i) * heads + h) * d;
+            rope(
+                &x[at..at + d],
+                &self.cos[i * half..(i + 1) * half],
+                &self.sin[i * half..(i + 1) * half],
+                o,
+            );
+            if mul != 1.0 {
+                o.iter_mut().for_each(|v| *v *= mul);
+            }
+        }
+        out
+    }
+
+    /// One head's rows of `x` for sequence `s`, as they are: `(t, d)`.
+    fn rows(&self, x: &[f32], heads: usize, s: usize, h: usize) -> Vec<f32> {
+        let (t, d) = (self.seq_len, self.head_dim);
+        let mut out = Vec::with_capacity(t * d);
+        for i in 0..t {
+            let at = ((s * t + i) * heads + h) * d;
+            out.extend_from_slice(&x[at..at + d]);
+        }
+        out
+    }
+
+    /// `(d, t)` from `(t, d)`.
+    fn transposed(&self, x: &[f32]) -> Vec<f32> {
+        let (t, d) = (self.seq_len, self.head_dim);
+        let mut out = vec![0f32; t * d];
+        for i in 0..t {
+            for j in 0..d {
+                out[j * t + i] = x[i * d + j];
+            }
+        }
+        out
+    }
+
+    /// Causal softmax probabilities `(t, t)` (row `i` filled up to column `i`) of scaled,
+    /// rotated queries `qs` against rotated keys transposed `kt`.
+    fn probabilities(&self, qs: &[f32], kt: &[f32]) -> Vec<f32> {
+        let (t, d) = (self.seq_len, self.head_dim);
+        let mut p = vec![0f32; t * t];
+        for i in 0..t {
+            let row = &mut p[i * t..i * t + i + 1];
+            for (c, &a) in qs[i * d..(i + 1) * d].iter().enumerate() {
+                axpy(a, &kt[c * t..c * t + i + 1], row);
+            }
+            softmax(row);
+        }
+        p
+    }
+
+    /// Writes a head's `(t, d)` rows back into `out: (b·t, heads·d)`.
+    fn scatter(&self, rows: &[f32], heads: usize, s: usize, h: usize, out: &mut [f32]) {
+        let (t, d) = (self.seq_len, self.head_dim);
+        for i in 0..t {
+            let at = ((s * t + i) * heads + h) * d;
+            out[at..at + d].copy_from_slice(&rows[i * d..(i + 1) * d]);
+        }
+    }
+}
+
+/// One (sequence, KV head) task's gradients: each query head's `dq`, then `dk`, `dv`, all
+/// `(t, d)`.
+type GroupGrads = (Vec<Vec<f32>>, Vec<f32>, Vec<f32>);
+
+impl CustomOp3 for RopeAttention {
+    fn name(&self) -> &'static str {
+        "rope-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let q = contiguous_f32(s1, l1, "rope-attention")?;
+        let k = contiguous_f32(s2, l2, "rope-attention")?;
+        let v = contiguous_f32(s3, l3, "rope-attention")?;
+        self.check(q.len(), k.len(), v.len())?;
+        let (t, d, group) = (self.seq_len, self.head_dim, self.heads / self.kv_heads);
+        let heads: Vec<Vec<f32>> = (0..self.batch * self.heads)
+            .into_par_iter()
+            .map(|task| {
+                let (s, h) = (task / self.heads, task % self.heads);
+                let qs = self.rotated(q, self.heads, s, h, self.scale);
+                let kt = self.transposed(&self.rotated(k, self.kv_heads, s, h / group, 1.0));
+                let vr = self.rows(v, self.kv_heads, s, h / group);
+                let p = self.probabilities(&qs, &kt);
+                let mut o = vec![0f32; t * d];
+                for i in 0..t {
+                    let oi = &mut o[i * d..(i + 1) * d];
+                    for j in 0..=i {
+                        axpy(p[i * t + j], &vr[j * d..(j + 1) * d], oi);
+                    }
+                }
+                o
+            })
+            .collect();
+        let mut out = vec![0f32; q.len()];
+        for (task, o) in heads.iter().enumerate() {
+            self.scatter(
+                o,
+                self.heads,
+                task / self.heads,
+                task % self.heads,
+                &mut out,
+            );
+        }
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (q, k, v, g) = (values(q)?, values(k)?, values(v)?, values(grad)?);
+        self.check(q.len(), k.len(), v.len())?;
+        let (t, d, group) = (self.seq_len, self.head_dim, self.heads / self.kv_heads);
+        let half = d / 2;
+        // One task per (sequence, KV head): the group's query heads add into the same dK, dV.
+        let parts: Vec<GroupGrads> = (0..self.batch * self.kv_heads)
+            .into_par_iter()
+            .map(|task| {
+                let (s, kvh) = (task / self.kv_heads, task % self.kv_heads);
+                let kr = self.rotated(&k, self.kv_heads, s, kvh, 1.0);
+                let kt = self.transposed(&kr);
+                let vt = self.transposed(&self.rows(&v, self.kv_heads, s, kvh));
+                let mut dk = vec![0f32; t * d];
+                let mut dv = vec![0f32; t * d];
+                let mut dqs = Vec::with_capacity(group);
+                let mut dp = vec![0f32; t];
+                for h in kvh * group..(kvh + 1) * group {
+                    let qs = self.rotated(&q, self.heads, s, h, self.scale);
+                    let gh = self.rows(&g, self.heads, s, h);
+                    let p = self.probabilities(&qs, &kt);
+                    let mut dq = vec![0f32; t * d];
+                    for i in 0..t {
+                        let gi = &gh[i * d..(i + 1) * d];
+                        let pi = &p[i * t..i * t + i + 1];
+                        let dpi = &mut dp[..i + 1];
+                        dpi.fill(0.0);
+                        for (c, &a) in gi.iter().enumerate() {
+                            axpy(a, &vt[c * t..c * t + i + 1], dpi);
+                        }
+                        let dot: f32 = pi.iter().zip(dpi.iter()).map(|(p, g)| p * g).sum();
+                        let (qi, dqi) = (&qs[i * d..(i + 1) * d], &mut dq[i * d..(i + 1) * d]);
+                        for j in 0..=i {
+                            let ds = pi[j] * (dpi[j] - dot);
+                            axpy(ds, &kr[j * d..(j + 1) * d], dqi);
+                            axpy(ds, qi, &mut dk[j * d..(j + 1) * d]);
+                            axpy(pi[j], gi, &mut dv[j * d..(j + 1) * d]);
+                        }
+                    }
+                    // Back through the scale and the rotation.
+                    let mut dqr = vec![0f32; t * d];
+                    for i in 0..t {
+                        let row = &mut dq[i * d..(i + 1) * d];
+                        row.iter_mut().for_each(|v| *v *= self.scale);
+                        rope_back(
+                            row,
+                            &self.cos[i * half..(i + 1) * half],
+                            &self.sin[i * half..(i + 1) * half],
+                            &mut dqr[i * d..(i + 1) * d],
+                        );
+                    }
+                    dqs.push(dqr);
+                }
+                let mut dkr = vec![0f32; t * d];
+                for i in 0..t {
+                    rope_back(
+                        &dk[i * d..(i + 1) * d],
+                        &self.cos[i * half..(i + 1) * half],
+                        &self.sin[i * half..(i + 1) * half],
+                        &mut dkr[i * d..(i + 1) * d],
+                    );
+                }
+                (dqs, dkr, dv)
+            })
+            .collect();
+        let (mut dq, mut dk, mut dv) = (
+            vec![0f32; q.len()],
+            vec![0f32; k.len()],
+            vec![0f32; v.len()],
+        );
+        for (task, (dqs, dkr, dvr)) in parts.iter().enumerate() {
+            let (s, kvh) = (task / self.kv_heads, task % self.kv_heads);
+            for (n, dqr) in dqs.iter().enumerate() {
+                self.scatter(dqr, self.heads, s, kvh * group + n, &mut dq);
+            }
+            self.scatter(dkr, self.kv_heads, s, kvh, &mut dk);
+            self.scatter(dvr, self.kv_heads, s, kvh, &mut dv);
+        }
+        let rows = self.batch * t;
+        Ok((
+            Some(matrix(dq, &[rows, self.heads * d])?),
+            Some(matrix(dk, &[rows, self.kv_heads * d])?),
+            Some(matrix(dv, &[rows, self.kv_heads * d])?),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Var, D};
+
+    fn random(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn var(shape: &[usize], seed: u64) -> Var {
+        let n = shape.iter().product();
+        Var::from_tensor(&matrix(random(n, seed), shape).expect("tensor")).expect("var")
+    }
+
+    /// Checks `fused` against `composed` (values, and the gradients of `Σ y·r` for a random
+    /// `r` with respect to every input).
+    fn agree(inputs: &[Var], fused: &Tensor, composed: &Tensor, tol: f32) {
+        let w = matrix(random(fused.elem_count(), 99), fused.dims()).expect("weights");
+        let (a, b) = (values(fused).expect("f"), values(composed).expect("c"));
+        let diff = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(diff < tol, "values differ by {diff}");
+        let ga = (fused * &w)
+            .and_then(|x| x.sum_all())
+            .and_then(|x| x.backward());
+        let gb = (composed * &w)
+            .and_then(|x| x.sum_all())
+            .and_then(|x| x.backward());
+        let (ga, gb) = (ga.expect("fused backward"), gb.expect("composed backward"));
+        for (n, v) in inputs.iter().enumerate() {
+            let a = values(ga.get(v.as_tensor()).expect("fused grad")).expect("a");
+            let b = values(gb.get(v.as_tensor()).expect("composed grad")).expect("b");
+            let scale = b.iter().map(|x| x.abs()).fold(0f32, f32::max);
+            let diff = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                scale > 0.0 && diff < tol * scale.max(1.0),
+                "input {n}: grads differ by {diff}"
+            );
+        }
+    }
+
+    #[test]
+    fn rms_norm_matches_the_composed_ops() {
+        let x = var(&[5, 12], 1);
+        let weight = random(12, 2);
+        let w = matrix(weight.clone(), &[12]).expect("w");
+        let op = RmsNorm {
+            weight: Arc::new(weight),
+            eps: 1e-5,
+        };
+        let fused = x.as_tensor().apply_op1(op).expect("fused");
+        let composed = candle_nn::ops::rms_norm_slow(x.as_tensor(), &w, 1e-5).expect("composed");
+        agree(&[x], &fused, &composed, 1e-5);
+    }
+
+    #[test]
+    fn swiglu_matches_the_composed_ops() {
+        let (g, u) = (var(&[4, 9], 3), var(&[4, 9], 4));
+        let fused = g
+            .as_tensor()
+            .apply_op2(u.as_tensor(), SwiGlu)
+            .expect("fused");
+        let composed = (g.as_tensor().silu().expect("silu") * u.as_tensor()).expect("mul");
+        agree(&[g, u], &fused, &composed, 1e-5);
+    }
+
+    /// The graph the training forward used before: rope, repeated K/V, masked softmax.
+    fn composed_attention(q: &Tensor, k: &Tensor, v: &Tensor, op: &RopeAttention) -> Tensor {
+        let (b, t, nh, nkv, hd) = (op.batch, op.seq_len, op.heads, op.kv_heads, op.head_dim);
+        let f = || -> Result<Tensor> {
+            let cos = matrix(op.cos.to_vec(), &[t, hd / 2])?;
+            let sin = matrix(op.sin.to_vec(), &[t, hd / 2])?;
+            let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
+            let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let q = candle_nn::rotary_emb::rope_slow(&q, &cos, &sin)?;
+            let k = candle_nn::rotary_emb::rope_slow(&k, &cos, &sin)?;
+            let group = nh / nkv;
+            let repeat = |x: Tensor| -> Result<Tensor> {
+                x.unsqueeze(2)?
+                    .broadcast_as((b, nkv, group, t, hd))?
+                    .reshape((b, nh, t, hd))
+            };
+            let (k, v) = (repeat(k)?, repeat(v)?);
+            let mask: Vec<f32> = (0..t)
+                .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+                .collect();
+            let mask = matrix(mask, &[t, t])?;
+            let att = (q.matmul(&k.t()?.contiguous()?)? * f64::from(op.scale))?;
+            let att = candle_nn::ops::softmax(&att.broadcast_add(&mask)?, D::Minus1)?;
+            att.matmul(&v)?
+                .transpose(1, 2)?
+                .contiguous()?
+                .reshape((b * t, nh * hd))
+        };
+        f().expect("composed attention")
+    }
+
+    #[test]
+    fn rope_attention_matches_the_composed_ops() {
+        let (b, t, nh, nkv, hd) = (2, 7, 6, 2, 8);
+        let angles: Vec<f32> = (0..t * hd / 2)
+            .map(|i| (i / (hd / 2)) as f32 * (0.3 + 0.2 * (i % (hd / 2)) as f32))
+            .collect();
+        let op = RopeAttention {
+            batch: b,
+            seq_len: t,
+            heads: nh,
+            kv_heads: nkv,
+            head_dim: hd,
+            cos: Arc::new(angles.iter().map(|a| a.cos()).collect()),
+            sin: Arc::new(angles.iter().map(|a| a.sin()).collect()),
+            scale: 1.0 / (hd as f32).sqrt(),
+        };
+        let q = var(&[b * t, nh * hd], 5);
+        let k = var(&[b * t, nkv * hd], 6);
+        let v = var(&[b * t, nkv * hd], 7);
+        let composed = composed_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &op);
+        let fused = q
+            .as_tensor()
+            .apply_op3(k.as_tensor(), v.as_tensor(), op)
+            .expect("fused");
+        agree(&[q, k, v], &fused, &composed, 1e-5);
+    }
+}
