@@ -188,12 +188,43 @@ impl Projections {
         }
     }
 
+    /// All projections as one layer (outputs side by side): the stacked kernel when there is
+    /// one, else the weights concatenated in f32.
+    fn joined(&self) -> Result<Linear> {
+        match self {
+            Projections::Stacked(l, _) => Ok(l.clone()),
+            Projections::Separate(parts) if parts.len() == 1 => Ok(parts[0].clone()),
+            Projections::Separate(_) => {
+                let (w, b) = self.fused_f32()?;
+                Ok(Linear::new(w, b))
+            }
+        }
+    }
+
     fn has_bias(&self) -> bool {
         match self {
             Projections::Stacked(l, _) => l.bias().is_some(),
             Projections::Separate(parts) => parts.iter().any(|p| p.bias().is_some()),
         }
     }
+}
+
+/// One layer's weights for the training graph (see [`Decoder::training_weights`]).
+pub(super) struct TrainingLayer {
+    pub input_norm: Vec<f32>,
+    pub post_attention_norm: Vec<f32>,
+    pub qkv: Linear,
+    pub o: Linear,
+    pub gate_up: Linear,
+    pub down: Linear,
+}
+
+/// The whole model's weights for the training graph.
+pub(super) struct TrainingWeights {
+    pub layers: Vec<TrainingLayer>,
+    pub embed: Linear,
+    pub norm: Vec<f32>,
+    pub head: Linear,
 }
 
 #[derive(Clone)]
@@ -484,6 +515,32 @@ impl Decoder {
             logits.iter_mut().for_each(|l| *l = (*l / cap).tanh() * cap);
         }
         Tensor::from_vec(logits, (batch.seqs.len(), c.vocab_size), &Device::Cpu)
+    }
+
+    /// The weights the training graph runs, shared with this model (no copies): per layer
+    /// the norms' multipliers, q/k/v stacked in that order, o, gate/up stacked, down; then the
+    /// embedding table, the final norm and the head.
+    pub(super) fn training_weights(&self) -> Result<TrainingWeights> {
+        let layers = self
+            .blocks
+            .iter()
+            .map(|b| {
+                Ok(TrainingLayer {
+                    input_norm: b.attn_norm.weight.clone(),
+                    post_attention_norm: b.ffn_norm.weight.clone(),
+                    qkv: b.qkv.joined()?,
+                    o: b.o_proj.clone(),
+                    gate_up: b.mlp_in.joined()?,
+                    down: b.down_proj.clone(),
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(TrainingWeights {
+            layers,
+            embed: self.embed_tokens.clone(),
+            norm: self.norm.weight.clone(),
+            head: self.lm_head.clone(),
+        })
     }
 
     /// Every weight by its Hugging Face name (this architecture's names), as f32; the head is

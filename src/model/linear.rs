@@ -181,6 +181,18 @@ impl Linear {
         }
     }
 
+    /// The transposed weight `Wᵀ: (in, out)` without bias, so that its `forward` computes
+    /// `g · W` (the input gradient of this layer, for training). A quantized weight gives a
+    /// Q8_0 transpose (8-bit kernels both ways) when `out` is a multiple of 32, else f32.
+    pub fn transposed(&self) -> Result<Linear> {
+        if let Weight::Quant(q) = &self.weight {
+            if let Some(t) = q.transposed_q8_0() {
+                return Linear::quantized(t, None);
+            }
+        }
+        Ok(Linear::new(self.weight_f32()?.t()?.contiguous()?, None))
+    }
+
     /// The bias, if any.
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()

@@ -1,7 +1,9 @@
 //! LoRA adapters: `y = x·Wᵀ + (alpha/r)·(x·Aᵀ)·Bᵀ` on frozen base weights.
 //!
-//! The math lives once, in [`lora_delta`]; serving (each sequence's rows of a ragged batch use
-//! that sequence's adapter) and training (on autograd variables) both call it. Adapters are
+//! The math lives once, in [`lora_rows`]: serving (each sequence's rows of a ragged batch use
+//! that sequence's adapter) calls it directly, training through [`lora_delta`] (the same
+//! function as an autograd op). Each row is computed alone in a fixed order, so a sequence's
+//! delta never depends on what else is in the batch. Adapters are
 //! read and written in PEFT's format (`adapter_config.json` + `adapter_model.safetensors`,
 //! tensors named `base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`), so they
 //! move freely between nextoken and the Python ecosystem.
@@ -90,10 +92,121 @@ impl Target {
     }
 }
 
-/// `scale · (x·Aᵀ)·Bᵀ` for `x: (rows, in)`, `A: (r, in)`, `B: (out, r)`: the LoRA delta
-/// added to the frozen projection's output. The one implementation, for serving and training.
+/// A dot product in a fixed order (eight running lanes, then the tail), whatever the caller.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for k in 0..8 {
+            lanes[k] += x[k] * y[k];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// `scale · (x·Aᵀ)·Bᵀ` for `x: (rows, in)`, `A: (r, in)`, `B: (out, r)`, all row-major: the
+/// LoRA delta added to the frozen projection's output, `(rows, out)`. Each row is computed on
+/// its own, so its result does not depend on the other rows (batch invariance).
+pub fn lora_rows(x: &[f32], a: &[f32], b: &[f32], rank: usize, scale: f32) -> Vec<f32> {
+    use rayon::prelude::*;
+    let (inp, out) = (a.len().checked_div(rank), b.len().checked_div(rank));
+    let (Some(inp @ 1..), Some(out @ 1..)) = (inp, out) else {
+        return Vec::new();
+    };
+    let rows = x.len() / inp;
+    let mut y = vec![0f32; rows * out];
+    let row = |(yr, xr): (&mut [f32], &[f32])| {
+        let z: Vec<f32> = a.chunks_exact(inp).map(|ar| dot(xr, ar)).collect();
+        for (v, br) in yr.iter_mut().zip(b.chunks_exact(rank)) {
+            *v = dot(&z, br) * scale;
+        }
+    };
+    if rows >= 16 {
+        y.par_chunks_mut(out).zip(x.par_chunks(inp)).for_each(row);
+    } else {
+        y.chunks_mut(out).zip(x.chunks(inp)).for_each(row);
+    }
+    y
+}
+
+/// [`lora_rows`] as an autograd op on `(x, A, B)`; the backward pass gives all three their
+/// gradients (`dx = s·(g·B)·A`, `dA = s·(g·B)ᵀ·x`, `dB = s·gᵀ·(x·Aᵀ)`).
+struct LoraDelta {
+    scale: f32,
+}
+
+impl candle_core::CustomOp3 for LoraDelta {
+    fn name(&self) -> &'static str {
+        "lora-delta"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CpuStorage,
+        l3: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let f32s = |s: &'_ candle_core::CpuStorage, l: &candle_core::Layout| -> Result<Vec<f32>> {
+            let candle_core::CpuStorage::F32(v) = s else {
+                candle_core::bail!("lora-delta: f32 inputs expected");
+            };
+            match l.contiguous_offsets() {
+                Some((a, b)) => Ok(v[a..b].to_vec()),
+                None => candle_core::bail!("lora-delta: contiguous inputs expected"),
+            }
+        };
+        let (rows, inp) = l1.shape().dims2()?;
+        let (rank, a_in) = l2.shape().dims2()?;
+        let (out, b_rank) = l3.shape().dims2()?;
+        if a_in != inp || b_rank != rank {
+            candle_core::bail!("lora-delta: x {inp} wide, A ({rank}, {a_in}), B ({out}, {b_rank})");
+        }
+        let y = lora_rows(
+            &f32s(s1, l1)?,
+            &f32s(s2, l2)?,
+            &f32s(s3, l3)?,
+            rank,
+            self.scale,
+        );
+        Ok((candle_core::CpuStorage::F32(y), (rows, out).into()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let s = f64::from(self.scale);
+        let gb = grad.matmul(b)?.affine(s, 0.0)?; // (rows, r)
+        let dx = gb.matmul(a)?;
+        let da = gb.t()?.matmul(x)?;
+        let db = grad.t()?.matmul(&x.matmul(&a.t()?)?)?.affine(s, 0.0)?;
+        Ok((Some(dx), Some(da), Some(db)))
+    }
+}
+
+/// `scale · (x·Aᵀ)·Bᵀ` for `x: (rows, in)`, `A: (r, in)`, `B: (out, r)` as a tensor op with
+/// gradients (training); the arithmetic is [`lora_rows`].
 pub fn lora_delta(x: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
-    x.matmul(&a.t()?)?.matmul(&b.t()?)?.affine(scale, 0.0)
+    x.contiguous()?.apply_op3(
+        &a.contiguous()?,
+        &b.contiguous()?,
+        LoraDelta {
+            scale: scale as f32,
+        },
+    )
 }
 
 /// One adapted projection's factors.
@@ -471,10 +584,11 @@ pub fn add_deltas(
         for &i in &idx {
             xs.extend_from_slice(&x[i * inp..(i + 1) * inp]);
         }
-        let xt = Tensor::from_vec(xs, (idx.len(), inp), &Device::Cpu)?;
-        let d = lora_delta(&xt, &pair.a, &pair.b, adapter.scale)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
+        let (a, b) = (
+            pair.a.flatten_all()?.to_vec1::<f32>()?,
+            pair.b.flatten_all()?.to_vec1::<f32>()?,
+        );
+        let d = lora_rows(&xs, &a, &b, pair.a.dim(0)?, adapter.scale as f32);
         for (k, &i) in idx.iter().enumerate() {
             for (v, dv) in y[i * out..(i + 1) * out]
                 .iter_mut()
@@ -490,6 +604,69 @@ pub fn add_deltas(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
+            .collect()
+    }
+
+    #[test]
+    fn each_row_is_bit_identical_alone_or_with_others() {
+        let (rows, inp, out, r) = (7, 45, 19, 4);
+        let (x, a, b) = (
+            values(rows * inp, 1),
+            values(r * inp, 2),
+            values(out * r, 3),
+        );
+        let all = lora_rows(&x, &a, &b, r, 0.7);
+        let many = lora_rows(&values(40 * inp, 1), &a, &b, r, 0.7);
+        for i in 0..rows {
+            let alone = lora_rows(&x[i * inp..(i + 1) * inp], &a, &b, r, 0.7);
+            assert_eq!(alone, all[i * out..(i + 1) * out], "row {i}");
+            assert_eq!(alone, many[i * out..(i + 1) * out], "row {i} among 40");
+        }
+    }
+
+    #[test]
+    fn delta_op_gradients_match_the_composed_matmuls() {
+        use candle_core::Var;
+        let (rows, inp, out, r) = (5, 12, 9, 3);
+        let var = |n: usize, shape: (usize, usize), seed: u32| {
+            Var::from_tensor(&Tensor::from_vec(values(n, seed), shape, &Device::Cpu).unwrap())
+                .unwrap()
+        };
+        let (x, a, b) = (
+            var(rows * inp, (rows, inp), 4),
+            var(r * inp, (r, inp), 5),
+            var(out * r, (out, r), 6),
+        );
+        let w = Tensor::from_vec(values(rows * out, 7), (rows, out), &Device::Cpu).unwrap();
+        let fused = lora_delta(x.as_tensor(), a.as_tensor(), b.as_tensor(), 1.5).unwrap();
+        let composed = x
+            .as_tensor()
+            .matmul(&a.as_tensor().t().unwrap())
+            .and_then(|z| z.matmul(&b.as_tensor().t().unwrap()))
+            .and_then(|y| y.affine(1.5, 0.0))
+            .unwrap();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let close = |p: &[f32], q: &[f32]| p.iter().zip(q).all(|(p, q)| (p - q).abs() < 1e-5);
+        assert!(close(&flat(&fused), &flat(&composed)));
+        let gf = (fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let gc = (composed * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in [&x, &a, &b] {
+            let (p, q) = (
+                flat(gf.get(v.as_tensor()).unwrap()),
+                flat(gc.get(v.as_tensor()).unwrap()),
+            );
+            assert!(close(&p, &q), "{p:?} vs {q:?}");
+        }
+    }
 
     #[test]
     fn delta_matches_hand_computed_values() {

@@ -296,6 +296,38 @@ impl QMatrix {
         Some(QMatrix { rows, cols, panels })
     }
 
+    /// Quantizes f32 `(rows, cols)` row-major to Q8_0 as llama.cpp's `quantize_row_q8_0` does
+    /// (`d = max|x| / 127` rounded to f16, `q = round(x / d)`); `None` unless `cols` is a
+    /// multiple of 32.
+    pub fn quantize_q8_0(x: &[f32], rows: usize, cols: usize) -> Option<Self> {
+        if !cols.is_multiple_of(BLOCK) || x.len() != rows * cols {
+            return None;
+        }
+        let mut bytes = Vec::with_capacity(x.len() / BLOCK * 34);
+        for xb in x.chunks_exact(BLOCK) {
+            let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            bytes.extend(half::f16::from_f32(d).to_le_bytes());
+            bytes.extend(xb.iter().map(|v| (v * id).round() as i8 as u8));
+        }
+        QMatrix::from_gguf_bytes(QuantFormat::Q8_0, rows, cols, &bytes).ok()
+    }
+
+    /// `Wᵀ` as Q8_0 (blocks along this matrix's rows), for products `g · W` — the input
+    /// gradient of `x · Wᵀ`. `None` unless the row count is a multiple of 32.
+    pub fn transposed_q8_0(&self) -> Option<Self> {
+        let (rows, cols) = (self.rows, self.cols);
+        let w = self.dequantize();
+        let mut t = vec![0f32; rows * cols];
+        for (r, row) in w.chunks_exact(cols).enumerate() {
+            for (c, &v) in row.iter().enumerate() {
+                t[c * rows + r] = v;
+            }
+        }
+        QMatrix::quantize_q8_0(&t, cols, rows)
+    }
+
     /// A matrix whose row `i` is this matrix's row `source[i]`.
     pub fn gather_rows(&self, source: &[usize]) -> Self {
         let nb = self.cols / BLOCK;

@@ -46,6 +46,41 @@ fn matrix(data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
     Tensor::from_vec(data, shape, &Device::Cpu)
 }
 
+/// `e^x` to within a few ulp (Cephes' `expf` polynomial; `x` clamped to `[-87.3, 88]`), in
+/// plain arithmetic that the compiler vectorises over a slice — libm's `expf` is a call per
+/// element, and the training step takes ~10⁸ exponentials (softmaxes, SiLU).
+#[inline(always)]
+pub(super) fn fast_exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // 1.5 · 2²³: adding it rounds to an integer held in the low mantissa bits.
+    const MAGIC: f32 = 12_582_912.0;
+    let x = x.clamp(-87.3, 88.0);
+    let t = x * LOG2E + MAGIC;
+    let n = t - MAGIC;
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 0.166_666_65;
+    p = p * r + 0.5;
+    p = p * r * r + r + 1.0;
+    let k = (t.to_bits() as i32).wrapping_sub(0x4B40_0000);
+    p * f32::from_bits(((k + 127) as u32) << 23)
+}
+
+/// Replaces each `v` by `e^(v − shift)` and returns their sum.
+#[inline(always)]
+pub(super) fn exp_shifted(row: &mut [f32], shift: f32) -> f32 {
+    row.iter_mut().for_each(|v| *v = fast_exp(*v - shift));
+    let mut lanes = [0f32; 8];
+    let mut chunks = row.chunks_exact(8);
+    for c in &mut chunks {
+        lanes.iter_mut().zip(c).for_each(|(l, v)| *l += v);
+    }
+    lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
+}
+
 /// `1 / sqrt(mean(x²) + eps)` of a row.
 fn inv_rms(row: &[f32], eps: f32) -> f32 {
     let sum2: f32 = row.iter().map(|v| v * v).sum();
@@ -109,7 +144,7 @@ impl CustomOp1 for RmsNorm {
 }
 
 fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+    1.0 / (1.0 + fast_exp(-x))
 }
 
 /// SwiGLU: `silu(gate) · up`, elementwise.
@@ -200,6 +235,7 @@ pub(super) struct RopeAttention {
 }
 
 /// `y = x·cos + rotate_half(x)·sin` for one head's row.
+#[inline(always)]
 fn rope(x: &[f32], cos: &[f32], sin: &[f32], y: &mut [f32]) {
     let half = cos.len();
     for i in 0..half {
@@ -210,6 +246,7 @@ fn rope(x: &[f32], cos: &[f32], sin: &[f32], y: &mut [f32]) {
 }
 
 /// The transpose of [`rope`] (rotation by the opposite angle): gradients back through it.
+#[inline(always)]
 fn rope_back(g: &[f32], cos: &[f32], sin: &[f32], y: &mut [f32]) {
     let half = cos.len();
     for i in 0..half {
@@ -220,6 +257,7 @@ fn rope_back(g: &[f32], cos: &[f32], sin: &[f32], y: &mut [f32]) {
 }
 
 /// `y += a · x`.
+#[inline(always)]
 fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
     for (y, x) in y.iter_mut().zip(x) {
         *y += a * x;
@@ -227,14 +265,10 @@ fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
 }
 
 /// Softmax of a row in place.
+#[inline(always)]
 fn softmax(row: &mut [f32]) {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
-    for v in row.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    let inv = 1.0 / sum;
+    let inv = 1.0 / exp_shifted(row, max);
     row.iter_mut().for_each(|v| *v *= inv);
 }
 
@@ -256,6 +290,7 @@ impl RopeAttention {
     }
 
     /// One head's rows of `x: (b·t, heads·d)` for sequence `s`, rotated: `(t, d)`, times `mul`.
+    #[inline(always)]
     fn rotated(&self, x: &[f32], heads: usize, s: usize, h: usize, mul: f32) -> Vec<f32> {
         let (t, d) = (self.seq_len, self.head_dim);
         let half = d / 2;
@@ -276,6 +311,7 @@ impl RopeAttention {
     }
 
     /// One head's rows of `x` for sequence `s`, as they are: `(t, d)`.
+    #[inline(always)]
     fn rows(&self, x: &[f32], heads: usize, s: usize, h: usize) -> Vec<f32> {
         let (t, d) = (self.seq_len, self.head_dim);
         let mut out = Vec::with_capacity(t * d);
@@ -287,6 +323,7 @@ impl RopeAttention {
     }
 
     /// `(d, t)` from `(t, d)`.
+    #[inline(always)]
     fn transposed(&self, x: &[f32]) -> Vec<f32> {
         let (t, d) = (self.seq_len, self.head_dim);
         let mut out = vec![0f32; t * d];
@@ -300,6 +337,7 @@ impl RopeAttention {
 
     /// Causal softmax probabilities `(t, t)` (row `i` filled up to column `i`) of scaled,
     /// rotated queries `qs` against rotated keys transposed `kt`.
+    #[inline(always)]
     fn probabilities(&self, qs: &[f32], kt: &[f32]) -> Vec<f32> {
         let (t, d) = (self.seq_len, self.head_dim);
         let mut p = vec![0f32; t * t];
@@ -314,6 +352,7 @@ impl RopeAttention {
     }
 
     /// Writes a head's `(t, d)` rows back into `out: (b·t, heads·d)`.
+    #[inline(always)]
     fn scatter(&self, rows: &[f32], heads: usize, s: usize, h: usize, out: &mut [f32]) {
         let (t, d) = (self.seq_len, self.head_dim);
         for i in 0..t {
@@ -326,6 +365,180 @@ impl RopeAttention {
 /// One (sequence, KV head) task's gradients: each query head's `dq`, then `dk`, `dv`, all
 /// `(t, d)`.
 type GroupGrads = (Vec<Vec<f32>>, Vec<f32>, Vec<f32>);
+
+impl RopeAttention {
+    /// Query head `h` of sequence `s`: its `(t, d)` output rows.
+    #[inline(always)]
+    fn forward_head(&self, q: &[f32], k: &[f32], v: &[f32], s: usize, h: usize) -> Vec<f32> {
+        let (t, d, group) = (self.seq_len, self.head_dim, self.heads / self.kv_heads);
+        let qs = self.rotated(q, self.heads, s, h, self.scale);
+        let kt = self.transposed(&self.rotated(k, self.kv_heads, s, h / group, 1.0));
+        let vr = self.rows(v, self.kv_heads, s, h / group);
+        let p = self.probabilities(&qs, &kt);
+        let mut o = vec![0f32; t * d];
+        for (i, oi) in o.chunks_exact_mut(d).enumerate() {
+            for (j, vj) in vr.chunks_exact(d).take(i + 1).enumerate() {
+                axpy(p[i * t + j], vj, oi);
+            }
+        }
+        o
+    }
+
+    /// The gradients of KV head `kvh` of sequence `s` and of its query heads. Every product
+    /// is an axpy along a contiguous row (`dKᵀ`, `dVᵀ` and `dP` are accumulated transposed).
+    #[inline(always)]
+    fn backward_group(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        g: &[f32],
+        s: usize,
+        kvh: usize,
+    ) -> GroupGrads {
+        let (t, d, group) = (self.seq_len, self.head_dim, self.heads / self.kv_heads);
+        let half = d / 2;
+        let kr = self.rotated(k, self.kv_heads, s, kvh, 1.0);
+        let kt = self.transposed(&kr);
+        let vt = self.transposed(&self.rows(v, self.kv_heads, s, kvh));
+        let mut dkt = vec![0f32; d * t];
+        let mut dvt = vec![0f32; d * t];
+        let mut dqs = Vec::with_capacity(group);
+        for h in kvh * group..(kvh + 1) * group {
+            let qs = self.rotated(q, self.heads, s, h, self.scale);
+            let gh = self.rows(g, self.heads, s, h);
+            let mut p = self.probabilities(&qs, &kt);
+            let mut dq = vec![0f32; t * d];
+            let mut dp = vec![0f32; t];
+            for i in 0..t {
+                let gi = &gh[i * d..(i + 1) * d];
+                let pi = &mut p[i * t..i * t + i + 1];
+                let dpi = &mut dp[..i + 1];
+                dpi.fill(0.0);
+                for (c, &a) in gi.iter().enumerate() {
+                    axpy(a, &vt[c * t..c * t + i + 1], dpi);
+                    // dVᵀ[c][j] += g[i][c] · P[i][j]
+                    axpy(a, pi, &mut dvt[c * t..c * t + i + 1]);
+                }
+                let dot: f32 = pi.iter().zip(dpi.iter()).map(|(p, g)| p * g).sum();
+                // P[i] becomes dS[i] = P ⊙ (dP − dot).
+                pi.iter_mut()
+                    .zip(dpi.iter())
+                    .for_each(|(p, g)| *p *= g - dot);
+                let dqi = &mut dq[i * d..(i + 1) * d];
+                for (j, kj) in kr.chunks_exact(d).take(i + 1).enumerate() {
+                    axpy(pi[j], kj, dqi);
+                }
+                // dKᵀ[c][j] += qs[i][c] · dS[i][j]
+                for (c, &a) in qs[i * d..(i + 1) * d].iter().enumerate() {
+                    axpy(a, pi, &mut dkt[c * t..c * t + i + 1]);
+                }
+            }
+            // Back through the scale and the rotation.
+            let mut dqr = vec![0f32; t * d];
+            for i in 0..t {
+                let row = &mut dq[i * d..(i + 1) * d];
+                row.iter_mut().for_each(|v| *v *= self.scale);
+                rope_back(
+                    row,
+                    &self.cos[i * half..(i + 1) * half],
+                    &self.sin[i * half..(i + 1) * half],
+                    &mut dqr[i * d..(i + 1) * d],
+                );
+            }
+            dqs.push(dqr);
+        }
+        let dk = self.transposed_back(&dkt);
+        let mut dkr = vec![0f32; t * d];
+        for i in 0..t {
+            rope_back(
+                &dk[i * d..(i + 1) * d],
+                &self.cos[i * half..(i + 1) * half],
+                &self.sin[i * half..(i + 1) * half],
+                &mut dkr[i * d..(i + 1) * d],
+            );
+        }
+        (dqs, dkr, self.transposed_back(&dvt))
+    }
+
+    /// `(t, d)` from `(d, t)`.
+    #[inline(always)]
+    fn transposed_back(&self, x: &[f32]) -> Vec<f32> {
+        let (t, d) = (self.seq_len, self.head_dim);
+        let mut out = vec![0f32; t * d];
+        for c in 0..d {
+            for i in 0..t {
+                out[i * d + c] = x[c * t + i];
+            }
+        }
+        out
+    }
+}
+
+/// The attention loops compiled for AVX2 (the crate's baseline target is SSE2), picked at run
+/// time; the same code either way.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod simd {
+    use super::{GroupGrads, RopeAttention};
+
+    fn available() -> bool {
+        use std::sync::OnceLock;
+        static AVX2: OnceLock<bool> = OnceLock::new();
+        *AVX2.get_or_init(|| is_x86_feature_detected!("avx2"))
+    }
+
+    #[target_feature(enable = "avx2")]
+    fn forward_head_avx2(op: &RopeAttention, x: [&[f32]; 3], s: usize, h: usize) -> Vec<f32> {
+        op.forward_head(x[0], x[1], x[2], s, h)
+    }
+
+    #[target_feature(enable = "avx2")]
+    fn backward_group_avx2(op: &RopeAttention, x: [&[f32]; 4], s: usize, kvh: usize) -> GroupGrads {
+        op.backward_group(x[0], x[1], x[2], x[3], s, kvh)
+    }
+
+    pub(super) fn forward_head(op: &RopeAttention, x: [&[f32]; 3], s: usize, h: usize) -> Vec<f32> {
+        if available() {
+            // SAFETY: AVX2 was detected at run time.
+            unsafe { forward_head_avx2(op, x, s, h) }
+        } else {
+            op.forward_head(x[0], x[1], x[2], s, h)
+        }
+    }
+
+    pub(super) fn backward_group(
+        op: &RopeAttention,
+        x: [&[f32]; 4],
+        s: usize,
+        kvh: usize,
+    ) -> GroupGrads {
+        if available() {
+            // SAFETY: AVX2 was detected at run time.
+            unsafe { backward_group_avx2(op, x, s, kvh) }
+        } else {
+            op.backward_group(x[0], x[1], x[2], x[3], s, kvh)
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod simd {
+    use super::{GroupGrads, RopeAttention};
+
+    pub(super) fn forward_head(op: &RopeAttention, x: [&[f32]; 3], s: usize, h: usize) -> Vec<f32> {
+        op.forward_head(x[0], x[1], x[2], s, h)
+    }
+
+    pub(super) fn backward_group(
+        op: &RopeAttention,
+        x: [&[f32]; 4],
+        s: usize,
+        kvh: usize,
+    ) -> GroupGrads {
+        op.backward_group(x[0], x[1], x[2], x[3], s, kvh)
+    }
+}
 
 impl CustomOp3 for RopeAttention {
     fn name(&self) -> &'static str {
@@ -345,24 +558,9 @@ impl CustomOp3 for RopeAttention {
         let k = contiguous_f32(s2, l2, "rope-attention")?;
         let v = contiguous_f32(s3, l3, "rope-attention")?;
         self.check(q.len(), k.len(), v.len())?;
-        let (t, d, group) = (self.seq_len, self.head_dim, self.heads / self.kv_heads);
         let heads: Vec<Vec<f32>> = (0..self.batch * self.heads)
             .into_par_iter()
-            .map(|task| {
-                let (s, h) = (task / self.heads, task % self.heads);
-                let qs = self.rotated(q, self.heads, s, h, self.scale);
-                let kt = self.transposed(&self.rotated(k, self.kv_heads, s, h / group, 1.0));
-                let vr = self.rows(v, self.kv_heads, s, h / group);
-                let p = self.probabilities(&qs, &kt);
-                let mut o = vec![0f32; t * d];
-                for i in 0..t {
-                    let oi = &mut o[i * d..(i + 1) * d];
-                    for j in 0..=i {
-                        axpy(p[i * t + j], &vr[j * d..(j + 1) * d], oi);
-                    }
-                }
-                o
-            })
+            .map(|task| simd::forward_head(self, [q, k, v], task / self.heads, task % self.heads))
             .collect();
         let mut out = vec![0f32; q.len()];
         for (task, o) in heads.iter().enumerate() {
@@ -387,66 +585,16 @@ impl CustomOp3 for RopeAttention {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (q, k, v, g) = (values(q)?, values(k)?, values(v)?, values(grad)?);
         self.check(q.len(), k.len(), v.len())?;
+        if g.len() != q.len() {
+            candle_core::bail!("rope-attention: gradient does not match the output");
+        }
         let (t, d, group) = (self.seq_len, self.head_dim, self.heads / self.kv_heads);
-        let half = d / 2;
         // One task per (sequence, KV head): the group's query heads add into the same dK, dV.
         let parts: Vec<GroupGrads> = (0..self.batch * self.kv_heads)
             .into_par_iter()
             .map(|task| {
                 let (s, kvh) = (task / self.kv_heads, task % self.kv_heads);
-                let kr = self.rotated(&k, self.kv_heads, s, kvh, 1.0);
-                let kt = self.transposed(&kr);
-                let vt = self.transposed(&self.rows(&v, self.kv_heads, s, kvh));
-                let mut dk = vec![0f32; t * d];
-                let mut dv = vec![0f32; t * d];
-                let mut dqs = Vec::with_capacity(group);
-                let mut dp = vec![0f32; t];
-                for h in kvh * group..(kvh + 1) * group {
-                    let qs = self.rotated(&q, self.heads, s, h, self.scale);
-                    let gh = self.rows(&g, self.heads, s, h);
-                    let p = self.probabilities(&qs, &kt);
-                    let mut dq = vec![0f32; t * d];
-                    for i in 0..t {
-                        let gi = &gh[i * d..(i + 1) * d];
-                        let pi = &p[i * t..i * t + i + 1];
-                        let dpi = &mut dp[..i + 1];
-                        dpi.fill(0.0);
-                        for (c, &a) in gi.iter().enumerate() {
-                            axpy(a, &vt[c * t..c * t + i + 1], dpi);
-                        }
-                        let dot: f32 = pi.iter().zip(dpi.iter()).map(|(p, g)| p * g).sum();
-                        let (qi, dqi) = (&qs[i * d..(i + 1) * d], &mut dq[i * d..(i + 1) * d]);
-                        for j in 0..=i {
-                            let ds = pi[j] * (dpi[j] - dot);
-                            axpy(ds, &kr[j * d..(j + 1) * d], dqi);
-                            axpy(ds, qi, &mut dk[j * d..(j + 1) * d]);
-                            axpy(pi[j], gi, &mut dv[j * d..(j + 1) * d]);
-                        }
-                    }
-                    // Back through the scale and the rotation.
-                    let mut dqr = vec![0f32; t * d];
-                    for i in 0..t {
-                        let row = &mut dq[i * d..(i + 1) * d];
-                        row.iter_mut().for_each(|v| *v *= self.scale);
-                        rope_back(
-                            row,
-                            &self.cos[i * half..(i + 1) * half],
-                            &self.sin[i * half..(i + 1) * half],
-                            &mut dqr[i * d..(i + 1) * d],
-                        );
-                    }
-                    dqs.push(dqr);
-                }
-                let mut dkr = vec![0f32; t * d];
-                for i in 0..t {
-                    rope_back(
-                        &dk[i * d..(i + 1) * d],
-                        &self.cos[i * half..(i + 1) * half],
-                        &self.sin[i * half..(i + 1) * half],
-                        &mut dkr[i * d..(i + 1) * d],
-                    );
-                }
-                (dqs, dkr, dv)
+                simd::backward_group(self, [&q, &k, &v, &g], s, kvh)
             })
             .collect();
         let (mut dq, mut dk, mut dv) = (
@@ -525,6 +673,23 @@ mod tests {
                 "input {n}: grads differ by {diff}"
             );
         }
+    }
+
+    #[test]
+    fn fast_exp_is_within_a_few_ulp() {
+        for i in 0..=20_000 {
+            let x = -87.0 + i as f32 * (87.0 + 88.0) / 20_000.0;
+            let (got, want) = (fast_exp(x), x.exp());
+            assert!(
+                (got - want).abs() <= 4.0 * f32::EPSILON * want,
+                "e^{x}: {got} vs {want}"
+            );
+        }
+        let mut row = vec![0.5f32, -1.0, 2.0, 0.0, -3.5, 1.25, 0.75, -0.25, 3.0];
+        let want: f32 = row.iter().map(|v| (v - 3.0f32).exp()).sum();
+        let got = exp_shifted(&mut row, 3.0);
+        assert!((got - want).abs() < 1e-6 * want, "{got} vs {want}");
+        assert!((row[8] - 1.0).abs() < 1e-7);
     }
 
     #[test]
