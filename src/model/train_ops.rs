@@ -70,7 +70,6 @@ pub(super) fn fast_exp(x: f32) -> f32 {
 }
 
 /// Replaces each `v` by `e^(v − shift)` and returns their sum.
-#[inline(always)]
 pub(super) fn exp_shifted(row: &mut [f32], shift: f32) -> f32 {
     row.iter_mut().for_each(|v| *v = fast_exp(*v - shift));
     let mut lanes = [0f32; 8];
@@ -235,7 +234,6 @@ pub(super) struct RopeAttention {
 }
 
 /// `y = x·cos + rotate_half(x)·sin` for one head's row.
-#[inline(always)]
 fn rope(x: &[f32], cos: &[f32], sin: &[f32], y: &mut [f32]) {
     let half = cos.len();
     for i in 0..half {
@@ -246,7 +244,6 @@ fn rope(x: &[f32], cos: &[f32], sin: &[f32], y: &mut [f32]) {
 }
 
 /// The transpose of [`rope`] (rotation by the opposite angle): gradients back through it.
-#[inline(always)]
 fn rope_back(g: &[f32], cos: &[f32], sin: &[f32], y: &mut [f32]) {
     let half = cos.len();
     for i in 0..half {
@@ -256,16 +253,7 @@ fn rope_back(g: &[f32], cos: &[f32], sin: &[f32], y: &mut [f32]) {
     }
 }
 
-/// `y += a · x`.
-#[inline(always)]
-fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y += a * x;
-    }
-}
-
 /// Softmax of a row in place.
-#[inline(always)]
 fn softmax(row: &mut [f32]) {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let inv = 1.0 / exp_shifted(row, max);
@@ -290,7 +278,6 @@ impl RopeAttention {
     }
 
     /// One head's rows of `x: (b·t, heads·d)` for sequence `s`, rotated: `(t, d)`, times `mul`.
-    #[inline(always)]
     fn rotated(&self, x: &[f32], heads: usize, s: usize, h: usize, mul: f32) -> Vec<f32> {
         let (t, d) = (self.seq_len, self.head_dim);
         let half = d / 2;
@@ -311,7 +298,6 @@ impl RopeAttention {
     }
 
     /// One head's rows of `x` for sequence `s`, as they are: `(t, d)`.
-    #[inline(always)]
     fn rows(&self, x: &[f32], heads: usize, s: usize, h: usize) -> Vec<f32> {
         let (t, d) = (self.seq_len, self.head_dim);
         let mut out = Vec::with_capacity(t * d);
@@ -322,37 +308,7 @@ impl RopeAttention {
         out
     }
 
-    /// `(d, t)` from `(t, d)`.
-    #[inline(always)]
-    fn transposed(&self, x: &[f32]) -> Vec<f32> {
-        let (t, d) = (self.seq_len, self.head_dim);
-        let mut out = vec![0f32; t * d];
-        for i in 0..t {
-            for j in 0..d {
-                out[j * t + i] = x[i * d + j];
-            }
-        }
-        out
-    }
-
-    /// Causal softmax probabilities `(t, t)` (row `i` filled up to column `i`) of scaled,
-    /// rotated queries `qs` against rotated keys transposed `kt`.
-    #[inline(always)]
-    fn probabilities(&self, qs: &[f32], kt: &[f32]) -> Vec<f32> {
-        let (t, d) = (self.seq_len, self.head_dim);
-        let mut p = vec![0f32; t * t];
-        for i in 0..t {
-            let row = &mut p[i * t..i * t + i + 1];
-            for (c, &a) in qs[i * d..(i + 1) * d].iter().enumerate() {
-                axpy(a, &kt[c * t..c * t + i + 1], row);
-            }
-            softmax(row);
-        }
-        p
-    }
-
     /// Writes a head's `(t, d)` rows back into `out: (b·t, heads·d)`.
-    #[inline(always)]
     fn scatter(&self, rows: &[f32], heads: usize, s: usize, h: usize, out: &mut [f32]) {
         let (t, d) = (self.seq_len, self.head_dim);
         for i in 0..t {
@@ -368,25 +324,36 @@ type GroupGrads = (Vec<Vec<f32>>, Vec<f32>, Vec<f32>);
 
 impl RopeAttention {
     /// Query head `h` of sequence `s`: its `(t, d)` output rows.
-    #[inline(always)]
     fn forward_head(&self, q: &[f32], k: &[f32], v: &[f32], s: usize, h: usize) -> Vec<f32> {
         let (t, d, group) = (self.seq_len, self.head_dim, self.heads / self.kv_heads);
         let qs = self.rotated(q, self.heads, s, h, self.scale);
-        let kt = self.transposed(&self.rotated(k, self.kv_heads, s, h / group, 1.0));
+        let kr = self.rotated(k, self.kv_heads, s, h / group, 1.0);
         let vr = self.rows(v, self.kv_heads, s, h / group);
-        let p = self.probabilities(&qs, &kt);
+        let p = self.probabilities(&qs, &kr);
         let mut o = vec![0f32; t * d];
-        for (i, oi) in o.chunks_exact_mut(d).enumerate() {
-            for (j, vj) in vr.chunks_exact(d).take(i + 1).enumerate() {
-                axpy(p[i * t + j], vj, oi);
-            }
-        }
+        gemm_into(&mut o, View::rows(&p, t, t), View::rows(&vr, t, d), false);
         o
     }
 
-    /// The gradients of KV head `kvh` of sequence `s` and of its query heads. Every product
-    /// is an axpy along a contiguous row (`dKᵀ`, `dVᵀ` and `dP` are accumulated transposed).
-    #[inline(always)]
+    /// Causal softmax probabilities `(t, t)` (zero above the diagonal) of scaled, rotated
+    /// queries `qs` against rotated keys `kr`, both `(t, d)`.
+    fn probabilities(&self, qs: &[f32], kr: &[f32]) -> Vec<f32> {
+        let (t, d) = (self.seq_len, self.head_dim);
+        let mut p = vec![0f32; t * t];
+        gemm_into(
+            &mut p,
+            View::rows(qs, t, d),
+            View::rows(kr, t, d).t(),
+            false,
+        );
+        for (i, row) in p.chunks_exact_mut(t).enumerate() {
+            softmax(&mut row[..=i]);
+            row[i + 1..].fill(0.0);
+        }
+        p
+    }
+
+    /// The gradients of KV head `kvh` of sequence `s` and of its query heads.
     fn backward_group(
         &self,
         q: &[f32],
@@ -399,41 +366,42 @@ impl RopeAttention {
         let (t, d, group) = (self.seq_len, self.head_dim, self.heads / self.kv_heads);
         let half = d / 2;
         let kr = self.rotated(k, self.kv_heads, s, kvh, 1.0);
-        let kt = self.transposed(&kr);
-        let vt = self.transposed(&self.rows(v, self.kv_heads, s, kvh));
-        let mut dkt = vec![0f32; d * t];
-        let mut dvt = vec![0f32; d * t];
+        let vr = self.rows(v, self.kv_heads, s, kvh);
+        let mut dk = vec![0f32; t * d];
+        let mut dv = vec![0f32; t * d];
         let mut dqs = Vec::with_capacity(group);
-        for h in kvh * group..(kvh + 1) * group {
+        for (n, h) in (kvh * group..(kvh + 1) * group).enumerate() {
             let qs = self.rotated(q, self.heads, s, h, self.scale);
             let gh = self.rows(g, self.heads, s, h);
-            let mut p = self.probabilities(&qs, &kt);
-            let mut dq = vec![0f32; t * d];
-            let mut dp = vec![0f32; t];
-            for i in 0..t {
-                let gi = &gh[i * d..(i + 1) * d];
-                let pi = &mut p[i * t..i * t + i + 1];
-                let dpi = &mut dp[..i + 1];
-                dpi.fill(0.0);
-                for (c, &a) in gi.iter().enumerate() {
-                    axpy(a, &vt[c * t..c * t + i + 1], dpi);
-                    // dVᵀ[c][j] += g[i][c] · P[i][j]
-                    axpy(a, pi, &mut dvt[c * t..c * t + i + 1]);
-                }
-                let dot: f32 = pi.iter().zip(dpi.iter()).map(|(p, g)| p * g).sum();
-                // P[i] becomes dS[i] = P ⊙ (dP − dot).
-                pi.iter_mut()
-                    .zip(dpi.iter())
-                    .for_each(|(p, g)| *p *= g - dot);
-                let dqi = &mut dq[i * d..(i + 1) * d];
-                for (j, kj) in kr.chunks_exact(d).take(i + 1).enumerate() {
-                    axpy(pi[j], kj, dqi);
-                }
-                // dKᵀ[c][j] += qs[i][c] · dS[i][j]
-                for (c, &a) in qs[i * d..(i + 1) * d].iter().enumerate() {
-                    axpy(a, pi, &mut dkt[c * t..c * t + i + 1]);
-                }
+            let mut p = self.probabilities(&qs, &kr);
+            // dV += Pᵀ·G; dP = G·Vᵀ
+            gemm_into(
+                &mut dv,
+                View::rows(&p, t, t).t(),
+                View::rows(&gh, t, d),
+                n > 0,
+            );
+            let mut dp = vec![0f32; t * t];
+            gemm_into(
+                &mut dp,
+                View::rows(&gh, t, d),
+                View::rows(&vr, t, d).t(),
+                false,
+            );
+            // P becomes dS = P ⊙ (dP − Σ_j P·dP), zero above the diagonal as P is.
+            for (pi, dpi) in p.chunks_exact_mut(t).zip(dp.chunks_exact(t)) {
+                let dot: f32 = pi.iter().zip(dpi).map(|(p, g)| p * g).sum();
+                pi.iter_mut().zip(dpi).for_each(|(p, g)| *p *= g - dot);
             }
+            // dQs = dS·K; dK += dSᵀ·Qs
+            let mut dq = vec![0f32; t * d];
+            gemm_into(&mut dq, View::rows(&p, t, t), View::rows(&kr, t, d), false);
+            gemm_into(
+                &mut dk,
+                View::rows(&p, t, t).t(),
+                View::rows(&qs, t, d),
+                n > 0,
+            );
             // Back through the scale and the rotation.
             let mut dqr = vec![0f32; t * d];
             for i in 0..t {
@@ -448,7 +416,6 @@ impl RopeAttention {
             }
             dqs.push(dqr);
         }
-        let dk = self.transposed_back(&dkt);
         let mut dkr = vec![0f32; t * d];
         for i in 0..t {
             rope_back(
@@ -458,85 +425,84 @@ impl RopeAttention {
                 &mut dkr[i * d..(i + 1) * d],
             );
         }
-        (dqs, dkr, self.transposed_back(&dvt))
-    }
-
-    /// `(t, d)` from `(d, t)`.
-    #[inline(always)]
-    fn transposed_back(&self, x: &[f32]) -> Vec<f32> {
-        let (t, d) = (self.seq_len, self.head_dim);
-        let mut out = vec![0f32; t * d];
-        for c in 0..d {
-            for i in 0..t {
-                out[i * d + c] = x[c * t + i];
-            }
-        }
-        out
+        (dqs, dkr, dv)
     }
 }
 
-/// The attention loops compiled for AVX2 (the crate's baseline target is SSE2), picked at run
-/// time; the same code either way.
-#[cfg(target_arch = "x86_64")]
-#[allow(unsafe_code)]
-mod simd {
-    use super::{GroupGrads, RopeAttention};
+/// A strided matrix view: element `(r, c)` at `data[r·rs + c·cs]`.
+#[derive(Clone, Copy)]
+struct View<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
 
-    fn available() -> bool {
-        use std::sync::OnceLock;
-        static AVX2: OnceLock<bool> = OnceLock::new();
-        *AVX2.get_or_init(|| is_x86_feature_detected!("avx2"))
-    }
-
-    #[target_feature(enable = "avx2")]
-    fn forward_head_avx2(op: &RopeAttention, x: [&[f32]; 3], s: usize, h: usize) -> Vec<f32> {
-        op.forward_head(x[0], x[1], x[2], s, h)
-    }
-
-    #[target_feature(enable = "avx2")]
-    fn backward_group_avx2(op: &RopeAttention, x: [&[f32]; 4], s: usize, kvh: usize) -> GroupGrads {
-        op.backward_group(x[0], x[1], x[2], x[3], s, kvh)
-    }
-
-    pub(super) fn forward_head(op: &RopeAttention, x: [&[f32]; 3], s: usize, h: usize) -> Vec<f32> {
-        if available() {
-            // SAFETY: AVX2 was detected at run time.
-            unsafe { forward_head_avx2(op, x, s, h) }
-        } else {
-            op.forward_head(x[0], x[1], x[2], s, h)
+impl<'a> View<'a> {
+    /// A row-major `(rows, cols)` matrix.
+    fn rows(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        View {
+            data,
+            rows,
+            cols,
+            rs: cols,
+            cs: 1,
         }
     }
 
-    pub(super) fn backward_group(
-        op: &RopeAttention,
-        x: [&[f32]; 4],
-        s: usize,
-        kvh: usize,
-    ) -> GroupGrads {
-        if available() {
-            // SAFETY: AVX2 was detected at run time.
-            unsafe { backward_group_avx2(op, x, s, kvh) }
-        } else {
-            op.backward_group(x[0], x[1], x[2], x[3], s, kvh)
+    /// The transpose (no copy).
+    fn t(self) -> Self {
+        View {
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+            ..self
         }
+    }
+
+    /// Whether every element lies inside `data`.
+    fn in_bounds(&self) -> bool {
+        self.rows == 0
+            || self.cols == 0
+            || (self.rows - 1) * self.rs + (self.cols - 1) * self.cs < self.data.len()
     }
 }
 
-#[cfg(not(target_arch = "x86_64"))]
-mod simd {
-    use super::{GroupGrads, RopeAttention};
-
-    pub(super) fn forward_head(op: &RopeAttention, x: [&[f32]; 3], s: usize, h: usize) -> Vec<f32> {
-        op.forward_head(x[0], x[1], x[2], s, h)
-    }
-
-    pub(super) fn backward_group(
-        op: &RopeAttention,
-        x: [&[f32]; 4],
-        s: usize,
-        kvh: usize,
-    ) -> GroupGrads {
-        op.backward_group(x[0], x[1], x[2], x[3], s, kvh)
+/// `c = a·b` (`c += a·b` when `accumulate`) for row-major `c: (a.rows, b.cols)`, on one
+/// thread (callers parallelise over heads) with the `gemm` crate's kernels.
+fn gemm_into(c: &mut [f32], a: View, b: View, accumulate: bool) {
+    let (m, n, k) = (a.rows, b.cols, a.cols);
+    assert!(
+        b.rows == k && c.len() == m * n && a.in_bounds() && b.in_bounds(),
+        "gemm_into: shapes"
+    );
+    #[allow(unsafe_code)]
+    // SAFETY: the assertion above keeps every element the strides address inside its slice;
+    // `c` is exclusively borrowed and does not alias `a` or `b`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
     }
 }
 
@@ -560,7 +526,7 @@ impl CustomOp3 for RopeAttention {
         self.check(q.len(), k.len(), v.len())?;
         let heads: Vec<Vec<f32>> = (0..self.batch * self.heads)
             .into_par_iter()
-            .map(|task| simd::forward_head(self, [q, k, v], task / self.heads, task % self.heads))
+            .map(|task| self.forward_head(q, k, v, task / self.heads, task % self.heads))
             .collect();
         let mut out = vec![0f32; q.len()];
         for (task, o) in heads.iter().enumerate() {
@@ -594,7 +560,7 @@ impl CustomOp3 for RopeAttention {
             .into_par_iter()
             .map(|task| {
                 let (s, kvh) = (task / self.kv_heads, task % self.kv_heads);
-                simd::backward_group(self, [&q, &k, &v, &g], s, kvh)
+                self.backward_group(&q, &k, &v, &g, s, kvh)
             })
             .collect();
         let (mut dq, mut dk, mut dv) = (
