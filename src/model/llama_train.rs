@@ -360,6 +360,32 @@ impl super::decoder::Decoder {
     }
 }
 
+/// `adapt` (a LoRA delta added to a frozen output) for a stacked projection's parts
+/// (`(target, columns)` in order): the parts' deltas side by side, zeros for untrained parts,
+/// added in one go — so the stacked output is never sliced.
+fn adapt_stacked(
+    adapt: &mut impl FnMut(Tensor, &Tensor, usize, Target) -> Result<Tensor>,
+    lora: &LoraVars,
+    y: Tensor,
+    x: &Tensor,
+    layer: usize,
+    parts: &[(Target, usize)],
+) -> Result<Tensor> {
+    if parts
+        .iter()
+        .all(|(tg, _)| !lora.vars.contains_key(&(layer, *tg)))
+    {
+        return Ok(y);
+    }
+    let rows = y.dim(0)?;
+    let mut deltas = Vec::with_capacity(parts.len());
+    for &(tg, width) in parts {
+        let zero = Tensor::zeros((rows, width), DType::F32, &Device::Cpu)?;
+        deltas.push(adapt(zero, x, layer, tg)?);
+    }
+    y + Tensor::cat(&deltas, 1)?
+}
+
 fn frozen(x: &Tensor, w: &FrozenLinear) -> Result<Tensor> {
     x.apply_op1(FrozenMatmul { w: w.clone() })
 }
@@ -433,31 +459,30 @@ impl FrozenLlama {
         };
         for (layer, blk) in self.blocks.iter().enumerate() {
             let h = rms_norm(&x, &blk.input_norm)?;
-            let qkv = frozen(&h, &blk.qkv)?;
-            let q = adapt(qkv.narrow(1, 0, q_dim)?, &h, layer, Target::Q)?.contiguous()?;
-            let k = adapt(qkv.narrow(1, q_dim, kv_dim)?, &h, layer, Target::K)?.contiguous()?;
-            let v = adapt(qkv.narrow(1, q_dim + kv_dim, kv_dim)?, &h, layer, Target::V)?
-                .contiguous()?;
-            let y = q.apply_op3(
-                &k,
-                &v,
-                RopeAttention {
-                    batch: b,
-                    seq_len: t,
-                    heads: nh,
-                    kv_heads: nkv,
-                    head_dim: hd,
-                    cos: cos.clone(),
-                    sin: sin.clone(),
-                    scale: 1.0 / (hd as f32).sqrt(),
-                },
-            )?;
+            let parts = [(Target::Q, q_dim), (Target::K, kv_dim), (Target::V, kv_dim)];
+            let qkv = adapt_stacked(&mut adapt, lora, frozen(&h, &blk.qkv)?, &h, layer, &parts)?;
+            let y = qkv.apply_op1(RopeAttention {
+                batch: b,
+                seq_len: t,
+                heads: nh,
+                kv_heads: nkv,
+                head_dim: hd,
+                cos: cos.clone(),
+                sin: sin.clone(),
+                scale: 1.0 / (hd as f32).sqrt(),
+            })?;
             x = (x + adapt(frozen(&y, &blk.o)?, &y, layer, Target::O)?)?;
             let h = rms_norm(&x, &blk.post_attention_norm)?;
-            let gate_up = frozen(&h, &blk.gate_up)?;
-            let gate = adapt(gate_up.narrow(1, 0, ff)?, &h, layer, Target::Gate)?.contiguous()?;
-            let up = adapt(gate_up.narrow(1, ff, ff)?, &h, layer, Target::Up)?.contiguous()?;
-            let m = gate.apply_op2(&up, SwiGlu)?;
+            let parts = [(Target::Gate, ff), (Target::Up, ff)];
+            let gate_up = adapt_stacked(
+                &mut adapt,
+                lora,
+                frozen(&h, &blk.gate_up)?,
+                &h,
+                layer,
+                &parts,
+            )?;
+            let m = gate_up.apply_op1(SwiGlu { width: ff })?;
             x = (x + adapt(frozen(&m, &blk.down)?, &m, layer, Target::Down)?)?;
         }
         let mut rows = Vec::new();

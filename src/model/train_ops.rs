@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Device, Layout, Result, Shape};
+use candle_core::{CpuStorage, CustomOp1, Device, Layout, Result, Shape};
 use candle_core::{Storage, Tensor};
 use rayon::prelude::*;
 
@@ -146,72 +146,62 @@ fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + fast_exp(-x))
 }
 
-/// SwiGLU: `silu(gate) · up`, elementwise.
-pub(super) struct SwiGlu;
+/// SwiGLU on the stacked gate/up projection: `x: (n, 2·width)` (gate columns, then up)
+/// → `silu(gate) · up`, `(n, width)`. Taking the stacked output whole keeps slicing (a copy
+/// and, backward, a zero-padded copy per slice) out of the graph.
+pub(super) struct SwiGlu {
+    /// Columns of the gate (and of the up) half.
+    pub width: usize,
+}
 
-impl CustomOp2 for SwiGlu {
+impl CustomOp1 for SwiGlu {
     fn name(&self) -> &'static str {
         "swiglu"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let gate = contiguous_f32(s1, l1, "swiglu")?;
-        let up = contiguous_f32(s2, l2, "swiglu")?;
-        if gate.len() != up.len() {
-            candle_core::bail!("swiglu: gate and up differ in size");
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(storage, layout, "swiglu")?;
+        let w = self.width;
+        if w == 0 || !x.len().is_multiple_of(2 * w) {
+            candle_core::bail!("swiglu: rows of 2 × {w} expected");
         }
-        let mut y = vec![0f32; gate.len()];
-        y.par_chunks_mut(4096)
-            .zip(gate.par_chunks(4096).zip(up.par_chunks(4096)))
-            .for_each(|(y, (g, u))| {
+        let rows = x.len() / (2 * w);
+        let mut y = vec![0f32; rows * w];
+        y.par_chunks_mut(w)
+            .zip(x.par_chunks(2 * w))
+            .for_each(|(y, x)| {
+                let (g, u) = x.split_at(w);
                 for ((y, g), u) in y.iter_mut().zip(g).zip(u) {
                     *y = g * sigmoid(*g) * u;
                 }
             });
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
+        Ok((CpuStorage::F32(y), Shape::from((rows, w))))
     }
 
-    fn bwd(
-        &self,
-        gate: &Tensor,
-        up: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let w = self.width;
         let g = values(grad)?;
-        let (dg, du) = with_f32(gate, "swiglu", |x| {
-            with_f32(up, "swiglu", |u| {
-                let mut dg = vec![0f32; x.len()];
-                let mut du = vec![0f32; x.len()];
-                dg.par_chunks_mut(4096)
-                    .zip(du.par_chunks_mut(4096))
-                    .zip(
-                        x.par_chunks(4096)
-                            .zip(u.par_chunks(4096))
-                            .zip(g.par_chunks(4096)),
-                    )
-                    .for_each(|((dg, du), ((x, u), g))| {
-                        for i in 0..dg.len() {
-                            let s = sigmoid(x[i]);
-                            du[i] = g[i] * x[i] * s;
-                            dg[i] = g[i] * u[i] * s * (1.0 + x[i] * (1.0 - s));
-                        }
-                    });
-                Ok((dg, du))
-            })
+        let dx = with_f32(arg, "swiglu", |x| {
+            let mut dx = vec![0f32; x.len()];
+            dx.par_chunks_mut(2 * w)
+                .zip(x.par_chunks(2 * w).zip(g.par_chunks(w)))
+                .for_each(|(dx, (x, g))| {
+                    let (dg, du) = dx.split_at_mut(w);
+                    let (x, u) = x.split_at(w);
+                    for i in 0..w {
+                        let s = sigmoid(x[i]);
+                        du[i] = g[i] * x[i] * s;
+                        dg[i] = g[i] * u[i] * s * (1.0 + x[i] * (1.0 - s));
+                    }
+                });
+            Ok(dx)
         })?;
-        Ok((Some(matrix(dg, gate.dims())?), Some(matrix(du, up.dims())?)))
+        Ok(Some(matrix(dx, arg.dims())?))
     }
 }
 
 /// Rotary embedding then causal grouped-query attention over a padded batch, straight from the
-/// projections' row layout: `q: (b·t, heads·d)`, `k, v: (b·t, kv_heads·d)` → `(b·t, heads·d)`.
+/// stacked q/k/v projection's rows: `(b·t, heads·d + 2·kv_heads·d)` → `(b·t, heads·d)`.
 /// Rows are sequence-major; each sequence's row `i` sits at position `i`. Nothing of size
 /// `t × t` outlives a head: the backward pass recomputes each head's probabilities.
 pub(super) struct RopeAttention {
@@ -261,29 +251,47 @@ fn softmax(row: &mut [f32]) {
 }
 
 impl RopeAttention {
-    fn check(&self, q: usize, k: usize, v: usize) -> Result<()> {
+    /// Columns of a stacked q/k/v row.
+    fn width(&self) -> usize {
+        (self.heads + 2 * self.kv_heads) * self.head_dim
+    }
+
+    /// Column where query head `h` starts; key head `h` is at `kv(h)`, value head at `kv(h)`
+    /// plus `kv_heads·d`.
+    fn q_at(&self, h: usize) -> usize {
+        h * self.head_dim
+    }
+
+    fn k_at(&self, h: usize) -> usize {
+        (self.heads + h) * self.head_dim
+    }
+
+    fn v_at(&self, h: usize) -> usize {
+        (self.heads + self.kv_heads + h) * self.head_dim
+    }
+
+    fn check(&self, qkv: usize) -> Result<()> {
         let rows = self.batch * self.seq_len;
         let ok = self.kv_heads > 0
             && self.heads.is_multiple_of(self.kv_heads)
             && self.head_dim.is_multiple_of(2)
-            && q == rows * self.heads * self.head_dim
-            && k == rows * self.kv_heads * self.head_dim
-            && v == k
+            && qkv == rows * self.width()
             && self.cos.len() == self.seq_len * self.head_dim / 2
             && self.sin.len() == self.cos.len();
         if !ok {
-            candle_core::bail!("rope-attention: inputs do not match the batch shape");
+            candle_core::bail!("rope-attention: input does not match the batch shape");
         }
         Ok(())
     }
 
-    /// One head's rows of `x: (b·t, heads·d)` for sequence `s`, rotated: `(t, d)`, times `mul`.
-    fn rotated(&self, x: &[f32], heads: usize, s: usize, h: usize, mul: f32) -> Vec<f32> {
+    /// Sequence `s`'s `(t, d)` block of `x` (rows of `stride` columns) starting at column
+    /// `col`, rotated and times `mul`.
+    fn rotated(&self, x: &[f32], stride: usize, col: usize, s: usize, mul: f32) -> Vec<f32> {
         let (t, d) = (self.seq_len, self.head_dim);
         let half = d / 2;
         let mut out = vec![0f32; t * d];
         for (i, o) in out.chunks_exact_mut(d).enumerate() {
-            let at = ((s * t + i) * heads + h) * d;
+            let at = (s * t + i) * stride + col;
             rope(
                 &x[at..at + d],
                 &self.cos[i * half..(i + 1) * half],
@@ -297,38 +305,33 @@ impl RopeAttention {
         out
     }
 
-    /// One head's rows of `x` for sequence `s`, as they are: `(t, d)`.
-    fn rows(&self, x: &[f32], heads: usize, s: usize, h: usize) -> Vec<f32> {
+    /// Sequence `s`'s `(t, d)` block of `x` at column `col`, as it is.
+    fn rows(&self, x: &[f32], stride: usize, col: usize, s: usize) -> Vec<f32> {
         let (t, d) = (self.seq_len, self.head_dim);
         let mut out = Vec::with_capacity(t * d);
         for i in 0..t {
-            let at = ((s * t + i) * heads + h) * d;
+            let at = (s * t + i) * stride + col;
             out.extend_from_slice(&x[at..at + d]);
         }
         out
     }
 
-    /// Writes a head's `(t, d)` rows back into `out: (b·t, heads·d)`.
-    fn scatter(&self, rows: &[f32], heads: usize, s: usize, h: usize, out: &mut [f32]) {
+    /// Writes a `(t, d)` block back into `out` (rows of `stride`) at column `col`.
+    fn scatter(&self, rows: &[f32], stride: usize, col: usize, s: usize, out: &mut [f32]) {
         let (t, d) = (self.seq_len, self.head_dim);
         for i in 0..t {
-            let at = ((s * t + i) * heads + h) * d;
+            let at = (s * t + i) * stride + col;
             out[at..at + d].copy_from_slice(&rows[i * d..(i + 1) * d]);
         }
     }
-}
 
-/// One (sequence, KV head) task's gradients: each query head's `dq`, then `dk`, `dv`, all
-/// `(t, d)`.
-type GroupGrads = (Vec<Vec<f32>>, Vec<f32>, Vec<f32>);
-
-impl RopeAttention {
     /// Query head `h` of sequence `s`: its `(t, d)` output rows.
-    fn forward_head(&self, q: &[f32], k: &[f32], v: &[f32], s: usize, h: usize) -> Vec<f32> {
-        let (t, d, group) = (self.seq_len, self.head_dim, self.heads / self.kv_heads);
-        let qs = self.rotated(q, self.heads, s, h, self.scale);
-        let kr = self.rotated(k, self.kv_heads, s, h / group, 1.0);
-        let vr = self.rows(v, self.kv_heads, s, h / group);
+    fn forward_head(&self, qkv: &[f32], s: usize, h: usize) -> Vec<f32> {
+        let (t, d, w) = (self.seq_len, self.head_dim, self.width());
+        let kvh = h / (self.heads / self.kv_heads);
+        let qs = self.rotated(qkv, w, self.q_at(h), s, self.scale);
+        let kr = self.rotated(qkv, w, self.k_at(kvh), s, 1.0);
+        let vr = self.rows(qkv, w, self.v_at(kvh), s);
         let p = self.probabilities(&qs, &kr);
         let mut o = vec![0f32; t * d];
         gemm_into(&mut o, View::rows(&p, t, t), View::rows(&vr, t, d), false);
@@ -354,25 +357,22 @@ impl RopeAttention {
     }
 
     /// The gradients of KV head `kvh` of sequence `s` and of its query heads.
-    fn backward_group(
-        &self,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        g: &[f32],
-        s: usize,
-        kvh: usize,
-    ) -> GroupGrads {
-        let (t, d, group) = (self.seq_len, self.head_dim, self.heads / self.kv_heads);
+    fn backward_group(&self, qkv: &[f32], g: &[f32], s: usize, kvh: usize) -> GroupGrads {
+        let (t, d, group, w) = (
+            self.seq_len,
+            self.head_dim,
+            self.heads / self.kv_heads,
+            self.width(),
+        );
         let half = d / 2;
-        let kr = self.rotated(k, self.kv_heads, s, kvh, 1.0);
-        let vr = self.rows(v, self.kv_heads, s, kvh);
+        let kr = self.rotated(qkv, w, self.k_at(kvh), s, 1.0);
+        let vr = self.rows(qkv, w, self.v_at(kvh), s);
         let mut dk = vec![0f32; t * d];
         let mut dv = vec![0f32; t * d];
         let mut dqs = Vec::with_capacity(group);
         for (n, h) in (kvh * group..(kvh + 1) * group).enumerate() {
-            let qs = self.rotated(q, self.heads, s, h, self.scale);
-            let gh = self.rows(g, self.heads, s, h);
+            let qs = self.rotated(qkv, w, self.q_at(h), s, self.scale);
+            let gh = self.rows(g, self.heads * d, self.q_at(h), s);
             let mut p = self.probabilities(&qs, &kr);
             // dV += Pᵀ·G; dP = G·Vᵀ
             gemm_into(
@@ -506,82 +506,57 @@ fn gemm_into(c: &mut [f32], a: View, b: View, accumulate: bool) {
     }
 }
 
-impl CustomOp3 for RopeAttention {
+/// One (sequence, KV head) task's gradients: each query head's `dq`, then `dk`, `dv`, all
+/// `(t, d)`.
+type GroupGrads = (Vec<Vec<f32>>, Vec<f32>, Vec<f32>);
+
+impl CustomOp1 for RopeAttention {
     fn name(&self) -> &'static str {
         "rope-attention"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let q = contiguous_f32(s1, l1, "rope-attention")?;
-        let k = contiguous_f32(s2, l2, "rope-attention")?;
-        let v = contiguous_f32(s3, l3, "rope-attention")?;
-        self.check(q.len(), k.len(), v.len())?;
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let qkv = contiguous_f32(storage, layout, "rope-attention")?;
+        self.check(qkv.len())?;
         let heads: Vec<Vec<f32>> = (0..self.batch * self.heads)
             .into_par_iter()
-            .map(|task| self.forward_head(q, k, v, task / self.heads, task % self.heads))
+            .map(|task| self.forward_head(qkv, task / self.heads, task % self.heads))
             .collect();
-        let mut out = vec![0f32; q.len()];
+        let (rows, width) = (self.batch * self.seq_len, self.heads * self.head_dim);
+        let mut out = vec![0f32; rows * width];
         for (task, o) in heads.iter().enumerate() {
-            self.scatter(
-                o,
-                self.heads,
-                task / self.heads,
-                task % self.heads,
-                &mut out,
-            );
+            let (s, h) = (task / self.heads, task % self.heads);
+            self.scatter(o, width, self.q_at(h), s, &mut out);
         }
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        Ok((CpuStorage::F32(out), Shape::from((rows, width))))
     }
 
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (q, k, v, g) = (values(q)?, values(k)?, values(v)?, values(grad)?);
-        self.check(q.len(), k.len(), v.len())?;
-        if g.len() != q.len() {
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (qkv, g) = (values(arg)?, values(grad)?);
+        self.check(qkv.len())?;
+        let (rows, w) = (self.batch * self.seq_len, self.width());
+        if g.len() != rows * self.heads * self.head_dim {
             candle_core::bail!("rope-attention: gradient does not match the output");
         }
-        let (t, d, group) = (self.seq_len, self.head_dim, self.heads / self.kv_heads);
+        let group = self.heads / self.kv_heads;
         // One task per (sequence, KV head): the group's query heads add into the same dK, dV.
         let parts: Vec<GroupGrads> = (0..self.batch * self.kv_heads)
             .into_par_iter()
             .map(|task| {
                 let (s, kvh) = (task / self.kv_heads, task % self.kv_heads);
-                self.backward_group(&q, &k, &v, &g, s, kvh)
+                self.backward_group(&qkv, &g, s, kvh)
             })
             .collect();
-        let (mut dq, mut dk, mut dv) = (
-            vec![0f32; q.len()],
-            vec![0f32; k.len()],
-            vec![0f32; v.len()],
-        );
+        let mut dqkv = vec![0f32; qkv.len()];
         for (task, (dqs, dkr, dvr)) in parts.iter().enumerate() {
             let (s, kvh) = (task / self.kv_heads, task % self.kv_heads);
             for (n, dqr) in dqs.iter().enumerate() {
-                self.scatter(dqr, self.heads, s, kvh * group + n, &mut dq);
+                self.scatter(dqr, w, self.q_at(kvh * group + n), s, &mut dqkv);
             }
-            self.scatter(dkr, self.kv_heads, s, kvh, &mut dk);
-            self.scatter(dvr, self.kv_heads, s, kvh, &mut dv);
+            self.scatter(dkr, w, self.k_at(kvh), s, &mut dqkv);
+            self.scatter(dvr, w, self.v_at(kvh), s, &mut dqkv);
         }
-        let rows = self.batch * t;
-        Ok((
-            Some(matrix(dq, &[rows, self.heads * d])?),
-            Some(matrix(dk, &[rows, self.kv_heads * d])?),
-            Some(matrix(dv, &[rows, self.kv_heads * d])?),
-        ))
+        Ok(Some(matrix(dqkv, &[rows, w])?))
     }
 }
 
@@ -675,9 +650,8 @@ mod tests {
     #[test]
     fn swiglu_matches_the_composed_ops() {
         let (g, u) = (var(&[4, 9], 3), var(&[4, 9], 4));
-        let fused = g
-            .as_tensor()
-            .apply_op2(u.as_tensor(), SwiGlu)
+        let fused = Tensor::cat(&[g.as_tensor(), u.as_tensor()], 1)
+            .and_then(|gu| gu.apply_op1(SwiGlu { width: 9 }))
             .expect("fused");
         let composed = (g.as_tensor().silu().expect("silu") * u.as_tensor()).expect("mul");
         agree(&[g, u], &fused, &composed, 1e-5);
@@ -735,9 +709,8 @@ mod tests {
         let k = var(&[b * t, nkv * hd], 6);
         let v = var(&[b * t, nkv * hd], 7);
         let composed = composed_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &op);
-        let fused = q
-            .as_tensor()
-            .apply_op3(k.as_tensor(), v.as_tensor(), op)
+        let fused = Tensor::cat(&[q.as_tensor(), k.as_tensor(), v.as_tensor()], 1)
+            .and_then(|qkv| qkv.apply_op1(op))
             .expect("fused");
         agree(&[q, k, v], &fused, &composed, 1e-5);
     }
