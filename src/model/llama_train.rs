@@ -1,11 +1,11 @@
-//! The llama forward as an autograd graph, for LoRA training: frozen f32 base weights, trainable
-//! LoRA factors ([`LoraVars`]), masked cross-entropy.
+//! The llama forward as an autograd graph, for LoRA training: the frozen base (the serving
+//! model's own layers), trainable LoRA factors ([`LoraVars`]), masked cross-entropy.
 //!
-//! Only ops whose backward candle implements are used (the fast `rms_norm`, `softmax_last_dim`
-//! and `rope` kernels silently drop gradients). Frozen projections go through
-//! `FrozenMatmul`, a custom op whose backward computes only the input gradient — the weight
-//! gradient of a frozen `(out, in)` matrix would be the largest product of the step and is
-//! thrown away.
+//! Every op with a gradient is either one whose backward candle implements (candle's fast
+//! `rms_norm`, `softmax_last_dim` and `rope` kernels silently drop gradients, so they are not
+//! used) or a custom op with its own backward pass (`train_ops`, `FrozenMatmul`,
+//! `HeadLoss`). Frozen projections compute only the input gradient — the weight gradient of
+//! a frozen `(out, in)` matrix would be the largest product of the step and is thrown away.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -316,7 +316,8 @@ impl Model {
         trainable(self.config())
     }
 
-    /// The base weights dequantized to f32 for training (held only while a job runs).
+    /// The base weights prepared for training (the serving layers plus each one's transpose
+    /// for the backward pass; held only while a job runs).
     pub fn frozen(&self) -> Result<FrozenLlama> {
         match self {
             Model::Decoder(m) => m.frozen(),
