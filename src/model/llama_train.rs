@@ -44,8 +44,9 @@ impl FrozenLinear {
         let mut scales = Vec::with_capacity(rows);
         for row in g.chunks_exact_mut(out) {
             let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+            // Clamped so that both 2^k and 2^-k stay finite.
             let k = if max > 0.0 && max.is_finite() {
-                10 - max.log2().ceil() as i32
+                (10 - max.log2().ceil() as i32).clamp(-120, 120)
             } else {
                 0
             };
@@ -600,6 +601,34 @@ mod tests {
         (0..n)
             .map(|i| (((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
             .collect()
+    }
+
+    #[test]
+    fn quantized_backward_keeps_tiny_gradients() {
+        // Without the per-row power-of-two scaling, f16 block scales flush these to zero.
+        let (out, inp, rows) = (64, 32, 3);
+        let w = test_values(out * inp, 5);
+        let q = QMatrix::quantize_q8_0(&w, out, inp).expect("q8_0");
+        let layer =
+            FrozenLinear::new(Linear::quantized(q.clone(), None).expect("linear")).expect("frozen");
+        let wq = q.dequantize();
+        for magnitude in [1e-9f32, 1e-30, 1e-40] {
+            let g: Vec<f32> = test_values(rows * out, 6)
+                .iter()
+                .map(|v| v * magnitude)
+                .collect();
+            let got = layer.backward(&mut g.clone(), rows).expect("backward");
+            for r in 0..rows {
+                let want: Vec<f32> = (0..inp)
+                    .map(|c| (0..out).map(|o| g[r * out + o] * wq[o * inp + c]).sum())
+                    .collect();
+                let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+                for (a, b) in got[r * inp..(r + 1) * inp].iter().zip(&want) {
+                    assert!(a.is_finite() && (a - b).abs() <= 0.03 * scale, "{a} vs {b}");
+                }
+                assert!(scale > 0.0);
+            }
+        }
     }
 
     #[test]
