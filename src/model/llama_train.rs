@@ -362,30 +362,36 @@ impl super::decoder::Decoder {
     }
 }
 
-/// `adapt` (a LoRA delta added to a frozen output) for a stacked projection's parts
-/// (`(target, columns)` in order): the parts' deltas side by side, zeros for untrained parts,
-/// added in one go — so the stacked output is never sliced.
+/// A frozen output `y` plus the LoRA deltas of its parts (`(target, columns)` in order: one
+/// part, or a stacked projection's), side by side with zeros for untrained parts and added in
+/// one go — so a stacked output is never sliced.
 fn adapt_stacked(
-    adapt: &mut impl FnMut(Tensor, &Tensor, usize, Target) -> Result<Tensor>,
-    lora: &LoraVars,
+    delta: &mut impl FnMut(&Tensor, usize, Target) -> Result<Option<Tensor>>,
     y: Tensor,
     x: &Tensor,
     layer: usize,
     parts: &[(Target, usize)],
 ) -> Result<Tensor> {
-    if parts
-        .iter()
-        .all(|(tg, _)| !lora.vars.contains_key(&(layer, *tg)))
-    {
-        return Ok(y);
-    }
     let rows = y.dim(0)?;
     let mut deltas = Vec::with_capacity(parts.len());
-    for &(tg, width) in parts {
-        let zero = Tensor::zeros((rows, width), DType::F32, &Device::Cpu)?;
-        deltas.push(adapt(zero, x, layer, tg)?);
+    for &(tg, _) in parts {
+        deltas.push(delta(x, layer, tg)?);
     }
-    y + Tensor::cat(&deltas, 1)?
+    if deltas.iter().all(Option::is_none) {
+        return Ok(y);
+    }
+    if let [Some(d)] = &deltas[..] {
+        return y + d;
+    }
+    let side_by_side = deltas
+        .into_iter()
+        .zip(parts)
+        .map(|(d, &(_, width))| match d {
+            Some(d) => Ok(d),
+            None => Tensor::zeros((rows, width), DType::F32, &Device::Cpu),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    y + Tensor::cat(&side_by_side, 1)?
 }
 
 fn frozen(x: &Tensor, w: &FrozenLinear) -> Result<Tensor> {
@@ -427,30 +433,28 @@ impl FrozenLlama {
         let (cos, sin) = (Arc::new(cos.to_vec()), Arc::new(sin.to_vec()));
         let mut rng = dropout_seed.map(rand::rngs::StdRng::seed_from_u64);
         let eps = c.rms_norm_eps as f32;
-        // Adds the LoRA delta of `tg` (input `x`) to the frozen output `y`, if it is trained.
-        let mut adapt = |y: Tensor, x: &Tensor, layer: usize, tg: Target| -> Result<Tensor> {
-            match lora.vars.get(&(layer, tg)) {
-                None => Ok(y),
-                Some((a, bb)) => {
-                    let xin = match rng.as_mut() {
-                        Some(r) if lora.dropout > 0.0 => {
-                            let keep = 1.0 - lora.dropout;
-                            let m: Vec<f32> = (0..x.elem_count())
-                                .map(|_| {
-                                    if r.random::<f32>() < keep {
-                                        1.0 / keep
-                                    } else {
-                                        0.0
-                                    }
-                                })
-                                .collect();
-                            (x * Tensor::from_vec(m, x.shape(), dev)?)?
-                        }
-                        _ => x.clone(),
-                    };
-                    y + lora_delta(&xin, a.as_tensor(), bb.as_tensor(), lora.scale())?
+        // The LoRA delta of `tg` (input `x`), if it is trained.
+        let mut delta = |x: &Tensor, layer: usize, tg: Target| -> Result<Option<Tensor>> {
+            let Some((a, bb)) = lora.vars.get(&(layer, tg)) else {
+                return Ok(None);
+            };
+            let xin = match rng.as_mut() {
+                Some(r) if lora.dropout > 0.0 => {
+                    let keep = 1.0 - lora.dropout;
+                    let m: Vec<f32> = (0..x.elem_count())
+                        .map(|_| {
+                            if r.random::<f32>() < keep {
+                                1.0 / keep
+                            } else {
+                                0.0
+                            }
+                        })
+                        .collect();
+                    (x * Tensor::from_vec(m, x.shape(), dev)?)?
                 }
-            }
+                _ => x.clone(),
+            };
+            lora_delta(&xin, a.as_tensor(), bb.as_tensor(), lora.scale()).map(Some)
         };
         let (q_dim, kv_dim, ff) = (c.q_dim(), c.kv_dim(), c.intermediate_size);
         let rms_norm = |x: &Tensor, weight: &Arc<Vec<f32>>| {
@@ -462,7 +466,7 @@ impl FrozenLlama {
         for (layer, blk) in self.blocks.iter().enumerate() {
             let h = rms_norm(&x, &blk.input_norm)?;
             let parts = [(Target::Q, q_dim), (Target::K, kv_dim), (Target::V, kv_dim)];
-            let qkv = adapt_stacked(&mut adapt, lora, frozen(&h, &blk.qkv)?, &h, layer, &parts)?;
+            let qkv = adapt_stacked(&mut delta, frozen(&h, &blk.qkv)?, &h, layer, &parts)?;
             let y = qkv.apply_op1(RopeAttention {
                 batch: b,
                 seq_len: t,
@@ -473,19 +477,24 @@ impl FrozenLlama {
                 sin: sin.clone(),
                 scale: 1.0 / (hd as f32).sqrt(),
             })?;
-            x = (x + adapt(frozen(&y, &blk.o)?, &y, layer, Target::O)?)?;
+            x = (x + adapt_stacked(
+                &mut delta,
+                frozen(&y, &blk.o)?,
+                &y,
+                layer,
+                &[(Target::O, c.hidden_size)],
+            )?)?;
             let h = rms_norm(&x, &blk.post_attention_norm)?;
             let parts = [(Target::Gate, ff), (Target::Up, ff)];
-            let gate_up = adapt_stacked(
-                &mut adapt,
-                lora,
-                frozen(&h, &blk.gate_up)?,
-                &h,
-                layer,
-                &parts,
-            )?;
+            let gate_up = adapt_stacked(&mut delta, frozen(&h, &blk.gate_up)?, &h, layer, &parts)?;
             let m = gate_up.apply_op1(SwiGlu { width: ff })?;
-            x = (x + adapt(frozen(&m, &blk.down)?, &m, layer, Target::Down)?)?;
+            x = (x + adapt_stacked(
+                &mut delta,
+                frozen(&m, &blk.down)?,
+                &m,
+                layer,
+                &[(Target::Down, c.hidden_size)],
+            )?)?;
         }
         let mut rows = Vec::new();
         let mut labels = Vec::new();
