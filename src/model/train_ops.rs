@@ -256,16 +256,17 @@ impl RopeAttention {
         (self.heads + 2 * self.kv_heads) * self.head_dim
     }
 
-    /// Column where query head `h` starts; key head `h` is at `kv(h)`, value head at `kv(h)`
-    /// plus `kv_heads·d`.
+    /// Column where query head `h` starts in a stacked row (then key and value heads, below).
     fn q_at(&self, h: usize) -> usize {
         h * self.head_dim
     }
 
+    /// Column where key head `h` starts.
     fn k_at(&self, h: usize) -> usize {
         (self.heads + h) * self.head_dim
     }
 
+    /// Column where value head `h` starts.
     fn v_at(&self, h: usize) -> usize {
         (self.heads + self.kv_heads + h) * self.head_dim
     }
