@@ -955,15 +955,7 @@ fn attend_in<E: KvElem>(
 mod tests {
     use super::*;
 
-    fn values(n: usize, seed: u32) -> Vec<f32> {
-        (0..n)
-            .map(|i| {
-                (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) % 2000) as f32
-                    / 1000.0
-                    - 1.0
-            })
-            .collect()
-    }
+    use crate::model::test_values as values;
 
     /// YaRN frequencies against a float64 port of transformers' `_compute_yarn_parameters`
     /// (head_dim 16, base 10000, factor 4, original context 128, betas 32/1).

@@ -553,6 +553,7 @@ impl FrozenLlama {
 mod tests {
     use super::*;
     use crate::model::quant::QMatrix;
+    use crate::model::test_values;
     use candle_core::D;
 
     /// `Σ w_i · loss_i` through [`HeadLoss`] and through composed candle ops on `x · Wᵀ`
@@ -604,12 +605,6 @@ mod tests {
             scale > 0.0 && diff <= tol * scale,
             "gradients differ by {diff} (scale {scale})"
         );
-    }
-
-    fn test_values(n: usize, seed: u32) -> Vec<f32> {
-        (0..n)
-            .map(|i| (((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
-            .collect()
     }
 
     #[test]

@@ -605,11 +605,7 @@ pub fn add_deltas(
 mod tests {
     use super::*;
 
-    fn values(n: usize, seed: u32) -> Vec<f32> {
-        (0..n)
-            .map(|i| (((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
-            .collect()
-    }
+    use crate::model::test_values as values;
 
     #[test]
     fn each_row_is_bit_identical_alone_or_with_others() {

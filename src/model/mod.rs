@@ -342,3 +342,14 @@ impl Model {
         }
     }
 }
+
+/// Deterministic pseudo-random values in [-1, 1) for unit tests, one stream per seed.
+#[cfg(test)]
+pub(crate) fn test_values(n: usize, seed: u32) -> Vec<f32> {
+    (0..n)
+        .map(|i| {
+            (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) % 2000) as f32 / 1000.0
+                - 1.0
+        })
+        .collect()
+}

@@ -564,29 +564,18 @@ impl CustomOp1 for RopeAttention {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::test_values;
     use candle_core::{Var, D};
 
-    fn random(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s % 2001) as f32 / 1000.0 - 1.0
-            })
-            .collect()
-    }
-
-    fn var(shape: &[usize], seed: u64) -> Var {
+    fn var(shape: &[usize], seed: u32) -> Var {
         let n = shape.iter().product();
-        Var::from_tensor(&matrix(random(n, seed), shape).expect("tensor")).expect("var")
+        Var::from_tensor(&matrix(test_values(n, seed), shape).expect("tensor")).expect("var")
     }
 
     /// Checks `fused` against `composed` (values, and the gradients of `Σ y·r` for a random
     /// `r` with respect to every input).
     fn agree(inputs: &[Var], fused: &Tensor, composed: &Tensor, tol: f32) {
-        let w = matrix(random(fused.elem_count(), 99), fused.dims()).expect("weights");
+        let w = matrix(test_values(fused.elem_count(), 99), fused.dims()).expect("weights");
         let (a, b) = (values(fused).expect("f"), values(composed).expect("c"));
         let diff = a
             .iter()
@@ -637,7 +626,7 @@ mod tests {
     #[test]
     fn rms_norm_matches_the_composed_ops() {
         let x = var(&[5, 12], 1);
-        let weight = random(12, 2);
+        let weight = test_values(12, 2);
         let w = matrix(weight.clone(), &[12]).expect("w");
         let op = RmsNorm {
             weight: Arc::new(weight),
