@@ -456,6 +456,20 @@ mod simd_x86 {
         _mm256_mul_ps(p, _mm256_castsi256_ps(e))
     }
 
+    /// Keys ahead whose lines are requested: enough to cover a memory access at the rate
+    /// one query consumes keys (measured at 16 sequences: 8 to 32 alike, none ~15% slower).
+    const PREFETCH_KEYS: usize = 16;
+
+    /// Prefetches the cache lines of `len` elements from `p` (a hint: never faults).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn prefetch_head<E>(p: *const E, len: usize) {
+        let bytes = len * std::mem::size_of::<E>();
+        for off in (0..bytes).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>(p.cast::<i8>().wrapping_add(off));
+        }
+    }
+
     /// Sums of four 8-lane accumulators, each reduced by the same fixed tree.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -573,6 +587,12 @@ mod simd_x86 {
                     let end = m.next_multiple_of(4).min(kb + KEY_BLOCK);
                     let mut i = kb.max(lo & !3);
                     while i < end {
+                        // The head's slice of keys further on: their lines arrive while these
+                        // four are computed (the rows are scattered over cache blocks, hardware
+                        // prefetchers do not follow them).
+                        for j in i + PREFETCH_KEYS..(i + PREFETCH_KEYS + 4).min(n) {
+                            prefetch_head(row(j, kp), hd);
+                        }
                         let ks = [row(i, kp), row(i + 1, kp), row(i + 2, kp), row(i + 3, kp)];
                         let mut acc = [_mm256_setzero_ps(); 4];
                         for c in 0..nc {
@@ -789,6 +809,9 @@ mod simd_x86 {
         unsafe {
             let mut acc: [__m256; W] = std::array::from_fn(|c| _mm256_loadu_ps(out.add(c * 8)));
             for (i, &v) in rows.iter().enumerate() {
+                if let Some(&ahead) = rows.get(i + PREFETCH_KEYS) {
+                    prefetch_head(ahead.add(c0 * 8), W * 8);
+                }
                 let w = _mm256_set1_ps(*p.add(i));
                 let v = v.add(c0 * 8);
                 for (c, a) in acc.iter_mut().enumerate() {

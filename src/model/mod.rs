@@ -15,6 +15,7 @@ pub mod llama_train;
 pub mod lora;
 pub mod quant;
 mod train_ops;
+pub mod vmath;
 pub mod weights;
 
 use std::path::{Path, PathBuf};

@@ -8,6 +8,7 @@
 
 use std::sync::Arc;
 
+use super::vmath::fast_exp;
 use candle_core::{CpuStorage, CustomOp1, Device, Layout, Result, Shape};
 use candle_core::{Storage, Tensor};
 use rayon::prelude::*;
@@ -44,29 +45,6 @@ fn with_f32<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Res
 
 fn matrix(data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
     Tensor::from_vec(data, shape, &Device::Cpu)
-}
-
-/// `e^x` to within a few ulp (Cephes' `expf` polynomial; `x` clamped to `[-87.3, 88]`), in
-/// plain arithmetic that the compiler vectorises over a slice — libm's `expf` is a call per
-/// element, and the training step takes ~10⁸ exponentials (softmaxes, SiLU).
-#[inline(always)]
-pub(super) fn fast_exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    // 1.5 · 2²³: adding it rounds to an integer held in the low mantissa bits.
-    const MAGIC: f32 = 12_582_912.0;
-    let x = x.clamp(-87.3, 88.0);
-    let t = x * LOG2E + MAGIC;
-    let n = t - MAGIC;
-    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
-    let mut p = 1.987_569_1e-4f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 0.166_666_65;
-    p = p * r + 0.5;
-    p = p * r * r + r + 1.0;
-    let k = (t.to_bits() as i32).wrapping_sub(0x4B40_0000);
-    p * f32::from_bits(((k + 127) as u32) << 23)
 }
 
 /// Replaces each `v` by `e^(v − shift)` and returns their sum.
