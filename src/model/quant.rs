@@ -711,7 +711,7 @@ mod simd_x86 {
                     unsafe {
                         let dst = o.add(a * width + (p - p0) * PANEL);
                         match b - a {
-                            1 => kernel::<Q4, 1>(job, p, a, dst, width),
+                            1 => row1::<Q4>(job, p, a, dst),
                             2 => kernel::<Q4, 2>(job, p, a, dst, width),
                             3 => kernel::<Q4, 3>(job, p, a, dst, width),
                             4 => kernel::<Q4, 4>(job, p, a, dst, width),
@@ -721,6 +721,81 @@ mod simd_x86 {
                     }
                 }
             }
+        }
+    }
+
+    /// One row (decoding) × one panel: both halves in one pass over the blocks, so the
+    /// activation broadcasts, the row's scales and the block addresses serve 16 outputs. Per
+    /// output lane the same integer sums and float steps as [`half`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn row1<const Q4: bool>(job: &Job, p: usize, r: usize, out: *mut f32) {
+        let (nb, cols) = (job.nb, job.nb * BLOCK);
+        let ones = _mm256_set1_epi16(1);
+        let nibble = _mm256_set1_epi8(0x0F);
+        let mut acc = [_mm256_setzero_ps(); 2];
+        // The panel's first block; the others follow at a fixed stride.
+        let (first, stride) = match job.panels {
+            Panels::Q4_1(v) => (block_ptrs(job, p, 0), std::mem::size_of_val(&v[0])),
+            Panels::Q8_0(v) => (block_ptrs(job, p, 0), std::mem::size_of_val(&v[0])),
+        };
+        // SAFETY (whole body): row r and panel p exist (caller), so every block of the panel
+        // (`nb` of them, `stride` bytes apart), activation, scale and output offset lies
+        // inside the sizes `run` asserted.
+        unsafe {
+            let xq = job.q.as_ptr().add(r * cols);
+            for b in 0..nb {
+                let (d, m, qs) = (
+                    first.d.byte_add(b * stride),
+                    first.m.byte_add(b * stride),
+                    first.qs.byte_add(b * stride),
+                );
+                let mut isum = [_mm256_setzero_si256(); 2];
+                for g in 0..BLOCK / 8 {
+                    let x = xq.add(b * BLOCK + g * 8);
+                    let xa = _mm256_set1_epi32(x.cast::<i32>().read_unaligned());
+                    let xb = _mm256_set1_epi32(x.add(4).cast::<i32>().read_unaligned());
+                    for (h, sh) in isum.iter_mut().enumerate() {
+                        if Q4 {
+                            let v = _mm256_loadu_si256(qs.add((2 * g + h) * 32).cast());
+                            let wa = _mm256_and_si256(v, nibble);
+                            let wb = _mm256_and_si256(_mm256_srli_epi16::<4>(v), nibble);
+                            let pa = _mm256_maddubs_epi16(wa, xa);
+                            let pb = _mm256_maddubs_epi16(wb, xb);
+                            *sh = _mm256_add_epi16(*sh, _mm256_add_epi16(pa, pb));
+                        } else {
+                            let wa = _mm256_loadu_si256(qs.add((2 * g) * 64 + h * 32).cast());
+                            let wb = _mm256_loadu_si256(qs.add((2 * g + 1) * 64 + h * 32).cast());
+                            let pa =
+                                _mm256_maddubs_epi16(_mm256_abs_epi8(wa), _mm256_sign_epi8(xa, wa));
+                            let pb =
+                                _mm256_maddubs_epi16(_mm256_abs_epi8(wb), _mm256_sign_epi8(xb, wb));
+                            let s = _mm256_add_epi32(
+                                _mm256_madd_epi16(pa, ones),
+                                _mm256_madd_epi16(pb, ones),
+                            );
+                            *sh = _mm256_add_epi32(*sh, s);
+                        }
+                    }
+                }
+                let at = r * nb + b;
+                let dx = _mm256_set1_ps(*job.d.get_unchecked(at));
+                let sx = _mm256_set1_ps(*job.s.get_unchecked(at));
+                for (h, (ah, sh)) in acc.iter_mut().zip(&isum).enumerate() {
+                    let dw = _mm256_cvtph_ps(_mm_loadu_si128(d.add(8 * h).cast()));
+                    let i32s = if Q4 {
+                        _mm256_madd_epi16(*sh, ones)
+                    } else {
+                        *sh
+                    };
+                    *ah = _mm256_fmadd_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(i32s), *ah);
+                    if Q4 {
+                        let mw = _mm256_cvtph_ps(_mm_loadu_si128(m.add(8 * h).cast()));
+                        *ah = _mm256_fmadd_ps(mw, sx, *ah);
+                    }
+                }
+            }
+            _mm256_storeu_ps(out, acc[0]);
+            _mm256_storeu_ps(out.add(8), acc[1]);
         }
     }
 
