@@ -160,6 +160,27 @@ impl Activation {
         }
     }
 
+    /// `act(gate) · up` into `gate` (a gated MLP's hidden layer), in one pass: the same two
+    /// roundings per element as [`Activation::apply`] followed by the product.
+    pub fn apply_gated(self, gate: &mut [f32], up: &[f32]) {
+        const CHUNK: usize = 16 * 1024;
+        let one = |g: &mut [f32], u: &[f32]| match self {
+            Activation::Silu => super::vmath::silu_mul(g, u),
+            _ => {
+                self.apply_serial(g);
+                g.iter_mut().zip(u).for_each(|(g, u)| *g *= u);
+            }
+        };
+        if gate.len() > 2 * CHUNK {
+            use rayon::prelude::*;
+            gate.par_chunks_mut(CHUNK)
+                .zip(up.par_chunks(CHUNK))
+                .for_each(|(g, u)| one(g, u));
+        } else {
+            one(gate, up);
+        }
+    }
+
     fn apply_serial(self, xs: &mut [f32]) {
         match self {
             Activation::Silu => super::vmath::silu_in_place(xs),

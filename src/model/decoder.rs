@@ -6,7 +6,6 @@
 //! Weights are loaded by Hugging Face names from either format (see `weights.rs`).
 
 use candle_core::{Device, Result, Tensor};
-use rayon::prelude::*;
 
 use super::attention::{self, AttentionPlan, HeadDims, Rope};
 use super::config::{Architecture, ModelConfig};
@@ -485,10 +484,7 @@ impl Decoder {
             if let Some(mut up) = parts.next() {
                 lora(&mut gate, &h, i, Target::Gate)?;
                 lora(&mut up, &h, i, Target::Up)?;
-                act.apply(&mut gate);
-                gate.par_chunks_mut(16 * 1024)
-                    .zip(up.par_chunks(16 * 1024))
-                    .for_each(|(g, u)| g.iter_mut().zip(u).for_each(|(g, u)| *g *= u));
+                act.apply_gated(&mut gate, &up);
             } else {
                 lora(&mut gate, &h, i, Target::Up)?;
                 act.apply(&mut gate);
