@@ -268,6 +268,12 @@ pub trait KvElem: Copy + Send + Sync + 'static {
     fn from_f32(x: f32) -> Self;
     /// The value.
     fn to_f32(self) -> f32;
+    /// `dst[i] = from_f32(src[i])` for the whole (equal-length) slices.
+    fn store_all(dst: &mut [Self], src: &[f32]) {
+        dst.iter_mut()
+            .zip(src)
+            .for_each(|(d, &x)| *d = Self::from_f32(x));
+    }
     /// Eight consecutive values as f32 lanes.
     ///
     /// # Safety
@@ -301,6 +307,11 @@ impl KvElem for half::f16 {
     fn to_f32(self) -> f32 {
         half::f16::to_f32(self)
     }
+    fn store_all(dst: &mut [Self], src: &[f32]) {
+        // Eight at a time through F16C where the CPU has it (the same rounding, to nearest).
+        use half::slice::HalfFloatSliceExt;
+        dst.convert_from_f32_slice(src);
+    }
     #[cfg(target_arch = "x86_64")]
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -317,12 +328,10 @@ pub fn write_kv(layer: &mut LayerKv, slots: &[u32], k: &[f32], v: &[f32], kv_dim
     fn write<E: KvElem>(dst: &mut [E], slots: &[u32], src: &[f32], kv_dim: usize) {
         for (t, &slot) in slots.iter().enumerate() {
             let at = slot as usize * kv_dim;
-            for (d, &x) in dst[at..at + kv_dim]
-                .iter_mut()
-                .zip(&src[t * kv_dim..(t + 1) * kv_dim])
-            {
-                *d = E::from_f32(x);
-            }
+            E::store_all(
+                &mut dst[at..at + kv_dim],
+                &src[t * kv_dim..(t + 1) * kv_dim],
+            );
         }
     }
     match layer {
@@ -1081,6 +1090,51 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Writing into an f16 cache rounds each value to nearest (ties to even), as one
+    /// conversion at a time would, whatever the row width.
+    #[test]
+    fn f16_writes_round_each_value_to_nearest() {
+        let kv_dim = 20;
+        let mut cache = crate::model::KvCache::with_windows(
+            &[false],
+            kv_dim,
+            2,
+            0,
+            4,
+            crate::model::KvDtype::F16,
+        );
+        let mut k = values(3 * kv_dim, 5);
+        // Exact ties between two f16 values, and values beyond f16's range.
+        k[0] = 1.0 + 2f32.powi(-11);
+        k[1] = 1.0 + 3.0 * 2f32.powi(-11);
+        k[2] = 70_000.0;
+        let v: Vec<f32> = k.iter().map(|x| -x * 3.7).collect();
+        let slots = [5u32, 0, 7];
+        write_kv(cache.layer_mut(0), &slots, &k, &v, kv_dim);
+        let LayerKv::F16 { k: lk, v: lv } = cache.layer_mut(0) else {
+            panic!("f16 layer expected");
+        };
+        for (t, &slot) in slots.iter().enumerate() {
+            for i in 0..kv_dim {
+                let at = slot as usize * kv_dim + i;
+                let (wk, wv) = (k[t * kv_dim + i], v[t * kv_dim + i]);
+                assert_eq!(
+                    lk[at].to_bits(),
+                    half::f16::from_f32(wk).to_bits(),
+                    "k {t} {i}"
+                );
+                assert_eq!(
+                    lv[at].to_bits(),
+                    half::f16::from_f32(wv).to_bits(),
+                    "v {t} {i}"
+                );
+            }
+        }
+        assert_eq!(lk[5 * kv_dim].to_f32(), 1.0);
+        assert_eq!(lk[5 * kv_dim + 1].to_f32(), 1.0 + 2.0 * 2f32.powi(-10));
+        assert!(lk[5 * kv_dim + 2].to_f32().is_infinite());
     }
 
     /// An f16 cache holding values that f16 represents exactly gives bit-identical attention
