@@ -67,7 +67,7 @@ impl Norm {
                         .map(|(v, w)| (v - mean) / d * w),
                 );
             } else {
-                let sum2 = super::vmath::sum_squares(row);
+                let sum2: f32 = row.iter().map(|v| v * v).sum();
                 let m = (sum2 / n as f32 + self.eps).sqrt();
                 out.extend(row.iter().zip(&self.weight).map(|(v, w)| v / m * w));
             }

@@ -60,7 +60,7 @@ pub(super) fn exp_shifted(row: &mut [f32], shift: f32) -> f32 {
 
 /// `1 / sqrt(mean(x²) + eps)` of a row.
 fn inv_rms(row: &[f32], eps: f32) -> f32 {
-    let sum2 = super::vmath::sum_squares(row);
+    let sum2: f32 = row.iter().map(|v| v * v).sum();
     1.0 / (sum2 / row.len() as f32 + eps).sqrt()
 }
 

@@ -25,20 +25,6 @@ pub fn fast_exp(x: f32) -> f32 {
     p * f32::from_bits(((k + 127) as u32) << 23)
 }
 
-/// `Σ x²` over eight interleaved partial sums added in a fixed order: one serial chain of
-/// adds would wait on each add's latency (RMSNorm runs this on every row twice per layer).
-pub fn sum_squares(xs: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let mut chunks = xs.chunks_exact(8);
-    for c in &mut chunks {
-        lanes.iter_mut().zip(c).for_each(|(l, v)| *l += v * v);
-    }
-    let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
-    ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
-        + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
-        + tail
-}
-
 /// SiLU in place, `x / (1 + e^(−x))`.
 pub fn silu_in_place(xs: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
@@ -104,19 +90,6 @@ fn avx2() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sum_squares_matches_the_serial_sum() {
-        for n in [0usize, 1, 7, 8, 9, 576, 1001] {
-            let xs: Vec<f32> = (0..n).map(|i| (i as f32 * 0.71).sin() * 3.0).collect();
-            let serial: f64 = xs.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
-            let got = f64::from(sum_squares(&xs));
-            assert!(
-                (got - serial).abs() <= 1e-5 * serial.max(1e-30),
-                "n {n}: {got} vs {serial}"
-            );
-        }
-    }
 
     #[test]
     fn silu_matches_the_libm_form() {
