@@ -724,6 +724,60 @@ mod simd_x86 {
         }
     }
 
+    /// The weights of inputs `8g + {0,2,4,6}` and `8g + {1,3,5,7}` of outputs `8h..8h+8` of the
+    /// block at `qs` (Q4_1 nibbles unpacked to bytes; Q8_0 bytes as stored).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn weights<const Q4: bool>(
+        qs: *const u8,
+        g: usize,
+        h: usize,
+        nibble: __m256i,
+    ) -> (__m256i, __m256i) {
+        // SAFETY: `qs` points at a whole panel block (the caller's), g < 4, h < 2.
+        unsafe {
+            if Q4 {
+                let v = _mm256_loadu_si256(qs.add((2 * g + h) * 32).cast());
+                (
+                    _mm256_and_si256(v, nibble),
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(v), nibble),
+                )
+            } else {
+                (
+                    _mm256_loadu_si256(qs.add((2 * g) * 64 + h * 32).cast()),
+                    _mm256_loadu_si256(qs.add((2 * g + 1) * 64 + h * 32).cast()),
+                )
+            }
+        }
+    }
+
+    /// `sum` plus the integer products of weights `wa`/`wb` with the broadcast activations
+    /// `xa`/`xb`: Q4_1 in 16-bit lanes (≤ 16 products of 15 × 127 per lane: no overflow),
+    /// Q8_0 widened to 32 bits.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn products<const Q4: bool>(
+        sum: __m256i,
+        wa: __m256i,
+        wb: __m256i,
+        xa: __m256i,
+        xb: __m256i,
+        ones: __m256i,
+    ) -> __m256i {
+        if Q4 {
+            let pa = _mm256_maddubs_epi16(wa, xa);
+            let pb = _mm256_maddubs_epi16(wb, xb);
+            _mm256_add_epi16(sum, _mm256_add_epi16(pa, pb))
+        } else {
+            // u8 × i8 products need an unsigned side: |w| × (x · sign w).
+            let pa = _mm256_maddubs_epi16(_mm256_abs_epi8(wa), _mm256_sign_epi8(xa, wa));
+            let pb = _mm256_maddubs_epi16(_mm256_abs_epi8(wb), _mm256_sign_epi8(xb, wb));
+            // Each 16-bit pair sum fills most of its range: widen before adding.
+            let s = _mm256_add_epi32(_mm256_madd_epi16(pa, ones), _mm256_madd_epi16(pb, ones));
+            _mm256_add_epi32(sum, s)
+        }
+    }
+
     /// One row (decoding) × one panel: both halves in one pass over the blocks, so the
     /// activation broadcasts, the row's scales and the block addresses serve 16 outputs. Per
     /// output lane the same integer sums and float steps as [`half`].
@@ -755,26 +809,8 @@ mod simd_x86 {
                     let xa = _mm256_set1_epi32(x.cast::<i32>().read_unaligned());
                     let xb = _mm256_set1_epi32(x.add(4).cast::<i32>().read_unaligned());
                     for (h, sh) in isum.iter_mut().enumerate() {
-                        if Q4 {
-                            let v = _mm256_loadu_si256(qs.add((2 * g + h) * 32).cast());
-                            let wa = _mm256_and_si256(v, nibble);
-                            let wb = _mm256_and_si256(_mm256_srli_epi16::<4>(v), nibble);
-                            let pa = _mm256_maddubs_epi16(wa, xa);
-                            let pb = _mm256_maddubs_epi16(wb, xb);
-                            *sh = _mm256_add_epi16(*sh, _mm256_add_epi16(pa, pb));
-                        } else {
-                            let wa = _mm256_loadu_si256(qs.add((2 * g) * 64 + h * 32).cast());
-                            let wb = _mm256_loadu_si256(qs.add((2 * g + 1) * 64 + h * 32).cast());
-                            let pa =
-                                _mm256_maddubs_epi16(_mm256_abs_epi8(wa), _mm256_sign_epi8(xa, wa));
-                            let pb =
-                                _mm256_maddubs_epi16(_mm256_abs_epi8(wb), _mm256_sign_epi8(xb, wb));
-                            let s = _mm256_add_epi32(
-                                _mm256_madd_epi16(pa, ones),
-                                _mm256_madd_epi16(pb, ones),
-                            );
-                            *sh = _mm256_add_epi32(*sh, s);
-                        }
+                        let (wa, wb) = weights::<Q4>(qs, g, h, nibble);
+                        *sh = products::<Q4>(*sh, wa, wb, xa, xb, ones);
                     }
                 }
                 let at = r * nb + b;
@@ -840,39 +876,12 @@ mod simd_x86 {
                 let mut isum = [_mm256_setzero_si256(); R];
                 for g in 0..BLOCK / 8 {
                     // Inputs 8g + {0,2,4,6} and 8g + {1,3,5,7} of outputs 8h..8h+8.
-                    let (wa, wb) = if Q4 {
-                        let v = _mm256_loadu_si256(bp.qs.add((2 * g + h) * 32).cast());
-                        (
-                            _mm256_and_si256(v, nibble),
-                            _mm256_and_si256(_mm256_srli_epi16::<4>(v), nibble),
-                        )
-                    } else {
-                        (
-                            _mm256_loadu_si256(bp.qs.add((2 * g) * 64 + h * 32).cast()),
-                            _mm256_loadu_si256(bp.qs.add((2 * g + 1) * 64 + h * 32).cast()),
-                        )
-                    };
+                    let (wa, wb) = weights::<Q4>(bp.qs, g, h, nibble);
                     for (r, sr) in isum.iter_mut().enumerate() {
                         let x = xq.add(r * cols + b * BLOCK + g * 8);
                         let xa = _mm256_set1_epi32(x.cast::<i32>().read_unaligned());
                         let xb = _mm256_set1_epi32(x.add(4).cast::<i32>().read_unaligned());
-                        if Q4 {
-                            let pa = _mm256_maddubs_epi16(wa, xa);
-                            let pb = _mm256_maddubs_epi16(wb, xb);
-                            *sr = _mm256_add_epi16(*sr, _mm256_add_epi16(pa, pb));
-                        } else {
-                            // u8 × i8 products need an unsigned side: |w| × (x · sign w).
-                            let pa =
-                                _mm256_maddubs_epi16(_mm256_abs_epi8(wa), _mm256_sign_epi8(xa, wa));
-                            let pb =
-                                _mm256_maddubs_epi16(_mm256_abs_epi8(wb), _mm256_sign_epi8(xb, wb));
-                            // Each 16-bit pair sum fills most of its range: widen before adding.
-                            let s = _mm256_add_epi32(
-                                _mm256_madd_epi16(pa, ones),
-                                _mm256_madd_epi16(pb, ones),
-                            );
-                            *sr = _mm256_add_epi32(*sr, s);
-                        }
+                        *sr = products::<Q4>(*sr, wa, wb, xa, xb, ones);
                     }
                 }
                 let dw = _mm256_cvtph_ps(_mm_loadu_si128(bp.d.add(8 * h).cast()));
