@@ -385,9 +385,24 @@ impl QMatrix {
         let job = acts.job(&self.panels, 0, t);
         // Panel groups in parallel: enough tasks to balance, few enough to amortise dispatch.
         let per_task = np.div_ceil(threads * 4).max(4).min(np.max(1));
-        let groups: Vec<(usize, Vec<f32>)> = (0..np)
-            .step_by(per_task)
-            .collect::<Vec<_>>()
+        let starts: Vec<usize> = (0..np).step_by(per_task).collect();
+        if self.rows.is_multiple_of(PANEL) {
+            // Each task writes its panels' columns of `y` in place: no buffers, no copies.
+            let mut y = vec![0f32; t * self.rows];
+            let out = SharedOut(y.as_mut_ptr());
+            let stride = self.rows;
+            starts.into_par_iter().for_each(|p0| {
+                let p1 = (p0 + per_task).min(np);
+                // SAFETY: columns p0·16..p1·16 of every row lie inside `y` (rows is a whole
+                // number of panels) and no other task writes them; `y` outlives the loop.
+                #[allow(unsafe_code)]
+                unsafe {
+                    job.run_strided(p0, p1, out.get().add(p0 * PANEL), stride)
+                };
+            });
+            return y;
+        }
+        let groups: Vec<(usize, Vec<f32>)> = starts
             .into_par_iter()
             .map(|p0| {
                 let p1 = (p0 + per_task).min(np);
@@ -526,55 +541,100 @@ struct Job<'a> {
 
 impl Job<'_> {
     /// Panels `p0..p1` for every row into `out: (t, (p1-p0)*16)`.
+    #[allow(unsafe_code)]
     fn run(&self, p0: usize, p1: usize, out: &mut [f32]) {
+        let width = (p1 - p0) * PANEL;
+        assert!(out.len() >= self.t * width, "output size");
+        // SAFETY: `out` holds t rows of `width` outputs (asserted), exactly what is written.
+        unsafe { self.run_strided(p0, p1, out.as_mut_ptr(), width) }
+    }
+
+    /// Panels `p0..p1` for every row: row `r`'s outputs go to `out + r·stride`, 16 per panel.
+    ///
+    /// # Safety
+    /// `out + r·stride .. + (p1-p0)·16` must be writable for every row `r < t`, and no one
+    /// else may access those elements during the call.
+    #[allow(unsafe_code)]
+    unsafe fn run_strided(&self, p0: usize, p1: usize, out: *mut f32, stride: usize) {
         #[cfg(target_arch = "x86_64")]
         if simd_available() {
-            simd_x86::run(self, p0, p1, out);
+            // SAFETY: forwarded from the caller; AVX2 detected.
+            unsafe { simd_x86::run(self, p0, p1, out, stride) };
             return;
         }
-        self.run_scalar(p0, p1, out);
+        let width = (p1 - p0) * PANEL;
+        let mut row = vec![0f32; width];
+        for r in 0..self.t {
+            self.run_scalar_row(p0, p1, r, &mut row);
+            // SAFETY: the caller's contract covers `out + r·stride .. + width`.
+            unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), out.add(r * stride), width) };
+        }
     }
 
     /// The reference form of the arithmetic, one output at a time.
+    #[cfg(test)]
     fn run_scalar(&self, p0: usize, p1: usize, out: &mut [f32]) {
-        let (nb, cols) = (self.nb, self.nb * BLOCK);
         let width = (p1 - p0) * PANEL;
+        for (r, row) in out.chunks_exact_mut(width).take(self.t).enumerate() {
+            self.run_scalar_row(p0, p1, r, row);
+        }
+    }
+
+    /// Row `r`'s outputs of panels `p0..p1`, one at a time: the reference arithmetic.
+    fn run_scalar_row(&self, p0: usize, p1: usize, r: usize, out: &mut [f32]) {
+        let (nb, cols) = (self.nb, self.nb * BLOCK);
+        let xq = &self.q[r * cols..(r + 1) * cols];
         for p in p0..p1 {
             for i in 0..PANEL {
-                for r in 0..self.t {
-                    let xq = &self.q[r * cols..(r + 1) * cols];
-                    let mut acc = 0f32;
-                    for b in 0..nb {
-                        let xb = &xq[b * BLOCK..(b + 1) * BLOCK];
-                        // Activation byte of input k (the stored order, see `QuantizedActs`).
-                        let x_at = |k: usize| i32::from(xb[stored_at(k)]);
-                        let (dx, sx) = (self.d[r * nb + b], self.s[r * nb + b]);
-                        match self.panels {
-                            Panels::Q4_1(v) => {
-                                let blk = &v[p * nb + b];
-                                let isum: i32 =
-                                    (0..BLOCK).map(|k| q4_at(blk, i, k) as i32 * x_at(k)).sum();
-                                let d = f16_to_f32(blk.d[i]) * dx;
-                                acc = d.mul_add(isum as f32, acc);
-                                acc = f16_to_f32(blk.m[i]).mul_add(sx, acc);
-                            }
-                            Panels::Q8_0(v) => {
-                                let blk = &v[p * nb + b];
-                                let isum: i32 = (0..BLOCK)
-                                    .map(|k| {
-                                        let (w, j) = q8_slot(k);
-                                        i32::from(blk.qs[w][i][j]) * x_at(k)
-                                    })
-                                    .sum();
-                                let d = f16_to_f32(blk.d[i]) * dx;
-                                acc = d.mul_add(isum as f32, acc);
-                            }
+                let mut acc = 0f32;
+                for b in 0..nb {
+                    let xb = &xq[b * BLOCK..(b + 1) * BLOCK];
+                    // Activation byte of input k (the stored order, see `QuantizedActs`).
+                    let x_at = |k: usize| i32::from(xb[stored_at(k)]);
+                    let (dx, sx) = (self.d[r * nb + b], self.s[r * nb + b]);
+                    match self.panels {
+                        Panels::Q4_1(v) => {
+                            let blk = &v[p * nb + b];
+                            let isum: i32 =
+                                (0..BLOCK).map(|k| q4_at(blk, i, k) as i32 * x_at(k)).sum();
+                            let d = f16_to_f32(blk.d[i]) * dx;
+                            acc = d.mul_add(isum as f32, acc);
+                            acc = f16_to_f32(blk.m[i]).mul_add(sx, acc);
+                        }
+                        Panels::Q8_0(v) => {
+                            let blk = &v[p * nb + b];
+                            let isum: i32 = (0..BLOCK)
+                                .map(|k| {
+                                    let (w, j) = q8_slot(k);
+                                    i32::from(blk.qs[w][i][j]) * x_at(k)
+                                })
+                                .sum();
+                            let d = f16_to_f32(blk.d[i]) * dx;
+                            acc = d.mul_add(isum as f32, acc);
                         }
                     }
-                    out[r * width + (p - p0) * PANEL + i] = acc;
                 }
+                out[(p - p0) * PANEL + i] = acc;
             }
         }
+    }
+}
+
+/// The output of a matmul, shared by tasks that each write their own panels' columns.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+
+// SAFETY: a `SharedOut` is only dereferenced through `Job::run_strided` by tasks whose column
+// ranges are disjoint, while the owning `Vec` outlives them all (see `QMatrix::matmul`).
+#[allow(unsafe_code)]
+unsafe impl Send for SharedOut {}
+#[allow(unsafe_code)]
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// The pointer (a method, so closures capture the whole `Send` wrapper).
+    fn get(self) -> *mut f32 {
+        self.0
     }
 }
 
@@ -676,27 +736,29 @@ mod simd_x86 {
         }
     }
 
-    pub(super) fn run(job: &Job, p0: usize, p1: usize, out: &mut [f32]) {
+    /// See `Job::run_strided`.
+    ///
+    /// # Safety
+    /// As `Job::run_strided`.
+    pub(super) unsafe fn run(job: &Job, p0: usize, p1: usize, out: *mut f32, stride: usize) {
         let q4 = matches!(job.panels, Panels::Q4_1(_));
         let cols = job.nb * BLOCK;
-        assert!(out.len() >= job.t * (p1 - p0) * PANEL);
         assert!(job.q.len() >= job.t * cols);
         assert!(job.d.len() >= job.t * job.nb && job.s.len() >= job.t * job.nb);
         // SAFETY: only called after run-time detection of AVX2, FMA and F16C
-        // (`simd_available`); the sizes every pointer below walks are asserted above.
+        // (`simd_available`); the activation sizes are asserted above, the output is the
+        // caller's contract.
         unsafe {
             if q4 {
-                run_avx2::<true>(job, p0, p1, out)
+                run_avx2::<true>(job, p0, p1, out, stride)
             } else {
-                run_avx2::<false>(job, p0, p1, out)
+                run_avx2::<false>(job, p0, p1, out, stride)
             }
         }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn run_avx2<const Q4: bool>(job: &Job, p0: usize, p1: usize, out: &mut [f32]) {
-        let o = out.as_mut_ptr();
-        let width = (p1 - p0) * PANEL;
+    unsafe fn run_avx2<const Q4: bool>(job: &Job, p0: usize, p1: usize, o: *mut f32, width: usize) {
         // Per block of rows, panel-outer: a panel's quants (a few KB) stay in L1 while every
         // row tile of the block uses them.
         for r_start in (0..job.t).step_by(ROW_BLOCK) {
@@ -707,7 +769,8 @@ mod simd_x86 {
                     // Balanced tiles (6 rows = 3 + 3, not 4 + 2).
                     let a = r_start + (r_end - r_start) * i / tiles;
                     let b = r_start + (r_end - r_start) * (i + 1) / tiles;
-                    // SAFETY: rows a..b < t and panel p exists; `out` holds t × width.
+                    // SAFETY: rows a..b < t and panel p exist; the caller's contract covers
+                    // row r's 16 outputs of panel p at `o + r·width + (p-p0)·16`.
                     unsafe {
                         let dst = o.add(a * width + (p - p0) * PANEL);
                         match b - a {
