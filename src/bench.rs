@@ -17,6 +17,8 @@ pub struct BenchConfig {
     pub prompt_tokens: usize,
     /// New tokens per request.
     pub new_tokens: usize,
+    /// How every request samples (greedy by default; a temperature measures the sampler too).
+    pub sampling: crate::engine::SamplingParams,
 }
 
 /// Peak resident memory of this process in MiB (Linux `VmHWM`), 0 where unknown.
@@ -101,8 +103,14 @@ pub fn run(engine: &EngineHandle, config: &BenchConfig) -> anyhow::Result<Vec<se
         let started = Instant::now();
         let mut collectors = Vec::with_capacity(c);
         for i in 0..c {
-            let request =
-                GenerateRequest::greedy(prompt(i, config.prompt_tokens, vocab), config.new_tokens);
+            let request = GenerateRequest {
+                sampling: crate::engine::SamplingParams {
+                    // Distinct seeds: the requests must not all draw the same tokens.
+                    seed: Some(i as u64),
+                    ..config.sampling.clone()
+                },
+                ..GenerateRequest::greedy(prompt(i, config.prompt_tokens, vocab), config.new_tokens)
+            };
             let mut generation = engine.submit(request)?;
             collectors.push(std::thread::spawn(
                 move || -> anyhow::Result<RequestTimes> {

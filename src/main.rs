@@ -342,6 +342,12 @@ struct BenchArgs {
     /// Editor scenarios: context tokens.
     #[arg(long, default_value_t = 1500)]
     context_tokens: usize,
+    /// Sweep: sampling temperature of every request (0 = greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Sweep: nucleus (top-p) sampling of every request (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
     /// llama-bench mode: prefill a prompt of this many tokens (one sequence).
     #[arg(long)]
     pp: Option<usize>,
@@ -411,6 +417,11 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
                 concurrency: args.concurrency,
                 prompt_tokens: args.prompt_tokens,
                 new_tokens: args.new_tokens,
+                sampling: nextoken::engine::SamplingParams {
+                    temperature: args.temperature,
+                    top_p: args.top_p,
+                    ..Default::default()
+                },
             };
             nextoken::bench::run(&engine, &config)?;
         }

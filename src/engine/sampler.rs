@@ -62,6 +62,8 @@ pub struct Sampler {
     rng: StdRng,
     /// Reused between steps (candidate ids).
     scratch: Vec<usize>,
+    /// Reused between steps (unnormalised probabilities).
+    weights: Vec<f32>,
 }
 
 /// Index of the largest value; the first one on ties (as torch.argmax).
@@ -111,6 +113,7 @@ impl Sampler {
             params,
             rng: StdRng::seed_from_u64(seed),
             scratch: Vec::new(),
+            weights: Vec::new(),
         }
     }
 
@@ -170,46 +173,92 @@ impl Sampler {
         if p.temperature <= 0.0 || p.top_k == 1 {
             return argmax(logits) as TokenId;
         }
+        self.keep(logits);
+        let (cand, w) = (&self.scratch, &self.weights);
+        let weight = |i: usize| f64::from(w[i]);
+        let total: f64 = cand.iter().map(|&i| weight(i)).sum();
+        let mut u = f64::from(self.rng.random::<f32>()) * total;
+        for &i in cand.iter() {
+            if u < weight(i) {
+                return i as TokenId;
+            }
+            u -= weight(i);
+        }
+        cand.last().map_or_else(|| argmax(logits), |&i| i) as TokenId
+    }
+
+    /// The tokens that top-k, top-p and min-p keep into `scratch` (most likely first where a
+    /// cut needed the order), and every token's unnormalised probability into `weights`.
+    fn keep(&mut self, logits: &[f32]) {
+        let p = &self.params;
+        let by_logit = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
         let cand = &mut self.scratch;
         cand.clear();
-        cand.extend(0..logits.len());
-        let by_logit = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
-        if p.top_k > 0 && p.top_k < cand.len() {
+        if p.top_k > 0 && p.top_k < logits.len() {
+            cand.extend(0..logits.len());
             cand.select_nth_unstable_by(p.top_k - 1, by_logit);
             cand.truncate(p.top_k);
+            cand.sort_by(by_logit);
         }
-        cand.sort_by(by_logit);
-        let max = logits[cand[0]];
-        let mut probs: Vec<f32> = cand
-            .iter()
-            .map(|&i| ((logits[i] - max) / p.temperature).exp())
-            .collect();
-        let total: f32 = probs.iter().sum();
-        probs.iter_mut().for_each(|x| *x /= total);
-        let mut keep = probs.len();
-        if p.top_p < 1.0 {
-            let mut acc = 0.0;
-            for (i, &q) in probs.iter().enumerate() {
-                acc += q;
-                if acc >= p.top_p {
-                    keep = i + 1;
-                    break;
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        // Unnormalised probabilities (the most likely token's is 1).
+        let w = &mut self.weights;
+        crate::model::vmath::exp_shifted(logits, max, p.temperature, w);
+        let weight = |i: usize| f64::from(w[i]);
+        // min-p keeps tokens at least `min_p` times as likely as the top one.
+        let floor = p.min_p.max(0.0);
+        if cand.is_empty() {
+            // No top-k: all tokens are candidates. Sorting 50k of them per token would cost
+            // milliseconds, so only the tokens above a weight threshold are sorted — enough
+            // whenever they hold the nucleus, which the threshold is lowered until they do.
+            let total: f64 = w.iter().map(|&x| f64::from(x)).sum();
+            if p.top_p >= 1.0 {
+                // Every token above the floor, in id order: the same distribution.
+                cand.extend((0..w.len()).filter(|&i| w[i] >= floor));
+            } else {
+                let target = f64::from(p.top_p) * total;
+                let mut tau = 1e-4f32;
+                loop {
+                    let cut = tau.max(floor);
+                    cand.clear();
+                    cand.extend((0..w.len()).filter(|&i| w[i] >= cut));
+                    let mass: f64 = cand.iter().map(|&i| weight(i)).sum();
+                    // Enough mass: the nucleus is a prefix of these. Or the floor binds: min-p
+                    // keeps exactly these whatever the nucleus.
+                    if mass >= target || cut <= floor || tau == 0.0 {
+                        break;
+                    }
+                    tau = if tau < 1e-30 { 0.0 } else { tau * 1e-4 };
+                }
+                cand.sort_by(by_logit);
+                let mut acc = 0f64;
+                if let Some(n) = cand.iter().position(|&i| {
+                    acc += weight(i);
+                    acc >= target
+                }) {
+                    cand.truncate(n + 1);
                 }
             }
-        }
-        if p.min_p > 0.0 {
-            let floor = p.min_p * probs[0];
-            keep = keep.min(probs.iter().take_while(|&&q| q >= floor).count().max(1));
-        }
-        let total: f32 = probs[..keep].iter().sum();
-        let mut u = self.rng.random::<f32>() * total;
-        for (i, &q) in probs[..keep].iter().enumerate() {
-            if u < q {
-                return cand[i] as TokenId;
+        } else {
+            // Top-k (sorted): then the nucleus within it, then min-p.
+            let total: f64 = cand.iter().map(|&i| weight(i)).sum();
+            if p.top_p < 1.0 {
+                let target = f64::from(p.top_p) * total;
+                let mut acc = 0f64;
+                if let Some(n) = cand.iter().position(|&i| {
+                    acc += weight(i);
+                    acc >= target
+                }) {
+                    cand.truncate(n + 1);
+                }
             }
-            u -= q;
+            let top = weight(cand[0]);
+            let keep = cand
+                .iter()
+                .take_while(|&&i| weight(i) >= f64::from(floor) * top)
+                .count();
+            cand.truncate(keep.max(1));
         }
-        cand[keep - 1] as TokenId
     }
 }
 
@@ -276,6 +325,79 @@ mod tests {
         for _ in 0..100 {
             assert!([1, 4].contains(&s.sample(&mut logits(), &[], &[])));
         }
+    }
+
+    /// The kept set as the textbook algorithm finds it: every token sorted, softmax, the
+    /// nucleus prefix, then min-p.
+    fn reference_kept(logits: &[f32], p: &SamplingParams) -> Vec<usize> {
+        let mut cand: Vec<usize> = (0..logits.len()).collect();
+        cand.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+        if p.top_k > 0 {
+            cand.truncate(p.top_k);
+        }
+        let max = logits[cand[0]];
+        let w: Vec<f64> = cand
+            .iter()
+            .map(|&i| (f64::from(logits[i] - max) / f64::from(p.temperature)).exp())
+            .collect();
+        let total: f64 = w.iter().sum();
+        let mut keep = cand.len();
+        let mut acc = 0.0;
+        for (i, x) in w.iter().enumerate() {
+            acc += x;
+            if acc >= f64::from(p.top_p) * total {
+                keep = i + 1;
+                break;
+            }
+        }
+        keep = keep.min(
+            w.iter()
+                .take_while(|&&x| x >= f64::from(p.min_p))
+                .count()
+                .max(1),
+        );
+        cand.truncate(keep);
+        cand.sort_unstable();
+        cand
+    }
+
+    #[test]
+    fn kept_tokens_match_the_full_sort() {
+        let mut rng = StdRng::seed_from_u64(11);
+        let mut cases = 0;
+        for n in [7usize, 1000, 49152] {
+            for (temperature, top_k, top_p, min_p) in [
+                (1.0, 0, 0.9, 0.0),
+                (0.7, 0, 0.95, 0.0),
+                (1.3, 0, 0.5, 0.05),
+                (1.0, 0, 1.0, 0.1),
+                (1.0, 0, 1.0, 0.0),
+                (0.8, 40, 0.9, 0.0),
+                (1.0, 5, 1.0, 0.3),
+                (2.0, 0, 0.99, 0.0),
+            ] {
+                // Peaked and flat rows: a few large logits over a spread of small ones.
+                let spread = if cases % 2 == 0 { 3.0 } else { 12.0 };
+                let logits: Vec<f32> = (0..n)
+                    .map(|_| rng.random::<f32>() * spread - rng.random::<f32>().powi(8) * 20.0)
+                    .collect();
+                let params = SamplingParams {
+                    temperature,
+                    top_k,
+                    top_p,
+                    min_p,
+                    seed: Some(1),
+                    ..Default::default()
+                };
+                let mut s = Sampler::new(params.clone());
+                s.keep(&logits);
+                let mut got = s.scratch.clone();
+                got.sort_unstable();
+                assert_eq!(got, reference_kept(&logits, &params), "n={n} {params:?}");
+                cases += 1;
+            }
+        }
+        assert_eq!(cases, 24);
     }
 
     #[test]

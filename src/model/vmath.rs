@@ -54,6 +54,36 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     silu_mul_portable(gate, up);
 }
 
+/// `out[i] = e^((xs[i] − shift) / div)` (softmax weights at a temperature), resized to fit.
+pub fn exp_shifted(xs: &[f32], shift: f32, div: f32, out: &mut Vec<f32>) {
+    out.clear();
+    out.resize(xs.len(), 0.0);
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        #[allow(unsafe_code)]
+        // SAFETY: AVX2 and FMA were detected at run time.
+        unsafe {
+            exp_shifted_avx2(xs, shift, div, out)
+        };
+        return;
+    }
+    exp_shifted_portable(xs, shift, div, out);
+}
+
+#[inline(always)]
+fn exp_shifted_portable(xs: &[f32], shift: f32, div: f32, out: &mut [f32]) {
+    out.iter_mut()
+        .zip(xs)
+        .for_each(|(o, &x)| *o = fast_exp((x - shift) / div));
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_shifted_avx2(xs: &[f32], shift: f32, div: f32, out: &mut [f32]) {
+    exp_shifted_portable(xs, shift, div, out)
+}
+
 #[inline(always)]
 fn silu_mul_portable(gate: &mut [f32], up: &[f32]) {
     gate.iter_mut()
@@ -120,5 +150,25 @@ mod tests {
         let mut scalar = g;
         silu_mul_portable(&mut scalar, &u);
         assert_eq!(scalar, two);
+    }
+
+    #[test]
+    fn shifted_exponentials_match_libm_and_the_scalar_form() {
+        let xs: Vec<f32> = (0..1001).map(|i| (i as f32 * 0.41).sin() * 30.0).collect();
+        let mut out = Vec::new();
+        exp_shifted(&xs, 30.0, 0.7, &mut out);
+        for (&x, &o) in xs.iter().zip(&out) {
+            let want = ((x - 30.0) / 0.7).exp();
+            assert!(
+                (o - want).abs() <= 4.0 * f32::EPSILON * want.max(1e-30),
+                "{o} vs {want}"
+            );
+        }
+        let mut scalar = vec![0.0; xs.len()];
+        exp_shifted_portable(&xs, 30.0, 0.7, &mut scalar);
+        assert_eq!(out, scalar);
+        // The largest value's weight is exactly 1 (the sampler's min-p floor relies on it).
+        exp_shifted(&[2.5, 1.0], 2.5, 1.3, &mut out);
+        assert_eq!(out[0], 1.0);
     }
 }
