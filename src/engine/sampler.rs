@@ -64,7 +64,13 @@ pub struct Sampler {
     scratch: Vec<usize>,
     /// Reused between steps (unnormalised probabilities).
     weights: Vec<f32>,
+    /// Reused between steps (probability mass per weight bin).
+    bins: Vec<f64>,
 }
+
+/// Weight bins for the nucleus search: the f32 bits above this one (exponent and 4 mantissa
+/// bits), 16 bins per octave.
+const BIN_SHIFT: u32 = 19;
 
 /// Index of the largest value; the first one on ties (as torch.argmax).
 pub fn argmax(xs: &[f32]) -> usize {
@@ -114,6 +120,7 @@ impl Sampler {
             rng: StdRng::seed_from_u64(seed),
             scratch: Vec::new(),
             weights: Vec::new(),
+            bins: Vec::new(),
         }
     }
 
@@ -209,27 +216,31 @@ impl Sampler {
         let floor = p.min_p.max(0.0);
         if cand.is_empty() {
             // No top-k: all tokens are candidates. Sorting 50k of them per token would cost
-            // milliseconds, so only the tokens above a weight threshold are sorted — enough
-            // whenever they hold the nucleus, which the threshold is lowered until they do.
-            let total: f64 = w.iter().map(|&x| f64::from(x)).sum();
+            // milliseconds, so a histogram of the weights (positive floats order as their bits:
+            // bins of 1/16 octave) finds the bin where the nucleus ends, and only the tokens
+            // from that bin up are sorted.
             if p.top_p >= 1.0 {
                 // Every token above the floor, in id order: the same distribution.
                 cand.extend((0..w.len()).filter(|&i| w[i] >= floor));
             } else {
-                let target = f64::from(p.top_p) * total;
-                let mut tau = 1e-4f32;
-                loop {
-                    let cut = tau.max(floor);
-                    cand.clear();
-                    cand.extend((0..w.len()).filter(|&i| w[i] >= cut));
-                    let mass: f64 = cand.iter().map(|&i| weight(i)).sum();
-                    // Enough mass: the nucleus is a prefix of these. Or the floor binds: min-p
-                    // keeps exactly these whatever the nucleus.
-                    if mass >= target || cut <= floor || tau == 0.0 {
-                        break;
-                    }
-                    tau = if tau < 1e-30 { 0.0 } else { tau * 1e-4 };
+                let mass = &mut self.bins;
+                mass.clear();
+                mass.resize((1f32.to_bits() >> BIN_SHIFT) as usize + 1, 0.0);
+                let last = mass.len() - 1;
+                for &x in w.iter() {
+                    mass[((x.to_bits() >> BIN_SHIFT) as usize).min(last)] += f64::from(x);
                 }
+                let target = f64::from(p.top_p) * mass.iter().sum::<f64>();
+                let mut acc = 0f64;
+                let bin = (0..mass.len())
+                    .rev()
+                    .find(|&k| {
+                        acc += mass[k];
+                        acc >= target
+                    })
+                    .unwrap_or(0);
+                let cut = f32::from_bits((bin as u32) << BIN_SHIFT).max(floor);
+                cand.extend((0..w.len()).filter(|&i| w[i] >= cut));
                 cand.sort_by(by_logit);
                 let mut acc = 0f64;
                 if let Some(n) = cand.iter().position(|&i| {

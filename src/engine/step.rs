@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use crate::model::{ForwardBatch, KvCache, Model};
+use crate::model::{ForwardBatch, KvCache, Model, TokenId};
 
 use super::block_pool::BlockPool;
 use super::request::{EngineError, Event, FinishReason, TokenLogprob, Usage};
@@ -143,8 +143,11 @@ impl EngineCore {
 
     fn sample_and_emit(&mut self, batch: &ScheduledBatch, mut rows: Vec<Vec<f32>>) {
         let context = self.model.config().max_position_embeddings;
-        let mut finished = Vec::new();
-        for (item, row) in batch.items.iter().zip(rows.iter_mut()) {
+        // Bookkeeping first; then the sequences whose prompt is done sample, each with its own
+        // sampler and RNG, in parallel (a temperature's softmax over the vocabulary is ~0.1 ms
+        // per sequence); then tokens and finishes go out in batch order.
+        let mut ready = vec![false; self.scheduler.running.len()];
+        for item in &batch.items {
             let seq = &mut self.scheduler.running[item.index];
             let before = seq.num_computed_tokens;
             seq.num_computed_tokens += item.num_tokens;
@@ -154,27 +157,57 @@ impl EngineCore {
             let p = seq.num_prompt_tokens;
             self.stats.prompt_tokens_total +=
                 (seq.num_computed_tokens.min(p) - before.min(p)) as u64;
-            if seq.num_uncomputed() > 0 {
-                continue; // a prefill chunk that does not reach the end yet
+            // Otherwise a prefill chunk that does not reach the end yet.
+            ready[item.index] = seq.num_uncomputed() == 0;
+        }
+        let mut row_of = vec![None; self.scheduler.running.len()];
+        for (j, item) in batch.items.iter().enumerate() {
+            row_of[item.index] = Some(j);
+        }
+        let mut work: Vec<(usize, &mut Sequence, &mut Vec<f32>)> = Vec::new();
+        let mut rows_left: Vec<Option<&mut Vec<f32>>> = rows.iter_mut().map(Some).collect();
+        for (i, seq) in self.scheduler.running.iter_mut().enumerate() {
+            if let (true, Some(j)) = (ready[i], row_of[i]) {
+                if let Some(row) = rows_left[j].take() {
+                    work.push((i, seq, row));
+                }
             }
-            let logprob = seq.top_logprobs.map(|n| {
-                let lp = log_softmax(row);
-                (lp, n)
-            });
-            let id = {
-                let Sequence {
-                    sampler,
-                    tokens,
-                    num_prompt_tokens,
-                    ..
-                } = seq;
-                let (prompt, generated) = tokens.split_at(*num_prompt_tokens);
-                sampler.sample(row, prompt, generated)
-            };
+        }
+        let pick = |(i, seq, row): (usize, &mut Sequence, &mut Vec<f32>)| {
+            let logprob = seq.top_logprobs.map(|n| (log_softmax(row), n));
+            let Sequence {
+                sampler,
+                tokens,
+                num_prompt_tokens,
+                ..
+            } = seq;
+            let (prompt, generated) = tokens.split_at(*num_prompt_tokens);
+            let id = sampler.sample(row, prompt, generated);
             let logprob = logprob.map(|(lp, n)| TokenLogprob {
                 logprob: lp[id as usize],
                 top: top_logprobs(&lp, n),
             });
+            (i, id, logprob)
+        };
+        // A lone sequence samples here: waking the pool would cost more than it saves.
+        let sampled: Vec<(usize, TokenId, Option<TokenLogprob>)> = if work.len() > 1 {
+            use rayon::prelude::*;
+            self.threads
+                .install(|| work.into_par_iter().map(pick).collect())
+        } else {
+            work.into_iter().map(pick).collect()
+        };
+        let mut picked: Vec<Option<(TokenId, Option<TokenLogprob>)>> =
+            vec![None; self.scheduler.running.len()];
+        for (i, id, logprob) in sampled {
+            picked[i] = Some((id, logprob));
+        }
+        let mut finished = Vec::new();
+        for item in &batch.items {
+            let Some((id, logprob)) = picked[item.index].take() else {
+                continue;
+            };
+            let seq = &mut self.scheduler.running[item.index];
             seq.tokens.push(id);
             self.stats.generation_tokens_total += 1;
             let _ = seq.events.send(Event::Token { id, logprob });
