@@ -128,22 +128,7 @@ impl Projections {
     fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<Vec<f32>>> {
         match self {
             Projections::Separate(parts) => parts.iter().map(|p| p.forward_vec(x, rows)).collect(),
-            Projections::Stacked(l, widths) => {
-                let y = l.forward_vec(x, rows)?;
-                let total: usize = widths.iter().sum();
-                let mut outs: Vec<Vec<f32>> = widths
-                    .iter()
-                    .map(|w| Vec::with_capacity(w * rows))
-                    .collect();
-                for row in y.chunks_exact(total) {
-                    let mut at = 0;
-                    for (o, w) in outs.iter_mut().zip(widths) {
-                        o.extend_from_slice(&row[at..at + w]);
-                        at += w;
-                    }
-                }
-                Ok(outs)
-            }
+            Projections::Stacked(l, widths) => l.forward_parts(x, rows, widths),
         }
     }
 

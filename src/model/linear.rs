@@ -112,6 +112,30 @@ impl Linear {
         Ok(y)
     }
 
+    /// [`Self::forward_vec`] split by output columns into parts of the given widths; quantized
+    /// weights without bias write each part in place.
+    pub fn forward_parts(&self, x: &[f32], rows: usize, widths: &[usize]) -> Result<Vec<Vec<f32>>> {
+        if let (Weight::Quant(q), None) = (&self.weight, &self.bias) {
+            if let Some(parts) = q.matmul_parts(x, rows, widths) {
+                return Ok(parts);
+            }
+        }
+        let y = self.forward_vec(x, rows)?;
+        let total: usize = widths.iter().sum();
+        let mut outs: Vec<Vec<f32>> = widths
+            .iter()
+            .map(|w| Vec::with_capacity(w * rows))
+            .collect();
+        for row in y.chunks_exact(total) {
+            let mut at = 0;
+            for (o, w) in outs.iter_mut().zip(widths) {
+                o.extend_from_slice(&row[at..at + w]);
+                at += w;
+            }
+        }
+        Ok(outs)
+    }
+
     /// Several projections of the same input stacked into one (their outputs side by side),
     /// so one kernel call serves them all; `None` when their storage cannot be stacked.
     pub fn stack(parts: &[&Linear]) -> Option<Linear> {

@@ -366,63 +366,102 @@ impl QMatrix {
     /// `y = x · Wᵀ` for `x: (t, cols)` row-major; returns `(t, rows)` row-major.
     pub fn matmul(&self, x: &[f32], t: usize) -> Vec<f32> {
         assert_eq!(x.len(), t * self.cols, "activation size");
+        if let Some(mut parts) = self.matmul_parts(x, t, &[self.rows]) {
+            return parts.pop().unwrap_or_default();
+        }
+        // Rows not a whole number of panels: each task fills a padded buffer, then copied.
         let np = self.rows.div_ceil(PANEL);
         let acts = QuantizedActs::new(x, self.cols);
-        let threads = rayon::current_num_threads().max(1);
-        if t >= 32 && self.rows.is_multiple_of(PANEL) {
-            // Many rows (prefill): tasks take blocks of rows and write them in place.
-            let mut y = vec![0f32; t * self.rows];
-            let per_task = t.div_ceil(threads * 2);
-            y.par_chunks_mut(per_task * self.rows)
-                .enumerate()
-                .for_each(|(i, chunk)| {
-                    let r0 = i * per_task;
-                    let job = acts.job(&self.panels, r0, r0 + chunk.len() / self.rows);
-                    job.run(0, np, chunk);
-                });
-            return y;
-        }
         let job = acts.job(&self.panels, 0, t);
-        // Panel groups in parallel: enough tasks to balance, few enough to amortise dispatch.
-        let per_task = np.div_ceil(threads * 4).max(4).min(np.max(1));
-        let starts: Vec<usize> = (0..np).step_by(per_task).collect();
-        if self.rows.is_multiple_of(PANEL) {
-            // Each task writes its panels' columns of `y` in place: no buffers, no copies.
-            let mut y = vec![0f32; t * self.rows];
-            let out = SharedOut(y.as_mut_ptr());
-            let stride = self.rows;
-            starts.into_par_iter().for_each(|p0| {
-                let p1 = (p0 + per_task).min(np);
-                // SAFETY: columns p0·16..p1·16 of every row lie inside `y` (rows is a whole
-                // number of panels) and no other task writes them; `y` outlives the loop.
-                #[allow(unsafe_code)]
-                unsafe {
-                    job.run_strided(p0, p1, out.get().add(p0 * PANEL), stride)
-                };
-            });
-            return y;
-        }
-        let groups: Vec<(usize, Vec<f32>)> = starts
+        let groups: Vec<(usize, Vec<f32>)> = (0..np)
             .into_par_iter()
-            .map(|p0| {
-                let p1 = (p0 + per_task).min(np);
-                let width = (p1 - p0) * PANEL;
-                let mut out = vec![0f32; t * width];
-                job.run(p0, p1, &mut out);
-                (p0, out)
+            .map(|p| {
+                let mut out = vec![0f32; t * PANEL];
+                job.run(p, p + 1, &mut out);
+                (p, out)
             })
             .collect();
         let mut y = vec![0f32; t * self.rows];
-        for (p0, out) in &groups {
-            let width = out.len() / t.max(1);
-            let c0 = p0 * PANEL;
-            let keep = width.min(self.rows - c0);
+        for (p, out) in &groups {
+            let c0 = p * PANEL;
+            let keep = PANEL.min(self.rows - c0);
             for r in 0..t {
                 y[r * self.rows + c0..r * self.rows + c0 + keep]
-                    .copy_from_slice(&out[r * width..r * width + keep]);
+                    .copy_from_slice(&out[r * PANEL..r * PANEL + keep]);
             }
         }
         y
+    }
+
+    /// `x · Wᵀ` split by output columns into consecutive parts of the given widths (the
+    /// projections of a stacked matrix), each `(t, width)` row-major, written in place by the
+    /// kernels: no full-width buffer, no split copy. `None` unless the widths are whole panels
+    /// (multiples of 16) summing to the rows.
+    pub fn matmul_parts(&self, x: &[f32], t: usize, widths: &[usize]) -> Option<Vec<Vec<f32>>> {
+        assert_eq!(x.len(), t * self.cols, "activation size");
+        let whole = widths.iter().all(|w| w.is_multiple_of(PANEL));
+        if !whole || widths.iter().sum::<usize>() != self.rows {
+            return None;
+        }
+        let acts = QuantizedActs::new(x, self.cols);
+        let threads = rayon::current_num_threads().max(1);
+        let mut outs: Vec<Vec<f32>> = widths.iter().map(|w| Vec::with_capacity(t * w)).collect();
+        // (part, first panel of the part, panels, output) per part.
+        let mut at = 0;
+        let parts: Vec<(usize, usize, usize, SharedOut)> = widths
+            .iter()
+            .zip(outs.iter_mut())
+            .map(|(&w, o)| {
+                let part = (at, w / PANEL, w, SharedOut(o.as_mut_ptr()));
+                at += w / PANEL;
+                part
+            })
+            .collect();
+        // Tasks: (part index, rows r0..r1, the part's panels q0..q1).
+        let mut tasks: Vec<(usize, usize, usize, usize, usize)> = Vec::new();
+        if t >= 32 {
+            // Many rows (prefill): blocks of rows, each over every panel.
+            let per_task = t.div_ceil(threads * 2);
+            for r0 in (0..t).step_by(per_task) {
+                for (k, &(_, n, _, _)) in parts.iter().enumerate() {
+                    tasks.push((k, r0, (r0 + per_task).min(t), 0, n));
+                }
+            }
+        } else {
+            // Panel groups: enough tasks to balance, few enough to amortise dispatch.
+            let np = self.rows / PANEL;
+            let per_task = np.div_ceil(threads * 4).max(4);
+            for (k, &(_, n, _, _)) in parts.iter().enumerate() {
+                for q0 in (0..n).step_by(per_task) {
+                    tasks.push((k, 0, t, q0, (q0 + per_task).min(n)));
+                }
+            }
+        }
+        tasks.into_par_iter().for_each(|(k, r0, r1, q0, q1)| {
+            let (first, _, width, out) = parts[k];
+            let job = acts.job(&self.panels, r0, r1);
+            // SAFETY: `out` has capacity for t × width; this task writes rows r0..r1, columns
+            // q0·16..q1·16 of it (inside, as the widths are whole panels) and no other task
+            // writes those; `outs` outlives the loop.
+            #[allow(unsafe_code)]
+            unsafe {
+                job.run_strided(
+                    first + q0,
+                    first + q1,
+                    out.get().add(r0 * width + q0 * PANEL),
+                    width,
+                )
+            };
+        });
+        for (o, w) in outs.iter_mut().zip(widths) {
+            // SAFETY: the tasks above cover every (row, column) of every part: all rows
+            // (row blocks, or every task with all t rows) × all of its panels.
+            #[allow(unsafe_code)]
+            unsafe {
+                o.set_len(t * w)
+            };
+        }
+        Some(outs)
     }
 }
 
@@ -1096,6 +1135,65 @@ mod tests {
                 job.run(0, np, &mut b);
                 assert_eq!(a, b, "{format:?} t={t}");
             }
+        }
+    }
+
+    #[test]
+    fn parts_are_the_columns_of_the_whole_product() {
+        for format in [QuantFormat::Q4_1, QuantFormat::Q8_0] {
+            let (rows, cols) = (96, 64);
+            let q =
+                QMatrix::from_gguf_bytes(format, rows, cols, &random_bytes(format, rows, cols, 9))
+                    .expect("valid");
+            // Both task layouts: panel groups (few rows) and row blocks (32 or more).
+            for t in [1, 3, 17, 40] {
+                let x = activations(t, cols);
+                let whole = q.matmul(&x, t);
+                let widths = [32, 16, 48];
+                let parts = q.matmul_parts(&x, t, &widths).expect("whole panels");
+                let mut at = 0;
+                for (part, w) in parts.iter().zip(widths) {
+                    assert_eq!(part.len(), t * w);
+                    for r in 0..t {
+                        assert_eq!(
+                            &part[r * w..(r + 1) * w],
+                            &whole[r * rows + at..r * rows + at + w],
+                            "{format:?} t={t} part at {at}"
+                        );
+                    }
+                    at += w;
+                }
+                // Against the scalar reference too.
+                let acts = QuantizedActs::new(&x, cols);
+                let mut want = vec![0f32; t * rows];
+                acts.job(&q.panels, 0, t)
+                    .run_scalar(0, rows / PANEL, &mut want);
+                assert_eq!(whole, want, "{format:?} t={t}");
+            }
+            // Rows not a whole number of panels: the padded path, against the scalar one.
+            let odd =
+                QMatrix::from_gguf_bytes(format, 40, cols, &random_bytes(format, 40, cols, 4))
+                    .expect("valid");
+            for t in [1, 33] {
+                let x = activations(t, cols);
+                let acts = QuantizedActs::new(&x, cols);
+                let mut padded = vec![0f32; t * 48];
+                acts.job(&odd.panels, 0, t).run_scalar(0, 3, &mut padded);
+                let want: Vec<f32> = padded
+                    .chunks_exact(48)
+                    .flat_map(|r| r[..40].to_vec())
+                    .collect();
+                assert_eq!(odd.matmul(&x, t), want, "{format:?} t={t} odd rows");
+            }
+            let x = activations(2, cols);
+            assert!(
+                q.matmul_parts(&x, 2, &[40, 56]).is_none(),
+                "not whole panels"
+            );
+            assert!(
+                q.matmul_parts(&x, 2, &[32, 32]).is_none(),
+                "not all the rows"
+            );
         }
     }
 
