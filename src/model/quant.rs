@@ -108,9 +108,10 @@ struct RowBlock {
     q: [i16; BLOCK],
 }
 
-/// Activation rows per kernel call: Q4_1 (one 16-bit sum per row) and Q8_0 (wider
-/// per-row work, so fewer rows keep its values in registers).
-const MICRO_ROWS: [usize; 2] = [6, 4];
+/// Activation rows per kernel call: Q4_1 (one 16-bit sum per row) and Q8_0 (wider per-row
+/// work: beyond 3 rows its weights and sums spill). Chosen with `cargo bench --bench kernels`
+/// (Q8_0 at 16 rows ~12% faster with 3 than 4; Q4_1 ~3% with 8 than 6).
+const MICRO_ROWS: [usize; 2] = [8, 3];
 /// Rows whose quantized activations stay in L2 while every panel passes over them.
 const ROW_BLOCK: usize = 64;
 
@@ -818,7 +819,9 @@ mod simd_x86 {
                             3 => kernel::<Q4, 3>(job, p, a, dst, width),
                             4 => kernel::<Q4, 4>(job, p, a, dst, width),
                             5 => kernel::<Q4, 5>(job, p, a, dst, width),
-                            _ => kernel::<Q4, 6>(job, p, a, dst, width),
+                            6 => kernel::<Q4, 6>(job, p, a, dst, width),
+                            7 => kernel::<Q4, 7>(job, p, a, dst, width),
+                            _ => kernel::<Q4, 8>(job, p, a, dst, width),
                         }
                     }
                 }
