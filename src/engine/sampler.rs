@@ -72,6 +72,18 @@ pub struct Sampler {
 /// bits), 16 bins per octave.
 const BIN_SHIFT: u32 = 19;
 
+/// Cuts `cand` (most likely first) after the first token where the running weight reaches
+/// `target`; keeps all when it never does.
+fn nucleus(cand: &mut Vec<usize>, weight: impl Fn(usize) -> f64, target: f64) {
+    let mut acc = 0f64;
+    if let Some(n) = cand.iter().position(|&i| {
+        acc += weight(i);
+        acc >= target
+    }) {
+        cand.truncate(n + 1);
+    }
+}
+
 /// Index of the largest value; the first one on ties (as torch.argmax).
 pub fn argmax(xs: &[f32]) -> usize {
     let mut best = 0;
@@ -245,26 +257,13 @@ impl Sampler {
                 let cut = f32::from_bits((bin as u32) << BIN_SHIFT).max(floor);
                 cand.extend((0..w.len()).filter(|&i| w[i] >= cut));
                 cand.sort_by(by_logit);
-                let mut acc = 0f64;
-                if let Some(n) = cand.iter().position(|&i| {
-                    acc += weight(i);
-                    acc >= target
-                }) {
-                    cand.truncate(n + 1);
-                }
+                nucleus(cand, weight, target);
             }
         } else {
             // Top-k (sorted): then the nucleus within it, then min-p.
             let total: f64 = cand.iter().map(|&i| weight(i)).sum();
             if p.top_p < 1.0 {
-                let target = f64::from(p.top_p) * total;
-                let mut acc = 0f64;
-                if let Some(n) = cand.iter().position(|&i| {
-                    acc += weight(i);
-                    acc >= target
-                }) {
-                    cand.truncate(n + 1);
-                }
+                nucleus(cand, weight, f64::from(p.top_p) * total);
             }
             let top = weight(cand[0]);
             let keep = cand

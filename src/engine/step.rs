@@ -146,8 +146,9 @@ impl EngineCore {
         // Bookkeeping first; then the sequences whose prompt is done sample, each with its own
         // sampler and RNG, in parallel (a temperature's softmax over the vocabulary is ~0.1 ms
         // per sequence); then tokens and finishes go out in batch order.
-        let mut ready = vec![false; self.scheduler.running.len()];
-        for item in &batch.items {
+        // The batch row of each sequence that samples this step.
+        let mut row_of = vec![None; self.scheduler.running.len()];
+        for (j, item) in batch.items.iter().enumerate() {
             let seq = &mut self.scheduler.running[item.index];
             let before = seq.num_computed_tokens;
             seq.num_computed_tokens += item.num_tokens;
@@ -157,22 +158,19 @@ impl EngineCore {
             let p = seq.num_prompt_tokens;
             self.stats.prompt_tokens_total +=
                 (seq.num_computed_tokens.min(p) - before.min(p)) as u64;
-            // Otherwise a prefill chunk that does not reach the end yet.
-            ready[item.index] = seq.num_uncomputed() == 0;
-        }
-        let mut row_of = vec![None; self.scheduler.running.len()];
-        for (j, item) in batch.items.iter().enumerate() {
-            row_of[item.index] = Some(j);
-        }
-        let mut work: Vec<(usize, &mut Sequence, &mut Vec<f32>)> = Vec::new();
-        let mut rows_left: Vec<Option<&mut Vec<f32>>> = rows.iter_mut().map(Some).collect();
-        for (i, seq) in self.scheduler.running.iter_mut().enumerate() {
-            if let (true, Some(j)) = (ready[i], row_of[i]) {
-                if let Some(row) = rows_left[j].take() {
-                    work.push((i, seq, row));
-                }
+            // A prefill chunk that does not reach the end of the prompt samples nothing.
+            if seq.num_uncomputed() == 0 {
+                row_of[item.index] = Some(j);
             }
         }
+        let mut rows_left: Vec<Option<&mut Vec<f32>>> = rows.iter_mut().map(Some).collect();
+        let work: Vec<(usize, &mut Sequence, &mut Vec<f32>)> = self
+            .scheduler
+            .running
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, seq)| Some((i, seq, rows_left[row_of[i]?].take()?)))
+            .collect();
         let pick = |(i, seq, row): (usize, &mut Sequence, &mut Vec<f32>)| {
             let logprob = seq.top_logprobs.map(|n| (log_softmax(row), n));
             let Sequence {

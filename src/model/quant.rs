@@ -1020,6 +1020,12 @@ mod tests {
     use super::*;
 
     /// Random GGUF bytes for a matrix in `format`.
+    /// A `(rows, cols)` matrix of [`random_bytes`].
+    fn random_matrix(format: QuantFormat, rows: usize, cols: usize, seed: u64) -> QMatrix {
+        QMatrix::from_gguf_bytes(format, rows, cols, &random_bytes(format, rows, cols, seed))
+            .expect("valid")
+    }
+
     fn random_bytes(format: QuantFormat, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
         let mut s = seed;
         let mut next = || {
@@ -1055,9 +1061,7 @@ mod tests {
     fn matmul_is_the_dequantized_product_up_to_8_bit_activations() {
         for format in [QuantFormat::Q4_1, QuantFormat::Q8_0] {
             let (rows, cols, t) = (37, 96, 7);
-            let q =
-                QMatrix::from_gguf_bytes(format, rows, cols, &random_bytes(format, rows, cols, 3))
-                    .expect("valid");
+            let q = random_matrix(format, rows, cols, 3);
             let w = q.dequantize();
             let x = activations(t, cols);
             let y = q.matmul(&x, t);
@@ -1081,9 +1085,7 @@ mod tests {
     fn every_row_is_bit_identical_alone_or_batched() {
         for format in [QuantFormat::Q4_1, QuantFormat::Q8_0] {
             let (rows, cols) = (40, 96);
-            let q =
-                QMatrix::from_gguf_bytes(format, rows, cols, &random_bytes(format, rows, cols, 9))
-                    .expect("valid");
+            let q = random_matrix(format, rows, cols, 9);
             let x = activations(18, cols);
             // Row tiles of 1–4 and their mixes; 16+ rows are quantized in parallel.
             for t in 1..=18 {
@@ -1105,9 +1107,7 @@ mod tests {
         for format in [QuantFormat::Q4_1, QuantFormat::Q8_0] {
             // Whole panels and ≥ 32 rows: row blocks written in place by parallel tasks.
             let (rows, cols, t) = (48, 96, 70);
-            let q =
-                QMatrix::from_gguf_bytes(format, rows, cols, &random_bytes(format, rows, cols, 4))
-                    .expect("valid");
+            let q = random_matrix(format, rows, cols, 4);
             let x = activations(t, cols);
             let batched = q.matmul(&x, t);
             for r in 0..t {
@@ -1125,9 +1125,7 @@ mod tests {
     fn scalar_and_simd_paths_are_bit_identical() {
         for format in [QuantFormat::Q4_1, QuantFormat::Q8_0] {
             let (rows, cols) = (48, 96);
-            let q =
-                QMatrix::from_gguf_bytes(format, rows, cols, &random_bytes(format, rows, cols, 5))
-                    .expect("valid");
+            let q = random_matrix(format, rows, cols, 5);
             for t in [1, 2, 3, 4, 5, 7] {
                 let x = activations(t, cols);
                 let acts = QuantizedActs::new(&x, cols);
@@ -1145,9 +1143,7 @@ mod tests {
     fn parts_are_the_columns_of_the_whole_product() {
         for format in [QuantFormat::Q4_1, QuantFormat::Q8_0] {
             let (rows, cols) = (96, 64);
-            let q =
-                QMatrix::from_gguf_bytes(format, rows, cols, &random_bytes(format, rows, cols, 9))
-                    .expect("valid");
+            let q = random_matrix(format, rows, cols, 9);
             // Both task layouts: panel groups (few rows) and row blocks (32 or more).
             for t in [1, 3, 17, 40] {
                 let x = activations(t, cols);
@@ -1174,9 +1170,7 @@ mod tests {
                 assert_eq!(whole, want, "{format:?} t={t}");
             }
             // Rows not a whole number of panels: the padded path, against the scalar one.
-            let odd =
-                QMatrix::from_gguf_bytes(format, 40, cols, &random_bytes(format, 40, cols, 4))
-                    .expect("valid");
+            let odd = random_matrix(format, 40, cols, 4);
             for t in [1, 33] {
                 let x = activations(t, cols);
                 let acts = QuantizedActs::new(&x, cols);
