@@ -3,7 +3,8 @@
 //! f16 cache, blocks scattered over the pool as a long-running server leaves them).
 //!
 //! `cargo bench --bench attention` prints one JSON line per C with the median of several
-//! steps; `ATTN_C=1,16` and `ATTN_L=214` choose the shapes. Under `cargo test` (no `--bench`
+//! steps; `ATTN_C=1,16` and `ATTN_L=214` choose the shapes, `ATTN_Q=76` makes the last 76
+//! tokens of each context this step's rows (a prefill chunk after a prefix-cache hit). Under `cargo test` (no `--bench`
 //! argument) it only checks that it runs.
 
 use std::time::Instant;
@@ -25,6 +26,7 @@ fn main() {
     } else {
         (vec![2], vec![20])
     };
+    let rows = list("ATTN_Q", "1").first().copied().unwrap_or(1).max(1);
     let (layers, heads, kv_heads, hd, bs) = (if bench { 30 } else { 2 }, 9, 3, 64, 16);
     let kv_dim = kv_heads * hd;
     for &len in &lens {
@@ -54,7 +56,8 @@ fn main() {
                         .collect();
                     attention::write_kv(kv.layer_mut(l), &plan_slots, &vals, &vals, kv_dim);
                 }
-                batch.push_seq(&[1], len - 1, &table, bs);
+                let q = rows.min(len);
+                batch.push_seq(&vec![1; q], len - q, &table, bs);
             }
             let plan = AttentionPlan::new(&batch, bs, None);
             let dims = HeadDims {
@@ -65,7 +68,7 @@ fn main() {
                 softcap: None,
                 window: None,
             };
-            let q: Vec<f32> = (0..c * heads * hd)
+            let q: Vec<f32> = (0..batch.token_ids.len() * heads * hd)
                 .map(|i| (i % 29) as f32 * 0.03 - 0.4)
                 .collect();
             let mut times = Vec::new();
@@ -80,10 +83,15 @@ fn main() {
             times.sort_by(f64::total_cmp);
             let ms = times[times.len() / 2];
             let bytes = (c * len * layers * kv_dim * 2 * 2) as f64;
+            // Query-key pairs (causal), two multiply-adds each per head dimension.
+            let q = rows.min(len);
+            let pairs = c * (q * (len - q) + q * (q + 1) / 2);
+            let flops = (pairs * layers * heads * hd * 4) as f64;
             if bench {
                 println!(
-                    "{{\"seqs\":{c},\"context\":{len},\"layers\":{layers},\"ms\":{ms:.3},\"kv_gb_s\":{:.2}}}",
-                    bytes / ms / 1e6
+                    "{{\"seqs\":{c},\"context\":{len},\"rows\":{q},\"layers\":{layers},\"ms\":{ms:.3},\"kv_gb_s\":{:.2},\"gflop_s\":{:.1}}}",
+                    bytes / ms / 1e6,
+                    flops / ms / 1e6
                 );
             }
         }

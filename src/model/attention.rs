@@ -504,7 +504,11 @@ mod simd_x86 {
         let nc = hd / 8;
         let qn = q.len() / hd;
         let n = view.slots.len();
-        let padded = n.next_multiple_of(4);
+        // Tiles of several rows (prefill) stage each key/value block once as f32 (an exact
+        // conversion) for all their queries, instead of converting it per query; their scores
+        // go 16 keys at a time.
+        let staged = qn > 3;
+        let padded = n.next_multiple_of(if staged { KEY_STEP } else { 4 });
         assert!(hd.is_multiple_of(8) && hd <= MAX_HEAD_DIM && out.len() == q.len());
         assert!(ranges.len() == qn && ranges.iter().all(|&(lo, m)| lo < m && m <= n));
         assert!(view.slots.iter().all(|&s| {
@@ -544,11 +548,8 @@ mod simd_x86 {
                 }
             };
             prefetch(0, KEY_BLOCK);
-            // Scores, four keys at a time; each score's arithmetic depends only on its query
-            // and key, so blocking and the tile's other rows change nothing.
-            // Tiles of several rows (prefill) stage each key/value block once as f32 (an exact
-            // conversion) for all their queries, instead of converting it per query.
-            let staged = qn > 3;
+            // Scores; each score's arithmetic depends only on its query and key, so blocking,
+            // the layout and the tile's other rows change nothing.
             let mut stage = if staged {
                 vec![0f32; KEY_BLOCK * hd]
             } else {
@@ -564,28 +565,46 @@ mod simd_x86 {
                     }
                 }
             };
-            let mut active = Vec::with_capacity(qn);
+            // Keys `kb..kend` (a multiple of 8 of them) into the stage transposed: element d of
+            // key kb + j at `d · KEY_BLOCK + j`, so that eight keys' products are one vector.
+            let stage_keys = |kb: usize, kend: usize| {
+                for j0 in (kb..kend).step_by(8) {
+                    let keys: [*const E; 8] = std::array::from_fn(|j| row(j0 + j, kp));
+                    for c in 0..nc {
+                        let r: [__m256; 8] = std::array::from_fn(|j| E::load8(keys[j].add(c * 8)));
+                        for (l, t) in transpose8(r).into_iter().enumerate() {
+                            _mm256_storeu_ps(sp.add((c * 8 + l) * KEY_BLOCK + j0 - kb), t);
+                        }
+                    }
+                }
+            };
             for kb in (0..padded).step_by(KEY_BLOCK) {
                 prefetch(kb + KEY_BLOCK, kb + 2 * KEY_BLOCK);
                 if staged {
                     let kend = (kb + KEY_BLOCK).min(padded);
-                    stage_rows(kp, kb, kend);
-                    // Per group of four keys, the queries that need it.
-                    for i in (kb..kend).step_by(4) {
-                        active.clear();
-                        active.extend(ranges.iter().enumerate().filter_map(|(g, &(lo, m))| {
-                            (i >= (lo & !3) && i < m.next_multiple_of(4)).then_some(g)
-                        }));
-                        let ks = sp.add((i - kb) * hd).cast_const();
+                    stage_keys(kb, kend);
+                    for s0 in (kb..kend).step_by(KEY_STEP) {
+                        let kt = sp.add(s0 - kb).cast_const();
                         let so = scores.as_mut_ptr();
-                        // Two queries × four keys: eight accumulators, no spills.
-                        for set in active.chunks(2) {
+                        // Queries four at a time, those needing none of these keys skipped
+                        // (a score past a query's range is computed, never used).
+                        for g0 in (0..qn).step_by(4) {
+                            let g1 = (g0 + 4).min(qn);
+                            if !ranges[g0..g1]
+                                .iter()
+                                .any(|&(lo, m)| lo < s0 + KEY_STEP && m > s0)
+                            {
+                                continue;
+                            }
                             let at = |a: usize| {
-                                (q.as_ptr().add(set[a] * hd), so.add(set[a] * padded + i))
+                                let g = (g0 + a).min(g1 - 1);
+                                (q.as_ptr().add(g * hd), so.add(g * padded + s0))
                             };
-                            match *set {
-                                [_] => scores_staged::<1>([at(0)], ks, hd, scale),
-                                _ => scores_staged::<2>([at(0), at(1)], ks, hd, scale),
+                            match g1 - g0 {
+                                1 => scores_t::<1>([at(0)], kt, nc, scale),
+                                2 => scores_t::<2>([at(0), at(1)], kt, nc, scale),
+                                3 => scores_t::<3>([at(0), at(1), at(2)], kt, nc, scale),
+                                _ => scores_t::<4>([at(0), at(1), at(2), at(3)], kt, nc, scale),
                             }
                         }
                     }
@@ -721,31 +740,83 @@ mod simd_x86 {
         }
     }
 
-    /// Four scaled scores (keys `k`, rows `hd` apart) for each of `Q` queries `(query, out)`:
-    /// per query and key the same FMA chain and reduction as the unstaged loop.
+    /// Keys per score step of a staged tile (two vectors).
+    const KEY_STEP: usize = 16;
+
+    /// Scaled scores of `KEY_STEP` staged keys (`kt`: transposed, rows `KEY_BLOCK` apart)
+    /// for each of `Q` queries `(query, out)`. Per query and key the same arithmetic as the
+    /// direct path: lane `l` of its 8-lane accumulator there, the FMA chain over the head's
+    /// elements `8c + l`, is one vector of keys here; the lanes are then summed in `hsum4`'s
+    /// tree, ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)), and scaled.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn scores_staged<const Q: usize>(
+    unsafe fn scores_t<const Q: usize>(
         qs: [(*const f32, *mut f32); Q],
-        k: *const f32,
-        hd: usize,
+        kt: *const f32,
+        nc: usize,
         scale: __m256,
     ) {
-        // SAFETY: each query holds `hd` values, `k` four rows of `hd`, each output four.
+        // SAFETY: each query holds `8 · nc` values, each output `KEY_STEP`; `kt` rows
+        // `0..8 · nc` hold `KEY_STEP` keys each.
         unsafe {
-            let mut acc = [[_mm256_setzero_ps(); 4]; Q];
-            for c in 0..hd / 8 {
-                for (qa, &(qp, _)) in acc.iter_mut().zip(&qs) {
-                    let qc = _mm256_loadu_ps(qp.add(c * 8));
-                    for (j, a) in qa.iter_mut().enumerate() {
-                        *a = _mm256_fmadd_ps(qc, _mm256_loadu_ps(k.add(j * hd + c * 8)), *a);
+            let mut lanes = [[[_mm256_setzero_ps(); 2]; Q]; 8];
+            for (l, lane) in lanes.iter_mut().enumerate() {
+                let mut acc = [[_mm256_setzero_ps(); 2]; Q];
+                for c in 0..nc {
+                    let d = c * 8 + l;
+                    let k0 = _mm256_loadu_ps(kt.add(d * KEY_BLOCK));
+                    let k1 = _mm256_loadu_ps(kt.add(d * KEY_BLOCK + 8));
+                    for (a, &(qp, _)) in acc.iter_mut().zip(&qs) {
+                        let x = _mm256_broadcast_ss(&*qp.add(d));
+                        a[0] = _mm256_fmadd_ps(x, k0, a[0]);
+                        a[1] = _mm256_fmadd_ps(x, k1, a[1]);
                     }
                 }
+                *lane = acc;
             }
-            for (qa, &(_, op)) in acc.iter().zip(&qs) {
-                _mm_storeu_ps(op, _mm_mul_ps(hsum4(*qa), _mm256_castps256_ps128(scale)));
+            for (i, &(_, op)) in qs.iter().enumerate() {
+                for (v, dst) in [op, op.add(8)].into_iter().enumerate() {
+                    let p = |l: usize| lanes[l][i][v];
+                    let s = _mm256_add_ps(
+                        _mm256_add_ps(_mm256_add_ps(p(0), p(1)), _mm256_add_ps(p(2), p(3))),
+                        _mm256_add_ps(_mm256_add_ps(p(4), p(5)), _mm256_add_ps(p(6), p(7))),
+                    );
+                    _mm256_storeu_ps(dst, _mm256_mul_ps(s, scale));
+                }
             }
         }
+    }
+
+    /// The 8 × 8 transpose of `r` (vector `l` of the result holds lane `l` of each input).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+        let t: [__m256; 8] = std::array::from_fn(|i| {
+            let (a, b) = (r[(i / 2) * 2], r[(i / 2) * 2 + 1]);
+            if i % 2 == 0 {
+                _mm256_unpacklo_ps(a, b)
+            } else {
+                _mm256_unpackhi_ps(a, b)
+            }
+        });
+        // Lanes 0/1 (from unpacklo) and 2/3 (unpackhi) of each 4-key group.
+        let u = [
+            _mm256_shuffle_ps::<0x44>(t[0], t[2]),
+            _mm256_shuffle_ps::<0xEE>(t[0], t[2]),
+            _mm256_shuffle_ps::<0x44>(t[1], t[3]),
+            _mm256_shuffle_ps::<0xEE>(t[1], t[3]),
+            _mm256_shuffle_ps::<0x44>(t[4], t[6]),
+            _mm256_shuffle_ps::<0xEE>(t[4], t[6]),
+            _mm256_shuffle_ps::<0x44>(t[5], t[7]),
+            _mm256_shuffle_ps::<0xEE>(t[5], t[7]),
+        ];
+        std::array::from_fn(|l| {
+            if l < 4 {
+                _mm256_permute2f128_ps::<0x20>(u[l], u[l + 4])
+            } else {
+                _mm256_permute2f128_ps::<0x31>(u[l - 4], u[l])
+            }
+        })
     }
 
     /// [`weighted`] for two queries `(weights, output)` over the same f32 value rows, `W`
@@ -867,7 +938,7 @@ fn attend_group_dispatch<E: KvElem>(
 }
 
 /// Consecutive rows of one sequence attended together (their keys read once per tile).
-const ROW_TILE: usize = 8;
+const ROW_TILE: usize = 40;
 
 /// Causal attention of every row over its own sequence's cached context (which already holds
 /// this step's keys/values). `q: (T, num_heads * head_dim)` after rope; returns the same shape.
@@ -903,25 +974,30 @@ fn attend_in<E: KvElem>(
     let kv_dim = num_kv_heads * head_dim;
     let group = num_heads / num_kv_heads;
     let q_dim = num_heads * head_dim;
-    // Tiles of up to ROW_TILE consecutive rows of the same sequence.
+    // Tiles of up to ROW_TILE consecutive rows of the same sequence, of balanced sizes (76
+    // rows: 38 + 38, not 40 + 36).
     let mut tiles = Vec::new();
     let mut r = 0;
     for s in &batch.seqs {
-        let end = r + s.query_len;
-        while r < end {
-            let e = (r + ROW_TILE).min(end);
-            tiles.push((r, e));
-            r = e;
-        }
+        let count = s.query_len.div_ceil(ROW_TILE);
+        tiles.extend((0..count).map(|i| {
+            (
+                r + s.query_len * i / count,
+                r + s.query_len * (i + 1) / count,
+            )
+        }));
+        r += s.query_len;
     }
-    // With enough tiles, one task per tile, KV heads in turn: the first head's pass prefetches
-    // the tile's whole slot rows, which the other heads then read from cache. With few tiles
-    // (one or two sequences decoding), one task per (tile, KV head) so every core works.
+    // Single rows (decoding), when there are enough of them: one task per row, KV heads in
+    // turn: the first head's pass prefetches the row's whole slot rows, which the other heads
+    // then read from cache. Otherwise one task per (tile, KV head): with few rows so every
+    // core works, and for multi-row tiles (prefill) so the cores' shares of a long tile's
+    // arithmetic come out even.
     let split = tiles.len() < 2 * rayon::current_num_threads();
     let tasks: Vec<(usize, usize, std::ops::Range<usize>)> = tiles
         .iter()
         .flat_map(|&(a, b)| {
-            let per = if split { 1 } else { num_kv_heads };
+            let per = if split || b - a > 1 { 1 } else { num_kv_heads };
             (0..num_kv_heads)
                 .step_by(per)
                 .map(move |h| (a, b, h..(h + per).min(num_kv_heads)))
@@ -930,7 +1006,7 @@ fn attend_in<E: KvElem>(
     let results: Vec<(usize, usize, Vec<Vec<f32>>)> = tasks
         .into_par_iter()
         .map_init(Vec::new, |scores: &mut Vec<f32>, (r0, r1, heads)| {
-            let h0 = heads.start;
+            let (h0, h1) = (heads.start, heads.end);
             let outs = heads
                 .map(|kvh| {
                     let rows = r1 - r0;
@@ -960,7 +1036,7 @@ fn attend_in<E: KvElem>(
                         head_dim,
                         scale,
                         softcap,
-                        prefetch: !split && kvh == 0 && num_kv_heads > 1,
+                        prefetch: h1 - h0 > 1 && kvh == h0,
                     };
                     let mut o = vec![0f32; qs.len()];
                     attend_group_dispatch(&qs, &ranges, &view, scores, &mut o);
@@ -1037,7 +1113,17 @@ mod tests {
     #[test]
     fn simd_and_portable_paths_agree() {
         // Groups of 3 (one row's heads) take the direct path; 8 (a prefill tile) the staged one.
-        for (head_dim, group) in [(64, 3), (24, 3), (128, 3), (64, 8), (24, 8), (128, 8)] {
+        for (head_dim, group) in [
+            (64, 3),
+            (24, 3),
+            (128, 3),
+            (64, 8),
+            (24, 8),
+            (128, 8),
+            (64, 4),
+            (64, 13),
+            (24, 22),
+        ] {
             let kv_heads = 2;
             let kv_dim = kv_heads * head_dim;
             let slots_total = 160;
