@@ -515,8 +515,10 @@ mod simd_x86 {
             (s as usize + 1) * view.kv_dim >= s as usize * view.kv_dim + view.offset + hd
                 && (s as usize + 1) * view.kv_dim <= view.k.len().min(view.v.len())
         }));
-        scores.clear();
-        scores.resize(qn * padded, 0.0);
+        // Not cleared: every score a query reads (its range) is written below first.
+        if scores.len() < qn * padded {
+            scores.resize(qn * padded, 0.0);
+        }
         let scale = _mm256_set1_ps(view.scale);
         // SAFETY (whole body): every slot's head row lies inside k and v (asserted above);
         // q/out hold `qn × hd`; scores hold `qn × padded`; key indices stay below `padded`
@@ -583,6 +585,10 @@ mod simd_x86 {
                 if staged {
                     let kend = (kb + KEY_BLOCK).min(padded);
                     stage_keys(kb, kend);
+                    // The next block's keys arrive while this one's scores are computed.
+                    for i in kend..(kend + KEY_BLOCK).min(n) {
+                        prefetch_head(row(i, kp), hd);
+                    }
                     for s0 in (kb..kend).step_by(KEY_STEP) {
                         let kt = sp.add(s0 - kb).cast_const();
                         let so = scores.as_mut_ptr();
@@ -691,6 +697,9 @@ mod simd_x86 {
                 for kb in (0..n).step_by(KEY_BLOCK) {
                     let kend = (kb + KEY_BLOCK).min(n);
                     stage_rows(vp, kb, kend);
+                    for i in kend..(kend + KEY_BLOCK).min(n) {
+                        prefetch_head(row(i, vp), hd);
+                    }
                     let rows: Vec<*const f32> = (kb..kend)
                         .map(|i| sp.add((i - kb) * hd).cast_const())
                         .collect();
@@ -1155,7 +1164,9 @@ mod tests {
                     let view = HeadView { softcap, ..view };
                     let (mut a, mut b) = (vec![0f32; q.len()], vec![0f32; q.len()]);
                     attend_group(&q, &ranges, &view, &mut Vec::new(), &mut a);
-                    attend_group_dispatch(&q, &ranges, &view, &mut Vec::new(), &mut b);
+                    // Scratch left over from other calls (NaN): no stale score is ever read.
+                    let mut scratch = vec![f32::NAN; 1 << 14];
+                    attend_group_dispatch(&q, &ranges, &view, &mut scratch, &mut b);
                     for (x, y) in a.iter().zip(&b) {
                         assert!((x - y).abs() < 1e-5, "hd {head_dim} n {n}: {x} vs {y}");
                     }
@@ -1163,7 +1174,7 @@ mod tests {
                     for (g, range) in ranges.iter().enumerate() {
                         let qg = &q[g * head_dim..(g + 1) * head_dim];
                         let mut alone = vec![0f32; head_dim];
-                        attend_group_dispatch(qg, &[*range], &view, &mut Vec::new(), &mut alone);
+                        attend_group_dispatch(qg, &[*range], &view, &mut scratch, &mut alone);
                         let tiled = &b[g * head_dim..(g + 1) * head_dim];
                         assert!(
                             alone
