@@ -710,25 +710,33 @@ mod simd_x86 {
                     let mut g = 0;
                     while g < qn {
                         let (begin, end) = span(g);
-                        let pair = g + 1 < qn && span(g + 1) == (begin, end);
+                        // Up to three consecutive queries over the same keys (a row's heads,
+                        // or the next row's while both see the whole block).
+                        let same = (g + 1..(g + 3).min(qn))
+                            .take_while(|&h| span(h) == (begin, end))
+                            .count();
                         if end > begin {
                             let rs = &rows[begin - kb..end - kb];
                             let at = |g: usize| (sbase.add(g * padded + begin), obase.add(g * hd));
-                            if pair {
-                                for c0 in (0..nc).step_by(4) {
-                                    match nc - c0 {
-                                        1 => weighted_pair::<1>([at(g), at(g + 1)], rs, c0),
-                                        2 => weighted_pair::<2>([at(g), at(g + 1)], rs, c0),
-                                        3 => weighted_pair::<3>([at(g), at(g + 1)], rs, c0),
-                                        _ => weighted_pair::<4>([at(g), at(g + 1)], rs, c0),
-                                    }
+                            for c0 in (0..nc).step_by(4) {
+                                let q3 = [at(g), at(g + 1.min(same)), at(g + same)];
+                                match (same, nc - c0) {
+                                    (2, 1) => weighted_multi::<3, 1>(q3, rs, c0),
+                                    (2, 2) => weighted_multi::<3, 2>(q3, rs, c0),
+                                    (2, 3) => weighted_multi::<3, 3>(q3, rs, c0),
+                                    (2, _) => weighted_multi::<3, 4>(q3, rs, c0),
+                                    (1, 1) => weighted_multi::<2, 1>([q3[0], q3[1]], rs, c0),
+                                    (1, 2) => weighted_multi::<2, 2>([q3[0], q3[1]], rs, c0),
+                                    (1, 3) => weighted_multi::<2, 3>([q3[0], q3[1]], rs, c0),
+                                    (1, _) => weighted_multi::<2, 4>([q3[0], q3[1]], rs, c0),
+                                    (_, 1) => weighted_multi::<1, 1>([q3[0]], rs, c0),
+                                    (_, 2) => weighted_multi::<1, 2>([q3[0]], rs, c0),
+                                    (_, 3) => weighted_multi::<1, 3>([q3[0]], rs, c0),
+                                    _ => weighted_multi::<1, 4>([q3[0]], rs, c0),
                                 }
-                            } else {
-                                let (sg, og) = at(g);
-                                weighted_all::<f32>(sg, rs, nc, og);
                             }
                         }
-                        g += if pair { 2 } else { 1 };
+                        g += same + 1;
                     }
                 }
                 return;
@@ -828,31 +836,29 @@ mod simd_x86 {
         })
     }
 
-    /// [`weighted`] for two queries `(weights, output)` over the same f32 value rows, `W`
-    /// vectors from `c0`: per output element the same FMA sequence.
+    /// [`weighted`] for `Q` queries `(weights, output)` over the same f32 value rows, `W`
+    /// vectors from `c0`: each value vector loaded once for all of them; per output element
+    /// the same FMA sequence.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn weighted_pair<const W: usize>(
-        qs: [(*const f32, *mut f32); 2],
+    unsafe fn weighted_multi<const Q: usize, const W: usize>(
+        qs: [(*const f32, *mut f32); Q],
         rows: &[*const f32],
         c0: usize,
     ) {
         // SAFETY: each weight row holds rows.len() weights; each value row (c0 + W) · 8
         // values; each output (c0 + W) · 8.
         unsafe {
-            let mut acc: [[__m256; W]; 2] = std::array::from_fn(|a| {
+            let mut acc: [[__m256; W]; Q] = std::array::from_fn(|a| {
                 std::array::from_fn(|c| _mm256_loadu_ps(qs[a].1.add((c0 + c) * 8)))
             });
             for (i, &v) in rows.iter().enumerate() {
-                let w = [
-                    _mm256_set1_ps(*qs[0].0.add(i)),
-                    _mm256_set1_ps(*qs[1].0.add(i)),
-                ];
-                let [a0, a1] = &mut acc;
-                for (c, (x0, x1)) in a0.iter_mut().zip(a1.iter_mut()).enumerate() {
+                let w: [__m256; Q] = std::array::from_fn(|a| _mm256_set1_ps(*qs[a].0.add(i)));
+                for c in 0..W {
                     let x = _mm256_loadu_ps(v.add((c0 + c) * 8));
-                    *x0 = _mm256_fmadd_ps(w[0], x, *x0);
-                    *x1 = _mm256_fmadd_ps(w[1], x, *x1);
+                    for (qa, wa) in acc.iter_mut().zip(&w) {
+                        qa[c] = _mm256_fmadd_ps(*wa, x, qa[c]);
+                    }
                 }
             }
             for (a, qa) in acc.iter().enumerate() {
