@@ -28,6 +28,20 @@ struct Norm {
     eps: f32,
 }
 
+/// `Σₖ f(r, x[r·n + k])` for each of the `R` rows of `x`: per row a serial f32 chain in `k`
+/// order from -0.0, what `Iterator::sum` computes for that row alone; the rows' chains run
+/// interleaved so that their additions overlap instead of waiting on one another.
+fn row_sums<const R: usize>(x: &[f32], n: usize, f: impl Fn(usize, f32) -> f32) -> [f32; R] {
+    let rows: [&[f32]; R] = std::array::from_fn(|r| &x[r * n..(r + 1) * n]);
+    let mut s = [-0.0f32; R];
+    for k in 0..n {
+        for (r, (s, row)) in s.iter_mut().zip(&rows).enumerate() {
+            *s += f(r, row[k]);
+        }
+    }
+    s
+}
+
 impl Norm {
     /// Loads `{name}.weight` (and `{name}.bias` when present).
     fn load(w: &mut Weights, name: &str, c: &ModelConfig) -> LoadResult<Norm> {
@@ -54,22 +68,54 @@ impl Norm {
     }
 
     fn forward(&self, x: &[f32]) -> Vec<f32> {
+        use rayon::prelude::*;
         let n = self.weight.len();
-        let mut out = Vec::with_capacity(x.len());
-        for row in x.chunks_exact(n) {
-            if self.layer_norm {
-                let mean = row.iter().sum::<f32>() / n as f32;
-                let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n as f32;
-                let d = (var + self.eps).sqrt();
-                out.extend(
-                    row.iter()
-                        .zip(&self.weight)
-                        .map(|(v, w)| (v - mean) / d * w),
-                );
+        let mut out = vec![0f32; x.len()];
+        if n == 0 {
+            return out;
+        }
+        // Eight rows at a time (their serial sums interleaved); a prefill's rows on every core.
+        let group = |(xg, og): (&[f32], &mut [f32])| {
+            if xg.len() == 8 * n {
+                self.normalize::<8>(xg, og);
             } else {
-                let sum2: f32 = row.iter().map(|v| v * v).sum();
-                let m = (sum2 / n as f32 + self.eps).sqrt();
-                out.extend(row.iter().zip(&self.weight).map(|(v, w)| v / m * w));
+                for (xr, or) in xg.chunks_exact(n).zip(og.chunks_exact_mut(n)) {
+                    self.normalize::<1>(xr, or);
+                }
+            }
+        };
+        if x.len() >= 64 * n {
+            x.par_chunks(8 * n)
+                .zip(out.par_chunks_mut(8 * n))
+                .for_each(group);
+        } else {
+            x.chunks(8 * n).zip(out.chunks_mut(8 * n)).for_each(group);
+        }
+        out
+    }
+
+    /// `R` rows of `x` normalised into `out`. Per row exactly the arithmetic of one row alone:
+    /// its sums are serial chains in its own order (see [`row_sums`]).
+    fn normalize<const R: usize>(&self, x: &[f32], out: &mut [f32]) {
+        let n = self.weight.len();
+        let nf = n as f32;
+        if self.layer_norm {
+            let sums = row_sums::<R>(x, n, |_, v| v);
+            let mean: [f32; R] = std::array::from_fn(|r| sums[r] / nf);
+            let var = row_sums::<R>(x, n, |r, v| (v - mean[r]) * (v - mean[r]));
+            for (r, (xr, or)) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)).enumerate() {
+                let d = (var[r] / nf + self.eps).sqrt();
+                for ((o, v), w) in or.iter_mut().zip(xr).zip(&self.weight) {
+                    *o = (v - mean[r]) / d * w;
+                }
+            }
+        } else {
+            let sum2 = row_sums::<R>(x, n, |_, v| v * v);
+            for (r, (xr, or)) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)).enumerate() {
+                let m = (sum2[r] / nf + self.eps).sqrt();
+                for ((o, v), w) in or.iter_mut().zip(xr).zip(&self.weight) {
+                    *o = v / m * w;
+                }
             }
         }
         if let Some(b) = &self.bias {
@@ -77,7 +123,6 @@ impl Norm {
                 row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
             }
         }
-        out
     }
 
     /// The weight in HF terms (Gemma's unit offset taken back out).

@@ -547,3 +547,55 @@ fn lora_on_other_architectures_equals_merged_weights() {
         }
     }
 }
+
+/// Norms over many rows (eight interleaved, a prefill's split over cores) give each row the
+/// bits of the textbook one-row form: `Iterator::sum` chains, then the elementwise steps.
+#[test]
+fn norm_rows_match_one_row_at_a_time() {
+    let n = 40;
+    let weight = crate::model::test_values(n, 7);
+    let bias = crate::model::test_values(n, 9);
+    for layer_norm in [false, true] {
+        for with_bias in [false, true] {
+            let norm = Norm {
+                weight: weight.clone(),
+                bias: with_bias.then(|| bias.clone()),
+                layer_norm,
+                eps: 1e-5,
+            };
+            for rows in [1, 3, 8, 9, 17, 64, 70] {
+                let x = crate::model::test_values(rows * n, rows as u32);
+                let got = norm.forward(&x);
+                for (r, row) in x.chunks_exact(n).enumerate() {
+                    let want: Vec<f32> = if layer_norm {
+                        let mean = row.iter().sum::<f32>() / n as f32;
+                        let var =
+                            row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n as f32;
+                        let d = (var + 1e-5f32).sqrt();
+                        row.iter()
+                            .zip(&weight)
+                            .map(|(v, w)| (v - mean) / d * w)
+                            .collect()
+                    } else {
+                        let sum2: f32 = row.iter().map(|v| v * v).sum();
+                        let m = (sum2 / n as f32 + 1e-5f32).sqrt();
+                        row.iter().zip(&weight).map(|(v, w)| v / m * w).collect()
+                    };
+                    let want: Vec<f32> = want
+                        .iter()
+                        .zip(&bias)
+                        .map(|(v, b)| if with_bias { v + b } else { *v })
+                        .collect();
+                    let same = got[r * n..(r + 1) * n]
+                        .iter()
+                        .zip(&want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(
+                        same,
+                        "layer_norm {layer_norm} bias {with_bias} rows {rows} row {r}"
+                    );
+                }
+            }
+        }
+    }
+}
