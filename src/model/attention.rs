@@ -308,6 +308,16 @@ impl KvElem for half::f16 {
         half::f16::to_f32(self)
     }
     fn store_all(dst: &mut [Self], src: &[f32]) {
+        assert_eq!(dst.len(), src.len(), "store_all lengths");
+        #[cfg(target_arch = "x86_64")]
+        if simd_x86::available() {
+            #[allow(unsafe_code)]
+            // SAFETY: F16C detected; equal lengths (asserted).
+            unsafe {
+                simd_x86::store_f16(dst, src)
+            };
+            return;
+        }
         // Eight at a time through F16C where the CPU has it (the same rounding, to nearest).
         use half::slice::HalfFloatSliceExt;
         dst.convert_from_f32_slice(src);
@@ -433,6 +443,41 @@ mod simd_x86 {
     use std::arch::x86_64::*;
 
     use super::{HeadView, KvElem};
+
+    /// Whether AVX2, FMA and F16C are there (detected once).
+    pub(super) fn available() -> bool {
+        use std::sync::OnceLock;
+        static AVX2: OnceLock<bool> = OnceLock::new();
+        *AVX2.get_or_init(|| {
+            is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+        })
+    }
+
+    /// `dst[i] = f16(src[i])`, rounded to nearest (ties to even) as `half::f16::from_f32`,
+    /// eight at a time (a KV row's write without a call per few values).
+    ///
+    /// # Safety
+    /// F16C is available; `dst` and `src` have the same length.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn store_f16(dst: &mut [half::f16], src: &[f32]) {
+        let n = src.len();
+        let mut i = 0;
+        // SAFETY: eight values from `i < n - 7` on are inside both slices.
+        unsafe {
+            while i + 8 <= n {
+                let h = _mm256_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT }>(_mm256_loadu_ps(
+                    src.as_ptr().add(i),
+                ));
+                _mm_storeu_si128(dst.as_mut_ptr().add(i).cast(), h);
+                i += 8;
+            }
+        }
+        for (d, &x) in dst[i..].iter_mut().zip(&src[i..]) {
+            *d = half::f16::from_f32(x);
+        }
+    }
 
     /// Widest head handled (32 vectors of q kept per head in L1, output in 8-vector chunks).
     pub(super) const MAX_HEAD_DIM: usize = 256;
@@ -929,14 +974,7 @@ fn attend_group_dispatch<E: KvElem>(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        use std::sync::OnceLock;
-        static AVX2: OnceLock<bool> = OnceLock::new();
-        let simd = *AVX2.get_or_init(|| {
-            is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c")
-        });
-        if simd
+        if simd_x86::available()
             && view.head_dim.is_multiple_of(8)
             && view.head_dim <= simd_x86::MAX_HEAD_DIM
             && !view.slots.is_empty()
