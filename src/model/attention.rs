@@ -989,6 +989,9 @@ fn attend_group_dispatch<E: KvElem>(
     attend_group(q, ranges, view, scores, out)
 }
 
+/// Scores scratch a thread keeps between calls, at most (16 MiB of f32).
+const KEEP_SCORES: usize = 1 << 22;
+
 thread_local! {
     /// Each thread's scores scratch, kept between calls: a prefill tile's (~0.7 MB) would
     /// otherwise be allocated and zeroed per task.
@@ -1099,7 +1102,11 @@ fn attend_in<E: KvElem>(
                     };
                     let mut o = vec![0f32; qs.len()];
                     SCORES.with_borrow_mut(|scores| {
-                        attend_group_dispatch(&qs, &ranges, &view, scores, &mut o)
+                        attend_group_dispatch(&qs, &ranges, &view, scores, &mut o);
+                        // A long context's tile is not worth keeping between steps.
+                        if scores.capacity() > KEEP_SCORES {
+                            *scores = Vec::new();
+                        }
                     });
                     o
                 })
