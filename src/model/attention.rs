@@ -310,7 +310,7 @@ impl KvElem for half::f16 {
     fn store_all(dst: &mut [Self], src: &[f32]) {
         assert_eq!(dst.len(), src.len(), "store_all lengths");
         #[cfg(target_arch = "x86_64")]
-        if simd_x86::available() {
+        if crate::model::quant::simd_available() {
             #[allow(unsafe_code)]
             // SAFETY: F16C detected; equal lengths (asserted).
             unsafe {
@@ -443,17 +443,6 @@ mod simd_x86 {
     use std::arch::x86_64::*;
 
     use super::{HeadView, KvElem};
-
-    /// Whether AVX2, FMA and F16C are there (detected once).
-    pub(super) fn available() -> bool {
-        use std::sync::OnceLock;
-        static AVX2: OnceLock<bool> = OnceLock::new();
-        *AVX2.get_or_init(|| {
-            is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c")
-        })
-    }
 
     /// `dst[i] = f16(src[i])`, rounded to nearest (ties to even) as `half::f16::from_f32`,
     /// eight at a time (a KV row's write without a call per few values).
@@ -973,7 +962,7 @@ fn attend_group_dispatch<E: KvElem>(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        if simd_x86::available()
+        if crate::model::quant::simd_available()
             && view.head_dim.is_multiple_of(8)
             && view.head_dim <= simd_x86::MAX_HEAD_DIM
             && !view.slots.is_empty()

@@ -678,8 +678,9 @@ impl SharedOut {
     }
 }
 
+/// Whether AVX2, FMA and F16C are there (detected once): the kernels' and attention's SIMD paths.
 #[cfg(target_arch = "x86_64")]
-fn simd_available() -> bool {
+pub(crate) fn simd_available() -> bool {
     use std::sync::OnceLock;
     static SIMD: OnceLock<bool> = OnceLock::new();
     *SIMD.get_or_init(|| {
@@ -690,7 +691,7 @@ fn simd_available() -> bool {
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn simd_available() -> bool {
+pub(crate) fn simd_available() -> bool {
     false
 }
 
