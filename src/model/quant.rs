@@ -108,10 +108,11 @@ struct RowBlock {
     q: [i16; BLOCK],
 }
 
-/// Activation rows per kernel call: Q4_1 (one 16-bit sum per row) and Q8_0 (wider per-row
-/// work: beyond 3 rows its weights and sums spill). Chosen with `cargo bench --bench kernels`
-/// (Q8_0 at 16 rows ~12% faster with 3 than 4; Q4_1 ~3% with 8 than 6).
-const MICRO_ROWS: [usize; 2] = [8, 3];
+/// Activation rows per kernel call: Q4_1 (4 rows × 16 outputs: 8 sums and a group's 4 weight
+/// vectors fill the registers) and Q8_0 (one half at a time; beyond 3 rows its weights and sums
+/// spill). Chosen with `cargo bench --bench kernels` (Q8_0 at 16 rows ~12% faster with 3 than
+/// 4; Q4_1 at 76 rows ~10% faster as 4 × 16 than the earlier 8 × 8 halves, 3 × 16 slower).
+const MICRO_ROWS: [usize; 2] = [4, 3];
 /// Rows whose quantized activations stay in L2 while every panel passes over them.
 const ROW_BLOCK: usize = 64;
 
@@ -818,11 +819,8 @@ mod simd_x86 {
                             1 => row1::<Q4>(job, p, a, dst),
                             2 => kernel::<Q4, 2>(job, p, a, dst, width),
                             3 => kernel::<Q4, 3>(job, p, a, dst, width),
-                            4 => kernel::<Q4, 4>(job, p, a, dst, width),
-                            5 => kernel::<Q4, 5>(job, p, a, dst, width),
-                            6 => kernel::<Q4, 6>(job, p, a, dst, width),
-                            7 => kernel::<Q4, 7>(job, p, a, dst, width),
-                            _ => kernel::<Q4, 8>(job, p, a, dst, width),
+                            // Tiles are at most MICRO_ROWS (≤ 4) rows.
+                            _ => kernel::<Q4, 4>(job, p, a, dst, width),
                         }
                     }
                 }
@@ -953,13 +951,139 @@ mod simd_x86 {
     ) {
         // SAFETY: forwarded from the caller.
         unsafe {
-            half::<Q4, R>(job, p, 0, r0, out, width);
-            half::<Q4, R>(job, p, 1, r0, out.add(8), width);
+            if Q4 {
+                full_q4::<R>(job, p, r0, out, width);
+            } else {
+                half_q8::<R>(job, p, 0, r0, out, width);
+                half_q8::<R>(job, p, 1, r0, out.add(8), width);
+            }
         }
     }
 
+    /// An empty `asm!` that "changes" the row sums and this group's weights: it cannot be
+    /// moved or dropped, so every earlier product is done before it and the weights exist only
+    /// after it (see `full_q4`). No instructions, no memory access.
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn half<const Q4: bool, const R: usize>(
+    fn pin<const R: usize>(isum: &mut [[__m256i; 2]; R], w: [&mut __m256i; 4]) {
+        let [w0, w1, w2, w3] = w;
+        let s = isum.as_mut_ptr().cast::<__m256i>();
+        // SAFETY: `s` points at 2·R vectors; only indices below 2·R are used.
+        unsafe {
+            match R {
+                4 => std::arch::asm!(
+                    "# {0} {1} {2} {3} {4} {5} {6} {7} {8} {9} {10} {11}",
+                    inout(ymm_reg) * s.add(0),
+                    inout(ymm_reg) * s.add(1),
+                    inout(ymm_reg) * s.add(2),
+                    inout(ymm_reg) * s.add(3),
+                    inout(ymm_reg) * s.add(4),
+                    inout(ymm_reg) * s.add(5),
+                    inout(ymm_reg) * s.add(6),
+                    inout(ymm_reg) * s.add(7),
+                    inout(ymm_reg) * w0,
+                    inout(ymm_reg) * w1,
+                    inout(ymm_reg) * w2,
+                    inout(ymm_reg) * w3,
+                    options(nomem, nostack, preserves_flags)
+                ),
+                3 => std::arch::asm!(
+                    "# {0} {1} {2} {3} {4} {5} {6} {7} {8} {9}",
+                    inout(ymm_reg) * s.add(0),
+                    inout(ymm_reg) * s.add(1),
+                    inout(ymm_reg) * s.add(2),
+                    inout(ymm_reg) * s.add(3),
+                    inout(ymm_reg) * s.add(4),
+                    inout(ymm_reg) * s.add(5),
+                    inout(ymm_reg) * w0,
+                    inout(ymm_reg) * w1,
+                    inout(ymm_reg) * w2,
+                    inout(ymm_reg) * w3,
+                    options(nomem, nostack, preserves_flags)
+                ),
+                2 => std::arch::asm!(
+                    "# {0} {1} {2} {3} {4} {5} {6} {7}",
+                    inout(ymm_reg) * s.add(0),
+                    inout(ymm_reg) * s.add(1),
+                    inout(ymm_reg) * s.add(2),
+                    inout(ymm_reg) * s.add(3),
+                    inout(ymm_reg) * w0,
+                    inout(ymm_reg) * w1,
+                    inout(ymm_reg) * w2,
+                    inout(ymm_reg) * w3,
+                    options(nomem, nostack, preserves_flags)
+                ),
+                _ => {}
+            }
+        }
+    }
+
+    /// Q4_1: `R` rows × both halves of a panel in one pass, so each activation broadcast
+    /// serves 16 outputs. Per output lane the same integer sums and float steps as [`half`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn full_q4<const R: usize>(job: &Job, p: usize, r0: usize, out: *mut f32, width: usize) {
+        let (nb, cols) = (job.nb, job.nb * BLOCK);
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        let ones = _mm256_set1_epi16(1);
+        let nibble = _mm256_set1_epi8(0x0F);
+        // SAFETY (whole body): rows r0..r0+R and panel p exist (caller), so every
+        // activation, scale and output offset is inside the sizes `run` asserted.
+        unsafe {
+            let xq = job.q.as_ptr().add(r0 * cols);
+            for b in 0..nb {
+                let bp = block_ptrs(job, p, b);
+                let mut isum = [[_mm256_setzero_si256(); 2]; R];
+                for g in 0..BLOCK / 8 {
+                    let (mut w0a, mut w0b) = weights::<true>(bp.qs, g, 0, nibble);
+                    let (mut w1a, mut w1b) = weights::<true>(bp.qs, g, 1, nibble);
+                    // Pin the schedule: this group's weights come to life here and every row's
+                    // sums so far are done, so the compiler keeps sums and weights in
+                    // registers instead of unpacking all groups up front and spilling them.
+                    pin(&mut isum, [&mut w0a, &mut w0b, &mut w1a, &mut w1b]);
+                    for (r, sr) in isum.iter_mut().enumerate() {
+                        let x = xq.add(r * cols + b * BLOCK + g * 8);
+                        let xa = _mm256_set1_epi32(x.cast::<i32>().read_unaligned());
+                        let xb = _mm256_set1_epi32(x.add(4).cast::<i32>().read_unaligned());
+                        sr[0] = products::<true>(sr[0], w0a, w0b, xa, xb, ones);
+                        sr[1] = products::<true>(sr[1], w1a, w1b, xa, xb, ones);
+                    }
+                }
+                let dw = [
+                    _mm256_cvtph_ps(_mm_loadu_si128(bp.d.cast())),
+                    _mm256_cvtph_ps(_mm_loadu_si128(bp.d.add(8).cast())),
+                ];
+                for (r, (ar, sr)) in acc.iter_mut().zip(&isum).enumerate() {
+                    let dx = _mm256_set1_ps(*job.d.get_unchecked((r0 + r) * nb + b));
+                    for h in 0..2 {
+                        let i32s = _mm256_madd_epi16(sr[h], ones);
+                        ar[h] = _mm256_fmadd_ps(
+                            _mm256_mul_ps(dw[h], dx),
+                            _mm256_cvtepi32_ps(i32s),
+                            ar[h],
+                        );
+                    }
+                }
+                let mw = [
+                    _mm256_cvtph_ps(_mm_loadu_si128(bp.m.cast())),
+                    _mm256_cvtph_ps(_mm_loadu_si128(bp.m.add(8).cast())),
+                ];
+                for (r, ar) in acc.iter_mut().enumerate() {
+                    let sx = _mm256_set1_ps(*job.s.get_unchecked((r0 + r) * nb + b));
+                    for h in 0..2 {
+                        ar[h] = _mm256_fmadd_ps(mw[h], sx, ar[h]);
+                    }
+                }
+            }
+            for (r, ar) in acc.iter().enumerate() {
+                _mm256_storeu_ps(out.add(r * width), ar[0]);
+                _mm256_storeu_ps(out.add(r * width + 8), ar[1]);
+            }
+        }
+    }
+
+    /// Q8_0: `R` rows × one half (8 outputs, one vector) of a panel.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn half_q8<const R: usize>(
         job: &Job,
         p: usize,
         h: usize,
@@ -977,36 +1101,21 @@ mod simd_x86 {
             let xq = job.q.as_ptr().add(r0 * cols);
             for b in 0..nb {
                 let bp = block_ptrs(job, p, b);
-                // Q4_1: 16-bit sums (≤ 16 products of 15 × 127 per lane: no overflow);
-                // Q8_0: 32-bit sums.
                 let mut isum = [_mm256_setzero_si256(); R];
                 for g in 0..BLOCK / 8 {
                     // Inputs 8g + {0,2,4,6} and 8g + {1,3,5,7} of outputs 8h..8h+8.
-                    let (wa, wb) = weights::<Q4>(bp.qs, g, h, nibble);
+                    let (wa, wb) = weights::<false>(bp.qs, g, h, nibble);
                     for (r, sr) in isum.iter_mut().enumerate() {
                         let x = xq.add(r * cols + b * BLOCK + g * 8);
                         let xa = _mm256_set1_epi32(x.cast::<i32>().read_unaligned());
                         let xb = _mm256_set1_epi32(x.add(4).cast::<i32>().read_unaligned());
-                        *sr = products::<Q4>(*sr, wa, wb, xa, xb, ones);
+                        *sr = products::<false>(*sr, wa, wb, xa, xb, ones);
                     }
                 }
                 let dw = _mm256_cvtph_ps(_mm_loadu_si128(bp.d.add(8 * h).cast()));
                 for (r, (ar, sr)) in acc.iter_mut().zip(&isum).enumerate() {
-                    let at = (r0 + r) * nb + b;
-                    let dx = _mm256_set1_ps(*job.d.get_unchecked(at));
-                    let i32s = if Q4 {
-                        _mm256_madd_epi16(*sr, ones)
-                    } else {
-                        *sr
-                    };
-                    *ar = _mm256_fmadd_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(i32s), *ar);
-                }
-                if Q4 {
-                    let mw = _mm256_cvtph_ps(_mm_loadu_si128(bp.m.add(8 * h).cast()));
-                    for (r, ar) in acc.iter_mut().enumerate() {
-                        let sx = _mm256_set1_ps(*job.s.get_unchecked((r0 + r) * nb + b));
-                        *ar = _mm256_fmadd_ps(mw, sx, *ar);
-                    }
+                    let dx = _mm256_set1_ps(*job.d.get_unchecked((r0 + r) * nb + b));
+                    *ar = _mm256_fmadd_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(*sr), *ar);
                 }
             }
             for (r, ar) in acc.iter().enumerate() {
