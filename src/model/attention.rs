@@ -650,8 +650,14 @@ mod simd_x86 {
                     }
                     continue;
                 }
-                for (g, &(lo, m)) in ranges.iter().enumerate() {
-                    let qg = q.as_ptr().add(g * hd);
+                // Consecutive queries over the same keys (a decoding row's heads) together:
+                // each key vector is converted once for all of them.
+                let mut g = 0;
+                while g < qn {
+                    let (lo, m) = ranges[g];
+                    let same = (g + 1..(g + 3).min(qn))
+                        .take_while(|&h| ranges[h] == (lo, m))
+                        .count();
                     let end = m.next_multiple_of(4).min(kb + KEY_BLOCK);
                     let mut i = kb.max(lo & !3);
                     while i < end {
@@ -662,17 +668,19 @@ mod simd_x86 {
                             prefetch_head(row(j, kp), hd);
                         }
                         let ks = [row(i, kp), row(i + 1, kp), row(i + 2, kp), row(i + 3, kp)];
-                        let mut acc = [_mm256_setzero_ps(); 4];
-                        for c in 0..nc {
-                            let qc = _mm256_loadu_ps(qg.add(c * 8));
-                            for j in 0..4 {
-                                acc[j] = _mm256_fmadd_ps(qc, E::load8(ks[j].add(c * 8)), acc[j]);
-                            }
+                        let so = scores.as_mut_ptr();
+                        let at = |a: usize| {
+                            let g = g + a.min(same);
+                            (q.as_ptr().add(g * hd), so.add(g * padded + i))
+                        };
+                        match same {
+                            0 => scores_direct::<E, 1>([at(0)], ks, nc, scale),
+                            1 => scores_direct::<E, 2>([at(0), at(1)], ks, nc, scale),
+                            _ => scores_direct::<E, 3>([at(0), at(1), at(2)], ks, nc, scale),
                         }
-                        let s = _mm_mul_ps(hsum4(acc), _mm256_castps256_ps128(scale));
-                        _mm_storeu_ps(scores.as_mut_ptr().add(g * padded + i), s);
                         i += 4;
                     }
+                    g += same + 1;
                 }
             }
             for (g, &(lo, n)) in ranges.iter().enumerate() {
@@ -754,18 +762,18 @@ mod simd_x86 {
                             for c0 in (0..nc).step_by(4) {
                                 let q3 = [at(g), at(g + 1.min(same)), at(g + same)];
                                 match (same, nc - c0) {
-                                    (2, 1) => weighted_multi::<3, 1>(q3, rs, c0),
-                                    (2, 2) => weighted_multi::<3, 2>(q3, rs, c0),
-                                    (2, 3) => weighted_multi::<3, 3>(q3, rs, c0),
-                                    (2, _) => weighted_multi::<3, 4>(q3, rs, c0),
-                                    (1, 1) => weighted_multi::<2, 1>([q3[0], q3[1]], rs, c0),
-                                    (1, 2) => weighted_multi::<2, 2>([q3[0], q3[1]], rs, c0),
-                                    (1, 3) => weighted_multi::<2, 3>([q3[0], q3[1]], rs, c0),
-                                    (1, _) => weighted_multi::<2, 4>([q3[0], q3[1]], rs, c0),
-                                    (_, 1) => weighted_multi::<1, 1>([q3[0]], rs, c0),
-                                    (_, 2) => weighted_multi::<1, 2>([q3[0]], rs, c0),
-                                    (_, 3) => weighted_multi::<1, 3>([q3[0]], rs, c0),
-                                    _ => weighted_multi::<1, 4>([q3[0]], rs, c0),
+                                    (2, 1) => weighted_multi::<f32, 3, 1>(q3, rs, c0),
+                                    (2, 2) => weighted_multi::<f32, 3, 2>(q3, rs, c0),
+                                    (2, 3) => weighted_multi::<f32, 3, 3>(q3, rs, c0),
+                                    (2, _) => weighted_multi::<f32, 3, 4>(q3, rs, c0),
+                                    (1, 1) => weighted_multi::<f32, 2, 1>([q3[0], q3[1]], rs, c0),
+                                    (1, 2) => weighted_multi::<f32, 2, 2>([q3[0], q3[1]], rs, c0),
+                                    (1, 3) => weighted_multi::<f32, 2, 3>([q3[0], q3[1]], rs, c0),
+                                    (1, _) => weighted_multi::<f32, 2, 4>([q3[0], q3[1]], rs, c0),
+                                    (_, 1) => weighted_multi::<f32, 1, 1>([q3[0]], rs, c0),
+                                    (_, 2) => weighted_multi::<f32, 1, 2>([q3[0]], rs, c0),
+                                    (_, 3) => weighted_multi::<f32, 1, 3>([q3[0]], rs, c0),
+                                    _ => weighted_multi::<f32, 1, 4>([q3[0]], rs, c0),
                                 }
                             }
                         }
@@ -776,16 +784,70 @@ mod simd_x86 {
             }
             let rows: Vec<*const E> = (0..n).map(|i| row(i, vp)).collect();
             for kb in (0..n).step_by(KEY_BLOCK) {
-                for (g, &(lo, m)) in ranges.iter().enumerate() {
-                    let begin = kb.max(lo);
-                    let end = m.min(kb + KEY_BLOCK);
-                    if end <= begin {
-                        continue;
+                let mut g = 0;
+                while g < qn {
+                    let (lo, m) = ranges[g];
+                    let same = (g + 1..(g + 3).min(qn))
+                        .take_while(|&h| ranges[h] == (lo, m))
+                        .count();
+                    let (begin, end) = (kb.max(lo), m.min(kb + KEY_BLOCK));
+                    if end > begin {
+                        let rs = &rows[begin..end];
+                        let (sb, ob) = (scores.as_ptr(), out.as_mut_ptr());
+                        let at = |a: usize| {
+                            let g = g + a.min(same);
+                            (sb.add(g * padded + begin), ob.add(g * hd))
+                        };
+                        if same == 0 {
+                            weighted_all::<E>(at(0).0, rs, nc, at(0).1);
+                        } else {
+                            // A row's heads over the same value rows: each value vector
+                            // converted once for all of them.
+                            for c0 in (0..nc).step_by(4) {
+                                let q3 = [at(0), at(1), at(2)];
+                                match (same, nc - c0) {
+                                    (2, 1) => weighted_multi::<E, 3, 1>(q3, rs, c0),
+                                    (2, 2) => weighted_multi::<E, 3, 2>(q3, rs, c0),
+                                    (2, 3) => weighted_multi::<E, 3, 3>(q3, rs, c0),
+                                    (2, _) => weighted_multi::<E, 3, 4>(q3, rs, c0),
+                                    (_, 1) => weighted_multi::<E, 2, 1>([q3[0], q3[1]], rs, c0),
+                                    (_, 2) => weighted_multi::<E, 2, 2>([q3[0], q3[1]], rs, c0),
+                                    (_, 3) => weighted_multi::<E, 2, 3>([q3[0], q3[1]], rs, c0),
+                                    _ => weighted_multi::<E, 2, 4>([q3[0], q3[1]], rs, c0),
+                                }
+                            }
+                        }
                     }
-                    let og = out.as_mut_ptr().add(g * hd);
-                    let sg = scores.as_ptr().add(g * padded + begin);
-                    weighted_all::<E>(sg, &rows[begin..end], nc, og);
+                    g += same + 1;
                 }
+            }
+        }
+    }
+
+    /// Scaled scores of four keys `ks` (cache rows) for each of `Q` queries `(query, out)`:
+    /// per query exactly the one-query arithmetic (an 8-lane FMA chain per key over the
+    /// head's vectors, summed by `hsum4`), each key vector converted once for all queries.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn scores_direct<E: KvElem, const Q: usize>(
+        qs: [(*const f32, *mut f32); Q],
+        ks: [*const E; 4],
+        nc: usize,
+        scale: __m256,
+    ) {
+        // SAFETY: each query and key row holds `8 · nc` values, each output 4.
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); 4]; Q];
+            for c in 0..nc {
+                for (j, &k) in ks.iter().enumerate() {
+                    let kv = E::load8(k.add(c * 8));
+                    for (a, &(qp, _)) in acc.iter_mut().zip(&qs) {
+                        a[j] = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(c * 8)), kv, a[j]);
+                    }
+                }
+            }
+            for (a, &(_, op)) in acc.iter().zip(&qs) {
+                _mm_storeu_ps(op, _mm_mul_ps(hsum4(*a), _mm256_castps256_ps128(scale)));
             }
         }
     }
@@ -874,9 +936,9 @@ mod simd_x86 {
     /// the same FMA sequence.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn weighted_multi<const Q: usize, const W: usize>(
+    unsafe fn weighted_multi<E: KvElem, const Q: usize, const W: usize>(
         qs: [(*const f32, *mut f32); Q],
-        rows: &[*const f32],
+        rows: &[*const E],
         c0: usize,
     ) {
         // SAFETY: each weight row holds rows.len() weights; each value row (c0 + W) · 8
@@ -886,9 +948,12 @@ mod simd_x86 {
                 std::array::from_fn(|c| _mm256_loadu_ps(qs[a].1.add((c0 + c) * 8)))
             });
             for (i, &v) in rows.iter().enumerate() {
+                if let Some(&ahead) = rows.get(i + PREFETCH_KEYS) {
+                    prefetch_head(ahead.add(c0 * 8), W * 8);
+                }
                 let w: [__m256; Q] = std::array::from_fn(|a| _mm256_set1_ps(*qs[a].0.add(i)));
                 for c in 0..W {
-                    let x = _mm256_loadu_ps(v.add((c0 + c) * 8));
+                    let x = E::load8(v.add((c0 + c) * 8));
                     for (qa, wa) in acc.iter_mut().zip(&w) {
                         qa[c] = _mm256_fmadd_ps(*wa, x, qa[c]);
                     }
@@ -1202,10 +1267,18 @@ mod tests {
                 };
                 // Query vectors with different context lengths, as in a prefill tile.
                 // ... and sliding windows starting anywhere, with and without soft-capping.
-                for (window, softcap) in [(None, None), (Some(5), None), (Some(9), Some(3.0))] {
+                // ... and a decoding row's heads: every query over the same keys.
+                let cases = [
+                    (None, None, false),
+                    (Some(5), None, false),
+                    (Some(9), Some(3.0), false),
+                    (None, None, true),
+                    (Some(9), Some(3.0), true),
+                ];
+                for (window, softcap, shared) in cases {
                     let ranges: Vec<(usize, usize)> = (0..group)
                         .map(|g| {
-                            let end = n - g.min(n - 1);
+                            let end = if shared { n } else { n - g.min(n - 1) };
                             (window.map_or(0, |w: usize| end.saturating_sub(w)), end)
                         })
                         .collect();
