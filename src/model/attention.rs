@@ -382,6 +382,9 @@ struct HeadView<'a, E> {
     kv_dim: usize,
     offset: usize,
     head_dim: usize,
+    /// KV heads covered, from `offset` on: the queries are theirs in head order, the same
+    /// number each (a decoding row's heads attended in one pass over its slot rows).
+    heads: usize,
     scale: f32,
     softcap: Option<f32>,
     /// Whether this pass fetches whole slot rows (every KV head's K and V) one key block
@@ -406,11 +409,14 @@ fn attend_group<E: KvElem>(
     out: &mut [f32],
 ) {
     let hd = view.head_dim;
-    for ((qg, og), &(lo, n)) in q.chunks_exact(hd).zip(out.chunks_exact_mut(hd)).zip(ranges) {
+    let per = (q.len() / hd / view.heads.max(1)).max(1);
+    let queries = q.chunks_exact(hd).zip(out.chunks_exact_mut(hd)).zip(ranges);
+    for (g, ((qg, og), &(lo, n))) in queries.enumerate() {
+        let offset = view.offset + (g / per) * hd;
         scores.clear();
         let mut max = f32::NEG_INFINITY;
         for &s in &view.slots[lo..n] {
-            let base = s as usize * view.kv_dim + view.offset;
+            let base = s as usize * view.kv_dim + offset;
             let mut x = dot(qg, &view.k[base..base + hd]) * view.scale;
             if let Some(cap) = view.softcap {
                 x = soft_cap(x, cap);
@@ -425,7 +431,7 @@ fn attend_group<E: KvElem>(
         }
         let inv = 1.0 / sum;
         for (&s, &w) in view.slots[lo..n].iter().zip(scores.iter()) {
-            let base = s as usize * view.kv_dim + view.offset;
+            let base = s as usize * view.kv_dim + offset;
             let p = w * inv;
             for (oi, vi) in og.iter_mut().zip(&view.v[base..base + hd]) {
                 *oi += p * vi.to_f32();
@@ -538,15 +544,20 @@ mod simd_x86 {
         let nc = hd / 8;
         let qn = q.len() / hd;
         let n = view.slots.len();
+        let heads = view.heads.max(1);
+        // Queries per head; query g's head starts `hoff(g)` elements into a slot's head rows.
+        let per = qn / heads;
+        let hoff = |g: usize| (g / per) * hd;
         // Tiles of several rows (prefill) stage each key/value block once as f32 (an exact
         // conversion) for all their queries, instead of converting it per query; their scores
         // go 16 keys at a time.
-        let staged = qn > 3;
+        let staged = per > 3;
+        assert!(qn.is_multiple_of(heads) && (!staged || heads == 1));
         let padded = n.next_multiple_of(if staged { KEY_STEP } else { 4 });
         assert!(hd.is_multiple_of(8) && hd <= MAX_HEAD_DIM && out.len() == q.len());
         assert!(ranges.len() == qn && ranges.iter().all(|&(lo, m)| lo < m && m <= n));
         assert!(view.slots.iter().all(|&s| {
-            (s as usize + 1) * view.kv_dim >= s as usize * view.kv_dim + view.offset + hd
+            (s as usize + 1) * view.kv_dim >= s as usize * view.kv_dim + view.offset + heads * hd
                 && (s as usize + 1) * view.kv_dim <= view.k.len().min(view.v.len())
         }));
         // Not cleared: every score a query reads (its range) is written below first.
@@ -584,6 +595,19 @@ mod simd_x86 {
                 }
             };
             prefetch(0, KEY_BLOCK);
+            // Runs of up to three consecutive queries over the same keys of the same head (a
+            // decoding row's heads): their key and value vectors are converted once for all.
+            let mut runs: Vec<(usize, usize)> = Vec::new();
+            if !staged {
+                let mut g = 0;
+                while g < qn {
+                    let same = (g + 1..(g + 3).min(qn))
+                        .take_while(|&h| ranges[h] == ranges[g] && h / per == g / per)
+                        .count();
+                    runs.push((g, same));
+                    g += same + 1;
+                }
+            }
             // Scores; each score's arithmetic depends only on its query and key, so blocking,
             // the layout and the tile's other rows change nothing.
             let mut stage = if staged {
@@ -650,25 +674,36 @@ mod simd_x86 {
                     }
                     continue;
                 }
-                // Consecutive queries over the same keys (a decoding row's heads) together:
-                // each key vector is converted once for all of them.
-                let mut g = 0;
-                while g < qn {
-                    let (lo, m) = ranges[g];
-                    let same = (g + 1..(g + 3).min(qn))
-                        .take_while(|&h| ranges[h] == (lo, m))
-                        .count();
-                    let end = m.next_multiple_of(4).min(kb + KEY_BLOCK);
-                    let mut i = kb.max(lo & !3);
-                    while i < end {
-                        // The head's slice of keys further on: their lines arrive while these
-                        // four are computed (the rows are scattered over cache blocks, hardware
-                        // prefetchers do not follow them).
-                        for j in i + PREFETCH_KEYS..(i + PREFETCH_KEYS + 4).min(n) {
+                // Key steps outer, runs inner: with several heads, each step uses the whole of
+                // its four slot rows while they are in L1.
+                let first = runs
+                    .iter()
+                    .map(|&(g, _)| ranges[g].0 & !3)
+                    .min()
+                    .unwrap_or(0);
+                let last = runs.iter().map(|&(g, _)| ranges[g].1).max().unwrap_or(0);
+                let end = last.next_multiple_of(4).min(kb + KEY_BLOCK);
+                let mut i = kb.max(first);
+                while i < end {
+                    // The slices of keys further on: their lines arrive while these four are
+                    // computed (the rows are scattered over cache blocks, hardware prefetchers
+                    // do not follow them). All heads' K and V rows when this pass covers them.
+                    for j in i + PREFETCH_KEYS..(i + PREFETCH_KEYS + 4).min(n) {
+                        if heads > 1 {
+                            prefetch_head(row(j, kp), heads * hd);
+                            prefetch_head(row(j, vp), heads * hd);
+                        } else {
                             prefetch_head(row(j, kp), hd);
                         }
-                        let ks = [row(i, kp), row(i + 1, kp), row(i + 2, kp), row(i + 3, kp)];
-                        let so = scores.as_mut_ptr();
+                    }
+                    let ks = [row(i, kp), row(i + 1, kp), row(i + 2, kp), row(i + 3, kp)];
+                    let so = scores.as_mut_ptr();
+                    for &(g, same) in &runs {
+                        let (lo, m) = ranges[g];
+                        if i < lo & !3 || i >= m.next_multiple_of(4) {
+                            continue;
+                        }
+                        let ks = ks.map(|k| k.add(hoff(g)));
                         let at = |a: usize| {
                             let g = g + a.min(same);
                             (q.as_ptr().add(g * hd), so.add(g * padded + i))
@@ -678,9 +713,8 @@ mod simd_x86 {
                             1 => scores_direct::<E, 2>([at(0), at(1)], ks, nc, scale),
                             _ => scores_direct::<E, 3>([at(0), at(1), at(2)], ks, nc, scale),
                         }
-                        i += 4;
                     }
-                    g += same + 1;
+                    i += 4;
                 }
             }
             for (g, &(lo, n)) in ranges.iter().enumerate() {
@@ -762,18 +796,26 @@ mod simd_x86 {
                             for c0 in (0..nc).step_by(4) {
                                 let q3 = [at(g), at(g + 1.min(same)), at(g + same)];
                                 match (same, nc - c0) {
-                                    (2, 1) => weighted_multi::<f32, 3, 1>(q3, rs, c0),
-                                    (2, 2) => weighted_multi::<f32, 3, 2>(q3, rs, c0),
-                                    (2, 3) => weighted_multi::<f32, 3, 3>(q3, rs, c0),
-                                    (2, _) => weighted_multi::<f32, 3, 4>(q3, rs, c0),
-                                    (1, 1) => weighted_multi::<f32, 2, 1>([q3[0], q3[1]], rs, c0),
-                                    (1, 2) => weighted_multi::<f32, 2, 2>([q3[0], q3[1]], rs, c0),
-                                    (1, 3) => weighted_multi::<f32, 2, 3>([q3[0], q3[1]], rs, c0),
-                                    (1, _) => weighted_multi::<f32, 2, 4>([q3[0], q3[1]], rs, c0),
-                                    (_, 1) => weighted_multi::<f32, 1, 1>([q3[0]], rs, c0),
-                                    (_, 2) => weighted_multi::<f32, 1, 2>([q3[0]], rs, c0),
-                                    (_, 3) => weighted_multi::<f32, 1, 3>([q3[0]], rs, c0),
-                                    _ => weighted_multi::<f32, 1, 4>([q3[0]], rs, c0),
+                                    (2, 1) => weighted_multi::<f32, 3, 1>(q3, rs, 0, c0),
+                                    (2, 2) => weighted_multi::<f32, 3, 2>(q3, rs, 0, c0),
+                                    (2, 3) => weighted_multi::<f32, 3, 3>(q3, rs, 0, c0),
+                                    (2, _) => weighted_multi::<f32, 3, 4>(q3, rs, 0, c0),
+                                    (1, 1) => {
+                                        weighted_multi::<f32, 2, 1>([q3[0], q3[1]], rs, 0, c0)
+                                    }
+                                    (1, 2) => {
+                                        weighted_multi::<f32, 2, 2>([q3[0], q3[1]], rs, 0, c0)
+                                    }
+                                    (1, 3) => {
+                                        weighted_multi::<f32, 2, 3>([q3[0], q3[1]], rs, 0, c0)
+                                    }
+                                    (1, _) => {
+                                        weighted_multi::<f32, 2, 4>([q3[0], q3[1]], rs, 0, c0)
+                                    }
+                                    (_, 1) => weighted_multi::<f32, 1, 1>([q3[0]], rs, 0, c0),
+                                    (_, 2) => weighted_multi::<f32, 1, 2>([q3[0]], rs, 0, c0),
+                                    (_, 3) => weighted_multi::<f32, 1, 3>([q3[0]], rs, 0, c0),
+                                    _ => weighted_multi::<f32, 1, 4>([q3[0]], rs, 0, c0),
                                 }
                             }
                         }
@@ -784,41 +826,37 @@ mod simd_x86 {
             }
             let rows: Vec<*const E> = (0..n).map(|i| row(i, vp)).collect();
             for kb in (0..n).step_by(KEY_BLOCK) {
-                let mut g = 0;
-                while g < qn {
+                for &(g, same) in &runs {
                     let (lo, m) = ranges[g];
-                    let same = (g + 1..(g + 3).min(qn))
-                        .take_while(|&h| ranges[h] == (lo, m))
-                        .count();
                     let (begin, end) = (kb.max(lo), m.min(kb + KEY_BLOCK));
-                    if end > begin {
-                        let rs = &rows[begin..end];
-                        let (sb, ob) = (scores.as_ptr(), out.as_mut_ptr());
-                        let at = |a: usize| {
-                            let g = g + a.min(same);
-                            (sb.add(g * padded + begin), ob.add(g * hd))
-                        };
-                        if same == 0 {
-                            weighted_all::<E>(at(0).0, rs, nc, at(0).1);
-                        } else {
-                            // A row's heads over the same value rows: each value vector
-                            // converted once for all of them.
-                            for c0 in (0..nc).step_by(4) {
-                                let q3 = [at(0), at(1), at(2)];
-                                match (same, nc - c0) {
-                                    (2, 1) => weighted_multi::<E, 3, 1>(q3, rs, c0),
-                                    (2, 2) => weighted_multi::<E, 3, 2>(q3, rs, c0),
-                                    (2, 3) => weighted_multi::<E, 3, 3>(q3, rs, c0),
-                                    (2, _) => weighted_multi::<E, 3, 4>(q3, rs, c0),
-                                    (_, 1) => weighted_multi::<E, 2, 1>([q3[0], q3[1]], rs, c0),
-                                    (_, 2) => weighted_multi::<E, 2, 2>([q3[0], q3[1]], rs, c0),
-                                    (_, 3) => weighted_multi::<E, 2, 3>([q3[0], q3[1]], rs, c0),
-                                    _ => weighted_multi::<E, 2, 4>([q3[0], q3[1]], rs, c0),
-                                }
-                            }
+                    if end <= begin {
+                        continue;
+                    }
+                    let (rs, voff) = (&rows[begin..end], hoff(g));
+                    let (sb, ob) = (scores.as_ptr(), out.as_mut_ptr());
+                    let at = |a: usize| {
+                        let g = g + a.min(same);
+                        (sb.add(g * padded + begin), ob.add(g * hd))
+                    };
+                    if same == 0 {
+                        weighted_all::<E>(at(0).0, rs, voff, nc, at(0).1);
+                        continue;
+                    }
+                    // A row's heads over the same value rows: each value vector converted
+                    // once for all of them.
+                    for c0 in (0..nc).step_by(4) {
+                        let q3 = [at(0), at(1), at(2)];
+                        match (same, nc - c0) {
+                            (2, 1) => weighted_multi::<E, 3, 1>(q3, rs, voff, c0),
+                            (2, 2) => weighted_multi::<E, 3, 2>(q3, rs, voff, c0),
+                            (2, 3) => weighted_multi::<E, 3, 3>(q3, rs, voff, c0),
+                            (2, _) => weighted_multi::<E, 3, 4>(q3, rs, voff, c0),
+                            (_, 1) => weighted_multi::<E, 2, 1>([q3[0], q3[1]], rs, voff, c0),
+                            (_, 2) => weighted_multi::<E, 2, 2>([q3[0], q3[1]], rs, voff, c0),
+                            (_, 3) => weighted_multi::<E, 2, 3>([q3[0], q3[1]], rs, voff, c0),
+                            _ => weighted_multi::<E, 2, 4>([q3[0], q3[1]], rs, voff, c0),
                         }
                     }
-                    g += same + 1;
                 }
             }
         }
@@ -939,6 +977,7 @@ mod simd_x86 {
     unsafe fn weighted_multi<E: KvElem, const Q: usize, const W: usize>(
         qs: [(*const f32, *mut f32); Q],
         rows: &[*const E],
+        voff: usize,
         c0: usize,
     ) {
         // SAFETY: each weight row holds rows.len() weights; each value row (c0 + W) · 8
@@ -949,11 +988,11 @@ mod simd_x86 {
             });
             for (i, &v) in rows.iter().enumerate() {
                 if let Some(&ahead) = rows.get(i + PREFETCH_KEYS) {
-                    prefetch_head(ahead.add(c0 * 8), W * 8);
+                    prefetch_head(ahead.add(voff + c0 * 8), W * 8);
                 }
                 let w: [__m256; Q] = std::array::from_fn(|a| _mm256_set1_ps(*qs[a].0.add(i)));
                 for c in 0..W {
-                    let x = E::load8(v.add((c0 + c) * 8));
+                    let x = E::load8(v.add(voff + (c0 + c) * 8));
                     for (qa, wa) in acc.iter_mut().zip(&w) {
                         qa[c] = _mm256_fmadd_ps(*wa, x, qa[c]);
                     }
@@ -970,43 +1009,49 @@ mod simd_x86 {
     /// [`weighted`] over a whole head (`nc` vectors), eight vectors at a time.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn weighted_all<E: KvElem>(p: *const f32, rows: &[*const E], nc: usize, out: *mut f32) {
+    unsafe fn weighted_all<E: KvElem>(
+        p: *const f32,
+        rows: &[*const E],
+        voff: usize,
+        nc: usize,
+        out: *mut f32,
+    ) {
         // SAFETY: forwarded to `weighted` with the caller's sizes.
         unsafe {
             for c0 in (0..nc).step_by(8) {
                 let o = out.add(c0 * 8);
                 match nc - c0 {
-                    1 => weighted::<E, 1>(p, rows, c0, o),
-                    2 => weighted::<E, 2>(p, rows, c0, o),
-                    3 => weighted::<E, 3>(p, rows, c0, o),
-                    4 => weighted::<E, 4>(p, rows, c0, o),
-                    5 => weighted::<E, 5>(p, rows, c0, o),
-                    6 => weighted::<E, 6>(p, rows, c0, o),
-                    7 => weighted::<E, 7>(p, rows, c0, o),
-                    _ => weighted::<E, 8>(p, rows, c0, o),
+                    1 => weighted::<E, 1>(p, rows, voff + c0 * 8, o),
+                    2 => weighted::<E, 2>(p, rows, voff + c0 * 8, o),
+                    3 => weighted::<E, 3>(p, rows, voff + c0 * 8, o),
+                    4 => weighted::<E, 4>(p, rows, voff + c0 * 8, o),
+                    5 => weighted::<E, 5>(p, rows, voff + c0 * 8, o),
+                    6 => weighted::<E, 6>(p, rows, voff + c0 * 8, o),
+                    7 => weighted::<E, 7>(p, rows, voff + c0 * 8, o),
+                    _ => weighted::<E, 8>(p, rows, voff + c0 * 8, o),
                 }
             }
         }
     }
 
-    /// `out[c] += Σᵢ p[i]·v_i[c0 + c]` for `W` vectors, keys in order.
+    /// `out[c] += Σᵢ p[i]·v_i[at + 8c]` for `W` vectors, keys in order.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn weighted<E: KvElem, const W: usize>(
         p: *const f32,
         rows: &[*const E],
-        c0: usize,
+        at: usize,
         out: *mut f32,
     ) {
-        // SAFETY: `p` holds rows.len() weights; each row holds (c0 + W) · 8 values; `out` W · 8.
+        // SAFETY: `p` holds rows.len() weights; each row holds at + W · 8 values; `out` W · 8.
         unsafe {
             let mut acc: [__m256; W] = std::array::from_fn(|c| _mm256_loadu_ps(out.add(c * 8)));
             for (i, &v) in rows.iter().enumerate() {
                 if let Some(&ahead) = rows.get(i + PREFETCH_KEYS) {
-                    prefetch_head(ahead.add(c0 * 8), W * 8);
+                    prefetch_head(ahead.add(at), W * 8);
                 }
                 let w = _mm256_set1_ps(*p.add(i));
-                let v = v.add(c0 * 8);
+                let v = v.add(at);
                 for (c, a) in acc.iter_mut().enumerate() {
                     *a = _mm256_fmadd_ps(w, E::load8(v.add(c * 8)), *a);
                 }
@@ -1104,9 +1149,9 @@ fn attend_in<E: KvElem>(
         }));
         r += s.query_len;
     }
-    // Single rows (decoding), when there are enough of them: one task per row, KV heads in
-    // turn: the first head's pass prefetches the row's whole slot rows, which the other heads
-    // then read from cache. Otherwise one task per (tile, KV head): with few rows so every
+    // Single rows (decoding), when there are enough of them: one task per row, all KV heads
+    // in one pass over the row's slot rows (or, for larger query groups, heads in turn, the
+    // first head's pass prefetching the whole slot rows for the others). Otherwise one task per (tile, KV head): with few rows so every
     // core works, and for multi-row tiles (prefill) so the cores' shares of a long tile's
     // arithmetic come out even.
     let split = tiles.len() < 2 * rayon::current_num_threads();
@@ -1123,17 +1168,29 @@ fn attend_in<E: KvElem>(
         .into_par_iter()
         .map(|(r0, r1, heads)| {
             let (h0, h1) = (heads.start, heads.end);
-            let outs = heads
-                .map(|kvh| {
+            // A decoding row's heads in one pass over its slot rows when they take the direct
+            // path (≤ 3 queries per head): each row's K and V lines are used by every head
+            // while in cache, the arithmetic spread over their arrival.
+            let calls: Vec<std::ops::Range<usize>> = if h1 - h0 > 1 && group <= 3 {
+                std::iter::once(h0..h1).collect()
+            } else {
+                (h0..h1).map(|h| h..h + 1).collect()
+            };
+            let together = calls.len() == 1 && h1 - h0 > 1;
+            let outs = calls
+                .into_iter()
+                .flat_map(|hs| {
                     let rows = r1 - r0;
-                    let mut qs = Vec::with_capacity(rows * group * head_dim);
-                    let mut ranges = Vec::with_capacity(rows * group);
-                    for t in r0..r1 {
-                        let base = t * q_dim + kvh * group * head_dim;
-                        qs.extend_from_slice(&q[base..base + group * head_dim]);
-                        let end = batch.positions[t] as usize + 1;
-                        let start = window.map_or(0, |w| end.saturating_sub(w));
-                        ranges.extend(std::iter::repeat_n((start, end), group));
+                    let mut qs = Vec::with_capacity(hs.len() * rows * group * head_dim);
+                    let mut ranges = Vec::with_capacity(hs.len() * rows * group);
+                    for kvh in hs.clone() {
+                        for t in r0..r1 {
+                            let base = t * q_dim + kvh * group * head_dim;
+                            qs.extend_from_slice(&q[base..base + group * head_dim]);
+                            let end = batch.positions[t] as usize + 1;
+                            let start = window.map_or(0, |w| end.saturating_sub(w));
+                            ranges.extend(std::iter::repeat_n((start, end), group));
+                        }
                     }
                     // The tile's view starts at its earliest key (rows are consecutive
                     // positions, so a sliding window skips all but a few keys outside any
@@ -1148,11 +1205,12 @@ fn attend_in<E: KvElem>(
                         v: layer_v,
                         slots: plan.slots(plan.row_seq[r0], window.is_some(), first, longest),
                         kv_dim,
-                        offset: kvh * head_dim,
+                        offset: hs.start * head_dim,
                         head_dim,
+                        heads: hs.len(),
                         scale,
                         softcap,
-                        prefetch: h1 - h0 > 1 && kvh == h0,
+                        prefetch: !together && h1 - h0 > 1 && hs.start == h0,
                     };
                     let mut o = vec![0f32; qs.len()];
                     SCORES.with_borrow_mut(|scores| {
@@ -1162,7 +1220,10 @@ fn attend_in<E: KvElem>(
                             *scores = Vec::new();
                         }
                     });
-                    o
+                    // Per head, as the results are gathered below.
+                    o.chunks_exact(rows * group * head_dim)
+                        .map(<[f32]>::to_vec)
+                        .collect::<Vec<_>>()
                 })
                 .collect();
             (r0, h0, outs)
@@ -1261,6 +1322,7 @@ mod tests {
                     kv_dim,
                     offset: head_dim,
                     head_dim,
+                    heads: 1,
                     scale: 0.125,
                     softcap: None,
                     prefetch: true,
@@ -1305,6 +1367,61 @@ mod tests {
                             "hd {head_dim} n {n} group {group} query {g}"
                         );
                     }
+                }
+            }
+        }
+    }
+
+    /// A decoding row's heads in one pass (the view covering several KV heads) give each
+    /// head's bits of a pass of its own, on both paths.
+    #[test]
+    fn heads_in_one_pass_match_one_head_at_a_time() {
+        for (head_dim, group) in [(64, 3), (24, 2), (128, 1), (64, 3)] {
+            let kv_heads = 3;
+            let kv_dim = kv_heads * head_dim;
+            let k = values(160 * kv_dim, 4);
+            let v = values(160 * kv_dim, 5);
+            let q = values(kv_heads * group * head_dim, 6);
+            for n in [1, 5, 70, 130] {
+                let slots: Vec<u32> = (0..n as u32).map(|i| (i * 11 + 5) % 160).collect();
+                let ranges = vec![(0, n); kv_heads * group];
+                let view = HeadView {
+                    k: &k,
+                    v: &v,
+                    slots: &slots,
+                    kv_dim,
+                    offset: 0,
+                    head_dim,
+                    heads: kv_heads,
+                    scale: 0.125,
+                    softcap: None,
+                    prefetch: false,
+                };
+                let width = group * head_dim;
+                let mut all = vec![0f32; q.len()];
+                attend_group_dispatch(&q, &ranges, &view, &mut Vec::new(), &mut all);
+                let mut portable = vec![0f32; q.len()];
+                attend_group(&q, &ranges, &view, &mut Vec::new(), &mut portable);
+                for h in 0..kv_heads {
+                    let one = HeadView {
+                        offset: h * head_dim,
+                        heads: 1,
+                        ..view
+                    };
+                    let qh = &q[h * width..(h + 1) * width];
+                    let mut alone = vec![0f32; width];
+                    attend_group_dispatch(qh, &ranges[..group], &one, &mut Vec::new(), &mut alone);
+                    let got = &all[h * width..(h + 1) * width];
+                    assert!(
+                        alone
+                            .iter()
+                            .zip(got)
+                            .all(|(x, y)| x.to_bits() == y.to_bits()),
+                        "hd {head_dim} group {group} n {n} head {h}"
+                    );
+                    let mut alone_p = vec![0f32; width];
+                    attend_group(qh, &ranges[..group], &one, &mut Vec::new(), &mut alone_p);
+                    assert_eq!(alone_p, portable[h * width..(h + 1) * width]);
                 }
             }
         }
@@ -1383,6 +1500,7 @@ mod tests {
             kv_dim,
             offset: head_dim,
             head_dim,
+            heads: 1,
             scale: 0.125,
             softcap: None,
             prefetch: true,
@@ -1394,6 +1512,7 @@ mod tests {
             kv_dim,
             offset: head_dim,
             head_dim,
+            heads: 1,
             scale: 0.125,
             softcap: None,
             prefetch: true,
