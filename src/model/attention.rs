@@ -796,26 +796,44 @@ mod simd_x86 {
                             for c0 in (0..nc).step_by(4) {
                                 let q3 = [at(g), at(g + 1.min(same)), at(g + same)];
                                 match (same, nc - c0) {
-                                    (2, 1) => weighted_multi::<f32, 3, 1>(q3, rs, 0, c0),
-                                    (2, 2) => weighted_multi::<f32, 3, 2>(q3, rs, 0, c0),
-                                    (2, 3) => weighted_multi::<f32, 3, 3>(q3, rs, 0, c0),
-                                    (2, _) => weighted_multi::<f32, 3, 4>(q3, rs, 0, c0),
-                                    (1, 1) => {
-                                        weighted_multi::<f32, 2, 1>([q3[0], q3[1]], rs, 0, c0)
+                                    (2, 1) => weighted_multi::<f32, 3, 1, false>(q3, rs, 0, c0),
+                                    (2, 2) => weighted_multi::<f32, 3, 2, false>(q3, rs, 0, c0),
+                                    (2, 3) => weighted_multi::<f32, 3, 3, false>(q3, rs, 0, c0),
+                                    (2, _) => weighted_multi::<f32, 3, 4, false>(q3, rs, 0, c0),
+                                    (1, 1) => weighted_multi::<f32, 2, 1, false>(
+                                        [q3[0], q3[1]],
+                                        rs,
+                                        0,
+                                        c0,
+                                    ),
+                                    (1, 2) => weighted_multi::<f32, 2, 2, false>(
+                                        [q3[0], q3[1]],
+                                        rs,
+                                        0,
+                                        c0,
+                                    ),
+                                    (1, 3) => weighted_multi::<f32, 2, 3, false>(
+                                        [q3[0], q3[1]],
+                                        rs,
+                                        0,
+                                        c0,
+                                    ),
+                                    (1, _) => weighted_multi::<f32, 2, 4, false>(
+                                        [q3[0], q3[1]],
+                                        rs,
+                                        0,
+                                        c0,
+                                    ),
+                                    (_, 1) => {
+                                        weighted_multi::<f32, 1, 1, false>([q3[0]], rs, 0, c0)
                                     }
-                                    (1, 2) => {
-                                        weighted_multi::<f32, 2, 2>([q3[0], q3[1]], rs, 0, c0)
+                                    (_, 2) => {
+                                        weighted_multi::<f32, 1, 2, false>([q3[0]], rs, 0, c0)
                                     }
-                                    (1, 3) => {
-                                        weighted_multi::<f32, 2, 3>([q3[0], q3[1]], rs, 0, c0)
+                                    (_, 3) => {
+                                        weighted_multi::<f32, 1, 3, false>([q3[0]], rs, 0, c0)
                                     }
-                                    (1, _) => {
-                                        weighted_multi::<f32, 2, 4>([q3[0], q3[1]], rs, 0, c0)
-                                    }
-                                    (_, 1) => weighted_multi::<f32, 1, 1>([q3[0]], rs, 0, c0),
-                                    (_, 2) => weighted_multi::<f32, 1, 2>([q3[0]], rs, 0, c0),
-                                    (_, 3) => weighted_multi::<f32, 1, 3>([q3[0]], rs, 0, c0),
-                                    _ => weighted_multi::<f32, 1, 4>([q3[0]], rs, 0, c0),
+                                    _ => weighted_multi::<f32, 1, 4, false>([q3[0]], rs, 0, c0),
                                 }
                             }
                         }
@@ -847,14 +865,14 @@ mod simd_x86 {
                     for c0 in (0..nc).step_by(4) {
                         let q3 = [at(0), at(1), at(2)];
                         match (same, nc - c0) {
-                            (2, 1) => weighted_multi::<E, 3, 1>(q3, rs, voff, c0),
-                            (2, 2) => weighted_multi::<E, 3, 2>(q3, rs, voff, c0),
-                            (2, 3) => weighted_multi::<E, 3, 3>(q3, rs, voff, c0),
-                            (2, _) => weighted_multi::<E, 3, 4>(q3, rs, voff, c0),
-                            (_, 1) => weighted_multi::<E, 2, 1>([q3[0], q3[1]], rs, voff, c0),
-                            (_, 2) => weighted_multi::<E, 2, 2>([q3[0], q3[1]], rs, voff, c0),
-                            (_, 3) => weighted_multi::<E, 2, 3>([q3[0], q3[1]], rs, voff, c0),
-                            _ => weighted_multi::<E, 2, 4>([q3[0], q3[1]], rs, voff, c0),
+                            (2, 1) => weighted_multi::<E, 3, 1, true>(q3, rs, voff, c0),
+                            (2, 2) => weighted_multi::<E, 3, 2, true>(q3, rs, voff, c0),
+                            (2, 3) => weighted_multi::<E, 3, 3, true>(q3, rs, voff, c0),
+                            (2, _) => weighted_multi::<E, 3, 4, true>(q3, rs, voff, c0),
+                            (_, 1) => weighted_multi::<E, 2, 1, true>([q3[0], q3[1]], rs, voff, c0),
+                            (_, 2) => weighted_multi::<E, 2, 2, true>([q3[0], q3[1]], rs, voff, c0),
+                            (_, 3) => weighted_multi::<E, 2, 3, true>([q3[0], q3[1]], rs, voff, c0),
+                            _ => weighted_multi::<E, 2, 4, true>([q3[0], q3[1]], rs, voff, c0),
                         }
                     }
                 }
@@ -969,12 +987,13 @@ mod simd_x86 {
         })
     }
 
-    /// [`weighted`] for `Q` queries `(weights, output)` over the same f32 value rows, `W`
-    /// vectors from `c0`: each value vector loaded once for all of them; per output element
-    /// the same FMA sequence.
+    /// [`weighted`] for `Q` queries `(weights, output)` over the same value rows (cache rows,
+    /// or a staged tile's f32 rows), `W` vectors from element `voff + 8·c0` of each: each value
+    /// vector loaded (converted) once for all of them; per output element the same FMA
+    /// sequence. `AHEAD`: prefetch the rows 16 keys on (cache rows; a staged block is in L1).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn weighted_multi<E: KvElem, const Q: usize, const W: usize>(
+    unsafe fn weighted_multi<E: KvElem, const Q: usize, const W: usize, const AHEAD: bool>(
         qs: [(*const f32, *mut f32); Q],
         rows: &[*const E],
         voff: usize,
@@ -987,7 +1006,7 @@ mod simd_x86 {
                 std::array::from_fn(|c| _mm256_loadu_ps(qs[a].1.add((c0 + c) * 8)))
             });
             for (i, &v) in rows.iter().enumerate() {
-                if let Some(&ahead) = rows.get(i + PREFETCH_KEYS) {
+                if let Some(&ahead) = rows.get(i + PREFETCH_KEYS).filter(|_| AHEAD) {
                     prefetch_head(ahead.add(voff + c0 * 8), W * 8);
                 }
                 let w: [__m256; Q] = std::array::from_fn(|a| _mm256_set1_ps(*qs[a].0.add(i)));

@@ -884,7 +884,7 @@ mod simd_x86 {
 
     /// One row (decoding) × one panel: both halves in one pass over the blocks, so the
     /// activation broadcasts, the row's scales and the block addresses serve 16 outputs. Per
-    /// output lane the same integer sums and float steps as [`half`].
+    /// output lane the same integer sums and float steps as [`full_q4`] and [`half_q8`].
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn row1<const Q4: bool>(job: &Job, p: usize, r: usize, out: *mut f32) {
         let (nb, cols) = (job.nb, job.nb * BLOCK);
@@ -939,8 +939,8 @@ mod simd_x86 {
         }
     }
 
-    /// `R` rows (from `r0`) × one panel (16 outputs), one half (8 outputs, one vector) at a
-    /// time so that the accumulators, block sums and weights of a step fit in registers.
+    /// `R` rows (from `r0`) × one panel (16 outputs): Q4_1 both halves in one pass, Q8_0 one
+    /// half (8 outputs, one vector) at a time so that its sums and weights fit in registers.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn kernel<const Q4: bool, const R: usize>(
         job: &Job,
@@ -1019,7 +1019,7 @@ mod simd_x86 {
     }
 
     /// Q4_1: `R` rows × both halves of a panel in one pass, so each activation broadcast
-    /// serves 16 outputs. Per output lane the same integer sums and float steps as [`half`].
+    /// serves 16 outputs. Per output lane the same integer sums and float steps as [`row1`].
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn full_q4<const R: usize>(job: &Job, p: usize, r0: usize, out: *mut f32, width: usize) {
         let (nb, cols) = (job.nb, job.nb * BLOCK);
