@@ -807,6 +807,13 @@ mod simd_x86 {
             let r_end = (r_start + ROW_BLOCK).min(job.t);
             let tiles = (r_end - r_start).div_ceil(MICRO_ROWS[usize::from(!Q4)]);
             for p in p0..p1 {
+                // Q4_1 with several row tiles: the panel's quants unpacked to bytes once, not
+                // per tile (~5–8% less time at 76–512 rows on one core).
+                let pre = Q4 && tiles > 1;
+                if pre {
+                    // SAFETY: panel p exists (the caller's range).
+                    unsafe { unpack_panel(job, p) };
+                }
                 for i in 0..tiles {
                     // Balanced tiles (6 rows = 3 + 3, not 4 + 2).
                     let a = r_start + (r_end - r_start) * i / tiles;
@@ -815,6 +822,16 @@ mod simd_x86 {
                     // row r's 16 outputs of panel p at `o + r·width + (p-p0)·16`.
                     unsafe {
                         let dst = o.add(a * width + (p - p0) * PANEL);
+                        if pre {
+                            let w = UNPACKED.with_borrow(|u| u.as_ptr());
+                            match b - a {
+                                1 => row1::<Q4>(job, p, a, dst),
+                                2 => full_q4::<2, true>(job, p, w, a, dst, width),
+                                3 => full_q4::<3, true>(job, p, w, a, dst, width),
+                                _ => full_q4::<4, true>(job, p, w, a, dst, width),
+                            }
+                            continue;
+                        }
                         match b - a {
                             1 => row1::<Q4>(job, p, a, dst),
                             2 => kernel::<Q4, 2>(job, p, a, dst, width),
@@ -826,6 +843,42 @@ mod simd_x86 {
                 }
             }
         }
+    }
+
+    thread_local! {
+        /// This thread's unpacked Q4_1 panel (see [`unpack_panel`]).
+        static UNPACKED: std::cell::RefCell<Vec<[u8; 32]>> =
+            const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    /// Panel `p`'s Q4_1 quants unpacked to bytes into this thread's `UNPACKED`: per block 16
+    /// vectors, `[g][h][lo, hi]` — [`weights`]' results, stored (9–25 KB for SmolLM2's widths).
+    ///
+    /// # Safety
+    /// Panel `p` exists; AVX2 was detected.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn unpack_panel(job: &Job, p: usize) {
+        let nibble = _mm256_set1_epi8(0x0F);
+        UNPACKED.with_borrow_mut(|u| {
+            if u.len() < job.nb * 16 {
+                u.resize(job.nb * 16, [0; 32]);
+            }
+            let up = u.as_mut_ptr();
+            for b in 0..job.nb {
+                let bp = block_ptrs(job, p, b);
+                for g in 0..BLOCK / 8 {
+                    for h in 0..2 {
+                        // SAFETY: `u` holds nb · 16 vectors; the block is panel p's.
+                        unsafe {
+                            let (lo, hi) = weights::<true>(bp.qs, g, h, nibble);
+                            let w = up.add(b * 16 + g * 4 + h * 2);
+                            _mm256_storeu_si256(w.cast(), lo);
+                            _mm256_storeu_si256(w.add(1).cast(), hi);
+                        }
+                    }
+                }
+            }
+        });
     }
 
     /// The weights of inputs `8g + {0,2,4,6}` and `8g + {1,3,5,7}` of outputs `8h..8h+8` of the
@@ -952,7 +1005,7 @@ mod simd_x86 {
         // SAFETY: forwarded from the caller.
         unsafe {
             if Q4 {
-                full_q4::<R>(job, p, r0, out, width);
+                full_q4::<R, false>(job, p, std::ptr::null(), r0, out, width);
             } else {
                 half_q8::<R>(job, p, 0, r0, out, width);
                 half_q8::<R>(job, p, 1, r0, out.add(8), width);
@@ -1020,8 +1073,17 @@ mod simd_x86 {
 
     /// Q4_1: `R` rows × both halves of a panel in one pass, so each activation broadcast
     /// serves 16 outputs. Per output lane the same integer sums and float steps as [`row1`].
+    /// `PRE`: the weights come unpacked from `pre` ([`unpack_panel`]'s layout) instead of
+    /// being unpacked here.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn full_q4<const R: usize>(job: &Job, p: usize, r0: usize, out: *mut f32, width: usize) {
+    unsafe fn full_q4<const R: usize, const PRE: bool>(
+        job: &Job,
+        p: usize,
+        pre: *const [u8; 32],
+        r0: usize,
+        out: *mut f32,
+        width: usize,
+    ) {
         let (nb, cols) = (job.nb, job.nb * BLOCK);
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
         let ones = _mm256_set1_epi16(1);
@@ -1034,8 +1096,24 @@ mod simd_x86 {
                 let bp = block_ptrs(job, p, b);
                 let mut isum = [[_mm256_setzero_si256(); 2]; R];
                 for g in 0..BLOCK / 8 {
-                    let (mut w0a, mut w0b) = weights::<true>(bp.qs, g, 0, nibble);
-                    let (mut w1a, mut w1b) = weights::<true>(bp.qs, g, 1, nibble);
+                    let ((mut w0a, mut w0b), (mut w1a, mut w1b)) = if PRE {
+                        let w = pre.add(b * 16 + g * 4);
+                        (
+                            (
+                                _mm256_loadu_si256(w.cast()),
+                                _mm256_loadu_si256(w.add(1).cast()),
+                            ),
+                            (
+                                _mm256_loadu_si256(w.add(2).cast()),
+                                _mm256_loadu_si256(w.add(3).cast()),
+                            ),
+                        )
+                    } else {
+                        (
+                            weights::<true>(bp.qs, g, 0, nibble),
+                            weights::<true>(bp.qs, g, 1, nibble),
+                        )
+                    };
                     // Pin the schedule: this group's weights come to life here and every row's
                     // sums so far are done, so the compiler keeps sums and weights in
                     // registers instead of unpacking all groups up front and spilling them.
