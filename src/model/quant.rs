@@ -1089,7 +1089,8 @@ mod simd_x86 {
         let ones = _mm256_set1_epi16(1);
         let nibble = _mm256_set1_epi8(0x0F);
         // SAFETY (whole body): rows r0..r0+R and panel p exist (caller), so every
-        // activation, scale and output offset is inside the sizes `run` asserted.
+        // activation, scale and output offset is inside the sizes `run` asserted; with PRE,
+        // `pre` holds panel p unpacked (nb · 16 vectors, `unpack_panel`).
         unsafe {
             let xq = job.q.as_ptr().add(r0 * cols);
             for b in 0..nb {
