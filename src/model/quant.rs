@@ -1021,51 +1021,27 @@ mod simd_x86 {
     fn pin<const R: usize>(isum: &mut [[__m256i; 2]; R], w: [&mut __m256i; 4]) {
         let [w0, w1, w2, w3] = w;
         let s = isum.as_mut_ptr().cast::<__m256i>();
+        // One empty `asm!` over the first sums and the four weights (positional operands
+        // `{0}`.. are the sums, named ones the weights).
+        macro_rules! pin_asm {
+            ($($i:literal),*) => {
+                std::arch::asm!(
+                    concat!("#", $(" {", stringify!($i), "}",)* " {w0} {w1} {w2} {w3}"),
+                    $(inout(ymm_reg) *s.add($i),)*
+                    w0 = inout(ymm_reg) *w0,
+                    w1 = inout(ymm_reg) *w1,
+                    w2 = inout(ymm_reg) *w2,
+                    w3 = inout(ymm_reg) *w3,
+                    options(nomem, nostack, preserves_flags)
+                )
+            };
+        }
         // SAFETY: `s` points at 2·R vectors; only indices below 2·R are used.
         unsafe {
             match R {
-                4 => std::arch::asm!(
-                    "# {0} {1} {2} {3} {4} {5} {6} {7} {8} {9} {10} {11}",
-                    inout(ymm_reg) * s.add(0),
-                    inout(ymm_reg) * s.add(1),
-                    inout(ymm_reg) * s.add(2),
-                    inout(ymm_reg) * s.add(3),
-                    inout(ymm_reg) * s.add(4),
-                    inout(ymm_reg) * s.add(5),
-                    inout(ymm_reg) * s.add(6),
-                    inout(ymm_reg) * s.add(7),
-                    inout(ymm_reg) * w0,
-                    inout(ymm_reg) * w1,
-                    inout(ymm_reg) * w2,
-                    inout(ymm_reg) * w3,
-                    options(nomem, nostack, preserves_flags)
-                ),
-                3 => std::arch::asm!(
-                    "# {0} {1} {2} {3} {4} {5} {6} {7} {8} {9}",
-                    inout(ymm_reg) * s.add(0),
-                    inout(ymm_reg) * s.add(1),
-                    inout(ymm_reg) * s.add(2),
-                    inout(ymm_reg) * s.add(3),
-                    inout(ymm_reg) * s.add(4),
-                    inout(ymm_reg) * s.add(5),
-                    inout(ymm_reg) * w0,
-                    inout(ymm_reg) * w1,
-                    inout(ymm_reg) * w2,
-                    inout(ymm_reg) * w3,
-                    options(nomem, nostack, preserves_flags)
-                ),
-                2 => std::arch::asm!(
-                    "# {0} {1} {2} {3} {4} {5} {6} {7}",
-                    inout(ymm_reg) * s.add(0),
-                    inout(ymm_reg) * s.add(1),
-                    inout(ymm_reg) * s.add(2),
-                    inout(ymm_reg) * s.add(3),
-                    inout(ymm_reg) * w0,
-                    inout(ymm_reg) * w1,
-                    inout(ymm_reg) * w2,
-                    inout(ymm_reg) * w3,
-                    options(nomem, nostack, preserves_flags)
-                ),
+                4 => pin_asm!(0, 1, 2, 3, 4, 5, 6, 7),
+                3 => pin_asm!(0, 1, 2, 3, 4, 5),
+                2 => pin_asm!(0, 1, 2, 3),
                 _ => {}
             }
         }
