@@ -470,11 +470,30 @@ impl Decoder {
                     .flat_map(|s| std::iter::repeat_n(s.adapter.as_deref(), s.query_len))
                     .collect()
             });
-        let lora = |y: &mut [f32], x: &[f32], layer: usize, t: Target| match &row_adapters {
+        let lora = |ra: &Option<Vec<Option<&LoraAdapter>>>,
+                    y: &mut [f32],
+                    x: &[f32],
+                    layer: usize,
+                    t: Target| match ra {
             Some(ra) => lora::add_deltas(y, x, ra, layer, t),
             None => Ok(()),
         };
+        // Only each sequence's last row reaches the head: in the last layer the other rows
+        // stop once their keys and values are written (llama.cpp selects its output rows the
+        // same way), sparing a prefill step one layer's attention and most of one layer's
+        // matmuls. A kept row's arithmetic is the same as in the full batch (rows are
+        // independent).
+        let tail = (rows > batch.seqs.len()).then(|| {
+            let b = last_rows(batch);
+            let plan = AttentionPlan::new(&b, kv.block_size(), c.features.sliding_window);
+            let adapters = row_adapters
+                .as_ref()
+                .map(|_| batch.seqs.iter().map(|s| s.adapter.as_deref()).collect());
+            (b, plan, adapters)
+        });
         let act = c.features.hidden_act;
+        let hidden = c.hidden_size;
+        let mut narrowed = false;
         for (i, b) in self.blocks.iter().enumerate() {
             let h = b.attn_norm.forward(&x);
             let mut qkv = b.qkv.forward(&h, rows)?.into_iter();
@@ -482,15 +501,25 @@ impl Decoder {
             else {
                 candle_core::bail!("q/k/v projections missing");
             };
-            lora(&mut q, &h, i, Target::Q)?;
-            lora(&mut k, &h, i, Target::K)?;
-            lora(&mut v, &h, i, Target::V)?;
+            lora(&row_adapters, &mut q, &h, i, Target::Q)?;
+            lora(&row_adapters, &mut k, &h, i, Target::K)?;
+            lora(&row_adapters, &mut v, &h, i, Target::V)?;
             rope.apply(&mut q, c.num_heads);
             rope.apply(&mut k, c.num_kv_heads);
             let window = c.layer_window(i);
             let layer = kv.layer_mut(i);
             let slots = plan.write_slots(batch, window.is_some());
             attention::write_kv(layer, slots, &k, &v, c.kv_dim());
+            let (batch, plan, row_adapters, rows) = match &tail {
+                Some((tb, tp, ta)) if i + 1 == self.blocks.len() => {
+                    let ends = last_row_indices(batch);
+                    q = gather_rows(&q, &ends, q.len() / rows);
+                    x = gather_rows(&x, &ends, hidden);
+                    narrowed = true;
+                    (tb, tp, ta, ends.len())
+                }
+                _ => (batch, &plan, &row_adapters, rows),
+            };
             let dims = HeadDims {
                 num_heads: c.num_heads,
                 num_kv_heads: c.num_kv_heads,
@@ -499,9 +528,9 @@ impl Decoder {
                 softcap: c.features.attn_logit_softcapping.map(|s| s as f32),
                 window,
             };
-            let attn = attention::attend(&q, layer, batch, &plan, dims);
+            let attn = attention::attend(&q, layer, batch, plan, dims);
             let mut o = b.o_proj.forward_vec(&attn, rows)?;
-            lora(&mut o, &attn, i, Target::O)?;
+            lora(row_adapters, &mut o, &attn, i, Target::O)?;
             if let Some(n) = &b.post_attn_norm {
                 o = n.forward(&o);
             }
@@ -512,28 +541,27 @@ impl Decoder {
                 candle_core::bail!("MLP input projection missing");
             };
             if let Some(mut up) = parts.next() {
-                lora(&mut gate, &h, i, Target::Gate)?;
-                lora(&mut up, &h, i, Target::Up)?;
+                lora(row_adapters, &mut gate, &h, i, Target::Gate)?;
+                lora(row_adapters, &mut up, &h, i, Target::Up)?;
                 act.apply_gated(&mut gate, &up);
             } else {
-                lora(&mut gate, &h, i, Target::Up)?;
+                lora(row_adapters, &mut gate, &h, i, Target::Up)?;
                 act.apply(&mut gate);
             }
             let mut mlp = b.down_proj.forward_vec(&gate, rows)?;
-            lora(&mut mlp, &gate, i, Target::Down)?;
+            lora(row_adapters, &mut mlp, &gate, i, Target::Down)?;
             if let Some(n) = &b.post_ffn_norm {
                 mlp = n.forward(&mlp);
             }
             x.iter_mut().zip(&mlp).for_each(|(a, b)| *a += b);
         }
-        // Only each sequence's last row goes through the (large) output head.
-        let hidden = c.hidden_size;
-        let mut last = Vec::with_capacity(batch.seqs.len() * hidden);
-        let mut end = 0;
-        for s in &batch.seqs {
-            end += s.query_len;
-            last.extend_from_slice(&x[(end - 1) * hidden..end * hidden]);
-        }
+        // Only each sequence's last row goes through the (large) output head (`x` holds just
+        // those once the last layer was narrowed).
+        let last = if narrowed {
+            x
+        } else {
+            gather_rows(&x, &last_row_indices(batch), hidden)
+        };
         let x = self.norm.forward(&last);
         let mut logits = self.lm_head.forward_vec(&x, batch.seqs.len())?;
         if let Some(cap) = c.features.final_logit_softcapping {
@@ -625,6 +653,46 @@ impl Decoder {
             out.push(("lm_head.weight".to_string(), self.lm_head.weight_f32()?));
         }
         Ok(out)
+    }
+}
+
+/// Each sequence's last row in `batch` (rows are sequences' new tokens, concatenated).
+fn last_row_indices(batch: &ForwardBatch) -> Vec<usize> {
+    batch
+        .seqs
+        .iter()
+        .scan(0, |end, s| {
+            *end += s.query_len;
+            Some(*end - 1)
+        })
+        .collect()
+}
+
+/// Rows `indices` of the `width`-wide rows of `x`.
+fn gather_rows(x: &[f32], indices: &[usize], width: usize) -> Vec<f32> {
+    indices
+        .iter()
+        .flat_map(|&r| &x[r * width..(r + 1) * width])
+        .copied()
+        .collect()
+}
+
+/// The batch of each sequence's last row only: same contexts, one query each.
+fn last_rows(batch: &ForwardBatch) -> ForwardBatch {
+    let ends = last_row_indices(batch);
+    ForwardBatch {
+        token_ids: ends.iter().map(|&r| batch.token_ids[r]).collect(),
+        positions: ends.iter().map(|&r| batch.positions[r]).collect(),
+        slots: ends.iter().map(|&r| batch.slots[r]).collect(),
+        seqs: batch
+            .seqs
+            .iter()
+            .map(|s| super::SeqSpan {
+                query_len: 1,
+                ..s.clone()
+            })
+            .collect(),
+        window_ring: batch.window_ring,
     }
 }
 

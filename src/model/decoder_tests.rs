@@ -342,30 +342,31 @@ fn shape_mismatch_is_reported_with_the_tensor_name() {
     );
 }
 
+/// `a` as the engine holds it for serving.
+fn served(model: &Model, a: &LoraAdapter) -> std::sync::Arc<LoraAdapter> {
+    std::sync::Arc::new(
+        LoraAdapter::new(
+            model.config(),
+            a.rank(),
+            a.scale() * a.rank() as f64,
+            false,
+            a.targets()
+                .iter()
+                .flat_map(|&t| (0..model.config().num_layers).map(move |l| ((l, t), a.get(l, t))))
+                .filter_map(|(k, p)| p.map(|p| (k, p.clone())))
+                .collect(),
+        )
+        .expect("adapter fits"),
+    )
+}
+
 /// Every position's logits from the serving forward, one token per step, with an adapter.
 fn serve_positions(model: &Model, ids: &[u32], adapter: Option<&LoraAdapter>) -> Vec<Vec<f32>> {
     let bs = 4;
     let blocks = ids.len().div_ceil(bs);
     let mut kv = model.new_kv_cache(blocks, bs);
     let table: Vec<u32> = (0..blocks as u32).collect();
-    let adapter = adapter.map(|a| {
-        std::sync::Arc::new(
-            LoraAdapter::new(
-                model.config(),
-                a.rank(),
-                a.scale() * a.rank() as f64,
-                false,
-                a.targets()
-                    .iter()
-                    .flat_map(|&t| {
-                        (0..model.config().num_layers).map(move |l| ((l, t), a.get(l, t)))
-                    })
-                    .filter_map(|(k, p)| p.map(|p| (k, p.clone())))
-                    .collect(),
-            )
-            .expect("adapter fits"),
-        )
-    });
+    let adapter = adapter.map(|a| served(model, a));
     (0..ids.len())
         .map(|p| {
             let mut b = ForwardBatch::default();
@@ -416,6 +417,42 @@ fn training_graph_equals_serving_forward_with_and_without_an_adapter() {
                 "the adapter changes the logits"
             );
         }
+    }
+}
+
+/// Multi-row sequences (the last layer runs only their last rows) with and without an
+/// adapter, next to a one-row sequence, give each sequence's logits of one token per step.
+#[test]
+fn last_rows_only_in_the_last_layer_keep_every_sequence_and_adapter() {
+    let (model, _) = tiny_model(false);
+    let c = model.config().clone();
+    let adapter = perturbed_lora(&c, &Target::ALL)
+        .to_adapter(&c)
+        .expect("adapter");
+    let seqs: [(Vec<u32>, bool); 3] = [
+        (vec![3, 17, 42, 5, 88, 1, 60], true),
+        (vec![9], true),
+        (vec![33, 2, 71, 4, 4, 50], false),
+    ];
+    let bs = 4;
+    let mut kv = model.new_kv_cache(8, bs);
+    let tables: [Vec<u32>; 3] = [vec![5, 0], vec![7], vec![2, 6]];
+    let mut batch = ForwardBatch::default();
+    for ((ids, with), table) in seqs.iter().zip(&tables) {
+        batch.push_seq(ids, 0, table, bs);
+        if *with {
+            batch.seqs.last_mut().expect("pushed").adapter = Some(served(&model, &adapter));
+        }
+    }
+    let rows = model
+        .forward(&batch, &mut kv)
+        .expect("forward")
+        .to_vec2::<f32>()
+        .expect("2d");
+    for (i, (ids, with)) in seqs.iter().enumerate() {
+        let one = serve_positions(&model, ids, with.then_some(&adapter));
+        let d = max_diff(&rows[i], &one[ids.len() - 1]);
+        assert!(d < 1e-4, "sequence {i}: {d}");
     }
 }
 

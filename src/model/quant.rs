@@ -935,6 +935,13 @@ mod simd_x86 {
         }
     }
 
+    /// The Q4_1 products of [`products`] without a sum to add them to.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn first_products(wa: __m256i, wb: __m256i, xa: __m256i, xb: __m256i) -> __m256i {
+        _mm256_add_epi16(_mm256_maddubs_epi16(wa, xa), _mm256_maddubs_epi16(wb, xb))
+    }
+
     /// One row (decoding) × one panel: both halves in one pass over the blocks, so the
     /// activation broadcasts, the row's scales and the block addresses serve 16 outputs. Per
     /// output lane the same integer sums and float steps as [`full_q4`] and [`half_q8`].
@@ -1099,8 +1106,14 @@ mod simd_x86 {
                         let x = xq.add(r * cols + b * BLOCK + g * 8);
                         let xa = _mm256_set1_epi32(x.cast::<i32>().read_unaligned());
                         let xb = _mm256_set1_epi32(x.add(4).cast::<i32>().read_unaligned());
-                        sr[0] = products::<true>(sr[0], w0a, w0b, xa, xb, ones);
-                        sr[1] = products::<true>(sr[1], w1a, w1b, xa, xb, ones);
+                        if g == 0 {
+                            // The block's first products start the sums (no add to zero).
+                            sr[0] = first_products(w0a, w0b, xa, xb);
+                            sr[1] = first_products(w1a, w1b, xa, xb);
+                        } else {
+                            sr[0] = products::<true>(sr[0], w0a, w0b, xa, xb, ones);
+                            sr[1] = products::<true>(sr[1], w1a, w1b, xa, xb, ones);
+                        }
                     }
                 }
                 let dw = [
