@@ -1054,6 +1054,45 @@ mod simd_x86 {
         }
     }
 
+    /// An empty `asm!` that "changes" the row sums (from the block's second group on) and the
+    /// pointer this group's unpacked weights are loaded through: the loads cannot move above
+    /// it and every earlier product is done before it, so the compiler neither loads all
+    /// groups' weights up front (and spills them) nor keeps zero sums alive for the first.
+    /// No instructions, no memory access.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn pin_ptr<const R: usize>(isum: Option<&mut [[__m256i; 2]; R]>, w: &mut *const [u8; 32]) {
+        // The address goes through the `asm!` (which never dereferences it), the pointer keeps
+        // its provenance.
+        let mut at = w.addr();
+        macro_rules! pin_asm {
+            ($s:ident; $($i:literal),*) => {
+                std::arch::asm!(
+                    concat!("#", $(" {", stringify!($i), "}",)* " {w}"),
+                    $(inout(ymm_reg) *$s.add($i),)*
+                    w = inout(reg) at,
+                    options(nomem, nostack, preserves_flags)
+                )
+            };
+        }
+        // SAFETY: `s` points at 2·R vectors; only indices below 2·R are used.
+        unsafe {
+            match isum {
+                None => pin_asm!(s;),
+                Some(isum) => {
+                    let s = isum.as_mut_ptr().cast::<__m256i>();
+                    match R {
+                        4 => pin_asm!(s; 0, 1, 2, 3, 4, 5, 6, 7),
+                        3 => pin_asm!(s; 0, 1, 2, 3, 4, 5),
+                        2 => pin_asm!(s; 0, 1, 2, 3),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        *w = w.with_addr(at);
+    }
+
     /// Q4_1: `R` rows × both halves of a panel in one pass, so each activation broadcast
     /// serves 16 outputs. Per output lane the same integer sums and float steps as [`row1`].
     /// `PRE`: the weights come unpacked from `pre` ([`unpack_panel`]'s layout) instead of
@@ -1080,8 +1119,9 @@ mod simd_x86 {
                 let bp = block_ptrs(job, p, b);
                 let mut isum = [[_mm256_setzero_si256(); 2]; R];
                 for g in 0..BLOCK / 8 {
-                    let ((mut w0a, mut w0b), (mut w1a, mut w1b)) = if PRE {
-                        let w = pre.add(b * 16 + g * 4);
+                    let ((w0a, w0b), (w1a, w1b)) = if PRE {
+                        let mut w = pre.add(b * 16 + g * 4);
+                        pin_ptr((g > 0).then_some(&mut isum), &mut w);
                         (
                             (
                                 _mm256_loadu_si256(w.cast()),
@@ -1093,15 +1133,16 @@ mod simd_x86 {
                             ),
                         )
                     } else {
-                        (
+                        let ((mut w0a, mut w0b), (mut w1a, mut w1b)) = (
                             weights::<true>(bp.qs, g, 0, nibble),
                             weights::<true>(bp.qs, g, 1, nibble),
-                        )
+                        );
+                        // Pin the schedule: this group's weights come to life here and every
+                        // row's sums so far are done, so the compiler keeps sums and weights in
+                        // registers instead of unpacking all groups up front and spilling them.
+                        pin(&mut isum, [&mut w0a, &mut w0b, &mut w1a, &mut w1b]);
+                        ((w0a, w0b), (w1a, w1b))
                     };
-                    // Pin the schedule: this group's weights come to life here and every row's
-                    // sums so far are done, so the compiler keeps sums and weights in
-                    // registers instead of unpacking all groups up front and spilling them.
-                    pin(&mut isum, [&mut w0a, &mut w0b, &mut w1a, &mut w1b]);
                     for (r, sr) in isum.iter_mut().enumerate() {
                         let x = xq.add(r * cols + b * BLOCK + g * 8);
                         let xa = _mm256_set1_epi32(x.cast::<i32>().read_unaligned());
