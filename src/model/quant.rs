@@ -115,6 +115,13 @@ struct RowBlock {
 const MICRO_ROWS: [usize; 2] = [4, 3];
 /// Rows whose quantized activations stay in L2 while every panel passes over them.
 const ROW_BLOCK: usize = 64;
+/// Row tiles of a panel from which its Q4_1 quants are unpacked once for all of them
+/// (`unpack_panel`). Measured with two threads, alternating: matmul time of a 16-row decode
+/// step (4 tiles) 13.0–15.6 → 12.1–13.4 ms and of the 76-row warm autocomplete step (tasks of
+/// 19 rows: 5 tiles) 51.7–55.6 → 50.4–51.8 ms without it (three pairs each); 32-row tasks (8
+/// tiles) faster without in 5 of 6 kernel-bench pairs; 512-row prefill (64-row blocks: 16
+/// tiles) the same either way.
+const PRE_MIN_TILES: usize = 9;
 
 impl QMatrix {
     /// Parses GGUF block bytes of a `(rows, cols)` matrix.
@@ -703,7 +710,7 @@ mod simd_x86 {
     //! whatever the summation order, and the float steps are the scalar path's, lane by lane.
     use std::arch::x86_64::*;
 
-    use super::{Job, Panels, BLOCK, MICRO_ROWS, PANEL, ROW_BLOCK};
+    use super::{Job, Panels, BLOCK, MICRO_ROWS, PANEL, PRE_MIN_TILES, ROW_BLOCK};
 
     /// Pointers into one panel block: scales, minimums (Q4_1 only), quants.
     #[derive(Clone, Copy)]
@@ -807,9 +814,10 @@ mod simd_x86 {
             let r_end = (r_start + ROW_BLOCK).min(job.t);
             let tiles = (r_end - r_start).div_ceil(MICRO_ROWS[usize::from(!Q4)]);
             for p in p0..p1 {
-                // Q4_1 with several row tiles: the panel's quants unpacked to bytes once, not
-                // per tile (~5–8% less time at 76–512 rows on one core).
-                let pre = Q4 && tiles > 1;
+                // Q4_1 with many row tiles: the panel's quants unpacked to bytes once, not per
+                // tile. With few tiles the tiles' own unpacking wins: it overlaps the panel's
+                // first touch with their products, where the separate pass stalls on it.
+                let pre = Q4 && tiles >= PRE_MIN_TILES;
                 if pre {
                     // SAFETY: panel p exists (the caller's range).
                     unsafe { unpack_panel(job, p) };
@@ -1345,7 +1353,8 @@ mod tests {
         for format in [QuantFormat::Q4_1, QuantFormat::Q8_0] {
             let (rows, cols) = (48, 96);
             let q = random_matrix(format, rows, cols, 5);
-            for t in [1, 2, 3, 4, 5, 7] {
+            // 36 and 38 rows: enough tiles per panel for the unpacked-panel path.
+            for t in [1, 2, 3, 4, 5, 7, 36, 38] {
                 let x = activations(t, cols);
                 let acts = QuantizedActs::new(&x, cols);
                 let job = acts.job(&q.panels, 0, t);
