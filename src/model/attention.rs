@@ -1267,6 +1267,11 @@ mod tests {
 
     use crate::model::test_values as values;
 
+    /// Equal bit for bit (NaNs and signed zeros included), and of equal length.
+    fn same_bits(a: &[f32], b: &[f32]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+    }
+
     /// YaRN frequencies against a float64 port of transformers' `_compute_yarn_parameters`
     /// (head_dim 16, base 10000, factor 4, original context 128, betas 32/1).
     #[test]
@@ -1379,10 +1384,7 @@ mod tests {
                         attend_group_dispatch(qg, &[*range], &view, &mut scratch, &mut alone);
                         let tiled = &b[g * head_dim..(g + 1) * head_dim];
                         assert!(
-                            alone
-                                .iter()
-                                .zip(tiled)
-                                .all(|(x, y)| x.to_bits() == y.to_bits()),
+                            same_bits(&alone, tiled),
                             "hd {head_dim} n {n} group {group} query {g}"
                         );
                     }
@@ -1432,10 +1434,7 @@ mod tests {
                     attend_group_dispatch(qh, &ranges[..group], &one, &mut Vec::new(), &mut alone);
                     let got = &all[h * width..(h + 1) * width];
                     assert!(
-                        alone
-                            .iter()
-                            .zip(got)
-                            .all(|(x, y)| x.to_bits() == y.to_bits()),
+                        same_bits(&alone, got),
                         "hd {head_dim} group {group} n {n} head {h}"
                     );
                     let mut alone_p = vec![0f32; width];
