@@ -527,6 +527,14 @@ mod simd_x86 {
         _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h))
     }
 
+    /// f32 values per 64-byte cache line.
+    const LINE_FLOATS: usize = 16;
+
+    /// Values from `p` to the next cache-line boundary (0 if `p` is on one).
+    fn to_line(p: *const f32) -> usize {
+        (p.addr().wrapping_neg() % 64) / 4
+    }
+
     /// Keys per block: a block's K (or V) head rows stay in L1 while every query vector of
     /// the tile uses them.
     const KEY_BLOCK: usize = 64;
@@ -560,10 +568,14 @@ mod simd_x86 {
             (s as usize + 1) * view.kv_dim >= s as usize * view.kv_dim + view.offset + heads * hd
                 && (s as usize + 1) * view.kv_dim <= view.k.len().min(view.v.len())
         }));
-        // Not cleared: every score a query reads (its range) is written below first.
-        if scores.len() < qn * padded {
-            scores.resize(qn * padded, 0.0);
+        // Not cleared: every score a query reads (its range) is written below first. Scores
+        // and the stage start on a cache line: their vectors (at multiples of 16 values)
+        // then never straddle two lines (half of them did).
+        if scores.len() < qn * padded + LINE_FLOATS {
+            scores.resize(qn * padded + LINE_FLOATS, 0.0);
         }
+        let skip = to_line(scores.as_ptr());
+        let scores = &mut scores[skip..];
         let scale = _mm256_set1_ps(view.scale);
         // SAFETY (whole body): every slot's head row lies inside k and v (asserted above);
         // q/out hold `qn × hd`; scores hold `qn × padded`; key indices stay below `padded`
@@ -611,11 +623,11 @@ mod simd_x86 {
             // Scores; each score's arithmetic depends only on its query and key, so blocking,
             // the layout and the tile's other rows change nothing.
             let mut stage = if staged {
-                vec![0f32; KEY_BLOCK * hd]
+                vec![0f32; KEY_BLOCK * hd + LINE_FLOATS]
             } else {
                 Vec::new()
             };
-            let sp = stage.as_mut_ptr();
+            let sp = stage.as_mut_ptr().add(to_line(stage.as_ptr()));
             // Rows `kb..kend` of `base` (K or V) into the stage as f32, `hd` apart.
             let stage_rows = |base: *const E, kb: usize, kend: usize| {
                 for i in kb..kend {
