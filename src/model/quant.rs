@@ -34,9 +34,10 @@ pub enum QuantFormat {
     Q8_0,
 }
 
-/// 16 outputs × 32 inputs of Q4_1.
+/// 16 outputs × 32 inputs of Q4_1. On a cache line (320 bytes: five lines), so that no
+/// vector load of its quants straddles two.
 #[derive(Debug, Clone, Copy)]
-#[repr(C)]
+#[repr(C, align(64))]
 struct PanelQ4_1 {
     /// f16 bits of each output's scale.
     d: [u16; PANEL],
@@ -47,9 +48,10 @@ struct PanelQ4_1 {
     qs: [[u32; 8]; 8],
 }
 
-/// 16 outputs × 32 inputs of Q8_0.
+/// 16 outputs × 32 inputs of Q8_0. On a 32-byte boundary (544 bytes), so that no vector
+/// load of its quants straddles two cache lines.
 #[derive(Debug, Clone, Copy)]
-#[repr(C)]
+#[repr(C, align(32))]
 struct PanelQ8_0 {
     /// f16 bits of each output's scale.
     d: [u16; PANEL],
@@ -831,7 +833,7 @@ mod simd_x86 {
                     unsafe {
                         let dst = o.add(a * width + (p - p0) * PANEL);
                         if pre {
-                            let w = UNPACKED.with_borrow(|u| u.as_ptr());
+                            let w = UNPACKED.with_borrow(|u| u.as_ptr().cast::<[u8; 32]>());
                             match b - a {
                                 1 => row1::<Q4>(job, p, a, dst),
                                 2 => full_q4::<2, true>(job, p, w, a, dst, width),
@@ -855,9 +857,14 @@ mod simd_x86 {
 
     thread_local! {
         /// This thread's unpacked Q4_1 panel (see [`unpack_panel`]).
-        static UNPACKED: std::cell::RefCell<Vec<[u8; 32]>> =
+        static UNPACKED: std::cell::RefCell<Vec<Bytes32>> =
             const { std::cell::RefCell::new(Vec::new()) };
     }
+
+    /// One vector of bytes on a 32-byte boundary: its load never straddles two cache lines.
+    #[derive(Clone, Copy)]
+    #[repr(C, align(32))]
+    struct Bytes32([u8; 32]);
 
     /// Panel `p`'s Q4_1 quants unpacked to bytes into this thread's `UNPACKED`: per block 16
     /// vectors, `[g][h][lo, hi]` — [`weights`]' results, stored (9–25 KB for SmolLM2's widths).
@@ -869,9 +876,9 @@ mod simd_x86 {
         let nibble = _mm256_set1_epi8(0x0F);
         UNPACKED.with_borrow_mut(|u| {
             if u.len() < job.nb * 16 {
-                u.resize(job.nb * 16, [0; 32]);
+                u.resize(job.nb * 16, Bytes32([0; 32]));
             }
-            let up = u.as_mut_ptr();
+            let up = u.as_mut_ptr().cast::<[u8; 32]>();
             for b in 0..job.nb {
                 let bp = block_ptrs(job, p, b);
                 for g in 0..BLOCK / 8 {
