@@ -484,12 +484,13 @@ impl Decoder {
         // matmuls. A kept row's arithmetic is the same as in the full batch (rows are
         // independent).
         let tail = (rows > batch.seqs.len()).then(|| {
-            let b = last_rows(batch);
+            let ends = last_row_indices(batch);
+            let b = last_rows(batch, &ends);
             let plan = AttentionPlan::new(&b, kv.block_size(), c.features.sliding_window);
             let adapters = row_adapters
                 .as_ref()
                 .map(|_| batch.seqs.iter().map(|s| s.adapter.as_deref()).collect());
-            (b, plan, adapters)
+            (b, plan, adapters, ends)
         });
         let act = c.features.hidden_act;
         let hidden = c.hidden_size;
@@ -511,10 +512,9 @@ impl Decoder {
             let slots = plan.write_slots(batch, window.is_some());
             attention::write_kv(layer, slots, &k, &v, c.kv_dim());
             let (batch, plan, row_adapters, rows) = match &tail {
-                Some((tb, tp, ta)) if i + 1 == self.blocks.len() => {
-                    let ends = last_row_indices(batch);
-                    q = gather_rows(&q, &ends, q.len() / rows);
-                    x = gather_rows(&x, &ends, hidden);
+                Some((tb, tp, ta, ends)) if i + 1 == self.blocks.len() => {
+                    q = gather_rows(&q, ends, q.len() / rows);
+                    x = gather_rows(&x, ends, hidden);
                     narrowed = true;
                     (tb, tp, ta, ends.len())
                 }
@@ -677,9 +677,9 @@ fn gather_rows(x: &[f32], indices: &[usize], width: usize) -> Vec<f32> {
         .collect()
 }
 
-/// The batch of each sequence's last row only: same contexts, one query each.
-fn last_rows(batch: &ForwardBatch) -> ForwardBatch {
-    let ends = last_row_indices(batch);
+/// The batch of each sequence's last row only (`ends`: their indices, [`last_row_indices`]):
+/// same contexts, one query each.
+fn last_rows(batch: &ForwardBatch, ends: &[usize]) -> ForwardBatch {
     ForwardBatch {
         token_ids: ends.iter().map(|&r| batch.token_ids[r]).collect(),
         positions: ends.iter().map(|&r| batch.positions[r]).collect(),
