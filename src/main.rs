@@ -486,6 +486,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         stop_token_ids: if args.ignore_eos { vec![] } else { stop },
         adapter: None,
         top_logprobs: None,
+        prompt_logprobs: None,
     };
     // The stop token ends the stream; it is in output_ids but not in the text.
     let stop_ids = request.stop_token_ids.clone();

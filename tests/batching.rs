@@ -70,6 +70,7 @@ fn run_staggered(engine: &EngineHandle, requests: Vec<GenerateRequest>) -> Vec<V
                             let _ = started_tx.send(());
                         }
                     }
+                    Event::PromptLogprobs(_) => panic!("not asked for"),
                     Event::Finished { .. } => break,
                     Event::Failed(e) => panic!("failed: {e}"),
                 }
@@ -365,4 +366,82 @@ fn identical_concurrent_prompts_compute_the_shared_prefix_once() {
         (len + 3 * (len - cached)) as u64
     );
     assert_eq!(s1.kv_blocks_used, 0);
+}
+
+/// `prompt` + `continuation` asking for the prompt's log-probabilities and nothing generated.
+fn scoring(prompt: &[u32], top: usize) -> GenerateRequest {
+    GenerateRequest {
+        prompt_logprobs: Some(top),
+        ..GenerateRequest::greedy(prompt.to_vec(), 0)
+    }
+}
+
+#[test]
+fn prompt_logprobs_equal_the_decoding_path_chunked_or_not_cached_or_not() {
+    let engine = engine(EngineConfig::default());
+    let prompt = long_prompt(" In short:");
+    let p = prompt.len();
+    // The tokens greedy decoding picks, with their log-probabilities as decoding reports them.
+    let decoded = run(
+        &engine,
+        GenerateRequest {
+            top_logprobs: Some(5),
+            ..GenerateRequest::greedy(prompt.clone(), 10)
+        },
+    );
+    assert_eq!(decoded.tokens.len(), 10);
+    assert!(
+        decoded.prompt_logprobs.is_empty(),
+        "not asked for, not computed"
+    );
+    let mut text = prompt.clone();
+    text.extend(&decoded.tokens);
+
+    // Scoring the same text: every position after the first, each the log-probability of the
+    // token there given the ones before; the decoded tokens' are bit for bit decoding's,
+    // although their prompt blocks are cached by now (scoring computes every row again).
+    let scored = run(&engine, scoring(&text, 5));
+    assert_eq!(scored.tokens, Vec::<u32>::new());
+    assert_eq!(scored.finish, FinishReason::Length);
+    assert_eq!(scored.usage.completion_tokens, 0);
+    assert_eq!(scored.usage.cached_tokens, 0);
+    assert_eq!(scored.prompt_logprobs.len(), text.len() - 1);
+    for (i, lp) in decoded.logprobs.iter().enumerate() {
+        let lp = lp.as_ref().expect("asked for");
+        assert_eq!(&scored.prompt_logprobs[p - 1 + i], lp, "decoded token {i}");
+    }
+    for (k, lp) in scored.prompt_logprobs.iter().enumerate() {
+        assert_eq!(lp.top.len(), 5);
+        assert!(lp.logprob <= 0.0 && lp.logprob >= lp.top[4].1 - 50.0);
+        // The greedy continuation is each step's top token.
+        if k + 1 >= p {
+            assert_eq!(lp.top[0], (text[k + 1], lp.logprob), "position {}", k + 1);
+        }
+    }
+
+    // Chunked prefill (and the decoding request beside it) changes none of them.
+    let chunked = common::engine::engine(EngineConfig {
+        max_batch_tokens: 37,
+        ..Default::default()
+    });
+    let other = chunked
+        .submit(GenerateRequest::greedy(prompts()[2].clone(), 40))
+        .expect("submit");
+    let again = run(&chunked, scoring(&text, 5));
+    assert_eq!(again.prompt_logprobs, scored.prompt_logprobs);
+    assert_eq!(
+        other.blocking_collect(|_| {}).expect("done").tokens.len(),
+        40
+    );
+
+    // Scoring left its prompt in the prefix cache: a later request reuses it (how clients warm
+    // the cache with `max_tokens: 0`).
+    let warm = run(&chunked, GenerateRequest::greedy(text.clone(), 3));
+    assert_eq!(warm.usage.cached_tokens, (text.len() - 1) / 16 * 16);
+    assert_eq!(wait_idle(&chunked).kv_blocks_used, 0);
+    let e = chunked
+        .submit(scoring(&text, 21))
+        .err()
+        .expect("21 alternatives refused");
+    assert!(matches!(e, EngineError::Invalid(_)), "{e}");
 }

@@ -209,41 +209,114 @@ async fn completion_logprobs_and_echo() {
         .as_str()
         .expect("text")
         .starts_with("The capital of France is Paris"));
+    // With `echo`, the prompt's tokens come first (as OpenAI's legacy completions and vLLM
+    // report them): the first without a log-probability, the others each given the ones
+    // before it; then the 4 generated.
     let lp = &c["logprobs"];
     let tokens = lp["tokens"].as_array().expect("tokens");
-    assert_eq!(tokens.len(), 4);
-    assert_eq!(tokens[0], " Paris");
+    assert_eq!(
+        tokens[..6],
+        [
+            json!("The"),
+            json!(" capital"),
+            json!(" of"),
+            json!(" France"),
+            json!(" is"),
+            json!(" Paris")
+        ]
+    );
+    assert_eq!(tokens.len(), 5 + 4);
     let token_lps = lp["token_logprobs"].as_array().expect("lps");
+    let tops = lp["top_logprobs"].as_array().expect("tops");
+    assert_eq!((&token_lps[0], &tops[0]), (&Value::Null, &Value::Null));
     // References: log p(" Paris") = -0.25808 (transformers f32), -0.2589 (llama.cpp); the
     // quantized path lands within its tolerance of both (tests/reference.rs), the runner-up
     // token 2.5 nats lower.
-    let paris = token_lps[0].as_f64().expect("f64");
+    let paris = token_lps[5].as_f64().expect("f64");
     assert!((paris + 0.25808).abs() < 0.1, "{paris}");
-    for (i, top) in lp["top_logprobs"]
-        .as_array()
-        .expect("tops")
-        .iter()
-        .enumerate()
-    {
+    for (i, top) in tops.iter().enumerate().skip(1) {
         let top = top.as_object().expect("dict");
         assert!(!top.is_empty() && top.len() <= 3);
         let best = top
             .values()
             .map(|x| x.as_f64().expect("f64"))
             .fold(f64::MIN, f64::max);
+        let chosen = token_lps[i].as_f64().expect("f64");
         assert!(
-            (best - token_lps[i].as_f64().expect("f64")).abs() < 1e-6,
-            "greedy picks the top"
+            chosen < 0.0 && best >= chosen - 1e-6,
+            "{i}: {chosen} vs top {best}"
         );
+        if i >= 5 {
+            assert!((best - chosen).abs() < 1e-6, "greedy picks the top");
+        }
     }
+    // " of" after "The capital" is near certain; " capital" after "The" is not.
+    let of = token_lps[2].as_f64().expect("f64");
+    let capital = token_lps[1].as_f64().expect("f64");
+    assert!(of > -1.0 && capital < -5.0, "{of} {capital}");
     let offsets: Vec<u64> = lp["text_offset"]
         .as_array()
         .expect("offsets")
         .iter()
         .map(|x| x.as_u64().expect("u64"))
         .collect();
-    assert_eq!(offsets[0], "The capital of France is".len() as u64);
+    assert_eq!(offsets[..6], [0, 3, 11, 14, 21, 24]);
     assert!(offsets.windows(2).all(|w| w[0] < w[1]));
+}
+
+/// Scoring as evaluation harnesses do it (lm-evaluation-harness's `local-completions`):
+/// `echo` + `logprobs` + `max_tokens: 0`, streamed and not.
+#[tokio::test]
+async fn echo_with_max_tokens_0_scores_the_prompt() {
+    let app = app();
+    let prompt = "The capital of France is Paris";
+    let body = json!({"prompt": prompt, "max_tokens": 0, "logprobs": 1, "echo": true});
+    let (status, v) = post_json(&app, "/v1/completions", body.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let c = &v["choices"][0];
+    assert_eq!(c["text"], prompt);
+    assert_eq!(c["finish_reason"], "length");
+    assert_eq!(v["usage"]["completion_tokens"], 0);
+    assert_eq!(v["usage"]["prompt_tokens"], 6);
+    let lp = &c["logprobs"];
+    assert_eq!(lp["tokens"].as_array().map(Vec::len), Some(6));
+    let lps = lp["token_logprobs"].as_array().expect("lps");
+    assert_eq!(lps[0], Value::Null);
+    // log p(" Paris" | "The capital of France is"): what generating it reports, above.
+    let paris = lps[5].as_f64().expect("f64");
+    assert!((paris + 0.25808).abs() < 0.1, "{paris}");
+    assert_eq!(lp["top_logprobs"][5], json!({" Paris": paris}));
+
+    // Streamed: the echo and its log-probabilities in the first chunk, then the finish.
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    let (status, _, bytes) = send(&app, post("/v1/completions", streamed)).await;
+    assert_eq!(status, StatusCode::OK);
+    let payloads = sse_payloads(&bytes);
+    assert_eq!(payloads.len(), 3, "{payloads:?}");
+    let first: Value = serde_json::from_str(&payloads[0]).expect("JSON");
+    assert_eq!(first["choices"][0]["text"], prompt);
+    assert_eq!(first["choices"][0]["logprobs"], *lp);
+    let last: Value = serde_json::from_str(&payloads[1]).expect("JSON");
+    assert_eq!(last["choices"][0]["finish_reason"], "length");
+
+    // Without `echo` nothing is generated and nothing scored; chat needs a token.
+    let (status, v) = post_json(
+        &app,
+        "/v1/completions",
+        json!({"prompt": prompt, "max_tokens": 0, "logprobs": 1}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["choices"][0]["text"], "");
+    assert_eq!(v["choices"][0]["logprobs"]["tokens"], json!([]));
+    let (status, v) = post_json(
+        &app,
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}),
+    )
+    .await;
+    assert_error(status, &v, StatusCode::BAD_REQUEST, Some("max_tokens"));
 }
 
 #[tokio::test]
@@ -380,7 +453,6 @@ async fn invalid_requests_get_openai_errors() {
         (json!({"prompt": "hi", "temperature": -1}), "temperature"),
         (json!({"prompt": "hi", "temperature": "hot"}), "temperature"),
         (json!({"prompt": "hi", "top_p": 0}), "top_p"),
-        (json!({"prompt": "hi", "max_tokens": 0}), "max_tokens"),
         (json!({"prompt": "hi", "max_tokens": 9000}), "max_tokens"),
         (json!({"prompt": "hi", "n": 0}), "n"),
         (json!({"prompt": "hi", "logprobs": 21}), "logprobs"),

@@ -227,3 +227,90 @@ fn chunked_prefill_does_not_change_tokens() {
         );
     }
 }
+
+/// `prompt` + `continuation` scored in one pass: the log-probabilities of the continuation's
+/// tokens, each given everything before it (how evaluation harnesses score text).
+fn score_continuation(
+    engine: &EngineHandle,
+    prompt: &[u32],
+    continuation: &[u32],
+) -> Vec<nextoken::engine::TokenLogprob> {
+    let mut text = prompt.to_vec();
+    text.extend(continuation);
+    let request = GenerateRequest {
+        prompt_logprobs: Some(5),
+        ..GenerateRequest::greedy(text, 0)
+    };
+    let out = run(engine, request);
+    assert!(out.tokens.is_empty());
+    assert_eq!(
+        out.prompt_logprobs.len(),
+        prompt.len() + continuation.len() - 1
+    );
+    out.prompt_logprobs[prompt.len() - 1..].to_vec()
+}
+
+/// Prompt log-probabilities on the reference's own tokens (teacher forcing: every step is
+/// compared, even past a near-tie where free-running greedy may part ways).
+#[test]
+fn prompt_logprobs_track_llama_cpp_and_transformers() {
+    let engine = engine(EngineConfig::default());
+    let llama = reference("llamacpp_q4_1.json");
+    for (name, case) in llama["cases"].as_object().expect("cases") {
+        let want = u32s(&case["output_ids"]);
+        let scored = score_continuation(&engine, &u32s(&case["prompt_ids"]), &want);
+        for (i, top) in case["top5"].as_array().expect("top5").iter().enumerate() {
+            let theirs = |j: usize| top[j][1].as_f64().expect("logprob");
+            assert_eq!(
+                top[0][0].as_u64(),
+                Some(u64::from(want[i])),
+                "greedy reference"
+            );
+            let ours = f64::from(scored[i].logprob);
+            assert!(
+                (ours - theirs(0)).abs() < Q_LOGPROB_TOL * theirs(0).abs().max(1.0),
+                "{name}: step {i}: {ours} vs {}",
+                theirs(0)
+            );
+            if theirs(0) - theirs(1) > Q_FLIP_MARGIN {
+                assert_eq!(scored[i].top[0].0, want[i], "{name}: step {i}: top token");
+            }
+        }
+    }
+
+    // Float32 weights: transformers' float32 log-probabilities, tightly, at every step.
+    let (model, tokenizer) = nextoken::load(converted_dir()).expect("converted folder loads");
+    let f32_engine = EngineHandle::spawn(model, EngineConfig::default()).expect("engine");
+    let reference = reference("hf_f32.json");
+    for p in reference["prompts"].as_array().expect("prompts") {
+        let name = p["name"].as_str().expect("name");
+        let prompt = tokenizer
+            .encode(p["prompt_text"].as_str().expect("text"), true)
+            .expect("encode");
+        let want = u32s(&p["greedy"]["new_token_ids"]);
+        let scored = score_continuation(&f32_engine, &prompt, &want);
+        let steps = p["greedy"]["steps"].as_array().expect("steps");
+        assert_eq!(steps.len(), want.len());
+        for (i, step) in steps.iter().enumerate() {
+            let ids = u32s(&step["top5_ids"]);
+            let lps = step["top5_logprobs"].as_array().expect("logprobs");
+            for (j, (id, lp)) in ids.iter().zip(lps).enumerate() {
+                let theirs = lp.as_f64().expect("f64");
+                let ours = if j == 0 {
+                    assert_eq!(*id, want[i], "{name}: greedy reference");
+                    f64::from(scored[i].logprob)
+                } else {
+                    match scored[i].top.iter().find(|(t, _)| t == id) {
+                        Some((_, lp)) => f64::from(*lp),
+                        // A near-tie at the fifth place may swap in and out of our top 5.
+                        None => continue,
+                    }
+                };
+                assert!(
+                    (ours - theirs).abs() < F32_LOGPROB_TOL,
+                    "{name}: step {i} token {id}: {ours} vs {theirs}"
+                );
+            }
+        }
+    }
+}

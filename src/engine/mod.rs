@@ -310,11 +310,6 @@ impl EngineHandle {
         if request.prompt.is_empty() {
             return Err(EngineError::Invalid("the prompt is empty".into()));
         }
-        if request.max_new_tokens == 0 {
-            return Err(EngineError::Invalid(
-                "max_new_tokens must be at least 1".into(),
-            ));
-        }
         if let Some(&bad) = request.prompt.iter().find(|&&t| t as usize >= l.vocab_size) {
             return Err(EngineError::Invalid(format!(
                 "token id {bad} is outside the vocabulary (size {})",
@@ -338,7 +333,10 @@ impl EngineHandle {
                 l.kv_capacity_tokens
             )));
         }
-        if request.top_logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
+        if [request.top_logprobs, request.prompt_logprobs]
+            .iter()
+            .any(|n| n.is_some_and(|n| n > MAX_TOP_LOGPROBS))
+        {
             return Err(EngineError::Invalid(format!(
                 "at most {MAX_TOP_LOGPROBS} top log-probabilities"
             )));
@@ -381,6 +379,8 @@ pub struct Collected {
     pub tokens: Vec<crate::model::TokenId>,
     /// Per token, when requested.
     pub logprobs: Vec<Option<TokenLogprob>>,
+    /// Prompt tokens `1..`, when requested (else empty).
+    pub prompt_logprobs: Vec<TokenLogprob>,
     /// How it ended.
     pub finish: FinishReason,
     /// Token counts.
@@ -395,8 +395,10 @@ impl Generation {
     ) -> Result<Collected, EngineError> {
         let mut tokens = Vec::new();
         let mut logprobs = Vec::new();
+        let mut prompt_logprobs = Vec::new();
         while let Some(ev) = self.blocking_next() {
             match ev {
+                Event::PromptLogprobs(lps) => prompt_logprobs = lps,
                 Event::Token { id, logprob } => {
                     on_token(id);
                     tokens.push(id);
@@ -406,6 +408,7 @@ impl Generation {
                     return Ok(Collected {
                         tokens,
                         logprobs,
+                        prompt_logprobs,
                         finish: reason,
                         usage,
                     })

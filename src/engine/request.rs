@@ -11,7 +11,9 @@ pub struct GenerateRequest {
     pub prompt: Vec<TokenId>,
     /// Sampling settings.
     pub sampling: SamplingParams,
-    /// Upper bound on new tokens.
+    /// Upper bound on new tokens. 0: only the prompt is computed (its KV then serves later
+    /// requests from the prefix cache; its log-probabilities, if asked for, are reported) and
+    /// the request finishes with `Length` and no token.
     pub max_new_tokens: usize,
     /// Token ids that end the request (the model's EOS unless `ignore_eos`, plus any others).
     pub stop_token_ids: Vec<TokenId>,
@@ -20,6 +22,10 @@ pub struct GenerateRequest {
     pub adapter: Option<String>,
     /// Number of alternatives to report with each token's log-probability (≤ 20).
     pub top_logprobs: Option<usize>,
+    /// Report the log-probability of every prompt token after the first, each given the
+    /// tokens before it, with this many alternatives (≤ 20): how evaluation harnesses score
+    /// text. The whole prompt is then computed (no prefix-cache reuse for it).
+    pub prompt_logprobs: Option<usize>,
 }
 
 impl GenerateRequest {
@@ -32,6 +38,7 @@ impl GenerateRequest {
             stop_token_ids: Vec::new(),
             adapter: None,
             top_logprobs: None,
+            prompt_logprobs: None,
         }
     }
 }
@@ -75,9 +82,14 @@ pub struct Usage {
     pub cached_tokens: usize,
 }
 
-/// What the engine sends back for a request, in order: tokens, then one `Finished` or `Failed`.
+/// What the engine sends back for a request, in order: prompt log-probabilities (when
+/// requested), tokens, then one `Finished` or `Failed`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
+    /// Log-probabilities of prompt tokens `1..` (the first has nothing before it to be
+    /// predicted from), once the whole prompt is computed; only with
+    /// [`GenerateRequest::prompt_logprobs`].
+    PromptLogprobs(Vec<TokenLogprob>),
     /// A new token.
     Token {
         /// The token id.

@@ -243,7 +243,8 @@ impl Scheduler {
                 break;
             };
             let mut taken = 0;
-            if seq.block_table.is_empty() && self.window.is_none() {
+            // Prompt log-probabilities need every prompt row computed: no cached prefix.
+            if seq.block_table.is_empty() && self.window.is_none() && !seq.wants_prompt_logits() {
                 // At least the last token is computed: its logits are needed.
                 let hashes = seq.hashes_up_to(seq.tokens.len() - 1, bs);
                 let known = pool.known_prefix(hashes);

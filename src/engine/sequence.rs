@@ -9,7 +9,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::model::{LoraAdapter, TokenId};
 
 use super::block_pool::{block_hashes, BlockHash};
-use super::request::{Event, GenerateRequest};
+use super::request::{Event, GenerateRequest, TokenLogprob};
 use super::sampler::Sampler;
 
 /// One request's state.
@@ -45,6 +45,11 @@ pub struct Sequence {
     pub stop_token_ids: Vec<TokenId>,
     /// Alternatives to report with each token, if any.
     pub top_logprobs: Option<usize>,
+    /// Alternatives to report with each prompt token, if prompt log-probabilities were asked
+    /// for and are not sent yet (`None` once sent).
+    pub prompt_logprobs: Option<usize>,
+    /// Prompt log-probabilities computed so far, by position (position 0 has none).
+    pub prompt_lps: Vec<Option<TokenLogprob>>,
     /// Seeded sampler; its RNG advances only when this sequence samples.
     pub sampler: Sampler,
     /// Where events go; closed when the client dropped its `Generation`.
@@ -84,6 +89,12 @@ impl Sequence {
             max_new_tokens: request.max_new_tokens,
             stop_token_ids: request.stop_token_ids,
             top_logprobs: request.top_logprobs,
+            prompt_logprobs: request.prompt_logprobs,
+            prompt_lps: if request.prompt_logprobs.is_some() {
+                vec![None; num_prompt_tokens]
+            } else {
+                Vec::new()
+            },
             sampler: Sampler::new(request.sampling),
             events,
         }
@@ -109,6 +120,11 @@ impl Sequence {
     pub fn set_cached_tokens(&mut self, n: usize) {
         self.num_cached_tokens = n;
         self.cached_tokens_report.store(n, Ordering::Relaxed);
+    }
+
+    /// Whether this step's rows need logits for prompt log-probabilities.
+    pub fn wants_prompt_logits(&self) -> bool {
+        self.prompt_logprobs.is_some()
     }
 
     /// Tokens not yet in the cache.

@@ -134,6 +134,7 @@ impl EngineCore {
                 bs,
             );
             if let Some(span) = fb.seqs.last_mut() {
+                span.all_logits = seq.wants_prompt_logits();
                 span.adapter = seq.adapter.clone();
                 span.window_table.clone_from(&seq.window_table);
             }
@@ -143,12 +144,29 @@ impl EngineCore {
 
     fn sample_and_emit(&mut self, batch: &ScheduledBatch, mut rows: Vec<Vec<f32>>) {
         let context = self.model.config().max_position_embeddings;
-        // Bookkeeping first; then the sequences whose prompt is done sample, each with its own
-        // sampler and RNG, in parallel (a temperature's softmax over the vocabulary is ~0.1 ms
-        // per sequence); then tokens and finishes go out in batch order.
-        // The batch row of each sequence that samples this step.
+        // Bookkeeping first (prompt log-probabilities included); then the sequences whose
+        // prompt is done sample, each with its own sampler and RNG, in parallel (a
+        // temperature's softmax over the vocabulary is ~0.1 ms per sequence); then tokens and
+        // finishes go out in batch order.
+        // The logits row of each sequence that samples this step.
         let mut row_of = vec![None; self.scheduler.running.len()];
-        for (j, item) in batch.items.iter().enumerate() {
+        let mut finished = Vec::new();
+        // Sequences with all their rows' logits come first: their prompt log-probabilities.
+        let mut first_row = 0;
+        let mut item_rows = Vec::with_capacity(batch.items.len());
+        for item in &batch.items {
+            let seq = &self.scheduler.running[item.index];
+            let n = if seq.wants_prompt_logits() {
+                item.num_tokens
+            } else {
+                1
+            };
+            item_rows.push(first_row..first_row + n);
+            first_row += n;
+        }
+        self.record_prompt_logprobs(batch, &item_rows, &rows);
+        for (item, span) in batch.items.iter().zip(&item_rows) {
+            let j = span.end - 1;
             let seq = &mut self.scheduler.running[item.index];
             let before = seq.num_computed_tokens;
             seq.num_computed_tokens += item.num_tokens;
@@ -159,9 +177,37 @@ impl EngineCore {
             self.stats.prompt_tokens_total +=
                 (seq.num_computed_tokens.min(p) - before.min(p)) as u64;
             // A prefill chunk that does not reach the end of the prompt samples nothing.
-            if seq.num_uncomputed() == 0 {
-                row_of[item.index] = Some(j);
+            if seq.num_uncomputed() > 0 {
+                continue;
             }
+            if let Some(top) = seq.prompt_logprobs.take() {
+                let lps = std::mem::take(&mut seq.prompt_lps);
+                let lps = lps.into_iter().skip(1).map(|lp| {
+                    lp.unwrap_or_else(|| {
+                        debug_assert!(false, "prompt log-probability missing ({top} wanted)");
+                        TokenLogprob {
+                            logprob: f32::NAN,
+                            top: Vec::new(),
+                        }
+                    })
+                });
+                let _ = seq.events.send(Event::PromptLogprobs(lps.collect()));
+            }
+            if seq.num_generated() >= seq.max_new_tokens {
+                // Nothing to generate (`max_new_tokens` 0): the prompt was the work.
+                let usage = Usage {
+                    prompt_tokens: seq.num_prompt_tokens,
+                    completion_tokens: 0,
+                    cached_tokens: seq.num_cached_tokens,
+                };
+                let _ = seq.events.send(Event::Finished {
+                    reason: FinishReason::Length,
+                    usage,
+                });
+                finished.push(item.index);
+                continue;
+            }
+            row_of[item.index] = Some(j);
         }
         let mut rows_left: Vec<Option<&mut Vec<f32>>> = rows.iter_mut().map(Some).collect();
         let work: Vec<(usize, &mut Sequence, &mut Vec<f32>)> = self
@@ -200,7 +246,6 @@ impl EngineCore {
         for (i, id, logprob) in sampled {
             picked[i] = Some((id, logprob));
         }
-        let mut finished = Vec::new();
         for item in &batch.items {
             let Some((id, logprob)) = picked[item.index].take() else {
                 continue;
@@ -227,6 +272,52 @@ impl EngineCore {
             }
         }
         self.remove(finished);
+    }
+
+    /// Stores the log-probabilities of the prompt tokens this step's rows predict, for the
+    /// sequences that asked for them (`item_rows`: each item's logits rows; row `i` of an
+    /// item sits at position `num_computed_tokens + i` and predicts the token after it).
+    fn record_prompt_logprobs(
+        &mut self,
+        batch: &ScheduledBatch,
+        item_rows: &[std::ops::Range<usize>],
+        rows: &[Vec<f32>],
+    ) {
+        // (sequence, position predicted, its token, logits row, alternatives)
+        let mut work = Vec::new();
+        for (item, span) in batch.items.iter().zip(item_rows) {
+            let seq = &self.scheduler.running[item.index];
+            let Some(top) = seq.prompt_logprobs else {
+                continue;
+            };
+            for (i, r) in span.clone().enumerate() {
+                let k = seq.num_computed_tokens + i + 1;
+                if k < seq.num_prompt_tokens {
+                    work.push((item.index, k, seq.tokens[k], r, top));
+                }
+            }
+        }
+        if work.is_empty() {
+            return;
+        }
+        let score = |&(s, k, id, r, top): &(usize, usize, TokenId, usize, usize)| {
+            let lp = log_softmax(&rows[r]);
+            let entry = TokenLogprob {
+                logprob: lp[id as usize],
+                top: top_logprobs(&lp, top),
+            };
+            (s, k, entry)
+        };
+        let scored: Vec<(usize, usize, TokenLogprob)> = {
+            use rayon::prelude::*;
+            self.threads
+                .install(|| work.par_iter().map(score).collect())
+        };
+        for (s, k, entry) in scored {
+            if let Some(slot) = self.scheduler.running[s].prompt_lps.get_mut(k) {
+                *slot = Some(entry);
+            }
+        }
     }
 
     fn fail(&mut self, batch: &ScheduledBatch, message: &str) {

@@ -478,19 +478,24 @@ impl Decoder {
             Some(ra) => lora::add_deltas(y, x, ra, layer, t),
             None => Ok(()),
         };
-        // Only each sequence's last row reaches the head: in the last layer the other rows
-        // stop once their keys and values are written (llama.cpp selects its output rows the
-        // same way), sparing a prefill step one layer's attention and most of one layer's
-        // matmuls. A kept row's arithmetic is the same as in the full batch (rows are
-        // independent).
-        let tail = (rows > batch.seqs.len()).then(|| {
-            let ends = last_row_indices(batch);
-            let b = last_rows(batch, &ends);
+        // Only the output rows (each sequence's last, unless it asks for all) reach the head:
+        // in the last layer the other rows stop once their keys and values are written
+        // (llama.cpp selects its output rows the same way), sparing a prefill step one layer's
+        // attention and most of one layer's matmuls. A kept row's arithmetic is the same as in
+        // the full batch (rows are independent).
+        let outputs = batch.output_rows();
+        let tail = (rows > outputs.len()).then(|| {
+            let b = output_batch(batch, &outputs);
             let plan = AttentionPlan::new(&b, kv.block_size(), c.features.sliding_window);
-            let adapters = row_adapters
-                .as_ref()
-                .map(|_| batch.seqs.iter().map(|s| s.adapter.as_deref()).collect());
-            (b, plan, adapters, ends)
+            let adapters: Option<Vec<Option<&LoraAdapter>>> = row_adapters.as_ref().map(|_| {
+                batch
+                    .seqs
+                    .iter()
+                    .zip(outputs_per_seq(batch))
+                    .flat_map(|(s, n)| std::iter::repeat_n(s.adapter.as_deref(), n))
+                    .collect()
+            });
+            (b, plan, adapters)
         });
         let act = c.features.hidden_act;
         let hidden = c.hidden_size;
@@ -512,11 +517,11 @@ impl Decoder {
             let slots = plan.write_slots(batch, window.is_some());
             attention::write_kv(layer, slots, &k, &v, c.kv_dim());
             let (batch, plan, row_adapters, rows) = match &tail {
-                Some((tb, tp, ta, ends)) if i + 1 == self.blocks.len() => {
-                    q = gather_rows(&q, ends, q.len() / rows);
-                    x = gather_rows(&x, ends, hidden);
+                Some((tb, tp, ta)) if i + 1 == self.blocks.len() => {
+                    q = gather_rows(&q, &outputs, q.len() / rows);
+                    x = gather_rows(&x, &outputs, hidden);
                     narrowed = true;
-                    (tb, tp, ta, ends.len())
+                    (tb, tp, ta, outputs.len())
                 }
                 _ => (batch, &plan, &row_adapters, rows),
             };
@@ -555,20 +560,20 @@ impl Decoder {
             }
             x.iter_mut().zip(&mlp).for_each(|(a, b)| *a += b);
         }
-        // Only each sequence's last row goes through the (large) output head (`x` holds just
-        // those once the last layer was narrowed).
-        let last = if narrowed {
+        // Only the output rows go through the (large) output head (`x` holds just those once
+        // the last layer was narrowed).
+        let last = if narrowed || outputs.len() == rows {
             x
         } else {
-            gather_rows(&x, &last_row_indices(batch), hidden)
+            gather_rows(&x, &outputs, hidden)
         };
         let x = self.norm.forward(&last);
-        let mut logits = self.lm_head.forward_vec(&x, batch.seqs.len())?;
+        let mut logits = self.lm_head.forward_vec(&x, outputs.len())?;
         if let Some(cap) = c.features.final_logit_softcapping {
             let cap = cap as f32;
             logits.iter_mut().for_each(|l| *l = (*l / cap).tanh() * cap);
         }
-        Tensor::from_vec(logits, (batch.seqs.len(), c.vocab_size), &Device::Cpu)
+        Tensor::from_vec(logits, (outputs.len(), c.vocab_size), &Device::Cpu)
     }
 
     /// The weights the training graph runs, shared with this model (no copies): per layer
@@ -656,16 +661,12 @@ impl Decoder {
     }
 }
 
-/// Each sequence's last row in `batch` (rows are sequences' new tokens, concatenated).
-fn last_row_indices(batch: &ForwardBatch) -> Vec<usize> {
+/// How many output rows each sequence of `batch` has (see [`ForwardBatch::output_rows`]).
+fn outputs_per_seq(batch: &ForwardBatch) -> impl Iterator<Item = usize> + '_ {
     batch
         .seqs
         .iter()
-        .scan(0, |end, s| {
-            *end += s.query_len;
-            Some(*end - 1)
-        })
-        .collect()
+        .map(|s| if s.all_logits { s.query_len } else { 1 })
 }
 
 /// Rows `indices` of the `width`-wide rows of `x`.
@@ -677,18 +678,19 @@ fn gather_rows(x: &[f32], indices: &[usize], width: usize) -> Vec<f32> {
         .collect()
 }
 
-/// The batch of each sequence's last row only (`ends`: their indices, [`last_row_indices`]):
-/// same contexts, one query each.
-fn last_rows(batch: &ForwardBatch, ends: &[usize]) -> ForwardBatch {
+/// The batch of the output rows only (`rows`: [`ForwardBatch::output_rows`]): same contexts,
+/// each sequence's queries narrowed to its output rows (the last, or all).
+fn output_batch(batch: &ForwardBatch, rows: &[usize]) -> ForwardBatch {
     ForwardBatch {
-        token_ids: ends.iter().map(|&r| batch.token_ids[r]).collect(),
-        positions: ends.iter().map(|&r| batch.positions[r]).collect(),
-        slots: ends.iter().map(|&r| batch.slots[r]).collect(),
+        token_ids: rows.iter().map(|&r| batch.token_ids[r]).collect(),
+        positions: rows.iter().map(|&r| batch.positions[r]).collect(),
+        slots: rows.iter().map(|&r| batch.slots[r]).collect(),
         seqs: batch
             .seqs
             .iter()
-            .map(|s| super::SeqSpan {
-                query_len: 1,
+            .zip(outputs_per_seq(batch))
+            .map(|(s, n)| super::SeqSpan {
+                query_len: n,
                 ..s.clone()
             })
             .collect(),

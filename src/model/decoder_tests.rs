@@ -456,6 +456,57 @@ fn last_rows_only_in_the_last_layer_keep_every_sequence_and_adapter() {
     }
 }
 
+/// Sequences asking for every row's logits (prompt log-probabilities) get one per row, in
+/// batch order, each that position's logits of one token per step; the others keep their last.
+#[test]
+fn all_logits_sequences_get_every_row_with_and_without_an_adapter() {
+    let (model, _) = tiny_model(false);
+    let c = model.config().clone();
+    let adapter = perturbed_lora(&c, &Target::ALL)
+        .to_adapter(&c)
+        .expect("adapter");
+    // (tokens, adapter, all rows)
+    let seqs: [(Vec<u32>, bool, bool); 3] = [
+        (vec![3, 17, 42, 5, 88, 1, 60], true, true),
+        (vec![9, 14, 27], false, false),
+        (vec![33, 2, 71, 4, 4, 50], false, true),
+    ];
+    let bs = 4;
+    let mut kv = model.new_kv_cache(8, bs);
+    let tables: [Vec<u32>; 3] = [vec![5, 0], vec![7], vec![2, 6]];
+    let mut batch = ForwardBatch::default();
+    for ((ids, with, all), table) in seqs.iter().zip(&tables) {
+        batch.push_seq(ids, 0, table, bs);
+        let span = batch.seqs.last_mut().expect("pushed");
+        span.all_logits = *all;
+        if *with {
+            span.adapter = Some(served(&model, &adapter));
+        }
+    }
+    let wanted: Vec<usize> = (0..7).chain([9]).chain(10..16).collect();
+    assert_eq!(batch.output_rows(), wanted);
+    let rows = model
+        .forward(&batch, &mut kv)
+        .expect("forward")
+        .to_vec2::<f32>()
+        .expect("2d");
+    assert_eq!(rows.len(), 14);
+    let mut at = 0;
+    for (i, (ids, with, all)) in seqs.iter().enumerate() {
+        let one = serve_positions(&model, ids, with.then_some(&adapter));
+        let positions: Vec<usize> = if *all {
+            (0..ids.len()).collect()
+        } else {
+            vec![ids.len() - 1]
+        };
+        for p in positions {
+            let d = max_diff(&rows[at], &one[p]);
+            assert!(d < 1e-4, "sequence {i} position {p}: {d}");
+            at += 1;
+        }
+    }
+}
+
 #[test]
 fn every_lora_parameter_receives_a_gradient() {
     let (model, _) = tiny_model(true);

@@ -93,6 +93,8 @@ pub struct SeqSpan {
     pub block_table: Vec<u32>,
     /// The LoRA adapter this sequence's rows run with; `None` is the base model.
     pub adapter: Option<Arc<LoraAdapter>>,
+    /// Logits for every new row of this sequence, not only its last (prompt log-probabilities).
+    pub all_logits: bool,
     /// Blocks of the sliding-window pool, used as a ring of [`ForwardBatch::window_ring`]
     /// blocks: position `p` lives in `window_table[(p / block_size) % ring]`. Empty: the
     /// sliding layers index their pool with `block_table` (no ring).
@@ -154,8 +156,26 @@ impl ForwardBatch {
             context_len: start + tokens.len(),
             block_table: block_table.to_vec(),
             adapter: None,
+            all_logits: false,
             window_table: vec![],
         });
+    }
+
+    /// The rows whose logits [`Model::forward`] returns, in order: each sequence's last row,
+    /// or all of its rows when it asks for [`SeqSpan::all_logits`].
+    pub fn output_rows(&self) -> Vec<usize> {
+        let mut rows = Vec::with_capacity(self.seqs.len());
+        let mut end = 0;
+        for s in &self.seqs {
+            let start = end;
+            end += s.query_len;
+            if s.all_logits {
+                rows.extend(start..end);
+            } else if end > start {
+                rows.push(end - 1);
+            }
+        }
+        rows
     }
 
     /// Checks that the batch is consistent with itself and the cache, so a bad schedule is an
@@ -292,7 +312,9 @@ impl Model {
     }
 
     /// Runs one step over a ragged batch, writing the new tokens' K/V into `kv`.
-    /// Returns the logits of each sequence's last new token: `(seqs.len(), vocab)`.
+    /// Returns logits `(rows, vocab)` of each sequence's last new token, or of every new token
+    /// of a sequence marked [`SeqSpan::all_logits`], in batch order
+    /// ([`ForwardBatch::output_rows`]).
     pub fn forward(&self, batch: &ForwardBatch, kv: &mut KvCache) -> candle_core::Result<Tensor> {
         batch.validate(kv, self.config().vocab_size)?;
         match self {

@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use futures::stream::{self, BoxStream, SelectAll, StreamExt};
 use serde_json::{json, Value};
 
-use crate::engine::GenerateRequest;
+use crate::engine::{GenerateRequest, TokenLogprob};
 use crate::text::fim::{self, FimInput};
 use crate::text::{ChatMessage, Tokenizer};
 
@@ -61,6 +61,9 @@ struct Job {
     prompt_ids: Vec<u32>,
     echo: Option<String>,
     logprobs: Logprobs,
+    /// The echoed prompt's tokens get log-probabilities too (`echo` with `logprobs`), as
+    /// OpenAI's legacy completions and vLLM report them.
+    prompt_logprobs: bool,
     common: ValidCommon,
     max_new_tokens: usize,
     /// Token ids that also end generation (a FIM template's end tokens).
@@ -84,11 +87,14 @@ fn check_model(loaded: &Loaded, common: &CommonFields) -> Result<Option<String>,
     loaded.resolve_model(common.model.as_deref())
 }
 
+/// `requested` (or the rest of the context); 0 only where `allow_zero` (completions: the
+/// prompt alone is computed, as evaluation harnesses score it).
 fn max_new_tokens(
     loaded: &Loaded,
     prompt_len: usize,
     requested: Option<u32>,
     param: &str,
+    allow_zero: bool,
 ) -> Result<usize, ApiError> {
     let context = loaded.engine.limits().context_length;
     if prompt_len >= context {
@@ -98,7 +104,9 @@ fn max_new_tokens(
         ));
     }
     match requested {
-        Some(0) => Err(ApiError::invalid(param, format!("`{param}` must be at least 1"))),
+        Some(0) if !allow_zero => {
+            Err(ApiError::invalid(param, format!("`{param}` must be at least 1")))
+        }
         Some(m) if prompt_len + m as usize > context => Err(ApiError::invalid(
             param,
             format!(
@@ -122,6 +130,7 @@ fn start(loaded: &Loaded, app: &AppState, job: &Job) -> Result<Vec<TextEvents>, 
         Logprobs::None => None,
         Logprobs::Completion(n) | Logprobs::Chat(n) => Some(n),
     };
+    let prompt_logprobs = top_logprobs.filter(|_| job.prompt_logprobs);
     let deadline = app
         .config()
         .request_timeout
@@ -137,6 +146,7 @@ fn start(loaded: &Loaded, app: &AppState, job: &Job) -> Result<Vec<TextEvents>, 
             stop_token_ids: stop_token_ids.clone(),
             adapter: job.adapter.clone(),
             top_logprobs,
+            prompt_logprobs,
         };
         let generation = loaded.engine.submit(request)?;
         choices.push(
@@ -170,17 +180,40 @@ fn completion_logprobs(tokenizer: &Tokenizer, tokens: &[TokenInfo], offset: &mut
         texts.push(text);
         let lp = t.logprob.as_ref();
         lps.push(lp.map(|l| l.logprob));
-        let top: serde_json::Map<String, Value> = lp
-            .map(|l| {
+        // The prompt's first token has none: `null`, as OpenAI writes it.
+        tops.push(lp.map_or(Value::Null, |l| {
+            Value::Object(
                 l.top
                     .iter()
                     .map(|(id, p)| (token_text(tokenizer, *id), json!(p)))
-                    .collect()
-            })
-            .unwrap_or_default();
-        tops.push(Value::Object(top));
+                    .collect(),
+            )
+        }));
     }
     json!({"tokens": texts, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
+}
+
+/// The prompt's tokens with their log-probabilities (`lps`: tokens `1..`; the first has none).
+fn prompt_token_infos(prompt_ids: &[u32], lps: Vec<TokenLogprob>) -> Vec<TokenInfo> {
+    let mut lps = lps.into_iter();
+    prompt_ids
+        .iter()
+        .enumerate()
+        .map(|(i, &id)| TokenInfo {
+            id,
+            logprob: if i == 0 { None } else { lps.next() },
+        })
+        .collect()
+}
+
+/// `a` with `b`'s completions-format arrays appended (the echoed prompt, then the completion).
+fn concat_logprobs(mut a: Value, b: Value) -> Value {
+    for key in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+        if let (Some(x), Some(y)) = (a[key].as_array_mut(), b[key].as_array()) {
+            x.extend(y.iter().cloned());
+        }
+    }
+    a
 }
 
 /// Chat-format log-probabilities (`content` entries) of `tokens`.
@@ -202,6 +235,8 @@ fn chat_logprobs(tokenizer: &Tokenizer, tokens: &[TokenInfo]) -> Vec<Value> {
 
 struct ChoiceResult {
     text: String,
+    /// Log-probabilities of prompt tokens `1..`, when requested.
+    prompt_logprobs: Option<Vec<TokenLogprob>>,
     tokens: Vec<TokenInfo>,
     finish: &'static str,
     completion_tokens: usize,
@@ -211,6 +246,7 @@ struct ChoiceResult {
 async fn collect(mut events: TextEvents) -> Result<ChoiceResult, ApiError> {
     let mut out = ChoiceResult {
         text: String::new(),
+        prompt_logprobs: None,
         tokens: Vec::new(),
         finish: "length",
         completion_tokens: 0,
@@ -218,6 +254,7 @@ async fn collect(mut events: TextEvents) -> Result<ChoiceResult, ApiError> {
     };
     while let Some(ev) = events.next().await {
         match ev {
+            TextEvent::PromptLogprobs(lps) => out.prompt_logprobs = Some(lps),
             TextEvent::Delta { text, tokens } => {
                 out.text.push_str(&text);
                 out.tokens.extend(tokens);
@@ -255,10 +292,15 @@ async fn respond_json(
             Kind::Completion => {
                 let echo = job.echo.clone().unwrap_or_default();
                 let mut offset = echo.len();
-                let logprobs = match job.logprobs {
+                let mut logprobs = match job.logprobs {
                     Logprobs::Completion(_) => completion_logprobs(tokenizer, &r.tokens, &mut offset),
                     _ => Value::Null,
                 };
+                if let Some(lps) = r.prompt_logprobs {
+                    let prompt = prompt_token_infos(&job.prompt_ids, lps);
+                    let head = completion_logprobs(tokenizer, &prompt, &mut 0);
+                    logprobs = concat_logprobs(head, logprobs);
+                }
                 json!({"index": i, "text": echo + &r.text, "logprobs": logprobs, "finish_reason": r.finish})
             }
             Kind::Chat => {
@@ -314,6 +356,15 @@ impl SseState {
 
     fn format(&mut self, i: usize, ev: TextEvent) -> Option<Value> {
         match ev {
+            TextEvent::PromptLogprobs(lps) => {
+                // The echo chunk, held back until the prompt's log-probabilities came.
+                let prompt = prompt_token_infos(&self.job.prompt_ids, lps);
+                let logprobs = completion_logprobs(&self.tokenizer, &prompt, &mut 0);
+                let echo = self.job.echo.clone().unwrap_or_default();
+                let choice =
+                    json!({"index": i, "text": echo, "logprobs": logprobs, "finish_reason": null});
+                Some(self.chunk(choice))
+            }
             TextEvent::Delta { text, tokens } => {
                 if text.is_empty()
                     && !matches!(
@@ -436,7 +487,8 @@ fn respond_sse(loaded: &Loaded, job: Job, choices: Vec<TextEvents>) -> Response 
                 json!({"index": i, "delta": {"role": "assistant", "content": ""},
                                            "logprobs": null, "finish_reason": null}),
             ),
-            (Kind::Completion, Some(echo)) => {
+            // With prompt log-probabilities it goes out when they come (`format`).
+            (Kind::Completion, Some(echo)) if !state.job.prompt_logprobs => {
                 Some(json!({"index": i, "text": echo, "logprobs": null, "finish_reason": null}))
             }
             _ => None,
@@ -522,7 +574,8 @@ pub async fn completions(
             format!("token id {bad} is outside the vocabulary"),
         ));
     }
-    let max_new_tokens = max_new_tokens(loaded, prompt_ids.len(), req.max_tokens, "max_tokens")?;
+    let max_new_tokens =
+        max_new_tokens(loaded, prompt_ids.len(), req.max_tokens, "max_tokens", true)?;
     let logprobs = match req.logprobs {
         Some(n) => Logprobs::Completion(validate_top_logprobs(n, "logprobs")?),
         None => Logprobs::None,
@@ -539,6 +592,7 @@ pub async fn completions(
         model: adapter.clone().unwrap_or_else(|| loaded.model_name.clone()),
         adapter,
         prompt_ids,
+        prompt_logprobs: echo.is_some() && matches!(logprobs, Logprobs::Completion(_)),
         echo,
         logprobs,
         common,
@@ -620,7 +674,7 @@ pub async fn chat_completions(
     } else {
         "max_tokens"
     };
-    let max_new_tokens = max_new_tokens(loaded, prompt_ids.len(), requested, param)?;
+    let max_new_tokens = max_new_tokens(loaded, prompt_ids.len(), requested, param, false)?;
     let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
         (true, n) => Logprobs::Chat(validate_top_logprobs(n.unwrap_or(0), "top_logprobs")?),
         (false, Some(_)) => {
@@ -639,6 +693,7 @@ pub async fn chat_completions(
         adapter,
         prompt_ids,
         echo: None,
+        prompt_logprobs: false,
         logprobs,
         common,
         max_new_tokens,

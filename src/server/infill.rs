@@ -250,6 +250,7 @@ fn start(app: &AppState, loaded: &Loaded, plan: Plan) -> Result<TextEvents, ApiE
         stop_token_ids: stop_ids.clone(),
         adapter: plan.adapter,
         top_logprobs: None,
+        prompt_logprobs: None,
     })?;
     let deadline = app.config().request_timeout.map(|t| Instant::now() + t);
     Ok(TextEvents::new(
@@ -283,6 +284,7 @@ async fn collect(mut events: TextEvents, submitted: Instant) -> Result<Outcome, 
                 out.cached_tokens = cached_tokens;
             }
             TextEvent::Failed(e) => return Err(e.into()),
+            TextEvent::PromptLogprobs(_) => {} // never requested here
         }
     }
     out.ended = Instant::now();
@@ -382,6 +384,7 @@ async fn respond_llama(
         let events = st.events.as_mut()?;
         loop {
             match events.next().await {
+                Some(TextEvent::PromptLogprobs(_)) => {} // never requested here
                 Some(TextEvent::Delta { text, tokens }) => {
                     if st.o.first_token.is_none() && !tokens.is_empty() {
                         st.o.first_token = Some(Instant::now());
@@ -647,6 +650,7 @@ pub async fn ollama_generate(
             let ev = events.as_mut()?;
             loop {
                 match ev.next().await {
+                    Some(TextEvent::PromptLogprobs(_)) => {} // never requested here
                     Some(TextEvent::Delta { text, tokens }) => {
                         if o.first_token.is_none() && !tokens.is_empty() {
                             o.first_token = Some(Instant::now());

@@ -24,6 +24,8 @@ pub struct TokenInfo {
 /// What a client sees of a generation.
 #[derive(Debug, Clone)]
 pub enum TextEvent {
+    /// Log-probabilities of prompt tokens `1..`, before anything else (when requested).
+    PromptLogprobs(Vec<TokenLogprob>),
     /// New text and the tokens it came from (text may be empty while bytes are held back).
     Delta {
         /// Text safe to send.
@@ -215,6 +217,7 @@ impl TextEvents {
                 (None, _) => None,
             };
             match ev {
+                Some(Event::PromptLogprobs(lps)) => return Some(TextEvent::PromptLogprobs(lps)),
                 Some(Event::Token { id, logprob }) => {
                     if let Err(e) = self.on_token(id, logprob) {
                         self.end();

@@ -32,6 +32,17 @@ assert lp.choices[0].logprobs.tokens[0] == " Paris", lp.choices[0].logprobs
 assert abs(lp.choices[0].logprobs.token_logprobs[0] + 0.258) < 0.1, lp.choices[0].logprobs
 assert len(lp.choices[0].logprobs.top_logprobs[0]) == 2
 
+# Scoring, as lm-evaluation-harness's `local-completions` does it: echo + logprobs, no tokens.
+s = client.completions.create(
+    model=MODEL, prompt="The capital of France is Paris", max_tokens=0, echo=True, logprobs=1, temperature=0
+)
+slp = s.choices[0].logprobs
+assert s.choices[0].text == "The capital of France is Paris", s
+assert slp.tokens[-1] == " Paris" and len(slp.tokens) == s.usage.prompt_tokens == 6, slp
+assert slp.token_logprobs[0] is None and slp.top_logprobs[0] is None, slp
+assert abs(slp.token_logprobs[-1] - lp.choices[0].logprobs.token_logprobs[0]) < 1e-6, slp
+assert s.usage.completion_tokens == 0, s.usage
+
 # Chat, then streaming chat with include_usage: same content, usage in the last chunk.
 messages = [{"role": "user", "content": "What is 2+2?"}]
 c = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0)
