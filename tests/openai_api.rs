@@ -906,3 +906,85 @@ async fn suffix_completion_native_completion_and_ollama_generate_share_the_path(
     .await;
     assert_error(status, &e, StatusCode::BAD_REQUEST, Some("suffix"));
 }
+
+/// A batch of prompts (text or token ids) in one completions request: `n` choices per
+/// prompt, prompt by prompt, each what that prompt gives alone; streamed the same.
+#[tokio::test]
+async fn batched_prompts_get_n_choices_each_in_order() {
+    let app = app();
+    let prompts = ["The capital of France is", "def fibonacci(n):\n"];
+    let mut alone = Vec::new();
+    for p in prompts {
+        let (status, v) = post_json(
+            &app,
+            "/v1/completions",
+            json!({"prompt": p, "max_tokens": 5, "temperature": 0}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        alone.push(v["choices"][0]["text"].as_str().expect("text").to_string());
+    }
+    let body = json!({"prompt": prompts, "n": 2, "max_tokens": 5, "temperature": 0, "echo": true});
+    let (status, v) = post_json(&app, "/v1/completions", body.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let choices = v["choices"].as_array().expect("choices");
+    assert_eq!(choices.len(), 4);
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i);
+        assert_eq!(
+            c["text"],
+            format!("{}{}", prompts[i / 2], alone[i / 2]),
+            "choice {i}"
+        );
+    }
+    let tokenizer = &gguf().1;
+    let ids: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| tokenizer.encode(p, true).expect("encode"))
+        .collect();
+    let prompt_tokens = ids[0].len() + ids[1].len();
+    assert_eq!(v["usage"]["prompt_tokens"], prompt_tokens);
+    assert_eq!(v["usage"]["completion_tokens"], 4 * 5);
+
+    // Streamed: each choice's chunks add up to its text; token-id batches are the same.
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let (status, _, bytes) = send(&app, post("/v1/completions", streamed)).await;
+    assert_eq!(status, StatusCode::OK);
+    let mut texts = vec![String::new(); 4];
+    let mut usage = Value::Null;
+    for p in sse_payloads(&bytes).iter().filter(|p| *p != "[DONE]") {
+        let chunk: Value = serde_json::from_str(p).expect("JSON");
+        if let Some(c) = chunk["choices"].as_array().and_then(|c| c.first()) {
+            let i = c["index"].as_u64().expect("index") as usize;
+            texts[i].push_str(c["text"].as_str().expect("text"));
+        } else {
+            usage = chunk["usage"].clone();
+        }
+    }
+    for (i, t) in texts.iter().enumerate() {
+        assert_eq!(t, &choices[i]["text"], "streamed choice {i}");
+    }
+    assert_eq!(usage["prompt_tokens"], prompt_tokens);
+    let mut by_ids = body;
+    by_ids["prompt"] = json!(ids);
+    let (_, w) = post_json(&app, "/v1/completions", by_ids).await;
+    assert_eq!(w["choices"], v["choices"]);
+
+    // The bad prompt of a batch is named; too many completions are refused.
+    let (status, e) = post_json(
+        &app,
+        "/v1/completions",
+        json!({"prompt": [[1, 2], [], [3]], "max_tokens": 2}),
+    )
+    .await;
+    assert_error(status, &e, StatusCode::BAD_REQUEST, Some("prompt[1]"));
+    let (status, e) = post_json(
+        &app,
+        "/v1/completions",
+        json!({"prompt": vec!["x"; 200], "n": 2, "max_tokens": 2}),
+    )
+    .await;
+    assert_error(status, &e, StatusCode::BAD_REQUEST, Some("prompt"));
+}

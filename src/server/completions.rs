@@ -58,19 +58,51 @@ struct Job {
     model: String,
     /// LoRA adapter the request runs with (`None`: the base model).
     adapter: Option<String>,
-    prompt_ids: Vec<u32>,
-    echo: Option<String>,
+    /// One or more prompts (a completions request may send a batch); each gets `n` choices,
+    /// prompt `p`'s being choices `p·n .. (p+1)·n`.
+    prompts: Vec<Prompt>,
     logprobs: Logprobs,
     /// The echoed prompt's tokens get log-probabilities too (`echo` with `logprobs`), as
     /// OpenAI's legacy completions and vLLM report them.
     prompt_logprobs: bool,
     common: ValidCommon,
-    max_new_tokens: usize,
     /// Token ids that also end generation (a FIM template's end tokens).
     extra_stop_ids: Vec<u32>,
     /// `"fim"` or `"prefix"` when the request had a `suffix`.
     fim_mode: Option<&'static str>,
 }
+
+/// One prompt of a request.
+struct Prompt {
+    ids: Vec<u32>,
+    /// The text echoed in front of its choices (`echo`).
+    echo: Option<String>,
+    max_new_tokens: usize,
+}
+
+impl Job {
+    /// The prompt choice `i` continues.
+    fn prompt_of(&self, i: usize) -> &Prompt {
+        &self.prompts[(i / self.common.n).min(self.prompts.len() - 1)]
+    }
+
+    /// Prompt tokens of the whole request.
+    fn prompt_tokens(&self) -> usize {
+        self.prompts.iter().map(|p| p.ids.len()).sum()
+    }
+
+    /// Prompt tokens served from the prefix cache: per prompt the most any of its choices
+    /// found (they share one prefix), summed over the prompts.
+    fn cached_tokens(&self, per_choice: &[usize]) -> usize {
+        per_choice
+            .chunks(self.common.n.max(1))
+            .map(|c| c.iter().copied().max().unwrap_or(0))
+            .sum()
+    }
+}
+
+/// Most choices (prompts × `n`) one request may ask for.
+const MAX_CHOICES: usize = 256;
 
 fn now_secs() -> u64 {
     SystemTime::now()
@@ -135,14 +167,19 @@ fn start(loaded: &Loaded, app: &AppState, job: &Job) -> Result<Vec<TextEvents>, 
         .config()
         .request_timeout
         .map(|t| std::time::Instant::now() + t);
-    let mut choices = Vec::with_capacity(job.common.n);
-    for i in 0..job.common.n {
+    let mut choices = Vec::with_capacity(job.common.n * job.prompts.len());
+    for (prompt, i) in job
+        .prompts
+        .iter()
+        .flat_map(|p| (0..job.common.n).map(move |i| (p, i)))
+    {
         let mut sampling = job.common.sampling.clone();
+        // Seeds count within a prompt: a batched prompt draws what it draws alone.
         sampling.seed = sampling.seed.map(|s| s.wrapping_add(i as u64));
         let request = GenerateRequest {
-            prompt: job.prompt_ids.clone(),
+            prompt: prompt.ids.clone(),
             sampling,
-            max_new_tokens: job.max_new_tokens,
+            max_new_tokens: prompt.max_new_tokens,
             stop_token_ids: stop_token_ids.clone(),
             adapter: job.adapter.clone(),
             top_logprobs,
@@ -282,22 +319,23 @@ async fn respond_json(
     let results = futures::future::join_all(choices.into_iter().map(collect)).await;
     let mut body_choices = Vec::new();
     let mut completion_tokens = 0;
-    let mut cached_tokens = 0;
+    let mut cached = Vec::new();
     for (i, r) in results.into_iter().enumerate() {
         let r = r?;
         completion_tokens += r.completion_tokens;
-        cached_tokens = cached_tokens.max(r.cached_tokens);
+        cached.push(r.cached_tokens);
         let tokenizer = &loaded.tokenizer;
+        let prompt = job.prompt_of(i);
         body_choices.push(match job.kind {
             Kind::Completion => {
-                let echo = job.echo.clone().unwrap_or_default();
+                let echo = prompt.echo.clone().unwrap_or_default();
                 let mut offset = echo.len();
                 let mut logprobs = match job.logprobs {
                     Logprobs::Completion(_) => completion_logprobs(tokenizer, &r.tokens, &mut offset),
                     _ => Value::Null,
                 };
                 if let Some(lps) = r.prompt_logprobs {
-                    let prompt = prompt_token_infos(&job.prompt_ids, lps);
+                    let prompt = prompt_token_infos(&prompt.ids, lps);
                     let head = completion_logprobs(tokenizer, &prompt, &mut 0);
                     logprobs = concat_logprobs(head, logprobs);
                 }
@@ -317,7 +355,11 @@ async fn respond_json(
         Kind::Completion => "text_completion",
         Kind::Chat => "chat.completion",
     };
-    let usage = WireUsage::new(job.prompt_ids.len(), completion_tokens, cached_tokens);
+    let usage = WireUsage::new(
+        job.prompt_tokens(),
+        completion_tokens,
+        job.cached_tokens(&cached),
+    );
     let mut body = json!({
         "id": job.id, "object": object, "created": job.created, "model": job.model,
         "choices": body_choices, "usage": usage,
@@ -342,8 +384,8 @@ struct SseState {
     merged: SelectAll<BoxStream<'static, (usize, TextEvent)>>,
     offsets: Vec<usize>,
     completion_tokens: usize,
-    /// The most prompt tokens any choice found in the prefix cache.
-    cached_tokens: usize,
+    /// Per choice, the prompt tokens it found in the prefix cache.
+    cached: Vec<usize>,
     phase: Phase,
 }
 
@@ -358,9 +400,10 @@ impl SseState {
         match ev {
             TextEvent::PromptLogprobs(lps) => {
                 // The echo chunk, held back until the prompt's log-probabilities came.
-                let prompt = prompt_token_infos(&self.job.prompt_ids, lps);
+                let prompt = self.job.prompt_of(i);
+                let echo = prompt.echo.clone().unwrap_or_default();
+                let prompt = prompt_token_infos(&prompt.ids, lps);
                 let logprobs = completion_logprobs(&self.tokenizer, &prompt, &mut 0);
-                let echo = self.job.echo.clone().unwrap_or_default();
                 let choice =
                     json!({"index": i, "text": echo, "logprobs": logprobs, "finish_reason": null});
                 Some(self.chunk(choice))
@@ -402,7 +445,9 @@ impl SseState {
                 cached_tokens,
             } => {
                 self.completion_tokens += completion_tokens;
-                self.cached_tokens = self.cached_tokens.max(cached_tokens);
+                if let Some(c) = self.cached.get_mut(i) {
+                    *c = cached_tokens;
+                }
                 let choice = match self.job.kind {
                     Kind::Completion => {
                         json!({"index": i, "text": "", "logprobs": null, "finish_reason": reason})
@@ -443,9 +488,9 @@ impl SseState {
                 Phase::Usage => {
                     self.phase = Phase::Done;
                     let usage = WireUsage::new(
-                        self.job.prompt_ids.len(),
+                        self.job.prompt_tokens(),
                         self.completion_tokens,
-                        self.cached_tokens,
+                        self.job.cached_tokens(&self.cached),
                     );
                     let object = self.job.kind.chunk_object();
                     let v = json!({"id": self.job.id, "object": object, "created": self.job.created,
@@ -475,14 +520,16 @@ fn respond_sse(loaded: &Loaded, job: Job, choices: Vec<TextEvents>) -> Response 
         tokenizer: loaded.tokenizer.clone(),
         pre: VecDeque::new(),
         merged,
-        offsets: vec![job.echo.as_ref().map_or(0, String::len); n],
+        offsets: (0..n)
+            .map(|i| job.prompt_of(i).echo.as_ref().map_or(0, String::len))
+            .collect(),
         completion_tokens: 0,
-        cached_tokens: 0,
+        cached: vec![0; n],
         phase: Phase::Streaming,
         job,
     };
     for i in 0..n {
-        let first = match (state.job.kind, &state.job.echo) {
+        let first = match (state.job.kind, &state.job.prompt_of(i).echo) {
             (Kind::Chat, _) => Some(
                 json!({"index": i, "delta": {"role": "assistant", "content": ""},
                                            "logprobs": null, "finish_reason": null}),
@@ -529,7 +576,7 @@ pub async fn completions(
     let tokenizer = &loaded.tokenizer;
     let mut extra_stop_ids = Vec::new();
     let mut fim_mode = None;
-    let prompt_ids = match (req.prompt, req.suffix.filter(|s| !s.is_empty())) {
+    let batch = match (req.prompt, req.suffix.filter(|s| !s.is_empty())) {
         // Fill-in-the-middle: the model's FIM template, or prefix completion cut at the suffix.
         (PromptField::Text(prefix), Some(suffix)) => {
             let input = FimInput {
@@ -541,7 +588,7 @@ pub async fn completions(
             extra_stop_ids = built.stop_ids;
             common.stop.extend(built.stop_strings);
             fim_mode = Some(built.mode);
-            built.ids
+            vec![built.ids]
         }
         (_, Some(_)) => {
             return Err(ApiError::invalid(
@@ -550,40 +597,62 @@ pub async fn completions(
             ))
         }
         (prompt, None) => match prompt {
-            PromptField::Text(t) => tokenizer.encode(&t, true)?,
-            PromptField::Tokens(ids) => ids,
-            PromptField::Texts(mut v) if v.len() == 1 => tokenizer.encode(&v.remove(0), true)?,
-            PromptField::TokenBatches(mut v) if v.len() == 1 => v.remove(0),
-            _ => {
-                return Err(ApiError::invalid(
-                    "prompt",
-                    "batched prompts are not supported; send one prompt",
-                ))
-            }
+            PromptField::Text(t) => vec![tokenizer.encode(&t, true)?],
+            PromptField::Tokens(ids) => vec![ids],
+            PromptField::Texts(v) => v
+                .iter()
+                .map(|t| tokenizer.encode(t, true))
+                .collect::<Result<_, _>>()?,
+            PromptField::TokenBatches(v) => v,
         },
     };
-    if prompt_ids.is_empty() {
-        return Err(ApiError::invalid("prompt", "the prompt is empty"));
+    if batch.is_empty() {
+        return Err(ApiError::invalid("prompt", "the prompt list is empty"));
     }
-    if let Some(&bad) = prompt_ids
-        .iter()
-        .find(|&&t| t as usize >= loaded.vocab_size())
-    {
+    if batch.len() * common.n > MAX_CHOICES {
         return Err(ApiError::invalid(
             "prompt",
-            format!("token id {bad} is outside the vocabulary"),
+            format!(
+                "{} prompts × n = {} asks for more than {MAX_CHOICES} completions",
+                batch.len(),
+                common.n
+            ),
         ));
     }
-    let max_new_tokens =
-        max_new_tokens(loaded, prompt_ids.len(), req.max_tokens, "max_tokens", true)?;
+    let echo = req.echo.unwrap_or(false);
+    let single = batch.len() == 1;
+    let mut prompts = Vec::with_capacity(batch.len());
+    for (p, ids) in batch.into_iter().enumerate() {
+        // Errors name the prompt in a batch ("prompt[2]").
+        let param = if single {
+            "prompt".to_string()
+        } else {
+            format!("prompt[{p}]")
+        };
+        if ids.is_empty() {
+            return Err(ApiError::invalid(&param, "the prompt is empty"));
+        }
+        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= loaded.vocab_size()) {
+            return Err(ApiError::invalid(
+                &param,
+                format!("token id {bad} is outside the vocabulary"),
+            ));
+        }
+        let max_new_tokens = max_new_tokens(loaded, ids.len(), req.max_tokens, "max_tokens", true)?;
+        let echo = if echo {
+            Some(tokenizer.decode(&ids, false)?)
+        } else {
+            None
+        };
+        prompts.push(Prompt {
+            ids,
+            echo,
+            max_new_tokens,
+        });
+    }
     let logprobs = match req.logprobs {
         Some(n) => Logprobs::Completion(validate_top_logprobs(n, "logprobs")?),
         None => Logprobs::None,
-    };
-    let echo = if req.echo.unwrap_or(false) {
-        Some(tokenizer.decode(&prompt_ids, false)?)
-    } else {
-        None
     };
     let job = Job {
         kind: Kind::Completion,
@@ -591,12 +660,10 @@ pub async fn completions(
         created: now_secs(),
         model: adapter.clone().unwrap_or_else(|| loaded.model_name.clone()),
         adapter,
-        prompt_ids,
-        prompt_logprobs: echo.is_some() && matches!(logprobs, Logprobs::Completion(_)),
-        echo,
+        prompts,
+        prompt_logprobs: echo && matches!(logprobs, Logprobs::Completion(_)),
         logprobs,
         common,
-        max_new_tokens,
         extra_stop_ids,
         fim_mode,
     };
@@ -691,12 +758,14 @@ pub async fn chat_completions(
         created: now_secs(),
         model: adapter.clone().unwrap_or_else(|| loaded.model_name.clone()),
         adapter,
-        prompt_ids,
-        echo: None,
+        prompts: vec![Prompt {
+            ids: prompt_ids,
+            echo: None,
+            max_new_tokens,
+        }],
         prompt_logprobs: false,
         logprobs,
         common,
-        max_new_tokens,
         extra_stop_ids: Vec::new(),
         fim_mode: None,
     };

@@ -37,9 +37,9 @@ pub enum PromptField {
     Text(String),
     /// Token ids.
     Tokens(Vec<u32>),
-    /// A batch of texts (only one element supported).
+    /// A batch of texts: `n` choices each, in order.
     Texts(Vec<String>),
-    /// A batch of token arrays (only one element supported).
+    /// A batch of token arrays: `n` choices each, in order.
     TokenBatches(Vec<Vec<u32>>),
 }
 
