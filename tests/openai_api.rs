@@ -793,6 +793,39 @@ async fn infill_serves_llama_vim_with_the_prefix_fallback_and_the_cache() {
     assert_eq!(streamed, content);
 }
 
+/// llama.vim's ring buffer: chunks of recently seen files sent with `n_predict: 0` and nothing
+/// else, so that they are cached before the next completion that carries them.
+#[tokio::test]
+async fn infill_with_n_predict_0_warms_the_cache_for_the_next_completion() {
+    let app = app();
+    let extra = json!([
+        {"filename": "geometry.py", "text": "def rectangle_area(w, h):\n    return w * h\n\n\ndef triangle_area(b, h):\n    return b * h / 2\n"},
+        {"filename": "units.py", "text": "CM_PER_INCH = 2.54\n\n\ndef to_cm(inches):\n    return inches * CM_PER_INCH\n"},
+    ]);
+    let ring = json!({"id_slot": 0, "input_prefix": "", "input_suffix": "", "input_extra": extra,
+                      "prompt": "", "n_predict": 0, "temperature": 0.0, "samplers": [],
+                      "stream": false, "cache_prompt": true, "t_max_prompt_ms": 1,
+                      "t_max_predict_ms": 1, "response_fields": [""]});
+    let (status, warm) = post_json(&app, "/infill", ring).await;
+    assert_eq!(status, StatusCode::OK, "{warm}");
+    assert_eq!(warm["content"], "");
+    assert_eq!(warm["tokens_predicted"], 0);
+    assert_eq!(warm["stop"], true);
+    let ring_tokens = warm["tokens_evaluated"].as_u64().expect("evaluated");
+    assert!(ring_tokens > 32, "{warm}");
+
+    let mut body = llama_vim_body(false);
+    body["input_extra"] = extra;
+    let (status, v) = post_json(&app, "/infill", body).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(
+        v["tokens_cached"],
+        ring_tokens / 16 * 16,
+        "the ring's full blocks came from the cache"
+    );
+    assert!(v["tokens_predicted"].as_u64().expect("n") > 0);
+}
+
 #[tokio::test]
 async fn suffix_completion_native_completion_and_ollama_generate_share_the_path() {
     let app = app();

@@ -238,7 +238,9 @@ fn start(app: &AppState, loaded: &Loaded, plan: Plan) -> Result<TextEvents, ApiE
     let max_new_tokens = match plan.n_predict {
         None => room,
         Some(n) if n < 0 => room,
-        Some(0) => return Err(ApiError::invalid("n_predict", "`n_predict` must not be 0")),
+        // The prompt only: llama.vim sends its ring buffer of recent chunks this way
+        // (`input_extra`, nothing else) to have them cached before the next completion.
+        Some(0) => 0,
         // Editors ask for a fixed budget; near the end of the context it is clamped.
         Some(n) => (n as usize).min(room),
     };
