@@ -151,7 +151,8 @@ impl EngineCore {
         // The logits row of each sequence that samples this step.
         let mut row_of = vec![None; self.scheduler.running.len()];
         let mut finished = Vec::new();
-        // Sequences with all their rows' logits come first: their prompt log-probabilities.
+        // Each item's logits rows (all of its rows for prompt log-probabilities, else its last);
+        // those log-probabilities are recorded first.
         let mut first_row = 0;
         let mut item_rows = Vec::with_capacity(batch.items.len());
         for item in &batch.items {
