@@ -1021,3 +1021,66 @@ async fn batched_prompts_get_n_choices_each_in_order() {
     .await;
     assert_error(status, &e, StatusCode::BAD_REQUEST, Some("prompt"));
 }
+
+/// llama.cpp's `n_probs` on `/completion`: `completion_probabilities` per generated token,
+/// in the final object and, streamed, in each piece.
+#[tokio::test]
+async fn native_completion_reports_n_probs() {
+    let app = app();
+    let body = json!({"prompt": "The capital of France is", "n_predict": 3, "temperature": 0,
+                      "n_probs": 3});
+    let (status, v) = post_json(&app, "/completion", body.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let probs = v["completion_probabilities"]
+        .as_array()
+        .expect("probabilities");
+    assert_eq!(probs.len(), 3);
+    let first = &probs[0];
+    assert_eq!(first["token"], " Paris");
+    assert_eq!(first["bytes"], json!(" Paris".as_bytes()));
+    // log p(" Paris"): -0.258 in float32, -0.259 in llama.cpp (tests/reference.rs).
+    let lp = first["logprob"].as_f64().expect("logprob");
+    assert!((lp + 0.258).abs() < 0.1, "{lp}");
+    let top = first["top_logprobs"].as_array().expect("top");
+    assert_eq!(top.len(), 3);
+    assert_eq!(
+        (&top[0]["id"], &top[0]["logprob"]),
+        (&first["id"], &first["logprob"])
+    );
+    assert!(top
+        .windows(2)
+        .all(|w| w[0]["logprob"].as_f64() >= w[1]["logprob"].as_f64()));
+    let text: String = probs
+        .iter()
+        .map(|p| p["token"].as_str().expect("token"))
+        .collect();
+    assert_eq!(v["content"], text.as_str());
+
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    let (status, _, bytes) = send(&app, post("/completion", streamed)).await;
+    assert_eq!(status, StatusCode::OK);
+    let events: Vec<Value> = sse_events(&bytes)
+        .iter()
+        .map(|p| serde_json::from_str(p).expect("event JSON"))
+        .collect();
+    let pieces: Vec<Value> = events
+        .iter()
+        .filter(|e| e["stop"] == false)
+        .flat_map(|e| {
+            e["completion_probabilities"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(&pieces, probs);
+
+    let (status, e) = post_json(
+        &app,
+        "/completion",
+        json!({"prompt": "hi", "n_predict": 1, "n_probs": 21}),
+    )
+    .await;
+    assert_error(status, &e, StatusCode::BAD_REQUEST, Some("n_probs"));
+}

@@ -20,7 +20,7 @@ use crate::text::fim::{self, ExtraFile, FimInput};
 
 use super::error::{ApiError, AppJson};
 use super::openai::parse_body;
-use super::stream::{TextEvent, TextEvents};
+use super::stream::{TextEvent, TextEvents, TokenInfo};
 use super::{AppState, Loaded};
 
 /// A prompt as text or token ids.
@@ -65,6 +65,9 @@ struct LlamaRequest {
     stop: Option<Vec<String>>,
     #[serde(default)]
     ignore_eos: Option<bool>,
+    /// Alternatives to report with each generated token (`completion_probabilities`).
+    #[serde(default)]
+    n_probs: Option<i64>,
     #[serde(flatten)]
     sampling: RawSampling,
 }
@@ -177,12 +180,51 @@ struct Plan {
     fim_mode: Option<&'static str>,
     /// LoRA adapter (`None`: the base model).
     adapter: Option<String>,
+    /// Alternatives per generated token, when `n_probs` asked for probabilities.
+    n_probs: Option<usize>,
+}
+
+/// llama.cpp's `n_probs`: 0 (or absent) for none, at most the engine's limit.
+fn n_probs(n: Option<i64>) -> Result<Option<usize>, ApiError> {
+    match n {
+        None | Some(0) => Ok(None),
+        Some(n) if (1..=crate::engine::MAX_TOP_LOGPROBS as i64).contains(&n) => {
+            Ok(Some(n as usize))
+        }
+        Some(_) => Err(ApiError::invalid(
+            "n_probs",
+            format!(
+                "`n_probs` must be between 0 and {}",
+                crate::engine::MAX_TOP_LOGPROBS
+            ),
+        )),
+    }
+}
+
+/// llama.cpp's `completion_probabilities` entries of `tokens`: each token's log-probability
+/// and its most likely alternatives.
+fn completion_probabilities(loaded: &Loaded, tokens: &[TokenInfo]) -> Vec<Value> {
+    let entry = |id: u32, logprob: f32| {
+        let text = loaded.tokenizer.decode(&[id], false).unwrap_or_default();
+        json!({"id": id, "token": text, "bytes": text.as_bytes(), "logprob": logprob})
+    };
+    tokens
+        .iter()
+        .filter_map(|t| {
+            let lp = t.logprob.as_ref()?;
+            let mut e = entry(t.id, lp.logprob);
+            e["top_logprobs"] = lp.top.iter().map(|&(id, p)| entry(id, p)).collect();
+            Some(e)
+        })
+        .collect()
 }
 
 /// A finished generation with its timings.
 struct Outcome {
     text: String,
     ids: Vec<u32>,
+    /// `completion_probabilities` so far (when asked for).
+    probs: Vec<Value>,
     reason: &'static str,
     cached_tokens: usize,
     submitted: Instant,
@@ -196,6 +238,7 @@ impl Outcome {
         Outcome {
             text: String::new(),
             ids: Vec::new(),
+            probs: Vec::new(),
             reason: "length",
             cached_tokens: 0,
             submitted,
@@ -251,7 +294,7 @@ fn start(app: &AppState, loaded: &Loaded, plan: Plan) -> Result<TextEvents, ApiE
         max_new_tokens,
         stop_token_ids: stop_ids.clone(),
         adapter: plan.adapter,
-        top_logprobs: None,
+        top_logprobs: plan.n_probs,
         prompt_logprobs: None,
     })?;
     let deadline = app.config().request_timeout.map(|t| Instant::now() + t);
@@ -266,7 +309,11 @@ fn start(app: &AppState, loaded: &Loaded, plan: Plan) -> Result<TextEvents, ApiE
     .with_predict_budget(plan.predict_budget))
 }
 
-async fn collect(mut events: TextEvents, submitted: Instant) -> Result<Outcome, ApiError> {
+async fn collect(
+    loaded: &Loaded,
+    mut events: TextEvents,
+    submitted: Instant,
+) -> Result<Outcome, ApiError> {
     let mut out = Outcome::new(submitted);
     while let Some(ev) = events.next().await {
         match ev {
@@ -276,6 +323,7 @@ async fn collect(mut events: TextEvents, submitted: Instant) -> Result<Outcome, 
                 }
                 out.text.push_str(&text);
                 out.ids.extend(tokens.iter().map(|t| t.id));
+                out.probs.extend(completion_probabilities(loaded, &tokens));
             }
             TextEvent::Finished {
                 reason,
@@ -311,7 +359,7 @@ fn llama_final(loaded: &Loaded, plan_info: &PlanInfo, o: &Outcome, content: &str
         "stop" => "word",
         _ => "limit",
     };
-    json!({
+    let mut v = json!({
         "index": 0,
         "content": content,
         "tokens": [],
@@ -337,7 +385,12 @@ fn llama_final(loaded: &Loaded, plan_info: &PlanInfo, o: &Outcome, content: &str
             "predicted_per_token_ms": per(predicted_ms, predicted_n),
             "predicted_per_second": rate(predicted_ms, predicted_n),
         },
-    })
+    });
+    if plan_info.n_probs {
+        // Streamed, the pieces carried them; the final object has none left to report.
+        v["completion_probabilities"] = json!(o.probs);
+    }
+    v
 }
 
 /// What the response needs to know about the plan after it was submitted.
@@ -345,6 +398,8 @@ struct PlanInfo {
     prompt_len: usize,
     stop_ids: Vec<u32>,
     fim_mode: Option<&'static str>,
+    /// `completion_probabilities` were asked for.
+    n_probs: bool,
 }
 
 /// Runs a llama.cpp-dialect plan and answers in llama.cpp's format.
@@ -362,11 +417,12 @@ async fn respond_llama(
         prompt_len: plan.prompt_ids.len(),
         stop_ids: plan.stop_ids.clone(),
         fim_mode: plan.fim_mode,
+        n_probs: plan.n_probs.is_some(),
     };
     let submitted = Instant::now();
     let events = start(&app, loaded, plan)?;
     if !stream {
-        let o = collect(events, submitted).await?;
+        let o = collect(loaded, events, submitted).await?;
         return Ok(axum::Json(llama_final(loaded, &info, &o, &o.text)).into_response());
     }
     // SSE: one event per text delta, then the final object (llama.cpp sends no [DONE] here).
@@ -396,9 +452,14 @@ async fn respond_llama(
                         continue;
                     }
                     let ids: Vec<u32> = tokens.iter().map(|t| t.id).collect();
-                    let v = json!({"index": 0, "content": text, "tokens": ids, "stop": false,
+                    let mut v = json!({"index": 0, "content": text, "tokens": ids, "stop": false,
                                    "id_slot": 0, "tokens_predicted": st.o.ids.len(),
                                    "tokens_evaluated": st.info.prompt_len});
+                    if st.info.n_probs {
+                        let loaded = st.app.loaded().ok()?;
+                        v["completion_probabilities"] =
+                            json!(completion_probabilities(loaded, &tokens));
+                    }
                     return Some((
                         Ok::<_, Infallible>(SseEvent::default().data(v.to_string())),
                         st,
@@ -476,6 +537,7 @@ pub async fn infill(
         predict_budget: req.t_max_predict_ms.map(Duration::from_millis),
         fim_mode: Some(built.mode),
         adapter: loaded.resolve_model(req.model.as_deref())?,
+        n_probs: n_probs(req.n_probs)?,
     };
     respond_llama(
         app.clone(),
@@ -535,6 +597,7 @@ pub async fn completion(
         predict_budget: req.t_max_predict_ms.map(Duration::from_millis),
         fim_mode,
         adapter: loaded.resolve_model(req.model.as_deref())?,
+        n_probs: n_probs(req.n_probs)?,
     };
     respond_llama(
         app.clone(),
@@ -635,13 +698,14 @@ pub async fn ollama_generate(
         predict_budget: None,
         fim_mode,
         adapter: adapter.clone(),
+        n_probs: None,
     };
     let prompt_len = plan.prompt_ids.len();
     let model = adapter.unwrap_or_else(|| loaded.model_name.clone());
     let submitted = Instant::now();
     let events = start(&app, loaded, plan)?;
     if !req.stream.unwrap_or(true) {
-        let o = collect(events, submitted).await?;
+        let o = collect(loaded, events, submitted).await?;
         return Ok(axum::Json(ollama_final(&model, prompt_len, &o, &o.text)).into_response());
     }
     let st = (Some(events), Outcome::new(submitted));
