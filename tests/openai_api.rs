@@ -414,6 +414,32 @@ async fn tokenize_detokenize_models_health_metrics() {
     let v: Value = serde_json::from_slice(&body).expect("json");
     assert_eq!(v["data"][0]["id"], "smollm2");
     assert_eq!(v["data"][0]["object"], "model");
+    // One model by id (the OpenAI client's `models.retrieve`), or an OpenAI 404.
+    let (status, _, body) = send(
+        &app,
+        Request::get("/v1/models/smollm2")
+            .body(Body::empty())
+            .expect("req"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let one: Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(one, v["data"][0]);
+    let (status, _, body) = send(
+        &app,
+        Request::get("/v1/models/gpt-4")
+            .body(Body::empty())
+            .expect("req"),
+    )
+    .await;
+    let e: Value = serde_json::from_slice(&body).expect("json");
+    assert_error(status, &e, StatusCode::NOT_FOUND, None);
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("gpt-4")),
+        "{e}"
+    );
     let (status, _, _) = send(
         &app,
         Request::get("/health").body(Body::empty()).expect("req"),

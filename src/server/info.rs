@@ -11,7 +11,24 @@ use super::AppState;
 
 /// `GET /v1/models`.
 pub async fn models(State(app): State<AppState>) -> Result<Response, ApiError> {
-    let loaded = app.loaded()?;
+    let data = model_objects(app.loaded()?);
+    Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
+}
+
+/// `GET /v1/models/{id}` (the OpenAI client's `models.retrieve`): that model, or a 404.
+pub async fn model(
+    State(app): State<AppState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Response, ApiError> {
+    let found = model_objects(app.loaded()?)
+        .into_iter()
+        .find(|m| m["id"] == id.as_str())
+        .ok_or_else(|| ApiError::model_not_found(&id))?;
+    Ok(axum::Json(found).into_response())
+}
+
+/// The base model and every loaded adapter, as OpenAI model objects.
+fn model_objects(loaded: &super::Loaded) -> Vec<serde_json::Value> {
     let context = loaded.engine.limits().context_length;
     let mut data = vec![json!({
         "id": loaded.model_name,
@@ -33,7 +50,7 @@ pub async fn models(State(app): State<AppState>) -> Result<Response, ApiError> {
             "max_model_len": context,
         }));
     }
-    Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
+    data
 }
 
 /// `GET /health`: 200 when the model is loaded, 503 while loading.

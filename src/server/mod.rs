@@ -284,6 +284,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/generate", post(infill::ollama_generate))
         .route("/v1/chat/completions", post(completions::chat_completions))
         .route("/v1/models", get(info::models))
+        .route("/v1/models/{id}", get(info::model))
         .route("/health", get(info::health))
         .route("/tokenize", post(info::tokenize))
         .route("/detokenize", post(info::detokenize))

@@ -48,6 +48,7 @@ assert all("train_loss" in e.data for e in metrics), metrics
 assert [j.id for j in client.fine_tuning.jobs.list(limit=10).data][0] == job.id
 
 assert job.fine_tuned_model in [m.id for m in client.models.list().data]
+assert client.models.retrieve(job.fine_tuned_model).id == job.fine_tuned_model
 r = client.completions.create(model=job.fine_tuned_model, prompt=facts[0]["prompt"], max_tokens=8, temperature=0)
 assert r.model == job.fine_tuned_model and r.choices[0].text, r
 

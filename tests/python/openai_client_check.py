@@ -13,6 +13,7 @@ MODEL = "smollm2"
 
 models = client.models.list()
 assert [m.id for m in models.data] == [MODEL], models
+assert client.models.retrieve(MODEL).id == MODEL
 
 # Completions, then the same streamed: identical text.
 r = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0)
