@@ -487,6 +487,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         adapter: None,
         top_logprobs: None,
         prompt_logprobs: None,
+        json: None,
     };
     // The stop token ends the stream; it is in output_ids but not in the text.
     let stop_ids = request.stop_token_ids.clone();

@@ -1110,3 +1110,89 @@ async fn native_completion_reports_n_probs() {
     .await;
     assert_error(status, &e, StatusCode::BAD_REQUEST, Some("n_probs"));
 }
+
+/// JSON mode (`response_format: {"type": "json_object"}`): the text is one JSON object,
+/// greedy or sampled, streamed or not; unconstrained, the same request is prose.
+#[tokio::test]
+async fn json_mode_gives_one_json_object() {
+    let app = app();
+    let messages = json!([{"role": "user",
+        "content": "Describe three animals as a JSON list of objects with many fields."}]);
+    let free = json!({"messages": messages, "max_tokens": 40, "temperature": 0});
+    let (status, v) = post_json(&app, "/v1/chat/completions", free).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let prose = v["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("content");
+    assert!(serde_json::from_str::<Value>(prose).is_err(), "{prose:?}");
+
+    let body = json!({"messages": messages, "max_tokens": 300, "temperature": 0,
+                      "response_format": {"type": "json_object"}});
+    let (status, v) = post_json(&app, "/v1/chat/completions", body.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let c = &v["choices"][0];
+    assert_eq!(c["finish_reason"], "stop", "{v}");
+    let text = c["message"]["content"].as_str().expect("content");
+    let object: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text:?}"));
+    assert!(object.as_object().is_some_and(|o| !o.is_empty()), "{text}");
+
+    // Sampled, three seeds; streamed pieces add up to JSON too.
+    let mut sampled = body.clone();
+    sampled["temperature"] = json!(1.0);
+    sampled["seed"] = json!(11);
+    sampled["n"] = json!(3);
+    let (status, v) = post_json(&app, "/v1/chat/completions", sampled).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    for c in v["choices"].as_array().expect("choices") {
+        assert_eq!(c["finish_reason"], "stop", "{c}");
+        let t = c["message"]["content"].as_str().expect("content");
+        assert!(
+            serde_json::from_str::<Value>(t).is_ok_and(|o| o.is_object()),
+            "{t:?}"
+        );
+    }
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    let (_, _, bytes) = send(&app, post("/v1/chat/completions", streamed)).await;
+    let pieces: String = sse_payloads(&bytes)
+        .iter()
+        .filter(|p| *p != "[DONE]")
+        .map(|p| serde_json::from_str::<Value>(p).expect("chunk"))
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(String::from)
+        })
+        .collect();
+    assert_eq!(pieces, text);
+
+    // Completions too; a schema or an unknown type is refused.
+    let (status, v) = post_json(
+        &app,
+        "/v1/completions",
+        json!({"prompt": "Q: What is the capital of France? Answer in JSON.", "max_tokens": 200,
+               "temperature": 0, "response_format": {"type": "json_object"}}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+    let t = v["choices"][0]["text"].as_str().expect("text");
+    assert_eq!(
+        serde_json::from_str::<Value>(t).ok(),
+        Some(json!({"city": "Paris"})),
+        "{t:?}"
+    );
+    for format in [
+        json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
+        json!({"type": "yaml"}),
+        json!("json"),
+    ] {
+        let (status, e) = post_json(
+            &app,
+            "/v1/chat/completions",
+            json!({"messages": messages, "response_format": format}),
+        )
+        .await;
+        assert_error(status, &e, StatusCode::BAD_REQUEST, Some("response_format"));
+    }
+}

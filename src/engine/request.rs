@@ -26,6 +26,9 @@ pub struct GenerateRequest {
     /// tokens before it, with this many alternatives (≤ 20): how evaluation harnesses score
     /// text. The whole prompt is then computed (no prefix-cache reuse for it).
     pub prompt_logprobs: Option<usize>,
+    /// JSON mode: only tokens that keep the generated text a prefix of one JSON object, and
+    /// a stop token only once it is complete.
+    pub json: Option<crate::text::json_mode::JsonConstraint>,
 }
 
 impl GenerateRequest {
@@ -39,6 +42,7 @@ impl GenerateRequest {
             adapter: None,
             top_logprobs: None,
             prompt_logprobs: None,
+            json: None,
         }
     }
 }

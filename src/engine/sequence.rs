@@ -52,6 +52,8 @@ pub struct Sequence {
     pub prompt_lps: Vec<Option<TokenLogprob>>,
     /// Seeded sampler; its RNG advances only when this sequence samples.
     pub sampler: Sampler,
+    /// JSON mode's state, when asked for.
+    pub json: Option<crate::text::json_mode::JsonConstraint>,
     /// Where events go; closed when the client dropped its `Generation`.
     pub events: UnboundedSender<Event>,
 }
@@ -96,6 +98,7 @@ impl Sequence {
                 Vec::new()
             },
             sampler: Sampler::new(request.sampling),
+            json: request.json,
             events,
         }
     }

@@ -224,10 +224,18 @@ impl EngineCore {
                 sampler,
                 tokens,
                 num_prompt_tokens,
+                json,
+                stop_token_ids,
                 ..
             } = seq;
+            if let Some(c) = json.as_ref() {
+                c.mask(row, stop_token_ids);
+            }
             let (prompt, generated) = tokens.split_at(*num_prompt_tokens);
             let id = sampler.sample(row, prompt, generated);
+            if let Some(c) = json.as_mut() {
+                c.advance(id);
+            }
             let logprob = logprob.map(|(lp, n)| TokenLogprob {
                 logprob: lp[id as usize],
                 top: top_logprobs(&lp, n),
@@ -257,7 +265,11 @@ impl EngineCore {
             let _ = seq.events.send(Event::Token { id, logprob });
             let reason = if seq.stop_token_ids.contains(&id) {
                 Some(FinishReason::StopToken(id))
-            } else if seq.num_generated() >= seq.max_new_tokens || seq.tokens.len() >= context {
+            } else if seq.num_generated() >= seq.max_new_tokens
+                || seq.tokens.len() >= context
+                // A complete JSON object with no stop token to end on.
+                || seq.json.as_ref().is_some_and(|c| c.is_done()) && seq.stop_token_ids.is_empty()
+            {
                 Some(FinishReason::Length)
             } else {
                 None

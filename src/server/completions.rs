@@ -184,6 +184,10 @@ fn start(loaded: &Loaded, app: &AppState, job: &Job) -> Result<Vec<TextEvents>, 
             adapter: job.adapter.clone(),
             top_logprobs,
             prompt_logprobs,
+            json: job
+                .common
+                .json_object
+                .then(|| crate::text::json_mode::JsonConstraint::new(loaded.token_bytes())),
         };
         let generation = loaded.engine.submit(request)?;
         choices.push(

@@ -296,6 +296,7 @@ fn start(app: &AppState, loaded: &Loaded, plan: Plan) -> Result<TextEvents, ApiE
         adapter: plan.adapter,
         top_logprobs: plan.n_probs,
         prompt_logprobs: None,
+        json: None,
     })?;
     let deadline = app.config().request_timeout.map(|t| Instant::now() + t);
     Ok(TextEvents::new(

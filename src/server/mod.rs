@@ -25,6 +25,7 @@ use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
 
 use crate::engine::EngineHandle;
 use crate::model::TokenId;
+use crate::text::json_mode::TokenBytes;
 use crate::text::{ChatTemplate, FimMode, FimTemplate, TextError, Tokenizer};
 use crate::train::TrainingJobs;
 
@@ -84,6 +85,8 @@ pub struct Loaded {
     pub training: Option<TrainingJobs>,
     /// Folders `POST /v1/load_lora_adapter` may load from (besides the data dir's adapters).
     pub lora_dirs: Vec<PathBuf>,
+    /// Every token's bytes for JSON mode, built by the first request that uses it.
+    token_bytes: OnceLock<Arc<TokenBytes>>,
 }
 
 impl Loaded {
@@ -116,7 +119,15 @@ impl Loaded {
                 .map_or(0, |d| d.as_secs()),
             training: None,
             lora_dirs: Vec::new(),
+            token_bytes: OnceLock::new(),
         })
+    }
+
+    /// Every token's bytes (JSON mode), built once (a decode per vocabulary entry).
+    pub fn token_bytes(&self) -> Arc<TokenBytes> {
+        self.token_bytes
+            .get_or_init(|| Arc::new(TokenBytes::new(&self.tokenizer)))
+            .clone()
     }
 
     /// Enables the fine-tuning API with these jobs.

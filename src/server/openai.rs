@@ -78,6 +78,8 @@ pub struct CommonFields {
     pub stream_options: Option<StreamOptions>,
     /// End-user id (accepted, logged nowhere).
     pub user: Option<String>,
+    /// `{"type": "text"}` (the default) or `{"type": "json_object"}` (JSON mode).
+    pub response_format: Option<serde_json::Value>,
 }
 
 /// `POST /v1/completions`.
@@ -216,6 +218,8 @@ pub struct ValidCommon {
     pub stream: bool,
     /// Final usage chunk.
     pub include_usage: bool,
+    /// JSON mode: the text is one JSON object.
+    pub json_object: bool,
 }
 
 fn check(ok: bool, param: &str, message: &str) -> Result<(), ApiError> {
@@ -310,7 +314,25 @@ impl CommonFields {
             "stop",
             "`stop` strings must not be empty",
         )?;
+        let json_object = match self.response_format.as_ref().map(|f| f.get("type")) {
+            None => false,
+            Some(Some(t)) if t == "text" => false,
+            Some(Some(t)) if t == "json_object" => true,
+            Some(Some(t)) if t == "json_schema" => {
+                return Err(ApiError::invalid(
+                    "response_format",
+                    "`json_schema` is not supported; `json_object` gives JSON without a schema",
+                ))
+            }
+            _ => {
+                return Err(ApiError::invalid(
+                    "response_format",
+                    "`response_format.type` must be `text` or `json_object`",
+                ))
+            }
+        };
         Ok(ValidCommon {
+            json_object,
             sampling: SamplingParams {
                 temperature,
                 top_k: top_k.max(0) as usize,

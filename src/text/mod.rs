@@ -5,6 +5,7 @@ pub mod chat_template;
 pub mod detokenizer;
 pub mod fim;
 pub mod gguf_vocab;
+pub mod json_mode;
 pub mod stop;
 
 use std::path::Path;

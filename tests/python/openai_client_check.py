@@ -73,6 +73,15 @@ clp = client.chat.completions.create(
 content = clp.choices[0].logprobs.content
 assert len(content) == clp.usage.completion_tokens and len(content[0].top_logprobs) == 3
 
+# JSON mode.
+import json
+j = client.chat.completions.create(
+    model=MODEL, messages=[{"role": "user", "content": "Name and age of a person, as JSON."}],
+    max_tokens=200, temperature=0, response_format={"type": "json_object"},
+)
+assert j.choices[0].finish_reason == "stop", j
+assert isinstance(json.loads(j.choices[0].message.content), dict), j
+
 # Errors surface as the right exception classes with our messages.
 try:
     client.completions.create(model=MODEL, prompt="hi", temperature=-1)
