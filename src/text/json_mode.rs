@@ -222,6 +222,8 @@ impl JsonState {
             return false;
         }
         self.depth -= 1;
+        // Bits above the depth stay clear: equal states compare (and memoise) equal.
+        self.stack &= !(1 << self.depth);
         self.mode = if self.depth == 0 {
             Mode::Done
         } else {
@@ -403,17 +405,21 @@ impl JsonConstraint {
 
     /// Sets the logits of every token that cannot come next to −∞: once the object is
     /// complete all but `stop_ids`, before that the stop ids and every token whose bytes
-    /// would break the JSON. Leaves at least one token unless nothing can follow (complete
-    /// with no stop ids).
+    /// would break the JSON. Should no token fit (a vocabulary without the needed bytes),
+    /// the stop ids stay allowed: the text ends rather than breaking the JSON.
     pub fn mask(&self, logits: &mut [f32], stop_ids: &[u32]) {
         let done = self.state.is_done();
         let set = (!done).then(|| self.tokens.allowed(self.state));
+        let fits = |id: usize| {
+            set.as_ref()
+                .is_some_and(|s| s.get(id / 64).is_some_and(|w| w >> (id % 64) & 1 == 1))
+        };
+        let stuck = !done && !(0..logits.len()).any(fits);
         for (id, l) in logits.iter_mut().enumerate() {
             let ok = if stop_ids.contains(&(id as u32)) {
-                done
+                done || stuck
             } else {
-                set.as_ref()
-                    .is_some_and(|s| s.get(id / 64).is_some_and(|w| w >> (id % 64) & 1 == 1))
+                fits(id)
             };
             if !ok {
                 *l = f32::NEG_INFINITY;
@@ -535,5 +541,16 @@ mod tests {
             assert_eq!(allowed(&c), next, "after token {id}");
         }
         assert!(c.is_done());
+        // A table where nothing fits after `{`: the stop token ends the text.
+        let stuck = JsonConstraint::new(Arc::new(TokenBytes::from_texts(&[Some("{"), None])));
+        let mut c = stuck.clone();
+        c.advance(0);
+        let mut l = vec![0f32; 2];
+        c.mask(&mut l, &[1]);
+        assert_eq!(l, vec![f32::NEG_INFINITY, 0.0]);
+        // Closing an object leaves the same state as never having opened it.
+        let a = JsonState::default().after_bytes(br#"{"a": {"x": 1}, "b": 2"#);
+        let b = JsonState::default().after_bytes(br#"{"a": 1, "b": 2"#);
+        assert_eq!(a, b);
     }
 }
