@@ -7,6 +7,7 @@
 //! request and its KV blocks are free again at the next step.
 
 pub mod block_pool;
+pub mod json_mode;
 pub mod request;
 pub mod sampler;
 pub mod scheduler;

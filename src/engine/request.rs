@@ -28,7 +28,7 @@ pub struct GenerateRequest {
     pub prompt_logprobs: Option<usize>,
     /// JSON mode: only tokens that keep the generated text a prefix of one JSON object, and
     /// a stop token only once it is complete.
-    pub json: Option<crate::text::json_mode::JsonConstraint>,
+    pub json: Option<super::json_mode::JsonConstraint>,
 }
 
 impl GenerateRequest {

@@ -53,7 +53,7 @@ pub struct Sequence {
     /// Seeded sampler; its RNG advances only when this sequence samples.
     pub sampler: Sampler,
     /// JSON mode's state, when asked for.
-    pub json: Option<crate::text::json_mode::JsonConstraint>,
+    pub json: Option<super::json_mode::JsonConstraint>,
     /// Where events go; closed when the client dropped its `Generation`.
     pub events: UnboundedSender<Event>,
 }

@@ -6,7 +6,10 @@ use std::time::Instant;
 
 use crate::model::{ForwardBatch, KvCache, Model, TokenId};
 
+use std::collections::HashMap;
+
 use super::block_pool::BlockPool;
+use super::json_mode::JsonState;
 use super::request::{EngineError, Event, FinishReason, TokenLogprob, Usage};
 use super::sampler::{log_softmax, top_logprobs};
 use super::scheduler::{ScheduledBatch, Scheduler, SchedulerConfig, WindowPool};
@@ -23,7 +26,14 @@ pub struct EngineCore {
     /// Compute threads. The forward runs *inside* the pool, so the engine thread sleeps while
     /// it computes instead of competing with spinning workers for the cores.
     threads: rayon::ThreadPool,
+    /// JSON mode: the tokens each recogniser state allows, per token table, remembered
+    /// (trying every token's bytes takes milliseconds; generation keeps returning to the same
+    /// few states).
+    json_masks: HashMap<(u64, JsonState), Vec<u64>>,
 }
+
+/// JSON-mode states remembered before the memo starts over (6 KB each for a 49k vocabulary).
+const MAX_JSON_MASKS: usize = 2048;
 
 impl EngineCore {
     /// A core with KV pools of the given sizes.
@@ -56,6 +66,7 @@ impl EngineCore {
             .build()?;
         Ok(EngineCore {
             threads,
+            json_masks: HashMap::new(),
             model,
             kv,
             pool: BlockPool::new(num_blocks, block_size),
@@ -210,6 +221,8 @@ impl EngineCore {
             }
             row_of[item.index] = Some(j);
         }
+        self.remember_json_masks(&row_of);
+        let masks = &self.json_masks;
         let mut rows_left: Vec<Option<&mut Vec<f32>>> = rows.iter_mut().map(Some).collect();
         let work: Vec<(usize, &mut Sequence, &mut Vec<f32>)> = self
             .scheduler
@@ -229,7 +242,8 @@ impl EngineCore {
                 ..
             } = seq;
             if let Some(c) = json.as_ref() {
-                c.mask(row, stop_token_ids);
+                let allowed = c.key().and_then(|k| masks.get(&k));
+                c.mask(row, stop_token_ids, allowed.map_or(&[], Vec::as_slice));
             }
             let (prompt, generated) = tokens.split_at(*num_prompt_tokens);
             let id = sampler.sample(row, prompt, generated);
@@ -285,6 +299,37 @@ impl EngineCore {
             }
         }
         self.remove(finished);
+    }
+
+    /// Makes sure the memo holds the allowed set of every sampling JSON-mode sequence's state
+    /// (`row_of`: the sequences that sample this step); new sets are computed on the pool.
+    fn remember_json_masks(&mut self, row_of: &[Option<usize>]) {
+        let mut missing: Vec<((u64, JsonState), &super::json_mode::JsonConstraint)> = Vec::new();
+        for (seq, _) in self
+            .scheduler
+            .running
+            .iter()
+            .zip(row_of)
+            .filter(|(_, r)| r.is_some())
+        {
+            if let Some((c, key)) = seq.json.as_ref().and_then(|c| Some((c, c.key()?))) {
+                if !self.json_masks.contains_key(&key) && !missing.iter().any(|(k, _)| *k == key) {
+                    missing.push((key, c));
+                }
+            }
+        }
+        if missing.is_empty() {
+            return;
+        }
+        if self.json_masks.len() + missing.len() > MAX_JSON_MASKS {
+            self.json_masks.clear();
+        }
+        let sets: Vec<((u64, JsonState), Vec<u64>)> = {
+            use rayon::prelude::*;
+            self.threads
+                .install(|| missing.par_iter().map(|(k, c)| (*k, c.allowed())).collect())
+        };
+        self.json_masks.extend(sets);
     }
 
     /// Stores the log-probabilities of the prompt tokens this step's rows predict, for the

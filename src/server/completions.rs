@@ -187,7 +187,7 @@ fn start(loaded: &Loaded, app: &AppState, job: &Job) -> Result<Vec<TextEvents>, 
             json: job
                 .common
                 .json_object
-                .then(|| crate::text::json_mode::JsonConstraint::new(loaded.token_bytes())),
+                .then(|| crate::engine::json_mode::JsonConstraint::new(loaded.token_bytes())),
         };
         let generation = loaded.engine.submit(request)?;
         choices.push(

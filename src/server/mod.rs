@@ -25,7 +25,6 @@ use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
 
 use crate::engine::EngineHandle;
 use crate::model::TokenId;
-use crate::text::json_mode::TokenBytes;
 use crate::text::{ChatTemplate, FimMode, FimTemplate, TextError, Tokenizer};
 use crate::train::TrainingJobs;
 
@@ -86,7 +85,7 @@ pub struct Loaded {
     /// Folders `POST /v1/load_lora_adapter` may load from (besides the data dir's adapters).
     pub lora_dirs: Vec<PathBuf>,
     /// Every token's bytes for JSON mode, built by the first request that uses it.
-    token_bytes: OnceLock<Arc<TokenBytes>>,
+    token_bytes: OnceLock<Arc<crate::engine::json_mode::TokenBytes>>,
 }
 
 impl Loaded {
@@ -124,9 +123,13 @@ impl Loaded {
     }
 
     /// Every token's bytes (JSON mode), built once (a decode per vocabulary entry).
-    pub fn token_bytes(&self) -> Arc<TokenBytes> {
+    pub fn token_bytes(&self) -> Arc<crate::engine::json_mode::TokenBytes> {
         self.token_bytes
-            .get_or_init(|| Arc::new(TokenBytes::new(&self.tokenizer)))
+            .get_or_init(|| {
+                Arc::new(crate::engine::json_mode::TokenBytes::new(
+                    self.tokenizer.token_bytes(),
+                ))
+            })
             .clone()
     }
 

@@ -5,7 +5,6 @@ pub mod chat_template;
 pub mod detokenizer;
 pub mod fim;
 pub mod gguf_vocab;
-pub mod json_mode;
 pub mod stop;
 
 use std::path::Path;
@@ -208,6 +207,35 @@ impl Tokenizer {
     /// EOS token text.
     pub fn eos_token(&self) -> Option<&str> {
         self.eos_token.as_deref()
+    }
+
+    /// Every id's text as bytes, for constrained decoding (JSON mode): decoded after an
+    /// anchor token with the anchor's text removed, so a leading space that single-token
+    /// decoding drops (SentencePiece) is kept. `None` for special tokens and for tokens whose
+    /// text alone is not UTF-8 (part of a multi-byte character).
+    pub fn token_bytes(&self) -> Vec<Option<Box<[u8]>>> {
+        let anchor = self
+            .encode("a", false)
+            .ok()
+            .filter(|ids| ids.len() == 1)
+            .map(|ids| ids[0]);
+        let anchor_text = anchor.and_then(|a| self.decode(&[a], false).ok());
+        (0..self.vocab_size() as u32)
+            .map(|id| {
+                if self.is_special(id) {
+                    return None;
+                }
+                let text = match (anchor, &anchor_text) {
+                    (Some(a), Some(at)) => {
+                        let full = self.decode(&[a, id], false).ok()?;
+                        full.strip_prefix(at.as_str())?.to_string()
+                    }
+                    _ => self.decode(&[id], false).ok()?,
+                };
+                (!text.is_empty() && !text.contains('\u{FFFD}'))
+                    .then(|| text.into_bytes().into_boxed_slice())
+            })
+            .collect()
     }
 
     /// Whether `id` is a special (control) token.

@@ -2,13 +2,14 @@
 //! says, before each token is sampled, which tokens keep the text a prefix of one JSON object,
 //! and when the object is complete (then only a stop token may follow).
 //!
-//! Tokens are judged by their bytes ([`TokenBytes`]); tokens holding part of a multi-byte
-//! character (their text alone is not UTF-8) and special tokens are never allowed inside the
-//! JSON, so non-ASCII text comes only from tokens that hold whole characters.
+//! Tokens are judged by their bytes ([`TokenBytes`], plain data the tokenizer's side builds:
+//! `text::Tokenizer::token_bytes`); tokens without bytes (special tokens, parts of a
+//! multi-byte character) are never allowed inside the JSON. The allowed set of each state is
+//! computed by trying every token's bytes (milliseconds) and remembered by the engine core
+//! (`EngineCore`'s memo), as generation keeps returning to the same few states.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-
-use super::Tokenizer;
 
 /// Deepest nesting of objects and arrays (one bit each in [`JsonState`]'s stack).
 const MAX_DEPTH: u8 = 64;
@@ -16,18 +17,12 @@ const MAX_DEPTH: u8 = 64;
 /// newlines forever while staying valid).
 const MAX_SPACE_RUN: u8 = 32;
 
-/// Each token id's text as bytes (`None`: never allowed in JSON), built once per tokenizer,
-/// and the tokens each recogniser state allows, remembered: generation keeps returning to the
-/// same few states (inside a string at the same depth, after a value, ...), and trying every
-/// token's bytes costs milliseconds where looking up the set costs microseconds.
+/// Each token id's text as bytes (`None`: never allowed in JSON), with an id that names the
+/// table in the engine's memo of allowed sets.
 pub struct TokenBytes {
+    id: u64,
     bytes: Vec<Option<Box<[u8]>>>,
-    allowed: std::sync::Mutex<std::collections::HashMap<JsonState, Arc<Vec<u64>>>>,
 }
-
-/// States whose allowed sets are remembered before the memo starts over (6 KB each for a
-/// 49k vocabulary).
-const MAX_REMEMBERED: usize = 2048;
 
 impl std::fmt::Debug for TokenBytes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -36,83 +31,34 @@ impl std::fmt::Debug for TokenBytes {
 }
 
 impl TokenBytes {
-    /// Every id's text in context: decoded after an anchor token and with the anchor's text
-    /// removed, so a leading space that single-token decoding drops (SentencePiece) is kept.
-    pub fn new(tokenizer: &Tokenizer) -> Self {
-        let n = tokenizer.vocab_size();
-        let anchor = tokenizer
-            .encode("a", false)
-            .ok()
-            .filter(|ids| ids.len() == 1)
-            .map(|ids| ids[0]);
-        let anchor_text = anchor.and_then(|a| tokenizer.decode(&[a], false).ok());
-        let bytes = (0..n as u32)
-            .map(|id| {
-                if tokenizer.is_special(id) {
-                    return None;
-                }
-                let text = match (anchor, &anchor_text) {
-                    (Some(a), Some(at)) => {
-                        let full = tokenizer.decode(&[a, id], false).ok()?;
-                        full.strip_prefix(at.as_str())?.to_string()
-                    }
-                    _ => tokenizer.decode(&[id], false).ok()?,
-                };
-                (!text.is_empty() && !text.contains('\u{FFFD}'))
-                    .then(|| text.into_bytes().into_boxed_slice())
-            })
-            .collect();
+    /// A table of each id's bytes (`text::Tokenizer::token_bytes`).
+    pub fn new(bytes: Vec<Option<Box<[u8]>>>) -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
         TokenBytes {
+            id: NEXT.fetch_add(1, Ordering::Relaxed),
             bytes,
-            allowed: Default::default(),
         }
     }
 
     /// A table from explicit texts (tests).
     pub fn from_texts(texts: &[Option<&str>]) -> Self {
-        TokenBytes {
-            bytes: texts
+        Self::new(
+            texts
                 .iter()
                 .map(|t| t.map(|s| s.as_bytes().into()))
                 .collect(),
-            allowed: Default::default(),
-        }
+        )
     }
 
     /// Bit `id` set for every token whose bytes `state` accepts.
-    fn allowed(&self, state: JsonState) -> Arc<Vec<u64>> {
-        if let Some(set) = self
-            .allowed
-            .lock()
-            .ok()
-            .and_then(|m| m.get(&state).cloned())
-        {
-            return set;
-        }
+    pub fn allowed(&self, state: JsonState) -> Vec<u64> {
         let mut set = vec![0u64; self.bytes.len().div_ceil(64)];
         for (id, b) in self.bytes.iter().enumerate() {
             if b.as_deref().is_some_and(|b| state.after_bytes(b).is_some()) {
                 set[id / 64] |= 1 << (id % 64);
             }
         }
-        let set = Arc::new(set);
-        if let Ok(mut m) = self.allowed.lock() {
-            if m.len() >= MAX_REMEMBERED {
-                m.clear();
-            }
-            m.insert(state, set.clone());
-        }
         set
-    }
-
-    /// Tokens in the table.
-    pub fn len(&self) -> usize {
-        self.bytes.len()
-    }
-
-    /// Whether the table is empty.
-    pub fn is_empty(&self) -> bool {
-        self.bytes.is_empty()
     }
 }
 
@@ -403,16 +349,29 @@ impl JsonConstraint {
         self.state.is_done()
     }
 
+    /// What the allowed set depends on — the table and the state — while the object is open.
+    pub fn key(&self) -> Option<(u64, JsonState)> {
+        (!self.is_done()).then_some((self.tokens.id, self.state))
+    }
+
+    /// The allowed set of the current state, computed (not remembered).
+    pub fn allowed(&self) -> Vec<u64> {
+        self.tokens.allowed(self.state)
+    }
+
     /// Sets the logits of every token that cannot come next to −∞: once the object is
     /// complete all but `stop_ids`, before that the stop ids and every token whose bytes
     /// would break the JSON. Should no token fit (a vocabulary without the needed bytes),
     /// the stop ids stay allowed: the text ends rather than breaking the JSON.
-    pub fn mask(&self, logits: &mut [f32], stop_ids: &[u32]) {
+    /// `allowed`: the state's set ([`Self::allowed`], remembered by the caller); ignored once
+    /// the object is complete.
+    pub fn mask(&self, logits: &mut [f32], stop_ids: &[u32], allowed: &[u64]) {
         let done = self.state.is_done();
-        let set = (!done).then(|| self.tokens.allowed(self.state));
         let fits = |id: usize| {
-            set.as_ref()
-                .is_some_and(|s| s.get(id / 64).is_some_and(|w| w >> (id % 64) & 1 == 1))
+            !done
+                && allowed
+                    .get(id / 64)
+                    .is_some_and(|w| w >> (id % 64) & 1 == 1)
         };
         let stuck = !done && !(0..logits.len()).any(fits);
         for (id, l) in logits.iter_mut().enumerate() {
@@ -525,7 +484,7 @@ mod tests {
         let mut c = JsonConstraint::new(table);
         let allowed = |c: &JsonConstraint| {
             let mut l = vec![0f32; 10];
-            c.mask(&mut l, &[8]);
+            c.mask(&mut l, &[8], &c.allowed());
             (0..10).filter(|&i| l[i] == 0.0).collect::<Vec<_>>()
         };
         assert_eq!(allowed(&c), vec![0, 1]);
@@ -546,7 +505,7 @@ mod tests {
         let mut c = stuck.clone();
         c.advance(0);
         let mut l = vec![0f32; 2];
-        c.mask(&mut l, &[1]);
+        c.mask(&mut l, &[1], &c.allowed());
         assert_eq!(l, vec![f32::NEG_INFINITY, 0.0]);
         // Closing an object leaves the same state as never having opened it.
         let a = JsonState::default().after_bytes(br#"{"a": {"x": 1}, "b": 2"#);
