@@ -1166,6 +1166,29 @@ async fn json_mode_gives_one_json_object() {
         .collect();
     assert_eq!(pieces, text);
 
+    // Ollama's `format: "json"` takes the same path; a schema there is refused.
+    let (status, v) = post_json(
+        &app,
+        "/api/generate",
+        json!({"prompt": "Q: What is the capital of France? Answer in JSON.", "stream": false,
+               "format": "json", "options": {"temperature": 0, "num_predict": 200}}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let t = v["response"].as_str().expect("response");
+    assert_eq!(
+        serde_json::from_str::<Value>(t).ok(),
+        Some(json!({"city": "Paris"})),
+        "{t:?}"
+    );
+    let (status, e) = post_json(
+        &app,
+        "/api/generate",
+        json!({"prompt": "x", "format": {"type": "object"}}),
+    )
+    .await;
+    assert_error(status, &e, StatusCode::BAD_REQUEST, Some("format"));
+
     // Completions too; a schema or an unknown type is refused.
     let (status, v) = post_json(
         &app,

@@ -95,6 +95,9 @@ struct OllamaRequest {
     stream: Option<bool>,
     #[serde(default)]
     options: Option<OllamaOptions>,
+    /// `"json"`: JSON mode (a JSON schema object is not supported).
+    #[serde(default)]
+    format: Option<Value>,
 }
 
 /// Sampling fields common to the dialects (same names in llama.cpp's body and Ollama's
@@ -182,6 +185,8 @@ struct Plan {
     adapter: Option<String>,
     /// Alternatives per generated token, when `n_probs` asked for probabilities.
     n_probs: Option<usize>,
+    /// JSON mode (Ollama's `format: "json"`).
+    json: bool,
 }
 
 /// llama.cpp's `n_probs`: 0 (or absent) for none, at most the engine's limit.
@@ -296,7 +301,9 @@ fn start(app: &AppState, loaded: &Loaded, plan: Plan) -> Result<TextEvents, ApiE
         adapter: plan.adapter,
         top_logprobs: plan.n_probs,
         prompt_logprobs: None,
-        json: None,
+        json: plan
+            .json
+            .then(|| crate::engine::json_mode::JsonConstraint::new(loaded.token_bytes())),
     })?;
     let deadline = app.config().request_timeout.map(|t| Instant::now() + t);
     Ok(TextEvents::new(
@@ -539,6 +546,7 @@ pub async fn infill(
         fim_mode: Some(built.mode),
         adapter: loaded.resolve_model(req.model.as_deref())?,
         n_probs: n_probs(req.n_probs)?,
+        json: false,
     };
     respond_llama(
         app.clone(),
@@ -599,6 +607,7 @@ pub async fn completion(
         fim_mode,
         adapter: loaded.resolve_model(req.model.as_deref())?,
         n_probs: n_probs(req.n_probs)?,
+        json: false,
     };
     respond_llama(
         app.clone(),
@@ -700,6 +709,17 @@ pub async fn ollama_generate(
         fim_mode,
         adapter: adapter.clone(),
         n_probs: None,
+        json: match &req.format {
+            None => false,
+            Some(f) if f == "json" => true,
+            Some(f) if f.is_string() && f.as_str().is_some_and(str::is_empty) => false,
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    "format",
+                    "`format` must be \"json\" (JSON schemas are not supported)",
+                ))
+            }
+        },
     };
     let prompt_len = plan.prompt_ids.len();
     let model = adapter.unwrap_or_else(|| loaded.model_name.clone());
