@@ -420,57 +420,17 @@ fn training_graph_equals_serving_forward_with_and_without_an_adapter() {
     }
 }
 
-/// Multi-row sequences (the last layer runs only their last rows) with and without an
-/// adapter, next to a one-row sequence, give each sequence's logits of one token per step.
-#[test]
-fn last_rows_only_in_the_last_layer_keep_every_sequence_and_adapter() {
+/// Three sequences `(tokens, with the adapter, all rows' logits)` as one ragged batch over
+/// scattered blocks on a tiny model with a perturbed adapter: the model, the adapter, the
+/// batch (for its output rows) and the logits rows it gives.
+fn ragged_with_adapter(
+    seqs: &[(Vec<u32>, bool, bool); 3],
+) -> (Model, LoraAdapter, ForwardBatch, Vec<Vec<f32>>) {
     let (model, _) = tiny_model(false);
     let c = model.config().clone();
     let adapter = perturbed_lora(&c, &Target::ALL)
         .to_adapter(&c)
         .expect("adapter");
-    let seqs: [(Vec<u32>, bool); 3] = [
-        (vec![3, 17, 42, 5, 88, 1, 60], true),
-        (vec![9], true),
-        (vec![33, 2, 71, 4, 4, 50], false),
-    ];
-    let bs = 4;
-    let mut kv = model.new_kv_cache(8, bs);
-    let tables: [Vec<u32>; 3] = [vec![5, 0], vec![7], vec![2, 6]];
-    let mut batch = ForwardBatch::default();
-    for ((ids, with), table) in seqs.iter().zip(&tables) {
-        batch.push_seq(ids, 0, table, bs);
-        if *with {
-            batch.seqs.last_mut().expect("pushed").adapter = Some(served(&model, &adapter));
-        }
-    }
-    let rows = model
-        .forward(&batch, &mut kv)
-        .expect("forward")
-        .to_vec2::<f32>()
-        .expect("2d");
-    for (i, (ids, with)) in seqs.iter().enumerate() {
-        let one = serve_positions(&model, ids, with.then_some(&adapter));
-        let d = max_diff(&rows[i], &one[ids.len() - 1]);
-        assert!(d < 1e-4, "sequence {i}: {d}");
-    }
-}
-
-/// Sequences asking for every row's logits (prompt log-probabilities) get one per row, in
-/// batch order, each that position's logits of one token per step; the others keep their last.
-#[test]
-fn all_logits_sequences_get_every_row_with_and_without_an_adapter() {
-    let (model, _) = tiny_model(false);
-    let c = model.config().clone();
-    let adapter = perturbed_lora(&c, &Target::ALL)
-        .to_adapter(&c)
-        .expect("adapter");
-    // (tokens, adapter, all rows)
-    let seqs: [(Vec<u32>, bool, bool); 3] = [
-        (vec![3, 17, 42, 5, 88, 1, 60], true, true),
-        (vec![9, 14, 27], false, false),
-        (vec![33, 2, 71, 4, 4, 50], false, true),
-    ];
     let bs = 4;
     let mut kv = model.new_kv_cache(8, bs);
     let tables: [Vec<u32>; 3] = [vec![5, 0], vec![7], vec![2, 6]];
@@ -483,13 +443,44 @@ fn all_logits_sequences_get_every_row_with_and_without_an_adapter() {
             span.adapter = Some(served(&model, &adapter));
         }
     }
-    let wanted: Vec<usize> = (0..7).chain([9]).chain(10..16).collect();
-    assert_eq!(batch.output_rows(), wanted);
     let rows = model
         .forward(&batch, &mut kv)
         .expect("forward")
         .to_vec2::<f32>()
         .expect("2d");
+    (model, adapter, batch, rows)
+}
+
+/// Multi-row sequences (the last layer runs only their last rows) with and without an
+/// adapter, next to a one-row sequence, give each sequence's logits of one token per step.
+#[test]
+fn last_rows_only_in_the_last_layer_keep_every_sequence_and_adapter() {
+    let seqs: [(Vec<u32>, bool, bool); 3] = [
+        (vec![3, 17, 42, 5, 88, 1, 60], true, false),
+        (vec![9], true, false),
+        (vec![33, 2, 71, 4, 4, 50], false, false),
+    ];
+    let (model, adapter, _, rows) = ragged_with_adapter(&seqs);
+    for (i, (ids, with, _)) in seqs.iter().enumerate() {
+        let one = serve_positions(&model, ids, with.then_some(&adapter));
+        let d = max_diff(&rows[i], &one[ids.len() - 1]);
+        assert!(d < 1e-4, "sequence {i}: {d}");
+    }
+}
+
+/// Sequences asking for every row's logits (prompt log-probabilities) get one per row, in
+/// batch order, each that position's logits of one token per step; the others keep their last.
+#[test]
+fn all_logits_sequences_get_every_row_with_and_without_an_adapter() {
+    // (tokens, adapter, all rows)
+    let seqs: [(Vec<u32>, bool, bool); 3] = [
+        (vec![3, 17, 42, 5, 88, 1, 60], true, true),
+        (vec![9, 14, 27], false, false),
+        (vec![33, 2, 71, 4, 4, 50], false, true),
+    ];
+    let (model, adapter, batch, rows) = ragged_with_adapter(&seqs);
+    let wanted: Vec<usize> = (0..7).chain([9]).chain(10..16).collect();
+    assert_eq!(batch.output_rows(), wanted);
     assert_eq!(rows.len(), 14);
     let mut at = 0;
     for (i, (ids, with, all)) in seqs.iter().enumerate() {

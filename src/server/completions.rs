@@ -184,10 +184,7 @@ fn start(loaded: &Loaded, app: &AppState, job: &Job) -> Result<Vec<TextEvents>, 
             adapter: job.adapter.clone(),
             top_logprobs,
             prompt_logprobs,
-            json: job
-                .common
-                .json_object
-                .then(|| crate::engine::json_mode::JsonConstraint::new(loaded.token_bytes())),
+            json: job.common.json_object.then(|| loaded.json_constraint()),
         };
         let generation = loaded.engine.submit(request)?;
         choices.push(
@@ -617,9 +614,10 @@ pub async fn completions(
         return Err(ApiError::invalid(
             "prompt",
             format!(
-                "{} prompts × n = {} asks for more than {MAX_CHOICES} completions",
+                "{} prompts with n = {} ask for {} completions; at most {MAX_CHOICES}",
                 batch.len(),
-                common.n
+                common.n,
+                batch.len() * common.n
             ),
         ));
     }

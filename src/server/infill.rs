@@ -301,9 +301,7 @@ fn start(app: &AppState, loaded: &Loaded, plan: Plan) -> Result<TextEvents, ApiE
         adapter: plan.adapter,
         top_logprobs: plan.n_probs,
         prompt_logprobs: None,
-        json: plan
-            .json
-            .then(|| crate::engine::json_mode::JsonConstraint::new(loaded.token_bytes())),
+        json: plan.json.then(|| loaded.json_constraint()),
     })?;
     let deadline = app.config().request_timeout.map(|t| Instant::now() + t);
     Ok(TextEvents::new(

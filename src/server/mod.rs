@@ -122,15 +122,15 @@ impl Loaded {
         })
     }
 
-    /// Every token's bytes (JSON mode), built once (a decode per vocabulary entry).
-    pub fn token_bytes(&self) -> Arc<crate::engine::json_mode::TokenBytes> {
-        self.token_bytes
-            .get_or_init(|| {
-                Arc::new(crate::engine::json_mode::TokenBytes::new(
-                    self.tokenizer.token_bytes(),
-                ))
-            })
-            .clone()
+    /// A fresh JSON-mode constraint; every token's bytes are built on first use (a decode
+    /// per vocabulary entry) and shared after.
+    pub fn json_constraint(&self) -> crate::engine::json_mode::JsonConstraint {
+        let bytes = self.token_bytes.get_or_init(|| {
+            Arc::new(crate::engine::json_mode::TokenBytes::new(
+                self.tokenizer.token_bytes(),
+            ))
+        });
+        crate::engine::json_mode::JsonConstraint::new(bytes.clone())
     }
 
     /// Enables the fine-tuning API with these jobs.
