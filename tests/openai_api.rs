@@ -1166,7 +1166,7 @@ async fn json_mode_gives_one_json_object() {
         .collect();
     assert_eq!(pieces, text);
 
-    // Ollama's `format: "json"` takes the same path; a schema there is refused.
+    // Ollama's `format: "json"` takes the same path.
     let (status, v) = post_json(
         &app,
         "/api/generate",
@@ -1181,15 +1181,10 @@ async fn json_mode_gives_one_json_object() {
         Some(json!({"city": "Paris"})),
         "{t:?}"
     );
-    let (status, e) = post_json(
-        &app,
-        "/api/generate",
-        json!({"prompt": "x", "format": {"type": "object"}}),
-    )
-    .await;
+    let (status, e) = post_json(&app, "/api/generate", json!({"prompt": "x", "format": 1})).await;
     assert_error(status, &e, StatusCode::BAD_REQUEST, Some("format"));
 
-    // Completions too; a schema or an unknown type is refused.
+    // Completions too; an unknown type is refused.
     let (status, v) = post_json(
         &app,
         "/v1/completions",
@@ -1206,7 +1201,7 @@ async fn json_mode_gives_one_json_object() {
         "{t:?}"
     );
     for format in [
-        json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
+        json!({"type": "json_schema"}),
         json!({"type": "yaml"}),
         json!("json"),
     ] {
@@ -1217,5 +1212,228 @@ async fn json_mode_gives_one_json_object() {
         )
         .await;
         assert_error(status, &e, StatusCode::BAD_REQUEST, Some("response_format"));
+    }
+}
+
+/// A small JSON Schema check, written apart from the server's compiler: the keywords the
+/// tests below use (`type`, `properties` + `required` + closed objects, `items`,
+/// `minItems`/`maxItems`, `enum`, `anyOf`, `minLength`/`maxLength`, local `$ref`).
+fn conforms(v: &Value, s: &Value, root: &Value) -> Result<(), String> {
+    if let Some(r) = s["$ref"].as_str() {
+        let target = root.pointer(r.trim_start_matches('#')).ok_or("bad ref")?;
+        return conforms(v, target, root);
+    }
+    if let Some(alts) = s["anyOf"].as_array() {
+        return alts
+            .iter()
+            .find(|a| conforms(v, a, root).is_ok())
+            .map(|_| ())
+            .ok_or_else(|| format!("{v} matches no alternative of {s}"));
+    }
+    if let Some(e) = s["enum"].as_array() {
+        if !e.contains(v) {
+            return Err(format!("{v} not in {s}"));
+        }
+    }
+    let ok = match s["type"].as_str() {
+        None => true,
+        Some("object") => {
+            let o = v.as_object().ok_or(format!("{v}: not an object"))?;
+            let props = s["properties"].as_object().cloned().unwrap_or_default();
+            for r in s["required"].as_array().into_iter().flatten() {
+                if !o.contains_key(r.as_str().unwrap_or_default()) {
+                    return Err(format!("{v}: no {r}"));
+                }
+            }
+            for (k, x) in o {
+                let p = props.get(k).ok_or(format!("{v}: extra key {k}"))?;
+                conforms(x, p, root)?;
+            }
+            true
+        }
+        Some("array") => {
+            let a = v.as_array().ok_or(format!("{v}: not an array"))?;
+            let n = a.len() as u64;
+            if s["minItems"].as_u64().is_some_and(|m| n < m)
+                || s["maxItems"].as_u64().is_some_and(|m| n > m)
+            {
+                return Err(format!("{v}: {n} items"));
+            }
+            for x in a {
+                conforms(x, &s["items"], root)?;
+            }
+            true
+        }
+        Some("string") => v.as_str().is_some_and(|t| {
+            let n = t.chars().count() as u64;
+            s["minLength"].as_u64().is_none_or(|m| n >= m)
+                && s["maxLength"].as_u64().is_none_or(|m| n <= m)
+        }),
+        Some("integer") => v.is_i64() || v.is_u64(),
+        Some("number") => v.is_number(),
+        Some("boolean") => v.is_boolean(),
+        Some("null") => v.is_null(),
+        Some(t) => return Err(format!("unknown type {t}")),
+    };
+    ok.then_some(()).ok_or_else(|| format!("{v} is not {s}"))
+}
+
+/// `response_format: json_schema` (and the same schema through llama.cpp's `json_schema` and
+/// Ollama's `format`): every answer is an instance of the schema, its keys in the schema's
+/// order, greedy, sampled or streamed; unconstrained, the same request is not.
+#[tokio::test]
+async fn json_schema_answers_are_instances_of_the_schema() {
+    let app = app();
+    let schema: Value = serde_json::from_str(
+        r##"{"type": "object", "additionalProperties": false,
+            "properties": {
+              "name": {"type": "string", "maxLength": 40},
+              "age": {"type": "integer"},
+              "city": {"type": "string"},
+              "languages": {"type": "array", "minItems": 1, "maxItems": 3,
+                            "items": {"$ref": "#/$defs/Language"}},
+              "employer": {"anyOf": [{"type": "string"}, {"type": "null"}]}},
+            "required": ["name", "age", "city", "languages", "employer"],
+            "$defs": {"Language": {"enum": ["English", "French", "German", "Spanish"]}}}"##,
+    )
+    .expect("schema");
+    let keys = ["name", "age", "city", "languages", "employer"];
+    let messages = json!([{"role": "user", "content":
+        "Marie is a 34-year-old engineer from Lyon who speaks French and English. \
+         Give her details."}]);
+    let format = json!({"type": "json_schema",
+                        "json_schema": {"name": "person", "strict": true, "schema": schema}});
+    let check = |text: &str| {
+        let v: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text:?}"));
+        conforms(&v, &schema, &schema).unwrap_or_else(|e| panic!("{e}: {text}"));
+        // The keys come in the schema's order (a map that sorted them would give "age" first).
+        let order: Vec<&str> = v
+            .as_object()
+            .expect("object")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(order, keys, "{text}");
+        v
+    };
+
+    let free = json!({"messages": messages, "max_tokens": 60, "temperature": 0});
+    let (status, v) = post_json(&app, "/v1/chat/completions", free).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let prose = v["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("content");
+    assert!(
+        serde_json::from_str::<Value>(prose)
+            .map_or(true, |p| conforms(&p, &schema, &schema).is_err()),
+        "{prose:?}"
+    );
+
+    let body = json!({"messages": messages, "max_tokens": 200, "temperature": 0,
+                      "response_format": format});
+    let (status, v) = post_json(&app, "/v1/chat/completions", body.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let c = &v["choices"][0];
+    assert_eq!(c["finish_reason"], "stop", "{v}");
+    let text = c["message"]["content"]
+        .as_str()
+        .expect("content")
+        .to_string();
+    let greedy = check(&text);
+    eprintln!("greedy: {text}");
+    assert_eq!(greedy["city"], "Lyon", "{text}");
+
+    let mut sampled = body.clone();
+    sampled["temperature"] = json!(1.0);
+    sampled["seed"] = json!(5);
+    sampled["n"] = json!(4);
+    let (status, v) = post_json(&app, "/v1/chat/completions", sampled).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    for c in v["choices"].as_array().expect("choices") {
+        assert_eq!(c["finish_reason"], "stop", "{c}");
+        let t = c["message"]["content"].as_str().expect("content");
+        eprintln!("sampled: {t}");
+        check(t);
+    }
+
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    let (_, _, bytes) = send(&app, post("/v1/chat/completions", streamed)).await;
+    let pieces: String = sse_payloads(&bytes)
+        .iter()
+        .filter(|p| *p != "[DONE]")
+        .map(|p| serde_json::from_str::<Value>(p).expect("chunk"))
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(String::from)
+        })
+        .collect();
+    assert_eq!(pieces, text);
+
+    // The other dialects: the same schema, the same path.
+    let prompt = "Marie is a 34-year-old engineer from Lyon who speaks French and English.\n\
+                  Her details as JSON:";
+    let (status, v) = post_json(
+        &app,
+        "/v1/completions",
+        json!({"prompt": prompt, "max_tokens": 200, "temperature": 0,
+               "response_format": format}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let completions = v["choices"][0]["text"].as_str().expect("text").to_string();
+    check(&completions);
+    let (status, v) = post_json(
+        &app,
+        "/completion",
+        json!({"prompt": prompt, "n_predict": 200, "temperature": 0, "json_schema": schema}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["content"], completions.as_str(), "{v}");
+    let (status, v) = post_json(
+        &app,
+        "/api/generate",
+        json!({"prompt": prompt, "stream": false, "format": schema,
+               "options": {"temperature": 0, "num_predict": 200}}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    check(v["response"].as_str().expect("response"));
+
+    // What cannot be followed is refused, naming where.
+    for (path, body, param) in [
+        (
+            "/v1/chat/completions",
+            json!({"messages": messages, "response_format": {"type": "json_schema", "json_schema":
+               {"name": "x", "schema": {"type": "string", "pattern": "^[a-z]+$"}}}}),
+            "response_format",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": messages, "response_format": {"type": "json_schema",
+               "json_schema": {"name": "x", "schema": {"$ref": "#/$defs/Nope"}}}}),
+            "response_format",
+        ),
+        (
+            "/completion",
+            json!({"prompt": "x", "json_schema": {"minimum": 1, "type": "integer"}}),
+            "json_schema",
+        ),
+        (
+            "/completion",
+            json!({"prompt": "x", "grammar": "root ::= \"a\""}),
+            "grammar",
+        ),
+        (
+            "/api/generate",
+            json!({"prompt": "x", "format": {"type": "nope"}}),
+            "format",
+        ),
+    ] {
+        let (status, e) = post_json(&app, path, body.clone()).await;
+        assert_error(status, &e, StatusCode::BAD_REQUEST, Some(param));
+        eprintln!("{path}: {}", e["error"]["message"]);
     }
 }

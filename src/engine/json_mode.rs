@@ -1,6 +1,8 @@
-//! JSON mode (`response_format: {"type": "json_object"}`): a byte-level JSON recogniser that
-//! says, before each token is sampled, which tokens keep the text a prefix of one JSON object,
-//! and when the object is complete (then only a stop token may follow).
+//! JSON mode (`response_format: {"type": "json_object"}` or `"json_schema"`): a byte-level
+//! recogniser that says, before each token is sampled, which tokens keep the text a prefix of
+//! one JSON value the [`Grammar`] allows (any object, or a compiled schema), and when the value
+//! is complete (then only a stop token may follow). Its state is a stack of `Frame`s, one
+//! per open value, walking the grammar's nodes.
 //!
 //! Tokens are judged by their bytes ([`TokenBytes`], plain data the tokenizer's side builds:
 //! `text::Tokenizer::token_bytes`); tokens without bytes (special tokens, parts of a
@@ -11,8 +13,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-/// Deepest nesting of objects and arrays (one bit each in [`JsonState`]'s stack).
-const MAX_DEPTH: u8 = 64;
+use super::json_schema::{Grammar, Node, NodeId, Prop, ANY, ANY_STRING, UNBOUNDED};
+
 /// Longest run of whitespace between tokens of the JSON (a model can otherwise emit
 /// newlines forever while staying valid).
 const MAX_SPACE_RUN: u8 = 32;
@@ -50,39 +52,25 @@ impl TokenBytes {
         )
     }
 
-    /// Bit `id` set for every token whose bytes `state` accepts.
-    pub fn allowed(&self, state: JsonState) -> Vec<u64> {
+    /// Bit `id` set for every token whose bytes `state` accepts under `g`.
+    pub fn allowed(&self, g: &Grammar, state: JsonState) -> Vec<u64> {
+        // Most tokens fail on their first byte: those bytes are tried once each.
+        let mut first = [false; 256];
+        for (b, ok) in first.iter_mut().enumerate() {
+            *ok = state.after_bytes(g, &[b as u8]).is_some();
+        }
         let mut set = vec![0u64; self.bytes.len().div_ceil(64)];
         for (id, b) in self.bytes.iter().enumerate() {
-            if b.as_deref().is_some_and(|b| state.after_bytes(b).is_some()) {
+            let fits = b.as_deref().is_some_and(|b| match b.first() {
+                None => true,
+                Some(&f) => first[usize::from(f)] && state.after_bytes(g, b).is_some(),
+            });
+            if fits {
                 set[id / 64] |= 1 << (id % 64);
             }
         }
         set
     }
-}
-
-/// Where the recogniser is within the JSON text.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Mode {
-    /// Before the top-level value (only `{` or whitespace).
-    Start,
-    /// A value must come (after `:`, `,` in an array, or `[` when `close` allows `]`).
-    Value { close: bool },
-    /// After `{` (`close`: `}` allowed) or `,` in an object: a key must come.
-    Key { close: bool },
-    /// Inside a string; `key` when it is an object key.
-    Str { key: bool, esc: Esc },
-    /// After a key: `:` must come.
-    Colon,
-    /// Inside a number.
-    Num(Num),
-    /// Inside `true`, `false` or `null`: the literal and how much of it is done.
-    Lit { word: &'static [u8], at: u8 },
-    /// After a value: `,` or the closing bracket of the enclosing container.
-    After,
-    /// The top-level object is complete.
-    Done,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -112,12 +100,104 @@ impl Num {
     }
 }
 
-/// The recogniser's state: small and `Copy`, so every candidate token is tried on a copy.
+/// The property index of a free key (an object without declared properties).
+const FREE: u16 = u16::MAX;
+
+/// Where an object is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum ObjAt {
+    /// After `{`: a key or `}`.
+    Open,
+    /// After `,`: a key.
+    Comma,
+    /// Inside a declared key: the lowest-numbered property whose key starts with the bytes so
+    /// far (keys are quoted, so none is a prefix of another), and how many bytes are done.
+    Key { prop: u16, pos: u16 },
+    /// A free key (a string frame above this one).
+    FreeKey,
+    /// After property `prop`'s key: `:`.
+    Colon { prop: u16 },
+    /// After `:`: property `prop`'s value must start.
+    Value { prop: u16 },
+    /// Property `prop`'s value is in the frames above.
+    InValue { prop: u16 },
+    /// After a value: `,` or `}`.
+    After,
+}
+
+/// Where an array is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum ArrAt {
+    /// After `[`: an item or `]`.
+    Open,
+    /// After `,`: an item.
+    Comma,
+    /// An item is in the frames above.
+    InValue,
+    /// After an item: `,` or `]`.
+    After,
+}
+
+/// One open value. Counters (`next`, `count`, `len`) only move where the schema bounds them,
+/// so that equal positions in the text stay equal states (and share a memoised set).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+enum Frame {
+    /// An unused slot.
+    #[default]
+    Empty,
+    /// The whole text: the grammar's root value, then nothing.
+    Root { done: bool },
+    /// An object; properties before `next` are given or skipped.
+    Obj { node: NodeId, next: u16, at: ObjAt },
+    /// An array with `count` items so far.
+    Arr { node: NodeId, count: u16, at: ArrAt },
+    /// A string of `len` characters so far.
+    Str { node: NodeId, len: u16, esc: Esc },
+    /// A number.
+    Num { integer: bool, num: Num },
+    /// One of a node's literal texts: the lowest-numbered one that starts with the bytes so
+    /// far, and how many bytes are done.
+    Lit { node: NodeId, cand: u16, pos: u16 },
+}
+
+impl Frame {
+    /// Whether whitespace may come here (between the tokens of the JSON).
+    fn takes_space(self) -> bool {
+        match self {
+            Frame::Root { done } => !done,
+            Frame::Obj { at, .. } => !matches!(
+                at,
+                ObjAt::Key { .. } | ObjAt::FreeKey | ObjAt::InValue { .. }
+            ),
+            Frame::Arr { at, .. } => at != ArrAt::InValue,
+            _ => false,
+        }
+    }
+}
+
+/// What one byte does to the innermost frame.
+enum Step {
+    /// Consumed: the frame becomes this.
+    Stay(Frame),
+    /// The frame becomes this, and a value of the node starts with the byte.
+    Begin(Frame, NodeId),
+    /// Consumed, and the frame's value is complete.
+    Close,
+    /// Not consumed, but the frame's value is complete (a number or a literal that could
+    /// have gone on): the enclosing frame takes the byte.
+    Retry,
+    /// The byte cannot come here.
+    Reject,
+}
+
+/// Deepest nesting: the root, containers, and a string, number or literal inside.
+const MAX_FRAMES: usize = 32;
+
+/// The recogniser's state: `Copy`, so every candidate token is tried on a copy, and
+/// hashable, so the engine remembers each state's allowed set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct JsonState {
-    mode: Mode,
-    /// Enclosing containers, innermost in bit `depth - 1`: 1 = object, 0 = array.
-    stack: u64,
+    frames: [Frame; MAX_FRAMES],
     depth: u8,
     /// Whitespace bytes in a row outside strings.
     space_run: u8,
@@ -125,10 +205,11 @@ pub struct JsonState {
 
 impl Default for JsonState {
     fn default() -> Self {
+        let mut frames = [Frame::Empty; MAX_FRAMES];
+        frames[0] = Frame::Root { done: false };
         JsonState {
-            mode: Mode::Start,
-            stack: 0,
-            depth: 0,
+            frames,
+            depth: 1,
             space_run: 0,
         }
     }
@@ -138,233 +219,406 @@ fn is_space(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\n' | b'\r')
 }
 
-impl JsonState {
-    /// Whether the top-level object is complete.
-    pub fn is_done(&self) -> bool {
-        self.mode == Mode::Done
-    }
-
-    fn in_object(&self) -> bool {
-        self.depth > 0 && (self.stack >> (self.depth - 1)) & 1 == 1
-    }
-
-    fn open(&mut self, object: bool) -> bool {
-        if self.depth >= MAX_DEPTH {
-            return false;
-        }
-        self.stack = (self.stack & !(1 << self.depth)) | (u64::from(object) << self.depth);
-        self.depth += 1;
-        self.mode = if object {
-            Mode::Key { close: true }
-        } else {
-            Mode::Value { close: true }
-        };
-        true
-    }
-
-    /// A closing bracket: right kind for the innermost container.
-    fn close(&mut self, object: bool) -> bool {
-        if self.depth == 0 || self.in_object() != object {
-            return false;
-        }
-        self.depth -= 1;
-        // Bits above the depth stay clear: equal states compare (and memoise) equal.
-        self.stack &= !(1 << self.depth);
-        self.mode = if self.depth == 0 {
-            Mode::Done
-        } else {
-            Mode::After
-        };
-        true
-    }
-
-    /// A value's first byte (`close`: `]` may end an empty array instead).
-    fn value(&mut self, b: u8, close: bool) -> bool {
-        self.mode = match b {
-            b'{' => return self.open(true),
-            b'[' => return self.open(false),
-            b']' if close => return self.close(false),
-            b'"' => Mode::Str {
-                key: false,
-                esc: Esc::None,
-            },
-            b'-' => Mode::Num(Num::Minus),
-            b'0' => Mode::Num(Num::Zero),
-            b'1'..=b'9' => Mode::Num(Num::Int),
-            b't' => Mode::Lit {
-                word: b"true",
-                at: 1,
-            },
-            b'f' => Mode::Lit {
-                word: b"false",
-                at: 1,
-            },
-            b'n' => Mode::Lit {
-                word: b"null",
-                at: 1,
-            },
-            _ => return false,
-        };
-        true
-    }
-
-    /// After a value: `,`, a closing bracket, or whitespace.
-    fn after(&mut self, b: u8) -> bool {
-        match b {
-            b',' if self.in_object() => self.mode = Mode::Key { close: false },
-            b',' if self.depth > 0 => self.mode = Mode::Value { close: false },
-            b'}' => return self.close(true),
-            b']' => return self.close(false),
-            _ => return false,
-        }
-        true
-    }
-
-    /// Feeds one byte; `false` if the text can no longer be a prefix of a JSON object.
-    pub fn push(&mut self, b: u8) -> bool {
-        let outside_string = !matches!(self.mode, Mode::Str { .. });
-        if outside_string && is_space(b) && !matches!(self.mode, Mode::Num(_) | Mode::Lit { .. }) {
-            if self.mode == Mode::Done || self.space_run >= MAX_SPACE_RUN {
-                return false;
-            }
-            self.space_run += 1;
-            return true;
-        }
-        self.space_run = 0;
-        match self.mode {
-            Mode::Start => b == b'{' && self.open(true),
-            Mode::Value { close } => self.value(b, close),
-            Mode::Key { close } => match b {
-                b'"' => {
-                    self.mode = Mode::Str {
-                        key: true,
-                        esc: Esc::None,
-                    };
-                    true
-                }
-                b'}' if close => self.close(true),
-                _ => false,
-            },
-            Mode::Str { key, esc } => {
-                let esc = match esc {
-                    Esc::None => match b {
-                        b'"' => {
-                            self.mode = if key { Mode::Colon } else { Mode::After };
-                            return true;
-                        }
-                        b'\\' => Esc::Backslash,
-                        0..=0x1F => return false,
-                        _ => Esc::None,
-                    },
-                    Esc::Backslash => match b {
-                        b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => Esc::None,
-                        b'u' => Esc::Hex(4),
-                        _ => return false,
-                    },
-                    Esc::Hex(n) => {
-                        if !b.is_ascii_hexdigit() {
-                            return false;
-                        }
-                        if n > 1 {
-                            Esc::Hex(n - 1)
-                        } else {
-                            Esc::None
-                        }
-                    }
-                };
-                self.mode = Mode::Str { key, esc };
-                true
-            }
-            Mode::Colon => {
-                if b == b':' {
-                    self.mode = Mode::Value { close: false };
-                }
-                b == b':'
-            }
-            Mode::Num(n) => {
-                let next = match (n, b) {
-                    (Num::Minus, b'0') => Num::Zero,
-                    (Num::Minus, b'1'..=b'9') => Num::Int,
-                    (Num::Int, b'0'..=b'9') => Num::Int,
-                    (Num::Zero | Num::Int, b'.') => Num::Dot,
-                    (Num::Dot | Num::Frac, b'0'..=b'9') => Num::Frac,
-                    (Num::Zero | Num::Int | Num::Frac, b'e' | b'E') => Num::E,
-                    (Num::E, b'+' | b'-') => Num::ESign,
-                    (Num::E | Num::ESign | Num::Exp, b'0'..=b'9') => Num::Exp,
-                    // The number ends at its first byte that cannot continue it.
-                    _ if n.complete() => {
-                        self.mode = Mode::After;
-                        return if is_space(b) {
-                            self.space_run = 1;
-                            true
-                        } else {
-                            self.after(b)
-                        };
-                    }
-                    _ => return false,
-                };
-                self.mode = Mode::Num(next);
-                true
-            }
-            Mode::Lit { word, at } => {
-                if word.get(usize::from(at)) != Some(&b) {
-                    return false;
-                }
-                self.mode = if usize::from(at) + 1 == word.len() {
-                    Mode::After
-                } else {
-                    Mode::Lit { word, at: at + 1 }
-                };
-                true
-            }
-            Mode::After => self.after(b),
-            Mode::Done => false,
-        }
-    }
-
-    /// The state after `bytes`, if they keep the text a prefix of a JSON object.
-    pub fn after_bytes(mut self, bytes: &[u8]) -> Option<Self> {
-        bytes.iter().all(|&b| self.push(b)).then_some(self)
+/// The first property a key may name after `next` (the candidates run from `next` to the
+/// first required one), and whether the object may close.
+fn key_range(props: &[Prop], next: u16) -> (std::ops::Range<usize>, bool) {
+    let from = usize::from(next).min(props.len());
+    match props[from..].iter().position(|p| p.required) {
+        Some(r) => (from..from + r + 1, false),
+        None => (from..props.len(), true),
     }
 }
 
-/// One sequence's JSON-mode constraint: the token table and where the text is.
+/// Whether literal `j` continues literal `cand`'s first `pos` bytes with `b`.
+fn lit_continues(lits: &[Box<[u8]>], cand: usize, j: usize, pos: usize, b: u8) -> bool {
+    lits[j].len() > pos && lits[j][..pos] == lits[cand][..pos] && lits[j][pos] == b
+}
+
+impl JsonState {
+    /// Whether the root value is complete (only a stop token may follow).
+    pub fn is_done(&self) -> bool {
+        self.frames[0] == Frame::Root { done: true }
+    }
+
+    /// Whether the text may end here: the root value is complete, or it is a number or a
+    /// literal that could also go on.
+    pub fn can_end(&self, g: &Grammar) -> bool {
+        if self.is_done() {
+            return true;
+        }
+        self.depth == 2
+            && match self.frames[1] {
+                Frame::Num { num, .. } => num.complete(),
+                Frame::Lit { node, cand, pos } => match g.resolve(node).1 {
+                    Node::Literals(l) => {
+                        let (c, p) = (usize::from(cand), usize::from(pos));
+                        l.iter().any(|t| t.len() == p && t[..] == l[c][..p])
+                    }
+                    _ => false,
+                },
+                _ => false,
+            }
+    }
+
+    fn top(&mut self) -> &mut Frame {
+        &mut self.frames[usize::from(self.depth) - 1]
+    }
+
+    fn open(&mut self, f: Frame) -> bool {
+        if usize::from(self.depth) >= MAX_FRAMES {
+            return false;
+        }
+        self.frames[usize::from(self.depth)] = f;
+        self.depth += 1;
+        true
+    }
+
+    /// Ends the innermost value; its container moves past it.
+    fn pop(&mut self, g: &Grammar) {
+        self.depth -= 1;
+        // Unused slots stay clear: equal states compare (and memoise) equal.
+        self.frames[usize::from(self.depth)] = Frame::Empty;
+        match self.top() {
+            Frame::Root { done } => *done = true,
+            Frame::Obj { next, at, .. } => {
+                *at = match *at {
+                    ObjAt::FreeKey => ObjAt::Colon { prop: FREE },
+                    ObjAt::InValue { prop } => {
+                        if prop != FREE {
+                            *next = prop + 1;
+                        }
+                        ObjAt::After
+                    }
+                    other => other,
+                }
+            }
+            Frame::Arr { node, count, at } => {
+                if let Node::Array { min, max, .. } = g.resolve(*node).1 {
+                    if *min > 0 || *max != UNBOUNDED {
+                        *count = count.saturating_add(1);
+                    }
+                }
+                *at = ArrAt::After;
+            }
+            _ => {}
+        }
+    }
+
+    /// Starts a value of `node` with its first byte.
+    fn begin(&mut self, g: &Grammar, node: NodeId, b: u8) -> bool {
+        let (id, n) = g.resolve(node);
+        match n {
+            Node::OneOf(alts) => alts
+                .iter()
+                .find(|&&a| g.can_start(a, b))
+                .is_some_and(|&a| self.begin(g, a, b)),
+            Node::Object { .. } => {
+                b == b'{'
+                    && self.open(Frame::Obj {
+                        node: id,
+                        next: 0,
+                        at: ObjAt::Open,
+                    })
+            }
+            Node::Array { .. } => {
+                b == b'['
+                    && self.open(Frame::Arr {
+                        node: id,
+                        count: 0,
+                        at: ArrAt::Open,
+                    })
+            }
+            Node::String { .. } => {
+                b == b'"'
+                    && self.open(Frame::Str {
+                        node: id,
+                        len: 0,
+                        esc: Esc::None,
+                    })
+            }
+            Node::Number { integer } => {
+                let num = match b {
+                    b'-' => Num::Minus,
+                    b'0' => Num::Zero,
+                    b'1'..=b'9' => Num::Int,
+                    _ => return false,
+                };
+                self.open(Frame::Num {
+                    integer: *integer,
+                    num,
+                })
+            }
+            Node::Literals(l) => {
+                let Some(cand) = l.iter().position(|t| t.first() == Some(&b)) else {
+                    return false;
+                };
+                if !self.open(Frame::Lit {
+                    node: id,
+                    cand: cand as u16,
+                    pos: 0,
+                }) {
+                    return false;
+                }
+                let top = *self.top();
+                match self.step(g, top, b) {
+                    Step::Stay(f) => *self.top() = f,
+                    _ => self.pop(g),
+                }
+                true
+            }
+            Node::Alias(_) => false,
+        }
+    }
+
+    /// What `b` does to frame `f` (the innermost).
+    fn step(&self, g: &Grammar, f: Frame, b: u8) -> Step {
+        match f {
+            Frame::Empty | Frame::Root { done: true } => Step::Reject,
+            Frame::Root { done: false } => Step::Begin(f, g.root),
+            Frame::Obj { node, next, at } => {
+                let Node::Object { props, extra } = g.resolve(node).1 else {
+                    return Step::Reject;
+                };
+                let (range, can_close) = key_range(props, next);
+                let obj = |at| Frame::Obj { node, next, at };
+                let key_start = || {
+                    if !range.is_empty() {
+                        Step::Stay(obj(ObjAt::Key {
+                            prop: range.start as u16,
+                            pos: 1,
+                        }))
+                    } else if props.is_empty() && extra.is_some() {
+                        Step::Begin(obj(ObjAt::FreeKey), ANY_STRING)
+                    } else {
+                        Step::Reject
+                    }
+                };
+                match (at, b) {
+                    (ObjAt::Open, b'}') if can_close => Step::Close,
+                    (ObjAt::Open | ObjAt::Comma, b'"') => key_start(),
+                    (ObjAt::Key { prop, pos }, _) => {
+                        let (p, pos) = (usize::from(prop), usize::from(pos));
+                        let keys = |j: usize| &props[j].key[..];
+                        match range.clone().find(|&j| {
+                            keys(j).len() > pos
+                                && keys(j)[..pos] == keys(p)[..pos]
+                                && keys(j)[pos] == b
+                        }) {
+                            Some(j) if keys(j).len() == pos + 1 => {
+                                Step::Stay(obj(ObjAt::Colon { prop: j as u16 }))
+                            }
+                            Some(j) => Step::Stay(obj(ObjAt::Key {
+                                prop: j as u16,
+                                pos: pos as u16 + 1,
+                            })),
+                            None => Step::Reject,
+                        }
+                    }
+                    (ObjAt::Colon { prop }, b':') => Step::Stay(obj(ObjAt::Value { prop })),
+                    (ObjAt::Value { prop }, _) => {
+                        let value = if prop == FREE {
+                            extra.unwrap_or(ANY)
+                        } else {
+                            props[usize::from(prop)].value
+                        };
+                        Step::Begin(obj(ObjAt::InValue { prop }), value)
+                    }
+                    (ObjAt::After, b',')
+                        if !range.is_empty() || props.is_empty() && extra.is_some() =>
+                    {
+                        Step::Stay(obj(ObjAt::Comma))
+                    }
+                    (ObjAt::After, b'}') if can_close => Step::Close,
+                    _ => Step::Reject,
+                }
+            }
+            Frame::Arr { node, count, at } => {
+                let Node::Array { items, min, max } = *g.resolve(node).1 else {
+                    return Step::Reject;
+                };
+                let arr = |at| Frame::Arr { node, count, at };
+                match (at, b) {
+                    (ArrAt::Open, b']') if min == 0 => Step::Close,
+                    (ArrAt::Open, _) if max > 0 => Step::Begin(arr(ArrAt::InValue), items),
+                    (ArrAt::Comma, _) => Step::Begin(arr(ArrAt::InValue), items),
+                    (ArrAt::After, b',') if u32::from(count) < max => Step::Stay(arr(ArrAt::Comma)),
+                    (ArrAt::After, b']') if u32::from(count) >= min => Step::Close,
+                    _ => Step::Reject,
+                }
+            }
+            Frame::Str { node, len, esc } => {
+                let Node::String { min, max } = *g.resolve(node).1 else {
+                    return Step::Reject;
+                };
+                let bounded = min > 0 || max != UNBOUNDED;
+                // A character starts here: counted where the schema bounds the length.
+                let new_char = |esc| {
+                    if !bounded {
+                        Step::Stay(Frame::Str { node, len, esc })
+                    } else if u32::from(len) >= max {
+                        Step::Reject
+                    } else {
+                        Step::Stay(Frame::Str {
+                            node,
+                            len: len.saturating_add(1),
+                            esc,
+                        })
+                    }
+                };
+                let stay = |esc| Step::Stay(Frame::Str { node, len, esc });
+                match esc {
+                    Esc::None => match b {
+                        b'"' if u32::from(len) >= min => Step::Close,
+                        b'"' | 0..=0x1F => Step::Reject,
+                        b'\\' => new_char(Esc::Backslash),
+                        // UTF-8 continuation bytes belong to the character before.
+                        0x80..=0xBF => stay(Esc::None),
+                        _ => new_char(Esc::None),
+                    },
+                    Esc::Backslash => match b {
+                        b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => stay(Esc::None),
+                        b'u' => stay(Esc::Hex(4)),
+                        _ => Step::Reject,
+                    },
+                    Esc::Hex(n) if b.is_ascii_hexdigit() => {
+                        stay(if n > 1 { Esc::Hex(n - 1) } else { Esc::None })
+                    }
+                    Esc::Hex(_) => Step::Reject,
+                }
+            }
+            Frame::Num { integer, num } => {
+                let next = match (num, b) {
+                    (Num::Minus, b'0') => Num::Zero,
+                    (Num::Minus, b'1'..=b'9') => Num::Int,
+                    (Num::Int, b'0'..=b'9') => Num::Int,
+                    (Num::Zero | Num::Int, b'.') if !integer => Num::Dot,
+                    (Num::Dot | Num::Frac, b'0'..=b'9') => Num::Frac,
+                    (Num::Zero | Num::Int | Num::Frac, b'e' | b'E') if !integer => Num::E,
+                    (Num::E, b'+' | b'-') => Num::ESign,
+                    (Num::E | Num::ESign | Num::Exp, b'0'..=b'9') => Num::Exp,
+                    // The number ends at its first byte that cannot continue it.
+                    _ if num.complete() => return Step::Retry,
+                    _ => return Step::Reject,
+                };
+                Step::Stay(Frame::Num { integer, num: next })
+            }
+            Frame::Lit { node, cand, pos } => {
+                let Node::Literals(l) = g.resolve(node).1 else {
+                    return Step::Reject;
+                };
+                let (c, p) = (usize::from(cand), usize::from(pos));
+                match (0..l.len()).find(|&j| lit_continues(l, c, j, p, b)) {
+                    Some(j) => {
+                        // Complete, and no other literal goes on from here: the value ends.
+                        let longer =
+                            (0..l.len()).any(|k| l[k].len() > p + 1 && l[k][..=p] == l[j][..=p]);
+                        if l[j].len() == p + 1 && !longer {
+                            Step::Close
+                        } else {
+                            Step::Stay(Frame::Lit {
+                                node,
+                                cand: j as u16,
+                                pos: pos + 1,
+                            })
+                        }
+                    }
+                    None if l.iter().any(|t| t.len() == p && t[..] == l[c][..p]) => Step::Retry,
+                    None => Step::Reject,
+                }
+            }
+        }
+    }
+
+    /// Feeds one byte; `false` if the text can no longer be a prefix of a value `g` allows.
+    pub fn push(&mut self, g: &Grammar, b: u8) -> bool {
+        loop {
+            let top = *self.top();
+            if is_space(b) && top.takes_space() {
+                if self.space_run >= MAX_SPACE_RUN {
+                    return false;
+                }
+                self.space_run += 1;
+                return true;
+            }
+            match self.step(g, top, b) {
+                Step::Stay(f) => *self.top() = f,
+                Step::Begin(f, node) => {
+                    *self.top() = f;
+                    if !self.begin(g, node, b) {
+                        return false;
+                    }
+                }
+                Step::Close => self.pop(g),
+                Step::Retry => {
+                    self.pop(g);
+                    continue;
+                }
+                Step::Reject => return false,
+            }
+            self.space_run = 0;
+            return true;
+        }
+    }
+
+    /// The state after `bytes`, if they keep the text a prefix of a value `g` allows.
+    pub fn after_bytes(mut self, g: &Grammar, bytes: &[u8]) -> Option<Self> {
+        bytes.iter().all(|&b| self.push(g, b)).then_some(self)
+    }
+}
+
+/// What a memoised allowed set depends on: the token table, the grammar and the state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MaskKey {
+    tokens: u64,
+    grammar: u64,
+    state: JsonState,
+}
+
+/// One sequence's JSON-mode constraint: the token table, the grammar (a schema, or any
+/// object) and where the text is.
 #[derive(Debug, Clone)]
 pub struct JsonConstraint {
     tokens: Arc<TokenBytes>,
+    grammar: Arc<Grammar>,
     state: JsonState,
 }
 
 impl JsonConstraint {
     /// At the start of the generated text.
-    pub fn new(tokens: Arc<TokenBytes>) -> Self {
+    pub fn new(tokens: Arc<TokenBytes>, grammar: Arc<Grammar>) -> Self {
         JsonConstraint {
             tokens,
+            grammar,
             state: JsonState::default(),
         }
     }
 
-    /// Whether the object is complete (only a stop token may follow).
+    /// Whether the value is complete (only a stop token may follow).
     pub fn is_done(&self) -> bool {
         self.state.is_done()
     }
 
-    /// What the allowed set depends on — the table and the state — while the object is open.
-    pub fn key(&self) -> Option<(u64, JsonState)> {
-        (!self.is_done()).then_some((self.tokens.id, self.state))
+    /// What the allowed set depends on, while the value is open.
+    pub fn key(&self) -> Option<MaskKey> {
+        (!self.is_done()).then_some(MaskKey {
+            tokens: self.tokens.id,
+            grammar: self.grammar.id,
+            state: self.state,
+        })
     }
 
     /// The allowed set of the current state, computed (not remembered).
     pub fn allowed(&self) -> Vec<u64> {
-        self.tokens.allowed(self.state)
+        self.tokens.allowed(&self.grammar, self.state)
     }
 
-    /// Sets the logits of every token that cannot come next to −∞: once the object is
-    /// complete all but `stop_ids`, before that the stop ids and every token whose bytes
-    /// would break the JSON. Should no token fit (a vocabulary without the needed bytes),
-    /// the stop ids stay allowed: the text ends rather than breaking the JSON.
+    /// Sets the logits of every token that cannot come next to −∞: once the value is
+    /// complete all but `stop_ids`, before that every token whose bytes would break it, and
+    /// the stop ids unless the text may end here (a top-level number). Should no token fit
+    /// (a vocabulary without the needed bytes), the stop ids stay allowed: the text ends
+    /// rather than breaking the JSON.
     /// `allowed`: the state's set ([`Self::allowed`], remembered by the caller); ignored once
-    /// the object is complete.
+    /// the value is complete.
     pub fn mask(&self, logits: &mut [f32], stop_ids: &[u32], allowed: &[u64]) {
         let done = self.state.is_done();
         let fits = |id: usize| {
@@ -373,10 +627,10 @@ impl JsonConstraint {
                     .get(id / 64)
                     .is_some_and(|w| w >> (id % 64) & 1 == 1)
         };
-        let stuck = !done && !(0..logits.len()).any(fits);
+        let stop_ok = self.state.can_end(&self.grammar) || !(0..logits.len()).any(fits);
         for (id, l) in logits.iter_mut().enumerate() {
             let ok = if stop_ids.contains(&(id as u32)) {
-                done || stuck
+                stop_ok
             } else {
                 fits(id)
             };
@@ -389,7 +643,7 @@ impl JsonConstraint {
     /// Moves past a sampled token (stop tokens change nothing).
     pub fn advance(&mut self, id: u32) {
         if let Some(Some(b)) = self.tokens.bytes.get(id as usize) {
-            if let Some(s) = self.state.after_bytes(b) {
+            if let Some(s) = self.state.after_bytes(&self.grammar, b) {
                 self.state = s;
             }
         }
@@ -401,7 +655,11 @@ mod tests {
     use super::*;
 
     fn accepts(text: &str) -> Option<JsonState> {
-        JsonState::default().after_bytes(text.as_bytes())
+        accepts_bytes(text.as_bytes())
+    }
+
+    fn accepts_bytes(bytes: &[u8]) -> Option<JsonState> {
+        JsonState::default().after_bytes(&Grammar::any_object(), bytes)
     }
 
     #[test]
@@ -418,7 +676,7 @@ mod tests {
             assert!(s.is_done(), "not complete: {t}");
             // Every prefix (bytes) is accepted and, but for the whole, incomplete.
             for i in 0..t.len() {
-                let p = JsonState::default().after_bytes(&t.as_bytes()[..i]);
+                let p = accepts_bytes(&t.as_bytes()[..i]);
                 let p = p.unwrap_or_else(|| panic!("{t}: prefix of {i} bytes rejected"));
                 assert!(!p.is_done(), "{t} done after {i} bytes");
             }
@@ -461,7 +719,8 @@ mod tests {
         assert!(accepts(&ok).is_some_and(|s| s.is_done()));
         let long = format!("{{{}\"a\": 1}}", " ".repeat(MAX_SPACE_RUN as usize + 1));
         assert!(accepts(&long).is_none());
-        let deep = format!("{{\"a\": {}", "[".repeat(MAX_DEPTH as usize - 1));
+        // The root frame and the object's, then arrays up to the limit.
+        let deep = format!("{{\"a\": {}", "[".repeat(MAX_FRAMES - 2));
         assert!(accepts(&deep).is_some());
         assert!(accepts(&(deep + "[")).is_none());
     }
@@ -481,7 +740,7 @@ mod tests {
             Some("<|end|>"),
             None,
         ]));
-        let mut c = JsonConstraint::new(table);
+        let mut c = JsonConstraint::new(table, Arc::new(Grammar::any_object()));
         let allowed = |c: &JsonConstraint| {
             let mut l = vec![0f32; 10];
             c.mask(&mut l, &[8], &c.allowed());
@@ -501,15 +760,18 @@ mod tests {
         }
         assert!(c.is_done());
         // A table where nothing fits after `{`: the stop token ends the text.
-        let stuck = JsonConstraint::new(Arc::new(TokenBytes::from_texts(&[Some("{"), None])));
+        let stuck = JsonConstraint::new(
+            Arc::new(TokenBytes::from_texts(&[Some("{"), None])),
+            Arc::new(Grammar::any_object()),
+        );
         let mut c = stuck.clone();
         c.advance(0);
         let mut l = vec![0f32; 2];
         c.mask(&mut l, &[1], &c.allowed());
         assert_eq!(l, vec![f32::NEG_INFINITY, 0.0]);
         // Closing an object leaves the same state as never having opened it.
-        let a = JsonState::default().after_bytes(br#"{"a": {"x": 1}, "b": 2"#);
-        let b = JsonState::default().after_bytes(br#"{"a": 1, "b": 2"#);
+        let a = accepts(r#"{"a": {"x": 1}, "b": 2"#);
+        let b = accepts(r#"{"a": 1, "b": 2"#);
         assert_eq!(a, b);
     }
 }

@@ -8,6 +8,7 @@
 
 pub mod block_pool;
 pub mod json_mode;
+pub mod json_schema;
 pub mod request;
 pub mod sampler;
 pub mod scheduler;

@@ -9,7 +9,7 @@ use crate::model::{ForwardBatch, KvCache, Model, TokenId};
 use std::collections::HashMap;
 
 use super::block_pool::BlockPool;
-use super::json_mode::JsonState;
+use super::json_mode::MaskKey;
 use super::request::{EngineError, Event, FinishReason, TokenLogprob, Usage};
 use super::sampler::{log_softmax, top_logprobs};
 use super::scheduler::{ScheduledBatch, Scheduler, SchedulerConfig, WindowPool};
@@ -29,7 +29,7 @@ pub struct EngineCore {
     /// JSON mode: the tokens each recogniser state allows, per token table, remembered
     /// (trying every token's bytes takes milliseconds; generation keeps returning to the same
     /// few states).
-    json_masks: HashMap<(u64, JsonState), Vec<u64>>,
+    json_masks: HashMap<MaskKey, Vec<u64>>,
 }
 
 /// JSON-mode states remembered before the memo starts over (6 KB each for a 49k vocabulary).
@@ -304,7 +304,7 @@ impl EngineCore {
     /// Makes sure the memo holds the allowed set of every sampling JSON-mode sequence's state
     /// (`row_of`: the sequences that sample this step); new sets are computed on the pool.
     fn remember_json_masks(&mut self, row_of: &[Option<usize>]) {
-        let mut missing: Vec<((u64, JsonState), &super::json_mode::JsonConstraint)> = Vec::new();
+        let mut missing: Vec<(MaskKey, &super::json_mode::JsonConstraint)> = Vec::new();
         for (seq, _) in self
             .scheduler
             .running
@@ -324,7 +324,7 @@ impl EngineCore {
         if self.json_masks.len() + missing.len() > MAX_JSON_MASKS {
             self.json_masks.clear();
         }
-        let sets: Vec<((u64, JsonState), Vec<u64>)> = {
+        let sets: Vec<(MaskKey, Vec<u64>)> = {
             use rayon::prelude::*;
             self.threads
                 .install(|| missing.par_iter().map(|(k, c)| (*k, c.allowed())).collect())

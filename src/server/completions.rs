@@ -184,7 +184,7 @@ fn start(loaded: &Loaded, app: &AppState, job: &Job) -> Result<Vec<TextEvents>, 
             adapter: job.adapter.clone(),
             top_logprobs,
             prompt_logprobs,
-            json: job.common.json_object.then(|| loaded.json_constraint()),
+            json: job.common.json.clone().map(|g| loaded.json_constraint(g)),
         };
         let generation = loaded.engine.submit(request)?;
         choices.push(

@@ -4,6 +4,7 @@
 //! `TextEvents` → a JSON body, SSE events (llama.cpp) or newline-delimited JSON (Ollama).
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
@@ -15,11 +16,12 @@ use futures::stream;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::engine::json_schema::Grammar;
 use crate::engine::{GenerateRequest, SamplingParams};
 use crate::text::fim::{self, ExtraFile, FimInput};
 
 use super::error::{ApiError, AppJson};
-use super::openai::parse_body;
+use super::openai::{parse_body, schema_grammar};
 use super::stream::{TextEvent, TextEvents, TokenInfo};
 use super::{AppState, Loaded};
 
@@ -68,6 +70,12 @@ struct LlamaRequest {
     /// Alternatives to report with each generated token (`completion_probabilities`).
     #[serde(default)]
     n_probs: Option<i64>,
+    /// JSON mode following this schema.
+    #[serde(default)]
+    json_schema: Option<Value>,
+    /// GBNF grammar (not supported: a 400 rather than unconstrained text).
+    #[serde(default)]
+    grammar: Option<String>,
     #[serde(flatten)]
     sampling: RawSampling,
 }
@@ -95,7 +103,7 @@ struct OllamaRequest {
     stream: Option<bool>,
     #[serde(default)]
     options: Option<OllamaOptions>,
-    /// `"json"`: JSON mode (a JSON schema object is not supported).
+    /// `"json"`: JSON mode; a JSON schema object: JSON mode following it.
     #[serde(default)]
     format: Option<Value>,
 }
@@ -185,8 +193,23 @@ struct Plan {
     adapter: Option<String>,
     /// Alternatives per generated token, when `n_probs` asked for probabilities.
     n_probs: Option<usize>,
-    /// JSON mode (Ollama's `format: "json"`).
-    json: bool,
+    /// JSON mode: the grammar the text follows.
+    json: Option<Arc<Grammar>>,
+}
+
+/// llama.cpp's `json_schema` (as there, `{}` allows any JSON value); a GBNF `grammar` is
+/// refused.
+fn llama_json(req: &LlamaRequest) -> Result<Option<Arc<Grammar>>, ApiError> {
+    if req.grammar.as_deref().is_some_and(|g| !g.trim().is_empty()) {
+        return Err(ApiError::invalid(
+            "grammar",
+            "GBNF grammars are not supported; `json_schema` constrains the output to JSON",
+        ));
+    }
+    match &req.json_schema {
+        None | Some(Value::Null) => Ok(None),
+        Some(s) => schema_grammar(s, "json_schema").map(Some),
+    }
 }
 
 /// llama.cpp's `n_probs`: 0 (or absent) for none, at most the engine's limit.
@@ -301,7 +324,7 @@ fn start(app: &AppState, loaded: &Loaded, plan: Plan) -> Result<TextEvents, ApiE
         adapter: plan.adapter,
         top_logprobs: plan.n_probs,
         prompt_logprobs: None,
-        json: plan.json.then(|| loaded.json_constraint()),
+        json: plan.json.map(|g| loaded.json_constraint(g)),
     })?;
     let deadline = app.config().request_timeout.map(|t| Instant::now() + t);
     Ok(TextEvents::new(
@@ -544,7 +567,7 @@ pub async fn infill(
         fim_mode: Some(built.mode),
         adapter: loaded.resolve_model(req.model.as_deref())?,
         n_probs: n_probs(req.n_probs)?,
-        json: false,
+        json: llama_json(&req)?,
     };
     respond_llama(
         app.clone(),
@@ -605,7 +628,7 @@ pub async fn completion(
         fim_mode,
         adapter: loaded.resolve_model(req.model.as_deref())?,
         n_probs: n_probs(req.n_probs)?,
-        json: false,
+        json: llama_json(&req)?,
     };
     respond_llama(
         app.clone(),
@@ -708,13 +731,14 @@ pub async fn ollama_generate(
         adapter: adapter.clone(),
         n_probs: None,
         json: match &req.format {
-            None => false,
-            Some(f) if f == "json" => true,
-            Some(f) if f.is_string() && f.as_str().is_some_and(str::is_empty) => false,
+            None => None,
+            Some(f) if f == "json" => Some(Arc::new(Grammar::any_object())),
+            Some(f) if f.as_str().is_some_and(str::is_empty) => None,
+            Some(f) if f.is_object() => Some(schema_grammar(f, "format")?),
             Some(_) => {
                 return Err(ApiError::invalid(
                     "format",
-                    "`format` must be \"json\" (JSON schemas are not supported)",
+                    "`format` must be \"json\" or a JSON schema object",
                 ))
             }
         },

@@ -122,15 +122,18 @@ impl Loaded {
         })
     }
 
-    /// A fresh JSON-mode constraint; every token's bytes are built on first use (a decode
-    /// per vocabulary entry) and shared after.
-    pub fn json_constraint(&self) -> crate::engine::json_mode::JsonConstraint {
+    /// A fresh JSON-mode constraint for `grammar`; every token's bytes are built on first
+    /// use (a decode per vocabulary entry) and shared after.
+    pub fn json_constraint(
+        &self,
+        grammar: Arc<crate::engine::json_schema::Grammar>,
+    ) -> crate::engine::json_mode::JsonConstraint {
         let bytes = self.token_bytes.get_or_init(|| {
             Arc::new(crate::engine::json_mode::TokenBytes::new(
                 self.tokenizer.token_bytes(),
             ))
         });
-        crate::engine::json_mode::JsonConstraint::new(bytes.clone())
+        crate::engine::json_mode::JsonConstraint::new(bytes.clone(), grammar)
     }
 
     /// Enables the fine-tuning API with these jobs.

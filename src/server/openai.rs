@@ -3,10 +3,12 @@
 //! are 400s that name the field.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::engine::json_schema::Grammar;
 use crate::engine::{SamplingParams, MAX_TOP_LOGPROBS};
 
 use super::error::ApiError;
@@ -78,7 +80,8 @@ pub struct CommonFields {
     pub stream_options: Option<StreamOptions>,
     /// End-user id (accepted, logged nowhere).
     pub user: Option<String>,
-    /// `{"type": "text"}` (the default) or `{"type": "json_object"}` (JSON mode).
+    /// `{"type": "text"}` (the default), `{"type": "json_object"}` (JSON mode) or
+    /// `{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`.
     pub response_format: Option<serde_json::Value>,
 }
 
@@ -218,8 +221,8 @@ pub struct ValidCommon {
     pub stream: bool,
     /// Final usage chunk.
     pub include_usage: bool,
-    /// JSON mode: the text is one JSON object.
-    pub json_object: bool,
+    /// JSON mode: the text is one JSON value of this grammar (any object, or a schema's).
+    pub json: Option<Arc<Grammar>>,
 }
 
 fn check(ok: bool, param: &str, message: &str) -> Result<(), ApiError> {
@@ -314,25 +317,12 @@ impl CommonFields {
             "stop",
             "`stop` strings must not be empty",
         )?;
-        let json_object = match self.response_format.as_ref().map(|f| f.get("type")) {
-            None => false,
-            Some(Some(t)) if t == "text" => false,
-            Some(Some(t)) if t == "json_object" => true,
-            Some(Some(t)) if t == "json_schema" => {
-                return Err(ApiError::invalid(
-                    "response_format",
-                    "`json_schema` is not supported; `json_object` gives JSON without a schema",
-                ))
-            }
-            _ => {
-                return Err(ApiError::invalid(
-                    "response_format",
-                    "`response_format.type` must be `text` or `json_object`",
-                ))
-            }
+        let json = match &self.response_format {
+            None => None,
+            Some(f) => response_format(f)?,
         };
         Ok(ValidCommon {
-            json_object,
+            json,
             sampling: SamplingParams {
                 temperature,
                 top_k: top_k.max(0) as usize,
@@ -354,6 +344,40 @@ impl CommonFields {
                 .is_some_and(|o| o.include_usage),
         })
     }
+}
+
+/// OpenAI's `response_format` (llama.cpp's `{"type": "json_object", "schema"}` too): the
+/// grammar JSON mode follows, `None` for plain text.
+fn response_format(f: &Value) -> Result<Option<Arc<Grammar>>, ApiError> {
+    let param = "response_format";
+    let schema = |s: Option<&Value>| match s {
+        None => Ok(Some(Arc::new(Grammar::any_object()))),
+        Some(s) => Grammar::from_schema(s)
+            .map(|g| Some(Arc::new(g)))
+            .map_err(|e| ApiError::invalid(param, format!("unsupported JSON schema: {e}"))),
+    };
+    match f.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => schema(f.get("schema")),
+        Some("json_schema") => match f.get("json_schema") {
+            Some(Value::Object(j)) => schema(j.get("schema")),
+            _ => Err(ApiError::invalid(
+                param,
+                "`response_format.json_schema` must be an object with the `schema`",
+            )),
+        },
+        _ => Err(ApiError::invalid(
+            param,
+            "`response_format.type` must be `text`, `json_object` or `json_schema`",
+        )),
+    }
+}
+
+/// A JSON schema given directly (llama.cpp's `json_schema`, Ollama's `format` object).
+pub fn schema_grammar(schema: &Value, param: &str) -> Result<Arc<Grammar>, ApiError> {
+    Grammar::from_schema(schema)
+        .map(Arc::new)
+        .map_err(|e| ApiError::invalid(param, format!("unsupported JSON schema: {e}")))
 }
 
 /// Checks `logprobs` / `top_logprobs` counts.

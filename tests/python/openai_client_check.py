@@ -82,6 +82,39 @@ j = client.chat.completions.create(
 assert j.choices[0].finish_reason == "stop", j
 assert isinstance(json.loads(j.choices[0].message.content), dict), j
 
+# Structured outputs: the client turns a pydantic model into a strict `json_schema` (with
+# `$defs`, `$ref`, enums and `anyOf` null) and parses the answer back into the model.
+import enum
+from typing import Optional
+
+import pydantic
+
+
+class Language(str, enum.Enum):
+    english = "English"
+    french = "French"
+    german = "German"
+
+
+class Person(pydantic.BaseModel):
+    name: str
+    age: int
+    languages: list[Language]
+    employer: Optional[str]
+
+
+parse = getattr(client.chat.completions, "parse", None) or client.beta.chat.completions.parse
+p = parse(
+    model=MODEL,
+    messages=[{"role": "user", "content": "Marie is a 34-year-old engineer from Lyon who speaks "
+               "French and English. Give her details."}],
+    max_tokens=200, temperature=0, response_format=Person,
+)
+person = p.choices[0].message.parsed
+assert isinstance(person, Person), p
+assert person.name == "Marie" and person.age == 34, person
+assert p.choices[0].message.content.startswith('{"name": '), p  # the schema's key order
+
 # Errors surface as the right exception classes with our messages.
 try:
     client.completions.create(model=MODEL, prompt="hi", temperature=-1)

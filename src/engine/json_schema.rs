@@ -1,0 +1,815 @@
+//! JSON Schema → the grammar JSON mode follows (`response_format: {"type": "json_schema"}`).
+//!
+//! A schema is compiled into a small graph of `Node`s that the recogniser in
+//! [`super::json_mode`] walks byte by byte. What is generated is always a valid instance of the
+//! schema, but not every valid instance can be generated: objects give their declared
+//! properties in the schema's order (required ones always, optional ones when the model
+//! chooses), never others — which is what OpenAI's strict structured outputs, llama.cpp and
+//! vLLM do too. Keywords that constrain values in ways the recogniser cannot follow (`pattern`,
+//! `minimum`, …) are refused rather than silently ignored; `format` is an annotation (as JSON
+//! Schema 2020-12 defines it by default) and not enforced.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::OnceLock;
+
+use serde_json::Value;
+
+fn json_string(s: &str) -> String {
+    Value::String(s.to_owned()).to_string()
+}
+
+/// Index of a node in a [`Grammar`].
+pub type NodeId = u16;
+
+/// No upper bound (`maxLength`, `maxItems`).
+pub(crate) const UNBOUNDED: u32 = u32::MAX;
+
+/// Any JSON value.
+pub(crate) const ANY: NodeId = 0;
+/// Any JSON object.
+pub(crate) const ANY_OBJECT: NodeId = 1;
+/// Any string (also every key of a free object).
+pub(crate) const ANY_STRING: NodeId = 3;
+const ANY_ARRAY: NodeId = 2;
+const ANY_NUMBER: NodeId = 4;
+const ANY_LITERAL: NodeId = 5;
+
+/// Most nodes one schema compiles to.
+const MAX_NODES: usize = 4096;
+
+/// One declared property of an object.
+#[derive(Debug, Hash)]
+pub(crate) struct Prop {
+    /// The key as JSON text, quotes included (what the model must write).
+    pub key: Box<[u8]>,
+    pub value: NodeId,
+    pub required: bool,
+}
+
+/// What a value must be.
+#[derive(Debug, Hash)]
+pub(crate) enum Node {
+    /// `{…}`: the declared properties in order; with none, `extra` (when set) is the schema
+    /// of any number of free keys' values (`additionalProperties`).
+    Object {
+        props: Vec<Prop>,
+        extra: Option<NodeId>,
+    },
+    /// `[…]` of `items`, between `min` and `max` of them.
+    Array { items: NodeId, min: u32, max: u32 },
+    /// A string of `min` to `max` characters.
+    String { min: u32, max: u32 },
+    /// A number (`integer`: no fraction or exponent).
+    Number { integer: bool },
+    /// One of these JSON texts exactly (`enum`, `const`, `true`/`false`, `null`).
+    Literals(Vec<Box<[u8]>>),
+    /// One of these, told apart by their first byte.
+    OneOf(Vec<NodeId>),
+    /// The same as another node (a `$ref`).
+    Alias(NodeId),
+}
+
+/// A compiled schema: what JSON mode lets the model write.
+#[derive(Debug)]
+pub struct Grammar {
+    /// Names this grammar in the engine's memo of allowed sets: a hash of what it allows
+    /// (keyed per process), so requests with the same schema share their sets.
+    pub(crate) id: u64,
+    pub(crate) nodes: Vec<Node>,
+    pub(crate) root: NodeId,
+    /// Each node's possible first bytes (a 256-bit set).
+    first: Vec<[u64; 4]>,
+}
+
+/// Why a schema cannot be followed, and where in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SchemaError {
+    /// JSON pointer of the offending part (`#/properties/age`).
+    pub path: String,
+    /// What is wrong there.
+    pub message: String,
+}
+
+impl std::fmt::Display for SchemaError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (at `{}`)", self.message, self.path)
+    }
+}
+
+impl std::error::Error for SchemaError {}
+
+/// Keywords that restrict values in ways not followed: refused so no client is told its
+/// constraint holds when it does not.
+const UNSUPPORTED: &[&str] = &[
+    "pattern",
+    "patternProperties",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "multipleOf",
+    "minProperties",
+    "maxProperties",
+    "uniqueItems",
+    "contains",
+    "minContains",
+    "maxContains",
+    "prefixItems",
+    "not",
+    "if",
+    "then",
+    "else",
+    "dependentRequired",
+    "dependentSchemas",
+    "dependencies",
+    "propertyNames",
+    "unevaluatedProperties",
+    "unevaluatedItems",
+    "$dynamicRef",
+    "$recursiveRef",
+];
+
+fn first_of(bytes: &[u8]) -> [u64; 4] {
+    let mut set = [0u64; 4];
+    for &b in bytes {
+        set[usize::from(b / 64)] |= 1 << (b % 64);
+    }
+    set
+}
+
+impl Grammar {
+    /// JSON mode without a schema: any JSON object.
+    pub fn any_object() -> Grammar {
+        let mut g = Grammar::new(base_nodes(), ANY_OBJECT);
+        g.first = compute_first(&g.nodes).unwrap_or_default();
+        g
+    }
+
+    /// Compiles a JSON Schema (draft 2020-12 / OpenAI structured outputs subset: `type`
+    /// (one or a list), `properties`, `required`, `additionalProperties`, `items`,
+    /// `minItems`, `maxItems`, `minLength`, `maxLength`, `enum`, `const`, `anyOf`, `oneOf`,
+    /// a one-element `allOf`, local `$ref`s (`#/$defs/…`, `#/definitions/…`, `#`, recursion
+    /// included); annotations such as `title`, `description`, `default` and `format` are
+    /// ignored).
+    pub fn from_schema(schema: &Value) -> Result<Grammar, SchemaError> {
+        let mut c = Compiler {
+            root: schema,
+            nodes: base_nodes(),
+            refs: HashMap::new(),
+            one_of_paths: Vec::new(),
+        };
+        let root = c.node(schema, "#", 0)?;
+        let mut g = Grammar::new(c.nodes, root);
+        // Aliases must end at a value.
+        for start in 0..g.nodes.len() {
+            let mut id = start as NodeId;
+            for _ in 0..=g.nodes.len() {
+                match g.nodes[usize::from(id)] {
+                    Node::Alias(t) => id = t,
+                    _ => break,
+                }
+            }
+            if matches!(g.nodes[usize::from(id)], Node::Alias(_)) {
+                return Err(SchemaError {
+                    path: "#".into(),
+                    message: "a `$ref` cycle never reaches a schema".into(),
+                });
+            }
+        }
+        g.first = compute_first(&g.nodes).map_err(|()| SchemaError {
+            path: "#".into(),
+            message: "an `anyOf` refers back to itself before any value".into(),
+        })?;
+        // Alternatives are told apart by their first byte, so they must not share one.
+        for (id, path) in c.one_of_paths {
+            if let Node::OneOf(alts) = &g.nodes[usize::from(id)] {
+                let mut seen = [0u64; 4];
+                for &a in alts {
+                    let f = g.first[usize::from(a)];
+                    if (0..4).any(|i| seen[i] & f[i] != 0) {
+                        return Err(SchemaError {
+                            path,
+                            message: "alternatives that can start with the same character \
+                                      (two objects, two arrays, two kinds of strings or \
+                                      numbers) are not supported"
+                                .into(),
+                        });
+                    }
+                    for i in 0..4 {
+                        seen[i] |= f[i];
+                    }
+                }
+            }
+        }
+        Ok(g)
+    }
+
+    fn new(nodes: Vec<Node>, root: NodeId) -> Grammar {
+        static KEYS: OnceLock<RandomState> = OnceLock::new();
+        let id = KEYS.get_or_init(RandomState::new).hash_one((&nodes, root));
+        Grammar {
+            id,
+            nodes,
+            root,
+            first: Vec::new(),
+        }
+    }
+
+    /// The node behind any chain of aliases.
+    pub(crate) fn resolve(&self, mut id: NodeId) -> (NodeId, &Node) {
+        loop {
+            match &self.nodes[usize::from(id)] {
+                Node::Alias(t) => id = *t,
+                n => return (id, n),
+            }
+        }
+    }
+
+    /// Whether a value of `id` can start with `b`.
+    pub(crate) fn can_start(&self, id: NodeId, b: u8) -> bool {
+        self.first
+            .get(usize::from(id))
+            .is_some_and(|f| f[usize::from(b / 64)] >> (b % 64) & 1 == 1)
+    }
+}
+
+fn base_nodes() -> Vec<Node> {
+    vec![
+        Node::OneOf(vec![
+            ANY_OBJECT,
+            ANY_ARRAY,
+            ANY_STRING,
+            ANY_NUMBER,
+            ANY_LITERAL,
+        ]),
+        Node::Object {
+            props: Vec::new(),
+            extra: Some(ANY),
+        },
+        Node::Array {
+            items: ANY,
+            min: 0,
+            max: UNBOUNDED,
+        },
+        Node::String {
+            min: 0,
+            max: UNBOUNDED,
+        },
+        Node::Number { integer: false },
+        Node::Literals(vec![
+            b"true"[..].into(),
+            b"false"[..].into(),
+            b"null"[..].into(),
+        ]),
+    ]
+}
+
+/// Every node's first-byte set; `Err` when an alternative leads back to itself.
+fn compute_first(nodes: &[Node]) -> Result<Vec<[u64; 4]>, ()> {
+    fn visit(
+        nodes: &[Node],
+        id: NodeId,
+        memo: &mut Vec<Option<[u64; 4]>>,
+        busy: &mut Vec<bool>,
+    ) -> Result<[u64; 4], ()> {
+        let i = usize::from(id);
+        if let Some(f) = memo[i] {
+            return Ok(f);
+        }
+        if busy[i] {
+            return Err(());
+        }
+        busy[i] = true;
+        let f = match &nodes[i] {
+            Node::Object { .. } => first_of(b"{"),
+            Node::Array { .. } => first_of(b"["),
+            Node::String { .. } => first_of(b"\""),
+            Node::Number { .. } => first_of(b"-0123456789"),
+            Node::Literals(l) => first_of(
+                &l.iter()
+                    .filter_map(|t| t.first().copied())
+                    .collect::<Vec<_>>(),
+            ),
+            Node::OneOf(alts) => {
+                let mut set = [0u64; 4];
+                for &a in alts {
+                    let f = visit(nodes, a, memo, busy)?;
+                    for k in 0..4 {
+                        set[k] |= f[k];
+                    }
+                }
+                set
+            }
+            Node::Alias(t) => visit(nodes, *t, memo, busy)?,
+        };
+        busy[i] = false;
+        memo[i] = Some(f);
+        Ok(f)
+    }
+    let mut memo = vec![None; nodes.len()];
+    let mut busy = vec![false; nodes.len()];
+    (0..nodes.len())
+        .map(|i| visit(nodes, i as NodeId, &mut memo, &mut busy))
+        .collect()
+}
+
+struct Compiler<'a> {
+    root: &'a Value,
+    nodes: Vec<Node>,
+    /// `$ref` → its node (allocated before compiling the target, so recursion ends).
+    refs: HashMap<String, NodeId>,
+    /// Each `anyOf` node and where it is, checked once all first bytes are known.
+    one_of_paths: Vec<(NodeId, String)>,
+}
+
+fn err<T>(path: &str, message: impl Into<String>) -> Result<T, SchemaError> {
+    Err(SchemaError {
+        path: path.to_owned(),
+        message: message.into(),
+    })
+}
+
+/// A non-negative integer keyword.
+fn count(s: &Value, key: &str, path: &str) -> Result<Option<u32>, SchemaError> {
+    match s.get(key) {
+        None => Ok(None),
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(v) => Ok(Some(v.min(u64::from(UNBOUNDED - 1)) as u32)),
+            None => err(path, format!("`{key}` must be a non-negative integer")),
+        },
+        Some(_) => err(path, format!("`{key}` must be a non-negative integer")),
+    }
+}
+
+impl<'a> Compiler<'a> {
+    fn push(&mut self, n: Node, path: &str) -> Result<NodeId, SchemaError> {
+        if self.nodes.len() >= MAX_NODES {
+            return err(path, "the schema is too large");
+        }
+        if matches!(n, Node::OneOf(_)) {
+            self.one_of_paths
+                .push((self.nodes.len() as NodeId, path.to_owned()));
+        }
+        self.nodes.push(n);
+        Ok((self.nodes.len() - 1) as NodeId)
+    }
+
+    fn node(&mut self, s: &Value, path: &str, depth: usize) -> Result<NodeId, SchemaError> {
+        if depth > 64 {
+            return err(path, "the schema is nested too deeply");
+        }
+        let m = match s {
+            Value::Bool(true) => return Ok(ANY),
+            Value::Bool(false) => return err(path, "the schema `false` allows no value"),
+            Value::Object(m) => m,
+            _ => return err(path, "a schema must be an object or a boolean"),
+        };
+        if let Some(k) = m
+            .keys()
+            .map(String::as_str)
+            .find(|k| UNSUPPORTED.contains(k))
+        {
+            return err(path, format!("`{k}` is not supported"));
+        }
+        if let Some(r) = s.get("$ref") {
+            let r = r
+                .as_str()
+                .ok_or_else(|| SchemaError {
+                    path: path.into(),
+                    message: "`$ref` must be a string".into(),
+                })?
+                .to_owned();
+            if let Some(&id) = self.refs.get(&r) {
+                return Ok(id);
+            }
+            let target = self.pointer(&r, path)?;
+            let slot = self.push(Node::Alias(ANY), path)?;
+            self.refs.insert(r.clone(), slot);
+            let id = self.node(target, &r, depth + 1)?;
+            self.nodes[usize::from(slot)] = Node::Alias(id);
+            return Ok(slot);
+        }
+        if let Some(c) = s.get("const") {
+            return self.push(
+                Node::Literals(vec![c.to_string().into_bytes().into()]),
+                path,
+            );
+        }
+        if let Some(e) = s.get("enum") {
+            let Value::Array(values) = e else {
+                return err(path, "`enum` must be an array");
+            };
+            if values.is_empty() || values.len() > usize::from(u16::MAX) {
+                return err(path, "`enum` must list 1 to 65535 values");
+            }
+            let mut lits: Vec<Box<[u8]>> = Vec::new();
+            for v in values {
+                let t: Box<[u8]> = v.to_string().into_bytes().into();
+                if !lits.contains(&t) {
+                    lits.push(t);
+                }
+            }
+            return self.push(Node::Literals(lits), path);
+        }
+        for key in ["anyOf", "oneOf"] {
+            if let Some(alts) = s.get(key) {
+                let Value::Array(alts) = alts else {
+                    return err(path, format!("`{key}` must be an array of schemas"));
+                };
+                if alts.is_empty() {
+                    return err(path, format!("`{key}` must not be empty"));
+                }
+                let ids = alts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, a)| self.node(a, &format!("{path}/{key}/{i}"), depth + 1))
+                    .collect::<Result<Vec<_>, _>>()?;
+                return self.one_of(ids, &format!("{path}/{key}"));
+            }
+        }
+        if let Some(all) = s.get("allOf") {
+            return match all {
+                Value::Array(a) if a.len() == 1 => {
+                    self.node(&a[0], &format!("{path}/allOf/0"), depth + 1)
+                }
+                _ => err(path, "`allOf` is supported with one schema only"),
+            };
+        }
+        match s.get("type") {
+            None => {
+                if s.get("properties").is_some() || s.get("required").is_some() {
+                    self.typed(s, "object", path, depth)
+                } else if s.get("items").is_some() {
+                    self.typed(s, "array", path, depth)
+                } else {
+                    Ok(ANY)
+                }
+            }
+            Some(Value::String(t)) => self.typed(s, t, path, depth),
+            Some(Value::Array(types)) if !types.is_empty() => {
+                let mut ids = Vec::new();
+                for t in types {
+                    let Some(t) = t.as_str() else {
+                        return err(path, "`type` must be a string or a list of strings");
+                    };
+                    ids.push(self.typed(s, t, path, depth)?);
+                }
+                self.one_of(ids, &format!("{path}/type"))
+            }
+            Some(_) => err(path, "`type` must be a string or a list of strings"),
+        }
+    }
+
+    /// Alternatives: literal ones merged into one set (they are told apart byte by byte).
+    fn one_of(&mut self, ids: Vec<NodeId>, path: &str) -> Result<NodeId, SchemaError> {
+        let mut lits: Vec<Box<[u8]>> = Vec::new();
+        let mut rest = Vec::new();
+        for id in ids {
+            match &self.nodes[usize::from(id)] {
+                Node::Literals(l) => {
+                    for t in l {
+                        if !lits.contains(t) {
+                            lits.push(t.clone());
+                        }
+                    }
+                }
+                _ => rest.push(id),
+            }
+        }
+        if !lits.is_empty() {
+            let id = self.push(Node::Literals(lits), path)?;
+            rest.push(id);
+        }
+        if rest.len() == 1 {
+            return Ok(rest[0]);
+        }
+        self.push(Node::OneOf(rest), path)
+    }
+
+    fn typed(
+        &mut self,
+        s: &Value,
+        t: &str,
+        path: &str,
+        depth: usize,
+    ) -> Result<NodeId, SchemaError> {
+        match t {
+            "object" => self.object(s, path, depth),
+            "array" => {
+                let items = match s.get("items") {
+                    None => ANY,
+                    Some(i) => self.node(i, &format!("{path}/items"), depth + 1)?,
+                };
+                let min = count(s, "minItems", path)?.unwrap_or(0);
+                let max = count(s, "maxItems", path)?.unwrap_or(UNBOUNDED);
+                if min > max {
+                    return err(path, "`minItems` is above `maxItems`");
+                }
+                self.push(Node::Array { items, min, max }, path)
+            }
+            "string" => {
+                let min = count(s, "minLength", path)?.unwrap_or(0);
+                let max = count(s, "maxLength", path)?.unwrap_or(UNBOUNDED);
+                if min > max {
+                    return err(path, "`minLength` is above `maxLength`");
+                }
+                if min == 0 && max == UNBOUNDED {
+                    return Ok(ANY_STRING);
+                }
+                self.push(Node::String { min, max }, path)
+            }
+            "number" => Ok(ANY_NUMBER),
+            "integer" => self.push(Node::Number { integer: true }, path),
+            "boolean" => self.push(
+                Node::Literals(vec![b"true"[..].into(), b"false"[..].into()]),
+                path,
+            ),
+            "null" => self.push(Node::Literals(vec![b"null"[..].into()]), path),
+            other => err(path, format!("unknown `type` \"{other}\"")),
+        }
+    }
+
+    fn object(&mut self, s: &Value, path: &str, depth: usize) -> Result<NodeId, SchemaError> {
+        let required: Vec<&str> = match s.get("required") {
+            None => Vec::new(),
+            Some(Value::Array(r)) => r.iter().filter_map(Value::as_str).collect(),
+            Some(_) => return err(path, "`required` must be a list of property names"),
+        };
+        let mut props = Vec::new();
+        match s.get("properties") {
+            None => {}
+            Some(Value::Object(m)) => {
+                for (k, v) in m {
+                    let value = self.node(v, &format!("{path}/properties/{k}"), depth + 1)?;
+                    props.push(Prop {
+                        key: json_string(k).into_bytes().into(),
+                        value,
+                        required: required.contains(&k.as_str()),
+                    });
+                }
+            }
+            Some(_) => return err(path, "`properties` must be an object"),
+        }
+        // A required name without a declared schema: any value.
+        for r in &required {
+            let key: Box<[u8]> = json_string(r).into_bytes().into();
+            if !props.iter().any(|p| p.key == key) {
+                props.push(Prop {
+                    key,
+                    value: ANY,
+                    required: true,
+                });
+            }
+        }
+        if props.len() > 1024 {
+            return err(path, "more than 1024 properties");
+        }
+        // Free keys only where nothing is declared (declared ones are what the answer gives).
+        let extra = if !props.is_empty() {
+            None
+        } else {
+            match s.get("additionalProperties") {
+                None | Some(Value::Bool(true)) => Some(ANY),
+                Some(Value::Bool(false)) => None,
+                Some(a) => {
+                    Some(self.node(a, &format!("{path}/additionalProperties"), depth + 1)?)
+                }
+            }
+        };
+        if props.is_empty() && extra == Some(ANY) {
+            return Ok(ANY_OBJECT);
+        }
+        self.push(Node::Object { props, extra }, path)
+    }
+
+    /// The part of the root a local `$ref` names (`#`, `#/$defs/Name`, any JSON pointer).
+    fn pointer(&self, r: &str, path: &str) -> Result<&'a Value, SchemaError> {
+        let Some(rest) = r.strip_prefix('#') else {
+            return err(
+                path,
+                format!("only local `$ref`s (\"#/…\") are supported: \"{r}\""),
+            );
+        };
+        let mut at = self.root;
+        for part in rest.split('/').skip(1) {
+            let part = part.replace("~1", "/").replace("~0", "~");
+            at = match at {
+                Value::Object(m) => m.get(&part),
+                Value::Array(a) => part.parse::<usize>().ok().and_then(|i| a.get(i)),
+                _ => None,
+            }
+            .ok_or_else(|| SchemaError {
+                path: path.into(),
+                message: format!("`$ref` \"{r}\" names nothing in the schema"),
+            })?;
+        }
+        Ok(at)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::json_mode::JsonState;
+    use serde_json::json;
+
+    fn grammar(schema: Value) -> Grammar {
+        Grammar::from_schema(&schema).unwrap_or_else(|e| panic!("{schema}: {e}"))
+    }
+
+    fn run(g: &Grammar, text: &str) -> Option<JsonState> {
+        JsonState::default().after_bytes(g, text.as_bytes())
+    }
+
+    /// Every text complete, every proper prefix accepted and open; every bad text rejected.
+    fn check(g: &Grammar, good: &[&str], bad: &[&str]) {
+        for t in good {
+            let s = run(g, t).unwrap_or_else(|| panic!("rejected {t}"));
+            assert!(s.is_done() || s.can_end(g), "not complete: {t}");
+            for i in 0..t.len() {
+                let p = JsonState::default().after_bytes(g, &t.as_bytes()[..i]);
+                assert!(p.is_some_and(|p| !p.is_done()), "{t}: prefix of {i} bytes");
+            }
+        }
+        for t in bad {
+            assert!(
+                run(g, t).is_none_or(|s| !s.is_done() && !s.can_end(g)),
+                "accepted {t}"
+            );
+        }
+    }
+
+    #[test]
+    fn objects_give_declared_properties_in_order_required_ones_always() {
+        let g = grammar(json!({"type": "object", "properties": {
+            "name": {"type": "string", "description": "ignored"},
+            "age": {"type": "integer"},
+            "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 2},
+            "role": {"enum": ["admin", "user"]},
+            "score": {"type": "number", "format": "double"},
+            "ok": {"type": "boolean"}},
+            "required": ["name", "age"]}));
+        check(
+            &g,
+            &[
+                r#"{"name": "Ada", "age": 36}"#,
+                r#"{"name":"Ada","age":-1,"tags":["a","b"],"role":"user","score":1.5e3,"ok":true}"#,
+                "{\n  \"name\": \"\\u00e9\",\n  \"age\": 0,\n  \"role\": \"admin\"\n}",
+                r#"{"name": "", "age": 7, "tags": [], "ok": false}"#,
+            ],
+            &[
+                r#"{"age": 36, "name": "Ada"}"#,
+                r#"{"name": "Ada"}"#,
+                r#"{"name": "Ada", "age": 3.5}"#,
+                r#"{"name": "Ada", "age": 1e3}"#,
+                r#"{"name": "Ada", "age": 36, "tags": ["a", "b", "c"]}"#,
+                r#"{"name": "Ada", "age": 36, "tags": [1]}"#,
+                r#"{"name": 1, "age": 36}"#,
+                r#"{"name": "Ada", "age": 36, "other": 1}"#,
+                r#"{"name": "Ada", "age": 36, "role": "root"}"#,
+                r#"{"name": "Ada", "age": 36, "ok": 1}"#,
+                r#"{"name": "Ada", "age": 36, "role": "user", "tags": []}"#,
+                r#"{"name": "Ada", "name": "Bo", "age": 36}"#,
+                r#"{"name": "Ada", "age": 36,}"#,
+                r#"[]"#,
+            ],
+        );
+    }
+
+    #[test]
+    fn refs_alternatives_and_recursion() {
+        // What pydantic writes for `pets: list[Pet]` with `age: int | None`.
+        let g = grammar(json!({
+            "$defs": {"Pet": {"type": "object", "title": "Pet", "properties": {
+                "kind": {"type": "string", "enum": ["cat", "dog", "dodo"]},
+                "age": {"anyOf": [{"type": "integer"}, {"type": "null"}], "default": null}},
+                "required": ["kind", "age"]}},
+            "type": "object",
+            "properties": {"pets": {"type": "array", "items": {"$ref": "#/$defs/Pet"},
+                                    "minItems": 1}},
+            "required": ["pets"]}));
+        check(
+            &g,
+            &[r#"{"pets": [{"kind": "cat", "age": null}, {"kind": "dodo", "age": 3}]}"#],
+            &[
+                r#"{"pets": []}"#,
+                r#"{"pets": [{"kind": "cow", "age": 1}]}"#,
+                r#"{"pets": [{"kind": "do", "age": 1}]}"#,
+                r#"{"pets": [{"kind": "dog", "age": "3"}]}"#,
+            ],
+        );
+        let tree = grammar(json!({"type": "object", "properties": {
+            "value": {"type": "integer"},
+            "children": {"type": "array", "items": {"$ref": "#"}}},
+            "required": ["value", "children"]}));
+        check(
+            &tree,
+            &[
+                r#"{"value": 1, "children": [{"value": 2, "children": []}, {"value": 3, "children": [{"value": 4, "children": []}]}]}"#,
+            ],
+            &[r#"{"value": 1, "children": [{"value": 2}]}"#],
+        );
+        let nullable = grammar(json!({"type": ["string", "null"]}));
+        check(&nullable, &[r#""x""#, "null"], &["nul", "1", "[]"]);
+    }
+
+    #[test]
+    fn strings_numbers_literals_and_free_objects() {
+        let s = grammar(json!({"type": "string", "minLength": 2, "maxLength": 3}));
+        check(
+            &s,
+            &[r#""ab""#, r#""é€x""#, r#""\n\u00e9""#],
+            &[r#""a""#, r#""abcd""#, r#""é€xy""#],
+        );
+        // A top-level number or literal that could go on may end (the stop token is allowed).
+        let n = grammar(json!({"type": "integer"}));
+        check(&n, &["42", "-7", "0"], &["4.2", "01", "-", "1e5"]);
+        let e = grammar(json!({"enum": [1, 10, "a", {"k": [true, null]}]}));
+        check(
+            &e,
+            &["1", "10", r#""a""#, r#"{"k":[true,null]}"#],
+            &["2", "100", r#"{"k": [true, null]}"#],
+        );
+        assert!(run(&e, "10").is_some_and(|s| s.is_done()));
+        assert!(run(&e, "1").is_some_and(|s| !s.is_done() && s.can_end(&e)));
+        let c = grammar(json!({"const": "fixed"}));
+        check(&c, &[r#""fixed""#], &[r#""fixe""#, r#""fixed2""#]);
+        let map = grammar(json!({"type": "object", "additionalProperties": {"type": "integer"}}));
+        check(
+            &map,
+            &["{}", r#"{"a": 1, "b": 2}"#],
+            &[r#"{"a": "x"}"#, r#"{"a": 1.5}"#],
+        );
+        let closed = grammar(json!({"type": "object", "additionalProperties": false}));
+        check(&closed, &["{}", "{ }"], &[r#"{"a": 1}"#]);
+        let any = grammar(json!({}));
+        check(
+            &any,
+            &["[1, {\"a\": [null]}]", "\"s\"", "true", "{}"],
+            &["{]", "tru"],
+        );
+    }
+
+    #[test]
+    fn unsupported_schemas_are_refused_where_they_fail() {
+        for (schema, path, says) in [
+            (
+                json!({"properties": {"x": {"type": "string", "pattern": "^a"}}}),
+                "#/properties/x",
+                "`pattern`",
+            ),
+            (json!({"type": "integer", "minimum": 0}), "#", "`minimum`"),
+            (
+                json!({"anyOf": [{"type": "object"}, {"properties": {"a": {}}}]}),
+                "#/anyOf",
+                "same character",
+            ),
+            (
+                json!({"anyOf": [{"type": "string"}, {"enum": ["a", 1]}]}),
+                "#/anyOf",
+                "same character",
+            ),
+            (json!({"$ref": "#/$defs/Missing"}), "#", "names nothing"),
+            (
+                json!({"$ref": "https://example.com/s.json"}),
+                "#",
+                "only local",
+            ),
+            (json!({"$ref": "#"}), "#", "never reaches"),
+            (json!({"type": "date"}), "#", "unknown `type`"),
+            (
+                json!({"properties": {"x": false}}),
+                "#/properties/x",
+                "allows no value",
+            ),
+            (
+                json!({"type": "string", "minLength": 3, "maxLength": 2}),
+                "#",
+                "above",
+            ),
+            (json!({"allOf": [{}, {}]}), "#", "one schema"),
+            (json!([1]), "#", "an object or a boolean"),
+        ] {
+            let e = Grammar::from_schema(&schema).expect_err(&schema.to_string());
+            assert_eq!(e.path, path, "{schema}: {e}");
+            assert!(e.message.contains(says), "{schema}: {e}");
+        }
+    }
+
+    #[test]
+    fn equal_schemas_name_the_same_grammar() {
+        let a = json!({"type": "object", "properties": {"x": {"type": "integer"}}});
+        let b = json!({"type": "object", "properties": {"x": {"type": "number"}}});
+        assert_eq!(grammar(a.clone()).id, grammar(a).id);
+        assert_ne!(grammar(b).id, Grammar::any_object().id);
+        assert_eq!(Grammar::any_object().id, Grammar::any_object().id);
+        // Property order is the schema's (serde_json keeps it: `preserve_order`).
+        let ordered: Value =
+            serde_json::from_str(r#"{"properties": {"z": {}, "a": {}}, "required": ["z", "a"]}"#)
+                .expect("json");
+        let g = grammar(ordered);
+        assert!(run(&g, r#"{"z": 1, "a": 2}"#).is_some_and(|s| s.is_done()));
+        assert!(run(&g, r#"{"a": 2"#).is_none());
+    }
+}
