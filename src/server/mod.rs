@@ -23,6 +23,7 @@ use axum::Router;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
 
+use crate::engine::json_mode::TokenBytes;
 use crate::engine::EngineHandle;
 use crate::model::TokenId;
 use crate::text::{ChatTemplate, FimMode, FimTemplate, TextError, Tokenizer};
@@ -84,8 +85,9 @@ pub struct Loaded {
     pub training: Option<TrainingJobs>,
     /// Folders `POST /v1/load_lora_adapter` may load from (besides the data dir's adapters).
     pub lora_dirs: Vec<PathBuf>,
-    /// Every token's bytes for JSON mode, built by the first request that uses it.
-    token_bytes: OnceLock<Arc<crate::engine::json_mode::TokenBytes>>,
+    /// Every token's bytes for JSON mode, built on a thread of its own at load (a decode per
+    /// vocabulary entry: a fraction of a second that no request's thread should spend).
+    token_bytes: Arc<OnceLock<Arc<TokenBytes>>>,
 }
 
 impl Loaded {
@@ -105,10 +107,22 @@ impl Loaded {
         eos_ids.sort_unstable();
         eos_ids.dedup();
         let fim = FimTemplate::detect(&tokenizer).map_or(FimMode::PrefixOnly, FimMode::Native);
+        let tokenizer = Arc::new(tokenizer);
+        let token_bytes = Arc::new(OnceLock::new());
+        {
+            let (cell, tokenizer) = (token_bytes.clone(), tokenizer.clone());
+            // A request that comes first (or a failed spawn) leaves it to the request: the
+            // OnceLock runs one initialiser.
+            let _ = std::thread::Builder::new()
+                .name("token-bytes".into())
+                .spawn(move || {
+                    cell.get_or_init(|| Arc::new(TokenBytes::new(tokenizer.token_bytes())));
+                });
+        }
         Ok(Loaded {
             fim,
             engine,
-            tokenizer: Arc::new(tokenizer),
+            tokenizer,
             chat_template,
             model_name,
             eos_ids,
@@ -118,7 +132,7 @@ impl Loaded {
                 .map_or(0, |d| d.as_secs()),
             training: None,
             lora_dirs: Vec::new(),
-            token_bytes: OnceLock::new(),
+            token_bytes,
         })
     }
 
@@ -128,11 +142,9 @@ impl Loaded {
         &self,
         grammar: Arc<crate::engine::json_schema::Grammar>,
     ) -> crate::engine::json_mode::JsonConstraint {
-        let bytes = self.token_bytes.get_or_init(|| {
-            Arc::new(crate::engine::json_mode::TokenBytes::new(
-                self.tokenizer.token_bytes(),
-            ))
-        });
+        let bytes = self
+            .token_bytes
+            .get_or_init(|| Arc::new(TokenBytes::new(self.tokenizer.token_bytes())));
         crate::engine::json_mode::JsonConstraint::new(bytes.clone(), grammar)
     }
 
