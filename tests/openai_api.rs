@@ -1437,3 +1437,176 @@ async fn json_schema_answers_are_instances_of_the_schema() {
         eprintln!("{path}: {}", e["error"]["message"]);
     }
 }
+
+fn weather_tools() -> Value {
+    json!([
+        {"type": "function", "function": {"name": "get_weather",
+         "description": "The current weather in a city",
+         "parameters": {"type": "object", "properties": {
+             "city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+             "required": ["city"]}}},
+        {"type": "function", "function": {"name": "get_time",
+         "description": "The current time in a time zone",
+         "parameters": {"type": "object", "properties": {"timezone": {"type": "string"}},
+                        "required": ["timezone"]}}}
+    ])
+}
+
+/// Tool calling: with `tool_choice` required or named the answer is a call of a declared
+/// function with arguments that follow its schema, as OpenAI's `tool_calls` (streamed too);
+/// with `auto` the model may answer in text; earlier calls and results are understood.
+#[tokio::test]
+async fn tool_calls_follow_the_declared_functions() {
+    let app = app();
+    let tools = weather_tools();
+    let messages = json!([{"role": "user", "content": "What is the weather like in Paris?"}]);
+    let check_call = |v: &Value, want: &str| {
+        let c = &v["choices"][0];
+        assert_eq!(c["finish_reason"], "tool_calls", "{v}");
+        assert_eq!(c["message"]["content"], Value::Null, "{v}");
+        let calls = c["message"]["tool_calls"].as_array().expect("tool_calls");
+        assert_eq!(calls.len(), 1, "{v}");
+        let call = &calls[0];
+        assert!(
+            call["id"]
+                .as_str()
+                .is_some_and(|id| id.starts_with("call_")),
+            "{v}"
+        );
+        assert_eq!(call["type"], "function");
+        assert_eq!(call["function"]["name"], want, "{v}");
+        let args: Value =
+            serde_json::from_str(call["function"]["arguments"].as_str().expect("args"))
+                .expect("arguments are JSON");
+        let i = usize::from(want == "get_time");
+        let schema = &tools[i]["function"]["parameters"];
+        conforms(&args, schema, schema).unwrap_or_else(|e| panic!("{e}: {v}"));
+        eprintln!("{want}: {args}");
+        args
+    };
+
+    let body = json!({"messages": messages, "tools": tools, "tool_choice": "required",
+                      "max_tokens": 60, "temperature": 0});
+    let (status, v) = post_json(&app, "/v1/chat/completions", body.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let args = check_call(&v, "get_weather");
+    assert_eq!(args["city"], "Paris", "{v}");
+
+    let mut named = body.clone();
+    named["tool_choice"] = json!({"type": "function", "function": {"name": "get_time"}});
+    let (status, v) = post_json(&app, "/v1/chat/completions", named).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    check_call(&v, "get_time");
+
+    // Streamed: the role, one delta with the whole call, the finish reason, [DONE].
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let (_, _, bytes) = send(&app, post("/v1/chat/completions", streamed)).await;
+    let chunks: Vec<Value> = sse_payloads(&bytes)
+        .iter()
+        .filter(|p| *p != "[DONE]")
+        .map(|p| serde_json::from_str(p).expect("chunk"))
+        .collect();
+    assert_eq!(chunks.len(), 3, "{chunks:?}");
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let call = &chunks[1]["choices"][0]["delta"]["tool_calls"][0];
+    assert_eq!(call["index"], 0);
+    assert_eq!(call["function"]["name"], "get_weather");
+    assert_eq!(
+        serde_json::from_str::<Value>(call["function"]["arguments"].as_str().expect("args")).ok(),
+        Some(args)
+    );
+    assert_eq!(chunks[2]["choices"][0]["finish_reason"], "tool_calls");
+
+    // `auto`: a greeting is answered in text, streamed as text.
+    let hello = json!({"messages": [{"role": "user", "content": "Hello! Who are you?"}],
+                       "tools": tools, "max_tokens": 30, "temperature": 0});
+    let (status, v) = post_json(&app, "/v1/chat/completions", hello.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    eprintln!("auto: {v}");
+    let text = v["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("text");
+    assert!(
+        !text.trim_start().starts_with('{') && !text.is_empty(),
+        "{v}"
+    );
+    assert!(
+        v["choices"][0]["message"].get("tool_calls").is_none(),
+        "{v}"
+    );
+    let mut hello_stream = hello;
+    hello_stream["stream"] = json!(true);
+    let (_, _, bytes) = send(&app, post("/v1/chat/completions", hello_stream)).await;
+    let pieces: Vec<String> = sse_payloads(&bytes)
+        .iter()
+        .filter(|p| *p != "[DONE]")
+        .filter_map(|p| {
+            let c: Value = serde_json::from_str(p).expect("chunk");
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(String::from)
+        })
+        .collect();
+    assert!(pieces.len() > 3, "text streams piece by piece: {pieces:?}");
+    assert_eq!(pieces.concat(), text);
+
+    // A conversation with a call and its result: the answer uses the result.
+    let (status, v) = post_json(
+        &app,
+        "/v1/chat/completions",
+        json!({"messages": [
+            {"role": "user", "content": "What is the weather like in Paris?"},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "{\"temperature\": 31, \"sky\": \"sunny\"}"}],
+         "tools": tools, "max_tokens": 40, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    eprintln!("after the result: {v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+    let answer = v["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("text");
+    assert!(
+        !answer.starts_with('{') && answer.to_lowercase().contains("sunny"),
+        "{v}"
+    );
+
+    for (body, param) in [
+        (
+            json!({"messages": messages, "tools": tools,
+                "tool_choice": {"type": "function", "function": {"name": "nope"}}}),
+            "tool_choice",
+        ),
+        (
+            json!({"messages": messages, "tool_choice": "required"}),
+            "tool_choice",
+        ),
+        (
+            json!({"messages": messages, "tools": tools, "tool_choice": "always"}),
+            "tool_choice",
+        ),
+        (
+            json!({"messages": messages, "tools": [{"type": "function", "function": {"name": "a b"}}]}),
+            "tools[0].function.name",
+        ),
+        (
+            json!({"messages": messages, "tools": [{"type": "retrieval"}]}),
+            "tools[0].type",
+        ),
+        (
+            json!({"messages": messages, "tools": [{"type": "function", "function":
+                {"name": "f", "parameters": {"type": "object", "properties": {"x": {"pattern": "a"}}}}}]}),
+            "tools[0].function.parameters",
+        ),
+        (
+            json!({"messages": messages, "tools": tools, "response_format": {"type": "json_object"}}),
+            "response_format",
+        ),
+    ] {
+        let (status, e) = post_json(&app, "/v1/chat/completions", body.clone()).await;
+        assert_error(status, &e, StatusCode::BAD_REQUEST, Some(param));
+    }
+}

@@ -158,6 +158,8 @@ enum Frame {
     /// One of a node's literal texts: the lowest-numbered one that starts with the bytes so
     /// far, and how many bytes are done.
     Lit { node: NodeId, cand: u16, pos: u16 },
+    /// Free text (a [`Node::TextOr`] that did not start with `{`): anything goes, to the end.
+    Free,
 }
 
 impl Frame {
@@ -220,8 +222,15 @@ fn is_space(b: u8) -> bool {
 }
 
 /// The first property a key may name after `next` (the candidates run from `next` to the
-/// first required one), and whether the object may close.
-fn key_range(props: &[Prop], next: u16) -> (std::ops::Range<usize>, bool) {
+/// first required one), and whether the object may close. `one`: exactly one property.
+fn key_range(props: &[Prop], next: u16, one: bool) -> (std::ops::Range<usize>, bool) {
+    if one {
+        return if next == 0 {
+            (0..props.len(), false)
+        } else {
+            (props.len()..props.len(), true)
+        };
+    }
     let from = usize::from(next).min(props.len());
     match props[from..].iter().position(|p| p.required) {
         Some(r) => (from..from + r + 1, false),
@@ -240,10 +249,15 @@ impl JsonState {
         self.frames[0] == Frame::Root { done: true }
     }
 
+    /// Whether the text left the grammar for free text (no constraint from here on).
+    pub fn is_free(&self) -> bool {
+        self.frames[usize::from(self.depth) - 1] == Frame::Free
+    }
+
     /// Whether the text may end here: the root value is complete, or it is a number or a
-    /// literal that could also go on.
+    /// literal that could also go on, or free text.
     pub fn can_end(&self, g: &Grammar) -> bool {
-        if self.is_done() {
+        if self.is_done() || self.is_free() {
             return true;
         }
         self.depth == 2
@@ -366,6 +380,8 @@ impl JsonState {
                 }
                 true
             }
+            Node::TextOr(inner) if b == b'{' => self.begin(g, *inner, b),
+            Node::TextOr(_) => self.open(Frame::Free),
             Node::Alias(_) => false,
         }
     }
@@ -374,12 +390,13 @@ impl JsonState {
     fn step(&self, g: &Grammar, f: Frame, b: u8) -> Step {
         match f {
             Frame::Empty | Frame::Root { done: true } => Step::Reject,
+            Frame::Free => Step::Stay(f),
             Frame::Root { done: false } => Step::Begin(f, g.root),
             Frame::Obj { node, next, at } => {
-                let Node::Object { props, extra } = g.resolve(node).1 else {
+                let Node::Object { props, extra, one } = g.resolve(node).1 else {
                     return Step::Reject;
                 };
-                let (range, can_close) = key_range(props, next);
+                let (range, can_close) = key_range(props, next, *one);
                 let obj = |at| Frame::Obj { node, next, at };
                 let key_start = || {
                     if !range.is_empty() {
@@ -598,9 +615,9 @@ impl JsonConstraint {
         self.state.is_done()
     }
 
-    /// What the allowed set depends on, while the value is open.
+    /// What the allowed set depends on, while the value is open (and not free text).
     pub fn key(&self) -> Option<MaskKey> {
-        (!self.is_done()).then_some(MaskKey {
+        (!self.is_done() && !self.state.is_free()).then_some(MaskKey {
             tokens: self.tokens.id,
             grammar: self.grammar.id,
             state: self.state,
@@ -620,6 +637,9 @@ impl JsonConstraint {
     /// `allowed`: the state's set ([`Self::allowed`], remembered by the caller); ignored once
     /// the value is complete.
     pub fn mask(&self, logits: &mut [f32], stop_ids: &[u32], allowed: &[u64]) {
+        if self.state.is_free() {
+            return;
+        }
         let done = self.state.is_done();
         let fits = |id: usize| {
             !done

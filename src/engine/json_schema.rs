@@ -51,10 +51,12 @@ pub(crate) struct Prop {
 #[derive(Debug, Hash)]
 pub(crate) enum Node {
     /// `{…}`: the declared properties in order; with none, `extra` (when set) is the schema
-    /// of any number of free keys' values (`additionalProperties`).
+    /// of any number of free keys' values (`additionalProperties`). `one`: exactly one of the
+    /// properties, whichever (a tool call: `{"name": {arguments}}`).
     Object {
         props: Vec<Prop>,
         extra: Option<NodeId>,
+        one: bool,
     },
     /// `[…]` of `items`, between `min` and `max` of them.
     Array { items: NodeId, min: u32, max: u32 },
@@ -68,6 +70,9 @@ pub(crate) enum Node {
     OneOf(Vec<NodeId>),
     /// The same as another node (a `$ref`).
     Alias(NodeId),
+    /// Free text, or — when its first byte after any whitespace is `{` — the node (a tool
+    /// call the model may or may not make).
+    TextOr(NodeId),
 }
 
 /// A compiled schema: what JSON mode lets the model write.
@@ -160,49 +165,54 @@ impl Grammar {
             one_of_paths: Vec::new(),
         };
         let root = c.node(schema, "#", 0)?;
-        let mut g = Grammar::new(c.nodes, root);
-        // Aliases must end at a value.
-        for start in 0..g.nodes.len() {
-            let mut id = start as NodeId;
-            for _ in 0..=g.nodes.len() {
-                match g.nodes[usize::from(id)] {
-                    Node::Alias(t) => id = t,
-                    _ => break,
+        c.finish(root)
+    }
+
+    /// A tool call: one object whose one key is a tool's name and whose value is that tool's
+    /// arguments (its `parameters` schema; any object without one). `text_allowed`: the
+    /// model may answer in plain text instead (any first byte but `{` leaves the grammar).
+    pub fn tool_call(
+        tools: &[(&str, Option<&Value>)],
+        text_allowed: bool,
+    ) -> Result<Grammar, SchemaError> {
+        const NO_SCHEMA: &Value = &Value::Null;
+        let mut c = Compiler {
+            root: NO_SCHEMA,
+            nodes: base_nodes(),
+            refs: HashMap::new(),
+            one_of_paths: Vec::new(),
+        };
+        let mut props = Vec::new();
+        for (i, (name, params)) in tools.iter().enumerate() {
+            let value = match params {
+                None => ANY_OBJECT,
+                Some(p) => {
+                    // Each tool's `$ref`s are relative to its own parameters.
+                    c.root = p;
+                    c.refs.clear();
+                    c.node(p, &format!("tools[{i}].function.parameters"), 0)?
                 }
-            }
-            if matches!(g.nodes[usize::from(id)], Node::Alias(_)) {
-                return Err(SchemaError {
-                    path: "#".into(),
-                    message: "a `$ref` cycle never reaches a schema".into(),
-                });
-            }
+            };
+            props.push(Prop {
+                key: json_string(name).into_bytes().into(),
+                value,
+                required: false,
+            });
         }
-        g.first = compute_first(&g.nodes).map_err(|()| SchemaError {
-            path: "#".into(),
-            message: "an `anyOf` refers back to itself before any value".into(),
-        })?;
-        // Alternatives are told apart by their first byte, so they must not share one.
-        for (id, path) in c.one_of_paths {
-            if let Node::OneOf(alts) = &g.nodes[usize::from(id)] {
-                let mut seen = [0u64; 4];
-                for &a in alts {
-                    let f = g.first[usize::from(a)];
-                    if (0..4).any(|i| seen[i] & f[i] != 0) {
-                        return Err(SchemaError {
-                            path,
-                            message: "alternatives that can start with the same character \
-                                      (two objects, two arrays, two kinds of strings or \
-                                      numbers) are not supported"
-                                .into(),
-                        });
-                    }
-                    for i in 0..4 {
-                        seen[i] |= f[i];
-                    }
-                }
-            }
-        }
-        Ok(g)
+        let call = c.push(
+            Node::Object {
+                props,
+                extra: None,
+                one: true,
+            },
+            "tools",
+        )?;
+        let root = if text_allowed {
+            c.push(Node::TextOr(call), "tools")?
+        } else {
+            call
+        };
+        c.finish(root)
     }
 
     fn new(nodes: Vec<Node>, root: NodeId) -> Grammar {
@@ -246,6 +256,7 @@ fn base_nodes() -> Vec<Node> {
         Node::Object {
             props: Vec::new(),
             extra: Some(ANY),
+            one: false,
         },
         Node::Array {
             items: ANY,
@@ -302,6 +313,7 @@ fn compute_first(nodes: &[Node]) -> Result<Vec<[u64; 4]>, ()> {
                 set
             }
             Node::Alias(t) => visit(nodes, *t, memo, busy)?,
+            Node::TextOr(_) => [u64::MAX; 4],
         };
         busy[i] = false;
         memo[i] = Some(f);
@@ -343,6 +355,54 @@ fn count(s: &Value, key: &str, path: &str) -> Result<Option<u32>, SchemaError> {
 }
 
 impl<'a> Compiler<'a> {
+    /// The grammar of `root`, checked: aliases end at a value, alternatives differ in their
+    /// first byte.
+    fn finish(self, root: NodeId) -> Result<Grammar, SchemaError> {
+        let mut g = Grammar::new(self.nodes, root);
+        // Aliases must end at a value.
+        for start in 0..g.nodes.len() {
+            let mut id = start as NodeId;
+            for _ in 0..=g.nodes.len() {
+                match g.nodes[usize::from(id)] {
+                    Node::Alias(t) => id = t,
+                    _ => break,
+                }
+            }
+            if matches!(g.nodes[usize::from(id)], Node::Alias(_)) {
+                return Err(SchemaError {
+                    path: "#".into(),
+                    message: "a `$ref` cycle never reaches a schema".into(),
+                });
+            }
+        }
+        g.first = compute_first(&g.nodes).map_err(|()| SchemaError {
+            path: "#".into(),
+            message: "an `anyOf` refers back to itself before any value".into(),
+        })?;
+        // Alternatives are told apart by their first byte, so they must not share one.
+        for (id, path) in self.one_of_paths {
+            if let Node::OneOf(alts) = &g.nodes[usize::from(id)] {
+                let mut seen = [0u64; 4];
+                for &a in alts {
+                    let f = g.first[usize::from(a)];
+                    if (0..4).any(|i| seen[i] & f[i] != 0) {
+                        return Err(SchemaError {
+                            path,
+                            message: "alternatives that can start with the same character \
+                                      (two objects, two arrays, two kinds of strings or \
+                                      numbers) are not supported"
+                                .into(),
+                        });
+                    }
+                    for i in 0..4 {
+                        seen[i] |= f[i];
+                    }
+                }
+            }
+        }
+        Ok(g)
+    }
+
     fn push(&mut self, n: Node, path: &str) -> Result<NodeId, SchemaError> {
         if self.nodes.len() >= MAX_NODES {
             return err(path, "the schema is too large");
@@ -580,7 +640,14 @@ impl<'a> Compiler<'a> {
         if props.is_empty() && extra == Some(ANY) {
             return Ok(ANY_OBJECT);
         }
-        self.push(Node::Object { props, extra }, path)
+        self.push(
+            Node::Object {
+                props,
+                extra,
+                one: false,
+            },
+            path,
+        )
     }
 
     /// The part of the root a local `$ref` names (`#`, `#/$defs/Name`, any JSON pointer).
@@ -795,6 +862,44 @@ mod tests {
             assert_eq!(e.path, path, "{schema}: {e}");
             assert!(e.message.contains(says), "{schema}: {e}");
         }
+    }
+
+    #[test]
+    fn a_tool_call_is_one_tool_and_its_arguments_or_free_text_when_allowed() {
+        let weather = json!({"type": "object", "properties": {
+            "city": {"type": "string"}, "unit": {"$ref": "#/$defs/Unit"}},
+            "required": ["city"], "$defs": {"Unit": {"enum": ["C", "F"]}}});
+        let tools = [("get_weather", Some(&weather)), ("get_time", None)];
+        let g = Grammar::tool_call(&tools, false).expect("grammar");
+        check(
+            &g,
+            &[
+                r#"{"get_weather": {"city": "Paris"}}"#,
+                r#"{"get_weather": {"city": "Paris", "unit": "C"}}"#,
+                r#" {"get_time": {}}"#,
+                r#"{"get_time": {"tz": "UTC"}}"#,
+            ],
+            &[
+                "{}",
+                "Hello",
+                r#"{"get_weather": {"city": "Paris"}, "get_time": {}}"#,
+                r#"{"other": {}}"#,
+                r#"{"get_weather": {}}"#,
+                r#"{"get_weather": {"city": "Paris", "unit": "K"}}"#,
+                r#"{"get_time": []}"#,
+            ],
+        );
+        let auto = Grammar::tool_call(&tools, true).expect("grammar");
+        check(&auto, &[r#"{"get_time": {}}"#], &[r#"{"nope": 1}"#]);
+        for text in ["Hello", "  It is {sunny}", "\n😀"] {
+            let s = run(&auto, text).unwrap_or_else(|| panic!("{text}"));
+            assert!(s.is_free() && s.can_end(&auto) && !s.is_done(), "{text}");
+        }
+        // Before the first byte that decides, only whitespace is neither.
+        assert!(run(&auto, "  ").is_some_and(|s| !s.is_free() && !s.can_end(&auto)));
+        let bad = json!({"type": "object", "properties": {"q": {"pattern": "x"}}});
+        let e = Grammar::tool_call(&[("search", Some(&bad))], false).expect_err("pattern");
+        assert_eq!(e.path, "tools[0].function.parameters/properties/q");
     }
 
     #[test]

@@ -23,6 +23,7 @@ use super::openai::{
     PromptField, ValidCommon, WireUsage,
 };
 use super::stream::{TextEvent, TextEvents, TokenInfo};
+use super::tools::{call_text, wire_call, ToolPlan};
 use super::{AppState, Loaded};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -70,6 +71,8 @@ struct Job {
     extra_stop_ids: Vec<u32>,
     /// `"fim"` or `"prefix"` when the request had a `suffix`.
     fim_mode: Option<&'static str>,
+    /// Chat with tools: answers that are calls come back as `tool_calls`.
+    tools: Option<Arc<ToolPlan>>,
 }
 
 /// One prompt of a request.
@@ -347,8 +350,13 @@ async fn respond_json(
                     Logprobs::Chat(_) => json!({"content": chat_logprobs(tokenizer, &r.tokens)}),
                     _ => Value::Null,
                 };
-                json!({"index": i, "message": {"role": "assistant", "content": r.text},
-                       "logprobs": logprobs, "finish_reason": r.finish})
+                match job.tools.as_ref().and_then(|t| t.parse_call(&r.text)) {
+                    Some((name, args)) => json!({"index": i, "message": {"role": "assistant",
+                        "content": null, "tool_calls": [wire_call(&name, &args)]},
+                        "logprobs": logprobs, "finish_reason": "tool_calls"}),
+                    None => json!({"index": i, "message": {"role": "assistant", "content": r.text},
+                                   "logprobs": logprobs, "finish_reason": r.finish}),
+                }
             }
         });
     }
@@ -387,6 +395,8 @@ struct SseState {
     completion_tokens: usize,
     /// Per choice, the prompt tokens it found in the prefix cache.
     cached: Vec<usize>,
+    /// Per choice, with tools: the text (and tokens) held back while it may be a call.
+    held: Vec<Option<(String, Vec<TokenInfo>)>>,
     phase: Phase,
 }
 
@@ -410,35 +420,20 @@ impl SseState {
                 Some(self.chunk(choice))
             }
             TextEvent::Delta { text, tokens } => {
-                if text.is_empty()
-                    && !matches!(
-                        self.job.logprobs,
-                        Logprobs::Completion(_) | Logprobs::Chat(_)
-                    )
-                {
+                let Some(held) = self.held.get_mut(i).and_then(Option::as_mut) else {
+                    return self.delta(i, text, tokens);
+                };
+                held.0.push_str(&text);
+                held.1.extend(tokens);
+                // Plain text (allowed with `tool_choice: "auto"`) once it starts with
+                // anything but `{`: from here on it streams as it comes.
+                let is_text = self.job.tools.as_ref().is_some_and(|t| t.allows_text())
+                    && held.0.trim_start().chars().next().is_some_and(|c| c != '{');
+                if !is_text {
                     return None;
                 }
-                let choice = match (self.job.kind, self.job.logprobs) {
-                    (Kind::Completion, lp) => {
-                        let logprobs = match lp {
-                            Logprobs::Completion(_) => {
-                                completion_logprobs(&self.tokenizer, &tokens, &mut self.offsets[i])
-                            }
-                            _ => Value::Null,
-                        };
-                        json!({"index": i, "text": text, "logprobs": logprobs, "finish_reason": null})
-                    }
-                    (Kind::Chat, lp) => {
-                        let logprobs = match lp {
-                            Logprobs::Chat(_) => {
-                                json!({"content": chat_logprobs(&self.tokenizer, &tokens)})
-                            }
-                            _ => Value::Null,
-                        };
-                        json!({"index": i, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": null})
-                    }
-                };
-                Some(self.chunk(choice))
+                let (text, tokens) = self.held[i].take().unwrap_or_default();
+                self.delta(i, text, tokens)
             }
             TextEvent::Finished {
                 reason,
@@ -449,6 +444,25 @@ impl SseState {
                 if let Some(c) = self.cached.get_mut(i) {
                     *c = cached_tokens;
                 }
+                let mut reason = reason;
+                if let Some((text, tokens)) = self.held.get_mut(i).and_then(Option::take) {
+                    match self.job.tools.as_ref().and_then(|t| t.parse_call(&text)) {
+                        Some((name, args)) => {
+                            let mut call = wire_call(&name, &args);
+                            call["index"] = json!(0);
+                            let choice = json!({"index": i, "delta": {"tool_calls": [call]},
+                                                "logprobs": null, "finish_reason": null});
+                            let chunk = self.chunk(choice);
+                            self.pre.push_back(chunk);
+                            reason = "tool_calls";
+                        }
+                        None => {
+                            if let Some(chunk) = self.delta(i, text, tokens) {
+                                self.pre.push_back(chunk);
+                            }
+                        }
+                    }
+                }
                 let choice = match self.job.kind {
                     Kind::Completion => {
                         json!({"index": i, "text": "", "logprobs": null, "finish_reason": reason})
@@ -457,13 +471,48 @@ impl SseState {
                         json!({"index": i, "delta": {}, "logprobs": null, "finish_reason": reason})
                     }
                 };
-                Some(self.chunk(choice))
+                let chunk = self.chunk(choice);
+                self.pre.push_back(chunk);
+                None
             }
             TextEvent::Failed(e) => {
                 self.phase = Phase::End;
                 Some(ApiError::from(e).body())
             }
         }
+    }
+
+    /// A chunk of generated text (and its tokens' log-probabilities, when asked for).
+    fn delta(&mut self, i: usize, text: String, tokens: Vec<TokenInfo>) -> Option<Value> {
+        if text.is_empty()
+            && !matches!(
+                self.job.logprobs,
+                Logprobs::Completion(_) | Logprobs::Chat(_)
+            )
+        {
+            return None;
+        }
+        let choice = match (self.job.kind, self.job.logprobs) {
+            (Kind::Completion, lp) => {
+                let logprobs = match lp {
+                    Logprobs::Completion(_) => {
+                        completion_logprobs(&self.tokenizer, &tokens, &mut self.offsets[i])
+                    }
+                    _ => Value::Null,
+                };
+                json!({"index": i, "text": text, "logprobs": logprobs, "finish_reason": null})
+            }
+            (Kind::Chat, lp) => {
+                let logprobs = match lp {
+                    Logprobs::Chat(_) => {
+                        json!({"content": chat_logprobs(&self.tokenizer, &tokens)})
+                    }
+                    _ => Value::Null,
+                };
+                json!({"index": i, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": null})
+            }
+        };
+        Some(self.chunk(choice))
     }
 
     async fn next(&mut self) -> Option<SseEvent> {
@@ -526,6 +575,9 @@ fn respond_sse(loaded: &Loaded, job: Job, choices: Vec<TextEvents>) -> Response 
             .collect(),
         completion_tokens: 0,
         cached: vec![0; n],
+        held: (0..n)
+            .map(|_| job.tools.as_ref().map(|_| Default::default()))
+            .collect(),
         phase: Phase::Streaming,
         job,
     };
@@ -668,6 +720,7 @@ pub async fn completions(
         common,
         extra_stop_ids,
         fim_mode,
+        tools: None,
     };
     run(app, job).await
 }
@@ -704,7 +757,17 @@ pub async fn chat_completions(
     req.common = parse_body(&body)?;
     let loaded = app.loaded()?;
     let adapter = check_model(loaded, &req.common)?;
-    let common = req.common.validate(&loaded.defaults, loaded.vocab_size())?;
+    let mut common = req.common.validate(&loaded.defaults, loaded.vocab_size())?;
+    let tools = ToolPlan::from_request(req.tools.as_ref(), req.tool_choice.as_ref())?;
+    if let Some(plan) = &tools {
+        if common.json.is_some() {
+            return Err(ApiError::invalid(
+                "response_format",
+                "`response_format` with `tools` is not supported",
+            ));
+        }
+        common.json = Some(plan.grammar.clone());
+    }
     if req.messages.is_empty() {
         return Err(ApiError::invalid(
             "messages",
@@ -714,7 +777,9 @@ pub async fn chat_completions(
     let template = loaded.chat_template.as_ref().ok_or_else(|| {
         ApiError::bad_request("this model has no chat template; use /v1/completions")
     })?;
-    let mut messages = Vec::with_capacity(req.messages.len());
+    let mut messages = Vec::with_capacity(req.messages.len() + 1);
+    // Earlier calls' names by id, for the results that answer them.
+    let mut call_names: Vec<(String, String)> = Vec::new();
     for (i, m) in req.messages.into_iter().enumerate() {
         if !["system", "developer", "user", "assistant", "tool"].contains(&m.role.as_str()) {
             return Err(ApiError::invalid(
@@ -727,10 +792,43 @@ pub async fn chat_completions(
         } else {
             m.role
         };
-        messages.push(ChatMessage {
-            role,
-            content: message_text(m.content, i)?,
-        });
+        let mut content = message_text(m.content, i)?;
+        // Calls and their results, as the model writes calls (see `server::tools`).
+        let role = match role.as_str() {
+            "assistant" => {
+                for c in m.tool_calls.unwrap_or_default() {
+                    if !content.is_empty() {
+                        content.push('\n');
+                    }
+                    content.push_str(&call_text(&c.function.name, &c.function.arguments));
+                    call_names.extend(c.id.map(|id| (id, c.function.name)));
+                }
+                role
+            }
+            "tool" => {
+                let name = m
+                    .tool_call_id
+                    .and_then(|id| call_names.iter().find(|(i, _)| *i == id))
+                    .map_or("the function", |(_, n)| n.as_str());
+                content = format!("Result of {name}: {content}");
+                "user".to_owned()
+            }
+            _ => role,
+        };
+        messages.push(ChatMessage { role, content });
+    }
+    if let Some(plan) = &tools {
+        let text = plan.system_text();
+        match messages.first_mut() {
+            Some(m) if m.role == "system" => m.content = format!("{}\n\n{text}", m.content),
+            _ => messages.insert(
+                0,
+                ChatMessage {
+                    role: "system".to_owned(),
+                    content: text,
+                },
+            ),
+        }
     }
     let prompt = template
         .render(&messages, req.add_generation_prompt.unwrap_or(true))
@@ -770,6 +868,7 @@ pub async fn chat_completions(
         common,
         extra_stop_ids: Vec::new(),
         fim_mode: None,
+        tools: tools.map(Arc::new),
     };
     run(app, job).await
 }

@@ -9,6 +9,7 @@ pub mod info;
 pub mod metrics;
 pub mod openai;
 pub mod stream;
+pub mod tools;
 
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};

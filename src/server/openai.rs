@@ -130,6 +130,32 @@ pub struct WireMessage {
     pub role: String,
     /// Content (may be null for assistant messages).
     pub content: Option<ContentField>,
+    /// The calls an assistant message made.
+    #[serde(default)]
+    pub tool_calls: Option<Vec<WireToolCall>>,
+    /// The call a `tool` message answers.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
+}
+
+/// One call in an assistant message's `tool_calls`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct WireToolCall {
+    /// The call's id (`tool` messages refer to it).
+    #[serde(default)]
+    pub id: Option<String>,
+    /// The function and its arguments.
+    pub function: WireFunctionCall,
+}
+
+/// A called function.
+#[derive(Debug, Clone, Deserialize)]
+pub struct WireFunctionCall {
+    /// Its name.
+    pub name: String,
+    /// Its arguments, JSON text.
+    #[serde(default)]
+    pub arguments: String,
 }
 
 /// `POST /v1/chat/completions`.
@@ -147,6 +173,12 @@ pub struct ChatRequest {
     pub top_logprobs: Option<u32>,
     /// Open the assistant's turn (default true).
     pub add_generation_prompt: Option<bool>,
+    /// Functions the model may call (see `server::tools`).
+    pub tools: Option<Value>,
+    /// `"none"`, `"auto"`, `"required"` or a named function.
+    pub tool_choice: Option<Value>,
+    /// Accepted; an answer makes at most one call.
+    pub parallel_tool_calls: Option<bool>,
     /// Shared fields (parsed separately from the same body; see [`parse_body`]).
     #[serde(skip)]
     pub common: CommonFields,

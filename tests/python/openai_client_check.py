@@ -115,6 +115,30 @@ assert isinstance(person, Person), p
 assert person.name == "Marie" and person.age == 34, person
 assert p.choices[0].message.content.startswith('{"name": '), p  # the schema's key order
 
+# Tool calling: a required call comes back as `tool_calls`, streamed or not.
+tools = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}]
+ask = [{"role": "user", "content": "What is the weather like in Paris?"}]
+t = client.chat.completions.create(model=MODEL, messages=ask, tools=tools, tool_choice="required",
+                                   max_tokens=60, temperature=0)
+assert t.choices[0].finish_reason == "tool_calls", t
+call = t.choices[0].message.tool_calls[0]
+assert call.type == "function" and call.function.name == "get_weather", t
+assert json.loads(call.function.arguments) == {"city": "Paris"}, t
+deltas = [c.choices[0].delta.tool_calls for c in client.chat.completions.create(
+    model=MODEL, messages=ask, tools=tools, tool_choice="required", max_tokens=60,
+    temperature=0, stream=True) if c.choices and c.choices[0].delta.tool_calls]
+assert len(deltas) == 1 and deltas[0][0].function.arguments == call.function.arguments, deltas
+# The result goes back as a `tool` message; the answer uses it.
+final = client.chat.completions.create(model=MODEL, messages=ask + [
+    t.choices[0].message.model_dump(exclude_none=True),
+    {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 31, "sky": "sunny"}'},
+], tools=tools, max_tokens=40, temperature=0)
+assert final.choices[0].finish_reason == "stop", final
+assert "sunny" in final.choices[0].message.content.lower(), final
+
 # Errors surface as the right exception classes with our messages.
 try:
     client.completions.create(model=MODEL, prompt="hi", temperature=-1)

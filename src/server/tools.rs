@@ -1,0 +1,234 @@
+//! OpenAI tool calling (`tools`, `tool_choice`) for any model, the way llama.cpp's server
+//! serves models whose chat template knows no tools: the tools are described in the system
+//! message, and the answer is constrained (JSON mode, [`Grammar::tool_call`]) to
+//! `{"<function name>": {<arguments>}}` — exactly one declared function with arguments that
+//! follow its `parameters` schema. With `tool_choice: "auto"` the model may instead answer in
+//! plain text: any first character but `{` leaves the constraint. A call comes back as
+//! OpenAI's `tool_calls` (finish reason `tool_calls`); earlier calls and their results in
+//! `messages` are written into the conversation as prose ([`call_text`], and a user turn
+//! `Result of name: …`), for templates without a tool role.
+
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+
+use crate::engine::json_schema::Grammar;
+
+use super::error::ApiError;
+
+/// One declared function.
+#[derive(Debug)]
+struct Function {
+    name: String,
+    description: Option<String>,
+    parameters: Option<Value>,
+}
+
+/// What `tool_choice` asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Choice {
+    /// A call or plain text, as the model likes.
+    Auto,
+    /// A call of any of the functions.
+    Required,
+    /// A call of this function.
+    Named(String),
+}
+
+/// A request's tools, checked: what the model is told and what its answer is held to.
+#[derive(Debug)]
+pub struct ToolPlan {
+    functions: Vec<Function>,
+    choice: Choice,
+    /// The constraint on the answer.
+    pub grammar: Arc<Grammar>,
+}
+
+/// Most functions one request may declare.
+const MAX_TOOLS: usize = 128;
+
+fn valid_name(n: &str) -> bool {
+    (1..=64).contains(&n.len())
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+impl ToolPlan {
+    /// From the request's `tools` and `tool_choice`; `None` when there are no tools or
+    /// `tool_choice` is `"none"`.
+    pub fn from_request(
+        tools: Option<&Value>,
+        tool_choice: Option<&Value>,
+    ) -> Result<Option<ToolPlan>, ApiError> {
+        let tools = match tools {
+            None | Some(Value::Null) => &[][..],
+            Some(Value::Array(t)) => t.as_slice(),
+            Some(_) => return Err(ApiError::invalid("tools", "`tools` must be an array")),
+        };
+        if tools.len() > MAX_TOOLS {
+            return Err(ApiError::invalid(
+                "tools",
+                format!("at most {MAX_TOOLS} tools are supported"),
+            ));
+        }
+        let mut functions: Vec<Function> = Vec::new();
+        for (i, t) in tools.iter().enumerate() {
+            let param = format!("tools[{i}]");
+            if t.get("type").and_then(Value::as_str) != Some("function") {
+                return Err(ApiError::invalid(
+                    &format!("{param}.type"),
+                    "only tools of type `function` are supported",
+                ));
+            }
+            let f = t.get("function").filter(|f| f.is_object()).ok_or_else(|| {
+                ApiError::invalid(&format!("{param}.function"), "`function` must be an object")
+            })?;
+            let name = f.get("name").and_then(Value::as_str).unwrap_or_default();
+            if !valid_name(name) {
+                return Err(ApiError::invalid(
+                    &format!("{param}.function.name"),
+                    "a function name must be 1 to 64 letters, digits, `_` or `-`",
+                ));
+            }
+            if functions.iter().any(|g| g.name == name) {
+                return Err(ApiError::invalid(
+                    &format!("{param}.function.name"),
+                    format!("the function name `{name}` is declared twice"),
+                ));
+            }
+            let parameters = match f.get("parameters") {
+                None | Some(Value::Null) => None,
+                Some(p) if p.is_object() => Some(p.clone()),
+                Some(_) => {
+                    return Err(ApiError::invalid(
+                        &format!("{param}.function.parameters"),
+                        "`parameters` must be a JSON schema object",
+                    ))
+                }
+            };
+            functions.push(Function {
+                name: name.to_owned(),
+                description: f
+                    .get("description")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned),
+                parameters,
+            });
+        }
+        let choice = match tool_choice {
+            None | Some(Value::Null) => Choice::Auto,
+            Some(Value::String(s)) if s == "none" => return Ok(None),
+            Some(Value::String(s)) if s == "auto" => Choice::Auto,
+            Some(Value::String(s)) if s == "required" => Choice::Required,
+            Some(c) => match c.pointer("/function/name").and_then(Value::as_str) {
+                Some(n) if c.get("type").and_then(Value::as_str) == Some("function") => {
+                    if !functions.iter().any(|f| f.name == n) {
+                        return Err(ApiError::invalid(
+                            "tool_choice",
+                            format!("`tool_choice` names `{n}`, which is not in `tools`"),
+                        ));
+                    }
+                    Choice::Named(n.to_owned())
+                }
+                _ => {
+                    return Err(ApiError::invalid(
+                        "tool_choice",
+                        "`tool_choice` must be \"none\", \"auto\", \"required\" or \
+                         {\"type\": \"function\", \"function\": {\"name\": …}}",
+                    ))
+                }
+            },
+        };
+        if functions.is_empty() {
+            return match tool_choice {
+                None | Some(Value::Null) => Ok(None),
+                Some(_) => Err(ApiError::invalid(
+                    "tool_choice",
+                    "`tool_choice` needs `tools`",
+                )),
+            };
+        }
+        let offered: Vec<(&str, Option<&Value>)> = functions
+            .iter()
+            .filter(|f| match &choice {
+                Choice::Named(n) => f.name == *n,
+                _ => true,
+            })
+            .map(|f| (f.name.as_str(), f.parameters.as_ref()))
+            .collect();
+        let grammar = Grammar::tool_call(&offered, choice == Choice::Auto).map_err(|e| {
+            let param = e.path.split('/').next().unwrap_or("tools").to_owned();
+            ApiError::invalid(&param, format!("unsupported JSON schema: {e}"))
+        })?;
+        Ok(Some(ToolPlan {
+            functions,
+            choice,
+            grammar: Arc::new(grammar),
+        }))
+    }
+
+    /// Whether the model may answer in plain text (`tool_choice: "auto"`).
+    pub fn allows_text(&self) -> bool {
+        self.choice == Choice::Auto
+    }
+
+    /// What the system message says about the tools.
+    pub fn system_text(&self) -> String {
+        let mut out = String::from(
+            "You can call functions. The functions, with their arguments as JSON Schema:\n",
+        );
+        for f in &self.functions {
+            let mut d = json!({"name": f.name});
+            if let Some(desc) = &f.description {
+                d["description"] = json!(desc);
+            }
+            d["parameters"] = f
+                .parameters
+                .clone()
+                .unwrap_or_else(|| json!({"type": "object"}));
+            out.push_str(&d.to_string());
+            out.push('\n');
+        }
+        let example = match &self.choice {
+            Choice::Named(n) => n.as_str(),
+            _ => self.functions[0].name.as_str(),
+        };
+        out.push_str(&format!(
+            "To call a function, reply with only a JSON object whose one key is the function's \
+             name and whose value holds its arguments, like {{\"{example}\": {{…}}}}."
+        ));
+        out.push_str(match &self.choice {
+            Choice::Auto => " If no function fits, reply in plain text.",
+            Choice::Required => " Reply with a function call.",
+            Choice::Named(_) => " Reply with a call of that function.",
+        });
+        out
+    }
+
+    /// The call in the model's answer (`{"name": {arguments}}`): the name and the arguments
+    /// as compact JSON text; `None` for plain text (or a call cut short).
+    pub fn parse_call(&self, text: &str) -> Option<(String, String)> {
+        let v: Value = serde_json::from_str(text.trim()).ok()?;
+        let o = v.as_object()?;
+        let (name, args) = o.iter().next().filter(|_| o.len() == 1)?;
+        if !args.is_object() || !self.functions.iter().any(|f| f.name == *name) {
+            return None;
+        }
+        Some((name.clone(), args.to_string()))
+    }
+}
+
+/// An earlier call as the conversation shows it to the model: `Calling name({arguments}).`
+/// — in prose rather than in the call format, which a small model otherwise copies into its
+/// answer after the result (seen with SmolLM2: the result echoed as another "call").
+pub fn call_text(name: &str, arguments: &str) -> String {
+    let args = serde_json::from_str::<Value>(arguments)
+        .map_or_else(|_| arguments.to_owned(), |v| v.to_string());
+    format!("Calling {name}({args}).")
+}
+
+/// A call as OpenAI's `tool_calls` entry.
+pub fn wire_call(name: &str, arguments: &str) -> Value {
+    let id = format!("call_{:024x}", rand::random::<u128>() >> 32);
+    json!({"id": id, "type": "function", "function": {"name": name, "arguments": arguments}})
+}
