@@ -1610,3 +1610,71 @@ async fn tool_calls_follow_the_declared_functions() {
         assert_error(status, &e, StatusCode::BAD_REQUEST, Some(param));
     }
 }
+
+/// vLLM's guided decoding fields (`guided_choice`, `guided_json`, and their newer
+/// `structured_outputs` spelling): one of the texts exactly, or an instance of the schema.
+#[tokio::test]
+async fn vllm_guided_choice_and_json() {
+    let app = app();
+    let review = "Review: \"A wonderful film, I loved every minute.\" Is this review positive or \
+                  negative?";
+    let choices = json!(["negative", "positive", "neutral"]);
+    for body in [
+        json!({"messages": [{"role": "user", "content": review}], "guided_choice": choices,
+               "temperature": 0, "max_tokens": 10}),
+        json!({"messages": [{"role": "user", "content": review}],
+               "structured_outputs": {"choice": choices}, "temperature": 1.0, "seed": 3,
+               "n": 3, "max_tokens": 10}),
+    ] {
+        let (status, v) = post_json(&app, "/v1/chat/completions", body).await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        for c in v["choices"].as_array().expect("choices") {
+            eprintln!("choice: {}", c["message"]["content"]);
+            assert!(
+                choices
+                    .as_array()
+                    .is_some_and(|a| a.contains(&c["message"]["content"])),
+                "{v}"
+            );
+            assert_eq!(c["finish_reason"], "stop", "{v}");
+        }
+    }
+    let schema = json!({"type": "object", "properties": {"sentiment": {"enum": ["positive", "negative"]},
+                        "stars": {"type": "integer"}}, "required": ["sentiment", "stars"]});
+    for key in ["guided_json", "structured_outputs"] {
+        let field = if key == "guided_json" {
+            schema.clone()
+        } else {
+            json!({"json": schema})
+        };
+        let (status, v) = post_json(
+            &app,
+            "/v1/completions",
+            json!({"prompt": format!("{review}\nAnswer as JSON:"), key: field,
+                   "temperature": 0, "max_tokens": 40}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        let t = v["choices"][0]["text"].as_str().expect("text");
+        let o: Value = serde_json::from_str(t).unwrap_or_else(|e| panic!("{e}: {t}"));
+        conforms(&o, &schema, &schema).unwrap_or_else(|e| panic!("{e}: {t}"));
+    }
+    for (body, param) in [
+        (json!({"prompt": "x", "guided_choice": []}), "guided_choice"),
+        (
+            json!({"prompt": "x", "guided_choice": ["a", ""]}),
+            "guided_choice",
+        ),
+        (
+            json!({"prompt": "x", "guided_json": {"type": "string", "pattern": "a"}}),
+            "guided_json",
+        ),
+        (
+            json!({"prompt": "x", "guided_choice": ["a"], "response_format": {"type": "json_object"}}),
+            "guided_choice",
+        ),
+    ] {
+        let (status, e) = post_json(&app, "/v1/completions", body).await;
+        assert_error(status, &e, StatusCode::BAD_REQUEST, Some(param));
+    }
+}

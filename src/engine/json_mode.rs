@@ -550,7 +550,7 @@ impl JsonState {
     pub fn push(&mut self, g: &Grammar, b: u8) -> bool {
         loop {
             let top = *self.top();
-            if is_space(b) && top.takes_space() {
+            if is_space(b) && top.takes_space() && (self.depth > 1 || g.root_space) {
                 if self.space_run >= MAX_SPACE_RUN {
                     return false;
                 }

@@ -83,6 +83,8 @@ pub struct Grammar {
     pub(crate) id: u64,
     pub(crate) nodes: Vec<Node>,
     pub(crate) root: NodeId,
+    /// Whether whitespace may come before the root value (JSON: yes; a choice: no).
+    pub(crate) root_space: bool,
     /// Each node's possible first bytes (a 256-bit set).
     first: Vec<[u64; 4]>,
 }
@@ -146,7 +148,7 @@ fn first_of(bytes: &[u8]) -> [u64; 4] {
 impl Grammar {
     /// JSON mode without a schema: any JSON object.
     pub fn any_object() -> Grammar {
-        let mut g = Grammar::new(base_nodes(), ANY_OBJECT);
+        let mut g = Grammar::new(base_nodes(), ANY_OBJECT, true);
         g.first = compute_first(&g.nodes).unwrap_or_default();
         g
     }
@@ -215,13 +217,33 @@ impl Grammar {
         c.finish(root)
     }
 
-    fn new(nodes: Vec<Node>, root: NodeId) -> Grammar {
+    /// Exactly one of these texts, as they are (vLLM's `guided_choice`).
+    pub fn choice(texts: &[&str]) -> Grammar {
+        let mut lits: Vec<Box<[u8]>> = Vec::new();
+        for t in texts {
+            let t: Box<[u8]> = t.as_bytes().into();
+            if !lits.contains(&t) {
+                lits.push(t);
+            }
+        }
+        let mut nodes = base_nodes();
+        nodes.push(Node::Literals(lits));
+        let root = (nodes.len() - 1) as NodeId;
+        let mut g = Grammar::new(nodes, root, false);
+        g.first = compute_first(&g.nodes).unwrap_or_default();
+        g
+    }
+
+    fn new(nodes: Vec<Node>, root: NodeId, root_space: bool) -> Grammar {
         static KEYS: OnceLock<RandomState> = OnceLock::new();
-        let id = KEYS.get_or_init(RandomState::new).hash_one((&nodes, root));
+        let id = KEYS
+            .get_or_init(RandomState::new)
+            .hash_one((&nodes, root, root_space));
         Grammar {
             id,
             nodes,
             root,
+            root_space,
             first: Vec::new(),
         }
     }
@@ -358,7 +380,7 @@ impl<'a> Compiler<'a> {
     /// The grammar of `root`, checked: aliases end at a value, alternatives differ in their
     /// first byte.
     fn finish(self, root: NodeId) -> Result<Grammar, SchemaError> {
-        let mut g = Grammar::new(self.nodes, root);
+        let mut g = Grammar::new(self.nodes, root, true);
         // Aliases must end at a value.
         for start in 0..g.nodes.len() {
             let mut id = start as NodeId;
@@ -900,6 +922,30 @@ mod tests {
         let bad = json!({"type": "object", "properties": {"q": {"pattern": "x"}}});
         let e = Grammar::tool_call(&[("search", Some(&bad))], false).expect_err("pattern");
         assert_eq!(e.path, "tools[0].function.parameters/properties/q");
+    }
+
+    #[test]
+    fn a_choice_is_one_of_its_texts_exactly() {
+        let c = Grammar::choice(&["positive", "negative", "neutral", "positive!", "negative"]);
+        check(
+            &c,
+            &["positive", "negative", "neutral", "positive!"],
+            &[
+                " positive",
+                "pos",
+                "Positive",
+                "negativ",
+                "neutral ",
+                "\"neutral\"",
+            ],
+        );
+        assert!(run(&c, "positive").is_some_and(|s| !s.is_done() && s.can_end(&c)));
+        assert!(run(&c, "negative").is_some_and(|s| s.is_done()));
+        // The same literals as raw texts and as a JSON enum are different grammars.
+        assert_ne!(
+            Grammar::choice(&["1", "2"]).id,
+            grammar(json!({"enum": [1, 2]})).id
+        );
     }
 
     #[test]

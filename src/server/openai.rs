@@ -83,6 +83,12 @@ pub struct CommonFields {
     /// `{"type": "text"}` (the default), `{"type": "json_object"}` (JSON mode) or
     /// `{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`.
     pub response_format: Option<serde_json::Value>,
+    /// vLLM's guided decoding: the answer is an instance of this JSON schema.
+    pub guided_json: Option<Value>,
+    /// vLLM's guided decoding: the answer is exactly one of these texts.
+    pub guided_choice: Option<Value>,
+    /// vLLM's newer spelling of both: `{"json": schema}` or `{"choice": [texts]}`.
+    pub structured_outputs: Option<Value>,
 }
 
 /// `POST /v1/completions`.
@@ -349,10 +355,33 @@ impl CommonFields {
             "stop",
             "`stop` strings must not be empty",
         )?;
-        let json = match &self.response_format {
+        let mut json = match &self.response_format {
             None => None,
             Some(f) => response_format(f)?,
         };
+        let so = self.structured_outputs.as_ref();
+        for (param, schema, choice) in [
+            ("guided_json", self.guided_json.as_ref(), None),
+            ("guided_choice", None, self.guided_choice.as_ref()),
+            (
+                "structured_outputs",
+                so.and_then(|s| s.get("json")),
+                so.and_then(|s| s.get("choice")),
+            ),
+        ] {
+            let grammar = match (schema, choice) {
+                (Some(s), _) => schema_grammar(s, param)?,
+                (None, Some(c)) => choice_grammar(c, param)?,
+                (None, None) => continue,
+            };
+            check(
+                json.is_none(),
+                param,
+                "give one of `response_format`, `guided_json`, `guided_choice` and \
+                 `structured_outputs`",
+            )?;
+            json = Some(grammar);
+        }
         Ok(ValidCommon {
             json,
             sampling: SamplingParams {
@@ -410,6 +439,22 @@ pub fn schema_grammar(schema: &Value, param: &str) -> Result<Arc<Grammar>, ApiEr
     Grammar::from_schema(schema)
         .map(Arc::new)
         .map_err(|e| ApiError::invalid(param, format!("unsupported JSON schema: {e}")))
+}
+
+/// vLLM's `guided_choice`: the answer is exactly one of these texts.
+fn choice_grammar(c: &Value, param: &str) -> Result<Arc<Grammar>, ApiError> {
+    let texts: Option<Vec<&str>> = c
+        .as_array()
+        .and_then(|a| a.iter().map(Value::as_str).collect());
+    match texts {
+        Some(t) if !t.is_empty() && t.len() <= 1024 && t.iter().all(|s| !s.is_empty()) => {
+            Ok(Arc::new(Grammar::choice(&t)))
+        }
+        _ => Err(ApiError::invalid(
+            param,
+            format!("`{param}` must be a list of 1 to 1024 non-empty texts"),
+        )),
+    }
 }
 
 /// Checks `logprobs` / `top_logprobs` counts.
