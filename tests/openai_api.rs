@@ -1678,3 +1678,219 @@ async fn vllm_guided_choice_and_json() {
         assert_error(status, &e, StatusCode::BAD_REQUEST, Some(param));
     }
 }
+
+/// A typed SSE body (`event: NAME` then one `data:` line per event): (name, payload) pairs.
+fn named_sse_events(bytes: &[u8]) -> Vec<(String, Value)> {
+    let text = String::from_utf8(bytes.to_vec()).expect("utf-8");
+    text.split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| {
+            let (name, data) = e
+                .split_once('\n')
+                .unwrap_or_else(|| panic!("two lines: {e:?}"));
+            let name = name
+                .strip_prefix("event: ")
+                .unwrap_or_else(|| panic!("event line: {e:?}"));
+            let data = data
+                .strip_prefix("data: ")
+                .unwrap_or_else(|| panic!("data line: {e:?}"));
+            assert!(!data.contains('\n'), "single-line payload: {e:?}");
+            (
+                name.to_string(),
+                serde_json::from_str(data).expect("JSON payload"),
+            )
+        })
+        .collect()
+}
+
+/// OpenAI's Responses API: the same generation as the chat path (instructions as the system
+/// message), `status`/`usage` mapped, the typed event stream in order, `text.format`, function
+/// tools with their outputs, and errors that name the Responses fields.
+#[tokio::test]
+async fn responses_api_text_stream_format_and_tools() {
+    let app = app();
+    let question = "Which planet is known as the red planet?";
+    let (status, chat) = post_json(
+        &app,
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "system", "content": "Answer briefly."},
+                            {"role": "user", "content": question}],
+               "max_tokens": 24, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{chat}");
+    let want = chat["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("text");
+    let body = json!({"model": "smollm2", "instructions": "Answer briefly.", "input": question,
+                      "max_output_tokens": 24, "temperature": 0, "metadata": {"k": "v"}});
+    let (status, r) = post_json(&app, "/v1/responses", body.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{r}");
+    assert_eq!(r["object"], "response");
+    assert!(
+        r["id"].as_str().is_some_and(|id| id.starts_with("resp_")),
+        "{r}"
+    );
+    let complete = chat["choices"][0]["finish_reason"] == "stop";
+    assert_eq!(
+        r["status"],
+        if complete { "completed" } else { "incomplete" },
+        "{r}"
+    );
+    if !complete {
+        assert_eq!(r["incomplete_details"]["reason"], "max_output_tokens");
+    }
+    assert_eq!(r["metadata"], json!({"k": "v"}));
+    assert_eq!(r["store"], false);
+    let item = &r["output"][0];
+    assert_eq!(item["type"], "message");
+    assert_eq!(item["role"], "assistant");
+    assert_eq!(item["content"][0]["type"], "output_text");
+    assert_eq!(item["content"][0]["text"], want, "{r}");
+    assert_eq!(r["usage"]["input_tokens"], chat["usage"]["prompt_tokens"]);
+    assert_eq!(
+        r["usage"]["output_tokens"],
+        chat["usage"]["completion_tokens"]
+    );
+    assert_eq!(
+        r["usage"]["total_tokens"], chat["usage"]["total_tokens"],
+        "{r}"
+    );
+
+    // Streamed: the typed events in order, numbered, the deltas adding up to the text.
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    let (status, headers, bytes) = send(&app, post("/v1/responses", streamed)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(headers[header::CONTENT_TYPE]
+        .to_str()
+        .is_ok_and(|c| c.starts_with("text/event-stream")));
+    let events = named_sse_events(&bytes);
+    let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+    let deltas = names
+        .iter()
+        .filter(|n| **n == "response.output_text.delta")
+        .count();
+    let mut expected = vec![
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ];
+    expected.extend(std::iter::repeat_n("response.output_text.delta", deltas));
+    let last = if complete {
+        "response.completed"
+    } else {
+        "response.incomplete"
+    };
+    expected.extend([
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        last,
+    ]);
+    assert_eq!(names, expected);
+    assert!(deltas > 3, "{names:?}");
+    for (i, (name, data)) in events.iter().enumerate() {
+        assert_eq!(data["type"], name.as_str());
+        assert_eq!(data["sequence_number"], i);
+    }
+    let text: String = events
+        .iter()
+        .filter(|(n, _)| n == "response.output_text.delta")
+        .map(|(_, d)| d["delta"].as_str().expect("delta").to_string())
+        .collect();
+    assert_eq!(text, want);
+    let done = &events.last().expect("events").1["response"];
+    assert_eq!(done["output"][0]["content"][0]["text"], want);
+    assert_eq!(done["usage"], r["usage"]);
+
+    // `text.format` with a schema.
+    let schema = json!({"type": "object", "properties": {"planet": {"type": "string"},
+                        "moons": {"type": "integer"}}, "required": ["planet", "moons"]});
+    let (status, r) = post_json(
+        &app,
+        "/v1/responses",
+        json!({"input": question, "temperature": 0, "max_output_tokens": 60,
+               "text": {"format": {"type": "json_schema", "name": "answer", "schema": schema,
+                                   "strict": true}}}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{r}");
+    let t = r["output"][0]["content"][0]["text"].as_str().expect("text");
+    let v: Value = serde_json::from_str(t).unwrap_or_else(|e| panic!("{e}: {t}"));
+    conforms(&v, &schema, &schema).unwrap_or_else(|e| panic!("{e}: {t}"));
+
+    // Function tools (flat, as this API declares them), a call, and its output back.
+    let tools: Vec<Value> = weather_tools()
+        .as_array()
+        .expect("tools")
+        .iter()
+        .map(|t| {
+            let mut f = t["function"].clone();
+            f["type"] = json!("function");
+            f
+        })
+        .collect();
+    let ask = "What is the weather like in Paris?";
+    let (status, r) = post_json(
+        &app,
+        "/v1/responses",
+        json!({"input": ask, "tools": tools, "tool_choice": "required", "temperature": 0}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{r}");
+    let call = r["output"][0].clone();
+    assert_eq!(call["type"], "function_call", "{r}");
+    assert_eq!(call["name"], "get_weather", "{r}");
+    assert!(call["call_id"]
+        .as_str()
+        .is_some_and(|c| c.starts_with("call_")));
+    let args: Value =
+        serde_json::from_str(call["arguments"].as_str().expect("args")).expect("JSON");
+    assert_eq!(args["city"], "Paris", "{r}");
+    let (status, r) = post_json(
+        &app,
+        "/v1/responses",
+        json!({"input": [{"role": "user", "content": ask}, call,
+                         {"type": "function_call_output", "call_id": call["call_id"],
+                          "output": "{\"temperature\": 31, \"sky\": \"sunny\"}"}],
+               "tools": tools, "temperature": 0, "max_output_tokens": 40}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{r}");
+    let answer = r["output"][0]["content"][0]["text"].as_str().expect("text");
+    assert!(answer.to_lowercase().contains("sunny"), "{r}");
+
+    for (body, param) in [
+        (
+            json!({"input": "x", "previous_response_id": "resp_1"}),
+            "previous_response_id",
+        ),
+        (json!({"instructions": "x"}), "input"),
+        (
+            json!({"input": "x", "max_output_tokens": 0}),
+            "max_output_tokens",
+        ),
+        (
+            json!({"input": "x", "text": {"format": {"type": "json_schema", "name": "x",
+                "schema": {"type": "string", "pattern": "a"}}}}),
+            "text.format",
+        ),
+        (
+            json!({"input": "x", "tools": [{"type": "web_search"}]}),
+            "tools[0].type",
+        ),
+        (
+            json!({"input": [{"role": "user", "content": [{"type": "input_image"}]}]}),
+            "input[0].content",
+        ),
+        (
+            json!({"input": "x", "tools": [{"type": "function", "name": "a b"}]}),
+            "tools[0].name",
+        ),
+    ] {
+        let (status, e) = post_json(&app, "/v1/responses", body.clone()).await;
+        assert_error(status, &e, StatusCode::BAD_REQUEST, Some(param));
+    }
+}

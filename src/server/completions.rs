@@ -52,11 +52,12 @@ enum Logprobs {
     Chat(usize),
 }
 
-struct Job {
+/// One request's generations: what was asked and how to answer.
+pub(super) struct Job {
     kind: Kind,
     id: String,
     created: u64,
-    model: String,
+    pub(super) model: String,
     /// LoRA adapter the request runs with (`None`: the base model).
     adapter: Option<String>,
     /// One or more prompts (a completions request may send a batch); each gets `n` choices,
@@ -72,7 +73,7 @@ struct Job {
     /// `"fim"` or `"prefix"` when the request had a `suffix`.
     fim_mode: Option<&'static str>,
     /// Chat with tools: answers that are calls come back as `tool_calls`.
-    tools: Option<Arc<ToolPlan>>,
+    pub(super) tools: Option<Arc<ToolPlan>>,
 }
 
 /// One prompt of a request.
@@ -90,13 +91,13 @@ impl Job {
     }
 
     /// Prompt tokens of the whole request.
-    fn prompt_tokens(&self) -> usize {
+    pub(super) fn prompt_tokens(&self) -> usize {
         self.prompts.iter().map(|p| p.ids.len()).sum()
     }
 
     /// Prompt tokens served from the prefix cache: per prompt the most any of its choices
     /// found (they share one prefix), summed over the prompts.
-    fn cached_tokens(&self, per_choice: &[usize]) -> usize {
+    pub(super) fn cached_tokens(&self, per_choice: &[usize]) -> usize {
         per_choice
             .chunks(self.common.n.max(1))
             .map(|c| c.iter().copied().max().unwrap_or(0))
@@ -154,7 +155,11 @@ fn max_new_tokens(
 }
 
 /// Submits every choice and wraps each in `TextEvents`.
-fn start(loaded: &Loaded, app: &AppState, job: &Job) -> Result<Vec<TextEvents>, ApiError> {
+pub(super) fn start(
+    loaded: &Loaded,
+    app: &AppState,
+    job: &Job,
+) -> Result<Vec<TextEvents>, ApiError> {
     let mut stop_token_ids = if job.common.ignore_eos {
         vec![]
     } else {
@@ -274,17 +279,19 @@ fn chat_logprobs(tokenizer: &Tokenizer, tokens: &[TokenInfo]) -> Vec<Value> {
         .collect()
 }
 
-struct ChoiceResult {
-    text: String,
+/// One choice, generated to its end.
+pub(super) struct ChoiceResult {
+    pub(super) text: String,
     /// Log-probabilities of prompt tokens `1..`, when requested.
     prompt_logprobs: Option<Vec<TokenLogprob>>,
     tokens: Vec<TokenInfo>,
-    finish: &'static str,
-    completion_tokens: usize,
-    cached_tokens: usize,
+    pub(super) finish: &'static str,
+    pub(super) completion_tokens: usize,
+    pub(super) cached_tokens: usize,
 }
 
-async fn collect(mut events: TextEvents) -> Result<ChoiceResult, ApiError> {
+/// Runs one choice's events to the end.
+pub(super) async fn collect(mut events: TextEvents) -> Result<ChoiceResult, ApiError> {
     let mut out = ChoiceResult {
         text: String::new(),
         prompt_logprobs: None,
@@ -753,9 +760,14 @@ pub async fn chat_completions(
     State(app): State<AppState>,
     AppJson(body): AppJson<Value>,
 ) -> Result<Response, ApiError> {
-    let mut req: ChatRequest = parse_body(&body)?;
-    req.common = parse_body(&body)?;
-    let loaded = app.loaded()?;
+    let job = chat_job(app.loaded()?, &body)?;
+    run(app, job).await
+}
+
+/// A chat request's job (also what `/v1/responses` runs, its body translated).
+pub(super) fn chat_job(loaded: &Loaded, body: &Value) -> Result<Job, ApiError> {
+    let mut req: ChatRequest = parse_body(body)?;
+    req.common = parse_body(body)?;
     let adapter = check_model(loaded, &req.common)?;
     let mut common = req.common.validate(&loaded.defaults, loaded.vocab_size())?;
     let tools = ToolPlan::from_request(req.tools.as_ref(), req.tool_choice.as_ref())?;
@@ -870,5 +882,5 @@ pub async fn chat_completions(
         fim_mode: None,
         tools: tools.map(Arc::new),
     };
-    run(app, job).await
+    Ok(job)
 }

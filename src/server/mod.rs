@@ -8,6 +8,7 @@ pub mod infill;
 pub mod info;
 pub mod metrics;
 pub mod openai;
+pub mod responses;
 pub mod stream;
 pub mod tools;
 
@@ -313,6 +314,7 @@ pub fn router(state: AppState) -> Router {
         .route("/completion", post(infill::completion))
         .route("/api/generate", post(infill::ollama_generate))
         .route("/v1/chat/completions", post(completions::chat_completions))
+        .route("/v1/responses", post(responses::responses))
         .route("/v1/models", get(info::models))
         .route("/v1/models/{id}", get(info::model))
         .route("/health", get(info::health))

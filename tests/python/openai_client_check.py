@@ -139,6 +139,45 @@ final = client.chat.completions.create(model=MODEL, messages=ask + [
 assert final.choices[0].finish_reason == "stop", final
 assert "sunny" in final.choices[0].message.content.lower(), final
 
+# The Responses API: text, streamed events, a structured answer, a function call round trip.
+r = client.responses.create(model=MODEL, instructions="Answer briefly.",
+                            input="Which planet is known as the red planet?",
+                            max_output_tokens=24, temperature=0)
+assert r.status in ("completed", "incomplete") and r.output_text, r
+kinds = [e.type for e in client.responses.create(
+    model=MODEL, instructions="Answer briefly.", input="Which planet is known as the red planet?",
+    max_output_tokens=24, temperature=0, stream=True)]
+assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                     "response.content_part.added"], kinds
+assert kinds[-1] == "response." + r.status, kinds
+streamed_text = None
+with client.responses.stream(model=MODEL, instructions="Answer briefly.",
+                             input="Which planet is known as the red planet?",
+                             max_output_tokens=24, temperature=0) as s:
+    streamed_text = s.get_final_response().output_text
+assert streamed_text == r.output_text, (streamed_text, r.output_text)
+
+
+class City(pydantic.BaseModel):
+    name: str
+    country: str
+
+
+parsed = client.responses.parse(model=MODEL, input="Name the capital of France.", text_format=City,
+                                temperature=0, max_output_tokens=60).output_parsed
+assert isinstance(parsed, City) and parsed.name == "Paris", parsed
+rtools = [{"type": "function", "name": "get_weather", "description": "The current weather in a city",
+           "parameters": tools[0]["function"]["parameters"]}]
+rc = client.responses.create(model=MODEL, input="What is the weather like in Paris?", tools=rtools,
+                             tool_choice="required", temperature=0)
+fc = rc.output[0]
+assert fc.type == "function_call" and fc.name == "get_weather", rc
+assert json.loads(fc.arguments) == {"city": "Paris"}, rc
+after = client.responses.create(model=MODEL, tools=rtools, temperature=0, max_output_tokens=40, input=[
+    {"role": "user", "content": "What is the weather like in Paris?"}, fc.model_dump(exclude_none=True),
+    {"type": "function_call_output", "call_id": fc.call_id, "output": '{"temperature": 31, "sky": "sunny"}'}])
+assert "sunny" in after.output_text.lower(), after
+
 # Errors surface as the right exception classes with our messages.
 try:
     client.completions.create(model=MODEL, prompt="hi", temperature=-1)

@@ -1,0 +1,477 @@
+//! OpenAI's Responses API (`POST /v1/responses`, the official client's
+//! `client.responses.create`): `input` (a text or a list of messages, function calls and their
+//! outputs), `instructions`, `max_output_tokens`, `temperature`, `top_p`, `text.format`
+//! (`text`, `json_object`, `json_schema`), function `tools` + `tool_choice`, `stream`.
+//! The request is translated into a chat request and runs on the chat path; the answer is a
+//! `response` object whose `output` holds a `message` (with `output_text`) or a
+//! `function_call`, streamed as the API's typed events (`response.created`, …,
+//! `response.output_text.delta`, …, `response.completed`). Nothing is stored:
+//! `previous_response_id` is refused and `store` is answered `false`.
+
+use std::convert::Infallible;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::State;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::stream;
+use serde_json::{json, Map, Value};
+use tokio::sync::mpsc;
+
+use super::completions::{chat_job, collect, start, Job};
+use super::error::{ApiError, AppJson};
+use super::stream::{TextEvent, TextEvents};
+use super::tools::wire_call;
+use super::AppState;
+
+fn new_id(prefix: &str) -> String {
+    format!("{prefix}_{:032x}", rand::random::<u128>())
+}
+
+/// The chat request a Responses request amounts to. Errors name the Responses fields.
+fn chat_body(body: &Value) -> Result<Value, ApiError> {
+    let Some(req) = body.as_object() else {
+        return Err(ApiError::bad_request("the body must be a JSON object"));
+    };
+    if req
+        .get("previous_response_id")
+        .is_some_and(|v| !v.is_null())
+    {
+        return Err(ApiError::invalid(
+            "previous_response_id",
+            "responses are not stored; send the whole conversation in `input`",
+        ));
+    }
+    let mut messages = Vec::new();
+    if let Some(i) = req.get("instructions").filter(|v| !v.is_null()) {
+        let text = i
+            .as_str()
+            .ok_or_else(|| ApiError::invalid("instructions", "`instructions` must be a string"))?;
+        messages.push(json!({"role": "system", "content": text}));
+    }
+    match req.get("input") {
+        Some(Value::String(s)) => messages.push(json!({"role": "user", "content": s})),
+        Some(Value::Array(items)) => {
+            for (i, item) in items.iter().enumerate() {
+                messages.push(input_item(item, i)?);
+            }
+        }
+        None => return Err(ApiError::invalid("input", "`input` is required")),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "input",
+                "`input` must be a text or a list of items",
+            ))
+        }
+    }
+    let mut chat = Map::new();
+    chat.insert("messages".into(), Value::Array(messages));
+    for key in [
+        "model",
+        "temperature",
+        "top_p",
+        "stream",
+        "parallel_tool_calls",
+        "seed",
+        "user",
+    ] {
+        if let Some(v) = req.get(key) {
+            chat.insert(key.into(), v.clone());
+        }
+    }
+    if let Some(v) = req.get("max_output_tokens").filter(|v| !v.is_null()) {
+        chat.insert("max_completion_tokens".into(), v.clone());
+    }
+    if let Some(f) = req.get("text").and_then(|t| t.get("format")) {
+        let format = match f.get("type").and_then(Value::as_str) {
+            Some("json_schema") => json!({"type": "json_schema", "json_schema": {
+                "name": f.get("name"), "schema": f.get("schema"), "strict": f.get("strict")}}),
+            _ => f.clone(),
+        };
+        chat.insert("response_format".into(), format);
+    }
+    if let Some(tools) = req.get("tools").filter(|v| !v.is_null()) {
+        let Some(tools) = tools.as_array() else {
+            return Err(ApiError::invalid("tools", "`tools` must be an array"));
+        };
+        let mut out = Vec::new();
+        for (i, t) in tools.iter().enumerate() {
+            if t.get("type").and_then(Value::as_str) != Some("function") {
+                return Err(ApiError::invalid(
+                    &format!("tools[{i}].type"),
+                    "only tools of type `function` are supported",
+                ));
+            }
+            let mut f = Map::new();
+            for key in ["name", "description", "parameters"] {
+                if let Some(v) = t.get(key) {
+                    f.insert(key.into(), v.clone());
+                }
+            }
+            out.push(json!({"type": "function", "function": f}));
+        }
+        chat.insert("tools".into(), Value::Array(out));
+    }
+    if let Some(c) = req.get("tool_choice").filter(|v| !v.is_null()) {
+        let c = match c.get("name") {
+            Some(name) if c.get("type").and_then(Value::as_str) == Some("function") => {
+                json!({"type": "function", "function": {"name": name}})
+            }
+            _ => c.clone(),
+        };
+        chat.insert("tool_choice".into(), c);
+    }
+    Ok(Value::Object(chat))
+}
+
+/// One `input` item as a chat message.
+fn input_item(item: &Value, i: usize) -> Result<Value, ApiError> {
+    let param = format!("input[{i}]");
+    let field = |k: &str| item.get(k).and_then(Value::as_str).unwrap_or_default();
+    match item.get("type").and_then(Value::as_str) {
+        None | Some("message") => {
+            let content = match item.get("content") {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Array(parts)) => {
+                    let mut text = String::new();
+                    for p in parts {
+                        match p.get("type").and_then(Value::as_str) {
+                            Some("input_text" | "output_text" | "text") => text.push_str(
+                                p.get("text").and_then(Value::as_str).unwrap_or_default(),
+                            ),
+                            other => {
+                                return Err(ApiError::invalid(
+                                    &format!("{param}.content"),
+                                    format!(
+                                        "content type {} is not supported (text only)",
+                                        other.unwrap_or("(none)")
+                                    ),
+                                ))
+                            }
+                        }
+                    }
+                    text
+                }
+                _ => {
+                    return Err(ApiError::invalid(
+                        &format!("{param}.content"),
+                        "`content` must be a text or a list of text parts",
+                    ))
+                }
+            };
+            Ok(json!({"role": field("role"), "content": content}))
+        }
+        Some("function_call") => Ok(json!({"role": "assistant", "content": null,
+            "tool_calls": [{"id": field("call_id"), "type": "function",
+                            "function": {"name": field("name"), "arguments": field("arguments")}}]})),
+        Some("function_call_output") => Ok(json!({"role": "tool",
+            "tool_call_id": field("call_id"), "content": field("output")})),
+        Some(other) => Err(ApiError::invalid(
+            &format!("{param}.type"),
+            format!("input items of type `{other}` are not supported"),
+        )),
+    }
+}
+
+/// The chat path's field names in an error, as this API spells them.
+fn rename_param(mut e: ApiError) -> ApiError {
+    if let Some(p) = e.param.take() {
+        let p = if p == "messages" || p.starts_with("messages[") {
+            p.replacen("messages", "input", 1)
+        } else if p == "max_completion_tokens" {
+            "max_output_tokens".into()
+        } else if p == "response_format" {
+            "text.format".into()
+        } else {
+            p.replace(".function.", ".")
+        };
+        e.param = Some(p);
+    }
+    e
+}
+
+/// What the request said, echoed in every `response` object.
+struct Echo {
+    id: String,
+    created_at: u64,
+    model: String,
+    request: Map<String, Value>,
+}
+
+impl Echo {
+    /// A `response` object.
+    fn response(&self, status: &str, output: Vec<Value>, usage: Option<Value>) -> Value {
+        let r = &self.request;
+        let get = |k: &str, default: Value| r.get(k).cloned().unwrap_or(default);
+        json!({
+            "id": self.id, "object": "response", "created_at": self.created_at,
+            "status": status, "error": null,
+            "incomplete_details": if status == "incomplete" {
+                json!({"reason": "max_output_tokens"})
+            } else {
+                Value::Null
+            },
+            "instructions": get("instructions", Value::Null),
+            "max_output_tokens": get("max_output_tokens", Value::Null),
+            "model": self.model, "output": output,
+            "parallel_tool_calls": get("parallel_tool_calls", json!(true)),
+            "previous_response_id": null,
+            "temperature": get("temperature", json!(1.0)),
+            "top_p": get("top_p", json!(1.0)),
+            "tool_choice": get("tool_choice", json!("auto")),
+            "tools": get("tools", json!([])),
+            "text": get("text", json!({"format": {"type": "text"}})),
+            "truncation": "disabled", "store": false,
+            "metadata": get("metadata", json!({})),
+            "usage": usage,
+        })
+    }
+}
+
+fn usage(job: &Job, output_tokens: usize, cached: usize) -> Value {
+    let input = job.prompt_tokens();
+    json!({"input_tokens": input, "input_tokens_details": {"cached_tokens": cached},
+           "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+           "total_tokens": input + output_tokens})
+}
+
+/// The output item of a finished answer: a function call, or a message.
+fn output_item(job: &Job, text: &str, complete: bool) -> Value {
+    match job.tools.as_ref().and_then(|t| t.parse_call(text)) {
+        Some((name, args)) => function_call_item(&name, &args),
+        None => message_item(&new_id("msg"), text, complete),
+    }
+}
+
+fn function_call_item(name: &str, args: &str) -> Value {
+    let call = wire_call(name, args);
+    json!({"type": "function_call", "id": new_id("fc"), "call_id": call["id"], "name": name,
+           "arguments": args, "status": "completed"})
+}
+
+fn message_item(id: &str, text: &str, complete: bool) -> Value {
+    let status = if complete { "completed" } else { "incomplete" };
+    json!({"type": "message", "id": id, "status": status, "role": "assistant",
+           "content": [{"type": "output_text", "text": text, "annotations": []}]})
+}
+
+/// `POST /v1/responses`.
+pub async fn responses(
+    State(app): State<AppState>,
+    AppJson(body): AppJson<Value>,
+) -> Result<Response, ApiError> {
+    let chat = chat_body(&body).map_err(rename_param)?;
+    let loaded = app.loaded()?;
+    let job = chat_job(loaded, &chat).map_err(rename_param)?;
+    let mut choices = start(loaded, &app, &job)?;
+    let echo = Echo {
+        id: new_id("resp"),
+        created_at: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        model: job.model.clone(),
+        request: body.as_object().cloned().unwrap_or_default(),
+    };
+    let events = choices
+        .pop()
+        .ok_or_else(|| ApiError::bad_request("nothing to generate"))?;
+    if body.get("stream").and_then(Value::as_bool) == Some(true) {
+        return Ok(respond_sse(job, echo, events));
+    }
+    let r = collect(events).await?;
+    let complete = r.finish != "length";
+    let output = vec![output_item(&job, &r.text, complete)];
+    let status = if complete { "completed" } else { "incomplete" };
+    let u = usage(&job, r.completion_tokens, r.cached_tokens);
+    Ok(axum::Json(echo.response(status, output, Some(u))).into_response())
+}
+
+/// Sends the API's typed events, numbered.
+struct Emitter {
+    tx: mpsc::Sender<SseEvent>,
+    seq: u64,
+}
+
+impl Emitter {
+    /// `false` once the client is gone.
+    async fn send(&mut self, kind: &str, mut data: Value) -> bool {
+        data["type"] = json!(kind);
+        data["sequence_number"] = json!(self.seq);
+        self.seq += 1;
+        let ev = SseEvent::default().event(kind).data(data.to_string());
+        self.tx.send(ev).await.is_ok()
+    }
+}
+
+fn respond_sse(job: Job, echo: Echo, events: TextEvents) -> Response {
+    let (tx, rx) = mpsc::channel(64);
+    // Dropping `events` (the client left: a send fails) cancels the generation.
+    tokio::spawn(stream_events(job, echo, events, Emitter { tx, seq: 0 }));
+    let body = stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|e| (Ok::<_, Infallible>(e), rx))
+    });
+    Sse::new(body)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+async fn stream_events(job: Job, echo: Echo, mut events: TextEvents, mut out: Emitter) {
+    let in_progress = echo.response("in_progress", Vec::new(), None);
+    if !out
+        .send("response.created", json!({"response": in_progress}))
+        .await
+        || !out
+            .send("response.in_progress", json!({"response": in_progress}))
+            .await
+    {
+        return;
+    }
+    let msg_id = new_id("msg");
+    // With tools the text is held until it is known not to be a call (as on the chat path).
+    let may_call = job.tools.is_some();
+    let allows_text = job.tools.as_ref().is_none_or(|t| t.allows_text());
+    let mut text = String::new();
+    let mut opened = false;
+    let mut finish = ("length", 0, 0);
+    loop {
+        // A client that left is noticed while the text is held back too.
+        let ev = tokio::select! {
+            ev = events.next() => ev,
+            _ = out.tx.closed() => return,
+        };
+        let Some(ev) = ev else { break };
+        match ev {
+            TextEvent::Delta { text: piece, .. } => {
+                text.push_str(&piece);
+                if !opened {
+                    let first = text.trim_start().chars().next();
+                    let is_text = !may_call || (allows_text && first.is_some_and(|c| c != '{'));
+                    if !is_text {
+                        continue;
+                    }
+                    opened = true;
+                    if !open_message(&mut out, &msg_id).await {
+                        return;
+                    }
+                    if !text.is_empty() && !text_delta(&mut out, &msg_id, &text).await {
+                        return;
+                    }
+                } else if !piece.is_empty() && !text_delta(&mut out, &msg_id, &piece).await {
+                    return;
+                }
+            }
+            TextEvent::Finished {
+                reason,
+                completion_tokens,
+                cached_tokens,
+            } => finish = (reason, completion_tokens, cached_tokens),
+            TextEvent::PromptLogprobs(_) => {}
+            TextEvent::Failed(e) => {
+                let e = ApiError::from(e);
+                let failed = json!({"code": e.code, "message": e.message});
+                let mut r = echo.response("failed", Vec::new(), None);
+                r["error"] = failed;
+                let _ = out.send("response.failed", json!({"response": r})).await;
+                return;
+            }
+        }
+    }
+    let complete = finish.0 != "length";
+    let item = if opened {
+        message_item(&msg_id, &text, complete)
+    } else {
+        output_item(&job, &text, complete)
+    };
+    if item["type"] == "function_call" {
+        let mut added = item.clone();
+        added["arguments"] = json!("");
+        added["status"] = json!("in_progress");
+        let id = item["id"].clone();
+        let args = item["arguments"].clone();
+        let sent = out
+            .send(
+                "response.output_item.added",
+                json!({"output_index": 0, "item": added}),
+            )
+            .await
+            && out
+                .send(
+                    "response.function_call_arguments.delta",
+                    json!({"item_id": id, "output_index": 0, "delta": args}),
+                )
+                .await
+            && out
+                .send(
+                    "response.function_call_arguments.done",
+                    json!({"item_id": id, "output_index": 0, "arguments": args}),
+                )
+                .await;
+        if !sent {
+            return;
+        }
+    } else {
+        if !opened && !open_message(&mut out, &msg_id).await {
+            return;
+        }
+        if !opened && !text.is_empty() && !text_delta(&mut out, &msg_id, &text).await {
+            return;
+        }
+        let part = json!({"type": "output_text", "text": text, "annotations": []});
+        let sent = out
+            .send(
+                "response.output_text.done",
+                json!({"item_id": msg_id, "output_index": 0, "content_index": 0, "text": text}),
+            )
+            .await
+            && out
+                .send(
+                    "response.content_part.done",
+                    json!({"item_id": msg_id, "output_index": 0, "content_index": 0,
+                           "part": part}),
+                )
+                .await;
+        if !sent {
+            return;
+        }
+    }
+    if !out
+        .send(
+            "response.output_item.done",
+            json!({"output_index": 0, "item": item}),
+        )
+        .await
+    {
+        return;
+    }
+    let status = if complete { "completed" } else { "incomplete" };
+    let u = usage(&job, finish.1, finish.2);
+    let r = echo.response(status, vec![item], Some(u));
+    let _ = out
+        .send(&format!("response.{status}"), json!({"response": r}))
+        .await;
+}
+
+async fn open_message(out: &mut Emitter, id: &str) -> bool {
+    let item = json!({"type": "message", "id": id, "status": "in_progress", "role": "assistant",
+                      "content": []});
+    let part = json!({"type": "output_text", "text": "", "annotations": []});
+    out.send(
+        "response.output_item.added",
+        json!({"output_index": 0, "item": item}),
+    )
+    .await
+        && out
+            .send(
+                "response.content_part.added",
+                json!({"item_id": id, "output_index": 0, "content_index": 0, "part": part}),
+            )
+            .await
+}
+
+async fn text_delta(out: &mut Emitter, id: &str, delta: &str) -> bool {
+    out.send(
+        "response.output_text.delta",
+        json!({"item_id": id, "output_index": 0, "content_index": 0, "delta": delta}),
+    )
+    .await
+}
