@@ -1,4 +1,6 @@
-//! JSON Schema → the grammar JSON mode follows (`response_format: {"type": "json_schema"}`).
+//! The grammars JSON mode follows: any object ([`Grammar::any_object`]), a compiled JSON
+//! Schema ([`Grammar::from_schema`], `response_format: {"type": "json_schema"}`), a tool call
+//! ([`Grammar::tool_call`]) or one of a list of texts ([`Grammar::choice`]).
 //!
 //! A schema is compiled into a small graph of `Node`s that the recogniser in
 //! [`super::json_mode`] walks byte by byte. What is generated is always a valid instance of the

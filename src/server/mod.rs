@@ -138,8 +138,8 @@ impl Loaded {
         })
     }
 
-    /// A fresh JSON-mode constraint for `grammar`; every token's bytes are built on first
-    /// use (a decode per vocabulary entry) and shared after.
+    /// A fresh JSON-mode constraint for `grammar` over every token's bytes (built at load;
+    /// should a request come first, it waits for or builds them).
     pub fn json_constraint(
         &self,
         grammar: Arc<crate::engine::json_schema::Grammar>,
