@@ -1482,7 +1482,10 @@ async fn tool_calls_follow_the_declared_functions() {
         let schema = &tools[i]["function"]["parameters"];
         conforms(&args, schema, schema).unwrap_or_else(|e| panic!("{e}: {v}"));
         eprintln!("{want}: {args}");
-        args
+        call["function"]["arguments"]
+            .as_str()
+            .expect("args")
+            .to_string()
     };
 
     let body = json!({"messages": messages, "tools": tools, "tool_choice": "required",
@@ -1490,7 +1493,8 @@ async fn tool_calls_follow_the_declared_functions() {
     let (status, v) = post_json(&app, "/v1/chat/completions", body.clone()).await;
     assert_eq!(status, StatusCode::OK, "{v}");
     let args = check_call(&v, "get_weather");
-    assert_eq!(args["city"], "Paris", "{v}");
+    let parsed: Value = serde_json::from_str(&args).expect("JSON");
+    assert_eq!(parsed["city"], "Paris", "{v}");
 
     let mut named = body.clone();
     named["tool_choice"] = json!({"type": "function", "function": {"name": "get_time"}});
@@ -1498,7 +1502,8 @@ async fn tool_calls_follow_the_declared_functions() {
     assert_eq!(status, StatusCode::OK, "{v}");
     check_call(&v, "get_time");
 
-    // Streamed: the role, one delta with the whole call, the finish reason, [DONE].
+    // Streamed: the role; the call's id and name as soon as the name is written, then its
+    // arguments piece by piece (adding up to the same text); the finish reason; [DONE].
     let mut streamed = body.clone();
     streamed["stream"] = json!(true);
     let (_, _, bytes) = send(&app, post("/v1/chat/completions", streamed)).await;
@@ -1507,16 +1512,39 @@ async fn tool_calls_follow_the_declared_functions() {
         .filter(|p| *p != "[DONE]")
         .map(|p| serde_json::from_str(p).expect("chunk"))
         .collect();
-    assert_eq!(chunks.len(), 3, "{chunks:?}");
+    let n = chunks.len();
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
-    let call = &chunks[1]["choices"][0]["delta"]["tool_calls"][0];
-    assert_eq!(call["index"], 0);
-    assert_eq!(call["function"]["name"], "get_weather");
-    assert_eq!(
-        serde_json::from_str::<Value>(call["function"]["arguments"].as_str().expect("args")).ok(),
-        Some(args)
+    let first = &chunks[1]["choices"][0]["delta"]["tool_calls"][0];
+    assert!(
+        first["id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("call_")),
+        "{first}"
     );
-    assert_eq!(chunks[2]["choices"][0]["finish_reason"], "tool_calls");
+    assert_eq!(first["type"], "function");
+    assert_eq!(first["function"]["name"], "get_weather");
+    let pieces: Vec<&Value> = chunks[1..n - 1]
+        .iter()
+        .map(|c| &c["choices"][0]["delta"]["tool_calls"][0])
+        .collect();
+    assert!(pieces.len() > 2, "arguments stream in pieces: {chunks:?}");
+    for p in &pieces[1..] {
+        assert_eq!(p["index"], 0);
+        assert!(
+            p.get("id").is_none() && p["function"].get("name").is_none(),
+            "{p}"
+        );
+    }
+    let streamed_args: String = pieces
+        .iter()
+        .map(|p| {
+            p["function"]["arguments"]
+                .as_str()
+                .expect("arguments piece")
+        })
+        .collect();
+    assert_eq!(streamed_args, args);
+    assert_eq!(chunks[n - 1]["choices"][0]["finish_reason"], "tool_calls");
 
     // `auto`: a greeting is answered in text, streamed as text.
     let hello = json!({"messages": [{"role": "user", "content": "Hello! Who are you?"}],

@@ -23,7 +23,7 @@ use super::openai::{
     PromptField, ValidCommon, WireUsage,
 };
 use super::stream::{TextEvent, TextEvents, TokenInfo};
-use super::tools::{call_text, wire_call, ToolPlan};
+use super::tools::{call_head, call_text, wire_call, ToolPlan};
 use super::{AppState, Loaded};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -404,6 +404,9 @@ struct SseState {
     cached: Vec<usize>,
     /// Per choice, with tools: the text (and tokens) held back while it may be a call.
     held: Vec<Option<(String, Vec<TokenInfo>)>>,
+    /// Per choice, once a call's name went out: how far into the held text its arguments
+    /// have been sent.
+    args_sent: Vec<Option<usize>>,
     phase: Phase,
 }
 
@@ -437,7 +440,7 @@ impl SseState {
                 let is_text = self.job.tools.as_ref().is_some_and(|t| t.allows_text())
                     && held.0.trim_start().chars().next().is_some_and(|c| c != '{');
                 if !is_text {
-                    return None;
+                    return self.call_progress(i, false);
                 }
                 let (text, tokens) = self.held[i].take().unwrap_or_default();
                 self.delta(i, text, tokens)
@@ -452,21 +455,17 @@ impl SseState {
                     *c = cached_tokens;
                 }
                 let mut reason = reason;
+                if let Some(chunk) = self.call_progress(i, true) {
+                    self.pre.push_back(chunk);
+                }
                 if let Some((text, tokens)) = self.held.get_mut(i).and_then(Option::take) {
-                    match self.job.tools.as_ref().and_then(|t| t.parse_call(&text)) {
-                        Some((name, args)) => {
-                            let mut call = wire_call(&name, &args);
-                            call["index"] = json!(0);
-                            let choice = json!({"index": i, "delta": {"tool_calls": [call]},
-                                                "logprobs": null, "finish_reason": null});
-                            let chunk = self.chunk(choice);
+                    let call = self.job.tools.as_ref().and_then(|t| t.parse_call(&text));
+                    if call.is_some() {
+                        reason = "tool_calls";
+                    } else if self.args_sent[i].is_none() {
+                        // Not a call after all (cut short before its arguments): the text.
+                        if let Some(chunk) = self.delta(i, text, tokens) {
                             self.pre.push_back(chunk);
-                            reason = "tool_calls";
-                        }
-                        None => {
-                            if let Some(chunk) = self.delta(i, text, tokens) {
-                                self.pre.push_back(chunk);
-                            }
                         }
                     }
                 }
@@ -487,6 +486,37 @@ impl SseState {
                 Some(ApiError::from(e).body())
             }
         }
+    }
+
+    /// The next piece of a call being written: first its id and name (once the name is
+    /// complete), then its arguments as they come — all but a trailing run of `}` and
+    /// whitespace, which may hold the call object's own `}`, until `last`.
+    fn call_progress(&mut self, i: usize, last: bool) -> Option<Value> {
+        let text = &self.held.get(i)?.as_ref()?.0;
+        let (name, start) = call_head(text)?;
+        let end = if last {
+            let t = text.trim_end();
+            t.strip_suffix('}').unwrap_or(t).trim_end().len()
+        } else {
+            text.trim_end_matches(|c: char| c == '}' || c.is_ascii_whitespace())
+                .len()
+        }
+        .max(start);
+        let delta = match self.args_sent[i] {
+            None => {
+                let mut call = wire_call(&name, &text[start..end]);
+                call["index"] = json!(0);
+                call
+            }
+            Some(sent) if end > sent => {
+                json!({"index": 0, "function": {"arguments": &text[sent..end]}})
+            }
+            Some(_) => return None,
+        };
+        self.args_sent[i] = Some(end);
+        let choice = json!({"index": i, "delta": {"tool_calls": [delta]}, "logprobs": null,
+                            "finish_reason": null});
+        Some(self.chunk(choice))
     }
 
     /// A chunk of generated text (and its tokens' log-probabilities, when asked for).
@@ -585,6 +615,7 @@ fn respond_sse(loaded: &Loaded, job: Job, choices: Vec<TextEvents>) -> Response 
         held: (0..n)
             .map(|_| job.tools.as_ref().map(|_| Default::default()))
             .collect(),
+        args_sent: vec![None; n],
         phase: Phase::Streaming,
         job,
     };

@@ -206,16 +206,33 @@ impl ToolPlan {
     }
 
     /// The call in the model's answer (`{"name": {arguments}}`): the name and the arguments
-    /// as compact JSON text; `None` for plain text (or a call cut short).
+    /// as the model wrote them (JSON text, what streaming sends piece by piece); `None` for
+    /// plain text (or a call cut short).
     pub fn parse_call(&self, text: &str) -> Option<(String, String)> {
-        let v: Value = serde_json::from_str(text.trim()).ok()?;
-        let o = v.as_object()?;
-        let (name, args) = o.iter().next().filter(|_| o.len() == 1)?;
-        if !args.is_object() || !self.functions.iter().any(|f| f.name == *name) {
+        let (name, start) = call_head(text)?;
+        let end = text.trim_end().strip_suffix('}')?.len();
+        let args = text.get(start..end)?.trim();
+        let v: Value = serde_json::from_str(args).ok()?;
+        if !v.is_object() || !self.functions.iter().any(|f| f.name == name) {
             return None;
         }
-        Some((name.clone(), args.to_string()))
+        Some((name, args.to_owned()))
     }
+}
+
+/// The function a call names and where its arguments start (after the `:` and any
+/// whitespace), once the text has got that far: `{ "name" :`.
+pub fn call_head(text: &str) -> Option<(String, usize)> {
+    let rest = text.trim_start().strip_prefix('{')?.trim_start();
+    let rest = rest.strip_prefix('"')?;
+    // Function names are letters, digits, `_` and `-`: no escapes, no `:` inside.
+    let (name, after) = rest.split_once('"')?;
+    let after = after.trim_start().strip_prefix(':')?;
+    let value = after.trim_start();
+    if value.is_empty() {
+        return None;
+    }
+    Some((name.to_owned(), text.len() - value.len()))
 }
 
 /// An earlier call as the conversation shows it to the model: `Calling name({arguments}).`
