@@ -1877,6 +1877,49 @@ async fn responses_api_text_stream_format_and_tools() {
     let args: Value =
         serde_json::from_str(call["arguments"].as_str().expect("args")).expect("JSON");
     assert_eq!(args["city"], "Paris", "{r}");
+    // Streamed: the call item as soon as its name is written, its arguments piece by piece.
+    let (_, _, bytes) = send(
+        &app,
+        post(
+            "/v1/responses",
+            json!({"input": ask, "tools": tools, "tool_choice": "required", "temperature": 0,
+                   "stream": true}),
+        ),
+    )
+    .await;
+    let events = named_sse_events(&bytes);
+    let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+    let k = names
+        .iter()
+        .filter(|n| **n == "response.function_call_arguments.delta")
+        .count();
+    let mut expected = vec![
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+    ];
+    expected.extend(std::iter::repeat_n(
+        "response.function_call_arguments.delta",
+        k,
+    ));
+    expected.extend([
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.completed",
+    ]);
+    assert_eq!(names, expected);
+    assert!(k > 1, "{names:?}");
+    assert_eq!(events[2].1["item"]["name"], "get_weather");
+    assert_eq!(events[2].1["item"]["arguments"], "");
+    let pieces: String = events
+        .iter()
+        .filter(|(n, _)| n == "response.function_call_arguments.delta")
+        .map(|(_, d)| d["delta"].as_str().expect("delta").to_string())
+        .collect();
+    assert_eq!(pieces, call["arguments"].as_str().expect("args"));
+    let done = &events[names.len() - 2].1["item"];
+    assert_eq!(done["arguments"], call["arguments"]);
+    assert_eq!(done["status"], "completed");
     let (status, r) = post_json(
         &app,
         "/v1/responses",

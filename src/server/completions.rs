@@ -23,7 +23,7 @@ use super::openai::{
     PromptField, ValidCommon, WireUsage,
 };
 use super::stream::{TextEvent, TextEvents, TokenInfo};
-use super::tools::{call_head, call_text, wire_call, ToolPlan};
+use super::tools::{args_end, call_head, call_text, wire_call, ToolPlan};
 use super::{AppState, Loaded};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -494,14 +494,7 @@ impl SseState {
     fn call_progress(&mut self, i: usize, last: bool) -> Option<Value> {
         let text = &self.held.get(i)?.as_ref()?.0;
         let (name, start) = call_head(text)?;
-        let end = if last {
-            let t = text.trim_end();
-            t.strip_suffix('}').unwrap_or(t).trim_end().len()
-        } else {
-            text.trim_end_matches(|c: char| c == '}' || c.is_ascii_whitespace())
-                .len()
-        }
-        .max(start);
+        let end = args_end(text, start, last);
         let delta = match self.args_sent[i] {
             None => {
                 let mut call = wire_call(&name, &text[start..end]);

@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use super::completions::{chat_job, collect, start, Job};
 use super::error::{ApiError, AppJson};
 use super::stream::{TextEvent, TextEvents};
-use super::tools::wire_call;
+use super::tools::{args_end, call_head, wire_call};
 use super::AppState;
 
 fn new_id(prefix: &str) -> String {
@@ -315,6 +315,13 @@ fn respond_sse(job: Job, echo: Echo, events: TextEvents) -> Response {
         .into_response()
 }
 
+/// A function call being streamed: its item, and how far its arguments have been sent.
+struct CallOut {
+    item: Value,
+    start: usize,
+    sent: usize,
+}
+
 async fn stream_events(job: Job, echo: Echo, mut events: TextEvents, mut out: Emitter) {
     let in_progress = echo.response("in_progress", Vec::new(), None);
     if !out
@@ -327,11 +334,13 @@ async fn stream_events(job: Job, echo: Echo, mut events: TextEvents, mut out: Em
         return;
     }
     let msg_id = new_id("msg");
-    // With tools the text is held until it is known not to be a call (as on the chat path).
+    // With tools the text is held until it is known not to be a call (as on the chat path);
+    // a call goes out as soon as its name is written, then its arguments piece by piece.
     let may_call = job.tools.is_some();
     let allows_text = job.tools.as_ref().is_none_or(|t| t.allows_text());
     let mut text = String::new();
     let mut opened = false;
+    let mut call: Option<CallOut> = None;
     let mut finish = ("length", 0, 0);
     loop {
         // A client that left is noticed while the text is held back too.
@@ -343,20 +352,22 @@ async fn stream_events(job: Job, echo: Echo, mut events: TextEvents, mut out: Em
         match ev {
             TextEvent::Delta { text: piece, .. } => {
                 text.push_str(&piece);
-                if !opened {
-                    let first = text.trim_start().chars().next();
-                    let is_text = !may_call || (allows_text && first.is_some_and(|c| c != '{'));
-                    if !is_text {
-                        continue;
+                if opened {
+                    if !piece.is_empty() && !text_delta(&mut out, &msg_id, &piece).await {
+                        return;
                     }
+                    continue;
+                }
+                let first = text.trim_start().chars().next();
+                let is_text = !may_call || (allows_text && first.is_some_and(|c| c != '{'));
+                if is_text {
                     opened = true;
-                    if !open_message(&mut out, &msg_id).await {
+                    if !open_message(&mut out, &msg_id).await
+                        || !text.is_empty() && !text_delta(&mut out, &msg_id, &text).await
+                    {
                         return;
                     }
-                    if !text.is_empty() && !text_delta(&mut out, &msg_id, &text).await {
-                        return;
-                    }
-                } else if !piece.is_empty() && !text_delta(&mut out, &msg_id, &piece).await {
+                } else if !call_progress(&mut out, &mut call, &text, false).await {
                     return;
                 }
             }
@@ -377,43 +388,31 @@ async fn stream_events(job: Job, echo: Echo, mut events: TextEvents, mut out: Em
         }
     }
     let complete = finish.0 != "length";
-    let item = if opened {
-        message_item(&msg_id, &text, complete)
-    } else {
-        output_item(&job, &text, complete)
-    };
-    if item["type"] == "function_call" {
-        let mut added = item.clone();
-        added["arguments"] = json!("");
-        added["status"] = json!("in_progress");
-        let id = item["id"].clone();
-        let args = item["arguments"].clone();
-        let sent = out
-            .send(
-                "response.output_item.added",
-                json!({"output_index": 0, "item": added}),
-            )
+    if !opened && !call_progress(&mut out, &mut call, &text, true).await {
+        return;
+    }
+    let item = if let Some(c) = call {
+        let mut item = c.item;
+        let args = job
+            .tools
+            .as_ref()
+            .and_then(|t| t.parse_call(&text))
+            .map_or_else(|| text[c.start..c.sent].to_owned(), |(_, a)| a);
+        item["arguments"] = json!(args);
+        item["status"] = json!(if complete { "completed" } else { "incomplete" });
+        let done = json!({"item_id": item["id"], "output_index": 0, "arguments": args});
+        if !out
+            .send("response.function_call_arguments.done", done)
             .await
-            && out
-                .send(
-                    "response.function_call_arguments.delta",
-                    json!({"item_id": id, "output_index": 0, "delta": args}),
-                )
-                .await
-            && out
-                .send(
-                    "response.function_call_arguments.done",
-                    json!({"item_id": id, "output_index": 0, "arguments": args}),
-                )
-                .await;
-        if !sent {
+        {
             return;
         }
+        item
     } else {
-        if !opened && !open_message(&mut out, &msg_id).await {
-            return;
-        }
-        if !opened && !text.is_empty() && !text_delta(&mut out, &msg_id, &text).await {
+        if !opened
+            && (!open_message(&mut out, &msg_id).await
+                || !text.is_empty() && !text_delta(&mut out, &msg_id, &text).await)
+        {
             return;
         }
         let part = json!({"type": "output_text", "text": text, "annotations": []});
@@ -433,7 +432,8 @@ async fn stream_events(job: Job, echo: Echo, mut events: TextEvents, mut out: Em
         if !sent {
             return;
         }
-    }
+        message_item(&msg_id, &text, complete)
+    };
     if !out
         .send(
             "response.output_item.done",
@@ -449,6 +449,49 @@ async fn stream_events(job: Job, echo: Echo, mut events: TextEvents, mut out: Em
     let _ = out
         .send(&format!("response.{status}"), json!({"response": r}))
         .await;
+}
+
+/// Sends what is new of a call being written (`last`: the text is complete): its item once
+/// the name is known, then argument pieces. `false` once the client is gone.
+async fn call_progress(
+    out: &mut Emitter,
+    call: &mut Option<CallOut>,
+    text: &str,
+    last: bool,
+) -> bool {
+    let Some((name, start)) = call_head(text) else {
+        return true;
+    };
+    if call.is_none() {
+        let item = function_call_item(&name, "");
+        let mut added = item.clone();
+        added["status"] = json!("in_progress");
+        if !out
+            .send(
+                "response.output_item.added",
+                json!({"output_index": 0, "item": added}),
+            )
+            .await
+        {
+            return false;
+        }
+        *call = Some(CallOut {
+            item,
+            start,
+            sent: start,
+        });
+    }
+    let Some(c) = call.as_mut() else {
+        return true;
+    };
+    let end = args_end(text, c.start, last);
+    if end <= c.sent {
+        return true;
+    }
+    let delta = json!({"item_id": c.item["id"], "output_index": 0, "delta": &text[c.sent..end]});
+    c.sent = end;
+    out.send("response.function_call_arguments.delta", delta)
+        .await
 }
 
 async fn open_message(out: &mut Emitter, id: &str) -> bool {

@@ -220,6 +220,20 @@ impl ToolPlan {
     }
 }
 
+/// How much of a call's arguments (from `start`) can be sent: all but a trailing run of `}`
+/// and whitespace, which may hold the call object's own `}` — or, once the text is `last`,
+/// up to that `}`.
+pub fn args_end(text: &str, start: usize, last: bool) -> usize {
+    let end = if last {
+        let t = text.trim_end();
+        t.strip_suffix('}').unwrap_or(t).trim_end().len()
+    } else {
+        text.trim_end_matches(|c: char| c == '}' || c.is_ascii_whitespace())
+            .len()
+    };
+    end.max(start)
+}
+
 /// The function a call names and where its arguments start (after the `:` and any
 /// whitespace), once the text has got that far: `{ "name" :`.
 pub fn call_head(text: &str) -> Option<(String, usize)> {

@@ -174,6 +174,12 @@ rc = client.responses.create(model=MODEL, input="What is the weather like in Par
 fc = rc.output[0]
 assert fc.type == "function_call" and fc.name == "get_weather", rc
 assert json.loads(fc.arguments) == {"city": "Paris"}, rc
+with client.responses.stream(model=MODEL, input="What is the weather like in Paris?", tools=rtools,
+                             tool_choice="required", temperature=0) as s:
+    arg_deltas = [e.delta for e in s if e.type == "response.function_call_arguments.delta"]
+    streamed_call = s.get_final_response().output[0]
+assert len(arg_deltas) > 1 and "".join(arg_deltas) == fc.arguments, arg_deltas
+assert streamed_call.name == "get_weather" and streamed_call.arguments == fc.arguments, streamed_call
 after = client.responses.create(model=MODEL, tools=rtools, temperature=0, max_output_tokens=40, input=[
     {"role": "user", "content": "What is the weather like in Paris?"}, fc.model_dump(exclude_none=True),
     {"type": "function_call_output", "call_id": fc.call_id, "output": '{"temperature": 31, "sky": "sunny"}'}])
