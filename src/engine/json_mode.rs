@@ -426,7 +426,7 @@ impl JsonState {
                             }
                             Some(j) => Step::Stay(obj(ObjAt::Key {
                                 prop: j as u16,
-                                pos: pos as u16 + 1,
+                                pos: (pos as u16).saturating_add(1),
                             })),
                             None => Step::Reject,
                         }
@@ -535,7 +535,7 @@ impl JsonState {
                             Step::Stay(Frame::Lit {
                                 node,
                                 cand: j as u16,
-                                pos: pos + 1,
+                                pos: pos.saturating_add(1),
                             })
                         }
                     }

@@ -39,6 +39,8 @@ const ANY_LITERAL: NodeId = 5;
 
 /// Most nodes one schema compiles to.
 const MAX_NODES: usize = 4096;
+/// Longest `enum`/`const` text or property name.
+pub const MAX_LITERAL: usize = 16384;
 
 /// One declared property of an object.
 #[derive(Debug, Hash)]
@@ -219,7 +221,8 @@ impl Grammar {
         c.finish(root)
     }
 
-    /// Exactly one of these texts, as they are (vLLM's `guided_choice`).
+    /// Exactly one of these texts, as they are (vLLM's `guided_choice`); each of 1 to
+    /// [`MAX_LITERAL`] bytes (positions are counted in 16 bits).
     pub fn choice(texts: &[&str]) -> Grammar {
         let mut lits: Vec<Box<[u8]>> = Vec::new();
         for t in texts {
@@ -434,6 +437,18 @@ impl<'a> Compiler<'a> {
         if matches!(n, Node::OneOf(_)) {
             self.one_of_paths
                 .push((self.nodes.len() as NodeId, path.to_owned()));
+        }
+        // Positions inside a literal or a key are counted in 16 bits.
+        let too_long = match &n {
+            Node::Literals(l) => l.iter().any(|t| t.len() > MAX_LITERAL),
+            Node::Object { props, .. } => props.iter().any(|p| p.key.len() > MAX_LITERAL),
+            _ => false,
+        };
+        if too_long {
+            return err(
+                path,
+                format!("a value or key is longer than {MAX_LITERAL} bytes"),
+            );
         }
         self.nodes.push(n);
         Ok((self.nodes.len() - 1) as NodeId)
@@ -924,6 +939,11 @@ mod tests {
         let bad = json!({"type": "object", "properties": {"q": {"pattern": "x"}}});
         let e = Grammar::tool_call(&[("search", Some(&bad))], false).expect_err("pattern");
         assert_eq!(e.path, "tools[0].function.parameters/properties/q");
+        let long = "x".repeat(MAX_LITERAL + 1);
+        let e = Grammar::from_schema(&json!({"enum": [long]})).expect_err("long");
+        assert!(e.message.contains("longer than"), "{e}");
+        let e = Grammar::from_schema(&json!({"properties": {long.clone(): {}}})).expect_err("key");
+        assert!(e.message.contains("longer than"), "{e}");
     }
 
     #[test]

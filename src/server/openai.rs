@@ -8,7 +8,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::engine::json_schema::Grammar;
+use crate::engine::json_schema::{Grammar, MAX_LITERAL};
 use crate::engine::{SamplingParams, MAX_TOP_LOGPROBS};
 
 use super::error::ApiError;
@@ -447,12 +447,16 @@ fn choice_grammar(c: &Value, param: &str) -> Result<Arc<Grammar>, ApiError> {
         .as_array()
         .and_then(|a| a.iter().map(Value::as_str).collect());
     match texts {
-        Some(t) if !t.is_empty() && t.len() <= 1024 && t.iter().all(|s| !s.is_empty()) => {
+        Some(t)
+            if !t.is_empty()
+                && t.len() <= 1024
+                && t.iter().all(|s| (1..=MAX_LITERAL).contains(&s.len())) =>
+        {
             Ok(Arc::new(Grammar::choice(&t)))
         }
         _ => Err(ApiError::invalid(
             param,
-            format!("`{param}` must be a list of 1 to 1024 non-empty texts"),
+            format!("`{param}` must be a list of 1 to 1024 texts of 1 to {MAX_LITERAL} bytes"),
         )),
     }
 }
