@@ -94,6 +94,20 @@ fn sse_payloads(bytes: &[u8]) -> Vec<String> {
     sse_events(bytes)
 }
 
+/// The content pieces of a streamed chat answer (choice 0), in order.
+fn chat_stream_pieces(bytes: &[u8]) -> Vec<String> {
+    sse_payloads(bytes)
+        .iter()
+        .filter(|p| *p != "[DONE]")
+        .map(|p| serde_json::from_str::<Value>(p).expect("chunk"))
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(String::from)
+        })
+        .collect()
+}
+
 /// The `data:` payloads of an SSE body (llama.cpp's dialect sends no `[DONE]`).
 fn sse_events(bytes: &[u8]) -> Vec<String> {
     let text = String::from_utf8(bytes.to_vec()).expect("utf-8");
@@ -1154,17 +1168,7 @@ async fn json_mode_gives_one_json_object() {
     let mut streamed = body;
     streamed["stream"] = json!(true);
     let (_, _, bytes) = send(&app, post("/v1/chat/completions", streamed)).await;
-    let pieces: String = sse_payloads(&bytes)
-        .iter()
-        .filter(|p| *p != "[DONE]")
-        .map(|p| serde_json::from_str::<Value>(p).expect("chunk"))
-        .filter_map(|c| {
-            c["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(String::from)
-        })
-        .collect();
-    assert_eq!(pieces, text);
+    assert_eq!(chat_stream_pieces(&bytes).concat(), text);
 
     // Ollama's `format: "json"` takes the same path.
     let (status, v) = post_json(
@@ -1359,17 +1363,7 @@ async fn json_schema_answers_are_instances_of_the_schema() {
     let mut streamed = body;
     streamed["stream"] = json!(true);
     let (_, _, bytes) = send(&app, post("/v1/chat/completions", streamed)).await;
-    let pieces: String = sse_payloads(&bytes)
-        .iter()
-        .filter(|p| *p != "[DONE]")
-        .map(|p| serde_json::from_str::<Value>(p).expect("chunk"))
-        .filter_map(|c| {
-            c["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(String::from)
-        })
-        .collect();
-    assert_eq!(pieces, text);
+    assert_eq!(chat_stream_pieces(&bytes).concat(), text);
 
     // The other dialects: the same schema, the same path.
     let prompt = "Marie is a 34-year-old engineer from Lyon who speaks French and English.\n\
@@ -1566,16 +1560,7 @@ async fn tool_calls_follow_the_declared_functions() {
     let mut hello_stream = hello;
     hello_stream["stream"] = json!(true);
     let (_, _, bytes) = send(&app, post("/v1/chat/completions", hello_stream)).await;
-    let pieces: Vec<String> = sse_payloads(&bytes)
-        .iter()
-        .filter(|p| *p != "[DONE]")
-        .filter_map(|p| {
-            let c: Value = serde_json::from_str(p).expect("chunk");
-            c["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(String::from)
-        })
-        .collect();
+    let pieces = chat_stream_pieces(&bytes);
     assert!(pieces.len() > 3, "text streams piece by piece: {pieces:?}");
     assert_eq!(pieces.concat(), text);
 

@@ -435,11 +435,7 @@ impl SseState {
                 };
                 held.0.push_str(&text);
                 held.1.extend(tokens);
-                // Plain text (allowed with `tool_choice: "auto"`) once it starts with
-                // anything but `{`: from here on it streams as it comes.
-                let is_text = self.job.tools.as_ref().is_some_and(|t| t.allows_text())
-                    && held.0.trim_start().chars().next().is_some_and(|c| c != '{');
-                if !is_text {
+                if !self.job.tools.as_ref().is_some_and(|t| t.is_text(&held.0)) {
                     return self.call_progress(i, false);
                 }
                 let (text, tokens) = self.held[i].take().unwrap_or_default();

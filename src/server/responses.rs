@@ -336,8 +336,6 @@ async fn stream_events(job: Job, echo: Echo, mut events: TextEvents, mut out: Em
     let msg_id = new_id("msg");
     // With tools the text is held until it is known not to be a call (as on the chat path);
     // a call goes out as soon as its name is written, then its arguments piece by piece.
-    let may_call = job.tools.is_some();
-    let allows_text = job.tools.as_ref().is_none_or(|t| t.allows_text());
     let mut text = String::new();
     let mut opened = false;
     let mut call: Option<CallOut> = None;
@@ -358,9 +356,7 @@ async fn stream_events(job: Job, echo: Echo, mut events: TextEvents, mut out: Em
                     }
                     continue;
                 }
-                let first = text.trim_start().chars().next();
-                let is_text = !may_call || (allows_text && first.is_some_and(|c| c != '{'));
-                if is_text {
+                if job.tools.as_ref().is_none_or(|t| t.is_text(&text)) {
                     opened = true;
                     if !open_message(&mut out, &msg_id).await
                         || !text.is_empty() && !text_delta(&mut out, &msg_id, &text).await

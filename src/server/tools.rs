@@ -167,9 +167,11 @@ impl ToolPlan {
         }))
     }
 
-    /// Whether the model may answer in plain text (`tool_choice: "auto"`).
-    pub fn allows_text(&self) -> bool {
-        self.choice == Choice::Auto
+    /// Whether an answer that starts like `text` is plain text rather than a call: with
+    /// `tool_choice: "auto"`, once its first character is anything but `{` (the grammar
+    /// lets it go then; streamed, it goes out as text from there on).
+    pub fn is_text(&self, text: &str) -> bool {
+        self.choice == Choice::Auto && text.trim_start().chars().next().is_some_and(|c| c != '{')
     }
 
     /// What the system message says about the tools.
