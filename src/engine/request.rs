@@ -26,8 +26,9 @@ pub struct GenerateRequest {
     /// tokens before it, with this many alternatives (≤ 20): how evaluation harnesses score
     /// text. The whole prompt is then computed (no prefix-cache reuse for it).
     pub prompt_logprobs: Option<usize>,
-    /// JSON mode: only tokens that keep the generated text a prefix of one JSON object, and
-    /// a stop token only once it is complete.
+    /// JSON mode: only tokens that keep the generated text a prefix of one value of the
+    /// constraint's grammar (any object, a schema's instance, a tool call, a choice), and a
+    /// stop token only once it may end.
     pub json: Option<super::json_mode::JsonConstraint>,
 }
 

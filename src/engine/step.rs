@@ -2,11 +2,10 @@
 //! batch → sample → emit → finish. Owns the model, the KV cache, the block pool and every
 //! sequence; runs on the engine thread only.
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 use crate::model::{ForwardBatch, KvCache, Model, TokenId};
-
-use std::collections::HashMap;
 
 use super::block_pool::BlockPool;
 use super::json_mode::MaskKey;
@@ -26,7 +25,7 @@ pub struct EngineCore {
     /// Compute threads. The forward runs *inside* the pool, so the engine thread sleeps while
     /// it computes instead of competing with spinning workers for the cores.
     threads: rayon::ThreadPool,
-    /// JSON mode: the tokens each recogniser state allows, per token table, remembered
+    /// JSON mode: the tokens each recogniser state allows, per token table and grammar, remembered
     /// (trying every token's bytes takes milliseconds; generation keeps returning to the same
     /// few states).
     json_masks: HashMap<MaskKey, Vec<u64>>,
