@@ -398,6 +398,108 @@ pub fn lora_step(
     Ok(median)
 }
 
+/// Texts for the speculative-decoding scenario (SmolLM2's chat format where it is a chat):
+/// answers that copy their context (a code edit, a completion among similar functions, a
+/// quote) and one that does not (a story), where drafts are mostly refused.
+pub const SPECULATIVE_TEXTS: [(&str, &str); 4] = [
+    (
+        "code_edit",
+        "<|im_start|>user\nRename the function `area` to `rectangle_area` in this code and \
+         show the whole code:\n```python\ndef area(width, height):\n    \"\"\"Area of a \
+         rectangle.\"\"\"\n    return width * height\n\n\ndef perimeter(width, height):\n    \
+         \"\"\"Perimeter of a rectangle.\"\"\"\n    return 2 * (width + height)\n\n\n\
+         print(area(3, 4), perimeter(3, 4))\n```<|im_end|>\n<|im_start|>assistant\n",
+    ),
+    (
+        "completion",
+        "class Vector:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n\n\
+         \x20   def __add__(self, other):\n        return Vector(self.x + other.x, self.y + \
+         other.y)\n\n    def __sub__(self, other):\n        return Vector(self.x - other.x, \
+         self.y - other.y)\n\n    def __mul__(self, k):\n",
+    ),
+    (
+        "quote",
+        "<|im_start|>user\nHere is a sentence: \"The committee will meet on Tuesday at noon in \
+         the main hall to discuss the budget for next year.\" Repeat the sentence word for \
+         word, then say what day the meeting is.<|im_end|>\n<|im_start|>assistant\n",
+    ),
+    ("story", "Once upon a time, in a small village by the sea,"),
+];
+
+/// Speculative decoding: each prompt run greedily to EOS or `new_tokens` on `plain` (no
+/// drafts) and on `spec` (drafts), `repetitions` times each, alternating. Prints and returns
+/// one JSON line per prompt: tokens, median decode tokens/s (after the first token) of both,
+/// their ratio, the share of tokens that came from confirmed drafts, and whether both gave
+/// the same tokens.
+pub fn speculative(
+    plain: &EngineHandle,
+    spec: &EngineHandle,
+    prompts: &[(&str, Vec<u32>)],
+    stop: &[u32],
+    new_tokens: usize,
+    repetitions: usize,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    // Decode tokens/s after the first token, and the tokens.
+    let run = |engine: &EngineHandle, ids: &[u32]| -> anyhow::Result<(f64, Vec<u32>)> {
+        let request = GenerateRequest {
+            stop_token_ids: stop.to_vec(),
+            ..GenerateRequest::greedy(ids.to_vec(), new_tokens)
+        };
+        let mut first = None;
+        let mut generation = engine.submit(request)?;
+        let mut tokens = Vec::new();
+        while let Some(ev) = generation.blocking_next() {
+            match ev {
+                Event::Token { id, .. } => {
+                    first.get_or_insert_with(Instant::now);
+                    tokens.push(id);
+                }
+                Event::PromptLogprobs(_) => {}
+                Event::Finished { .. } => break,
+                Event::Failed(e) => anyhow::bail!("request failed: {e}"),
+            }
+        }
+        let secs = first.map_or(0.0, |f| f.elapsed().as_secs_f64());
+        let rate = if secs > 0.0 {
+            (tokens.len() - 1) as f64 / secs
+        } else {
+            0.0
+        };
+        Ok((rate, tokens))
+    };
+    let mut lines = Vec::new();
+    for (name, ids) in prompts {
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        let (mut same, mut tokens) = (true, 0);
+        let accepted_before = spec.stats().spec_accepted_tokens_total;
+        for _ in 0..repetitions.max(1) {
+            let (ra, ta) = run(plain, ids)?;
+            let (rb, tb) = run(spec, ids)?;
+            same &= ta == tb;
+            tokens = ta.len();
+            a.push(ra);
+            b.push(rb);
+        }
+        // The stats are published after each step; the last one's may be a step late.
+        std::thread::sleep(Duration::from_millis(50));
+        let accepted = spec.stats().spec_accepted_tokens_total - accepted_before;
+        let (pa, pb) = (percentile(&mut a, 0.5), percentile(&mut b, 0.5));
+        let line = json!({
+            "scenario": "speculative",
+            "prompt": name,
+            "tokens": tokens,
+            "plain_decode_tok_s": pa,
+            "spec_decode_tok_s": pb,
+            "speedup": if pa > 0.0 { pb / pa } else { 0.0 },
+            "from_drafts": accepted as f64 / (tokens * repetitions.max(1)).max(1) as f64,
+            "same_tokens": same,
+        });
+        println!("{line}");
+        lines.push(line);
+    }
+    Ok(lines)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -113,6 +113,11 @@ struct ServeArgs {
     /// KV cache size in MiB.
     #[arg(long, env = "NEXTOKEN_KV_CACHE_MB", default_value_t = 1024)]
     kv_cache_mb: usize,
+    /// Speculative decoding by prompt lookup: up to this many draft tokens per step, taken
+    /// from the context where its last tokens occurred before (0: off). Same tokens either
+    /// way; faster where answers copy the context (code edits, quotes), while few requests run.
+    #[arg(long, env = "NEXTOKEN_SPECULATE", default_value_t = 0)]
+    speculate: usize,
     /// Largest request body in MiB.
     #[arg(long, env = "NEXTOKEN_MAX_BODY_MB", default_value_t = 8)]
     max_body_mb: usize,
@@ -175,6 +180,7 @@ fn load_for_serving(args: &ServeArgs, name: String) -> anyhow::Result<server::Lo
             max_running_seqs: args.max_running_seqs,
             max_waiting: args.max_waiting,
             kv_cache_bytes: args.kv_cache_mb << 20,
+            speculative_tokens: args.speculate,
             ..Default::default()
         },
     )?;
@@ -335,8 +341,12 @@ struct BenchArgs {
     /// KV cache size in MiB.
     #[arg(long, default_value_t = 1024)]
     kv_cache_mb: usize,
+    /// Speculative decoding: draft tokens per step (0: off), as `serve --speculate`.
+    #[arg(long, default_value_t = 0)]
+    speculate: usize,
     /// What to run: `sweep` (concurrency sweep), `autocomplete`, `typing`, `editors` (both), or
-    /// `lora` (seconds per LoRA training step, batch 4 × 128 tokens).
+    /// `lora` (seconds per LoRA training step, batch 4 × 128 tokens), or `speculative` (decode
+    /// speed with and without prompt-lookup drafts on built-in texts, `--new-tokens` each).
     #[arg(long, default_value = "sweep")]
     scenario: String,
     /// Editor scenarios: context tokens.
@@ -386,7 +396,36 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         nextoken::bench_http::run(url, &config)?;
         return Ok(());
     }
-    let (model, _) = nextoken::load(&args.model)?;
+    let (model, tokenizer) = nextoken::load(&args.model)?;
+    if args.scenario == "speculative" {
+        // Two engines, drafts off and on (`--speculate`, 4 if not given), one at a time.
+        let draft = if args.speculate > 0 {
+            args.speculate
+        } else {
+            4
+        };
+        let config = |speculative_tokens| EngineConfig {
+            kv_cache_bytes: args.kv_cache_mb << 20,
+            speculative_tokens,
+            ..Default::default()
+        };
+        let stop = model.config().eos_token_ids.clone();
+        let spec = EngineHandle::spawn(model.clone(), config(draft))?;
+        let plain = EngineHandle::spawn(model, config(0))?;
+        let prompts = nextoken::bench::SPECULATIVE_TEXTS
+            .iter()
+            .map(|(name, text)| Ok((*name, tokenizer.encode(text, true)?)))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        nextoken::bench::speculative(
+            &plain,
+            &spec,
+            &prompts,
+            &stop,
+            args.new_tokens,
+            args.repetitions,
+        )?;
+        return Ok(());
+    }
     if args.scenario == "lora" {
         nextoken::bench::lora_step(&model, 4, 128, 5)?;
         return Ok(());
@@ -398,6 +437,7 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
             max_batch_tokens: args.max_batch_tokens,
             kv_cache_bytes: args.kv_cache_mb << 20,
             max_running_seqs,
+            speculative_tokens: args.speculate,
             ..Default::default()
         },
     )?;
@@ -437,7 +477,8 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         }
         other => {
             anyhow::bail!(
-                "unknown --scenario `{other}` (sweep, autocomplete, typing, editors, lora)"
+                "unknown --scenario `{other}` (sweep, autocomplete, typing, editors, \
+                 speculative, lora)"
             )
         }
     }

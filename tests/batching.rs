@@ -53,6 +53,21 @@ fn wait_idle(engine: &EngineHandle) -> nextoken::engine::EngineStats {
     }
 }
 
+/// Waits until the engine is idle with `tokens` generated in all: the stats are published after
+/// each step, so right after a request ends they may still be the previous step's.
+fn wait_for_tokens(engine: &EngineHandle, tokens: usize) -> nextoken::engine::EngineStats {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = wait_idle(engine);
+        if s.generation_tokens_total >= tokens as u64 {
+            assert_eq!(s.generation_tokens_total, tokens as u64);
+            return s;
+        }
+        assert!(Instant::now() < deadline, "tokens never counted: {s:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Submits the requests one after another, each once the previous one has produced two
 /// tokens, so every request joins a batch that is already running; collects all outputs.
 fn run_staggered(engine: &EngineHandle, requests: Vec<GenerateRequest>) -> Vec<Vec<u32>> {
@@ -444,4 +459,110 @@ fn prompt_logprobs_equal_the_decoding_path_chunked_or_not_cached_or_not() {
         .err()
         .expect("21 alternatives refused");
     assert!(matches!(e, EngineError::Invalid(_)), "{e}");
+}
+
+/// Prompts whose continuations copy their context, so that prompt-lookup drafts get confirmed.
+const COPYING_PROMPTS: [&str; 4] = [
+    "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n\n\ndef mul(a, b):\n",
+    "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,",
+    "<|im_start|>user\nRepeat this sentence exactly: The quick brown fox jumps over the lazy dog \
+     near the old river bank.<|im_end|>\n<|im_start|>assistant\n",
+    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n\n\
+     class Point3D:\n    def __init__(self, x, y, z):\n",
+];
+
+#[test]
+fn speculative_decoding_gives_exactly_the_tokens_of_plain_decoding() {
+    let plain = engine(EngineConfig::default());
+    let spec = engine(EngineConfig {
+        speculative_tokens: 4,
+        ..Default::default()
+    });
+    let tokenizer = &gguf().1;
+    let copying: Vec<Vec<u32>> = COPYING_PROMPTS
+        .iter()
+        .map(|p| tokenizer.encode(p, true).expect("encode"))
+        .collect();
+    let mut requests = Vec::new();
+    for (i, p) in copying.iter().chain(prompts().iter().take(3)).enumerate() {
+        requests.push(GenerateRequest::greedy(p.clone(), 40));
+        // Seeded sampling with penalties (they see the step's earlier tokens) and logprobs.
+        requests.push(GenerateRequest {
+            sampling: SamplingParams {
+                temperature: 0.7,
+                top_p: 0.95,
+                top_k: 40,
+                repetition_penalty: 1.05,
+                frequency_penalty: 0.1,
+                seed: Some(7 + i as u64),
+                ..Default::default()
+            },
+            top_logprobs: Some(3),
+            ..GenerateRequest::greedy(p.clone(), 40)
+        });
+    }
+    // Penalties strong enough to change greedy choices: they must count the step's earlier
+    // (confirmed) tokens.
+    for p in &copying {
+        requests.push(GenerateRequest {
+            sampling: SamplingParams {
+                frequency_penalty: 0.8,
+                ..SamplingParams::greedy()
+            },
+            ..GenerateRequest::greedy(p.clone(), 40)
+        });
+    }
+    // Short budgets end inside a step's confirmed drafts.
+    for max in [1, 2, 3, 7] {
+        requests.push(GenerateRequest::greedy(copying[1].clone(), max));
+    }
+    let reference: Vec<_> = requests.iter().map(|r| run(&plain, r.clone())).collect();
+    // A stop token met inside a run of confirmed drafts ends the request there.
+    let counting = &reference[2].tokens;
+    let stop = counting[counting.len() / 2];
+    let stopping = GenerateRequest {
+        stop_token_ids: vec![stop],
+        ..GenerateRequest::greedy(copying[1].clone(), 40)
+    };
+    let stopped = run(&plain, stopping.clone());
+    assert_eq!(stopped.finish, FinishReason::StopToken(stop));
+    requests.push(stopping);
+    let mut expected = reference;
+    expected.push(stopped);
+    let total: usize = expected.iter().map(|c| c.usage.completion_tokens).sum();
+    let plain_stats = wait_for_tokens(&plain, total);
+
+    for (i, (request, want)) in requests.iter().zip(&expected).enumerate() {
+        let got = run(&spec, request.clone());
+        assert_eq!(got.tokens, want.tokens, "request {i}");
+        assert_eq!(got.logprobs, want.logprobs, "request {i}");
+        assert_eq!(got.finish, want.finish, "request {i}");
+        assert_eq!(got.usage, want.usage, "request {i}");
+    }
+    let stats = wait_for_tokens(&spec, total);
+    // Drafts were computed and confirmed: the same tokens took fewer steps.
+    assert!(
+        stats.spec_accepted_tokens_total >= 50,
+        "confirmed drafts: {stats:?}"
+    );
+    assert!(stats.spec_draft_tokens_total > stats.spec_accepted_tokens_total);
+    assert_eq!(
+        stats.num_steps + stats.spec_accepted_tokens_total,
+        plain_stats.num_steps,
+        "each confirmed draft saves one step"
+    );
+    assert_eq!(stats.kv_blocks_used, 0);
+    assert_eq!(plain_stats.spec_draft_tokens_total, 0);
+
+    // Several sequences speculating in one batch: each gets its tokens of running alone.
+    let together: Vec<_> = requests[..2 * COPYING_PROMPTS.len()]
+        .iter()
+        .step_by(2)
+        .map(|r| spec.submit(r.clone()).expect("submit"))
+        .collect();
+    for (k, g) in together.into_iter().enumerate() {
+        let got = g.blocking_collect(|_| {}).expect("completes");
+        assert_eq!(got.tokens, expected[2 * k].tokens, "prompt {k} in a batch");
+    }
+    assert_eq!(wait_idle(&spec).kv_blocks_used, 0);
 }

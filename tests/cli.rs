@@ -190,6 +190,44 @@ fn bench_pp_tg_mode_prints_llama_bench_figures() {
     }
 }
 
+/// The speculative-decoding bench on the real model: one line per built-in text, both
+/// engines gave the same tokens, and the text that quotes its prompt took tokens from drafts.
+#[test]
+fn bench_speculative_scenario_compares_drafts_on_and_off() {
+    let out = nextoken(&[
+        "bench",
+        "--model",
+        model_path().to_str().expect("utf-8"),
+        "--scenario",
+        "speculative",
+        "--new-tokens",
+        "32",
+        "--repetitions",
+        "1",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    let names: Vec<&str> = lines.iter().filter_map(|v| v["prompt"].as_str()).collect();
+    assert_eq!(names, ["code_edit", "completion", "quote", "story"]);
+    for v in &lines {
+        assert_eq!(v["same_tokens"], true, "{v}");
+        assert!(v["spec_decode_tok_s"].as_f64().expect("rate") > 0.0, "{v}");
+        assert!(v["tokens"].as_u64().expect("tokens") > 5, "{v}");
+    }
+    assert!(
+        lines[2]["from_drafts"].as_f64().expect("share") > 0.3,
+        "{}",
+        lines[2]
+    );
+}
+
 #[test]
 fn convert_writes_gguf_from_a_folder_with_llama_cpp_names() {
     let dir = tempfile::tempdir().expect("tempdir");

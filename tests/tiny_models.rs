@@ -394,3 +394,90 @@ fn older_config_layout_gives_the_same_logits() {
         }
     }
 }
+
+/// Speculative decoding on a tiny random llama (as Q4_1 GGUF: the kernels compute each row
+/// the same way whatever the batch), whose continuations fall into loops so that many drafts
+/// are confirmed: every sampling setting gives exactly the tokens and log-probabilities of
+/// plain decoding — penalties counting the tokens confirmed earlier in the same step, seeded
+/// sampling drawing once per kept token — with drafts crossing KV blocks and cut by the
+/// step's token budget.
+#[test]
+fn speculative_decoding_changes_no_token_of_a_tiny_model() {
+    use nextoken::convert::{hf_to_gguf, GgufQuant};
+    use nextoken::engine::SamplingParams;
+    let (folder, cases) = cases("llama");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("llama-q4_1.gguf");
+    hf_to_gguf(&folder, &dir, GgufQuant::Q4_1).expect("convert to GGUF");
+    let config = EngineConfig {
+        kv_cache_bytes: 1 << 20,
+        block_size: 4,
+        max_batch_tokens: 7,
+        ..Default::default()
+    };
+    let plain =
+        EngineHandle::spawn(Model::load(&dir).expect("loads").0, config.clone()).expect("engine");
+    let spec = EngineHandle::spawn(
+        Model::load(&dir).expect("loads").0,
+        EngineConfig {
+            speculative_tokens: 5,
+            ..config
+        },
+    )
+    .expect("engine");
+    let settings = [
+        SamplingParams::greedy(),
+        SamplingParams {
+            frequency_penalty: 0.4,
+            ..SamplingParams::greedy()
+        },
+        SamplingParams {
+            presence_penalty: 0.7,
+            repetition_penalty: 1.2,
+            ..SamplingParams::greedy()
+        },
+        SamplingParams {
+            temperature: 0.8,
+            seed: Some(3),
+            ..Default::default()
+        },
+        SamplingParams {
+            temperature: 0.5,
+            top_k: 5,
+            frequency_penalty: 0.3,
+            seed: Some(11),
+            ..Default::default()
+        },
+    ];
+    let (mut confirmed, mut tokens) = (0, 0);
+    for (s, sampling) in settings.iter().enumerate() {
+        for (c, (ids, _, _)) in cases.iter().enumerate() {
+            let request = GenerateRequest {
+                sampling: sampling.clone(),
+                top_logprobs: Some(2),
+                ..GenerateRequest::greedy(ids.clone(), 200)
+            };
+            let run = |engine: &EngineHandle| {
+                engine
+                    .submit(request.clone())
+                    .expect("submit")
+                    .blocking_collect(|_| {})
+                    .expect("completes")
+            };
+            let want = run(&plain);
+            let before = spec.stats().spec_accepted_tokens_total;
+            let got = run(&spec);
+            assert_eq!(got.tokens, want.tokens, "setting {s}, case {c}");
+            assert_eq!(got.logprobs, want.logprobs, "setting {s}, case {c}");
+            tokens += want.tokens.len();
+            // Published after the step that ended the request, or the one before.
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            confirmed += spec.stats().spec_accepted_tokens_total - before;
+        }
+    }
+    // Random weights copy little (80 of 3,000 here), enough to cover multi-token steps.
+    assert!(
+        confirmed >= 40,
+        "{confirmed} of {tokens} tokens came from confirmed drafts"
+    );
+}

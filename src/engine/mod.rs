@@ -7,6 +7,7 @@
 //! request and its KV blocks are free again at the next step.
 
 pub mod block_pool;
+pub mod draft;
 pub mod json_mode;
 pub mod json_schema;
 pub mod request;
@@ -44,7 +45,15 @@ pub struct EngineConfig {
     pub kv_cache_bytes: usize,
     /// Tokens per KV block.
     pub block_size: usize,
+    /// Speculative decoding by prompt lookup: draft tokens per step and sequence (0: off).
+    /// Used while at most [`SPECULATE_MAX_RUNNING`] sequences run; the tokens are the same
+    /// either way.
+    pub speculative_tokens: usize,
 }
+
+/// Running sequences up to which drafts are computed: beyond, a step's rows already keep the
+/// cores busy and draft rows would slow everyone's step.
+pub const SPECULATE_MAX_RUNNING: usize = 4;
 
 impl Default for EngineConfig {
     fn default() -> Self {
@@ -54,6 +63,7 @@ impl Default for EngineConfig {
             max_waiting: 1024,
             kv_cache_bytes: 1024 << 20,
             block_size: 16,
+            speculative_tokens: 0,
         }
     }
 }
@@ -87,6 +97,10 @@ pub struct EngineStats {
     pub prefix_cache_queries_total: u64,
     /// Of those, tokens whose KV was found and reused.
     pub prefix_cache_hits_total: u64,
+    /// Draft tokens computed by speculative decoding.
+    pub spec_draft_tokens_total: u64,
+    /// Of those, tokens that sampling confirmed (each saved a step).
+    pub spec_accepted_tokens_total: u64,
     /// Duration of the last step.
     pub last_step_seconds: f64,
 }
@@ -220,7 +234,7 @@ impl EngineHandle {
             max_batch_tokens: config.max_batch_tokens.max(1),
             max_running_seqs: config.max_running_seqs.max(1),
         };
-        let mut core = step::EngineCore::new(model, sizes, scheduler)
+        let mut core = step::EngineCore::new(model, sizes, scheduler, config.speculative_tokens)
             .map_err(|e| EngineError::Model(format!("cannot start compute threads: {e}")))?;
         let (commands, mut rx) = unbounded_channel();
         let (stats_tx, stats) = watch::channel(core.stats());

@@ -1,8 +1,8 @@
 //! `Scheduler`: decides which tokens of which sequences run in the next step.
 //!
 //! Tokens, not phases (vLLM v1): every sequence has `num_computed_tokens` catching up with
-//! `tokens.len()`; a step gives running sequences their tokens first (1 when decoding, a chunk
-//! when prefilling), then admits waiting ones, all under one token budget. When KV blocks run
+//! `tokens.len()`; a step gives running sequences their tokens first (1 when decoding, followed
+//! by its draft tokens when speculating; a chunk when prefilling), then admits waiting ones, all under one token budget. When KV blocks run
 //! out, the newest running sequence is preempted: its blocks are freed and it is recomputed
 //! later from its tokens. The result is plain data ([`ScheduledBatch`]); no tensors here.
 
@@ -116,6 +116,7 @@ impl Scheduler {
     fn release(seq: &mut Sequence, pool: &mut BlockPool, window: &mut Option<WindowPool>) {
         pool.release(&seq.block_table);
         seq.block_table.clear();
+        seq.draft.clear();
         if let Some(w) = window {
             w.pool.release(&seq.window_table);
         }
@@ -198,8 +199,10 @@ impl Scheduler {
         let mut budget = self.config.max_batch_tokens;
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
-            let seq = &self.running[i];
-            let n = seq.num_uncomputed().min(budget);
+            let seq = &mut self.running[i];
+            // A decoding sequence's drafts (if any) follow its token, as far as the budget goes.
+            let n = (seq.num_uncomputed() + seq.draft.len()).min(budget);
+            seq.draft.truncate(n.saturating_sub(seq.num_uncomputed()));
             if n == 0 {
                 i += 1;
                 continue;
@@ -213,6 +216,10 @@ impl Scheduler {
                     });
                     budget -= n;
                     i += 1;
+                }
+                false if !self.running[i].draft.is_empty() => {
+                    // Drafts are optional: without them the sequence may still fit.
+                    self.running[i].draft.clear();
                 }
                 false => {
                     // Out of blocks: the newest running sequence gives its blocks back (it may

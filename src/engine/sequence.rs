@@ -10,7 +10,7 @@ use crate::model::{LoraAdapter, TokenId};
 
 use super::block_pool::{block_hashes, BlockHash};
 use super::request::{Event, GenerateRequest, TokenLogprob};
-use super::sampler::Sampler;
+use super::sampler::{log_softmax, top_logprobs, Sampler};
 
 /// One request's state.
 pub struct Sequence {
@@ -54,6 +54,12 @@ pub struct Sequence {
     pub sampler: Sampler,
     /// JSON mode's state, when asked for.
     pub json: Option<super::json_mode::JsonConstraint>,
+    /// Speculative decoding: guesses of the tokens after the last one, computed in this step
+    /// after it and kept while sampling agrees with them (see `super::draft`). Empty outside
+    /// a step that speculates.
+    pub draft: Vec<TokenId>,
+    /// Draft tokens to propose next time (adapted to how many were confirmed lately).
+    pub draft_len: usize,
     /// Where events go; closed when the client dropped its `Generation`.
     pub events: UnboundedSender<Event>,
 }
@@ -99,8 +105,20 @@ impl Sequence {
             },
             sampler: Sampler::new(request.sampling),
             json: request.json,
+            draft: Vec::new(),
+            draft_len: usize::MAX,
             events,
         }
+    }
+
+    /// Whether drafts may follow this sequence's next token: it is decoding (only its last
+    /// sampled token is uncomputed) and nothing needs the tokens one at a time (a JSON
+    /// constraint's state advances per token).
+    pub fn can_speculate(&self) -> bool {
+        self.num_uncomputed() == 1
+            && self.num_generated() > 0
+            && self.json.is_none()
+            && self.prompt_logprobs.is_none()
     }
 
     /// Names of the full blocks among the first `tokens` tokens, extending the stored chain.
@@ -130,6 +148,50 @@ impl Sequence {
         self.prompt_logprobs.is_some()
     }
 
+    /// Samples this step's tokens from its logits `rows` (modified in place): the token after
+    /// the last one from the first row, then, while each sampled token equals the draft whose
+    /// row comes next, that row's token too. Every row is sampled as it would be alone in its
+    /// own step (penalties count the tokens before it, the RNG draws once per token), so
+    /// drafts change how many tokens a step yields, never which. `allowed`: a JSON
+    /// constraint's allowed set for its state (JSON sequences have no drafts: one row).
+    /// Returns the tokens, each with its log-probabilities if asked for; nothing is appended.
+    pub fn pick(
+        &mut self,
+        rows: Vec<&mut Vec<f32>>,
+        allowed: &[u64],
+    ) -> Vec<(TokenId, Option<TokenLogprob>)> {
+        let mut out: Vec<(TokenId, Option<TokenLogprob>)> = Vec::with_capacity(rows.len());
+        for (r, row) in rows.into_iter().enumerate() {
+            let logprob = self.top_logprobs.map(|n| (log_softmax(row), n));
+            if let Some(c) = self.json.as_ref() {
+                c.mask(row, &self.stop_token_ids, allowed);
+            }
+            let (prompt, generated) = self.tokens.split_at(self.num_prompt_tokens);
+            let id = if out.is_empty() {
+                self.sampler.sample(row, prompt, generated)
+            } else {
+                let so_far: Vec<TokenId> = generated
+                    .iter()
+                    .copied()
+                    .chain(out.iter().map(|&(t, _)| t))
+                    .collect();
+                self.sampler.sample(row, prompt, &so_far)
+            };
+            if let Some(c) = self.json.as_mut() {
+                c.advance(id);
+            }
+            let logprob = logprob.map(|(lp, n)| TokenLogprob {
+                logprob: lp[id as usize],
+                top: top_logprobs(&lp, n),
+            });
+            out.push((id, logprob));
+            if self.draft.get(r) != Some(&id) {
+                break;
+            }
+        }
+        out
+    }
+
     /// Tokens not yet in the cache.
     pub fn num_uncomputed(&self) -> usize {
         self.tokens.len() - self.num_computed_tokens
@@ -153,5 +215,93 @@ impl Sequence {
     /// The generated part of `tokens`.
     pub fn generated(&self) -> &[TokenId] {
         &self.tokens[self.num_prompt_tokens..]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::sampler::SamplingParams;
+
+    fn sequence(sampling: SamplingParams, top: Option<usize>) -> Sequence {
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let request = GenerateRequest {
+            sampling,
+            top_logprobs: top,
+            ..GenerateRequest::greedy(vec![1, 2, 3, 4, 5, 3], 100)
+        };
+        let mut seq = Sequence::new(0, request, None, tx);
+        seq.tokens.push(6);
+        seq
+    }
+
+    /// Pseudo-random logits over a vocabulary of 12 with small margins, so penalties decide.
+    fn rows(seed: u64, n: usize) -> Vec<Vec<f32>> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                (0..12)
+                    .map(|_| {
+                        s ^= s << 13;
+                        s ^= s >> 7;
+                        s ^= s << 17;
+                        (s % 1000) as f32 / 1000.0
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn drafted_rows_give_exactly_the_tokens_of_one_row_per_step() {
+        let settings = [
+            SamplingParams::greedy(),
+            SamplingParams {
+                frequency_penalty: 0.3,
+                presence_penalty: 0.1,
+                ..SamplingParams::greedy()
+            },
+            SamplingParams {
+                repetition_penalty: 1.5,
+                ..SamplingParams::greedy()
+            },
+            SamplingParams {
+                temperature: 0.7,
+                top_k: 6,
+                frequency_penalty: 0.2,
+                seed: Some(5),
+                ..Default::default()
+            },
+        ];
+        let mut multi = 0;
+        for (s, sampling) in settings.iter().enumerate() {
+            for case in 0..200u64 {
+                let logits = rows(case * 7 + s as u64, 5);
+                // One row per step: what plain decoding does with these logits.
+                let mut plain = sequence(sampling.clone(), Some(2));
+                let mut steps = Vec::new();
+                for row in &logits {
+                    let mut row = row.clone();
+                    let out = plain.pick(vec![&mut row], &[]);
+                    assert_eq!(out.len(), 1, "no drafts, one token");
+                    plain.tokens.push(out[0].0);
+                    steps.push(out[0].clone());
+                }
+                // Drafts: the plain tokens, one of them (or none) wrong.
+                let wrong = (case % 6) as usize;
+                let mut spec = sequence(sampling.clone(), Some(2));
+                spec.draft = steps[..4].iter().map(|(t, _)| *t).collect();
+                if let Some(t) = spec.draft.get_mut(wrong) {
+                    *t = (*t + 1) % 12;
+                }
+                let mut copies = logits.clone();
+                let out = spec.pick(copies.iter_mut().collect(), &[]);
+                // Kept: up to and including the row after the first wrong draft.
+                let kept = (wrong + 1).min(5);
+                assert_eq!(out, steps[..kept], "setting {s}, case {case}");
+                multi += usize::from(kept > 1);
+            }
+        }
+        assert!(multi > 500);
     }
 }

@@ -1,5 +1,5 @@
-//! `EngineCore`: one step of continuous batching. schedule → one forward over the ragged
-//! batch → sample → emit → finish. Owns the model, the KV cache, the block pool and every
+//! `EngineCore`: one step of continuous batching. (draft) → schedule → one forward over the
+//! ragged batch → sample → emit → finish. Owns the model, the KV cache, the block pool and every
 //! sequence; runs on the engine thread only.
 
 use std::collections::HashMap;
@@ -29,7 +29,12 @@ pub struct EngineCore {
     /// (trying every token's bytes takes milliseconds; generation keeps returning to the same
     /// few states).
     json_masks: HashMap<MaskKey, Vec<u64>>,
+    /// Draft tokens per decoding sequence and step (0: no speculative decoding).
+    speculate: usize,
 }
+
+/// How much longer a sequence's next draft may be after all of its draft was confirmed.
+const ADAPT_STEP: usize = 2;
 
 /// JSON-mode states remembered before the memo starts over (6 KB each for a 49k vocabulary).
 const MAX_JSON_MASKS: usize = 2048;
@@ -40,6 +45,7 @@ impl EngineCore {
         model: Model,
         sizes: super::KvSizes,
         config: SchedulerConfig,
+        speculate: usize,
     ) -> std::result::Result<Self, rayon::ThreadPoolBuildError> {
         let super::KvSizes {
             block_size,
@@ -66,6 +72,7 @@ impl EngineCore {
         Ok(EngineCore {
             threads,
             json_masks: HashMap::new(),
+            speculate,
             model,
             kv,
             pool: BlockPool::new(num_blocks, block_size),
@@ -107,6 +114,7 @@ impl EngineCore {
     pub fn step(&mut self) {
         let cancelled = self.scheduler.reap_cancelled(&mut self.pool);
         self.stats.num_cancelled += cancelled as u64;
+        self.propose_drafts();
         let batch = self.scheduler.schedule(&mut self.pool);
         self.stats.num_preempted += batch.preempted.len() as u64;
         self.stats.prefix_cache_queries_total += batch.prefix_queried_tokens as u64;
@@ -124,8 +132,32 @@ impl EngineCore {
             },
             Err(e) => self.fail(&batch, &e.to_string()),
         }
+        for seq in &mut self.scheduler.running {
+            seq.draft.clear();
+        }
         self.stats.num_steps += 1;
         self.stats.last_step_seconds = started.elapsed().as_secs_f64();
+    }
+
+    /// Speculative decoding: drafts for the decoding sequences while few run (see
+    /// [`super::draft`]), at most what they may still generate.
+    fn propose_drafts(&mut self) {
+        let running = &mut self.scheduler.running;
+        if self.speculate == 0
+            || self.scheduler.window.is_some()
+            || running.len() > super::SPECULATE_MAX_RUNNING
+        {
+            return;
+        }
+        let context = self.model.config().max_position_embeddings;
+        for seq in running.iter_mut().filter(|s| s.can_speculate()) {
+            // The step yields at most drafts + 1 tokens, each at a position below the context.
+            let room = (seq.max_new_tokens.saturating_sub(seq.num_generated()))
+                .min(context.saturating_sub(seq.tokens.len()))
+                .saturating_sub(1);
+            let len = seq.draft_len.min(self.speculate);
+            seq.draft = super::draft::ngram_draft(&seq.tokens, len.min(room));
+        }
     }
 
     fn forward_batch(&self, batch: &ScheduledBatch) -> ForwardBatch {
@@ -137,14 +169,20 @@ impl EngineCore {
         for item in &batch.items {
             let seq = &self.scheduler.running[item.index];
             let start = seq.num_computed_tokens;
-            fb.push_seq(
-                &seq.tokens[start..start + item.num_tokens],
-                start,
-                &seq.block_table,
-                bs,
-            );
+            let end = start + item.num_tokens - seq.draft.len();
+            if seq.draft.is_empty() {
+                fb.push_seq(&seq.tokens[start..end], start, &seq.block_table, bs);
+            } else {
+                let tokens: Vec<TokenId> = seq.tokens[start..end]
+                    .iter()
+                    .chain(&seq.draft)
+                    .copied()
+                    .collect();
+                fb.push_seq(&tokens, start, &seq.block_table, bs);
+            }
             if let Some(span) = fb.seqs.last_mut() {
-                span.all_logits = seq.wants_prompt_logits();
+                // Drafts are checked against the logits of every row.
+                span.all_logits = seq.wants_prompt_logits() || !seq.draft.is_empty();
                 span.adapter = seq.adapter.clone();
                 span.window_table.clone_from(&seq.window_table);
             }
@@ -158,8 +196,10 @@ impl EngineCore {
         // prompt is done sample, each with its own sampler and RNG, in parallel (a
         // temperature's softmax over the vocabulary is ~0.1 ms per sequence); then tokens and
         // finishes go out in batch order.
-        // The logits row of each sequence that samples this step.
-        let mut row_of = vec![None; self.scheduler.running.len()];
+        // The logits rows each sequence that samples this step samples from, in order: its last
+        // row, or its token's and its drafts' rows.
+        let mut rows_of: Vec<Option<std::ops::Range<usize>>> =
+            vec![None; self.scheduler.running.len()];
         let mut finished = Vec::new();
         // Each item's logits rows (all of its rows for prompt log-probabilities, else its last);
         // those log-probabilities are recorded first.
@@ -167,7 +207,7 @@ impl EngineCore {
         let mut item_rows = Vec::with_capacity(batch.items.len());
         for item in &batch.items {
             let seq = &self.scheduler.running[item.index];
-            let n = if seq.wants_prompt_logits() {
+            let n = if seq.wants_prompt_logits() || !seq.draft.is_empty() {
                 item.num_tokens
             } else {
                 1
@@ -177,10 +217,10 @@ impl EngineCore {
         }
         self.record_prompt_logprobs(batch, &item_rows, &rows);
         for (item, span) in batch.items.iter().zip(&item_rows) {
-            let j = span.end - 1;
             let seq = &mut self.scheduler.running[item.index];
             let before = seq.num_computed_tokens;
-            seq.num_computed_tokens += item.num_tokens;
+            // Drafts count as computed once sampling confirms them (below).
+            seq.num_computed_tokens += item.num_tokens - seq.draft.len();
             if self.scheduler.window.is_none() {
                 Scheduler::register_full_blocks(seq, &mut self.pool);
             }
@@ -218,75 +258,83 @@ impl EngineCore {
                 finished.push(item.index);
                 continue;
             }
-            row_of[item.index] = Some(j);
+            rows_of[item.index] = Some(if seq.draft.is_empty() {
+                span.end - 1..span.end
+            } else {
+                span.clone()
+            });
         }
-        self.remember_json_masks(&row_of);
+        self.remember_json_masks(&rows_of);
         let masks = &self.json_masks;
         let mut rows_left: Vec<Option<&mut Vec<f32>>> = rows.iter_mut().map(Some).collect();
-        let work: Vec<(usize, &mut Sequence, &mut Vec<f32>)> = self
+        let work: Vec<(usize, &mut Sequence, Vec<&mut Vec<f32>>)> = self
             .scheduler
             .running
             .iter_mut()
             .enumerate()
-            .filter_map(|(i, seq)| Some((i, seq, rows_left[row_of[i]?].take()?)))
+            .filter_map(|(i, seq)| {
+                let rows: Option<Vec<_>> = rows_of[i]
+                    .clone()?
+                    .map(|r| rows_left.get_mut(r)?.take())
+                    .collect();
+                Some((i, seq, rows?))
+            })
             .collect();
-        let pick = |(i, seq, row): (usize, &mut Sequence, &mut Vec<f32>)| {
-            let logprob = seq.top_logprobs.map(|n| (log_softmax(row), n));
-            let Sequence {
-                sampler,
-                tokens,
-                num_prompt_tokens,
-                json,
-                stop_token_ids,
-                ..
-            } = seq;
-            if let Some(c) = json.as_ref() {
-                let allowed = c.key().and_then(|k| masks.get(&k));
-                c.mask(row, stop_token_ids, allowed.map_or(&[], Vec::as_slice));
-            }
-            let (prompt, generated) = tokens.split_at(*num_prompt_tokens);
-            let id = sampler.sample(row, prompt, generated);
-            if let Some(c) = json.as_mut() {
-                c.advance(id);
-            }
-            let logprob = logprob.map(|(lp, n)| TokenLogprob {
-                logprob: lp[id as usize],
-                top: top_logprobs(&lp, n),
-            });
-            (i, id, logprob)
+        let pick = |(i, seq, rows): (usize, &mut Sequence, Vec<&mut Vec<f32>>)| {
+            let allowed = seq
+                .json
+                .as_ref()
+                .and_then(|c| masks.get(&c.key()?))
+                .map_or(&[][..], Vec::as_slice);
+            (i, seq.pick(rows, allowed))
         };
         // A lone sequence samples here: waking the pool would cost more than it saves.
-        let sampled: Vec<(usize, TokenId, Option<TokenLogprob>)> = if work.len() > 1 {
+        type Picked = Vec<(TokenId, Option<TokenLogprob>)>;
+        let sampled: Vec<(usize, Picked)> = if work.len() > 1 {
             use rayon::prelude::*;
             self.threads
                 .install(|| work.into_par_iter().map(pick).collect())
         } else {
             work.into_iter().map(pick).collect()
         };
-        let mut picked: Vec<Option<(TokenId, Option<TokenLogprob>)>> =
-            vec![None; self.scheduler.running.len()];
-        for (i, id, logprob) in sampled {
-            picked[i] = Some((id, logprob));
+        let mut picked: Vec<Option<Picked>> = vec![None; self.scheduler.running.len()];
+        for (i, out) in sampled {
+            picked[i] = Some(out);
         }
         for item in &batch.items {
-            let Some((id, logprob)) = picked[item.index].take() else {
+            let Some(out) = picked[item.index].take() else {
                 continue;
             };
             let seq = &mut self.scheduler.running[item.index];
-            seq.tokens.push(id);
-            self.stats.generation_tokens_total += 1;
-            let _ = seq.events.send(Event::Token { id, logprob });
-            let reason = if seq.stop_token_ids.contains(&id) {
-                Some(FinishReason::StopToken(id))
-            } else if seq.num_generated() >= seq.max_new_tokens
-                || seq.tokens.len() >= context
-                // A complete JSON object with no stop token to end on.
-                || seq.json.as_ref().is_some_and(|c| c.is_done()) && seq.stop_token_ids.is_empty()
-            {
-                Some(FinishReason::Length)
-            } else {
-                None
-            };
+            // Every token but the last was a draft whose KV this step computed.
+            let confirmed = out.len() - 1;
+            self.stats.spec_draft_tokens_total += seq.draft.len() as u64;
+            self.stats.spec_accepted_tokens_total += confirmed as u64;
+            if !seq.draft.is_empty() {
+                // Longer drafts after a run of confirmations, shorter after refusals: rows
+                // of refused drafts are work thrown away.
+                seq.draft_len = if confirmed == seq.draft.len() {
+                    confirmed.saturating_add(ADAPT_STEP)
+                } else {
+                    confirmed + 1
+                };
+            }
+            let mut reason = None;
+            for (id, logprob) in out {
+                seq.tokens.push(id);
+                self.stats.generation_tokens_total += 1;
+                let _ = seq.events.send(Event::Token { id, logprob });
+                reason = Self::finish_reason(seq, id, context);
+                if reason.is_some() {
+                    break;
+                }
+            }
+            if reason.is_none() && confirmed > 0 {
+                seq.num_computed_tokens += confirmed;
+                if self.scheduler.window.is_none() {
+                    Scheduler::register_full_blocks(seq, &mut self.pool);
+                }
+            }
             if let Some(reason) = reason {
                 let usage = Usage {
                     prompt_tokens: seq.num_prompt_tokens,
@@ -300,15 +348,30 @@ impl EngineCore {
         self.remove(finished);
     }
 
+    /// Why `seq` finishes with its newest token `id`, if it does.
+    fn finish_reason(seq: &Sequence, id: TokenId, context: usize) -> Option<FinishReason> {
+        if seq.stop_token_ids.contains(&id) {
+            Some(FinishReason::StopToken(id))
+        } else if seq.num_generated() >= seq.max_new_tokens
+            || seq.tokens.len() >= context
+            // A complete JSON object with no stop token to end on.
+            || seq.json.as_ref().is_some_and(|c| c.is_done()) && seq.stop_token_ids.is_empty()
+        {
+            Some(FinishReason::Length)
+        } else {
+            None
+        }
+    }
+
     /// Makes sure the memo holds the allowed set of every sampling JSON-mode sequence's state
-    /// (`row_of`: the sequences that sample this step); new sets are computed on the pool.
-    fn remember_json_masks(&mut self, row_of: &[Option<usize>]) {
+    /// (`rows_of`: the sequences that sample this step); new sets are computed on the pool.
+    fn remember_json_masks(&mut self, rows_of: &[Option<std::ops::Range<usize>>]) {
         let mut missing: Vec<(MaskKey, &super::json_mode::JsonConstraint)> = Vec::new();
         for (seq, _) in self
             .scheduler
             .running
             .iter()
-            .zip(row_of)
+            .zip(rows_of)
             .filter(|(_, r)| r.is_some())
         {
             if let Some((c, key)) = seq.json.as_ref().and_then(|c| Some((c, c.key()?))) {

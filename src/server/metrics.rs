@@ -169,6 +169,18 @@ impl Metrics {
             s.prefix_cache_hits_total as f64,
         );
         gauge(
+            "spec_decode_num_draft_tokens_total",
+            "Draft tokens computed by speculative decoding.",
+            "counter",
+            s.spec_draft_tokens_total as f64,
+        );
+        gauge(
+            "spec_decode_num_accepted_tokens_total",
+            "Draft tokens confirmed by sampling.",
+            "counter",
+            s.spec_accepted_tokens_total as f64,
+        );
+        gauge(
             "num_preemptions_total",
             "Sequences preempted for lack of KV blocks.",
             "counter",
