@@ -1221,7 +1221,8 @@ async fn json_mode_gives_one_json_object() {
 
 /// A small JSON Schema check, written apart from the server's compiler: the keywords the
 /// tests below use (`type`, `properties` + `required` + closed objects, `items`,
-/// `minItems`/`maxItems`, `enum`, `anyOf`, `minLength`/`maxLength`, local `$ref`).
+/// `minItems`/`maxItems`, `enum`, `anyOf`, `minLength`/`maxLength`, `minimum`/`maximum` and
+/// the exclusive forms, local `$ref`).
 fn conforms(v: &Value, s: &Value, root: &Value) -> Result<(), String> {
     if let Some(r) = s["$ref"].as_str() {
         let target = root.pointer(r.trim_start_matches('#')).ok_or("bad ref")?;
@@ -1273,8 +1274,15 @@ fn conforms(v: &Value, s: &Value, root: &Value) -> Result<(), String> {
             s["minLength"].as_u64().is_none_or(|m| n >= m)
                 && s["maxLength"].as_u64().is_none_or(|m| n <= m)
         }),
-        Some("integer") => v.is_i64() || v.is_u64(),
-        Some("number") => v.is_number(),
+        Some("integer" | "number") => {
+            let x = v.as_f64().ok_or(format!("{v}: not a number"))?;
+            let bound = |k: &str| s[k].as_f64();
+            (s["type"] == "number" || v.is_i64() || v.is_u64())
+                && bound("minimum").is_none_or(|m| x >= m)
+                && bound("maximum").is_none_or(|m| x <= m)
+                && bound("exclusiveMinimum").is_none_or(|m| x > m)
+                && bound("exclusiveMaximum").is_none_or(|m| x < m)
+        }
         Some("boolean") => v.is_boolean(),
         Some("null") => v.is_null(),
         Some(t) => return Err(format!("unknown type {t}")),
@@ -1412,7 +1420,7 @@ async fn json_schema_answers_are_instances_of_the_schema() {
         ),
         (
             "/completion",
-            json!({"prompt": "x", "json_schema": {"minimum": 1, "type": "integer"}}),
+            json!({"prompt": "x", "json_schema": {"multipleOf": 2, "type": "integer"}}),
             "json_schema",
         ),
         (
@@ -1622,6 +1630,63 @@ async fn tool_calls_follow_the_declared_functions() {
         let (status, e) = post_json(&app, "/v1/chat/completions", body.clone()).await;
         assert_error(status, &e, StatusCode::BAD_REQUEST, Some(param));
     }
+}
+
+/// Numbers keep to `minimum`/`maximum` (pydantic's `ge`/`le`/`gt`/`lt`): greedy and sampled
+/// at a high temperature, every value lies inside its bounds; without them, some do not.
+#[tokio::test]
+async fn json_schema_numbers_keep_to_their_bounds() {
+    let app = app();
+    let bounded = json!({"type": "object", "additionalProperties": false,
+        "properties": {
+            "rating": {"type": "integer", "minimum": 1, "maximum": 5},
+            "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+            "year": {"type": "integer", "exclusiveMinimum": 1899, "exclusiveMaximum": 2031}},
+        "required": ["rating", "confidence", "year"]});
+    let mut free = bounded.clone();
+    for p in ["rating", "confidence", "year"] {
+        free["properties"][p] = json!({"type": bounded["properties"][p]["type"]});
+    }
+    let messages = json!([{"role": "user", "content":
+        "Rate the movie Titanic (1997) out of ten, say how sure you are, and give its year."}]);
+    let answers = |schema: &Value| {
+        let app = app.clone();
+        let schema = schema.clone();
+        let messages = messages.clone();
+        async move {
+            let mut out = Vec::new();
+            for (temperature, seed) in [(0.0, 0), (1.3, 1), (1.3, 2), (1.3, 3), (1.3, 4)] {
+                let body = json!({"messages": messages, "max_tokens": 60,
+                    "temperature": temperature, "seed": seed,
+                    "response_format": {"type": "json_schema",
+                        "json_schema": {"name": "review", "schema": schema}}});
+                let (status, v) = post_json(&app, "/v1/chat/completions", body).await;
+                assert_eq!(status, StatusCode::OK, "{v}");
+                let text = v["choices"][0]["message"]["content"]
+                    .as_str()
+                    .expect("text");
+                let v: Value =
+                    serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text:?}"));
+                out.push(v);
+            }
+            out
+        }
+    };
+    for v in answers(&bounded).await {
+        eprintln!("bounded: {v}");
+        conforms(&v, &bounded, &bounded).unwrap_or_else(|e| panic!("{e}"));
+    }
+    let unbounded = answers(&free).await;
+    for v in &unbounded {
+        eprintln!("free: {v}");
+        conforms(v, &free, &free).unwrap_or_else(|e| panic!("{e}"));
+    }
+    assert!(
+        unbounded
+            .iter()
+            .any(|v| conforms(v, &bounded, &bounded).is_err()),
+        "the bounds were never needed: {unbounded:?}"
+    );
 }
 
 /// vLLM's guided decoding fields (`guided_choice`, `guided_json`, and their newer

@@ -13,7 +13,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use super::json_schema::{Grammar, Node, NodeId, Prop, ANY, ANY_STRING, UNBOUNDED};
+use super::json_schema::{
+    Grammar, Node, NodeId, Prop, ANY, ANY_STRING, NUM_MAX_INT, NUM_SCALE, UNBOUNDED,
+};
 
 /// Longest run of whitespace between tokens of the JSON (a model can otherwise emit
 /// newlines forever while staying valid).
@@ -98,6 +100,148 @@ impl Num {
     fn complete(self) -> bool {
         matches!(self, Num::Zero | Num::Int | Num::Frac | Num::Exp)
     }
+
+    /// The state after `b` (`None`: `b` does not continue a number here); `from` is `None`
+    /// before the first byte.
+    fn after(from: Option<Num>, integer: bool, b: u8) -> Option<Num> {
+        Some(match (from, b) {
+            (None, b'-') => Num::Minus,
+            (None | Some(Num::Minus), b'0') => Num::Zero,
+            (None | Some(Num::Minus), b'1'..=b'9') => Num::Int,
+            (Some(Num::Int), b'0'..=b'9') => Num::Int,
+            (Some(Num::Zero | Num::Int), b'.') if !integer => Num::Dot,
+            (Some(Num::Dot | Num::Frac), b'0'..=b'9') => Num::Frac,
+            (Some(Num::Zero | Num::Int | Num::Frac), b'e' | b'E') if !integer => Num::E,
+            (Some(Num::E), b'+' | b'-') => Num::ESign,
+            (Some(Num::E | Num::ESign | Num::Exp), b'0'..=b'9') => Num::Exp,
+            _ => return None,
+        })
+    }
+}
+
+/// A bounded number's text so far: its node (for the bounds), sign, integer part and
+/// decimals. Unbounded numbers keep the default, so that equal positions are equal states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct NumVal {
+    /// The number's node; [`NO_NODE`] when unbounded.
+    node: NodeId,
+    neg: bool,
+    /// Decimals so far (at most 9).
+    decimals: u8,
+    int: u32,
+    /// The decimals as an integer.
+    frac: u32,
+}
+
+const NO_NODE: NodeId = NodeId::MAX;
+
+impl Default for NumVal {
+    fn default() -> Self {
+        NumVal {
+            node: NO_NODE,
+            neg: false,
+            decimals: 0,
+            int: 0,
+            frac: 0,
+        }
+    }
+}
+
+impl NumVal {
+    fn bounds(self, g: &Grammar) -> Option<[i128; 2]> {
+        if self.node == NO_NODE {
+            return None;
+        }
+        match g.resolve(self.node).1 {
+            Node::Number { bounds, .. } => *bounds,
+            _ => None,
+        }
+    }
+
+    /// The value so far in units of 10⁻⁹, without its sign.
+    fn magnitude(self) -> i128 {
+        i128::from(self.int) * NUM_SCALE
+            + i128::from(self.frac) * 10i128.pow(9 - u32::from(self.decimals))
+    }
+
+    /// `self` after byte `b` took the number to `num`; `None` where a bounded number cannot
+    /// go (an exponent, a 10th decimal, an integer part beyond 32 bits).
+    fn after(mut self, num: Num, b: u8) -> Option<NumVal> {
+        if self.node == NO_NODE {
+            return Some(self);
+        }
+        let d = u32::from(b.wrapping_sub(b'0'));
+        match num {
+            Num::Minus => self.neg = true,
+            Num::Zero | Num::Int => self.int = self.int.checked_mul(10)?.checked_add(d)?,
+            Num::Dot => {}
+            Num::Frac if self.decimals < 9 => {
+                self.decimals += 1;
+                self.frac = self.frac * 10 + d;
+            }
+            Num::Frac | Num::E | Num::ESign | Num::Exp => return None,
+        }
+        Some(self)
+    }
+
+    /// Whether a number whose text so far left it in `num` can still end inside `[lo, hi]`:
+    /// the values its continuations reach, as intervals of magnitudes, against the bounds.
+    fn can_reach(self, num: Num, integer: bool, [lo, hi]: [i128; 2]) -> bool {
+        let unit = NUM_SCALE;
+        // Decimals a float may still add below a magnitude `m` (a whole number of units).
+        let tail = |m: i128| if integer { m } else { m + unit - 1 };
+        let top = NUM_MAX_INT * unit;
+        let mut spans: Vec<(i128, i128)> = Vec::new();
+        match num {
+            // A sign only where a value below zero may follow (no "-0" for a minimum of 0).
+            Num::Minus => spans.push((1, tail(top))),
+            Num::Zero => spans.push((0, tail(0))),
+            Num::Int => {
+                // This integer part, or more digits: [I·10^k, (I+1)·10^k − 1].
+                let (mut a, mut b) = (i128::from(self.int), i128::from(self.int));
+                while a <= NUM_MAX_INT {
+                    spans.push((a * unit, tail(b.min(NUM_MAX_INT) * unit)));
+                    (a, b) = (a * 10, b * 10 + 9);
+                }
+            }
+            Num::Dot | Num::Frac => {
+                let m = self.magnitude();
+                spans.push((m, m + 10i128.pow(9 - u32::from(self.decimals)) - 1));
+            }
+            Num::E | Num::ESign | Num::Exp => return false,
+        }
+        spans.into_iter().any(|(a, b)| {
+            let (a, b) = if self.neg { (-b, -a) } else { (a, b) };
+            a.max(lo) <= b.min(hi)
+        })
+    }
+
+    /// Whether the number, complete in `num`, lies inside its bounds (if any).
+    fn within(self, num: Num, g: &Grammar) -> bool {
+        num.complete()
+            && self.bounds(g).is_none_or(|[lo, hi]| {
+                let m = self.magnitude();
+                let v = if self.neg { -m } else { m };
+                lo <= v && v <= hi
+            })
+    }
+}
+
+/// A number's state after `b`, within its bounds if it has any: `None` where `b` does not
+/// continue it, or where no continuation could end inside the bounds.
+fn num_step(
+    g: &Grammar,
+    integer: bool,
+    from: Option<Num>,
+    val: NumVal,
+    b: u8,
+) -> Option<(Num, NumVal)> {
+    let num = Num::after(from, integer, b)?;
+    let Some(bounds) = val.bounds(g) else {
+        return Some((num, val));
+    };
+    let val = val.after(num, b)?;
+    val.can_reach(num, integer, bounds).then_some((num, val))
 }
 
 /// The property index of a free key (an object without declared properties).
@@ -154,7 +298,11 @@ enum Frame {
     /// A string of `len` characters so far.
     Str { node: NodeId, len: u16, esc: Esc },
     /// A number.
-    Num { integer: bool, num: Num },
+    Num {
+        integer: bool,
+        num: Num,
+        val: NumVal,
+    },
     /// One of a node's literal texts: the lowest-numbered one that starts with the bytes so
     /// far, and how many bytes are done.
     Lit { node: NodeId, cand: u16, pos: u16 },
@@ -262,7 +410,7 @@ impl JsonState {
         }
         self.depth == 2
             && match self.frames[1] {
-                Frame::Num { num, .. } => num.complete(),
+                Frame::Num { num, val, .. } => val.within(num, g),
                 Frame::Lit { node, cand, pos } => match g.resolve(node).1 {
                     Node::Literals(l) => {
                         let (c, p) = (usize::from(cand), usize::from(pos));
@@ -350,16 +498,18 @@ impl JsonState {
                         esc: Esc::None,
                     })
             }
-            Node::Number { integer } => {
-                let num = match b {
-                    b'-' => Num::Minus,
-                    b'0' => Num::Zero,
-                    b'1'..=b'9' => Num::Int,
-                    _ => return false,
+            Node::Number { integer, bounds } => {
+                let start = NumVal {
+                    node: if bounds.is_some() { id } else { NO_NODE },
+                    ..NumVal::default()
+                };
+                let Some((num, val)) = num_step(g, *integer, None, start, b) else {
+                    return false;
                 };
                 self.open(Frame::Num {
                     integer: *integer,
                     num,
+                    val,
                 })
             }
             Node::Literals(l) => {
@@ -503,22 +653,12 @@ impl JsonState {
                     Esc::Hex(_) => Step::Reject,
                 }
             }
-            Frame::Num { integer, num } => {
-                let next = match (num, b) {
-                    (Num::Minus, b'0') => Num::Zero,
-                    (Num::Minus, b'1'..=b'9') => Num::Int,
-                    (Num::Int, b'0'..=b'9') => Num::Int,
-                    (Num::Zero | Num::Int, b'.') if !integer => Num::Dot,
-                    (Num::Dot | Num::Frac, b'0'..=b'9') => Num::Frac,
-                    (Num::Zero | Num::Int | Num::Frac, b'e' | b'E') if !integer => Num::E,
-                    (Num::E, b'+' | b'-') => Num::ESign,
-                    (Num::E | Num::ESign | Num::Exp, b'0'..=b'9') => Num::Exp,
-                    // The number ends at its first byte that cannot continue it.
-                    _ if num.complete() => return Step::Retry,
-                    _ => return Step::Reject,
-                };
-                Step::Stay(Frame::Num { integer, num: next })
-            }
+            Frame::Num { integer, num, val } => match num_step(g, integer, Some(num), val, b) {
+                Some((num, val)) => Step::Stay(Frame::Num { integer, num, val }),
+                // The number ends at its first byte that cannot continue it.
+                None if val.within(num, g) => Step::Retry,
+                None => Step::Reject,
+            },
             Frame::Lit { node, cand, pos } => {
                 let Node::Literals(l) = g.resolve(node).1 else {
                     return Step::Reject;

@@ -7,9 +7,11 @@
 //! schema, but not every valid instance can be generated: objects give their declared
 //! properties in the schema's order (required ones always, optional ones when the model
 //! chooses), never others — which is what OpenAI's strict structured outputs, llama.cpp and
-//! vLLM do too. Keywords that constrain values in ways the recogniser cannot follow (`pattern`,
-//! `minimum`, …) are refused rather than silently ignored; `format` is an annotation (as JSON
-//! Schema 2020-12 defines it by default) and not enforced.
+//! vLLM do too. Numbers keep to `minimum`/`maximum` (and the exclusive forms): bounded ones
+//! are written without an exponent, with at most 9 decimals and an integer part up to
+//! 4294967295. Keywords that constrain values in ways the recogniser cannot follow
+//! (`pattern`, `multipleOf`, …) are refused rather than silently ignored; `format` is an
+//! annotation (as JSON Schema 2020-12 defines it by default) and not enforced.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -66,8 +68,12 @@ pub(crate) enum Node {
     Array { items: NodeId, min: u32, max: u32 },
     /// A string of `min` to `max` characters.
     String { min: u32, max: u32 },
-    /// A number (`integer`: no fraction or exponent).
-    Number { integer: bool },
+    /// A number (`integer`: no fraction or exponent), within `bounds` when set: inclusive
+    /// `[low, high]` in units of 10⁻⁹ ([`NUM_SCALE`]; multiples of it for an integer).
+    Number {
+        integer: bool,
+        bounds: Option<[i128; 2]>,
+    },
     /// One of these JSON texts exactly (`enum`, `const`, `true`/`false`, `null`).
     Literals(Vec<Box<[u8]>>),
     /// One of these, told apart by their first byte.
@@ -115,10 +121,6 @@ impl std::error::Error for SchemaError {}
 const UNSUPPORTED: &[&str] = &[
     "pattern",
     "patternProperties",
-    "minimum",
-    "maximum",
-    "exclusiveMinimum",
-    "exclusiveMaximum",
     "multipleOf",
     "minProperties",
     "maxProperties",
@@ -294,7 +296,10 @@ fn base_nodes() -> Vec<Node> {
             min: 0,
             max: UNBOUNDED,
         },
-        Node::Number { integer: false },
+        Node::Number {
+            integer: false,
+            bounds: None,
+        },
         Node::Literals(vec![
             b"true"[..].into(),
             b"false"[..].into(),
@@ -370,6 +375,119 @@ fn err<T>(path: &str, message: impl Into<String>) -> Result<T, SchemaError> {
 }
 
 /// A non-negative integer keyword.
+/// Units of a bounded number: 10⁻⁹ (the most decimals a bounded number is written with).
+pub(crate) const NUM_SCALE: i128 = 1_000_000_000;
+/// The largest integer part of a bounded number (the recogniser counts it in 32 bits).
+pub(crate) const NUM_MAX_INT: i128 = u32::MAX as i128;
+/// Beyond this a bound is as good as none (no bounded number gets there).
+const NUM_FAR: i128 = (NUM_MAX_INT + 1) * NUM_SCALE;
+
+/// `n` in units of [`NUM_SCALE`], rounded up (`ceil`) or down, saturating at ±[`NUM_FAR`].
+/// Exact for every number of at most 9 decimals, so the generated numbers (at most 9
+/// decimals) meet a rounded bound exactly when they meet the bound itself.
+fn scaled(n: &serde_json::Number, ceil: bool) -> i128 {
+    // Numbers print as their shortest exact decimal (`1e-12`, `0.3`, `42`).
+    let text = n.to_string();
+    let (mantissa, exp) = match text.split_once(['e', 'E']) {
+        Some((m, e)) => (m, e.parse::<i32>().unwrap_or(0)),
+        None => (text.as_str(), 0),
+    };
+    let neg = mantissa.starts_with('-');
+    let mantissa = mantissa.trim_start_matches('-');
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let digits: Vec<u8> = int.bytes().chain(frac.bytes()).map(|b| b - b'0').collect();
+    // The value is digits × 10^point10 with point10 = exp − |frac|; in units: exp − |frac| + 9.
+    let shift = exp - frac.len() as i32 + 9;
+    let mut v: i128 = 0;
+    let mut inexact = false;
+    let keep = digits.len() as i32 + shift.min(0);
+    for (i, &d) in digits.iter().enumerate() {
+        if (i as i32) < keep {
+            v = v.saturating_mul(10).saturating_add(i128::from(d));
+        } else if d != 0 {
+            inexact = true;
+        }
+    }
+    for _ in 0..shift.max(0) {
+        v = v.saturating_mul(10);
+        if v > NUM_FAR {
+            break;
+        }
+    }
+    let v = v.min(NUM_FAR);
+    // Truncation went toward zero: one unit more away from zero where that is the rounding.
+    match (neg, inexact) {
+        (false, true) if ceil => v + 1,
+        (true, true) if !ceil => -(v + 1),
+        (true, _) => -v,
+        (false, _) => v,
+    }
+}
+
+/// `minimum`/`maximum`/`exclusiveMinimum`/`exclusiveMaximum` of a number schema as inclusive
+/// bounds in units of [`NUM_SCALE`] (whole units for an integer), `None` when it has none.
+fn number_bounds(s: &Value, integer: bool, path: &str) -> Result<Option<[i128; 2]>, SchemaError> {
+    let num = |key: &str| -> Result<Option<&serde_json::Number>, SchemaError> {
+        match s.get(key) {
+            None | Some(Value::Bool(_)) => Ok(None),
+            Some(Value::Number(n)) => Ok(Some(n)),
+            Some(_) => err(path, format!("`{key}` must be a number")),
+        }
+    };
+    // Draft 4 wrote `exclusiveMinimum: true` next to `minimum`.
+    let flag = |key: &str| s.get(key) == Some(&Value::Bool(true));
+    let mut lo = -NUM_FAR;
+    let mut hi = NUM_FAR;
+    if let Some(n) = num("minimum")? {
+        let b = scaled(n, true);
+        lo = lo.max(if flag("exclusiveMinimum") && b == scaled(n, false) {
+            b + 1
+        } else {
+            b
+        });
+    }
+    if let Some(n) = num("exclusiveMinimum")? {
+        // Above a number: the next unit up (one more when it sits on a unit).
+        lo = lo.max(scaled(n, false) + 1);
+    }
+    if let Some(n) = num("maximum")? {
+        let b = scaled(n, false);
+        hi = hi.min(if flag("exclusiveMaximum") && b == scaled(n, true) {
+            b - 1
+        } else {
+            b
+        });
+    }
+    if let Some(n) = num("exclusiveMaximum")? {
+        hi = hi.min(scaled(n, true) - 1);
+    }
+    if lo == -NUM_FAR && hi == NUM_FAR {
+        return Ok(None);
+    }
+    if integer {
+        // Whole units: up to the next integer from below, down from above.
+        lo = lo.div_euclid(NUM_SCALE) * NUM_SCALE
+            + if lo.rem_euclid(NUM_SCALE) != 0 {
+                NUM_SCALE
+            } else {
+                0
+            };
+        hi = hi.div_euclid(NUM_SCALE) * NUM_SCALE;
+    }
+    let reach = NUM_MAX_INT * NUM_SCALE + (NUM_SCALE - 1);
+    if lo > hi || lo > reach || hi < -reach {
+        let what = if integer { "integer" } else { "number" };
+        return err(
+            path,
+            format!(
+                "no {what} between the bounds can be generated (bounded numbers are at most \
+                 4294967295 in magnitude, with at most 9 decimals)"
+            ),
+        );
+    }
+    Ok(Some([lo.max(-reach), hi.min(reach)]))
+}
+
 fn count(s: &Value, key: &str, path: &str) -> Result<Option<u32>, SchemaError> {
     match s.get(key) {
         None => Ok(None),
@@ -537,6 +655,15 @@ impl<'a> Compiler<'a> {
         }
         match s.get("type") {
             None => {
+                if let Some(k) = ["minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"]
+                    .into_iter()
+                    .find(|k| s.get(k).is_some())
+                {
+                    return err(
+                        path,
+                        format!("`{k}` needs `type` \"number\" or \"integer\" beside it"),
+                    );
+                }
                 if s.get("properties").is_some() || s.get("required").is_some() {
                     self.typed(s, "object", path, depth)
                 } else if s.get("items").is_some() {
@@ -618,8 +745,13 @@ impl<'a> Compiler<'a> {
                 }
                 self.push(Node::String { min, max }, path)
             }
-            "number" => Ok(ANY_NUMBER),
-            "integer" => self.push(Node::Number { integer: true }, path),
+            "number" | "integer" => {
+                let integer = t == "integer";
+                match number_bounds(s, integer, path)? {
+                    None if !integer => Ok(ANY_NUMBER),
+                    bounds => self.push(Node::Number { integer, bounds }, path),
+                }
+            }
             "boolean" => self.push(
                 Node::Literals(vec![b"true"[..].into(), b"false"[..].into()]),
                 path,
@@ -858,6 +990,89 @@ mod tests {
     }
 
     #[test]
+    fn integers_keep_to_their_bounds() {
+        // pydantic: `conint(ge=1, le=5)`, `Field(gt=0, lt=100)`, a negative range.
+        let g = grammar(json!({"type": "object", "properties": {
+            "stars": {"type": "integer", "minimum": 1, "maximum": 5},
+            "pct": {"type": "integer", "exclusiveMinimum": 0, "exclusiveMaximum": 100},
+            "t": {"type": "integer", "minimum": -20, "maximum": -3}},
+            "required": ["stars", "pct", "t"]}));
+        check(
+            &g,
+            &[
+                r#"{"stars": 1, "pct": 1, "t": -3}"#,
+                r#"{"stars": 5, "pct": 99, "t": -20}"#,
+                r#"{"stars":3,"pct":50,"t":-15}"#,
+            ],
+            &[
+                r#"{"stars": 0, "pct": 1, "t": -3}"#,
+                r#"{"stars": 6, "pct": 1, "t": -3}"#,
+                r#"{"stars": 10, "pct": 1, "t": -3}"#,
+                r#"{"stars": -1, "pct": 1, "t": -3}"#,
+                r#"{"stars": 1, "pct": 0, "t": -3}"#,
+                r#"{"stars": 1, "pct": 100, "t": -3}"#,
+                r#"{"stars": 1, "pct": 1, "t": -2}"#,
+                r#"{"stars": 1, "pct": 1, "t": -21}"#,
+                r#"{"stars": 1, "pct": 1, "t": 3}"#,
+                r#"{"stars": 1, "pct": 1, "t": -0}"#,
+                r#"{"stars": 2.0, "pct": 1, "t": -3}"#,
+            ],
+        );
+        // The dead end is refused at its byte: after "5" no digit may follow.
+        let s = run(&g, r#"{"stars": 5"#).expect("in range so far");
+        assert!(s.after_bytes(&g, b"0").is_none());
+        assert!(run(&g, r#"{"stars": 7"#).is_none());
+        // Only a lower bound: any size up to the 32-bit integer part.
+        let g = grammar(json!({"type": "integer", "minimum": 0}));
+        check(
+            &g,
+            &["0", "7", "123456", "4294967295"],
+            &["-1", "-0", "4294967296"],
+        );
+    }
+
+    #[test]
+    fn numbers_keep_to_their_bounds_exactly() {
+        // pydantic `confloat(ge=0, le=1)`.
+        let g = grammar(json!({"type": "number", "minimum": 0, "maximum": 1}));
+        check(
+            &g,
+            &["0", "1", "0.5", "0.123456789", "1.0", "1.000000000", "0.0"],
+            &[
+                "1.1",
+                "1.0000001",
+                "-0.1",
+                "-0",
+                "2",
+                "10",
+                "1e0",
+                "0.5e1",
+                "0.1234567891",
+                "-1",
+            ],
+        );
+        // Bounds that are not whole: exact at 9 decimals, whatever their binary form.
+        let g = grammar(json!({"type": "number", "exclusiveMinimum": 0.5, "maximum": 0.3e1}));
+        check(
+            &g,
+            &["0.500000001", "0.6", "3", "2.999999999", "3.000"],
+            &["0.5", "0.4999", "0.500000000", "3.000000001", "-1"],
+        );
+        // Draft 4's boolean `exclusiveMaximum`, a negative float range.
+        let g = grammar(json!({"type": "number", "minimum": -2.5, "maximum": -1,
+                               "exclusiveMaximum": true}));
+        check(
+            &g,
+            &["-2.5", "-1.5", "-1.000000001", "-2"],
+            &["-1", "-1.0", "-2.6", "0", "-0.5", "-3"],
+        );
+        // The bounds are part of what a grammar allows: different bounds, different grammar.
+        let a = grammar(json!({"type": "number", "maximum": 1}));
+        let b = grammar(json!({"type": "number", "maximum": 2}));
+        assert_ne!(a.id, b.id);
+    }
+
+    #[test]
     fn unsupported_schemas_are_refused_where_they_fail() {
         for (schema, path, says) in [
             (
@@ -865,7 +1080,32 @@ mod tests {
                 "#/properties/x",
                 "`pattern`",
             ),
-            (json!({"type": "integer", "minimum": 0}), "#", "`minimum`"),
+            (
+                json!({"type": "integer", "multipleOf": 5}),
+                "#",
+                "`multipleOf`",
+            ),
+            (json!({"minimum": 0}), "#", "`type`"),
+            (
+                json!({"properties": {"n": {"type": "integer", "minimum": 5, "maximum": 3}}}),
+                "#/properties/n",
+                "no integer",
+            ),
+            (
+                json!({"type": "integer", "minimum": 0.25, "maximum": 0.75}),
+                "#",
+                "no integer",
+            ),
+            (
+                json!({"type": "number", "minimum": 1e10}),
+                "#",
+                "4294967295",
+            ),
+            (
+                json!({"type": "number", "maximum": "1"}),
+                "#",
+                "must be a number",
+            ),
             (
                 json!({"anyOf": [{"type": "object"}, {"properties": {"a": {}}}]}),
                 "#/anyOf",

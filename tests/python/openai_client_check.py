@@ -115,6 +115,24 @@ assert isinstance(person, Person), p
 assert person.name == "Marie" and person.age == 34, person
 assert p.choices[0].message.content.startswith('{"name": '), p  # the schema's key order
 
+
+# Bounded fields (`ge`/`le`/`gt`/`lt` become `minimum`/`maximum`/...): parsing validates them,
+# so an answer out of range would raise here, even sampled hot.
+class Review(pydantic.BaseModel):
+    rating: int = pydantic.Field(ge=1, le=5)
+    confidence: float = pydantic.Field(ge=0, le=1)
+    year: int = pydantic.Field(gt=1899, lt=2031)
+
+
+for seed in range(3):
+    r = parse(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Rate the movie Titanic (1997) out of ten, say "
+                   "how sure you are, and give its year."}],
+        max_tokens=60, temperature=1.3, seed=seed, response_format=Review,
+    )
+    assert isinstance(r.choices[0].message.parsed, Review), r
+
 # Tool calling: a required call comes back as `tool_calls`, streamed or not.
 tools = [{"type": "function", "function": {
     "name": "get_weather", "description": "The current weather in a city",
