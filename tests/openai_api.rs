@@ -2015,3 +2015,210 @@ async fn responses_api_text_stream_format_and_tools() {
         assert_error(status, &e, StatusCode::BAD_REQUEST, Some(param));
     }
 }
+
+/// Ollama's chat API: the same greedy text as the OpenAI chat route, streamed as
+/// newline-delimited JSON (the pieces add up, the last line carries the counts), `format`,
+/// tool calls with object arguments and their results, and the model-listing routes
+/// Ollama clients call first.
+#[tokio::test]
+async fn ollama_chat_and_model_routes() {
+    let app = app();
+    let messages = json!([{"role": "user", "content": "Name three colours."}]);
+    let (status, oai) = post_json(
+        &app,
+        "/v1/chat/completions",
+        json!({"messages": messages, "max_tokens": 24, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{oai}");
+    let want = oai["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("text");
+    let body = json!({"model": "smollm2", "messages": messages,
+                      "options": {"temperature": 0, "num_predict": 24}});
+    let mut whole = body.clone();
+    whole["stream"] = json!(false);
+    let (status, v) = post_json(&app, "/api/chat", whole).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["message"], json!({"role": "assistant", "content": want}));
+    assert_eq!(v["done"], true);
+    assert_eq!(v["done_reason"], "length");
+    assert_eq!(v["eval_count"], 24);
+    assert_eq!(v["prompt_eval_count"], oai["usage"]["prompt_tokens"], "{v}");
+    assert!(v["total_duration"].as_u64().expect("ns") > 0);
+
+    // Streamed by default.
+    let (status, headers, bytes) = send(&app, post("/api/chat", body)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers[header::CONTENT_TYPE], "application/x-ndjson");
+    let lines: Vec<Value> = String::from_utf8(bytes)
+        .expect("utf-8")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("line JSON"))
+        .collect();
+    let (last, pieces) = lines.split_last().expect("lines");
+    assert!(pieces.len() > 3, "{lines:?}");
+    assert!(pieces.iter().all(|p| p["done"] == false));
+    let streamed: String = pieces
+        .iter()
+        .map(|l| l["message"]["content"].as_str().expect("piece"))
+        .collect();
+    assert_eq!(streamed, want);
+    assert_eq!(last["done"], true);
+    assert_eq!(last["message"]["content"], "");
+    assert_eq!(last["eval_count"], 24);
+
+    // `format: "json"`.
+    let (status, v) = post_json(
+        &app,
+        "/api/chat",
+        json!({"messages": [{"role": "user", "content": "Give a person's name and age."}],
+               "format": "json", "stream": false,
+               "options": {"temperature": 0, "num_predict": 60}}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let text = v["message"]["content"].as_str().expect("text");
+    assert!(
+        serde_json::from_str::<Value>(text).is_ok_and(|j| j.is_object()),
+        "{text}"
+    );
+
+    // Tools (the call made sure with the `tool_choice` extension: this small model prefers
+    // to talk): the call comes back with its arguments as an object, streamed whole; its
+    // result goes back as a `tool` message.
+    let tools = json!([{"type": "function", "function": {
+        "name": "get_weather", "description": "The current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                       "required": ["city"]}}}]);
+    let ask = json!([{"role": "user", "content": "What is the weather like in Paris?"}]);
+    let (status, v) = post_json(
+        &app,
+        "/api/chat",
+        json!({"messages": ask, "tools": tools, "stream": false, "tool_choice": "required",
+               "options": {"temperature": 0, "num_predict": 60}}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let call = &v["message"]["tool_calls"][0]["function"];
+    assert_eq!(call["name"], "get_weather", "{v}");
+    assert_eq!(call["arguments"]["city"], "Paris", "{v}");
+    assert_eq!(v["message"]["content"], "");
+    let (_, _, bytes) = send(
+        &app,
+        post(
+            "/api/chat",
+            json!({"messages": ask, "tools": tools, "tool_choice": "required",
+                   "options": {"temperature": 0, "num_predict": 60}}),
+        ),
+    )
+    .await;
+    let lines: Vec<Value> = String::from_utf8(bytes)
+        .expect("utf-8")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("line JSON"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(
+        lines[0]["message"]["tool_calls"],
+        v["message"]["tool_calls"]
+    );
+    assert_eq!(lines[1]["done"], true);
+    // Left to choose, it talks: the text streams piece by piece once it shows it is text.
+    let auto = json!({"messages": ask, "tools": tools, "options": {"temperature": 0,
+                      "num_predict": 20}});
+    let mut whole = auto.clone();
+    whole["stream"] = json!(false);
+    let (_, v_auto) = post_json(&app, "/api/chat", whole).await;
+    let said = v_auto["message"]["content"].as_str().expect("text");
+    assert!(
+        !said.is_empty() && v_auto["message"].get("tool_calls").is_none(),
+        "{v_auto}"
+    );
+    let (_, _, bytes) = send(&app, post("/api/chat", auto)).await;
+    let lines: Vec<Value> = String::from_utf8(bytes)
+        .expect("utf-8")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("line JSON"))
+        .collect();
+    assert!(lines.len() > 3, "{lines:?}");
+    let streamed: String = lines
+        .iter()
+        .map(|l| l["message"]["content"].as_str().expect("piece"))
+        .collect();
+    assert_eq!(streamed, said);
+    let mut turn = ask.as_array().expect("list").clone();
+    turn.push(v["message"].clone());
+    turn.push(
+        json!({"role": "tool", "content": "{\"temperature\": 31, \"sky\": \"sunny\"}",
+                     "tool_name": "get_weather"}),
+    );
+    let (status, v) = post_json(
+        &app,
+        "/api/chat",
+        json!({"messages": turn, "tools": tools, "stream": false,
+               "options": {"temperature": 0, "num_predict": 40}}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let answer = v["message"]["content"].as_str().expect("text");
+    eprintln!("after the result: {answer}");
+    assert!(
+        answer.to_lowercase().contains("sunny") || answer.contains("31"),
+        "{v}"
+    );
+
+    // What Ollama clients ask first.
+    let get = |path: &str| Request::get(path).body(Body::empty()).expect("request");
+    let (status, _, bytes) = send(&app, get("/api/tags")).await;
+    assert_eq!(status, StatusCode::OK);
+    let tags: Value = serde_json::from_slice(&bytes).expect("JSON");
+    assert_eq!(tags["models"][0]["name"], "smollm2", "{tags}");
+    assert_eq!(tags["models"][0]["details"]["family"], "llama");
+    let (status, _, bytes) = send(&app, get("/api/ps")).await;
+    assert_eq!(status, StatusCode::OK);
+    let ps: Value = serde_json::from_slice(&bytes).expect("JSON");
+    assert_eq!(ps["models"][0]["name"], "smollm2");
+    let (status, _, bytes) = send(&app, get("/api/version")).await;
+    assert_eq!(status, StatusCode::OK);
+    let version: Value = serde_json::from_slice(&bytes).expect("JSON");
+    assert!(version["version"].is_string());
+    let (status, show) = post_json(&app, "/api/show", json!({"model": "smollm2"})).await;
+    assert_eq!(status, StatusCode::OK, "{show}");
+    assert_eq!(show["model_info"]["llama.context_length"], 8192, "{show}");
+    assert_eq!(show["model_info"]["general.architecture"], "llama");
+    assert!(show["template"]
+        .as_str()
+        .is_some_and(|t| t.contains("im_start")));
+    assert!(show["capabilities"]
+        .as_array()
+        .is_some_and(|c| c.contains(&json!("tools"))));
+
+    // Errors: OpenAI-shaped, naming Ollama's fields.
+    let (status, e) = post_json(&app, "/api/show", json!({"model": "nope"})).await;
+    assert_error(status, &e, StatusCode::NOT_FOUND, Some("model"));
+    for (body, param) in [
+        (
+            json!({"messages": [{"role": "user", "content": "hi", "images": ["aGk="]}]}),
+            "messages[0].images",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "hi"}],
+                   "options": {"temperature": -1}}),
+            "options.temperature",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "hi"}], "format": "yaml"}),
+            "format",
+        ),
+        (json!({"messages": []}), "messages"),
+        (
+            json!({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}),
+            "model",
+        ),
+    ] {
+        let (status, e) = post_json(&app, "/api/chat", body.clone()).await;
+        assert!(status.is_client_error(), "{body}: {status}");
+        assert_eq!(e["error"]["param"], param, "{body}: {e}");
+    }
+}

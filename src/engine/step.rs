@@ -201,8 +201,8 @@ impl EngineCore {
         let mut rows_of: Vec<Option<std::ops::Range<usize>>> =
             vec![None; self.scheduler.running.len()];
         let mut finished = Vec::new();
-        // Each item's logits rows (all of its rows for prompt log-probabilities, else its last);
-        // those log-probabilities are recorded first.
+        // Each item's logits rows (all of its rows for prompt log-probabilities or drafts, else
+        // its last); prompt log-probabilities are recorded first.
         let mut first_row = 0;
         let mut item_rows = Vec::with_capacity(batch.items.len());
         for item in &batch.items {
@@ -307,7 +307,7 @@ impl EngineCore {
             };
             let seq = &mut self.scheduler.running[item.index];
             // Every token but the last was a draft whose KV this step computed.
-            let confirmed = out.len() - 1;
+            let confirmed = out.len().saturating_sub(1);
             self.stats.spec_draft_tokens_total += seq.draft.len() as u64;
             self.stats.spec_accepted_tokens_total += confirmed as u64;
             if !seq.draft.is_empty() {

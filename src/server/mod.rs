@@ -7,6 +7,7 @@ pub mod fine_tuning;
 pub mod infill;
 pub mod info;
 pub mod metrics;
+pub mod ollama;
 pub mod openai;
 pub mod responses;
 pub mod stream;
@@ -313,6 +314,11 @@ pub fn router(state: AppState) -> Router {
         .route("/infill", post(infill::infill))
         .route("/completion", post(infill::completion))
         .route("/api/generate", post(infill::ollama_generate))
+        .route("/api/chat", post(ollama::chat))
+        .route("/api/tags", get(ollama::tags))
+        .route("/api/ps", get(ollama::ps))
+        .route("/api/show", post(ollama::show))
+        .route("/api/version", get(ollama::version))
         .route("/v1/chat/completions", post(completions::chat_completions))
         .route("/v1/responses", post(responses::responses))
         .route("/v1/models", get(info::models))
