@@ -115,12 +115,13 @@ fn python() -> PathBuf {
     VENV.get_or_init(create_venv).clone()
 }
 
+/// The tests' Python: a venv under `target/` with the official `openai` and `ollama` clients.
 fn create_venv() -> PathBuf {
     let venv = repo().join("target/py-venv");
     let py = venv.join("bin/python");
     let ok = |py: &PathBuf| {
         Command::new(py)
-            .args(["-c", "import openai, httpx"])
+            .args(["-c", "import openai, httpx, ollama"])
             .status()
             .is_ok_and(|s| s.success())
     };
@@ -140,6 +141,7 @@ fn create_venv() -> PathBuf {
                 "--disable-pip-version-check",
                 "openai>=1.40,<3",
                 "httpx",
+                "ollama>=0.4,<1",
             ])
             .status()
             .expect("pip install openai");
@@ -167,6 +169,7 @@ fn run_python(script: &str, server: &Server) -> String {
 fn official_openai_client_and_a_64_client_load() {
     let server = start_server(&[]);
     run_python("openai_client_check.py", &server);
+    run_python("ollama_client_check.py", &server);
     run_python("load_check.py", &server);
 }
 
