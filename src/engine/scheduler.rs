@@ -2,9 +2,10 @@
 //!
 //! Tokens, not phases (vLLM v1): every sequence has `num_computed_tokens` catching up with
 //! `tokens.len()`; a step gives running sequences their tokens first (1 when decoding, followed
-//! by its draft tokens when speculating; a chunk when prefilling), then admits waiting ones, all under one token budget. When KV blocks run
-//! out, the newest running sequence is preempted: its blocks are freed and it is recomputed
-//! later from its tokens. The result is plain data ([`ScheduledBatch`]); no tensors here.
+//! by its draft tokens when speculating; a chunk when prefilling), then admits waiting ones,
+//! all under one token budget. When KV blocks run out, the newest running sequence is
+//! preempted: its blocks are freed and it is recomputed later from its tokens. The result is
+//! plain data ([`ScheduledBatch`]); no tensors here.
 
 use std::collections::VecDeque;
 
