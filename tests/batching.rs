@@ -566,3 +566,44 @@ fn speculative_decoding_gives_exactly_the_tokens_of_plain_decoding() {
     }
     assert_eq!(wait_idle(&spec).kv_blocks_used, 0);
 }
+
+/// Speculating sequences in a pool too small for them: drafts are dropped before anyone is
+/// preempted for them, preempted sequences come back, and every request still gets the tokens
+/// of plain decoding; no block leaks.
+#[test]
+fn speculation_in_a_tiny_kv_pool_changes_no_token() {
+    let model = &gguf().0;
+    let c = model.config();
+    let bytes_per_block =
+        nextoken::model::KvCache::bytes_per_token(c.num_layers, c.kv_dim(), model.kv_dtype()) * 16;
+    let tokenizer = &gguf().1;
+    let requests: Vec<GenerateRequest> = COPYING_PROMPTS
+        .iter()
+        .map(|p| GenerateRequest::greedy(tokenizer.encode(p, true).expect("encode"), 40))
+        .collect();
+    let roomy = engine(EngineConfig::default());
+    let want: Vec<Vec<u32>> = requests
+        .iter()
+        .map(|r| run(&roomy, r.clone()).tokens)
+        .collect();
+    drop(roomy);
+    // The four need 4–7 blocks each at the end; 12 cannot hold them at once.
+    let tight = engine(EngineConfig {
+        kv_cache_bytes: 12 * bytes_per_block,
+        speculative_tokens: 4,
+        ..Default::default()
+    });
+    let generations: Vec<_> = requests
+        .into_iter()
+        .map(|r| tight.submit(r).expect("submit"))
+        .collect();
+    let got: Vec<Vec<u32>> = generations
+        .into_iter()
+        .map(|g| g.blocking_collect(|_| {}).expect("completes").tokens)
+        .collect();
+    assert_eq!(got, want);
+    let stats = wait_idle(&tight);
+    assert!(stats.num_preempted > 0, "the pool was too small: {stats:?}");
+    assert!(stats.spec_accepted_tokens_total > 0, "{stats:?}");
+    assert_eq!(stats.kv_blocks_used, 0);
+}
