@@ -1175,7 +1175,8 @@ async fn json_mode_gives_one_json_object() {
         &app,
         "/api/generate",
         json!({"prompt": "Q: What is the capital of France? Answer in JSON.", "stream": false,
-               "format": "json", "options": {"temperature": 0, "num_predict": 200}}),
+               "raw": true, "format": "json",
+               "options": {"temperature": 0, "num_predict": 200}}),
     )
     .await;
     assert_eq!(status, StatusCode::OK, "{v}");
@@ -1397,7 +1398,7 @@ async fn json_schema_answers_are_instances_of_the_schema() {
     let (status, v) = post_json(
         &app,
         "/api/generate",
-        json!({"prompt": prompt, "stream": false, "format": schema,
+        json!({"prompt": prompt, "stream": false, "format": schema, "raw": true,
                "options": {"temperature": 0, "num_predict": 200}}),
     )
     .await;
@@ -2067,6 +2068,17 @@ async fn ollama_chat_and_model_routes() {
     assert_eq!(last["done"], true);
     assert_eq!(last["message"]["content"], "");
     assert_eq!(last["eval_count"], 24);
+
+    // `/api/generate` formats its prompt as the user's turn too, unless `raw`.
+    let generate = json!({"prompt": "Name three colours.", "stream": false,
+                          "options": {"temperature": 0, "num_predict": 24}});
+    let (status, g) = post_json(&app, "/api/generate", generate.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{g}");
+    assert_eq!(g["response"], want, "{g}");
+    let mut raw = generate;
+    raw["raw"] = json!(true);
+    let (_, g) = post_json(&app, "/api/generate", raw).await;
+    assert_ne!(g["response"], want, "{g}");
 
     // `format: "json"`.
     let (status, v) = post_json(

@@ -106,6 +106,13 @@ struct OllamaRequest {
     /// `"json"`: JSON mode; a JSON schema object: JSON mode following it.
     #[serde(default)]
     format: Option<Value>,
+    /// `true`: the prompt as it is; otherwise (and without `suffix`) it is the user's turn of
+    /// the model's chat template, as Ollama formats it.
+    #[serde(default)]
+    raw: Option<bool>,
+    /// A system message for the templated prompt.
+    #[serde(default)]
+    system: Option<String>,
 }
 
 /// Sampling fields common to the dialects (same names in llama.cpp's body and Ollama's
@@ -683,8 +690,9 @@ fn ollama_final(model: &str, prompt_len: usize, o: &Outcome, response: &str) -> 
     })
 }
 
-/// `POST /api/generate` (Ollama): `prompt`, optional `suffix` (FIM), `options`, `stream`
-/// (default true: newline-delimited JSON).
+/// `POST /api/generate` (Ollama): `prompt` (the user's turn of the chat template, with
+/// `system` if given, unless `raw: true`), optional `suffix` (FIM: the prompt is the
+/// prefix, never templated), `options`, `stream` (default true: newline-delimited JSON).
 pub async fn ollama_generate(
     State(app): State<AppState>,
     AppJson(body): AppJson<Value>,
@@ -711,7 +719,31 @@ pub async fn ollama_generate(
             )
         }
         None => (
-            loaded.tokenizer.encode(&req.prompt, true)?,
+            match loaded
+                .chat_template
+                .as_ref()
+                .filter(|_| req.raw != Some(true))
+            {
+                Some(template) => {
+                    let mut messages = Vec::with_capacity(2);
+                    if let Some(system) = &req.system {
+                        messages.push(crate::text::ChatMessage {
+                            role: "system".into(),
+                            content: system.clone(),
+                        });
+                    }
+                    messages.push(crate::text::ChatMessage {
+                        role: "user".into(),
+                        content: req.prompt.clone(),
+                    });
+                    let text = template
+                        .render(&messages, true)
+                        .map_err(|e| ApiError::invalid("prompt", e.to_string()))?;
+                    // The template writes any BOS itself.
+                    loaded.tokenizer.encode(&text, false)?
+                }
+                None => loaded.tokenizer.encode(&req.prompt, true)?,
+            },
             Vec::new(),
             Vec::new(),
             None,
