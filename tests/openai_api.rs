@@ -2047,6 +2047,9 @@ async fn ollama_chat_and_model_routes() {
     assert_eq!(v["eval_count"], 24);
     assert_eq!(v["prompt_eval_count"], oai["usage"]["prompt_tokens"], "{v}");
     assert!(v["total_duration"].as_u64().expect("ns") > 0);
+    // The prompt's time and the generation's, apart (tokens/s as Ollama clients show it).
+    assert!(v["prompt_eval_duration"].as_u64().expect("ns") > 0, "{v}");
+    assert!(v["eval_duration"].as_u64().expect("ns") > 0, "{v}");
 
     // Streamed by default.
     let (status, headers, bytes) = send(&app, post("/api/chat", body)).await;

@@ -288,6 +288,8 @@ pub(super) struct ChoiceResult {
     pub(super) finish: &'static str,
     pub(super) completion_tokens: usize,
     pub(super) cached_tokens: usize,
+    /// When the first token arrived (prompt time vs generation time, for Ollama's timings).
+    pub(super) first_token: Option<std::time::Instant>,
 }
 
 /// Runs one choice's events to the end.
@@ -299,11 +301,15 @@ pub(super) async fn collect(mut events: TextEvents) -> Result<ChoiceResult, ApiE
         finish: "length",
         completion_tokens: 0,
         cached_tokens: 0,
+        first_token: None,
     };
     while let Some(ev) = events.next().await {
         match ev {
             TextEvent::PromptLogprobs(lps) => out.prompt_logprobs = Some(lps),
             TextEvent::Delta { text, tokens } => {
+                if out.first_token.is_none() && !tokens.is_empty() {
+                    out.first_token = Some(std::time::Instant::now());
+                }
                 out.text.push_str(&text);
                 out.tokens.extend(tokens);
             }

@@ -261,7 +261,7 @@ pub async fn chat(
         let r = collect(events).await?;
         totals.tokens = r.completion_tokens;
         totals.reason = r.finish;
-        totals.first = Some(submitted);
+        totals.first = r.first_token;
         let mut v = json!({"model": model, "created_at": rfc3339(SystemTime::now()),
                            "message": message(&job, &r.text)});
         totals.fill(&mut v);
