@@ -53,6 +53,25 @@ fn wait_idle(engine: &EngineHandle) -> nextoken::engine::EngineStats {
     }
 }
 
+/// Bytes of one 16-token KV block of the default model.
+fn block_bytes() -> usize {
+    let model = &gguf().0;
+    let c = model.config();
+    nextoken::model::KvCache::bytes_per_token(c.num_layers, c.kv_dim(), model.kv_dtype()) * 16
+}
+
+/// Submits all the requests at once, then collects each one's tokens.
+fn run_together(engine: &EngineHandle, requests: Vec<GenerateRequest>) -> Vec<Vec<u32>> {
+    let generations: Vec<_> = requests
+        .into_iter()
+        .map(|r| engine.submit(r).expect("submit"))
+        .collect();
+    generations
+        .into_iter()
+        .map(|g| g.blocking_collect(|_| {}).expect("completes").tokens)
+        .collect()
+}
+
 /// Waits until the engine is idle with `tokens` generated in all: the stats are published after
 /// each step, so right after a request ends they may still be the previous step's.
 fn wait_for_tokens(engine: &EngineHandle, tokens: usize) -> nextoken::engine::EngineStats {
@@ -146,14 +165,7 @@ fn seeded_sampling_is_the_same_alone_and_in_a_batch_of_8() {
         .iter()
         .map(|r| run(&engine, r.clone()).tokens)
         .collect();
-    let generations: Vec<_> = requests
-        .into_iter()
-        .map(|r| engine.submit(r).expect("submit"))
-        .collect();
-    let together: Vec<Vec<u32>> = generations
-        .into_iter()
-        .map(|g| g.blocking_collect(|_| {}).expect("completes").tokens)
-        .collect();
+    let together = run_together(&engine, requests);
     assert_eq!(alone, together);
     let distinct: std::collections::HashSet<_> = together.iter().collect();
     assert!(
@@ -198,10 +210,7 @@ fn cancelling_half_the_requests_frees_everything() {
 
 #[test]
 fn tiny_kv_pool_preempts_and_still_gives_the_same_tokens() {
-    let model = &gguf().0;
-    let c = model.config();
-    let bytes_per_block =
-        nextoken::model::KvCache::bytes_per_token(c.num_layers, c.kv_dim(), model.kv_dtype()) * 16;
+    let bytes_per_block = block_bytes();
     let requests: Vec<GenerateRequest> = prompts()
         .into_iter()
         .take(8)
@@ -218,14 +227,7 @@ fn tiny_kv_pool_preempts_and_still_gives_the_same_tokens() {
         kv_cache_bytes: 6 * bytes_per_block,
         ..Default::default()
     });
-    let generations: Vec<_> = requests
-        .into_iter()
-        .map(|r| tight.submit(r).expect("submit"))
-        .collect();
-    let got: Vec<Vec<u32>> = generations
-        .into_iter()
-        .map(|g| g.blocking_collect(|_| {}).expect("completes").tokens)
-        .collect();
+    let got = run_together(&tight, requests);
     assert_eq!(got, want);
     let stats = wait_idle(&tight);
     assert!(stats.num_preempted > 0, "the pool was too small: {stats:?}");
@@ -555,14 +557,13 @@ fn speculative_decoding_gives_exactly_the_tokens_of_plain_decoding() {
     assert_eq!(plain_stats.spec_draft_tokens_total, 0);
 
     // Several sequences speculating in one batch: each gets its tokens of running alone.
-    let together: Vec<_> = requests[..2 * COPYING_PROMPTS.len()]
+    let greedy: Vec<GenerateRequest> = requests[..2 * COPYING_PROMPTS.len()]
         .iter()
         .step_by(2)
-        .map(|r| spec.submit(r.clone()).expect("submit"))
+        .cloned()
         .collect();
-    for (k, g) in together.into_iter().enumerate() {
-        let got = g.blocking_collect(|_| {}).expect("completes");
-        assert_eq!(got.tokens, expected[2 * k].tokens, "prompt {k} in a batch");
+    for (k, got) in run_together(&spec, greedy).into_iter().enumerate() {
+        assert_eq!(got, expected[2 * k].tokens, "prompt {k} in a batch");
     }
     assert_eq!(wait_idle(&spec).kv_blocks_used, 0);
 }
@@ -572,10 +573,7 @@ fn speculative_decoding_gives_exactly_the_tokens_of_plain_decoding() {
 /// of plain decoding; no block leaks.
 #[test]
 fn speculation_in_a_tiny_kv_pool_changes_no_token() {
-    let model = &gguf().0;
-    let c = model.config();
-    let bytes_per_block =
-        nextoken::model::KvCache::bytes_per_token(c.num_layers, c.kv_dim(), model.kv_dtype()) * 16;
+    let bytes_per_block = block_bytes();
     let tokenizer = &gguf().1;
     let requests: Vec<GenerateRequest> = COPYING_PROMPTS
         .iter()
@@ -593,14 +591,7 @@ fn speculation_in_a_tiny_kv_pool_changes_no_token() {
         speculative_tokens: 4,
         ..Default::default()
     });
-    let generations: Vec<_> = requests
-        .into_iter()
-        .map(|r| tight.submit(r).expect("submit"))
-        .collect();
-    let got: Vec<Vec<u32>> = generations
-        .into_iter()
-        .map(|g| g.blocking_collect(|_| {}).expect("completes").tokens)
-        .collect();
+    let got = run_together(&tight, requests);
     assert_eq!(got, want);
     let stats = wait_idle(&tight);
     assert!(stats.num_preempted > 0, "the pool was too small: {stats:?}");

@@ -65,6 +65,15 @@ fn post(path: &str, body: Value) -> Request<Body> {
         .expect("request")
 }
 
+/// The objects of a newline-delimited JSON body (Ollama's streams).
+fn ndjson_lines(bytes: &[u8]) -> Vec<Value> {
+    std::str::from_utf8(bytes)
+        .expect("utf-8")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("line JSON"))
+        .collect()
+}
+
 async fn post_json(app: &Router, path: &str, body: Value) -> (StatusCode, Value) {
     let (status, _, bytes) = send(app, post(path, body)).await;
     let v = serde_json::from_slice(&bytes)
@@ -932,11 +941,7 @@ async fn suffix_completion_native_completion_and_ollama_generate_share_the_path(
     .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(headers[header::CONTENT_TYPE], "application/x-ndjson");
-    let lines: Vec<Value> = String::from_utf8(bytes)
-        .expect("utf-8")
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("line JSON"))
-        .collect();
+    let lines = ndjson_lines(&bytes);
     let (last, pieces) = lines.split_last().expect("lines");
     assert_eq!(last["done"], true);
     assert!(last["eval_count"].as_u64().expect("count") >= 1);
@@ -2055,11 +2060,7 @@ async fn ollama_chat_and_model_routes() {
     let (status, headers, bytes) = send(&app, post("/api/chat", body)).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(headers[header::CONTENT_TYPE], "application/x-ndjson");
-    let lines: Vec<Value> = String::from_utf8(bytes)
-        .expect("utf-8")
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("line JSON"))
-        .collect();
+    let lines = ndjson_lines(&bytes);
     let (last, pieces) = lines.split_last().expect("lines");
     assert!(pieces.len() > 3, "{lines:?}");
     assert!(pieces.iter().all(|p| p["done"] == false));
@@ -2128,11 +2129,7 @@ async fn ollama_chat_and_model_routes() {
         ),
     )
     .await;
-    let lines: Vec<Value> = String::from_utf8(bytes)
-        .expect("utf-8")
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("line JSON"))
-        .collect();
+    let lines = ndjson_lines(&bytes);
     assert_eq!(lines.len(), 2, "{lines:?}");
     assert_eq!(
         lines[0]["message"]["tool_calls"],
@@ -2151,11 +2148,7 @@ async fn ollama_chat_and_model_routes() {
         "{v_auto}"
     );
     let (_, _, bytes) = send(&app, post("/api/chat", auto)).await;
-    let lines: Vec<Value> = String::from_utf8(bytes)
-        .expect("utf-8")
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("line JSON"))
-        .collect();
+    let lines = ndjson_lines(&bytes);
     assert!(lines.len() > 3, "{lines:?}");
     let streamed: String = lines
         .iter()

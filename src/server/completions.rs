@@ -154,6 +154,18 @@ fn max_new_tokens(
     }
 }
 
+/// [`start`] for a job of one prompt and one choice (the chat-shaped APIs built on the chat
+/// path: Responses, Ollama's chat).
+pub(super) fn start_one(
+    loaded: &Loaded,
+    app: &AppState,
+    job: &Job,
+) -> Result<TextEvents, ApiError> {
+    start(loaded, app, job)?
+        .pop()
+        .ok_or_else(|| ApiError::bad_request("nothing to generate"))
+}
+
 /// Submits every choice and wraps each in `TextEvents`.
 pub(super) fn start(
     loaded: &Loaded,

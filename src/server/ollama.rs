@@ -17,7 +17,7 @@ use axum::response::{IntoResponse, Response};
 use futures::stream;
 use serde_json::{json, Map, Value};
 
-use super::completions::{chat_job, collect, start, Job};
+use super::completions::{chat_job, collect, start_one, Job};
 use super::error::{ApiError, AppJson};
 use super::infill::rfc3339;
 use super::stream::TextEvent;
@@ -246,9 +246,7 @@ pub async fn chat(
     let loaded = app.loaded()?;
     let job = chat_job(loaded, &chat).map_err(rename_param)?;
     let submitted = Instant::now();
-    let events = start(loaded, &app, &job)?
-        .pop()
-        .ok_or_else(|| ApiError::bad_request("nothing to generate"))?;
+    let events = start_one(loaded, &app, &job)?;
     let model = job.model.clone();
     let mut totals = Totals {
         submitted,
@@ -364,9 +362,14 @@ pub async fn chat(
         .into_response())
 }
 
+/// The architecture's name, lower-case (`llama`): Ollama's model family and GGUF's key prefix.
+fn family(loaded: &super::Loaded) -> String {
+    format!("{:?}", loaded.engine.model_config().architecture).to_lowercase()
+}
+
 /// One model as `/api/tags` and `/api/ps` list it.
 fn model_entry(loaded: &super::Loaded, name: &str) -> Value {
-    let c = loaded.engine.model_config();
+    let family = family(loaded);
     json!({
         "name": name,
         "model": name,
@@ -376,8 +379,8 @@ fn model_entry(loaded: &super::Loaded, name: &str) -> Value {
         "details": {
             "parent_model": if name == loaded.model_name { "" } else { &loaded.model_name },
             "format": "",
-            "family": format!("{:?}", c.architecture).to_lowercase(),
-            "families": [format!("{:?}", c.architecture).to_lowercase()],
+            "family": family,
+            "families": [family],
             "parameter_size": "",
             "quantization_level": "",
         },
@@ -432,7 +435,7 @@ pub async fn show(
         return Err(ApiError::model_not_found(name));
     }
     let c = loaded.engine.model_config();
-    let arch = format!("{:?}", c.architecture).to_lowercase();
+    let arch = family(loaded);
     let mut info = Map::new();
     info.insert("general.architecture".into(), json!(arch));
     for (k, v) in [
@@ -454,7 +457,7 @@ pub async fn show(
     Ok(axum::Json(json!({
         "modelfile": "",
         "parameters": "",
-        "template": loaded.chat_template.as_ref().map_or("", |t| t.source()),
+        "template": loaded.tokenizer.chat_template().unwrap_or_default(),
         "details": entry["details"],
         "model_info": info,
         "capabilities": capabilities,

@@ -18,7 +18,7 @@ use futures::stream;
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
-use super::completions::{chat_job, collect, start, Job};
+use super::completions::{chat_job, collect, start_one, Job};
 use super::error::{ApiError, AppJson};
 use super::stream::{TextEvent, TextEvents};
 use super::tools::{args_end, call_head, wire_call};
@@ -263,7 +263,7 @@ pub async fn responses(
     let chat = chat_body(&body).map_err(rename_param)?;
     let loaded = app.loaded()?;
     let job = chat_job(loaded, &chat).map_err(rename_param)?;
-    let mut choices = start(loaded, &app, &job)?;
+    let events = start_one(loaded, &app, &job)?;
     let echo = Echo {
         id: new_id("resp"),
         created_at: SystemTime::now()
@@ -272,9 +272,6 @@ pub async fn responses(
         model: job.model.clone(),
         request: body.as_object().cloned().unwrap_or_default(),
     };
-    let events = choices
-        .pop()
-        .ok_or_else(|| ApiError::bad_request("nothing to generate"))?;
     if body.get("stream").and_then(Value::as_bool) == Some(true) {
         return Ok(respond_sse(job, echo, events));
     }

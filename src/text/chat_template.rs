@@ -19,7 +19,6 @@ pub struct ChatMessage {
 /// A compiled chat template.
 pub struct ChatTemplate {
     env: Environment<'static>,
-    source: String,
     bos_token: String,
     eos_token: String,
 }
@@ -45,15 +44,9 @@ impl ChatTemplate {
             .map_err(|e| TextError::Invalid(format!("chat template: {e}")))?;
         Ok(ChatTemplate {
             env,
-            source: source.to_string(),
             bos_token: bos_token.unwrap_or_default().to_string(),
             eos_token: eos_token.unwrap_or_default().to_string(),
         })
-    }
-
-    /// The template's Jinja text.
-    pub fn source(&self) -> &str {
-        &self.source
     }
 
     /// Renders the conversation; `add_generation_prompt` opens the assistant's turn.
