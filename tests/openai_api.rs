@@ -1415,7 +1415,7 @@ async fn json_schema_answers_are_instances_of_the_schema() {
         (
             "/v1/chat/completions",
             json!({"messages": messages, "response_format": {"type": "json_schema", "json_schema":
-               {"name": "x", "schema": {"type": "string", "pattern": "^[a-z]+$"}}}}),
+               {"name": "x", "schema": {"type": "string", "pattern": "^(?=[a-z])"}}}}),
             "response_format",
         ),
         (
@@ -1653,36 +1653,12 @@ async fn json_schema_numbers_keep_to_their_bounds() {
     for p in ["rating", "confidence", "year"] {
         free["properties"][p] = json!({"type": bounded["properties"][p]["type"]});
     }
-    let messages = json!([{"role": "user", "content":
-        "Rate the movie Titanic (1997) out of ten, say how sure you are, and give its year."}]);
-    let answers = |schema: &Value| {
-        let app = app.clone();
-        let schema = schema.clone();
-        let messages = messages.clone();
-        async move {
-            let mut out = Vec::new();
-            for (temperature, seed) in [(0.0, 0), (1.3, 1), (1.3, 2), (1.3, 3), (1.3, 4)] {
-                let body = json!({"messages": messages, "max_tokens": 60,
-                    "temperature": temperature, "seed": seed,
-                    "response_format": {"type": "json_schema",
-                        "json_schema": {"name": "review", "schema": schema}}});
-                let (status, v) = post_json(&app, "/v1/chat/completions", body).await;
-                assert_eq!(status, StatusCode::OK, "{v}");
-                let text = v["choices"][0]["message"]["content"]
-                    .as_str()
-                    .expect("text");
-                let v: Value =
-                    serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text:?}"));
-                out.push(v);
-            }
-            out
-        }
-    };
-    for v in answers(&bounded).await {
+    let ask = "Rate the movie Titanic (1997) out of ten, say how sure you are, and give its year.";
+    for v in hot_answers(&app, ask, &bounded, 60).await {
         eprintln!("bounded: {v}");
         conforms(&v, &bounded, &bounded).unwrap_or_else(|e| panic!("{e}"));
     }
-    let unbounded = answers(&free).await;
+    let unbounded = hot_answers(&app, ask, &free, 60).await;
     for v in &unbounded {
         eprintln!("free: {v}");
         conforms(v, &free, &free).unwrap_or_else(|e| panic!("{e}"));
@@ -1693,6 +1669,156 @@ async fn json_schema_numbers_keep_to_their_bounds() {
             .any(|v| conforms(v, &bounded, &bounded).is_err()),
         "the bounds were never needed: {unbounded:?}"
     );
+}
+
+/// The chat answers to `ask` under `response_format: json_schema` with `schema`: greedy, then
+/// four seeds at temperature 1.3 (sampling far from the model's habits).
+async fn hot_answers(app: &Router, ask: &str, schema: &Value, max_tokens: u32) -> Vec<Value> {
+    let mut out = Vec::new();
+    for (temperature, seed) in [(0.0, 0), (1.3, 1), (1.3, 2), (1.3, 3), (1.3, 4)] {
+        let body = json!({"messages": [{"role": "user", "content": ask}],
+            "max_tokens": max_tokens, "temperature": temperature, "seed": seed,
+            "response_format": {"type": "json_schema",
+                "json_schema": {"name": "answer", "schema": schema}}});
+        let (status, v) = post_json(app, "/v1/chat/completions", body).await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+        let text = v["choices"][0]["message"]["content"]
+            .as_str()
+            .expect("text");
+        out.push(serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text:?}")));
+    }
+    out
+}
+
+/// Whether `t` is a calendar date `YYYY-MM-DD` (checked by hand, not by a pattern).
+fn is_date(t: &str) -> bool {
+    let parts: Vec<&str> = t.split('-').collect();
+    let num = |s: &str, n: usize| {
+        (s.len() == n && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse::<u32>().ok())
+            .flatten()
+    };
+    match parts[..] {
+        [y, m, d] => {
+            num(y, 4).is_some()
+                && num(m, 2).is_some_and(|m| (1..=12).contains(&m))
+                && num(d, 2).is_some_and(|d| (1..=31).contains(&d))
+        }
+        _ => false,
+    }
+}
+
+/// Whether `t` is a UUID: 8-4-4-4-12 hex digits.
+fn is_uuid(t: &str) -> bool {
+    let groups: Vec<&str> = t.split('-').collect();
+    groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12])
+        && groups
+            .iter()
+            .all(|g| g.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// String `pattern`s and `format`s: hot-sampled answers keep to them; without them the same
+/// requests do not.
+#[tokio::test]
+async fn json_schema_strings_keep_to_patterns_and_formats() {
+    let app = app();
+    let schema = json!({"type": "object", "additionalProperties": false,
+        "properties": {
+            "name": {"type": "string", "pattern": "^[A-Z][a-z]+ [A-Z][a-z]+$"},
+            "phone": {"type": "string", "pattern": "^\\+1-\\d{3}-\\d{3}-\\d{4}$"},
+            "birthday": {"type": "string", "format": "date"},
+            "id": {"type": "string", "format": "uuid"}},
+        "required": ["name", "phone", "birthday", "id"]});
+    let ask = "Invent a customer: full name, phone number, birthday and customer id.";
+    let fits = |v: &Value| {
+        let name = regex::Regex::new("^[A-Z][a-z]+ [A-Z][a-z]+$").expect("regex");
+        let phone = regex::Regex::new(r"^\+1-\d{3}-\d{3}-\d{4}$").expect("regex");
+        let s = |k: &str| v[k].as_str().unwrap_or_default().to_string();
+        name.is_match(&s("name"))
+            && phone.is_match(&s("phone"))
+            && is_date(&s("birthday"))
+            && is_uuid(&s("id"))
+    };
+    for v in hot_answers(&app, ask, &schema, 400).await {
+        eprintln!("pattern: {v}");
+        assert!(fits(&v), "{v}");
+    }
+    let mut free = schema.clone();
+    for p in ["name", "phone", "birthday", "id"] {
+        // Bounded, so that a free string cannot run past `max_tokens`.
+        free["properties"][p] = json!({"type": "string", "maxLength": 40});
+    }
+    let unconstrained = hot_answers(&app, ask, &free, 400).await;
+    eprintln!("free: {unconstrained:?}");
+    assert!(
+        unconstrained.iter().any(|v| !fits(v)),
+        "the patterns were never needed: {unconstrained:?}"
+    );
+}
+
+/// vLLM's `guided_regex` and `structured_outputs: {"regex"}`: the raw answer matches the
+/// expression as a whole, and ends where nothing more could follow.
+#[tokio::test]
+async fn vllm_guided_regex() {
+    let app = app();
+    let year = " (1[89]|20)[0-9]{2}\\.";
+    for (seed, temperature) in [(0, 0.0), (1, 1.3), (2, 1.3)] {
+        let (status, v) = post_json(
+            &app,
+            "/v1/completions",
+            json!({"prompt": "The Titanic sank in the year", "guided_regex": year,
+                   "max_tokens": 12, "temperature": temperature, "seed": seed}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        let t = v["choices"][0]["text"].as_str().expect("text");
+        eprintln!("year: {t:?}");
+        let whole = format!("^(?:{year})$");
+        assert!(
+            regex::Regex::new(&whole).expect("regex").is_match(t),
+            "{t:?}"
+        );
+        assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+    }
+    let (status, v) = post_json(
+        &app,
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": "Is Paris in France? Answer and explain."}],
+               "structured_outputs": {"regex": "(Yes|No), [a-z ,]{3,40}\\."},
+               "max_tokens": 30, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let t = v["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("text");
+    eprintln!("chat: {t:?}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+    assert!(
+        regex::Regex::new("^(Yes|No), [a-z ,]{3,40}\\.$")
+            .expect("regex")
+            .is_match(t),
+        "{t:?}"
+    );
+    for (body, param) in [
+        (json!({"prompt": "x", "guided_regex": 3}), "guided_regex"),
+        (
+            json!({"prompt": "x", "guided_regex": "(?=a)b"}),
+            "guided_regex",
+        ),
+        (
+            json!({"prompt": "x", "structured_outputs": {"regex": "(a)\\1"}}),
+            "structured_outputs",
+        ),
+        (
+            json!({"prompt": "x", "guided_regex": "a", "guided_choice": ["a"]}),
+            "guided_regex",
+        ),
+    ] {
+        let (status, e) = post_json(&app, "/v1/completions", body).await;
+        assert_error(status, &e, StatusCode::BAD_REQUEST, Some(param));
+    }
 }
 
 /// vLLM's guided decoding fields (`guided_choice`, `guided_json`, and their newer
@@ -1750,7 +1876,7 @@ async fn vllm_guided_choice_and_json() {
             "guided_choice",
         ),
         (
-            json!({"prompt": "x", "guided_json": {"type": "string", "pattern": "a"}}),
+            json!({"prompt": "x", "guided_json": {"type": "string", "pattern": "(?=a)"}}),
             "guided_json",
         ),
         (
@@ -2001,7 +2127,7 @@ async fn responses_api_text_stream_format_and_tools() {
         ),
         (
             json!({"input": "x", "text": {"format": {"type": "json_schema", "name": "x",
-                "schema": {"type": "string", "pattern": "a"}}}}),
+                "schema": {"type": "string", "pattern": "(a)\\1"}}}}),
             "text.format",
         ),
         (

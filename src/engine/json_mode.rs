@@ -16,6 +16,60 @@ use std::sync::Arc;
 use super::json_schema::{
     Grammar, Node, NodeId, Prop, ANY, ANY_STRING, NUM_MAX_INT, NUM_SCALE, UNBOUNDED,
 };
+use super::pattern::{PatPos, Pattern};
+
+/// JSON's two-character escapes and the characters they stand for.
+const SHORT_ESCAPES: [(u8, char); 8] = [
+    (b'"', '"'),
+    (b'\\', '\\'),
+    (b'/', '/'),
+    (b'b', '\u{8}'),
+    (b'f', '\u{c}'),
+    (b'n', '\n'),
+    (b'r', '\r'),
+    (b't', '\t'),
+];
+
+/// A character of a pattern's string after a `\`: a short escape, or (`\u`) a control
+/// character — the only ones that must be escaped; any other is written as itself, so that
+/// each character has one form and the pattern sees it once.
+fn escape_step(p: &Pattern, pos: PatPos, len: u16, b: u8) -> Option<(PatPos, u16, Esc)> {
+    if b == b'u' {
+        return (0..0x20u8)
+            .any(|c| p.step_char(pos, len.into(), char::from(c)).is_some())
+            .then_some((pos, len, Esc::Hex(4, 0)));
+    }
+    let &(_, c) = SHORT_ESCAPES.iter().find(|(e, _)| *e == b)?;
+    let (pos, len) = p.step_char(pos, len.into(), c)?;
+    Some((pos, len as u16, Esc::None))
+}
+
+/// A hex digit `b` of a pattern's string's `\u` escape, `n` digits due with `v` so far: only
+/// control characters (below U+0020) that the pattern can go on with.
+fn hex_step(
+    p: &Pattern,
+    pos: PatPos,
+    len: u16,
+    n: u8,
+    v: u16,
+    b: u8,
+) -> Option<(PatPos, u16, Esc)> {
+    let d = (b as char).to_digit(16)? as u16;
+    let v = v * 16 + d;
+    let n = n - 1;
+    if n > 0 {
+        let span = 16u32.pow(u32::from(n));
+        let lo = u32::from(v) * span;
+        return (lo..(lo + span).min(0x20))
+            .any(|c| p.step_char(pos, len.into(), char::from(c as u8)).is_some())
+            .then_some((pos, len, Esc::Hex(n, v)));
+    }
+    if v >= 0x20 {
+        return None;
+    }
+    let (pos, len) = p.step_char(pos, len.into(), char::from(v as u8))?;
+    Some((pos, len as u16, Esc::None))
+}
 
 /// Longest run of whitespace between tokens of the JSON (a model can otherwise emit
 /// newlines forever while staying valid).
@@ -79,8 +133,8 @@ impl TokenBytes {
 enum Esc {
     None,
     Backslash,
-    /// Hex digits still due after `\u`.
-    Hex(u8),
+    /// Hex digits still due after `\u`, and (in a pattern's string) the value so far.
+    Hex(u8, u16),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -295,8 +349,15 @@ enum Frame {
     Obj { node: NodeId, next: u16, at: ObjAt },
     /// An array with `count` items so far.
     Arr { node: NodeId, count: u16, at: ArrAt },
-    /// A string of `len` characters so far.
-    Str { node: NodeId, len: u16, esc: Esc },
+    /// A string of `len` characters so far; `pat`: where its pattern (if any) stands.
+    Str {
+        node: NodeId,
+        len: u16,
+        esc: Esc,
+        pat: PatPos,
+    },
+    /// Raw text matching a pattern ([`Node::Regex`]), `len` characters so far.
+    Raw { node: NodeId, len: u16, pat: PatPos },
     /// A number.
     Num {
         integer: bool,
@@ -408,8 +469,15 @@ impl JsonState {
         if self.is_done() || self.is_free() {
             return true;
         }
+        if self.depth == 1 {
+            // A regex answer may be empty.
+            return matches!(g.resolve(g.root).1, Node::Regex(p) if p.accepts(p.start(), 0));
+        }
         self.depth == 2
             && match self.frames[1] {
+                Frame::Raw { node, len, pat } => {
+                    matches!(g.resolve(node).1, Node::Regex(p) if p.accepts(pat, len.into()))
+                }
                 Frame::Num { num, val, .. } => val.within(num, g),
                 Frame::Lit { node, cand, pos } => match g.resolve(node).1 {
                     Node::Literals(l) => {
@@ -490,13 +558,30 @@ impl JsonState {
                         at: ArrAt::Open,
                     })
             }
-            Node::String { .. } => {
+            Node::String { pattern, .. } => {
                 b == b'"'
                     && self.open(Frame::Str {
                         node: id,
                         len: 0,
                         esc: Esc::None,
+                        pat: pattern.as_ref().map(|p| p.start()).unwrap_or_default(),
                     })
+            }
+            Node::Regex(p) => {
+                let Some((pat, len)) = p.step(p.start(), 0, b) else {
+                    return false;
+                };
+                if !self.open(Frame::Raw {
+                    node: id,
+                    len: len as u16,
+                    pat,
+                }) {
+                    return false;
+                }
+                if p.is_final(pat, len) {
+                    self.pop(g);
+                }
+                true
             }
             Node::Number { integer, bounds } => {
                 let start = NumVal {
@@ -613,15 +698,69 @@ impl JsonState {
                     _ => Step::Reject,
                 }
             }
-            Frame::Str { node, len, esc } => {
-                let Node::String { min, max } = *g.resolve(node).1 else {
+            Frame::Raw { node, len, pat } => {
+                let Node::Regex(p) = g.resolve(node).1 else {
                     return Step::Reject;
                 };
+                match p.step(pat, len.into(), b) {
+                    Some((pat, len)) if p.is_final(pat, len) => Step::Close,
+                    Some((pat, len)) => Step::Stay(Frame::Raw {
+                        node,
+                        len: len as u16,
+                        pat,
+                    }),
+                    None => Step::Reject,
+                }
+            }
+            Frame::Str {
+                node,
+                len,
+                esc,
+                pat,
+            } => {
+                let Node::String {
+                    min, max, pattern, ..
+                } = g.resolve(node).1
+                else {
+                    return Step::Reject;
+                };
+                if let Some(p) = pattern {
+                    let at = |(pat, len, esc): (PatPos, u16, Esc)| {
+                        Step::Stay(Frame::Str {
+                            node,
+                            len,
+                            esc,
+                            pat,
+                        })
+                    };
+                    let next = match esc {
+                        Esc::None => match b {
+                            b'"' if p.accepts(pat, len.into()) => return Step::Close,
+                            b'"' | 0..=0x1F => None,
+                            b'\\' => SHORT_ESCAPES
+                                .iter()
+                                .any(|&(e, _)| escape_step(p, pat, len, e).is_some())
+                                .then_some((pat, len, Esc::Backslash)),
+                            _ => p
+                                .step(pat, len.into(), b)
+                                .map(|(pat, len)| (pat, len as u16, Esc::None)),
+                        },
+                        Esc::Backslash => escape_step(p, pat, len, b),
+                        Esc::Hex(n, v) => hex_step(p, pat, len, n, v, b),
+                    };
+                    return next.map_or(Step::Reject, at);
+                }
+                let (min, max) = (*min, *max);
                 let bounded = min > 0 || max != UNBOUNDED;
                 // A character starts here: counted where the schema bounds the length.
                 let new_char = |esc| {
                     if !bounded {
-                        Step::Stay(Frame::Str { node, len, esc })
+                        Step::Stay(Frame::Str {
+                            node,
+                            len,
+                            esc,
+                            pat,
+                        })
                     } else if u32::from(len) >= max {
                         Step::Reject
                     } else {
@@ -629,10 +768,18 @@ impl JsonState {
                             node,
                             len: len.saturating_add(1),
                             esc,
+                            pat,
                         })
                     }
                 };
-                let stay = |esc| Step::Stay(Frame::Str { node, len, esc });
+                let stay = |esc| {
+                    Step::Stay(Frame::Str {
+                        node,
+                        len,
+                        esc,
+                        pat,
+                    })
+                };
                 match esc {
                     Esc::None => match b {
                         b'"' if u32::from(len) >= min => Step::Close,
@@ -644,13 +791,13 @@ impl JsonState {
                     },
                     Esc::Backslash => match b {
                         b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => stay(Esc::None),
-                        b'u' => stay(Esc::Hex(4)),
+                        b'u' => stay(Esc::Hex(4, 0)),
                         _ => Step::Reject,
                     },
-                    Esc::Hex(n) if b.is_ascii_hexdigit() => {
-                        stay(if n > 1 { Esc::Hex(n - 1) } else { Esc::None })
+                    Esc::Hex(n, _) if b.is_ascii_hexdigit() => {
+                        stay(if n > 1 { Esc::Hex(n - 1, 0) } else { Esc::None })
                     }
-                    Esc::Hex(_) => Step::Reject,
+                    Esc::Hex(..) => Step::Reject,
                 }
             }
             Frame::Num { integer, num, val } => match num_step(g, integer, Some(num), val, b) {

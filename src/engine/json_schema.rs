@@ -9,15 +9,21 @@
 //! chooses), never others — which is what OpenAI's strict structured outputs, llama.cpp and
 //! vLLM do too. Numbers keep to `minimum`/`maximum` (and the exclusive forms): bounded ones
 //! are written without an exponent, with at most 9 decimals and an integer part up to
-//! 4294967295. Keywords that constrain values in ways the recogniser cannot follow
-//! (`pattern`, `multipleOf`, …) are refused rather than silently ignored; `format` is an
-//! annotation (as JSON Schema 2020-12 defines it by default) and not enforced.
+//! 4294967295. Strings keep to a `pattern` (a regular expression, see [`super::pattern`])
+//! and to the `format`s OpenAI's structured outputs name (`date-time`, `date`, `time`,
+//! `duration`, `email`, `hostname`, `ipv4`, `ipv6`, `uuid`: written as patterns); other
+//! formats are annotations, as JSON Schema 2020-12 defines them by default. Keywords that
+//! constrain values in ways the recogniser cannot follow (`multipleOf`, …) are refused rather
+//! than silently ignored. [`Grammar::regex`] is a whole answer that matches a pattern (vLLM's
+//! `guided_regex`).
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use serde_json::Value;
+
+use super::pattern::{format_pattern, Pattern};
 
 fn json_string(s: &str) -> String {
     Value::String(s.to_owned()).to_string()
@@ -66,8 +72,13 @@ pub(crate) enum Node {
     },
     /// `[…]` of `items`, between `min` and `max` of them.
     Array { items: NodeId, min: u32, max: u32 },
-    /// A string of `min` to `max` characters.
-    String { min: u32, max: u32 },
+    /// A string of `min` to `max` characters, matching `pattern` if there is one (which
+    /// then keeps the lengths itself).
+    String {
+        min: u32,
+        max: u32,
+        pattern: Option<Arc<Pattern>>,
+    },
     /// A number (`integer`: no fraction or exponent), within `bounds` when set: inclusive
     /// `[low, high]` in units of 10⁻⁹ ([`NUM_SCALE`]; multiples of it for an integer).
     Number {
@@ -83,6 +94,8 @@ pub(crate) enum Node {
     /// Free text, or — when its first byte after any whitespace is `{` — the node (a tool
     /// call the model may or may not make).
     TextOr(NodeId),
+    /// Raw text (not JSON) that matches the pattern: a whole answer ([`Grammar::regex`]).
+    Regex(Arc<Pattern>),
 }
 
 /// A compiled schema: what JSON mode lets the model write.
@@ -119,7 +132,6 @@ impl std::error::Error for SchemaError {}
 /// Keywords that restrict values in ways not followed: refused so no client is told its
 /// constraint holds when it does not.
 const UNSUPPORTED: &[&str] = &[
-    "pattern",
     "patternProperties",
     "multipleOf",
     "minProperties",
@@ -241,6 +253,20 @@ impl Grammar {
         g
     }
 
+    /// A whole answer (raw text, not JSON) that the regular expression `source` matches from
+    /// its first character to its last (vLLM's `guided_regex`, unlike a schema's `pattern`
+    /// which may match anywhere); see [`super::pattern`] for the dialect. The error says why
+    /// it cannot be followed.
+    pub fn regex(source: &str) -> Result<Grammar, String> {
+        let pattern = Pattern::new(&format!("^(?:{source})$"), 0, UNBOUNDED)?;
+        let mut nodes = base_nodes();
+        nodes.push(Node::Regex(Arc::new(pattern)));
+        let root = (nodes.len() - 1) as NodeId;
+        let mut g = Grammar::new(nodes, root, false);
+        g.first = compute_first(&g.nodes).unwrap_or_default();
+        Ok(g)
+    }
+
     fn new(nodes: Vec<Node>, root: NodeId, root_space: bool) -> Grammar {
         static KEYS: OnceLock<RandomState> = OnceLock::new();
         let id = KEYS
@@ -295,6 +321,7 @@ fn base_nodes() -> Vec<Node> {
         Node::String {
             min: 0,
             max: UNBOUNDED,
+            pattern: None,
         },
         Node::Number {
             integer: false,
@@ -328,6 +355,7 @@ fn compute_first(nodes: &[Node]) -> Result<Vec<[u64; 4]>, ()> {
             Node::Object { .. } => first_of(b"{"),
             Node::Array { .. } => first_of(b"["),
             Node::String { .. } => first_of(b"\""),
+            Node::Regex(p) => first_of(&p.first_bytes()),
             Node::Number { .. } => first_of(b"-0123456789"),
             Node::Literals(l) => first_of(
                 &l.iter()
@@ -664,6 +692,9 @@ impl<'a> Compiler<'a> {
                         format!("`{k}` needs `type` \"number\" or \"integer\" beside it"),
                     );
                 }
+                if s.get("pattern").is_some() {
+                    return err(path, "`pattern` needs `type` \"string\" beside it");
+                }
                 if s.get("properties").is_some() || s.get("required").is_some() {
                     self.typed(s, "object", path, depth)
                 } else if s.get("items").is_some() {
@@ -740,10 +771,23 @@ impl<'a> Compiler<'a> {
                 if min > max {
                     return err(path, "`minLength` is above `maxLength`");
                 }
-                if min == 0 && max == UNBOUNDED {
-                    return Ok(ANY_STRING);
-                }
-                self.push(Node::String { min, max }, path)
+                let source = match (s.get("pattern"), s.get("format")) {
+                    (Some(Value::String(p)), _) => Some(p.as_str()),
+                    (Some(_), _) => return err(path, "`pattern` must be a string"),
+                    (None, Some(Value::String(f))) => format_pattern(f),
+                    (None, _) => None,
+                };
+                let pattern = match source {
+                    None if min == 0 && max == UNBOUNDED => return Ok(ANY_STRING),
+                    None => None,
+                    Some(p) => Some(Arc::new(Pattern::new(p, min, max).map_err(|m| {
+                        SchemaError {
+                            path: path.into(),
+                            message: m,
+                        }
+                    })?)),
+                };
+                self.push(Node::String { min, max, pattern }, path)
             }
             "number" | "integer" => {
                 let integer = t == "integer";
@@ -1076,9 +1120,20 @@ mod tests {
     fn unsupported_schemas_are_refused_where_they_fail() {
         for (schema, path, says) in [
             (
-                json!({"properties": {"x": {"type": "string", "pattern": "^a"}}}),
+                json!({"properties": {"x": {"type": "string", "pattern": "(?=a)b"}}}),
                 "#/properties/x",
-                "`pattern`",
+                "cannot be followed",
+            ),
+            (
+                json!({"properties": {"x": {"type": "string", "pattern": "^ab$", "maxLength": 1}}}),
+                "#/properties/x",
+                "no string",
+            ),
+            (json!({"pattern": "^a"}), "#", "`type` \"string\""),
+            (
+                json!({"type": "string", "pattern": 3}),
+                "#",
+                "must be a string",
             ),
             (
                 json!({"type": "integer", "multipleOf": 5}),
@@ -1141,6 +1196,82 @@ mod tests {
             assert_eq!(e.path, path, "{schema}: {e}");
             assert!(e.message.contains(says), "{schema}: {e}");
         }
+    }
+
+    #[test]
+    fn strings_keep_to_their_pattern_or_format() {
+        let g = grammar(json!({"type": "object", "properties": {
+            "phone": {"type": "string", "pattern": "^\\d{3}-\\d{4}$"},
+            "day": {"type": "string", "format": "date"},
+            "tag": {"type": "string", "pattern": "^#[a-z]+$", "minLength": 3, "maxLength": 5},
+            "note": {"type": "string", "pattern": "ok"},
+            "color": {"type": "string", "format": "color"}},
+            "required": ["phone", "day"]}));
+        check(
+            &g,
+            &[
+                r##"{"phone": "555-1234", "day": "2026-12-07"}"##,
+                r##"{"phone":"555-1234","day":"2000-02-29","tag":"#ab","note":"it is ok!","color":"x"}"##,
+                r##"{"phone": "555-1234", "day": "2026-01-31", "tag": "#abcd"}"##,
+                // Escapes are judged by the characters they stand for.
+                r##"{"phone": "555-1234", "day": "2026-01-31", "note": "\"ok\"\n\u0009"}"##,
+            ],
+            &[
+                r##"{"phone": "5551234", "day": "2026-12-07"}"##,
+                r##"{"phone": "555-1234", "day": "2026-13-07"}"##,
+                r##"{"phone": "555-1234", "day": "2026-12-07", "tag": "#a"}"##,
+                r##"{"phone": "555-1234", "day": "2026-12-07", "tag": "#abcde"}"##,
+                r##"{"phone": "555-1234", "day": "2026-12-07", "note": "o k"}"##,
+                // `\d` is ASCII, and a character has one form: no `\u` for a digit.
+                r##"{"phone": "٥55-1234", "day": "2026-12-07"}"##,
+                r##"{"phone": "\u0035\u0035\u0035-1234", "day": "2026-12-07"}"##,
+            ],
+        );
+        // A byte is refused where it leaves the pattern, not at the closing quote.
+        assert!(run(&g, r##"{"phone": "55a"##).is_none());
+        assert!(run(&g, r##"{"phone": "555-12"##).is_some());
+        assert!(run(&g, r##"{"phone": "555-1234"##).is_some());
+        assert!(run(&g, r##"{"phone": "555-12345"##).is_none());
+        assert!(run(
+            &g,
+            r##"{"phone": "555-1234", "day": "2026-12-07", "tag": "#abcde"##
+        )
+        .is_none());
+        // A `\` only where an escaped character can come: never in a phone number.
+        assert!(run(&g, r##"{"phone": "\"##).is_none());
+        assert!(run(
+            &g,
+            r##"{"phone": "555-1234", "day": "2026-12-07", "note": "\"##
+        )
+        .is_some());
+        // The same pattern in another schema is the same grammar; another pattern is not.
+        let again = grammar(json!({"type": "string", "pattern": "^a+$"}));
+        let other = grammar(json!({"type": "string", "pattern": "^b+$"}));
+        assert_eq!(
+            grammar(json!({"type": "string", "pattern": "^a+$"})).id,
+            again.id
+        );
+        assert_ne!(again.id, other.id);
+    }
+
+    #[test]
+    fn a_regex_answer_is_raw_text_that_matches() {
+        // Matched as a whole: no `^…$` needed.
+        let g = Grammar::regex(r"(yes|no), because [a-z ]+\.").expect("compiles");
+        let s = run(&g, "yes, because it rains").expect("prefix");
+        assert!(!s.is_done() && !s.can_end(&g));
+        let s = run(&g, "yes, because it rains.").expect("whole");
+        assert!(s.is_done(), "nothing can follow the final `.`");
+        assert!(run(&g, " yes").is_none() && run(&g, "maybe").is_none());
+        assert!(run(&g, "no, because 2").is_none());
+        // Open-ended: may end, may go on.
+        let g = Grammar::regex(r"^[0-9]+$").expect("compiles");
+        let s = run(&g, "42").expect("digits");
+        assert!(!s.is_done() && s.can_end(&g));
+        assert!(!JsonState::default().can_end(&g), "at least one digit");
+        assert!(Grammar::regex("a?").is_ok_and(|g| JsonState::default().can_end(&g)));
+        assert!(run(&Grammar::regex("a|b").expect("compiles"), "a").is_some_and(|s| s.is_done()));
+        assert!(Grammar::regex("(a)\\1").is_err());
     }
 
     #[test]

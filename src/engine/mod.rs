@@ -10,6 +10,7 @@ pub mod block_pool;
 pub mod draft;
 pub mod json_mode;
 pub mod json_schema;
+pub mod pattern;
 pub mod request;
 pub mod sampler;
 pub mod scheduler;

@@ -87,7 +87,10 @@ pub struct CommonFields {
     pub guided_json: Option<Value>,
     /// vLLM's guided decoding: the answer is exactly one of these texts.
     pub guided_choice: Option<Value>,
-    /// vLLM's newer spelling of both: `{"json": schema}` or `{"choice": [texts]}`.
+    /// vLLM's guided decoding: the answer matches this regular expression.
+    pub guided_regex: Option<Value>,
+    /// vLLM's newer spelling of these: `{"json": schema}`, `{"choice": [texts]}` or
+    /// `{"regex": pattern}`.
     pub structured_outputs: Option<Value>,
 }
 
@@ -360,25 +363,28 @@ impl CommonFields {
             Some(f) => response_format(f)?,
         };
         let so = self.structured_outputs.as_ref();
-        for (param, schema, choice) in [
-            ("guided_json", self.guided_json.as_ref(), None),
-            ("guided_choice", None, self.guided_choice.as_ref()),
+        for (param, schema, choice, regex) in [
+            ("guided_json", self.guided_json.as_ref(), None, None),
+            ("guided_choice", None, self.guided_choice.as_ref(), None),
+            ("guided_regex", None, None, self.guided_regex.as_ref()),
             (
                 "structured_outputs",
                 so.and_then(|s| s.get("json")),
                 so.and_then(|s| s.get("choice")),
+                so.and_then(|s| s.get("regex")),
             ),
         ] {
-            let grammar = match (schema, choice) {
-                (Some(s), _) => schema_grammar(s, param)?,
-                (None, Some(c)) => choice_grammar(c, param)?,
-                (None, None) => continue,
+            let grammar = match (schema, choice, regex) {
+                (Some(s), _, _) => schema_grammar(s, param)?,
+                (None, Some(c), _) => choice_grammar(c, param)?,
+                (None, None, Some(r)) => regex_grammar(r, param)?,
+                (None, None, None) => continue,
             };
             check(
                 json.is_none(),
                 param,
-                "give one of `response_format`, `guided_json`, `guided_choice` and \
-                 `structured_outputs`",
+                "give one of `response_format`, `guided_json`, `guided_choice`, \
+                 `guided_regex` and `structured_outputs`",
             )?;
             json = Some(grammar);
         }
@@ -439,6 +445,19 @@ pub fn schema_grammar(schema: &Value, param: &str) -> Result<Arc<Grammar>, ApiEr
     Grammar::from_schema(schema)
         .map(Arc::new)
         .map_err(|e| ApiError::invalid(param, format!("unsupported JSON schema: {e}")))
+}
+
+/// vLLM's `guided_regex`: the answer matches this regular expression.
+fn regex_grammar(r: &Value, param: &str) -> Result<Arc<Grammar>, ApiError> {
+    let Some(source) = r.as_str() else {
+        return Err(ApiError::invalid(
+            param,
+            format!("`{param}` must be a regular expression (a string)"),
+        ));
+    };
+    Grammar::regex(source)
+        .map(Arc::new)
+        .map_err(|e| ApiError::invalid(param, format!("unsupported regular expression: {e}")))
 }
 
 /// vLLM's `guided_choice`: the answer is exactly one of these texts.

@@ -3,7 +3,9 @@
 Usage: python openai_client_check.py BASE_URL API_KEY
 Exits non-zero (assertion) on any mismatch.
 """
+import datetime
 import sys
+import uuid
 
 import openai
 
@@ -132,6 +134,27 @@ for seed in range(3):
         max_tokens=60, temperature=1.3, seed=seed, response_format=Review,
     )
     assert isinstance(r.choices[0].message.parsed, Review), r
+
+
+# String patterns and formats (`Field(pattern=...)`, dates, times, UUIDs): pydantic parses and
+# validates each one, so an answer that broke one would raise here.
+class Customer(pydantic.BaseModel):
+    name: str = pydantic.Field(pattern=r"^[A-Z][a-z]+ [A-Z][a-z]+$")
+    phone: str = pydantic.Field(pattern=r"^\+1-\d{3}-\d{3}-\d{4}$")
+    birthday: datetime.date
+    signed_up: datetime.datetime
+    id: uuid.UUID
+
+
+for seed in range(3):
+    c = parse(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Invent a customer: full name, phone number, "
+                   "birthday, sign-up time and customer id."}],
+        max_tokens=400, temperature=1.3 if seed else 0, seed=seed, response_format=Customer,
+    )
+    assert isinstance(c.choices[0].message.parsed, Customer), c
+    print("customer:", c.choices[0].message.content)
 
 # Tool calling: a required call comes back as `tool_calls`, streamed or not.
 tools = [{"type": "function", "function": {
