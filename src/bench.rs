@@ -132,7 +132,7 @@ pub fn run(engine: &EngineHandle, config: &BenchConfig) -> anyhow::Result<Vec<se
                                 last = now;
                                 times.tokens += 1;
                             }
-                            Event::PromptLogprobs(_) => {}
+                            Event::PromptLogprobs(_) | Event::Embedding(_) => {}
                             Event::Finished { .. } => break,
                             Event::Failed(e) => anyhow::bail!("request failed: {e}"),
                         }
@@ -226,7 +226,7 @@ fn first_token_ms(engine: &EngineHandle, request: GenerateRequest) -> anyhow::Re
             Event::Token { .. } => {
                 ttft.get_or_insert_with(|| started.elapsed().as_secs_f64() * 1e3);
             }
-            Event::PromptLogprobs(_) => {}
+            Event::PromptLogprobs(_) | Event::Embedding(_) => {}
             Event::Finished { .. } => break,
             Event::Failed(e) => anyhow::bail!("request failed: {e}"),
         }
@@ -454,7 +454,7 @@ pub fn speculative(
                     first.get_or_insert_with(Instant::now);
                     tokens.push(id);
                 }
-                Event::PromptLogprobs(_) => {}
+                Event::PromptLogprobs(_) | Event::Embedding(_) => {}
                 Event::Finished { .. } => break,
                 Event::Failed(e) => anyhow::bail!("request failed: {e}"),
             }

@@ -529,6 +529,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         top_logprobs: None,
         prompt_logprobs: None,
         json: None,
+        embed: false,
     };
     // The stop token ends the stream; it is in output_ids but not in the text.
     let stop_ids = request.stop_token_ids.clone();

@@ -104,7 +104,7 @@ fn run_staggered(engine: &EngineHandle, requests: Vec<GenerateRequest>) -> Vec<V
                             let _ = started_tx.send(());
                         }
                     }
-                    Event::PromptLogprobs(_) => panic!("not asked for"),
+                    Event::PromptLogprobs(_) | Event::Embedding(_) => panic!("not asked for"),
                     Event::Finished { .. } => break,
                     Event::Failed(e) => panic!("failed: {e}"),
                 }

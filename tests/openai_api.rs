@@ -2356,3 +2356,284 @@ async fn ollama_chat_and_model_routes() {
         assert_eq!(e["error"]["param"], param, "{body}: {e}");
     }
 }
+
+/// The tied head (`token_embd.weight`) of the default model, dequantized by candle's own GGUF
+/// reader: `(vocab, hidden)` rows.
+fn gguf_head() -> Vec<Vec<f32>> {
+    use candle_core::quantized::gguf_file;
+    let path = model_path();
+    let mut f = std::fs::File::open(&path).expect("model file");
+    let content = gguf_file::Content::read(&mut f).expect("gguf");
+    content
+        .tensor(&mut f, "token_embd.weight", &candle_core::Device::Cpu)
+        .and_then(|t| t.dequantize(&candle_core::Device::Cpu))
+        .and_then(|t| t.to_vec2::<f32>())
+        .expect("token_embd.weight")
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_f64().expect("number") as f32)
+        .collect()
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// `/v1/embeddings`, Ollama's `/api/embed` and `/api/embeddings`: last-token embeddings that
+/// the head turns into llama.cpp's next-token log-probabilities; unit length, the same alone
+/// or together, from text or token ids, as floats or base64.
+#[tokio::test]
+async fn embeddings_openai_and_ollama() {
+    let app = app();
+    let llama = reference("llamacpp_q4_1.json");
+    let capital = &llama["cases"]["capital"];
+    let texts = [
+        capital["prompt"].as_str().expect("prompt"),
+        "The cat sat on the mat.",
+        "A cat is sitting on a rug.",
+        "Stock markets fell sharply today.",
+    ];
+    let (status, v) = post_json(&app, "/v1/embeddings", json!({"input": texts})).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["object"], "list");
+    let data = v["data"].as_array().expect("data");
+    assert_eq!(data.len(), texts.len());
+    let vectors: Vec<Vec<f32>> = data
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            assert_eq!(
+                (d["object"].as_str(), d["index"].as_u64()),
+                (Some("embedding"), Some(i as u64))
+            );
+            floats(&d["embedding"])
+        })
+        .collect();
+    for e in &vectors {
+        assert_eq!(e.len(), 576);
+        assert!((dot(e, e) - 1.0).abs() < 1e-4, "unit length");
+    }
+    let mut tokens = 0;
+    for t in texts {
+        let (_, ids) = post_json(&app, "/tokenize", json!({"content": t})).await;
+        tokens += ids["tokens"].as_array().expect("tokens").len();
+    }
+    assert_eq!(v["usage"]["prompt_tokens"], tokens, "{v}");
+    assert_eq!(v["usage"]["total_tokens"], tokens, "{v}");
+    // Similar sentences lie closer than unrelated ones.
+    assert!(dot(&vectors[1], &vectors[2]) > dot(&vectors[1], &vectors[3]));
+    // Alone, from token ids, as base64: the same vector.
+    for (body, what) in [
+        (json!({"input": texts[0]}), "alone"),
+        (json!({"input": u32s(&capital["prompt_ids"])}), "token ids"),
+        (
+            json!({"input": [u32s(&capital["prompt_ids"])], "model": "smollm2"}),
+            "id lists",
+        ),
+    ] {
+        let (status, one) = post_json(&app, "/v1/embeddings", body).await;
+        assert_eq!(status, StatusCode::OK, "{one}");
+        assert_eq!(floats(&one["data"][0]["embedding"]), vectors[0], "{what}");
+    }
+    let (_, b64) = post_json(
+        &app,
+        "/v1/embeddings",
+        json!({"input": texts[0], "encoding_format": "base64"}),
+    )
+    .await;
+    let text = b64["data"][0]["embedding"].as_str().expect("base64 text");
+    let bytes = decode_base64(text);
+    let from_b64: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    assert_eq!(from_b64, vectors[0]);
+
+    // The raw state (Ollama's older route) through the head: the first-step log-probabilities
+    // of a completion of the prompt (and llama.cpp's, to its arithmetic's tolerance).
+    let (status, raw) = post_json(
+        &app,
+        "/api/embeddings",
+        json!({"model": "smollm2", "prompt": texts[0]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{raw}");
+    let h = floats(&raw["embedding"]);
+    let norm = dot(&h, &h).sqrt();
+    for (a, b) in h.iter().zip(&vectors[0]) {
+        assert!((a / norm - b).abs() < 1e-6);
+    }
+    // llama.cpp multiplies its Q8_0 head by the state quantized to 8 bits per 32 values
+    // (q = round(x · 127 / max|x|), scale max|x| / 127 rounded to f16): the same here.
+    let hq: Vec<f32> = h
+        .chunks(32)
+        .flat_map(|b| {
+            let max = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let d = half::f16::from_f32(max / 127.0).to_f32();
+            b.iter().map(move |x| {
+                if max == 0.0 {
+                    0.0
+                } else {
+                    (x * 127.0 / max).round_ties_even() * d
+                }
+            })
+        })
+        .collect();
+    let logits: Vec<f32> = gguf_head().iter().map(|w| dot(w, &hq)).collect();
+    let max = logits.iter().copied().fold(f32::MIN, f32::max);
+    let lse = max + logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln();
+    let (_, completion) = post_json(
+        &app,
+        "/v1/completions",
+        json!({"prompt": texts[0], "max_tokens": 1, "temperature": 0, "logprobs": 5}),
+    )
+    .await;
+    let served = &completion["choices"][0]["logprobs"]["top_logprobs"][0];
+    let top = &capital["top5"][0];
+    let mut compared = 0;
+    for pair in top.as_array().expect("top5") {
+        let id = pair[0].as_u64().expect("id") as usize;
+        let want = pair[1].as_f64().expect("logprob") as f32;
+        let ours = logits[id] - lse;
+        let piece = &decode_ids(&app, &[id as u32]).await;
+        eprintln!(
+            "token {id} {piece:?}: {ours} (completion {}, llama.cpp {want})",
+            served[piece]
+        );
+        // The last two of llama.cpp's five are 0.04 apart: ours may rank them otherwise.
+        if let Some(lp) = served[piece].as_f64() {
+            assert!(
+                (ours - lp as f32).abs() < 1e-3,
+                "token {id}: {ours} vs {lp}"
+            );
+            compared += 1;
+        }
+        assert!(
+            (ours - want).abs() < 0.2 * want.abs().max(1.0),
+            "token {id}: {ours} vs {want}"
+        );
+    }
+    assert!(compared >= 3, "{served}");
+    let argmax = (0..logits.len())
+        .max_by(|&a, &b| logits[a].total_cmp(&logits[b]))
+        .expect("vocabulary");
+    assert_eq!(argmax as u64, top[0][0].as_u64().expect("id"));
+
+    // Ollama's /api/embed: the same unit vectors.
+    let (status, o) = post_json(
+        &app,
+        "/api/embed",
+        json!({"model": "smollm2", "input": [texts[1], texts[2]]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{o}");
+    let embs = o["embeddings"].as_array().expect("embeddings");
+    assert_eq!(floats(&embs[0]), vectors[1]);
+    assert_eq!(floats(&embs[1]), vectors[2]);
+    assert!(
+        o["prompt_eval_count"].as_u64().is_some_and(|n| n > 0),
+        "{o}"
+    );
+
+    for (path, body, want, param) in [
+        (
+            "/v1/embeddings",
+            json!({"input": ""}),
+            StatusCode::BAD_REQUEST,
+            Some("input"),
+        ),
+        (
+            "/v1/embeddings",
+            json!({"input": []}),
+            StatusCode::BAD_REQUEST,
+            Some("input"),
+        ),
+        (
+            "/v1/embeddings",
+            json!({}),
+            StatusCode::BAD_REQUEST,
+            Some("input"),
+        ),
+        (
+            "/v1/embeddings",
+            json!({"input": [1, "a"]}),
+            StatusCode::BAD_REQUEST,
+            Some("input"),
+        ),
+        (
+            "/v1/embeddings",
+            json!({"input": [99999999]}),
+            StatusCode::BAD_REQUEST,
+            None,
+        ),
+        (
+            "/v1/embeddings",
+            json!({"input": "a", "encoding_format": "int8"}),
+            StatusCode::BAD_REQUEST,
+            Some("encoding_format"),
+        ),
+        (
+            "/v1/embeddings",
+            json!({"input": "a", "dimensions": 64}),
+            StatusCode::BAD_REQUEST,
+            Some("dimensions"),
+        ),
+        (
+            "/v1/embeddings",
+            json!({"input": "a", "model": "nope"}),
+            StatusCode::NOT_FOUND,
+            None,
+        ),
+        (
+            "/api/embed",
+            json!({"input": "a"}),
+            StatusCode::BAD_REQUEST,
+            Some("model"),
+        ),
+        (
+            "/api/embeddings",
+            json!({"model": "smollm2", "prompt": 3}),
+            StatusCode::BAD_REQUEST,
+            Some("prompt"),
+        ),
+    ] {
+        let (status, e) = post_json(&app, path, body.clone()).await;
+        assert_error(status, &e, want, param);
+        eprintln!("{path} {body}: {}", e["error"]["message"]);
+    }
+}
+
+/// Standard base64 (the test's own decoder).
+fn decode_base64(text: &str) -> Vec<u8> {
+    let value = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        b'/' => 63,
+        _ => panic!("not base64: {c}"),
+    };
+    let mut out = Vec::new();
+    for chunk in text.as_bytes().chunks(4) {
+        let data: Vec<u8> = chunk.iter().copied().filter(|&c| c != b'=').collect();
+        let n = data
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &c)| n | u32::from(value(c)) << (18 - 6 * i));
+        for i in 0..data.len().saturating_sub(1) {
+            out.push((n >> (16 - 8 * i)) as u8);
+        }
+    }
+    out
+}
+
+/// The text of `ids` (`/detokenize`).
+async fn decode_ids(app: &Router, ids: &[u32]) -> String {
+    let (status, v) = post_json(app, "/detokenize", json!({"tokens": ids})).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    v["content"].as_str().expect("content").to_string()
+}

@@ -49,10 +49,42 @@ fn last_logits(model: &Model, ids: &[u32]) -> Vec<f32> {
         .expect("forward")
 }
 
+/// The logits the head gives for a final hidden state (an embedding): the head's weight (the
+/// embedding table when tied) times `hidden`, soft-capped where the model caps its logits.
+fn head_logits(model: &Model, hidden: &[f32]) -> Vec<f64> {
+    let named = model.named_tensors().expect("weights");
+    let head = ["lm_head.weight", "model.embed_tokens.weight"]
+        .iter()
+        .find_map(|n| named.iter().find(|(k, _)| k == n))
+        .map(|(_, w)| w.to_vec2::<f32>().expect("2-d"))
+        .expect("a head");
+    let cap = model.config().features.final_logit_softcapping;
+    head.iter()
+        .map(|row| {
+            let l: f64 = row
+                .iter()
+                .zip(hidden)
+                .map(|(w, h)| f64::from(*w) * f64::from(*h))
+                .sum();
+            cap.map_or(l, |c| (l / c).tanh() * c)
+        })
+        .collect()
+}
+
+/// An embedding (the last token's final hidden state) through the engine is what the head
+/// turns into transformers' last logits.
+fn check_embedding(name: &str, model: &Model, hidden: &[f32], want: &[f64], what: &str) {
+    assert_eq!(hidden.len(), model.config().hidden_size, "{name} {what}");
+    for (a, b) in head_logits(model, hidden).iter().zip(want) {
+        assert!((a - b).abs() < 1e-4, "{name} {what}: {a} vs {b}");
+    }
+}
+
 /// Greedy continuations through the engine: each case alone, then all at once (a mixed
 /// batch), with a small block size and token budget so prefill is chunked and the context
-/// spans several blocks.
+/// spans several blocks; embeddings the same way.
 fn check_engine(name: &str, model: Model, cases: &Cases) {
+    let head = model.clone();
     let config = EngineConfig {
         kv_cache_bytes: 1 << 20,
         block_size: 4,
@@ -83,6 +115,55 @@ fn check_engine(name: &str, model: Model, cases: &Cases) {
             "{name} case {i} in a mixed batch: greedy8"
         );
     }
+    // Embeddings alone, then beside generating requests.
+    let embed = |ids: &[u32]| {
+        engine
+            .submit(GenerateRequest::embedding(ids.to_vec()))
+            .expect("submit")
+    };
+    for (i, (ids, logits, _)) in cases.iter().enumerate() {
+        let out = embed(ids).blocking_collect(|_| {}).expect("completes");
+        assert!(
+            out.tokens.is_empty(),
+            "{name}: an embedding generates nothing"
+        );
+        assert_eq!(out.usage.prompt_tokens, ids.len());
+        check_embedding(
+            name,
+            &head,
+            &out.embedding,
+            logits,
+            &format!("case {i} alone"),
+        );
+    }
+    let mixed: Vec<_> = cases
+        .iter()
+        .flat_map(|(ids, _, _)| {
+            [
+                embed(ids),
+                engine
+                    .submit(GenerateRequest::greedy(ids.clone(), 8))
+                    .expect("submit"),
+            ]
+        })
+        .collect();
+    for (i, g) in mixed.into_iter().enumerate() {
+        let out = g.blocking_collect(|_| {}).expect("completes");
+        let (_, logits, want) = &cases[i / 2];
+        if i % 2 == 0 {
+            check_embedding(name, &head, &out.embedding, logits, "in a mixed batch");
+        } else {
+            assert_eq!(&out.tokens, want, "{name}: greedy8 beside embeddings");
+        }
+    }
+    let wrong = GenerateRequest {
+        max_new_tokens: 1,
+        ..GenerateRequest::embedding(vec![1])
+    };
+    assert!(
+        engine.submit(wrong).is_err(),
+        "{name}: embeddings generate nothing"
+    );
 }
 
 fn check_model(name: &str) {

@@ -350,6 +350,11 @@ impl EngineHandle {
                 l.kv_capacity_tokens
             )));
         }
+        if request.embed && request.max_new_tokens > 0 {
+            return Err(EngineError::Invalid(
+                "an embedding request generates no tokens (max_new_tokens 0)".into(),
+            ));
+        }
         if [request.top_logprobs, request.prompt_logprobs]
             .iter()
             .any(|n| n.is_some_and(|n| n > MAX_TOP_LOGPROBS))
@@ -398,6 +403,8 @@ pub struct Collected {
     pub logprobs: Vec<Option<TokenLogprob>>,
     /// Prompt tokens `1..`, when requested (else empty).
     pub prompt_logprobs: Vec<TokenLogprob>,
+    /// The prompt's embedding, when requested (else empty).
+    pub embedding: Vec<f32>,
     /// How it ended.
     pub finish: FinishReason,
     /// Token counts.
@@ -413,9 +420,11 @@ impl Generation {
         let mut tokens = Vec::new();
         let mut logprobs = Vec::new();
         let mut prompt_logprobs = Vec::new();
+        let mut embedding = Vec::new();
         while let Some(ev) = self.blocking_next() {
             match ev {
                 Event::PromptLogprobs(lps) => prompt_logprobs = lps,
+                Event::Embedding(e) => embedding = e,
                 Event::Token { id, logprob } => {
                     on_token(id);
                     tokens.push(id);
@@ -426,6 +435,7 @@ impl Generation {
                         tokens,
                         logprobs,
                         prompt_logprobs,
+                        embedding,
                         finish: reason,
                         usage,
                     })

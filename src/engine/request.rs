@@ -30,6 +30,9 @@ pub struct GenerateRequest {
     /// constraint's grammar (any object, a schema's instance, a tool call, a choice), and a
     /// stop token only once it may end.
     pub json: Option<super::json_mode::JsonConstraint>,
+    /// An embedding instead of tokens: once the prompt is computed, its last token's final
+    /// hidden state is sent ([`Event::Embedding`]); `max_new_tokens` must be 0.
+    pub embed: bool,
 }
 
 impl GenerateRequest {
@@ -44,6 +47,15 @@ impl GenerateRequest {
             top_logprobs: None,
             prompt_logprobs: None,
             json: None,
+            embed: false,
+        }
+    }
+
+    /// An embedding of `prompt` (see [`GenerateRequest::embed`]).
+    pub fn embedding(prompt: Vec<TokenId>) -> Self {
+        GenerateRequest {
+            embed: true,
+            ..GenerateRequest::greedy(prompt, 0)
         }
     }
 }
@@ -95,6 +107,10 @@ pub enum Event {
     /// predicted from), once the whole prompt is computed; only with
     /// [`GenerateRequest::prompt_logprobs`].
     PromptLogprobs(Vec<TokenLogprob>),
+    /// The prompt's last token's final hidden state (`hidden_size` values, after the final
+    /// norm; not normalised to unit length), before `Finished`; only with
+    /// [`GenerateRequest::embed`].
+    Embedding(Vec<f32>),
     /// A new token.
     Token {
         /// The token id.

@@ -54,6 +54,8 @@ pub struct Sequence {
     pub sampler: Sampler,
     /// JSON mode's state, when asked for.
     pub json: Option<super::json_mode::JsonConstraint>,
+    /// Send the prompt's last hidden state instead of generating.
+    pub embed: bool,
     /// Speculative decoding: guesses of the tokens after the last one, computed in this step
     /// after it and kept while sampling agrees with them (see `super::draft`). Empty outside
     /// a step that speculates.
@@ -105,6 +107,7 @@ impl Sequence {
             },
             sampler: Sampler::new(request.sampling),
             json: request.json,
+            embed: request.embed,
             draft: Vec::new(),
             draft_len: usize::MAX,
             events,

@@ -125,9 +125,12 @@ impl EngineCore {
         let started = Instant::now();
         let forward = self.forward_batch(&batch);
         let (model, kv) = (&self.model, &mut self.kv);
-        match self.threads.install(|| model.forward(&forward, kv)) {
-            Ok(logits) => match logits.to_vec2::<f32>() {
-                Ok(rows) => self.sample_and_emit(&batch, rows),
+        match self
+            .threads
+            .install(|| model.forward_with_hidden(&forward, kv))
+        {
+            Ok((logits, hidden)) => match logits.to_vec2::<f32>() {
+                Ok(rows) => self.sample_and_emit(&batch, rows, &hidden),
                 Err(e) => self.fail(&batch, &e.to_string()),
             },
             Err(e) => self.fail(&batch, &e.to_string()),
@@ -190,8 +193,10 @@ impl EngineCore {
         fb
     }
 
-    fn sample_and_emit(&mut self, batch: &ScheduledBatch, mut rows: Vec<Vec<f32>>) {
+    /// `rows`: the step's logits rows; `hidden`: the same rows' final hidden states.
+    fn sample_and_emit(&mut self, batch: &ScheduledBatch, mut rows: Vec<Vec<f32>>, hidden: &[f32]) {
         let context = self.model.config().max_position_embeddings;
+        let width = self.model.config().hidden_size;
         // Bookkeeping first (prompt log-probabilities included); then the sequences whose
         // prompt is done sample, each with its own sampler and RNG, in parallel (a
         // temperature's softmax over the vocabulary is ~0.1 ms per sequence); then tokens and
@@ -243,6 +248,13 @@ impl EngineCore {
                     })
                 });
                 let _ = seq.events.send(Event::PromptLogprobs(lps.collect()));
+            }
+            if seq.embed {
+                // Last-token pooling: the prompt's last row.
+                let at = (span.end - 1) * width;
+                if let Some(h) = hidden.get(at..at + width) {
+                    let _ = seq.events.send(Event::Embedding(h.to_vec()));
+                }
             }
             if seq.num_generated() >= seq.max_new_tokens {
                 // Nothing to generate (`max_new_tokens` 0): the prompt was the work.

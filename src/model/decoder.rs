@@ -446,8 +446,8 @@ impl Decoder {
         }
     }
 
-    /// One step over a ragged batch; see [`super::Model::forward`].
-    pub fn forward(&self, batch: &ForwardBatch, kv: &mut KvCache) -> Result<Tensor> {
+    /// One step over a ragged batch; see [`super::Model::forward_with_hidden`].
+    pub fn forward(&self, batch: &ForwardBatch, kv: &mut KvCache) -> Result<(Tensor, Vec<f32>)> {
         let c = &self.config;
         let rows = batch.token_ids.len();
         let mut x = self
@@ -573,7 +573,8 @@ impl Decoder {
             let cap = cap as f32;
             logits.iter_mut().for_each(|l| *l = (*l / cap).tanh() * cap);
         }
-        Tensor::from_vec(logits, (outputs.len(), c.vocab_size), &Device::Cpu)
+        let logits = Tensor::from_vec(logits, (outputs.len(), c.vocab_size), &Device::Cpu)?;
+        Ok((logits, x))
     }
 
     /// The weights the training graph runs, shared with this model (no copies): per layer

@@ -316,6 +316,17 @@ impl Model {
     /// of a sequence marked [`SeqSpan::all_logits`], in batch order
     /// ([`ForwardBatch::output_rows`]).
     pub fn forward(&self, batch: &ForwardBatch, kv: &mut KvCache) -> candle_core::Result<Tensor> {
+        Ok(self.forward_with_hidden(batch, kv)?.0)
+    }
+
+    /// [`Self::forward`], with the same rows' final hidden states beside the logits:
+    /// `(rows · hidden_size)` values, after the final norm — what the head multiplies, and
+    /// Hugging Face's `last_hidden_state` (the embeddings of last-token pooling).
+    pub fn forward_with_hidden(
+        &self,
+        batch: &ForwardBatch,
+        kv: &mut KvCache,
+    ) -> candle_core::Result<(Tensor, Vec<f32>)> {
         batch.validate(kv, self.config().vocab_size)?;
         match self {
             Model::Decoder(m) => m.forward(batch, kv),

@@ -205,6 +205,7 @@ pub(super) fn start(
             top_logprobs,
             prompt_logprobs,
             json: job.common.json.clone().map(|g| loaded.json_constraint(g)),
+            embed: false,
         };
         let generation = loaded.engine.submit(request)?;
         choices.push(

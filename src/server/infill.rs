@@ -332,6 +332,7 @@ fn start(app: &AppState, loaded: &Loaded, plan: Plan) -> Result<TextEvents, ApiE
         top_logprobs: plan.n_probs,
         prompt_logprobs: None,
         json: plan.json.map(|g| loaded.json_constraint(g)),
+        embed: false,
     })?;
     let deadline = app.config().request_timeout.map(|t| Instant::now() + t);
     Ok(TextEvents::new(

@@ -2,6 +2,7 @@
 //! formats responses. The only layer that knows both the engine and text.
 
 pub mod completions;
+pub mod embeddings;
 pub mod error;
 pub mod fine_tuning;
 pub mod infill;
@@ -319,6 +320,9 @@ pub fn router(state: AppState) -> Router {
         .route("/api/ps", get(ollama::ps))
         .route("/api/show", post(ollama::show))
         .route("/api/version", get(ollama::version))
+        .route("/api/embed", post(embeddings::ollama_embed))
+        .route("/api/embeddings", post(embeddings::ollama_embeddings))
+        .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/chat/completions", post(completions::chat_completions))
         .route("/v1/responses", post(responses::responses))
         .route("/v1/models", get(info::models))

@@ -218,6 +218,8 @@ impl TextEvents {
             };
             match ev {
                 Some(Event::PromptLogprobs(lps)) => return Some(TextEvent::PromptLogprobs(lps)),
+                // Text requests never ask for one.
+                Some(Event::Embedding(_)) => {}
                 Some(Event::Token { id, logprob }) => {
                     if let Err(e) = self.on_token(id, logprob) {
                         self.end();

@@ -1,5 +1,5 @@
 """The official `ollama` Python client against a running nextoken (argv: base URL, API key):
-model listing, chat (whole and streamed), a JSON schema as `format`, generate."""
+model listing, chat (whole and streamed), a JSON schema as `format`, generate, embeddings."""
 import sys
 
 import ollama
@@ -39,4 +39,14 @@ print("review:", review)
 
 g = client.generate(model=model, prompt="def add(a, b):\n", options=options)
 assert g.response and g.done, g
+
+# Embeddings: unit vectors of the model's width, the same one alone and in a list.
+texts = ["The cat sat on the mat.", "Stock markets fell sharply today."]
+e = client.embed(model=model, input=texts)
+assert len(e.embeddings) == 2 and len(e.embeddings[0]) == 576, e
+assert abs(sum(x * x for x in e.embeddings[0]) - 1) < 1e-4
+assert client.embed(model=model, input=texts[0]).embeddings[0] == e.embeddings[0]
+legacy = client.embeddings(model=model, prompt=texts[0]).embedding
+norm = sum(x * x for x in legacy) ** 0.5
+assert all(abs(a / norm - b) < 1e-6 for a, b in zip(legacy, e.embeddings[0]))
 print("ollama client: ok")

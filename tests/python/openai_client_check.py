@@ -233,6 +233,25 @@ try:
 except openai.BadRequestError as e:
     assert "temperature" in str(e), e
     assert e.body["param"] == "temperature", e.body
+# Embeddings (the client asks for base64 and decodes it): unit vectors of the model's width,
+# a text's the same alone and among others.
+texts = ["The cat sat on the mat.", "A cat is sitting on a rug.", "Stock markets fell sharply today."]
+emb = client.embeddings.create(model=MODEL, input=texts)
+vecs = [d.embedding for d in emb.data]
+assert [d.index for d in emb.data] == [0, 1, 2] and len(vecs[0]) == 576, emb
+assert all(abs(sum(x * x for x in v) - 1) < 1e-4 for v in vecs)
+assert emb.usage.prompt_tokens > 0 and emb.usage.total_tokens == emb.usage.prompt_tokens
+assert client.embeddings.create(model=MODEL, input=texts[1]).data[0].embedding == vecs[1]
+assert client.embeddings.create(model=MODEL, input=texts[1],
+                                encoding_format="float").data[0].embedding == vecs[1]
+cos = lambda a, b: sum(x * y for x, y in zip(a, b))
+assert cos(vecs[0], vecs[1]) > cos(vecs[0], vecs[2]), emb
+try:
+    client.embeddings.create(model=MODEL, input="")
+    raise AssertionError("expected BadRequestError")
+except openai.BadRequestError as e:
+    assert e.body["param"] == "input", e.body
+
 try:
     client.completions.create(model="no-such-model", prompt="hi")
     raise AssertionError("expected NotFoundError")
