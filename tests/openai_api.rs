@@ -1951,7 +1951,7 @@ async fn responses_api_text_stream_format_and_tools() {
         assert_eq!(r["incomplete_details"]["reason"], "max_output_tokens");
     }
     assert_eq!(r["metadata"], json!({"k": "v"}));
-    assert_eq!(r["store"], false);
+    assert_eq!(r["store"], true);
     let item = &r["output"][0];
     assert_eq!(item["type"], "message");
     assert_eq!(item["role"], "assistant");
@@ -2636,4 +2636,127 @@ async fn decode_ids(app: &Router, ids: &[u32]) -> String {
     let (status, v) = post_json(app, "/detokenize", json!({"tokens": ids})).await;
     assert_eq!(status, StatusCode::OK, "{v}");
     v["content"].as_str().expect("content").to_string()
+}
+
+/// A body-less request (`GET`, `DELETE`) and its JSON answer.
+async fn call(app: &Router, method: &str, path: &str) -> (StatusCode, Value) {
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .body(Body::empty())
+        .expect("request");
+    let (status, _, bytes) = send(app, req).await;
+    (status, serde_json::from_slice(&bytes).expect("JSON"))
+}
+
+/// Stored responses: `previous_response_id` continues a conversation with exactly the tokens
+/// of the whole conversation sent at once; `GET`, `input_items`, `DELETE`; `store: false`
+/// keeps nothing; a streamed response is kept as its `response.completed` says.
+#[tokio::test]
+async fn responses_are_stored_and_continued() {
+    let app = app();
+    let first = json!({"instructions": "Answer briefly.", "input": "My name is Ada. What is 2+2?",
+                       "max_output_tokens": 20, "temperature": 0});
+    let (status, r1) = post_json(&app, "/v1/responses", first.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{r1}");
+    assert_eq!(r1["store"], true);
+    let id1 = r1["id"].as_str().expect("id").to_string();
+    let answer1 = r1["output"][0]["content"][0]["text"]
+        .as_str()
+        .expect("text");
+    let (status, r2) = post_json(
+        &app,
+        "/v1/responses",
+        json!({"instructions": "Answer briefly.", "input": "What is my name?",
+               "previous_response_id": id1, "max_output_tokens": 20, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{r2}");
+    assert_eq!(r2["previous_response_id"], id1.as_str());
+    let (_, chat) = post_json(
+        &app,
+        "/v1/chat/completions",
+        json!({"messages": [
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": "My name is Ada. What is 2+2?"},
+            {"role": "assistant", "content": answer1},
+            {"role": "user", "content": "What is my name?"}],
+            "max_tokens": 20, "temperature": 0}),
+    )
+    .await;
+    eprintln!("second answer: {}", r2["output"][0]["content"][0]["text"]);
+    assert_eq!(
+        r2["output"][0]["content"][0]["text"], chat["choices"][0]["message"]["content"],
+        "{r2}"
+    );
+    assert_eq!(r2["usage"]["input_tokens"], chat["usage"]["prompt_tokens"]);
+
+    let (status, got) = call(&app, "GET", &format!("/v1/responses/{id1}")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(got, r1);
+    let id2 = r2["id"].as_str().expect("id");
+    let (_, items) = call(
+        &app,
+        "GET",
+        &format!("/v1/responses/{id2}/input_items?order=asc"),
+    )
+    .await;
+    let data = items["data"].as_array().expect("data");
+    assert_eq!(data.len(), 3, "{items}");
+    assert_eq!(data[0]["content"], "My name is Ada. What is 2+2?");
+    assert_eq!(data[1], r1["output"][0]);
+    assert_eq!(data[2]["content"], "What is my name?");
+    assert_eq!(items["first_id"], data[0]["id"]);
+    let (_, desc) = call(&app, "GET", &format!("/v1/responses/{id2}/input_items")).await;
+    assert_eq!(desc["data"][0], data[2], "newest first by default");
+
+    // Deleted: gone, but the conversation continued from it keeps its own copy.
+    let (status, d) = call(&app, "DELETE", &format!("/v1/responses/{id1}")).await;
+    assert_eq!(status, StatusCode::OK, "{d}");
+    assert_eq!(d, json!({"id": id1, "object": "response", "deleted": true}));
+    for (method, path) in [("GET", &id1), ("DELETE", &id1)] {
+        let (status, e) = call(&app, method, &format!("/v1/responses/{path}")).await;
+        assert_error(status, &e, StatusCode::NOT_FOUND, None);
+    }
+    let (status, r3) = post_json(
+        &app,
+        "/v1/responses",
+        json!({"input": "Thanks.", "previous_response_id": id2, "max_output_tokens": 4}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{r3}");
+
+    // Not stored: nothing to read or continue.
+    let mut unstored = first.clone();
+    unstored["store"] = json!(false);
+    let (_, r) = post_json(&app, "/v1/responses", unstored).await;
+    assert_eq!(r["store"], false);
+    let id = r["id"].as_str().expect("id");
+    let (status, e) = call(&app, "GET", &format!("/v1/responses/{id}")).await;
+    assert_error(status, &e, StatusCode::NOT_FOUND, None);
+    let (status, e) = post_json(
+        &app,
+        "/v1/responses",
+        json!({"input": "x", "previous_response_id": id}),
+    )
+    .await;
+    assert_error(
+        status,
+        &e,
+        StatusCode::BAD_REQUEST,
+        Some("previous_response_id"),
+    );
+    let (status, e) = post_json(&app, "/v1/responses", json!({"input": "x", "store": "yes"})).await;
+    assert_error(status, &e, StatusCode::BAD_REQUEST, Some("store"));
+
+    // Streamed, then read back.
+    let mut streamed = first;
+    streamed["stream"] = json!(true);
+    let (_, _, bytes) = send(&app, post("/v1/responses", streamed)).await;
+    let events = named_sse_events(&bytes);
+    let (_, done) = events.last().expect("events");
+    let id = done["response"]["id"].as_str().expect("id");
+    let (status, got) = call(&app, "GET", &format!("/v1/responses/{id}")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(got, done["response"]);
 }

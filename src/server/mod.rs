@@ -196,6 +196,7 @@ struct Shared {
     config: ServerConfig,
     loaded: OnceLock<Arc<Loaded>>,
     metrics: Arc<Metrics>,
+    responses: responses::SharedStore,
 }
 
 /// Shared state of all handlers.
@@ -212,6 +213,7 @@ impl AppState {
                 config,
                 loaded: OnceLock::new(),
                 metrics: Arc::new(Metrics::default()),
+                responses: Default::default(),
             }),
         }
     }
@@ -230,6 +232,11 @@ impl AppState {
                 "the model is loading; retry shortly",
             )
         })
+    }
+
+    /// Stored Responses-API responses.
+    pub fn responses(&self) -> responses::SharedStore {
+        self.shared.responses.clone()
     }
 
     /// Metrics registry.
@@ -325,6 +332,14 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/chat/completions", post(completions::chat_completions))
         .route("/v1/responses", post(responses::responses))
+        .route(
+            "/v1/responses/{id}",
+            get(responses::get_response).delete(responses::delete_response),
+        )
+        .route(
+            "/v1/responses/{id}/input_items",
+            get(responses::input_items_list),
+        )
         .route("/v1/models", get(info::models))
         .route("/v1/models/{id}", get(info::model))
         .route("/health", get(info::health))

@@ -5,13 +5,21 @@
 //! The request is translated into a chat request and runs on the chat path; the answer is a
 //! `response` object whose `output` holds a `message` (with `output_text`) or a
 //! `function_call`, streamed as the API's typed events (`response.created`, …,
-//! `response.output_text.delta`, …, `response.completed`). Nothing is stored:
-//! `previous_response_id` is refused and `store` is answered `false`.
+//! `response.output_text.delta`, …, `response.completed`).
+//!
+//! Responses are stored (`store`, on by default as OpenAI's) in memory — the newest
+//! [`MAX_STORED`], not kept across restarts, as vLLM keeps them: `previous_response_id`
+//! continues a stored conversation (its input and output items come before the new input;
+//! `instructions` are the new request's own), and `GET`/`DELETE /v1/responses/{id}` and
+//! `GET /v1/responses/{id}/input_items` read and remove them.
 
+use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::extract::State;
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::StatusCode;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::stream;
@@ -28,20 +36,114 @@ fn new_id(prefix: &str) -> String {
     format!("{prefix}_{:032x}", rand::random::<u128>())
 }
 
+/// Most responses kept; the oldest go first.
+pub const MAX_STORED: usize = 1000;
+
+/// A stored response: its object, and the conversation it ends (input items, then its own
+/// output items; each with an `id`).
+struct Stored {
+    response: Value,
+    items: Vec<Value>,
+    /// How many of `items` were its input.
+    inputs: usize,
+}
+
+/// The responses kept for `previous_response_id` and the `GET`/`DELETE` routes.
+#[derive(Default)]
+pub struct ResponseStore {
+    map: HashMap<String, Stored>,
+    order: VecDeque<String>,
+}
+
+impl ResponseStore {
+    fn insert(&mut self, id: String, stored: Stored) {
+        while self.map.len() >= MAX_STORED {
+            match self.order.pop_front() {
+                Some(old) => {
+                    self.map.remove(&old);
+                }
+                None => break,
+            }
+        }
+        self.order.push_back(id.clone());
+        self.map.insert(id, stored);
+    }
+
+    fn remove(&mut self, id: &str) -> bool {
+        self.order.retain(|k| k != id);
+        self.map.remove(id).is_some()
+    }
+}
+
+/// The store shared by the handlers.
+pub type SharedStore = Arc<Mutex<ResponseStore>>;
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::status(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        format!("Response with id '{id}' not found."),
+    )
+}
+
+/// The request's input as items (a text is one user message), with an `id` each.
+fn input_items(body: &Value) -> Option<Vec<Value>> {
+    let items = match body.get("input")? {
+        Value::String(s) => vec![json!({"type": "message", "role": "user", "content": s})],
+        Value::Array(a) => a.clone(),
+        _ => return None,
+    };
+    Some(
+        items
+            .into_iter()
+            .map(|mut item| {
+                if item.is_object() && item.get("id").is_none_or(Value::is_null) {
+                    item["id"] = json!(new_id("msg"));
+                }
+                item
+            })
+            .collect(),
+    )
+}
+
+/// A request that continues `previous_response_id`: its body with the stored conversation's
+/// items before its own input, and those items. Without one, the body as it is.
+fn with_history(store: &SharedStore, body: &Value) -> Result<(Value, Vec<Value>), ApiError> {
+    let mut items = input_items(body).unwrap_or_default();
+    let Some(prev) = body.get("previous_response_id").filter(|v| !v.is_null()) else {
+        return Ok((body.clone(), items));
+    };
+    let id = prev.as_str().ok_or_else(|| {
+        ApiError::invalid(
+            "previous_response_id",
+            "`previous_response_id` must be a string",
+        )
+    })?;
+    let history = {
+        let store = store.lock().map_err(ApiError::internal)?;
+        let stored = store.map.get(id).ok_or_else(|| {
+            ApiError::invalid(
+                "previous_response_id",
+                format!("Previous response with id '{id}' not found."),
+            )
+        })?;
+        stored.items.clone()
+    };
+    if input_items(body).is_none() {
+        // Let the chat translation name what is wrong with `input`.
+        return Ok((body.clone(), items));
+    }
+    items.splice(0..0, history);
+    let mut body = body.clone();
+    body["input"] = Value::Array(items.clone());
+    Ok((body, items))
+}
+
 /// The chat request a Responses request amounts to. Errors name the Responses fields.
 fn chat_body(body: &Value) -> Result<Value, ApiError> {
     let Some(req) = body.as_object() else {
         return Err(ApiError::bad_request("the body must be a JSON object"));
     };
-    if req
-        .get("previous_response_id")
-        .is_some_and(|v| !v.is_null())
-    {
-        return Err(ApiError::invalid(
-            "previous_response_id",
-            "responses are not stored; send the whole conversation in `input`",
-        ));
-    }
     let mut messages = Vec::new();
     if let Some(i) = req.get("instructions").filter(|v| !v.is_null()) {
         let text = i
@@ -190,15 +292,36 @@ fn rename_param(mut e: ApiError) -> ApiError {
     e
 }
 
-/// What the request said, echoed in every `response` object.
+/// What the request said, echoed in every `response` object; where the finished one is kept.
 struct Echo {
     id: String,
     created_at: u64,
     model: String,
     request: Map<String, Value>,
+    /// The store, when `store` is on; and the conversation's input items.
+    store: Option<SharedStore>,
+    items: Vec<Value>,
 }
 
 impl Echo {
+    /// Keeps a finished response (when asked to) with its conversation.
+    fn keep(&self, response: &Value) {
+        let Some(store) = &self.store else { return };
+        let mut items = self.items.clone();
+        let inputs = items.len();
+        items.extend(response["output"].as_array().cloned().unwrap_or_default());
+        if let Ok(mut s) = store.lock() {
+            s.insert(
+                self.id.clone(),
+                Stored {
+                    response: response.clone(),
+                    items,
+                    inputs,
+                },
+            );
+        }
+    }
+
     /// A `response` object.
     fn response(&self, status: &str, output: Vec<Value>, usage: Option<Value>) -> Value {
         let r = &self.request;
@@ -215,13 +338,13 @@ impl Echo {
             "max_output_tokens": get("max_output_tokens", Value::Null),
             "model": self.model, "output": output,
             "parallel_tool_calls": get("parallel_tool_calls", json!(true)),
-            "previous_response_id": null,
+            "previous_response_id": get("previous_response_id", Value::Null),
             "temperature": get("temperature", json!(1.0)),
             "top_p": get("top_p", json!(1.0)),
             "tool_choice": get("tool_choice", json!("auto")),
             "tools": get("tools", json!([])),
             "text": get("text", json!({"format": {"type": "text"}})),
-            "truncation": "disabled", "store": false,
+            "truncation": "disabled", "store": self.store.is_some(),
             "metadata": get("metadata", json!({})),
             "usage": usage,
         })
@@ -260,8 +383,15 @@ pub async fn responses(
     State(app): State<AppState>,
     AppJson(body): AppJson<Value>,
 ) -> Result<Response, ApiError> {
-    let chat = chat_body(&body).map_err(rename_param)?;
+    let store = app.responses();
+    let (full, items) = with_history(&store, &body)?;
+    let chat = chat_body(&full).map_err(rename_param)?;
     let loaded = app.loaded()?;
+    let keep = match body.get("store") {
+        None | Some(Value::Null) => true,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(ApiError::invalid("store", "`store` must be a boolean")),
+    };
     let job = chat_job(loaded, &chat).map_err(rename_param)?;
     let events = start_one(loaded, &app, &job)?;
     let echo = Echo {
@@ -271,6 +401,8 @@ pub async fn responses(
             .map_or(0, |d| d.as_secs()),
         model: job.model.clone(),
         request: body.as_object().cloned().unwrap_or_default(),
+        store: keep.then_some(store),
+        items,
     };
     if body.get("stream").and_then(Value::as_bool) == Some(true) {
         return Ok(respond_sse(job, echo, events));
@@ -280,7 +412,69 @@ pub async fn responses(
     let output = vec![output_item(&job, &r.text, complete)];
     let status = if complete { "completed" } else { "incomplete" };
     let u = usage(&job, r.completion_tokens, r.cached_tokens);
-    Ok(axum::Json(echo.response(status, output, Some(u))).into_response())
+    let response = echo.response(status, output, Some(u));
+    echo.keep(&response);
+    Ok(axum::Json(response).into_response())
+}
+
+/// `GET /v1/responses/{id}`: a stored response.
+pub async fn get_response(
+    State(app): State<AppState>,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Response, ApiError> {
+    let store = app.responses();
+    let s = store.lock().map_err(ApiError::internal)?;
+    let stored = s.map.get(&id).ok_or_else(|| not_found(&id))?;
+    Ok(axum::Json(stored.response.clone()).into_response())
+}
+
+/// `DELETE /v1/responses/{id}`.
+pub async fn delete_response(
+    State(app): State<AppState>,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Response, ApiError> {
+    let store = app.responses();
+    let removed = store.lock().map_err(ApiError::internal)?.remove(&id);
+    if !removed {
+        return Err(not_found(&id));
+    }
+    Ok(axum::Json(json!({"id": id, "object": "response", "deleted": true})).into_response())
+}
+
+/// `order` of `GET /v1/responses/{id}/input_items` (`desc`, the newest first, by default).
+#[derive(Debug, serde::Deserialize)]
+pub struct ItemsQuery {
+    order: Option<String>,
+}
+
+/// `GET /v1/responses/{id}/input_items`: the items the response was generated from (the
+/// conversation before it, `previous_response_id`'s included).
+pub async fn input_items_list(
+    State(app): State<AppState>,
+    UrlPath(id): UrlPath<String>,
+    Query(q): Query<ItemsQuery>,
+) -> Result<Response, ApiError> {
+    let store = app.responses();
+    let s = store.lock().map_err(ApiError::internal)?;
+    let stored = s.map.get(&id).ok_or_else(|| not_found(&id))?;
+    let mut data = stored.items[..stored.inputs].to_vec();
+    match q.order.as_deref() {
+        None | Some("desc") => data.reverse(),
+        Some("asc") => {}
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "order",
+                "`order` must be `asc` or `desc`",
+            ))
+        }
+    }
+    let first = data.first().map(|i| i["id"].clone());
+    let last = data.last().map(|i| i["id"].clone());
+    Ok(
+        axum::Json(json!({"object": "list", "data": data, "first_id": first,
+                         "last_id": last, "has_more": false}))
+        .into_response(),
+    )
 }
 
 /// Sends the API's typed events, numbered.
@@ -439,6 +633,7 @@ async fn stream_events(job: Job, echo: Echo, mut events: TextEvents, mut out: Em
     let status = if complete { "completed" } else { "incomplete" };
     let u = usage(&job, finish.1, finish.2);
     let r = echo.response(status, vec![item], Some(u));
+    echo.keep(&r);
     let _ = out
         .send(&format!("response.{status}"), json!({"response": r}))
         .await;

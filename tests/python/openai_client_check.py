@@ -225,6 +225,21 @@ after = client.responses.create(model=MODEL, tools=rtools, temperature=0, max_ou
     {"role": "user", "content": "What is the weather like in Paris?"}, fc.model_dump(exclude_none=True),
     {"type": "function_call_output", "call_id": fc.call_id, "output": '{"temperature": 31, "sky": "sunny"}'}])
 assert "sunny" in after.output_text.lower(), after
+# The same round trip continued from the stored call (`previous_response_id`): same answer.
+chained = client.responses.create(model=MODEL, tools=rtools, temperature=0, max_output_tokens=40,
+                                  previous_response_id=rc.id, input=[
+    {"type": "function_call_output", "call_id": fc.call_id, "output": '{"temperature": 31, "sky": "sunny"}'}])
+assert chained.output_text == after.output_text, (chained, after)
+assert chained.previous_response_id == rc.id and chained.store, chained
+assert client.responses.retrieve(rc.id).output[0].call_id == fc.call_id
+items = client.responses.input_items.list(chained.id, order="asc").data
+assert [i.type for i in items] == ["message", "function_call", "function_call_output"], items
+assert client.responses.delete(rc.id) is None
+try:
+    client.responses.retrieve(rc.id)
+    raise AssertionError("expected NotFoundError")
+except openai.NotFoundError:
+    pass
 
 # Errors surface as the right exception classes with our messages.
 try:
