@@ -212,6 +212,17 @@ impl NumVal {
         }
     }
 
+    /// What the value must be a multiple of (`multipleOf`), in units of 10⁻⁹.
+    fn step(self, g: &Grammar) -> Option<i128> {
+        if self.node == NO_NODE {
+            return None;
+        }
+        match g.resolve(self.node).1 {
+            Node::Number { step, .. } => *step,
+            _ => None,
+        }
+    }
+
     /// The value so far in units of 10⁻⁹, without its sign.
     fn magnitude(self) -> i128 {
         i128::from(self.int) * NUM_SCALE
@@ -240,7 +251,10 @@ impl NumVal {
 
     /// Whether a number whose text so far left it in `num` can still end inside `[lo, hi]`:
     /// the values its continuations reach, as intervals of magnitudes, against the bounds.
-    fn can_reach(self, num: Num, integer: bool, [lo, hi]: [i128; 2]) -> bool {
+    /// With a `step`, some multiple of it must lie there: the spans hold every value of
+    /// their range a number can be written as (every unit for a float, whole numbers for an
+    /// integer, where the step is a multiple of a whole unit).
+    fn can_reach(self, num: Num, integer: bool, [lo, hi]: [i128; 2], step: Option<i128>) -> bool {
         let unit = NUM_SCALE;
         // Decimals a float may still add below a magnitude `m` (a whole number of units).
         let tail = |m: i128| if integer { m } else { m + unit - 1 };
@@ -266,18 +280,18 @@ impl NumVal {
         }
         spans.into_iter().any(|(a, b)| {
             let (a, b) = if self.neg { (-b, -a) } else { (a, b) };
-            a.max(lo) <= b.min(hi)
+            let (a, b) = (a.max(lo), b.min(hi));
+            a <= b && step.is_none_or(|s| b.div_euclid(s) * s >= a)
         })
     }
 
     /// Whether the number, complete in `num`, lies inside its bounds (if any).
     fn within(self, num: Num, g: &Grammar) -> bool {
+        let m = self.magnitude();
+        let v = if self.neg { -m } else { m };
         num.complete()
-            && self.bounds(g).is_none_or(|[lo, hi]| {
-                let m = self.magnitude();
-                let v = if self.neg { -m } else { m };
-                lo <= v && v <= hi
-            })
+            && self.bounds(g).is_none_or(|[lo, hi]| lo <= v && v <= hi)
+            && self.step(g).is_none_or(|s| v % s == 0)
     }
 }
 
@@ -295,7 +309,8 @@ fn num_step(
         return Some((num, val));
     };
     let val = val.after(num, b)?;
-    val.can_reach(num, integer, bounds).then_some((num, val))
+    val.can_reach(num, integer, bounds, val.step(g))
+        .then_some((num, val))
 }
 
 /// The property index of a free key (an object without declared properties).
@@ -583,7 +598,9 @@ impl JsonState {
                 }
                 true
             }
-            Node::Number { integer, bounds } => {
+            Node::Number {
+                integer, bounds, ..
+            } => {
                 let start = NumVal {
                     node: if bounds.is_some() { id } else { NO_NODE },
                     ..NumVal::default()

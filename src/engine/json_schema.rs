@@ -13,8 +13,8 @@
 //! and to the `format`s OpenAI's structured outputs name (`date-time`, `date`, `time`,
 //! `duration`, `email`, `hostname`, `ipv4`, `ipv6`, `uuid`: written as patterns); other
 //! formats are annotations, as JSON Schema 2020-12 defines them by default. Keywords that
-//! constrain values in ways the recogniser cannot follow (`multipleOf`, …) are refused rather
-//! than silently ignored. [`Grammar::regex`] is a whole answer that matches a pattern (vLLM's
+//! constrain values in ways the recogniser cannot follow (`uniqueItems`, `not`, …) are refused
+//! rather than silently ignored. `multipleOf` is followed like the bounds (the same limits). [`Grammar::regex`] is a whole answer that matches a pattern (vLLM's
 //! `guided_regex`).
 
 use std::collections::HashMap;
@@ -80,10 +80,13 @@ pub(crate) enum Node {
         pattern: Option<Arc<Pattern>>,
     },
     /// A number (`integer`: no fraction or exponent), within `bounds` when set: inclusive
-    /// `[low, high]` in units of 10⁻⁹ ([`NUM_SCALE`]; multiples of it for an integer).
+    /// `[low, high]` in units of 10⁻⁹ ([`NUM_SCALE`]; multiples of it for an integer); a
+    /// multiple of `step` (units; `multipleOf`, for an integer the least common multiple
+    /// with a whole unit) when set, which then always comes with bounds.
     Number {
         integer: bool,
         bounds: Option<[i128; 2]>,
+        step: Option<i128>,
     },
     /// One of these JSON texts exactly (`enum`, `const`, `true`/`false`, `null`).
     Literals(Vec<Box<[u8]>>),
@@ -133,7 +136,6 @@ impl std::error::Error for SchemaError {}
 /// constraint holds when it does not.
 const UNSUPPORTED: &[&str] = &[
     "patternProperties",
-    "multipleOf",
     "minProperties",
     "maxProperties",
     "uniqueItems",
@@ -326,6 +328,7 @@ fn base_nodes() -> Vec<Node> {
         Node::Number {
             integer: false,
             bounds: None,
+            step: None,
         },
         Node::Literals(vec![
             b"true"[..].into(),
@@ -516,6 +519,33 @@ fn number_bounds(s: &Value, integer: bool, path: &str) -> Result<Option<[i128; 2
     Ok(Some([lo.max(-reach), hi.min(reach)]))
 }
 
+/// `multipleOf` in units of [`NUM_SCALE`] (for an integer, the least common multiple with a
+/// whole unit): a positive number with at most 9 decimals.
+fn multiple_of(s: &Value, integer: bool, path: &str) -> Result<Option<i128>, SchemaError> {
+    let n = match s.get("multipleOf") {
+        None => return Ok(None),
+        Some(Value::Number(n)) => n,
+        Some(_) => return err(path, "`multipleOf` must be a number"),
+    };
+    let m = scaled(n, false);
+    if m <= 0 || m != scaled(n, true) || m > NUM_MAX_INT * NUM_SCALE {
+        return err(
+            path,
+            "`multipleOf` must be above 0, with at most 9 decimals and at most 4294967295",
+        );
+    }
+    if !integer {
+        return Ok(Some(m));
+    }
+    let gcd = |mut a: i128, mut b: i128| {
+        while b != 0 {
+            (a, b) = (b, a % b);
+        }
+        a
+    };
+    Ok(Some(m / gcd(m, NUM_SCALE) * NUM_SCALE))
+}
+
 fn count(s: &Value, key: &str, path: &str) -> Result<Option<u32>, SchemaError> {
     match s.get(key) {
         None => Ok(None),
@@ -683,9 +713,15 @@ impl<'a> Compiler<'a> {
         }
         match s.get("type") {
             None => {
-                if let Some(k) = ["minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"]
-                    .into_iter()
-                    .find(|k| s.get(k).is_some())
+                if let Some(k) = [
+                    "minimum",
+                    "maximum",
+                    "exclusiveMinimum",
+                    "exclusiveMaximum",
+                    "multipleOf",
+                ]
+                .into_iter()
+                .find(|k| s.get(k).is_some())
                 {
                     return err(
                         path,
@@ -791,9 +827,39 @@ impl<'a> Compiler<'a> {
             }
             "number" | "integer" => {
                 let integer = t == "integer";
-                match number_bounds(s, integer, path)? {
-                    None if !integer => Ok(ANY_NUMBER),
-                    bounds => self.push(Node::Number { integer, bounds }, path),
+                let step = multiple_of(s, integer, path)?;
+                let bounds = number_bounds(s, integer, path)?;
+                if let (Some([lo, hi]), Some(step)) = (bounds, step) {
+                    if hi.div_euclid(step) * step < lo {
+                        return err(
+                            path,
+                            format!("no {t} between the bounds is a multiple of `multipleOf`"),
+                        );
+                    }
+                }
+                match bounds {
+                    None if !integer && step.is_none() => Ok(ANY_NUMBER),
+                    // A step is followed on the tracked value, which bounded numbers carry.
+                    None if step.is_some() => {
+                        let reach = NUM_MAX_INT * NUM_SCALE + (NUM_SCALE - 1);
+                        let bounds = Some([-reach, reach]);
+                        self.push(
+                            Node::Number {
+                                integer,
+                                bounds,
+                                step,
+                            },
+                            path,
+                        )
+                    }
+                    bounds => self.push(
+                        Node::Number {
+                            integer,
+                            bounds,
+                            step,
+                        },
+                        path,
+                    ),
                 }
             }
             "boolean" => self.push(
@@ -1034,6 +1100,40 @@ mod tests {
     }
 
     #[test]
+    fn numbers_keep_to_multiple_of() {
+        let g = grammar(json!({"type": "integer", "multipleOf": 5, "minimum": 0, "maximum": 100}));
+        check(&g, &["0", "15", "100", "95"], &["17", "105", "-5", "1.0"]);
+        // A digit only where a multiple can still follow: "1" (10, 15), not "10" + "1".
+        assert!(run(&g, "1").is_some() && run(&g, "101").is_none());
+        assert!(
+            run(&g, "11").is_none(),
+            "no multiple of 5 in 110..119 within 100"
+        );
+        let g = grammar(json!({"type": "number", "multipleOf": 0.25}));
+        check(
+            &g,
+            &["0.75", "1.5", "-2.25", "3", "0.250"],
+            &["0.3", "1.1", "2e1", "0.7"],
+        );
+        assert!(
+            run(&g, "0.3").is_none(),
+            "nothing in 0.3..0.4 is a multiple of 0.25"
+        );
+        assert!(run(&g, "0.7").is_some(), "0.75 may follow");
+        // An integer's multiple of 0.5 is any integer; of 1.5, the multiples of 3.
+        check(
+            &grammar(json!({"type": "integer", "multipleOf": 0.5})),
+            &["7", "-3"],
+            &["7.5"],
+        );
+        check(
+            &grammar(json!({"type": ["integer", "null"], "multipleOf": 1.5})),
+            &["6", "-9", "null"],
+            &["4", "1"],
+        );
+    }
+
+    #[test]
     fn integers_keep_to_their_bounds() {
         // pydantic: `conint(ge=1, le=5)`, `Field(gt=0, lt=100)`, a negative range.
         let g = grammar(json!({"type": "object", "properties": {
@@ -1136,9 +1236,20 @@ mod tests {
                 "must be a string",
             ),
             (
-                json!({"type": "integer", "multipleOf": 5}),
+                json!({"type": "integer", "multipleOf": 0}),
                 "#",
-                "`multipleOf`",
+                "`multipleOf` must be above 0",
+            ),
+            (
+                json!({"type": "number", "multipleOf": 1e-10}),
+                "#",
+                "9 decimals",
+            ),
+            (json!({"multipleOf": 2}), "#", "`type`"),
+            (
+                json!({"type": "integer", "multipleOf": 5, "minimum": 1, "maximum": 4}),
+                "#",
+                "no integer",
             ),
             (json!({"minimum": 0}), "#", "`type`"),
             (

@@ -118,12 +118,15 @@ assert person.name == "Marie" and person.age == 34, person
 assert p.choices[0].message.content.startswith('{"name": '), p  # the schema's key order
 
 
-# Bounded fields (`ge`/`le`/`gt`/`lt` become `minimum`/`maximum`/...): parsing validates them,
-# so an answer out of range would raise here, even sampled hot.
+# Bounded fields (`ge`/`le`/`gt`/`lt` become `minimum`/`maximum`/..., `multiple_of`
+# `multipleOf`): parsing validates them, so an answer that broke one would raise here, even
+# sampled hot.
 class Review(pydantic.BaseModel):
     rating: int = pydantic.Field(ge=1, le=5)
     confidence: float = pydantic.Field(ge=0, le=1)
     year: int = pydantic.Field(gt=1899, lt=2031)
+    stars: float = pydantic.Field(multiple_of=0.5, ge=0, le=5)
+    box_office_millions: int = pydantic.Field(multiple_of=100)
 
 
 for seed in range(3):
@@ -131,7 +134,7 @@ for seed in range(3):
         model=MODEL,
         messages=[{"role": "user", "content": "Rate the movie Titanic (1997) out of ten, say "
                    "how sure you are, and give its year."}],
-        max_tokens=60, temperature=1.3, seed=seed, response_format=Review,
+        max_tokens=200, temperature=1.3, seed=seed, response_format=Review,
     )
     assert isinstance(r.choices[0].message.parsed, Review), r
 
