@@ -1426,7 +1426,7 @@ async fn json_schema_answers_are_instances_of_the_schema() {
         ),
         (
             "/completion",
-            json!({"prompt": "x", "json_schema": {"multipleOf": 2, "type": "integer"}}),
+            json!({"prompt": "x", "json_schema": {"multipleOf": 2, "type": "integer", "maximum": 1, "minimum": 1}}),
             "json_schema",
         ),
         (
