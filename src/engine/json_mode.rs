@@ -285,7 +285,8 @@ impl NumVal {
         })
     }
 
-    /// Whether the number, complete in `num`, lies inside its bounds (if any).
+    /// Whether the number, complete in `num`, lies inside its bounds and is a multiple of its
+    /// step (where it has them).
     fn within(self, num: Num, g: &Grammar) -> bool {
         let m = self.magnitude();
         let v = if self.neg { -m } else { m };

@@ -217,6 +217,13 @@ impl Pattern {
             .start_state(&start::Config::new().anchored(Anchored::No))
             .map_err(|e| format!("the pattern {source:?} cannot be followed: {e}"))?;
         let cap = if max == UNBOUNDED { min } else { max };
+        // The recogniser counts a string's characters in 16 bits.
+        if cap > u32::from(u16::MAX) {
+            return Err(format!(
+                "lengths above {} beside the pattern {source:?} are not supported",
+                u16::MAX
+            ));
+        }
         let mut p = Pattern {
             source: source.to_owned(),
             dfa,
