@@ -1431,7 +1431,7 @@ async fn json_schema_answers_are_instances_of_the_schema() {
         ),
         (
             "/completion",
-            json!({"prompt": "x", "grammar": "root ::= \"a\""}),
+            json!({"prompt": "x", "grammar": "root ::= \"[\" root? \"]\""}),
             "grammar",
         ),
         (
@@ -2759,4 +2759,91 @@ async fn responses_are_stored_and_continued() {
     let (status, got) = call(&app, "GET", &format!("/v1/responses/{id}")).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(got, done["response"]);
+}
+
+/// GBNF grammars (llama.cpp's `grammar` on `/completion`, and on the OpenAI routes with vLLM's
+/// `guided_grammar`): the answer is what the grammar allows, whole; recursive ones are a 400.
+#[tokio::test]
+async fn gbnf_grammars_shape_the_answer() {
+    let app = app();
+    let grammar = "root ::= answer \", because \" reason \".\"\n\
+                   answer ::= \"yes\" | \"no\"\n\
+                   reason ::= [a-z ]{3,60}";
+    let whole = regex::Regex::new("^(yes|no), because [a-z ]{3,60}\\.$").expect("regex");
+    let question = "Is the sky blue? Answer yes or no and say why.";
+    let (status, v) = post_json(
+        &app,
+        "/completion",
+        json!({"prompt": question, "grammar": grammar, "n_predict": 40, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let t = v["content"].as_str().expect("content");
+    eprintln!("/completion: {t:?}");
+    assert!(whole.is_match(t), "{t:?}");
+    assert_eq!(v["stop_type"], "eos", "{v}");
+    for (seed, temperature) in [(0, 0.0), (1, 1.2), (2, 1.2)] {
+        let (status, v) = post_json(
+            &app,
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": question}],
+                   "guided_grammar": grammar, "max_tokens": 40,
+                   "temperature": temperature, "seed": seed}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        let t = v["choices"][0]["message"]["content"]
+            .as_str()
+            .expect("text");
+        eprintln!("chat: {t:?}");
+        assert!(whole.is_match(t), "{t:?}");
+        assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+    }
+    let (status, v) = post_json(
+        &app,
+        "/v1/completions",
+        json!({"prompt": "Three fruits:\n", "grammar": "root ::= (\"- \" [A-Za-z]+ \"\\n\"){3}",
+               "max_tokens": 30, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let t = v["choices"][0]["text"].as_str().expect("text");
+    eprintln!("list: {t:?}");
+    assert!(
+        regex::Regex::new("^(- [A-Za-z]+\n){3}$")
+            .expect("regex")
+            .is_match(t),
+        "{t:?}"
+    );
+    for (path, body, param) in [
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "grammar": "root ::= \"(\" root? \")\""}),
+            "grammar",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "guided_grammar": 1}),
+            "guided_grammar",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "grammar": "root ::= \"a\"", "guided_regex": "a"}),
+            "grammar",
+        ),
+        (
+            "/completion",
+            json!({"prompt": "x", "grammar": "root ::= missing"}),
+            "grammar",
+        ),
+        (
+            "/completion",
+            json!({"prompt": "x", "grammar": "root ::= \"a\"", "json_schema": {}}),
+            "grammar",
+        ),
+    ] {
+        let (status, e) = post_json(&app, path, body.clone()).await;
+        eprintln!("{path} {body}: {}", e["error"]["message"]);
+        assert_error(status, &e, StatusCode::BAD_REQUEST, Some(param));
+    }
 }

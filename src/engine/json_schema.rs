@@ -260,13 +260,29 @@ impl Grammar {
     /// which may match anywhere); see [`super::pattern`] for the dialect. The error says why
     /// it cannot be followed.
     pub fn regex(source: &str) -> Result<Grammar, String> {
-        let pattern = Pattern::new(&format!("^(?:{source})$"), 0, UNBOUNDED)?;
+        Ok(Self::raw(Pattern::new(
+            &format!("^(?:{source})$"),
+            0,
+            UNBOUNDED,
+        )?))
+    }
+
+    /// A whole answer that a llama.cpp GBNF grammar allows, when the grammar is regular (see
+    /// [`super::gbnf`]). The error says why it cannot be followed.
+    pub fn gbnf(source: &str) -> Result<Grammar, String> {
+        let regex = super::gbnf::to_regex(source)?;
+        let pattern = Pattern::labeled(&format!("^(?:{regex})$"), "the grammar", 0, UNBOUNDED)?;
+        Ok(Self::raw(pattern))
+    }
+
+    /// Raw text matching `pattern`, as a whole answer.
+    fn raw(pattern: Pattern) -> Grammar {
         let mut nodes = base_nodes();
         nodes.push(Node::Regex(Arc::new(pattern)));
         let root = (nodes.len() - 1) as NodeId;
         let mut g = Grammar::new(nodes, root, false);
         g.first = compute_first(&g.nodes).unwrap_or_default();
-        Ok(g)
+        g
     }
 
     fn new(nodes: Vec<Node>, root: NodeId, root_space: bool) -> Grammar {

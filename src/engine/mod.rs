@@ -8,6 +8,7 @@
 
 pub mod block_pool;
 pub mod draft;
+pub mod gbnf;
 pub mod json_mode;
 pub mod json_schema;
 pub mod pattern;

@@ -199,6 +199,12 @@ impl Pattern {
     /// cannot be followed (syntax, an unsupported construct, too large, or no string of
     /// those lengths matches).
     pub fn new(source: &str, min: u32, max: u32) -> Result<Pattern, String> {
+        Self::labeled(source, &format!("the pattern {source:?}"), min, max)
+    }
+
+    /// [`Self::new`], with `what` naming the pattern in errors (a grammar's regular
+    /// expression is no help to its author).
+    pub fn labeled(source: &str, what: &str, min: u32, max: u32) -> Result<Pattern, String> {
         let dfa = dense::Builder::new()
             .configure(
                 dense::Config::new()
@@ -211,16 +217,16 @@ impl Pattern {
             .map_err(|e| {
                 let msg = e.to_string();
                 let first = msg.lines().next().unwrap_or("").trim();
-                format!("the pattern {source:?} cannot be followed: {first}")
+                format!("{what} cannot be followed: {first}")
             })?;
         let start = dfa
             .start_state(&start::Config::new().anchored(Anchored::No))
-            .map_err(|e| format!("the pattern {source:?} cannot be followed: {e}"))?;
+            .map_err(|e| format!("{what} cannot be followed: {e}"))?;
         let cap = if max == UNBOUNDED { min } else { max };
         // The recogniser counts a string's characters in 16 bits.
         if cap > u32::from(u16::MAX) {
             return Err(format!(
-                "lengths above {} beside the pattern {source:?} are not supported",
+                "lengths above {} beside {what} are not supported",
                 u16::MAX
             ));
         }
@@ -236,9 +242,7 @@ impl Pattern {
         };
         (p.live, p.finals) = p.live_positions()?;
         if !p.live.contains(&(p.start(), 0)) {
-            return Err(format!(
-                "no string of the allowed lengths matches the pattern {source:?}"
-            ));
+            return Err(format!("no string of the allowed lengths matches {what}"));
         }
         Ok(p)
     }
@@ -352,10 +356,9 @@ impl Pattern {
                     Some(&j) => j,
                     None => {
                         if nodes.len() >= MAX_POSITIONS {
-                            return Err(format!(
-                                "the pattern {:?} with these lengths is too complex to follow",
-                                self.source
-                            ));
+                            return Err(
+                                "the pattern with these lengths is too complex to follow".into()
+                            );
                         }
                         index.insert(child, nodes.len());
                         nodes.push(child);

@@ -21,7 +21,7 @@ use crate::engine::{GenerateRequest, SamplingParams};
 use crate::text::fim::{self, ExtraFile, FimInput};
 
 use super::error::{ApiError, AppJson};
-use super::openai::{parse_body, schema_grammar};
+use super::openai::{gbnf_grammar, parse_body, schema_grammar};
 use super::stream::{TextEvent, TextEvents, TokenInfo};
 use super::{AppState, Loaded};
 
@@ -204,18 +204,18 @@ struct Plan {
     json: Option<Arc<Grammar>>,
 }
 
-/// llama.cpp's `json_schema` (as there, `{}` allows any JSON value); a GBNF `grammar` is
-/// refused.
+/// llama.cpp's `json_schema` (as there, `{}` allows any JSON value) or GBNF `grammar` (a
+/// regular one; see `engine::gbnf`).
 fn llama_json(req: &LlamaRequest) -> Result<Option<Arc<Grammar>>, ApiError> {
-    if req.grammar.as_deref().is_some_and(|g| !g.trim().is_empty()) {
-        return Err(ApiError::invalid(
+    let grammar = req.grammar.as_deref().filter(|g| !g.trim().is_empty());
+    match (&req.json_schema, grammar) {
+        (None | Some(Value::Null), None) => Ok(None),
+        (None | Some(Value::Null), Some(g)) => gbnf_grammar(g, "grammar").map(Some),
+        (Some(_), Some(_)) => Err(ApiError::invalid(
             "grammar",
-            "GBNF grammars are not supported; `json_schema` constrains the output to JSON",
-        ));
-    }
-    match &req.json_schema {
-        None | Some(Value::Null) => Ok(None),
-        Some(s) => schema_grammar(s, "json_schema").map(Some),
+            "give one of `grammar` and `json_schema`",
+        )),
+        (Some(s), None) => schema_grammar(s, "json_schema").map(Some),
     }
 }
 

@@ -89,6 +89,11 @@ pub struct CommonFields {
     pub guided_choice: Option<Value>,
     /// vLLM's guided decoding: the answer matches this regular expression.
     pub guided_regex: Option<Value>,
+    /// vLLM's guided decoding (and llama.cpp's `grammar`): the answer is what this GBNF
+    /// grammar allows (a regular one).
+    pub guided_grammar: Option<Value>,
+    /// llama.cpp's spelling of `guided_grammar`.
+    pub grammar: Option<Value>,
     /// vLLM's newer spelling of these: `{"json": schema}`, `{"choice": [texts]}` or
     /// `{"regex": pattern}`.
     pub structured_outputs: Option<Value>,
@@ -363,28 +368,52 @@ impl CommonFields {
             Some(f) => response_format(f)?,
         };
         let so = self.structured_outputs.as_ref();
-        for (param, schema, choice, regex) in [
-            ("guided_json", self.guided_json.as_ref(), None, None),
-            ("guided_choice", None, self.guided_choice.as_ref(), None),
-            ("guided_regex", None, None, self.guided_regex.as_ref()),
+        for (param, schema, choice, regex, gbnf) in [
+            ("guided_json", self.guided_json.as_ref(), None, None, None),
+            (
+                "guided_choice",
+                None,
+                self.guided_choice.as_ref(),
+                None,
+                None,
+            ),
+            ("guided_regex", None, None, self.guided_regex.as_ref(), None),
+            (
+                "guided_grammar",
+                None,
+                None,
+                None,
+                self.guided_grammar.as_ref(),
+            ),
+            ("grammar", None, None, None, self.grammar.as_ref()),
             (
                 "structured_outputs",
                 so.and_then(|s| s.get("json")),
                 so.and_then(|s| s.get("choice")),
                 so.and_then(|s| s.get("regex")),
+                so.and_then(|s| s.get("grammar")),
             ),
         ] {
-            let grammar = match (schema, choice, regex) {
-                (Some(s), _, _) => schema_grammar(s, param)?,
-                (None, Some(c), _) => choice_grammar(c, param)?,
-                (None, None, Some(r)) => regex_grammar(r, param)?,
-                (None, None, None) => continue,
+            let grammar = match (schema, choice, regex, gbnf) {
+                (Some(s), ..) => schema_grammar(s, param)?,
+                (None, Some(c), ..) => choice_grammar(c, param)?,
+                (None, None, Some(r), _) => regex_grammar(r, param)?,
+                (None, None, None, Some(g)) => match g.as_str() {
+                    Some(g) => gbnf_grammar(g, param)?,
+                    None => {
+                        return Err(ApiError::invalid(
+                            param,
+                            format!("`{param}` must be a GBNF grammar (a string)"),
+                        ))
+                    }
+                },
+                (None, None, None, None) => continue,
             };
             check(
                 json.is_none(),
                 param,
                 "give one of `response_format`, `guided_json`, `guided_choice`, \
-                 `guided_regex` and `structured_outputs`",
+                 `guided_regex`, `guided_grammar`, `grammar` and `structured_outputs`",
             )?;
             json = Some(grammar);
         }
@@ -445,6 +474,13 @@ pub fn schema_grammar(schema: &Value, param: &str) -> Result<Arc<Grammar>, ApiEr
     Grammar::from_schema(schema)
         .map(Arc::new)
         .map_err(|e| ApiError::invalid(param, format!("unsupported JSON schema: {e}")))
+}
+
+/// A GBNF grammar (llama.cpp's `grammar`, vLLM's `guided_grammar`), when it is regular.
+pub fn gbnf_grammar(g: &str, param: &str) -> Result<Arc<Grammar>, ApiError> {
+    Grammar::gbnf(g)
+        .map(Arc::new)
+        .map_err(|e| ApiError::invalid(param, format!("unsupported grammar: {e}")))
 }
 
 /// vLLM's `guided_regex`: the answer matches this regular expression.
