@@ -61,6 +61,15 @@ fn block_bytes() -> usize {
 }
 
 /// Submits all the requests at once, then collects each one's tokens.
+/// Each request's tokens run alone on an engine with the default (roomy) KV pool.
+fn unconstrained_tokens(requests: &[GenerateRequest]) -> Vec<Vec<u32>> {
+    let roomy = engine(EngineConfig::default());
+    requests
+        .iter()
+        .map(|r| run(&roomy, r.clone()).tokens)
+        .collect()
+}
+
 fn run_together(engine: &EngineHandle, requests: Vec<GenerateRequest>) -> Vec<Vec<u32>> {
     let generations: Vec<_> = requests
         .into_iter()
@@ -216,12 +225,7 @@ fn tiny_kv_pool_preempts_and_still_gives_the_same_tokens() {
         .take(8)
         .map(|p| GenerateRequest::greedy(p, 24))
         .collect();
-    let roomy = engine(EngineConfig::default());
-    let want: Vec<Vec<u32>> = requests
-        .iter()
-        .map(|r| run(&roomy, r.clone()).tokens)
-        .collect();
-    drop(roomy);
+    let want = unconstrained_tokens(&requests);
     // Each request needs 2–3 blocks; 6 blocks cannot hold 8 of them at once.
     let tight = engine(EngineConfig {
         kv_cache_bytes: 6 * bytes_per_block,
@@ -579,12 +583,7 @@ fn speculation_in_a_tiny_kv_pool_changes_no_token() {
         .iter()
         .map(|p| GenerateRequest::greedy(tokenizer.encode(p, true).expect("encode"), 40))
         .collect();
-    let roomy = engine(EngineConfig::default());
-    let want: Vec<Vec<u32>> = requests
-        .iter()
-        .map(|r| run(&roomy, r.clone()).tokens)
-        .collect();
-    drop(roomy);
+    let want = unconstrained_tokens(&requests);
     // The four need 4–7 blocks each at the end; 12 cannot hold them at once.
     let tight = engine(EngineConfig {
         kv_cache_bytes: 12 * bytes_per_block,

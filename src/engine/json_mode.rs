@@ -755,9 +755,12 @@ impl JsonState {
                         Esc::None => match b {
                             b'"' if p.accepts(pat, len.into()) => return Step::Close,
                             b'"' | 0..=0x1F => None,
+                            // Some escape (a short one or `\u`) must go on from here.
                             b'\\' => SHORT_ESCAPES
                                 .iter()
-                                .any(|&(e, _)| escape_step(p, pat, len, e).is_some())
+                                .map(|&(e, _)| e)
+                                .chain([b'u'])
+                                .any(|e| escape_step(p, pat, len, e).is_some())
                                 .then_some((pat, len, Esc::Backslash)),
                             _ => p
                                 .step(pat, len.into(), b)

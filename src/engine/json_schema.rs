@@ -1371,6 +1371,9 @@ mod tests {
             r##"{"phone": "555-1234", "day": "2026-12-07", "note": "\"##
         )
         .is_some());
+        // A control character has only its `\u` form: `\` then `u` lead to it.
+        let control = grammar(json!({"type": "string", "pattern": "^a\u{1}$"}));
+        check(&control, &["\"a\\u0001\""], &["\"a\\n\""]);
         // The same pattern in another schema is the same grammar; another pattern is not.
         let again = grammar(json!({"type": "string", "pattern": "^a+$"}));
         let other = grammar(json!({"type": "string", "pattern": "^b+$"}));

@@ -422,10 +422,15 @@ pub async fn get_response(
     State(app): State<AppState>,
     UrlPath(id): UrlPath<String>,
 ) -> Result<Response, ApiError> {
+    let response = with_stored(&app, &id, |s| s.response.clone())?;
+    Ok(axum::Json(response).into_response())
+}
+
+/// `f` of the stored response `id` (404 when there is none).
+fn with_stored<T>(app: &AppState, id: &str, f: impl FnOnce(&Stored) -> T) -> Result<T, ApiError> {
     let store = app.responses();
     let s = store.lock().map_err(ApiError::internal)?;
-    let stored = s.map.get(&id).ok_or_else(|| not_found(&id))?;
-    Ok(axum::Json(stored.response.clone()).into_response())
+    s.map.get(id).map(f).ok_or_else(|| not_found(id))
 }
 
 /// `DELETE /v1/responses/{id}`.
@@ -454,10 +459,7 @@ pub async fn input_items_list(
     UrlPath(id): UrlPath<String>,
     Query(q): Query<ItemsQuery>,
 ) -> Result<Response, ApiError> {
-    let store = app.responses();
-    let s = store.lock().map_err(ApiError::internal)?;
-    let stored = s.map.get(&id).ok_or_else(|| not_found(&id))?;
-    let mut data = stored.items[..stored.inputs].to_vec();
+    let mut data = with_stored(&app, &id, |s| s.items[..s.inputs].to_vec())?;
     match q.order.as_deref() {
         None | Some("desc") => data.reverse(),
         Some("asc") => {}
