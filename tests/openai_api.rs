@@ -1757,6 +1757,73 @@ async fn json_schema_strings_keep_to_patterns_and_formats() {
     );
 }
 
+/// Unions whose alternatives start alike — pydantic's discriminated `Cat | Dog` (two
+/// objects: `oneOf` with a `discriminator`, as the `openai` client sends it) and `int | float`
+/// — are followed until the text tells the alternatives apart: every hot-sampled answer is
+/// exactly one of them, and both objects come up.
+#[tokio::test]
+async fn json_schema_unions_of_objects_and_numbers() {
+    let app = app();
+    let schema = json!({
+        "$defs": {
+            "Cat": {"type": "object", "additionalProperties": false,
+                "properties": {"kind": {"const": "cat", "type": "string"},
+                    "name": {"type": "string", "maxLength": 20},
+                    "lives": {"type": "integer", "minimum": 1, "maximum": 9}},
+                "required": ["kind", "name", "lives"]},
+            "Dog": {"type": "object", "additionalProperties": false,
+                "properties": {"kind": {"const": "dog", "type": "string"},
+                    "name": {"type": "string", "maxLength": 20},
+                    "good_boy": {"type": "boolean"}},
+                "required": ["kind", "name", "good_boy"]}},
+        "type": "object", "additionalProperties": false,
+        "properties": {
+            "pets": {"type": "array", "minItems": 2, "maxItems": 3, "items": {
+                "discriminator": {"propertyName": "kind",
+                    "mapping": {"cat": "#/$defs/Cat", "dog": "#/$defs/Dog"}},
+                "oneOf": [{"$ref": "#/$defs/Cat"}, {"$ref": "#/$defs/Dog"}]}},
+            "weight_kg": {"anyOf": [{"type": "integer"}, {"type": "number"}]}},
+        "required": ["pets", "weight_kg"]});
+    let ask = "Our family has a cat called Tom and a dog called Rex. List our pets, and \
+               give their total weight in kilograms.";
+    let keys = |v: &Value| -> Vec<String> {
+        v.as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default()
+    };
+    let mut kinds = std::collections::BTreeSet::new();
+    for v in hot_answers(&app, ask, &schema, 300).await {
+        eprintln!("union: {v}");
+        assert_eq!(keys(&v), ["pets", "weight_kg"], "{v}");
+        assert!(v["weight_kg"].is_number(), "{v}");
+        let pets = v["pets"].as_array().expect("pets");
+        assert!((2..=3).contains(&pets.len()), "{v}");
+        for p in pets {
+            match p["kind"].as_str() {
+                Some("cat") => {
+                    assert_eq!(keys(p), ["kind", "name", "lives"], "{v}");
+                    assert!(
+                        (1..=9).contains(&p["lives"].as_i64().expect("lives")),
+                        "{v}"
+                    );
+                }
+                Some("dog") => {
+                    assert_eq!(keys(p), ["kind", "name", "good_boy"], "{v}");
+                    assert!(p["good_boy"].is_boolean(), "{v}");
+                }
+                _ => panic!("neither a cat nor a dog: {v}"),
+            }
+            assert!(p["name"].as_str().is_some_and(|n| n.chars().count() <= 20));
+            kinds.insert(p["kind"].as_str().unwrap_or_default().to_string());
+        }
+    }
+    assert_eq!(
+        kinds.len(),
+        2,
+        "both alternatives can be generated: {kinds:?}"
+    );
+}
+
 /// vLLM's `guided_regex` and `structured_outputs: {"regex"}`: the raw answer matches the
 /// expression as a whole, and ends where nothing more could follow.
 #[tokio::test]

@@ -2,7 +2,9 @@
 //! recogniser that says, before each token is sampled, which tokens keep the text a prefix of
 //! one JSON value the [`Grammar`] allows (any object, or a compiled schema), and when the value
 //! is complete (then only a stop token may follow). Its state is a stack of `Frame`s, one
-//! per open value, walking the grammar's nodes.
+//! per open value, walking the grammar's nodes — or, after a byte that several alternatives
+//! of an `anyOf` can start with, one such stack per reading ([`JsonPaths`]) until the text
+//! tells them apart.
 //!
 //! Tokens are judged by their bytes ([`TokenBytes`], plain data the tokenizer's side builds:
 //! `text::Tokenizer::token_bytes`); tokens without bytes (special tokens, parts of a
@@ -109,17 +111,17 @@ impl TokenBytes {
     }
 
     /// Bit `id` set for every token whose bytes `state` accepts under `g`.
-    pub fn allowed(&self, g: &Grammar, state: JsonState) -> Vec<u64> {
+    pub fn allowed(&self, g: &Grammar, state: &JsonPaths) -> Vec<u64> {
         // Most tokens fail on their first byte: those bytes are tried once each.
         let mut first = [false; 256];
         for (b, ok) in first.iter_mut().enumerate() {
-            *ok = state.after_bytes(g, &[b as u8]).is_some();
+            *ok = state.accepts(g, &[b as u8]);
         }
         let mut set = vec![0u64; self.bytes.len().div_ceil(64)];
         for (id, b) in self.bytes.iter().enumerate() {
             let fits = b.as_deref().is_some_and(|b| match b.first() {
                 None => true,
-                Some(&f) => first[usize::from(f)] && state.after_bytes(g, b).is_some(),
+                Some(&f) => first[usize::from(f)] && state.accepts(g, b),
             });
             if fits {
                 set[id / 64] |= 1 << (id % 64);
@@ -470,18 +472,18 @@ fn lit_continues(lits: &[Box<[u8]>], cand: usize, j: usize, pos: usize, b: u8) -
 
 impl JsonState {
     /// Whether the root value is complete (only a stop token may follow).
-    pub fn is_done(&self) -> bool {
+    fn is_done(&self) -> bool {
         self.frames[0] == Frame::Root { done: true }
     }
 
     /// Whether the text left the grammar for free text (no constraint from here on).
-    pub fn is_free(&self) -> bool {
+    fn is_free(&self) -> bool {
         self.frames[usize::from(self.depth) - 1] == Frame::Free
     }
 
     /// Whether the text may end here: the root value is complete, or it is a number or a
     /// literal that could also go on, or free text.
-    pub fn can_end(&self, g: &Grammar) -> bool {
+    fn can_end(&self, g: &Grammar) -> bool {
         if self.is_done() || self.is_free() {
             return true;
         }
@@ -551,13 +553,23 @@ impl JsonState {
     }
 
     /// Starts a value of `node` with its first byte.
-    fn begin(&mut self, g: &Grammar, node: NodeId, b: u8) -> bool {
+    /// `ch`: which alternative to take where more than one can start with `b`.
+    fn begin(&mut self, g: &Grammar, node: NodeId, b: u8, ch: &mut Choices) -> bool {
         let (id, n) = g.resolve(node);
         match n {
-            Node::OneOf(alts) => alts
-                .iter()
-                .find(|&&a| g.can_start(a, b))
-                .is_some_and(|&a| self.begin(g, a, b)),
+            Node::OneOf(alts) => {
+                let candidates = || alts.iter().filter(|&&a| g.can_start(a, b));
+                let n = candidates().count();
+                if n == 0 {
+                    return false;
+                }
+                let Some(k) = ch.choose(n) else {
+                    return false;
+                };
+                candidates()
+                    .nth(k)
+                    .is_some_and(|&a| self.begin(g, a, b, ch))
+            }
             Node::Object { .. } => {
                 b == b'{'
                     && self.open(Frame::Obj {
@@ -633,7 +645,7 @@ impl JsonState {
                 }
                 true
             }
-            Node::TextOr(inner) if b == b'{' => self.begin(g, *inner, b),
+            Node::TextOr(inner) if b == b'{' => self.begin(g, *inner, b, ch),
             Node::TextOr(_) => self.open(Frame::Free),
             Node::Alias(_) => false,
         }
@@ -854,8 +866,9 @@ impl JsonState {
         }
     }
 
-    /// Feeds one byte; `false` if the text can no longer be a prefix of a value `g` allows.
-    pub fn push(&mut self, g: &Grammar, b: u8) -> bool {
+    /// Feeds one byte along the alternatives `ch` gives; `false` if this reading of the text
+    /// can no longer be a prefix of a value `g` allows.
+    fn push(&mut self, g: &Grammar, b: u8, ch: &mut Choices) -> bool {
         loop {
             let top = *self.top();
             if is_space(b) && top.takes_space() && (self.depth > 1 || g.root_space) {
@@ -869,7 +882,7 @@ impl JsonState {
                 Step::Stay(f) => *self.top() = f,
                 Step::Begin(f, node) => {
                     *self.top() = f;
-                    if !self.begin(g, node, b) {
+                    if !self.begin(g, node, b, ch) {
                         return false;
                     }
                 }
@@ -885,18 +898,195 @@ impl JsonState {
         }
     }
 
-    /// The state after `bytes`, if they keep the text a prefix of a value `g` allows.
-    pub fn after_bytes(mut self, g: &Grammar, bytes: &[u8]) -> Option<Self> {
-        bytes.iter().all(|&b| self.push(g, b)).then_some(self)
+    /// Every state `b` can lead to (one per alternative it can start, where several can),
+    /// added to `out` unless already there, while `out` holds fewer than [`MAX_PATHS`]; the
+    /// earlier alternatives first.
+    fn successors(&self, g: &Grammar, b: u8, out: &mut Vec<JsonState>) {
+        let add = |s: JsonState, out: &mut Vec<JsonState>| {
+            if out.len() < MAX_PATHS && !out.contains(&s) {
+                out.push(s);
+            }
+        };
+        let mut s = *self;
+        let mut ch = Choices::default();
+        let ok = s.push(g, b, &mut ch);
+        if ch.forks().is_empty() {
+            if ok {
+                add(s, out);
+            }
+            return;
+        }
+        // Depth first over the choices: each run takes the given ones, then first candidates,
+        // and every later candidate of its own new choices becomes a run to do.
+        let mut todo = vec![(s, ok, ch)];
+        while let Some((s, ok, ch)) = todo.pop() {
+            if ok {
+                add(s, out);
+            }
+            let mut runs = Vec::new();
+            for &(i, n) in ch.forks() {
+                for alt in 1..n {
+                    let mut given = ch.given;
+                    given[usize::from(ch.n_given)..usize::from(i)].fill(0);
+                    given[usize::from(i)] = alt;
+                    let mut next = Choices {
+                        given,
+                        n_given: i + 1,
+                        ..Choices::default()
+                    };
+                    let mut s = *self;
+                    let ok = s.push(g, b, &mut next);
+                    runs.push((s, ok, next));
+                }
+            }
+            // The stack pops the last first: push in reverse to keep the earlier first.
+            todo.extend(runs.into_iter().rev());
+        }
+    }
+
+    /// Whether `bytes` keep some reading of the text a prefix of a value `g` allows.
+    fn accepts(&self, g: &Grammar, bytes: &[u8]) -> bool {
+        // One copy, pushed in place (the allowed sets' hot loop); only where a byte meets
+        // alternatives are the bytes before it replayed, to try each of them.
+        let mut s = *self;
+        for (i, &b) in bytes.iter().enumerate() {
+            let mut ch = Choices::default();
+            let ok = s.push(g, b, &mut ch);
+            if !ch.forks().is_empty() {
+                let mut s = *self;
+                for &b in &bytes[..i] {
+                    s.push(g, b, &mut Choices::default());
+                }
+                let mut next = Vec::new();
+                s.successors(g, b, &mut next);
+                return next.iter().any(|s| s.accepts(g, &bytes[i + 1..]));
+            }
+            if !ok {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// Most readings of one text kept at once ([`JsonPaths`]); past it later alternatives are
+/// dropped: the text stays valid, some continuations are no longer offered.
+const MAX_PATHS: usize = 16;
+/// Most alternatives one byte can choose among in turn (nested `anyOf`s starting together).
+const MAX_CHOICES: usize = 8;
+
+/// The alternatives taken at the `anyOf`s one byte starts where more than one can start with
+/// it, in order: the given ones, then the first candidate each, counting the candidates.
+#[derive(Debug, Default, Clone, Copy)]
+struct Choices {
+    given: [u8; MAX_CHOICES],
+    n_given: u8,
+    at: u8,
+    n_open: u8,
+    /// Choices after the given ones with more than one candidate: (index, candidates).
+    open: [(u8, u8); MAX_CHOICES],
+}
+
+impl Choices {
+    /// Which of `n` candidates to take; `None` past [`MAX_CHOICES`] choices.
+    fn choose(&mut self, n: usize) -> Option<usize> {
+        let i = self.at;
+        if usize::from(i) >= MAX_CHOICES {
+            return None;
+        }
+        self.at += 1;
+        if i < self.n_given {
+            return Some(usize::from(self.given[usize::from(i)]));
+        }
+        if n > 1 {
+            self.open[usize::from(self.n_open)] = (i, n.min(usize::from(u8::MAX)) as u8);
+            self.n_open += 1;
+        }
+        Some(0)
+    }
+
+    /// The choices with more than one candidate this run met after the given ones.
+    fn forks(&self) -> &[(u8, u8)] {
+        &self.open[..usize::from(self.n_open)]
+    }
+}
+
+/// Where the text is: every reading of it the grammar allows so far — more than one only
+/// after a byte that several `anyOf` alternatives can start with (two objects, a string or
+/// an enum, `integer` or `number`), until the text tells them apart. At most 16,
+/// never none.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct JsonPaths {
+    states: Vec<JsonState>,
+}
+
+impl Default for JsonPaths {
+    fn default() -> Self {
+        JsonPaths {
+            states: vec![JsonState::default()],
+        }
+    }
+}
+
+impl JsonPaths {
+    /// Whether every reading is complete (only a stop token may follow).
+    pub fn is_done(&self) -> bool {
+        self.states.iter().all(JsonState::is_done)
+    }
+
+    /// Whether the text left the grammar for free text (no constraint from here on).
+    pub fn is_free(&self) -> bool {
+        self.states.iter().any(JsonState::is_free)
+    }
+
+    /// Whether the text may end here (some reading is complete, or could end).
+    pub fn can_end(&self, g: &Grammar) -> bool {
+        self.states.iter().any(|s| s.is_done() || s.can_end(g))
+    }
+
+    /// How many readings there are.
+    pub fn len(&self) -> usize {
+        self.states.len()
+    }
+
+    /// Never: there is always at least one reading.
+    pub fn is_empty(&self) -> bool {
+        self.states.is_empty()
+    }
+
+    /// Whether `bytes` keep the text a prefix of a value `g` allows.
+    pub fn accepts(&self, g: &Grammar, bytes: &[u8]) -> bool {
+        self.states.iter().any(|s| s.accepts(g, bytes))
+    }
+
+    /// The readings after `bytes`, if they keep the text a prefix of a value `g` allows.
+    pub fn after_bytes(&self, g: &Grammar, bytes: &[u8]) -> Option<Self> {
+        let mut cur = self.states.clone();
+        let mut next = Vec::new();
+        for &b in bytes {
+            next.clear();
+            for s in &cur {
+                s.successors(g, b, &mut next);
+            }
+            if next.is_empty() {
+                return None;
+            }
+            std::mem::swap(&mut cur, &mut next);
+        }
+        // Free text ends the constraint: no other reading matters.
+        if let Some(&free) = cur.iter().find(|s| s.is_free()) {
+            cur = vec![free];
+        }
+        Some(JsonPaths { states: cur })
     }
 }
 
 /// What a memoised allowed set depends on: the token table, the grammar and the state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct MaskKey {
     tokens: u64,
     grammar: u64,
-    state: JsonState,
+    state: JsonPaths,
 }
 
 /// One sequence's JSON-mode constraint: the token table, the grammar (a schema, or any
@@ -905,7 +1095,7 @@ pub struct MaskKey {
 pub struct JsonConstraint {
     tokens: Arc<TokenBytes>,
     grammar: Arc<Grammar>,
-    state: JsonState,
+    state: JsonPaths,
 }
 
 impl JsonConstraint {
@@ -914,7 +1104,7 @@ impl JsonConstraint {
         JsonConstraint {
             tokens,
             grammar,
-            state: JsonState::default(),
+            state: JsonPaths::default(),
         }
     }
 
@@ -928,13 +1118,13 @@ impl JsonConstraint {
         (!self.is_done() && !self.state.is_free()).then_some(MaskKey {
             tokens: self.tokens.id,
             grammar: self.grammar.id,
-            state: self.state,
+            state: self.state.clone(),
         })
     }
 
     /// The allowed set of the current state, computed (not remembered).
     pub fn allowed(&self) -> Vec<u64> {
-        self.tokens.allowed(&self.grammar, self.state)
+        self.tokens.allowed(&self.grammar, &self.state)
     }
 
     /// Sets the logits of every token that cannot come next to −∞: once the value is
@@ -982,12 +1172,12 @@ impl JsonConstraint {
 mod tests {
     use super::*;
 
-    fn accepts(text: &str) -> Option<JsonState> {
+    fn accepts(text: &str) -> Option<JsonPaths> {
         accepts_bytes(text.as_bytes())
     }
 
-    fn accepts_bytes(bytes: &[u8]) -> Option<JsonState> {
-        JsonState::default().after_bytes(&Grammar::any_object(), bytes)
+    fn accepts_bytes(bytes: &[u8]) -> Option<JsonPaths> {
+        JsonPaths::default().after_bytes(&Grammar::any_object(), bytes)
     }
 
     #[test]

@@ -14,8 +14,11 @@
 //! `duration`, `email`, `hostname`, `ipv4`, `ipv6`, `uuid`: written as patterns); other
 //! formats are annotations, as JSON Schema 2020-12 defines them by default. Keywords that
 //! constrain values in ways the recogniser cannot follow (`uniqueItems`, `not`, …) are refused
-//! rather than silently ignored. `multipleOf` is followed like the bounds (the same limits). [`Grammar::regex`] is a whole answer that matches a pattern (vLLM's
-//! `guided_regex`).
+//! //! rather than silently ignored. `multipleOf` is followed like the bounds (the same limits).
+//! Alternatives (`anyOf`, `oneOf` — followed as `anyOf`, as llama.cpp, vLLM and OpenAI do —,
+//! a list of types) may start alike (two objects, a string or an enum, `integer` or `number`):
+//! the recogniser follows each reading until the text tells them apart.
+//! [`Grammar::regex`] is a whole answer that matches a pattern (vLLM's `guided_regex`).
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -90,7 +93,8 @@ pub(crate) enum Node {
     },
     /// One of these JSON texts exactly (`enum`, `const`, `true`/`false`, `null`).
     Literals(Vec<Box<[u8]>>),
-    /// One of these, told apart by their first byte.
+    /// One of these (`anyOf`, `oneOf`, a list of types): the recogniser follows every one
+    /// that the text so far can be, until the text tells them apart.
     OneOf(Vec<NodeId>),
     /// The same as another node (a `$ref`).
     Alias(NodeId),
@@ -184,7 +188,6 @@ impl Grammar {
             root: schema,
             nodes: base_nodes(),
             refs: HashMap::new(),
-            one_of_paths: Vec::new(),
         };
         let root = c.node(schema, "#", 0)?;
         c.finish(root)
@@ -202,7 +205,6 @@ impl Grammar {
             root: NO_SCHEMA,
             nodes: base_nodes(),
             refs: HashMap::new(),
-            one_of_paths: Vec::new(),
         };
         let mut props = Vec::new();
         for (i, (name, params)) in tools.iter().enumerate() {
@@ -410,8 +412,6 @@ struct Compiler<'a> {
     nodes: Vec<Node>,
     /// `$ref` → its node (allocated before compiling the target, so recursion ends).
     refs: HashMap<String, NodeId>,
-    /// Each `anyOf` node and where it is, checked once all first bytes are known.
-    one_of_paths: Vec<(NodeId, String)>,
 }
 
 fn err<T>(path: &str, message: impl Into<String>) -> Result<T, SchemaError> {
@@ -574,8 +574,8 @@ fn count(s: &Value, key: &str, path: &str) -> Result<Option<u32>, SchemaError> {
 }
 
 impl<'a> Compiler<'a> {
-    /// The grammar of `root`, checked: aliases end at a value, alternatives differ in their
-    /// first byte.
+    /// The grammar of `root`, checked: aliases end at a value, no alternative leads back to
+    /// itself before a value starts.
     fn finish(self, root: NodeId) -> Result<Grammar, SchemaError> {
         let mut g = Grammar::new(self.nodes, root, true);
         // Aliases must end at a value.
@@ -598,37 +598,12 @@ impl<'a> Compiler<'a> {
             path: "#".into(),
             message: "an `anyOf` refers back to itself before any value".into(),
         })?;
-        // Alternatives are told apart by their first byte, so they must not share one.
-        for (id, path) in self.one_of_paths {
-            if let Node::OneOf(alts) = &g.nodes[usize::from(id)] {
-                let mut seen = [0u64; 4];
-                for &a in alts {
-                    let f = g.first[usize::from(a)];
-                    if (0..4).any(|i| seen[i] & f[i] != 0) {
-                        return Err(SchemaError {
-                            path,
-                            message: "alternatives that can start with the same character \
-                                      (two objects, two arrays, two kinds of strings or \
-                                      numbers) are not supported"
-                                .into(),
-                        });
-                    }
-                    for i in 0..4 {
-                        seen[i] |= f[i];
-                    }
-                }
-            }
-        }
         Ok(g)
     }
 
     fn push(&mut self, n: Node, path: &str) -> Result<NodeId, SchemaError> {
         if self.nodes.len() >= MAX_NODES {
             return err(path, "the schema is too large");
-        }
-        if matches!(n, Node::OneOf(_)) {
-            self.one_of_paths
-                .push((self.nodes.len() as NodeId, path.to_owned()));
         }
         // Positions inside a literal or a key are counted in 16 bits.
         let too_long = match &n {
@@ -975,15 +950,15 @@ impl<'a> Compiler<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::json_mode::JsonState;
+    use crate::engine::json_mode::JsonPaths;
     use serde_json::json;
 
     fn grammar(schema: Value) -> Grammar {
         Grammar::from_schema(&schema).unwrap_or_else(|e| panic!("{schema}: {e}"))
     }
 
-    fn run(g: &Grammar, text: &str) -> Option<JsonState> {
-        JsonState::default().after_bytes(g, text.as_bytes())
+    fn run(g: &Grammar, text: &str) -> Option<JsonPaths> {
+        JsonPaths::default().after_bytes(g, text.as_bytes())
     }
 
     /// Every text complete, every proper prefix accepted and open; every bad text rejected.
@@ -992,7 +967,7 @@ mod tests {
             let s = run(g, t).unwrap_or_else(|| panic!("rejected {t}"));
             assert!(s.is_done() || s.can_end(g), "not complete: {t}");
             for i in 0..t.len() {
-                let p = JsonState::default().after_bytes(g, &t.as_bytes()[..i]);
+                let p = JsonPaths::default().after_bytes(g, &t.as_bytes()[..i]);
                 assert!(p.is_some_and(|p| !p.is_done()), "{t}: prefix of {i} bytes");
             }
         }
@@ -1076,6 +1051,156 @@ mod tests {
         );
         let nullable = grammar(json!({"type": ["string", "null"]}));
         check(&nullable, &[r#""x""#, "null"], &["nul", "1", "[]"]);
+    }
+
+    #[test]
+    fn alternatives_that_start_alike_are_followed_until_the_text_tells_them_apart() {
+        // pydantic's `pet: Cat | Dog`: two objects, told apart by their first key's value.
+        let pets = grammar(json!({
+            "$defs": {
+                "Cat": {"type": "object", "properties": {
+                    "kind": {"const": "cat"}, "meows": {"type": "boolean"}},
+                    "required": ["kind", "meows"]},
+                "Dog": {"type": "object", "properties": {
+                    "kind": {"const": "dog"}, "barks": {"type": "integer", "maximum": 9}},
+                    "required": ["kind", "barks"]}},
+            "type": "object",
+            "properties": {"pet": {"anyOf": [{"$ref": "#/$defs/Cat"}, {"$ref": "#/$defs/Dog"}]}},
+            "required": ["pet"]}));
+        check(
+            &pets,
+            &[
+                r#"{"pet": {"kind": "cat", "meows": true}}"#,
+                r#"{"pet": {"kind": "dog", "barks": 3}}"#,
+            ],
+            &[
+                r#"{"pet": {"kind": "cat", "barks": 3}}"#,
+                r#"{"pet": {"kind": "dog", "meows": true}}"#,
+                r#"{"pet": {"kind": "dog", "barks": 10}}"#,
+                r#"{"pet": {"kind": "cow", "barks": 1}}"#,
+                r#"{"pet": {"kind": "cat"}}"#,
+            ],
+        );
+        // Same first key, told apart later; `oneOf` is followed as `anyOf`.
+        let contact = grammar(json!({"oneOf": [
+            {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+             "required": ["name", "age"]},
+            {"type": "object", "properties": {"name": {"type": "string"}, "email": {"type": "string"}},
+             "required": ["name", "email"]}]}));
+        check(
+            &contact,
+            &[
+                r#"{"name": "Ada", "age": 36}"#,
+                r#"{"name": "Ada", "email": "a@b.c"}"#,
+            ],
+            &[
+                r#"{"name": "Ada"}"#,
+                r#"{"name": "Ada", "age": "36"}"#,
+                r#"{"name": "Ada", "email": 1}"#,
+                r#"{"name": "Ada", "age": 36, "email": "a@b.c"}"#,
+            ],
+        );
+        let s = run(&contact, r#"{"name": "Ada", "#).expect("open");
+        assert_eq!(
+            s.len(),
+            2,
+            "both readings alive until a key tells them apart"
+        );
+        assert_eq!(
+            run(&contact, r#"{"name": "Ada", "a"#).expect("open").len(),
+            1
+        );
+        // `integer` or `number`, with bounds of their own; a string or an enum.
+        let n = grammar(json!({"anyOf": [{"type": "integer", "maximum": 5},
+                                         {"type": "number", "minimum": 100}]}));
+        // (A bounded number is written without an exponent.)
+        check(
+            &n,
+            &["3", "-2", "100", "150.5", "1000"],
+            &["7", "50", "4.5", "99.9", "1e3"],
+        );
+        let both = grammar(json!({"type": ["integer", "number"]}));
+        check(&both, &["3", "3.5", "-1e-3"], &["x", "1."]);
+        let text = grammar(json!({"anyOf": [{"type": "string", "maxLength": 3},
+                                            {"enum": ["hello world", 7]}]}));
+        check(
+            &text,
+            &[r#""ab""#, r#""hello world""#, "7"],
+            &[r#""hello""#, r#""hello world!""#, "8"],
+        );
+        // Items of an array, and alternatives nested in alternatives.
+        let items = grammar(json!({"type": "array", "items": {"anyOf": [
+            {"type": "integer"}, {"type": "number"}, {"type": "string", "format": "date"},
+            {"type": "string", "maxLength": 2}]}}));
+        check(
+            &items,
+            &[r#"[1, 2.5, "2024-02-29", "ab", -3]"#, "[]"],
+            &[r#"["abc"]"#, r#"["2023-02-29"]"#],
+        );
+        let after = run(&items, r#"[1, 2.5, "2024-02-29", "ab", "#).expect("open");
+        assert_eq!(after.len(), 1, "closed items leave one reading");
+        let nested = grammar(json!({"anyOf": [
+            {"anyOf": [
+                {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]},
+                {"type": "object", "properties": {"b": {"type": "integer"}}, "required": ["b"]}]},
+            {"type": "object", "properties": {"c": {"type": "null"}}, "required": ["c"]},
+            {"type": "object"}]}));
+        check(
+            &nested,
+            &[
+                r#"{"a": 1}"#,
+                r#"{"b": 2}"#,
+                r#"{"c": null}"#,
+                r#"{"a": "x", "z": []}"#,
+                "{}",
+            ],
+            &[r#"[]"#, r#"{"a": 1"#],
+        );
+    }
+
+    #[test]
+    fn no_walk_through_alternatives_reaches_a_dead_end() {
+        // Random walks over the bytes the recogniser allows: from every text some byte goes
+        // on, or the text may end there.
+        let schemas = [
+            json!({"anyOf": [
+                {"type": "object", "properties": {"kind": {"const": "a"}, "x": {"type": "integer", "minimum": 3, "maximum": 40}}, "required": ["kind", "x"]},
+                {"type": "object", "properties": {"kind": {"const": "ab"}, "y": {"type": "string", "maxLength": 2}}, "required": ["kind", "y"]},
+                {"type": "object", "properties": {"kind": {"type": "string", "pattern": "^b+$"}}, "required": ["kind"]}]}),
+            json!({"type": "array", "items": {"anyOf": [
+                {"type": "integer", "maximum": 5}, {"type": "number", "minimum": 100},
+                {"enum": ["x", "xy", 12]}, {"type": "string", "maxLength": 1}]}, "maxItems": 4}),
+        ];
+        let mut seed = 0x2545F4914F6CDD1Du64;
+        let mut rand = move |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        for schema in &schemas {
+            let g = grammar(schema.clone());
+            for _ in 0..150 {
+                let mut s = JsonPaths::default();
+                let mut text = Vec::new();
+                for _ in 0..60 {
+                    let next: Vec<(u8, JsonPaths)> = (0x20..0x7f_u8)
+                        .filter_map(|b| Some((b, s.after_bytes(&g, &[b])?)))
+                        .collect();
+                    assert!(
+                        !next.is_empty() || s.can_end(&g),
+                        "{schema}: dead end after {:?}",
+                        String::from_utf8_lossy(&text)
+                    );
+                    if next.is_empty() || s.is_done() {
+                        break;
+                    }
+                    let (b, t) = next[rand(next.len())].clone();
+                    text.push(b);
+                    s = t;
+                }
+            }
+        }
     }
 
     #[test]
@@ -1288,16 +1413,6 @@ mod tests {
                 "#",
                 "must be a number",
             ),
-            (
-                json!({"anyOf": [{"type": "object"}, {"properties": {"a": {}}}]}),
-                "#/anyOf",
-                "same character",
-            ),
-            (
-                json!({"anyOf": [{"type": "string"}, {"enum": ["a", 1]}]}),
-                "#/anyOf",
-                "same character",
-            ),
             (json!({"$ref": "#/$defs/Missing"}), "#", "names nothing"),
             (
                 json!({"$ref": "https://example.com/s.json"}),
@@ -1398,8 +1513,8 @@ mod tests {
         let g = Grammar::regex(r"^[0-9]+$").expect("compiles");
         let s = run(&g, "42").expect("digits");
         assert!(!s.is_done() && s.can_end(&g));
-        assert!(!JsonState::default().can_end(&g), "at least one digit");
-        assert!(Grammar::regex("a?").is_ok_and(|g| JsonState::default().can_end(&g)));
+        assert!(!JsonPaths::default().can_end(&g), "at least one digit");
+        assert!(Grammar::regex("a?").is_ok_and(|g| JsonPaths::default().can_end(&g)));
         assert!(run(&Grammar::regex("a|b").expect("compiles"), "a").is_some_and(|s| s.is_done()));
         assert!(Grammar::regex("(a)\\1").is_err());
     }

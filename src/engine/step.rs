@@ -400,8 +400,12 @@ impl EngineCore {
         }
         let sets: Vec<(MaskKey, Vec<u64>)> = {
             use rayon::prelude::*;
-            self.threads
-                .install(|| missing.par_iter().map(|(k, c)| (*k, c.allowed())).collect())
+            self.threads.install(|| {
+                missing
+                    .par_iter()
+                    .map(|(k, c)| (k.clone(), c.allowed()))
+                    .collect()
+            })
         };
         self.json_masks.extend(sets);
     }

@@ -87,7 +87,7 @@ assert isinstance(json.loads(j.choices[0].message.content), dict), j
 # Structured outputs: the client turns a pydantic model into a strict `json_schema` (with
 # `$defs`, `$ref`, enums and `anyOf` null) and parses the answer back into the model.
 import enum
-from typing import Optional
+from typing import Annotated, Literal, Optional, Union
 
 import pydantic
 
@@ -158,6 +158,40 @@ for seed in range(3):
     )
     assert isinstance(c.choices[0].message.parsed, Customer), c
     print("customer:", c.choices[0].message.content)
+
+# Unions whose alternatives start alike: a discriminated `Cat | Dog` (the client sends
+# `oneOf` + `discriminator`) and `int | float`; pydantic picks and validates the alternative.
+class Cat(pydantic.BaseModel):
+    kind: Literal["cat"]
+    name: str = pydantic.Field(max_length=20)
+    lives: int = pydantic.Field(ge=1, le=9)
+
+
+class Dog(pydantic.BaseModel):
+    kind: Literal["dog"]
+    name: str = pydantic.Field(max_length=20)
+    good_boy: bool
+
+
+class Household(pydantic.BaseModel):
+    pets: list[Annotated[Union[Cat, Dog], pydantic.Field(discriminator="kind")]] = \
+        pydantic.Field(min_length=2, max_length=3)
+    weight_kg: Union[int, float]
+
+
+kinds = set()
+for seed in range(3):
+    h = parse(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Our family has a cat called Tom and a dog called "
+                   "Rex. List our pets, and give their total weight in kilograms."}],
+        max_tokens=300, temperature=1.3 if seed else 0, seed=seed, response_format=Household,
+    )
+    household = h.choices[0].message.parsed
+    assert isinstance(household, Household), h
+    kinds |= {type(p) for p in household.pets}
+    print("household:", h.choices[0].message.content)
+assert kinds == {Cat, Dog}, kinds
 
 # Tool calling: a required call comes back as `tool_calls`, streamed or not.
 tools = [{"type": "function", "function": {
