@@ -541,8 +541,13 @@ impl JsonState {
                 }
             }
             Frame::Arr { node, count, at } => {
-                if let Node::Array { min, max, .. } = g.resolve(*node).1 {
-                    if *min > 0 || *max != UNBOUNDED {
+                if let Node::Array {
+                    min, max, prefix, ..
+                } = g.resolve(*node).1
+                {
+                    // Counted where bounds or a tuple's places need it (else equal
+                    // positions stay equal states).
+                    if *min > 0 || *max != UNBOUNDED || usize::from(*count) < prefix.len() {
                         *count = count.saturating_add(1);
                     }
                 }
@@ -715,9 +720,16 @@ impl JsonState {
                 }
             }
             Frame::Arr { node, count, at } => {
-                let Node::Array { items, min, max } = *g.resolve(node).1 else {
+                let Node::Array {
+                    items,
+                    min,
+                    max,
+                    ref prefix,
+                } = *g.resolve(node).1
+                else {
                     return Step::Reject;
                 };
+                let items = prefix.get(usize::from(count)).copied().unwrap_or(items);
                 let arr = |at| Frame::Arr { node, count, at };
                 match (at, b) {
                     (ArrAt::Open, b']') if min == 0 => Step::Close,

@@ -73,8 +73,14 @@ pub(crate) enum Node {
         extra: Option<NodeId>,
         one: bool,
     },
-    /// `[…]` of `items`, between `min` and `max` of them.
-    Array { items: NodeId, min: u32, max: u32 },
+    /// `[…]` of `prefix` (a tuple's items, one node per place: `prefixItems`) then `items`,
+    /// between `min` and `max` of them.
+    Array {
+        items: NodeId,
+        min: u32,
+        max: u32,
+        prefix: Box<[NodeId]>,
+    },
     /// A string of `min` to `max` characters, matching `pattern` if there is one (which
     /// then keeps the lengths itself).
     String {
@@ -146,7 +152,6 @@ const UNSUPPORTED: &[&str] = &[
     "contains",
     "minContains",
     "maxContains",
-    "prefixItems",
     "not",
     "if",
     "then",
@@ -337,6 +342,7 @@ fn base_nodes() -> Vec<Node> {
             items: ANY,
             min: 0,
             max: UNBOUNDED,
+            prefix: Box::new([]),
         },
         Node::String {
             min: 0,
@@ -724,7 +730,7 @@ impl<'a> Compiler<'a> {
                 }
                 if s.get("properties").is_some() || s.get("required").is_some() {
                     self.typed(s, "object", path, depth)
-                } else if s.get("items").is_some() {
+                } else if s.get("items").is_some() || s.get("prefixItems").is_some() {
                     self.typed(s, "array", path, depth)
                 } else {
                     Ok(ANY)
@@ -781,16 +787,56 @@ impl<'a> Compiler<'a> {
         match t {
             "object" => self.object(s, path, depth),
             "array" => {
-                let items = match s.get("items") {
-                    None => ANY,
-                    Some(i) => self.node(i, &format!("{path}/items"), depth + 1)?,
+                // A tuple: `prefixItems` (2020-12, pydantic's `tuple[…]`) then `items` for
+                // the rest, or the older `items: […]` then `additionalItems`.
+                let (prefix_key, rest_key) = match (s.get("prefixItems"), s.get("items")) {
+                    (Some(_), _) => ("prefixItems", "items"),
+                    (None, Some(Value::Array(_))) => ("items", "additionalItems"),
+                    _ => ("", "items"),
+                };
+                let mut prefix = Vec::new();
+                if let Some(p) = s.get(prefix_key) {
+                    let Value::Array(p) = p else {
+                        return err(path, format!("`{prefix_key}` must be an array of schemas"));
+                    };
+                    for (i, item) in p.iter().enumerate() {
+                        prefix.push(self.node(
+                            item,
+                            &format!("{path}/{prefix_key}/{i}"),
+                            depth + 1,
+                        )?);
+                    }
+                }
+                let mut max = count(s, "maxItems", path)?.unwrap_or(UNBOUNDED);
+                let items = match s.get(rest_key) {
+                    None | Some(Value::Bool(true)) => ANY,
+                    // No items past the tuple's.
+                    Some(Value::Bool(false)) => {
+                        max = max.min(prefix.len() as u32);
+                        ANY
+                    }
+                    Some(i) => self.node(i, &format!("{path}/{rest_key}"), depth + 1)?,
                 };
                 let min = count(s, "minItems", path)?.unwrap_or(0);
-                let max = count(s, "maxItems", path)?.unwrap_or(UNBOUNDED);
                 if min > max {
-                    return err(path, "`minItems` is above `maxItems`");
+                    return err(
+                        path,
+                        "`minItems` is above `maxItems` (or the tuple's length)",
+                    );
                 }
-                self.push(Node::Array { items, min, max }, path)
+                if prefix.len() > usize::from(u16::MAX) {
+                    return err(path, "a tuple of more than 65535 items");
+                }
+                let prefix = prefix.into();
+                self.push(
+                    Node::Array {
+                        items,
+                        min,
+                        max,
+                        prefix,
+                    },
+                    path,
+                )
             }
             "string" => {
                 let min = count(s, "minLength", path)?.unwrap_or(0);
@@ -1156,6 +1202,54 @@ mod tests {
             ],
             &[r#"[]"#, r#"{"a": 1"#],
         );
+    }
+
+    #[test]
+    fn tuples_give_each_place_its_own_schema() {
+        // pydantic's `tuple[float, str]`.
+        let pair = grammar(json!({"type": "array", "minItems": 2, "maxItems": 2,
+            "prefixItems": [{"type": "number"}, {"type": "string", "maxLength": 3}]}));
+        check(
+            &pair,
+            &[r#"[1.5, "abc"]"#, r#"[-2,""]"#],
+            &[
+                r#"["abc", 1.5]"#,
+                r#"[1.5]"#,
+                r#"[1.5, "abc", 2]"#,
+                r#"[1.5, "abcd"]"#,
+            ],
+        );
+        // `tuple[int, ...]`-like: the first place fixed, any number of strings after it.
+        let head = grammar(json!({"prefixItems": [{"type": "integer"}],
+                                  "items": {"type": "string"}}));
+        check(
+            &head,
+            &["[]", "[1]", r#"[1, "a", "b"]"#],
+            &[r#"["a"]"#, "[1, 2]"],
+        );
+        // `items: false` ends the array with the tuple; the older `items: [...]` form.
+        let closed = grammar(
+            json!({"prefixItems": [{"type": "boolean"}, {"type": "null"}],
+                                    "items": false}),
+        );
+        check(
+            &closed,
+            &["[]", "[true]", "[false, null]"],
+            &["[true, null, 1]", "[null]"],
+        );
+        let old = grammar(
+            json!({"type": "array", "items": [{"type": "integer"}, {"enum": ["x"]}],
+                                 "additionalItems": {"type": "boolean"}}),
+        );
+        check(
+            &old,
+            &[r#"[1, "x", true, false]"#],
+            &[r#"[1, "y"]"#, r#"[1, "x", 2]"#],
+        );
+        let err = Grammar::from_schema(&json!({"prefixItems": [{}], "items": false,
+                                               "minItems": 2}))
+        .expect_err("no array fits");
+        assert!(err.message.contains("tuple's length"), "{err}");
     }
 
     #[test]

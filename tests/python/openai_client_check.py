@@ -177,6 +177,8 @@ class Household(pydantic.BaseModel):
     pets: list[Annotated[Union[Cat, Dog], pydantic.Field(discriminator="kind")]] = \
         pydantic.Field(min_length=2, max_length=3)
     weight_kg: Union[int, float]
+    # A tuple (`prefixItems`): each place its own type.
+    city_and_year: tuple[str, int]
 
 
 kinds = set()
@@ -184,7 +186,8 @@ for seed in range(3):
     h = parse(
         model=MODEL,
         messages=[{"role": "user", "content": "Our family has a cat called Tom and a dog called "
-                   "Rex. List our pets, and give their total weight in kilograms."}],
+                   "Rex. List our pets, give their total weight in kilograms, and say where and "
+                   "when we got them: Paris, 2019."}],
         max_tokens=300, temperature=1.3 if seed else 0, seed=seed, response_format=Household,
     )
     household = h.choices[0].message.parsed
