@@ -2830,8 +2830,95 @@ async fn responses_are_stored_and_continued() {
 
 /// GBNF grammars (llama.cpp's `grammar` on `/completion`, and on the OpenAI routes with vLLM's
 /// `guided_grammar`): the answer is what the grammar allows, whole; recursive ones are a 400.
+/// llama.cpp's `json.gbnf`, a recursive grammar.
+const JSON_GBNF: &str = r#"root   ::= object
+value  ::= object | array | string | number | ("true" | "false" | "null") ws
+object ::= "{" ws ( string ":" ws value ("," ws string ":" ws value)* )? "}" ws
+array  ::= "[" ws ( value ("," ws value)* )? "]" ws
+string ::= "\"" ( [^"\\\x7F\x00-\x1F] | "\\" (["\\bfnrt] | "u" [0-9a-fA-F]{4}) )* "\"" ws
+number ::= ("-"? ([0-9] | [1-9] [0-9]{0,15})) ("." [0-9]+)? ([eE] [-+]? [0-9] [1-7]{0,1})? ws
+ws ::= | " " | "\n" [ \t]{0,20}
+"#;
+
+/// Whether `t` is an arithmetic expression of the grammar below (numbers, `+ - * /`,
+/// parentheses), checked by hand.
+fn is_expression(t: &str) -> bool {
+    fn expr(b: &[u8], i: &mut usize) -> bool {
+        loop {
+            if !factor(b, i) {
+                return false;
+            }
+            match b.get(*i) {
+                Some(b'+' | b'-' | b'*' | b'/') => *i += 1,
+                _ => return true,
+            }
+        }
+    }
+    fn factor(b: &[u8], i: &mut usize) -> bool {
+        if b.get(*i) == Some(&b'(') {
+            *i += 1;
+            if !expr(b, i) || b.get(*i) != Some(&b')') {
+                return false;
+            }
+            *i += 1;
+            return true;
+        }
+        let start = *i;
+        while b.get(*i).is_some_and(u8::is_ascii_digit) {
+            *i += 1;
+        }
+        *i > start
+    }
+    let mut i = 0;
+    expr(t.as_bytes(), &mut i) && i == t.len()
+}
+
+/// Recursive GBNF (llama.cpp's `json.gbnf`, an arithmetic grammar): the answers are what
+/// the grammars allow, greedy and sampled, and end there.
+async fn recursive_gbnf_grammars_shape_the_answer() {
+    let app = app();
+    let ask = "Ada Lovelace was born in 1815 in London. Give her name, birth year and city \
+               as JSON.";
+    for (seed, temperature) in [(0, 0.0), (1, 0.8), (3, 0.8), (4, 0.8)] {
+        let (status, v) = post_json(
+            &app,
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": ask}], "grammar": JSON_GBNF,
+                   "max_tokens": 200, "temperature": temperature, "seed": seed}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        let t = v["choices"][0]["message"]["content"]
+            .as_str()
+            .expect("text");
+        eprintln!("json.gbnf: {t:?}");
+        assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+        let parsed: Value = serde_json::from_str(t).unwrap_or_else(|e| panic!("{e}: {t:?}"));
+        assert!(parsed.is_object(), "{t:?}");
+    }
+    let arithmetic = "root ::= expr \" = \" [0-9]+\nexpr ::= term ((\"+\" | \"-\") term)*\n\
+                      term ::= factor ((\"*\" | \"/\") factor)*\n\
+                      factor ::= [0-9]+ | \"(\" expr \")\"\n";
+    let (status, v) = post_json(
+        &app,
+        "/completion",
+        json!({"prompt": "2+3 = 5\n4*(1+2) = 12\n7*(12+5) = 119\n(8-3)*(2+2) = 20\n",
+               "grammar": arithmetic, "n_predict": 32, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let t = v["content"].as_str().expect("content");
+    eprintln!("arithmetic: {t:?}");
+    let (expression, value) = t.split_once(" = ").expect("` = `");
+    assert!(is_expression(expression), "{t:?}");
+    assert!(value.bytes().all(|b| b.is_ascii_digit()), "{t:?}");
+    assert_eq!(v["stop_type"], "eos", "{v}");
+    assert!(!is_expression("(1+2") && !is_expression("1+") && is_expression("7*(12+5)"));
+}
+
 #[tokio::test]
 async fn gbnf_grammars_shape_the_answer() {
+    recursive_gbnf_grammars_shape_the_answer().await;
     let app = app();
     let grammar = "root ::= answer \", because \" reason \".\"\n\
                    answer ::= \"yes\" | \"no\"\n\
@@ -2885,7 +2972,7 @@ async fn gbnf_grammars_shape_the_answer() {
     for (path, body, param) in [
         (
             "/v1/completions",
-            json!({"prompt": "x", "grammar": "root ::= \"(\" root? \")\""}),
+            json!({"prompt": "x", "grammar": "root ::= root \"a\" | \"b\""}),
             "grammar",
         ),
         (

@@ -1,9 +1,10 @@
 //! llama.cpp's GBNF grammars (`grammar` on `/completion`, `/infill` and as an extension of the
-//! OpenAI routes), followed when they are regular: the rules are inlined from `root` into one
-//! regular expression that the whole answer must match ([`super::pattern`]). A rule that
-//! refers back to itself (a recursive grammar, such as llama.cpp's `json.gbnf`) cannot be
-//! written as one and is refused, naming the rule; `json_schema` / `response_format` cover
-//! JSON.
+//! OpenAI routes). A regular grammar's rules are inlined from `root` into one regular
+//! expression that the whole answer must match ([`super::pattern`], [`to_regex`]). A
+//! recursive one (llama.cpp's `json.gbnf`, arithmetic) is compiled to the recogniser's nodes
+//! (`compile`): each rule that is or leads to a recursive rule a node, sequences,
+//! repetitions and alternatives around those, every regular run between them one pattern.
+//! Left recursion is refused (the recogniser walks top-down).
 //!
 //! Syntax as llama.cpp reads it: `name ::= alternatives`, one rule per line (alternatives and
 //! groups may go on over lines after `|` and inside parentheses), `#` comments; elements are
@@ -11,7 +12,11 @@
 //! optionally followed by `*`, `+`, `?`, `{m}`, `{m,}`, `{m,n}` or `{,n}`; escapes `\n`,
 //! `\r`, `\t`, `\\`, `\"`, `\[`, `\]`, `\xHH`, `\uHHHH`, `\UHHHHHHHH`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use super::json_schema::{Node, NodeId, UNBOUNDED};
+use super::pattern::Pattern;
 
 /// Longest regular expression a grammar may inline to.
 const MAX_REGEX: usize = 200_000;
@@ -374,6 +379,170 @@ pub fn to_regex(src: &str) -> Result<String, String> {
     let mut out = String::new();
     emit(root, &rules, &mut vec!["root".to_string()], &mut out)?;
     Ok(out)
+}
+
+/// What a GBNF grammar compiles to.
+pub(crate) enum Compiled {
+    /// Regular: one regular expression for the whole answer ([`to_regex`]).
+    Regex(String),
+    /// Recursive: `base` extended with the grammar's pieces — each rule that is (or leads
+    /// to) a recursive one a node, sequences, repetitions and alternatives around them, and
+    /// every regular run between them one pattern.
+    Pieces { nodes: Vec<Node>, root: NodeId },
+}
+
+/// Most nodes a grammar may compile to (node ids are 16 bits).
+const MAX_PIECES: usize = 4096;
+
+fn refs<'a>(ex: &'a Ex, out: &mut Vec<&'a str>) {
+    match ex {
+        Ex::Ref(n) => out.push(n),
+        Ex::Alt(v) | Ex::Seq(v) => v.iter().for_each(|e| refs(e, out)),
+        Ex::Rep(e, ..) => refs(e, out),
+        Ex::Lit(_) | Ex::Class { .. } | Ex::Any => {}
+    }
+}
+
+/// Compiles `src` (see [`Compiled`]); `base`: the grammar's first nodes.
+pub(crate) fn compile(src: &str, base: Vec<Node>) -> Result<Compiled, String> {
+    let rules = parse(src)?;
+    if !rules.contains_key("root") {
+        return Err("the grammar has no `root` rule".into());
+    }
+    // Each rule's direct references, all defined.
+    let mut graph: HashMap<&str, Vec<&str>> = HashMap::new();
+    for (name, ex) in &rules {
+        let mut r = Vec::new();
+        refs(ex, &mut r);
+        if let Some(missing) = r.iter().find(|n| !rules.contains_key(**n)) {
+            return Err(format!("rule `{missing}` is not defined"));
+        }
+        graph.insert(name, r);
+    }
+    let reach = |from: &str| -> HashSet<&str> {
+        let mut seen = HashSet::new();
+        let mut todo: Vec<&str> = graph[from].clone();
+        while let Some(n) = todo.pop() {
+            if seen.insert(n) {
+                todo.extend(graph[n].iter().copied());
+            }
+        }
+        seen
+    };
+    let reaches: HashMap<&str, HashSet<&str>> = graph.keys().map(|&n| (n, reach(n))).collect();
+    let recursive: HashSet<&str> = reaches
+        .iter()
+        .filter(|(n, r)| r.contains(*n))
+        .map(|(n, _)| *n)
+        .collect();
+    let irregular: HashSet<String> = reaches
+        .iter()
+        .filter(|(n, r)| recursive.contains(*n) || r.iter().any(|m| recursive.contains(m)))
+        .map(|(n, _)| n.to_string())
+        .collect();
+    if !irregular.contains("root") {
+        return to_regex(src).map(Compiled::Regex);
+    }
+    let mut b = Build {
+        rules: &rules,
+        irregular,
+        ids: HashMap::new(),
+        nodes: base,
+    };
+    let mut names: Vec<&String> = rules.keys().filter(|n| b.irregular.contains(*n)).collect();
+    names.sort();
+    for name in &names {
+        let id = b.push(Node::Alias(0))?;
+        b.ids.insert(name.to_string(), id);
+    }
+    for name in names {
+        let body = b.node(&rules[name])?;
+        b.nodes[usize::from(b.ids[name])] = Node::Alias(body);
+    }
+    Ok(Compiled::Pieces {
+        root: b.ids["root"],
+        nodes: b.nodes,
+    })
+}
+
+struct Build<'a> {
+    rules: &'a HashMap<String, Ex>,
+    /// Rules that are recursive or lead to one.
+    irregular: HashSet<String>,
+    /// Their nodes.
+    ids: HashMap<String, NodeId>,
+    nodes: Vec<Node>,
+}
+
+impl Build<'_> {
+    fn push(&mut self, n: Node) -> Result<NodeId, String> {
+        if self.nodes.len() >= MAX_PIECES {
+            return Err("the grammar is too large to follow".into());
+        }
+        self.nodes.push(n);
+        Ok((self.nodes.len() - 1) as NodeId)
+    }
+
+    fn regular(&self, ex: &Ex) -> bool {
+        let mut r = Vec::new();
+        refs(ex, &mut r);
+        !r.iter().any(|n| self.irregular.contains(*n))
+    }
+
+    /// A regular part as one pattern (its rules inlined).
+    fn pattern(&mut self, ex: &Ex) -> Result<NodeId, String> {
+        let mut out = String::new();
+        emit(ex, self.rules, &mut Vec::new(), &mut out)?;
+        let p = Pattern::labeled(&format!("^(?:{out})$"), "the grammar", 0, UNBOUNDED)?;
+        self.push(Node::Regex(Arc::new(p)))
+    }
+
+    fn node(&mut self, ex: &Ex) -> Result<NodeId, String> {
+        if self.regular(ex) {
+            return self.pattern(ex);
+        }
+        match ex {
+            Ex::Ref(name) => Ok(self.ids[name]),
+            Ex::Alt(alts) => {
+                let ids = alts
+                    .iter()
+                    .map(|a| self.node(a))
+                    .collect::<Result<Vec<_>, _>>()?;
+                self.push(Node::OneOf(ids))
+            }
+            Ex::Seq(items) => {
+                // Runs of regular items become one pattern each.
+                let mut ids = Vec::new();
+                let mut run: Vec<Ex> = Vec::new();
+                for it in items {
+                    if self.regular(it) {
+                        run.push(it.clone());
+                        continue;
+                    }
+                    if !run.is_empty() {
+                        ids.push(self.pattern(&Ex::Seq(std::mem::take(&mut run)))?);
+                    }
+                    ids.push(self.node(it)?);
+                }
+                if !run.is_empty() {
+                    ids.push(self.pattern(&Ex::Seq(run))?);
+                }
+                if ids.len() == 1 {
+                    return Ok(ids[0]);
+                }
+                self.push(Node::Seq(ids.into()))
+            }
+            Ex::Rep(inner, min, max) => {
+                let item = self.node(inner)?;
+                self.push(Node::Rep {
+                    item,
+                    min: *min,
+                    max: max.unwrap_or(UNBOUNDED),
+                })
+            }
+            Ex::Lit(_) | Ex::Class { .. } | Ex::Any => self.pattern(ex),
+        }
+    }
 }
 
 #[cfg(test)]

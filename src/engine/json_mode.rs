@@ -387,6 +387,22 @@ enum Frame {
     Lit { node: NodeId, cand: u16, pos: u16 },
     /// Free text (a [`Node::TextOr`] that did not start with `{`): anything goes, to the end.
     Free,
+    /// A GBNF sequence ([`Node::Seq`]) at its piece `at` (open above it, or next).
+    Seq { node: NodeId, at: u16 },
+    /// A GBNF repetition ([`Node::Rep`]) with `count` items done (counted where bounds need
+    /// it), the next open above it or to come.
+    Rep { node: NodeId, count: u16 },
+}
+
+/// How a value starts with a byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Start {
+    /// The byte began it.
+    Took,
+    /// It ended empty (a GBNF piece that can be): the byte is the next piece's.
+    Empty,
+    /// It cannot start here.
+    Fail,
 }
 
 impl Frame {
@@ -489,7 +505,11 @@ impl JsonState {
         }
         if self.depth == 1 {
             // A regex answer may be empty.
-            return matches!(g.resolve(g.root).1, Node::Regex(p) if p.accepts(p.start(), 0));
+            return g.nullable(g.root)
+                || matches!(g.resolve(g.root).1, Node::Regex(p) if p.accepts(p.start(), 0));
+        }
+        if g.has_pieces() {
+            return self.pieces_can_end(g);
         }
         self.depth == 2
             && match self.frames[1] {
@@ -508,6 +528,34 @@ impl JsonState {
             }
     }
 
+    /// Whether every open GBNF piece can end here (each frame's rest can be empty).
+    fn pieces_can_end(&self, g: &Grammar) -> bool {
+        let d = usize::from(self.depth);
+        (1..d).all(|i| {
+            // Below the top, the frame's current piece is open above it and will be done.
+            let open = usize::from(i + 1 < d);
+            match self.frames[i] {
+                Frame::Raw { node, len, pat } => {
+                    matches!(g.resolve(node).1, Node::Regex(p) if p.accepts(pat, len.into()))
+                }
+                Frame::Seq { node, at } => match g.resolve(node).1 {
+                    Node::Seq(items) => items
+                        .iter()
+                        .skip(usize::from(at) + open)
+                        .all(|&n| g.nullable(n)),
+                    _ => false,
+                },
+                Frame::Rep { node, count } => match g.resolve(node).1 {
+                    Node::Rep { item, min, .. } => {
+                        u32::from(count) + open as u32 >= *min || g.nullable(*item)
+                    }
+                    _ => false,
+                },
+                _ => false,
+            }
+        })
+    }
+
     fn top(&mut self) -> &mut Frame {
         &mut self.frames[usize::from(self.depth) - 1]
     }
@@ -523,9 +571,20 @@ impl JsonState {
 
     /// Ends the innermost value; its container moves past it.
     fn pop(&mut self, g: &Grammar) {
+        self.discard();
+        self.after_child(g);
+    }
+
+    /// Drops the innermost frame.
+    fn discard(&mut self) {
         self.depth -= 1;
         // Unused slots stay clear: equal states compare (and memoise) equal.
         self.frames[usize::from(self.depth)] = Frame::Empty;
+    }
+
+    /// The innermost frame's current value is complete: it moves past it (a sequence or
+    /// repetition that has nothing left ends too).
+    fn after_child(&mut self, g: &Grammar) {
         match self.top() {
             Frame::Root { done } => *done = true,
             Frame::Obj { next, at, .. } => {
@@ -553,28 +612,142 @@ impl JsonState {
                 }
                 *at = ArrAt::After;
             }
+            Frame::Seq { node, at } => {
+                *at += 1;
+                let done = matches!(g.resolve(*node).1, Node::Seq(items) if usize::from(*at) >= items.len());
+                if done {
+                    self.pop(g);
+                }
+            }
+            Frame::Rep { node, count } => {
+                if let Node::Rep { min, max, .. } = g.resolve(*node).1 {
+                    if u32::from(*count) < *min || *max != UNBOUNDED {
+                        *count = count.saturating_add(1);
+                    }
+                    if u32::from(*count) >= *max {
+                        self.pop(g);
+                    }
+                }
+            }
             _ => {}
         }
     }
 
-    /// Starts a value of `node` with its first byte.
-    /// `ch`: which alternative to take where more than one can start with `b`.
-    fn begin(&mut self, g: &Grammar, node: NodeId, b: u8, ch: &mut Choices) -> bool {
+    /// Starts a value of `node` with its first byte `b` — or, for a GBNF piece that can be
+    /// empty, ends it empty (`b` is then the next piece's). `ch`: which way to go where more
+    /// than one can start with `b`.
+    fn begin(&mut self, g: &Grammar, node: NodeId, b: u8, ch: &mut Choices) -> Start {
         let (id, n) = g.resolve(node);
         match n {
             Node::OneOf(alts) => {
-                let candidates = || alts.iter().filter(|&&a| g.can_start(a, b));
+                let candidates = || alts.iter().filter(|&&a| g.can_start(a, b) || g.nullable(a));
                 let n = candidates().count();
                 if n == 0 {
-                    return false;
+                    return Start::Fail;
                 }
                 let Some(k) = ch.choose(n) else {
-                    return false;
+                    return Start::Fail;
                 };
-                candidates()
-                    .nth(k)
-                    .is_some_and(|&a| self.begin(g, a, b, ch))
+                match candidates().nth(k) {
+                    Some(&a) => self.begin(g, a, b, ch),
+                    None => Start::Fail,
+                }
             }
+            Node::Regex(p) => {
+                let step = p.step(p.start(), 0, b);
+                let empty = g.nullable(id);
+                let take = match (step.is_some(), empty) {
+                    (true, true) => match ch.choose(2) {
+                        Some(k) => k == 0,
+                        None => return Start::Fail,
+                    },
+                    (take, _) => take,
+                };
+                if !take {
+                    return if empty { Start::Empty } else { Start::Fail };
+                }
+                let Some((pat, len)) = step else {
+                    return Start::Fail;
+                };
+                if !self.open(Frame::Raw {
+                    node: id,
+                    len: len as u16,
+                    pat,
+                }) {
+                    return Start::Fail;
+                }
+                if p.is_final(pat, len) {
+                    self.pop(g);
+                }
+                Start::Took
+            }
+            Node::Seq(_) => {
+                if !self.open(Frame::Seq { node: id, at: 0 }) {
+                    return Start::Fail;
+                }
+                self.begin_next(g, b, ch)
+            }
+            Node::Rep { item, min, max } => {
+                let more = *max > 0 && g.can_start(*item, b);
+                let end = g.nullable(id);
+                let go = match (more, end) {
+                    (true, true) => match ch.choose(2) {
+                        Some(k) => k == 0,
+                        None => return Start::Fail,
+                    },
+                    (more, _) => more,
+                };
+                if !go {
+                    return if end { Start::Empty } else { Start::Fail };
+                }
+                let _ = min;
+                if !self.open(Frame::Rep { node: id, count: 0 }) {
+                    return Start::Fail;
+                }
+                match self.begin(g, *item, b, ch) {
+                    Start::Took => Start::Took,
+                    // An empty item repeats nothing.
+                    Start::Empty | Start::Fail => Start::Fail,
+                }
+            }
+            _ => {
+                if self.begin_value(g, id, b, ch) {
+                    Start::Took
+                } else {
+                    Start::Fail
+                }
+            }
+        }
+    }
+
+    /// Begins the innermost frame's (a [`Frame::Seq`]'s) next piece with `b`, going past
+    /// pieces that end empty; `Empty` (the frame gone) when every remaining piece did.
+    fn begin_next(&mut self, g: &Grammar, b: u8, ch: &mut Choices) -> Start {
+        loop {
+            let Frame::Seq { node, at } = *self.top() else {
+                return Start::Fail;
+            };
+            let Node::Seq(items) = g.resolve(node).1 else {
+                return Start::Fail;
+            };
+            let Some(&item) = items.get(usize::from(at)) else {
+                self.discard();
+                return Start::Empty;
+            };
+            match self.begin(g, item, b, ch) {
+                Start::Took => return Start::Took,
+                Start::Fail => return Start::Fail,
+                Start::Empty => {
+                    *self.top() = Frame::Seq { node, at: at + 1 };
+                }
+            }
+        }
+    }
+
+    /// Starts a JSON value of `id` (resolved) with its first byte.
+    fn begin_value(&mut self, g: &Grammar, id: NodeId, b: u8, ch: &mut Choices) -> bool {
+        let n = &g.nodes[usize::from(id)];
+        match n {
             Node::Object { .. } => {
                 b == b'{'
                     && self.open(Frame::Obj {
@@ -599,22 +772,6 @@ impl JsonState {
                         esc: Esc::None,
                         pat: pattern.as_ref().map(|p| p.start()).unwrap_or_default(),
                     })
-            }
-            Node::Regex(p) => {
-                let Some((pat, len)) = p.step(p.start(), 0, b) else {
-                    return false;
-                };
-                if !self.open(Frame::Raw {
-                    node: id,
-                    len: len as u16,
-                    pat,
-                }) {
-                    return false;
-                }
-                if p.is_final(pat, len) {
-                    self.pop(g);
-                }
-                true
             }
             Node::Number {
                 integer, bounds, ..
@@ -644,20 +801,26 @@ impl JsonState {
                     return false;
                 }
                 let top = *self.top();
-                match self.step(g, top, b) {
+                match self.step(g, top, b, ch) {
                     Step::Stay(f) => *self.top() = f,
                     _ => self.pop(g),
                 }
                 true
             }
-            Node::TextOr(inner) if b == b'{' => self.begin(g, *inner, b, ch),
+            Node::TextOr(inner) if b == b'{' => self.begin(g, *inner, b, ch) == Start::Took,
             Node::TextOr(_) => self.open(Frame::Free),
-            Node::Alias(_) => false,
+            _ => false,
         }
     }
 
     /// What `b` does to frame `f` (the innermost).
-    fn step(&self, g: &Grammar, f: Frame, b: u8) -> Step {
+    fn step(&self, g: &Grammar, f: Frame, b: u8, ch: &mut Choices) -> Step {
+        // Either way where both can: go on with `b`, or end here and give `b` on.
+        let either = |ch: &mut Choices, on: Step| match ch.choose(2) {
+            Some(0) => on,
+            Some(_) => Step::Retry,
+            None => Step::Reject,
+        };
         match f {
             Frame::Empty | Frame::Root { done: true } => Step::Reject,
             Frame::Free => Step::Stay(f),
@@ -744,14 +907,45 @@ impl JsonState {
                 let Node::Regex(p) = g.resolve(node).1 else {
                     return Step::Reject;
                 };
-                match p.step(pat, len.into(), b) {
+                // A GBNF piece may also end here, its sequence or repetition going on.
+                let d = usize::from(self.depth);
+                let piece =
+                    d >= 2 && matches!(self.frames[d - 2], Frame::Seq { .. } | Frame::Rep { .. });
+                let can_end = piece && p.accepts(pat, len.into());
+                let on = match p.step(pat, len.into(), b) {
                     Some((pat, len)) if p.is_final(pat, len) => Step::Close,
                     Some((pat, len)) => Step::Stay(Frame::Raw {
                         node,
                         len: len as u16,
                         pat,
                     }),
-                    None => Step::Reject,
+                    None if can_end => return Step::Retry,
+                    None => return Step::Reject,
+                };
+                if can_end {
+                    either(ch, on)
+                } else {
+                    on
+                }
+            }
+            Frame::Seq { node, at } => match g.resolve(node).1 {
+                Node::Seq(items) => match items.get(usize::from(at)) {
+                    Some(&item) => Step::Begin(f, item),
+                    None => Step::Retry,
+                },
+                _ => Step::Reject,
+            },
+            Frame::Rep { node, count } => {
+                let Node::Rep { item, min, max } = *g.resolve(node).1 else {
+                    return Step::Reject;
+                };
+                let more = u32::from(count) < max && g.can_start(item, b);
+                let end = u32::from(count) >= min || g.nullable(item);
+                match (more, end) {
+                    (true, true) => either(ch, Step::Begin(f, item)),
+                    (true, false) => Step::Begin(f, item),
+                    (false, true) => Step::Retry,
+                    (false, false) => Step::Reject,
                 }
             }
             Frame::Str {
@@ -890,12 +1084,20 @@ impl JsonState {
                 self.space_run += 1;
                 return true;
             }
-            match self.step(g, top, b) {
+            match self.step(g, top, b, ch) {
                 Step::Stay(f) => *self.top() = f,
                 Step::Begin(f, node) => {
                     *self.top() = f;
-                    if !self.begin(g, node, b, ch) {
-                        return false;
+                    match self.begin(g, node, b, ch) {
+                        Start::Took => {}
+                        Start::Fail => return false,
+                        // An empty item repeats nothing.
+                        Start::Empty if matches!(f, Frame::Rep { .. }) => return false,
+                        // An empty piece: the next one takes the byte.
+                        Start::Empty => {
+                            self.after_child(g);
+                            continue;
+                        }
                     }
                 }
                 Step::Close => self.pop(g),

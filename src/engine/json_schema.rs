@@ -107,8 +107,13 @@ pub(crate) enum Node {
     /// Free text, or — when its first byte after any whitespace is `{` — the node (a tool
     /// call the model may or may not make).
     TextOr(NodeId),
-    /// Raw text (not JSON) that matches the pattern: a whole answer ([`Grammar::regex`]).
+    /// Raw text (not JSON) that matches the pattern: a whole answer ([`Grammar::regex`]),
+    /// or a regular piece of a GBNF grammar (possibly empty).
     Regex(Arc<Pattern>),
+    /// These one after another (a GBNF sequence with a recursive part).
+    Seq(Box<[NodeId]>),
+    /// `min` to `max` of `item` one after another (a GBNF repetition of a recursive part).
+    Rep { item: NodeId, min: u32, max: u32 },
 }
 
 /// A compiled schema: what JSON mode lets the model write.
@@ -123,6 +128,8 @@ pub struct Grammar {
     pub(crate) root_space: bool,
     /// Each node's possible first bytes (a 256-bit set).
     first: Vec<[u64; 4]>,
+    /// Whether each node can be empty (only GBNF pieces can).
+    nullable: Vec<bool>,
 }
 
 /// Why a schema cannot be followed, and where in it.
@@ -277,9 +284,14 @@ impl Grammar {
     /// A whole answer that a llama.cpp GBNF grammar allows, when the grammar is regular (see
     /// [`super::gbnf`]). The error says why it cannot be followed.
     pub fn gbnf(source: &str) -> Result<Grammar, String> {
-        let regex = super::gbnf::to_regex(source)?;
-        let pattern = Pattern::labeled(&format!("^(?:{regex})$"), "the grammar", 0, UNBOUNDED)?;
-        Ok(Self::raw(pattern))
+        match super::gbnf::compile(source, base_nodes())? {
+            super::gbnf::Compiled::Regex(regex) => {
+                let pattern =
+                    Pattern::labeled(&format!("^(?:{regex})$"), "the grammar", 0, UNBOUNDED)?;
+                Ok(Self::raw(pattern))
+            }
+            super::gbnf::Compiled::Pieces { nodes, root } => Self::from_nodes(nodes, root),
+        }
     }
 
     /// Raw text matching `pattern`, as a whole answer.
@@ -303,7 +315,29 @@ impl Grammar {
             root,
             root_space,
             first: Vec::new(),
+            nullable: Vec::new(),
         }
+    }
+
+    /// A grammar over GBNF's nodes ([`super::gbnf`]) from `root`; `Err` names a rule that
+    /// refers back to itself before any character (left recursion).
+    pub(crate) fn from_nodes(nodes: Vec<Node>, root: NodeId) -> Result<Grammar, String> {
+        let mut g = Grammar::new(nodes, root, false);
+        g.nullable = compute_nullable(&g.nodes);
+        g.first = compute_first_nullable(&g.nodes, &g.nullable).map_err(|_| {
+            "the grammar refers back to a rule before any character (left recursion)".to_string()
+        })?;
+        Ok(g)
+    }
+
+    /// Whether this is a GBNF grammar over pieces ([`Grammar::from_nodes`]).
+    pub(crate) fn has_pieces(&self) -> bool {
+        !self.nullable.is_empty()
+    }
+
+    /// Whether a value of `id` can be empty.
+    pub(crate) fn nullable(&self, id: NodeId) -> bool {
+        self.nullable.get(usize::from(id)).copied().unwrap_or(false)
     }
 
     /// The node behind any chain of aliases.
@@ -364,8 +398,42 @@ fn base_nodes() -> Vec<Node> {
 
 /// Every node's first-byte set; `Err` when an alternative leads back to itself.
 fn compute_first(nodes: &[Node]) -> Result<Vec<[u64; 4]>, ()> {
+    compute_first_nullable(nodes, &vec![false; nodes.len()])
+}
+
+/// Which nodes can be empty: a fixpoint (recursion through aliases allowed).
+fn compute_nullable(nodes: &[Node]) -> Vec<bool> {
+    let mut null = vec![false; nodes.len()];
+    loop {
+        let mut changed = false;
+        for (i, n) in nodes.iter().enumerate() {
+            let at = |id: &NodeId| null[usize::from(*id)];
+            let v = match n {
+                Node::Regex(p) => p.accepts(p.start(), 0),
+                Node::Seq(items) => items.iter().all(at),
+                Node::Rep { item, min, .. } => *min == 0 || at(item),
+                Node::OneOf(alts) => alts.iter().any(at),
+                Node::Alias(t) => at(t),
+                _ => false,
+            };
+            if v && !null[i] {
+                null[i] = true;
+                changed = true;
+            }
+        }
+        if !changed {
+            return null;
+        }
+    }
+}
+
+/// Every node's first-byte set given which nodes can be empty (a sequence starts with its
+/// items up to the first that cannot be); `Err` when a node leads back to itself before
+/// any byte.
+fn compute_first_nullable(nodes: &[Node], nullable: &[bool]) -> Result<Vec<[u64; 4]>, ()> {
     fn visit(
         nodes: &[Node],
+        nullable: &[bool],
         id: NodeId,
         memo: &mut Vec<Option<[u64; 4]>>,
         busy: &mut Vec<bool>,
@@ -392,15 +460,29 @@ fn compute_first(nodes: &[Node]) -> Result<Vec<[u64; 4]>, ()> {
             Node::OneOf(alts) => {
                 let mut set = [0u64; 4];
                 for &a in alts {
-                    let f = visit(nodes, a, memo, busy)?;
+                    let f = visit(nodes, nullable, a, memo, busy)?;
                     for k in 0..4 {
                         set[k] |= f[k];
                     }
                 }
                 set
             }
-            Node::Alias(t) => visit(nodes, *t, memo, busy)?,
+            Node::Alias(t) => visit(nodes, nullable, *t, memo, busy)?,
             Node::TextOr(_) => [u64::MAX; 4],
+            Node::Seq(items) => {
+                let mut set = [0u64; 4];
+                for &a in items.iter() {
+                    let f = visit(nodes, nullable, a, memo, busy)?;
+                    for k in 0..4 {
+                        set[k] |= f[k];
+                    }
+                    if !nullable[usize::from(a)] {
+                        break;
+                    }
+                }
+                set
+            }
+            Node::Rep { item, .. } => visit(nodes, nullable, *item, memo, busy)?,
         };
         busy[i] = false;
         memo[i] = Some(f);
@@ -409,7 +491,7 @@ fn compute_first(nodes: &[Node]) -> Result<Vec<[u64; 4]>, ()> {
     let mut memo = vec![None; nodes.len()];
     let mut busy = vec![false; nodes.len()];
     (0..nodes.len())
-        .map(|i| visit(nodes, i as NodeId, &mut memo, &mut busy))
+        .map(|i| visit(nodes, nullable, i as NodeId, &mut memo, &mut busy))
         .collect()
 }
 
@@ -1250,6 +1332,129 @@ mod tests {
                                                "minItems": 2}))
         .expect_err("no array fits");
         assert!(err.message.contains("tuple's length"), "{err}");
+    }
+
+    /// llama.cpp's `grammars/json.gbnf`.
+    const JSON_GBNF: &str = r#"
+root   ::= object
+value  ::= object | array | string | number | ("true" | "false" | "null") ws
+
+object ::=
+  "{" ws (
+            string ":" ws value
+    ("," ws string ":" ws value)*
+  )? "}" ws
+
+array  ::=
+  "[" ws (
+            value
+    ("," ws value)*
+  )? "]" ws
+
+string ::=
+  "\"" (
+    [^"\\\x7F\x00-\x1F] |
+    "\\" (["\\bfnrt] | "u" [0-9a-fA-F]{4}) # escapes
+  )* "\"" ws
+
+number ::= ("-"? ([0-9] | [1-9] [0-9]{0,15})) ("." [0-9]+)? ([eE] [-+]? [0-9] [1-7]{0,1})? ws
+
+# Optional space: by convention, applied in this grammar after literal chars when allowed
+ws ::= | " " | "\n" [ \t]{0,20}
+"#;
+
+    const ARITHMETIC_GBNF: &str = "root ::= expr\n\
+        expr ::= term ((\"+\" | \"-\") term)*\n\
+        term ::= factor ((\"*\" | \"/\") factor)*\n\
+        factor ::= [0-9]+ | \"(\" expr \")\"\n";
+
+    #[test]
+    fn recursive_gbnf_grammars_are_followed() {
+        let json = Grammar::gbnf(JSON_GBNF).unwrap_or_else(|e| panic!("{e}"));
+        check(
+            &json,
+            &[
+                "{}",
+                r#"{"a": [1, 2.5, {"b": null}], "c": "x\n\u00e9"}"#,
+                "{\n  \"deep\": [[[], [true]], {\"k\": -0.5e+3}]\n}",
+            ],
+            &[
+                "[1]",
+                r#"{"a" 1}"#,
+                r#"{"a": [1,]}"#,
+                r#"{"a":  1}"#,
+                r#"{"a": tru}"#,
+                r#"{"a": 01}"#,
+            ],
+        );
+        let arith = Grammar::gbnf(ARITHMETIC_GBNF).unwrap_or_else(|e| panic!("{e}"));
+        check(
+            &arith,
+            &["1+2*(3-4)", "((7))", "12/(3+(4*5))-6", "0"],
+            &["1+", "(1", "1)", "()", "+1", "1+*2"],
+        );
+        // Pieces that can be empty, and nesting through them.
+        let list = Grammar::gbnf(
+            "root ::= list\nlist ::= \"[\" (item (\",\" item)*)? \"]\"\nitem ::= [a-z]* | list\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        check(
+            &list,
+            &["[]", "[,]", "[a,[b,[]],]", "[[[x]]]"],
+            &["[a", "[[]", "a", "[A]"],
+        );
+        // A regular grammar stays one pattern.
+        let regular = Grammar::gbnf("root ::= \"a\" b\nb ::= \"b\"+").expect("regular");
+        assert!(!regular.has_pieces());
+        assert!(json.has_pieces());
+        for (g, says) in [
+            ("root ::= root \"a\" | \"b\"", "left recursion"),
+            (
+                "root ::= x\nx ::= y \"a\"\ny ::= \"b\"? x",
+                "left recursion",
+            ),
+            ("root ::= \"(\" root \")\" | item", "not defined"),
+        ] {
+            let e = Grammar::gbnf(g)
+                .err()
+                .unwrap_or_else(|| panic!("accepted {g}"));
+            assert!(e.contains(says), "{g}: {e}");
+        }
+    }
+
+    #[test]
+    fn no_walk_through_a_recursive_grammar_reaches_a_dead_end() {
+        let grammars = [JSON_GBNF, ARITHMETIC_GBNF];
+        let mut seed = 0x0123456789ABCDEFu64;
+        let mut rand = move |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        for src in grammars {
+            let g = Grammar::gbnf(src).unwrap_or_else(|e| panic!("{e}"));
+            for _ in 0..100 {
+                let mut s = JsonPaths::default();
+                let mut text = Vec::new();
+                for _ in 0..30 {
+                    let next: Vec<(u8, JsonPaths)> = (0x09..0x7f_u8)
+                        .filter_map(|b| Some((b, s.after_bytes(&g, &[b])?)))
+                        .collect();
+                    assert!(
+                        !next.is_empty() || s.can_end(&g),
+                        "dead end after {:?}",
+                        String::from_utf8_lossy(&text)
+                    );
+                    if next.is_empty() {
+                        break;
+                    }
+                    let (b, t) = next[rand(next.len())].clone();
+                    text.push(b);
+                    s = t;
+                }
+            }
+        }
     }
 
     #[test]
