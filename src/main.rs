@@ -135,8 +135,8 @@ struct ServeArgs {
     /// Seconds running requests get to finish after SIGTERM/SIGINT.
     #[arg(long, env = "NEXTOKEN_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     shutdown_grace_secs: u64,
-    /// Where uploaded files, fine-tuning jobs, their events and adapters are kept (created if
-    /// missing; everything in it is listed again after a restart).
+    /// Where uploaded files, fine-tuning jobs, their events, adapters and stored responses are
+    /// kept (created if missing; everything in it is listed again after a restart).
     #[arg(long, env = "NEXTOKEN_DATA_DIR", default_value = "nextoken-data")]
     data_dir: PathBuf,
     /// A PEFT LoRA adapter to serve from startup, as NAME=PATH (repeatable; env:
@@ -279,6 +279,10 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
                 .then(|| std::time::Duration::from_secs(args.request_timeout)),
         };
         let state = server::AppState::new(config);
+        let responses_dir = args.data_dir.join("responses");
+        state
+            .keep_responses_in(&responses_dir)
+            .with_context(|| format!("responses dir {}", responses_dir.display()))?;
         let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
             .await
             .with_context(|| format!("binding {}:{}", args.host, args.port))?;

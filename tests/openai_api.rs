@@ -2828,6 +2828,49 @@ async fn responses_are_stored_and_continued() {
     assert_eq!(got, done["response"]);
 }
 
+/// With a data directory, stored responses survive a restart: a new server on the same
+/// directory reads them back, continues them and deletes them for good.
+#[tokio::test]
+async fn stored_responses_survive_a_restart() {
+    let dir = tempfile::tempdir().expect("dir");
+    let server = || {
+        let (app, state) = app_with(ServerConfig::default(), Some(shared_loaded()));
+        state
+            .keep_responses_in(&dir.path().join("responses"))
+            .expect("store");
+        app
+    };
+    let before = server();
+    let (status, r1) = post_json(
+        &before,
+        "/v1/responses",
+        json!({"input": "My name is Ada. What is 2+2?", "max_output_tokens": 12,
+               "temperature": 0}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{r1}");
+    let id1 = r1["id"].as_str().expect("id").to_string();
+    let follow = json!({"input": "What is my name?", "previous_response_id": id1,
+                        "max_output_tokens": 12, "temperature": 0});
+    let (_, expected) = post_json(&before, "/v1/responses", follow.clone()).await;
+    drop(before);
+
+    let after = server();
+    let (status, got) = call(&after, "GET", &format!("/v1/responses/{id1}")).await;
+    assert_eq!(status, StatusCode::OK, "{got}");
+    assert_eq!(got, r1);
+    let (status, r2) = post_json(&after, "/v1/responses", follow).await;
+    assert_eq!(status, StatusCode::OK, "{r2}");
+    assert_eq!(r2["output"][0]["content"], expected["output"][0]["content"]);
+    let (status, _) = call(&after, "DELETE", &format!("/v1/responses/{id1}")).await;
+    assert_eq!(status, StatusCode::OK);
+    drop(after);
+
+    let again = server();
+    let (status, e) = call(&again, "GET", &format!("/v1/responses/{id1}")).await;
+    assert_error(status, &e, StatusCode::NOT_FOUND, None);
+}
+
 /// GBNF grammars (llama.cpp's `grammar` on `/completion`, and on the OpenAI routes with vLLM's
 /// `guided_grammar`): the answer is what the grammar allows, whole; recursive ones are a 400.
 /// llama.cpp's `json.gbnf`, a recursive grammar.

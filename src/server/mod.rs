@@ -234,6 +234,19 @@ impl AppState {
         })
     }
 
+    /// Keeps stored Responses-API responses in `dir` (one file each), reading back those
+    /// already there: they survive a restart.
+    pub fn keep_responses_in(&self, dir: &std::path::Path) -> std::io::Result<()> {
+        let store = responses::ResponseStore::open(dir)?;
+        let mut s = self
+            .shared
+            .responses
+            .lock()
+            .map_err(|_| std::io::Error::other("response store poisoned"))?;
+        *s = store;
+        Ok(())
+    }
+
     /// Stored Responses-API responses.
     pub fn responses(&self) -> responses::SharedStore {
         self.shared.responses.clone()

@@ -7,14 +7,16 @@
 //! `function_call`, streamed as the API's typed events (`response.created`, …,
 //! `response.output_text.delta`, …, `response.completed`).
 //!
-//! Responses are stored (`store`, on by default as OpenAI's) in memory — the newest
-//! [`MAX_STORED`], not kept across restarts, as vLLM keeps them: `previous_response_id`
+//! Responses are stored (`store`, on by default as OpenAI's) — the newest [`MAX_STORED`], in
+//! memory and, when the server has a data directory, one JSON file each under
+//! `responses/` so that they survive a restart (read back at start): `previous_response_id`
 //! continues a stored conversation (its input and output items come before the new input;
 //! `instructions` are the new request's own), and `GET`/`DELETE /v1/responses/{id}` and
 //! `GET /v1/responses/{id}/input_items` read and remove them.
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -41,11 +43,15 @@ pub const MAX_STORED: usize = 1000;
 
 /// A stored response: its object, and the conversation it ends (input items, then its own
 /// output items; each with an `id`).
+#[derive(serde::Serialize, serde::Deserialize)]
 struct Stored {
     response: Value,
     items: Vec<Value>,
     /// How many of `items` were its input.
     inputs: usize,
+    /// Its place in the order of storing (the oldest go first).
+    #[serde(default)]
+    seq: u64,
 }
 
 /// The responses kept for `previous_response_id` and the `GET`/`DELETE` routes.
@@ -53,16 +59,100 @@ struct Stored {
 pub struct ResponseStore {
     map: HashMap<String, Stored>,
     order: VecDeque<String>,
+    /// Where each one is kept as `<id>.json`, if anywhere.
+    dir: Option<PathBuf>,
+    next_seq: u64,
 }
 
 impl ResponseStore {
-    fn insert(&mut self, id: String, stored: Stored) {
+    /// The store kept in `dir` (created if missing), with the responses already there: the
+    /// newest [`MAX_STORED`] by the order they were stored in (older files are removed, as
+    /// are unreadable ones, which are logged).
+    pub fn open(dir: &Path) -> std::io::Result<ResponseStore> {
+        std::fs::create_dir_all(dir)?;
+        let mut found: Vec<(String, Stored)> = Vec::new();
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            let Some(id) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".json"))
+                .map(str::to_string)
+            else {
+                // A write cut short (`.tmp`): never read.
+                let _ = std::fs::remove_file(&path);
+                continue;
+            };
+            match std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice::<Stored>(&b).map_err(|e| e.to_string()))
+            {
+                Ok(s) => found.push((id, s)),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "unreadable stored response");
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        found.sort_by_key(|(_, s)| s.seq);
+        let mut store = ResponseStore {
+            dir: Some(dir.to_path_buf()),
+            next_seq: found.last().map_or(0, |(_, s)| s.seq + 1),
+            ..ResponseStore::default()
+        };
+        let skip = found.len().saturating_sub(MAX_STORED);
+        for (i, (id, s)) in found.into_iter().enumerate() {
+            if i < skip {
+                store.delete_file(&id);
+                continue;
+            }
+            store.order.push_back(id.clone());
+            store.map.insert(id, s);
+        }
+        Ok(store)
+    }
+
+    /// How many responses are kept.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether none is kept.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    fn file(&self, id: &str) -> Option<PathBuf> {
+        Some(self.dir.as_ref()?.join(format!("{id}.json")))
+    }
+
+    fn delete_file(&self, id: &str) {
+        if let Some(path) = self.file(id) {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+
+    fn insert(&mut self, id: String, mut stored: Stored) {
         while self.map.len() >= MAX_STORED {
             match self.order.pop_front() {
                 Some(old) => {
                     self.map.remove(&old);
+                    self.delete_file(&old);
                 }
                 None => break,
+            }
+        }
+        stored.seq = self.next_seq;
+        self.next_seq += 1;
+        if let Some(path) = self.file(&id) {
+            // Whole or not at all: written aside, then renamed into place.
+            let tmp = path.with_extension("json.tmp");
+            let written = serde_json::to_vec(&stored)
+                .map_err(std::io::Error::other)
+                .and_then(|bytes| std::fs::write(&tmp, bytes))
+                .and_then(|()| std::fs::rename(&tmp, &path));
+            if let Err(e) = written {
+                tracing::warn!(path = %path.display(), error = %e, "could not keep a response on disk");
             }
         }
         self.order.push_back(id.clone());
@@ -70,8 +160,13 @@ impl ResponseStore {
     }
 
     fn remove(&mut self, id: &str) -> bool {
+        // Only ids the store holds name files (never a path from the request as such).
+        if self.map.remove(id).is_none() {
+            return false;
+        }
         self.order.retain(|k| k != id);
-        self.map.remove(id).is_some()
+        self.delete_file(id);
+        true
     }
 }
 
@@ -317,6 +412,7 @@ impl Echo {
                     response: response.clone(),
                     items,
                     inputs,
+                    seq: 0,
                 },
             );
         }
@@ -707,4 +803,60 @@ async fn text_delta(out: &mut Emitter, id: &str, delta: &str) -> bool {
         json!({"item_id": id, "output_index": 0, "content_index": 0, "delta": delta}),
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(n: usize) -> Stored {
+        Stored {
+            response: json!({"id": format!("resp_{n}"), "output": []}),
+            items: vec![json!({"type": "message", "role": "user", "content": format!("{n}")})],
+            inputs: 1,
+            seq: 0,
+        }
+    }
+
+    #[test]
+    fn stored_responses_survive_a_restart_in_order_and_within_the_limit() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("responses");
+        let mut s = ResponseStore::open(&path).expect("open");
+        for n in 0..MAX_STORED + 5 {
+            s.insert(format!("resp_{n}"), stored(n));
+        }
+        assert_eq!(s.len(), MAX_STORED);
+        assert!(s.remove("resp_7"));
+        assert!(!s.remove("resp_7"));
+        assert!(!s.remove("../responses"), "only held ids name files");
+        // A write cut short and a damaged file are dropped at the next start.
+        std::fs::write(path.join("resp_x.json.tmp"), b"{").expect("write");
+        std::fs::write(path.join("resp_y.json"), b"{\"response\":").expect("write");
+        drop(s);
+
+        let mut s = ResponseStore::open(&path).expect("reopen");
+        assert_eq!(s.len(), MAX_STORED - 1);
+        let files = std::fs::read_dir(&path).expect("list").count();
+        assert_eq!(
+            files,
+            MAX_STORED - 1,
+            "evicted, deleted and damaged files are gone"
+        );
+        assert!(!s.map.contains_key("resp_4"), "the oldest went first");
+        assert!(!s.map.contains_key("resp_7"));
+        assert_eq!(s.map["resp_5"].items[0]["content"], "5");
+        assert_eq!(s.order.front().map(String::as_str), Some("resp_5"));
+        assert_eq!(s.order.back().map(String::as_str), Some("resp_1004"));
+        // New ones come after the ones read back.
+        s.insert("resp_new0".into(), stored(0));
+        assert_eq!(s.order.front().map(String::as_str), Some("resp_5"));
+        s.insert("resp_new".into(), stored(0));
+        assert_eq!(s.order.front().map(String::as_str), Some("resp_6"));
+        assert!(!path.join("resp_5.json").exists());
+        drop(s);
+        let s = ResponseStore::open(&path).expect("reopen");
+        assert_eq!(s.order.back().map(String::as_str), Some("resp_new"));
+        assert_eq!(s.len(), MAX_STORED);
+    }
 }
