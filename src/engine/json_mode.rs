@@ -687,7 +687,7 @@ impl JsonState {
                 }
                 self.begin_next(g, b, ch)
             }
-            Node::Rep { item, min, max } => {
+            Node::Rep { item, max, .. } => {
                 let more = *max > 0 && g.can_start(*item, b);
                 let end = g.nullable(id);
                 let go = match (more, end) {
@@ -700,7 +700,6 @@ impl JsonState {
                 if !go {
                     return if end { Start::Empty } else { Start::Fail };
                 }
-                let _ = min;
                 if !self.open(Frame::Rep { node: id, count: 0 }) {
                     return Start::Fail;
                 }
@@ -1202,8 +1201,12 @@ struct Choices {
 }
 
 impl Choices {
-    /// Which of `n` candidates to take; `None` past [`MAX_CHOICES`] choices.
+    /// Which of `n` candidates to take; `None` past [`MAX_CHOICES`] choices (a lone
+    /// candidate is no choice).
     fn choose(&mut self, n: usize) -> Option<usize> {
+        if n <= 1 {
+            return Some(0);
+        }
         let i = self.at;
         if usize::from(i) >= MAX_CHOICES {
             return None;
