@@ -125,6 +125,28 @@ const ROW_BLOCK: usize = 64;
 /// tiles) the same either way.
 const PRE_MIN_TILES: usize = 9;
 
+/// GGUF Q4_0 blocks (`w = d·(q − 8)`: an f16 scale, 16 bytes of nibbles) as Q4_1 blocks
+/// (`w = d·q + m`) with the same scale and nibbles and `m = −8d`, exact in f16 — so every
+/// weight is the same number, served by the Q4_1 kernels. `Err` for a ragged length or a
+/// scale too large for `−8d` to be an f16.
+pub fn q4_0_as_q4_1(bytes: &[u8]) -> Result<Vec<u8>, String> {
+    if !bytes.len().is_multiple_of(18) {
+        return Err(format!("{} bytes are not whole Q4_0 blocks", bytes.len()));
+    }
+    let mut out = Vec::with_capacity(bytes.len() / 18 * 20);
+    for b in bytes.chunks_exact(18) {
+        let d = half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
+        let m = half::f16::from_f32(-8.0 * d);
+        if m.to_f32() != -8.0 * d {
+            return Err(format!("a Q4_0 scale of {d} has no Q4_1 minimum"));
+        }
+        out.extend_from_slice(&b[..2]);
+        out.extend_from_slice(&m.to_bits().to_le_bytes());
+        out.extend_from_slice(&b[2..]);
+    }
+    Ok(out)
+}
+
 impl QMatrix {
     /// Parses GGUF block bytes of a `(rows, cols)` matrix.
     pub fn from_gguf_bytes(
@@ -1556,6 +1578,40 @@ mod candle_agreement {
                 .expect("f32");
             assert_eq!(ours, theirs, "{format:?}");
         }
+    }
+
+    #[test]
+    fn q4_0_blocks_become_q4_1_blocks_of_the_same_weights() {
+        // Scales across f16's range: subnormal, small, ordinary, large; every nibble.
+        let mut bytes = Vec::new();
+        for (i, d) in [3e-7f32, 1e-4, 0.0123, -0.5, 2.0, 1000.0]
+            .iter()
+            .enumerate()
+        {
+            bytes.extend(half::f16::from_f32(*d).to_le_bytes());
+            bytes.extend((0..16u8).map(|j| j.wrapping_mul(29).wrapping_add(i as u8 * 7)));
+        }
+        let converted = q4_0_as_q4_1(&bytes).expect("converts");
+        let ours = QMatrix::from_gguf_bytes(QuantFormat::Q4_1, 3, 64, &converted)
+            .expect("valid")
+            .dequantize();
+        let theirs =
+            ggml_file::qtensor_from_ggml(GgmlDType::Q4_0, &bytes, vec![3, 64], &Device::Cpu)
+                .expect("candle parses")
+                .dequantize(&Device::Cpu)
+                .expect("dequantize")
+                .flatten_all()
+                .expect("flat")
+                .to_vec1::<f32>()
+                .expect("f32");
+        assert_eq!(ours, theirs, "bit for bit");
+        assert!(q4_0_as_q4_1(&bytes[..17]).is_err());
+        let huge = [
+            half::f16::from_f32(60000.0).to_le_bytes().to_vec(),
+            vec![0; 16],
+        ]
+        .concat();
+        assert!(q4_0_as_q4_1(&huge).is_err(), "−8d beyond f16");
     }
 
     mod tests_support {

@@ -282,7 +282,8 @@ impl Weights {
     }
 
     /// The 2-D weight `name` as a [`Linear`]: GGUF Q4_1/Q8_0 stay quantized (read as raw
-    /// blocks); everything else is loaded as f32.
+    /// blocks), Q4_0 too (as the Q4_1 blocks of the same weights); everything else is loaded
+    /// as f32.
     pub fn get_linear(&mut self, name: &str, shape: [usize; 2]) -> Result<Linear, LoadError> {
         let path = self.path.clone();
         let permute = self.permuted_heads(name);
@@ -296,7 +297,7 @@ impl Weights {
             let g = gguf_name(*arch, name).unwrap_or_default();
             if let Some(info) = content.tensor_infos.get(&g) {
                 let format = match info.ggml_dtype {
-                    GgmlDType::Q4_1 => Some(QuantFormat::Q4_1),
+                    GgmlDType::Q4_0 | GgmlDType::Q4_1 => Some(QuantFormat::Q4_1),
                     GgmlDType::Q8_0 => Some(QuantFormat::Q8_0),
                     _ => None,
                 };
@@ -318,6 +319,10 @@ impl Weights {
                     ))
                     .and_then(|_| file.read_exact(&mut data))
                     .map_err(|e| LoadError::io(&path, e))?;
+                    if info.ggml_dtype == GgmlDType::Q4_0 {
+                        data = super::quant::q4_0_as_q4_1(&data)
+                            .map_err(|e| LoadError::format(&path, format!("tensor '{g}': {e}")))?;
+                    }
                     let mut q = QMatrix::from_gguf_bytes(format, shape[0], shape[1], &data)
                         .map_err(|e| LoadError::format(&path, format!("tensor '{g}': {e}")))?;
                     if let Some(h) = permute.filter(|&h| shape[0].is_multiple_of(2 * h)) {

@@ -44,7 +44,7 @@ pub fn gguf() -> &'static (Model, Tokenizer) {
 /// a `TempDir` held in one would leak (half a gigabyte per converted model, per test binary,
 /// which once filled CI's disk): instead each process writes under
 /// `$CARGO_TARGET_TMPDIR/fixtures/pid-N`, and removes the folders of processes that have exited.
-fn process_dir() -> &'static Path {
+pub fn process_dir() -> &'static Path {
     static CELL: OnceLock<PathBuf> = OnceLock::new();
     CELL.get_or_init(|| {
         let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fixtures");
