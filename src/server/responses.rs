@@ -73,14 +73,16 @@ impl ResponseStore {
         let mut found: Vec<(String, Stored)> = Vec::new();
         for entry in std::fs::read_dir(dir)? {
             let path = entry?.path();
-            let Some(id) = path
+            let name = path
                 .file_name()
                 .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_suffix(".json"))
-                .map(str::to_string)
-            else {
-                // A write cut short (`.tmp`): never read.
+                .unwrap_or_default();
+            if name.ends_with(".json.tmp") {
+                // A write cut short: never read.
                 let _ = std::fs::remove_file(&path);
+                continue;
+            }
+            let Some(id) = name.strip_suffix(".json").map(str::to_string) else {
                 continue;
             };
             match std::fs::read(&path)
