@@ -1166,19 +1166,52 @@ impl JsonState {
             let mut ch = Choices::default();
             let ok = s.push(g, b, &mut ch);
             if !ch.forks().is_empty() {
-                let mut s = *self;
+                let mut before = *self;
                 for &b in &bytes[..i] {
-                    s.push(g, b, &mut Choices::default());
+                    before.push(g, b, &mut Choices::default());
                 }
-                let mut next = Vec::new();
-                s.successors(g, b, &mut next);
-                return next.iter().any(|s| s.accepts(g, &bytes[i + 1..]));
+                return before.accepts_after_fork(g, b, &bytes[i + 1..], (s, ok, ch));
             }
             if !ok {
                 return false;
             }
         }
         true
+    }
+
+    /// Whether some way through byte `b` from here — `run` is the first (its state, whether
+    /// it took `b`, its choices) — goes on through `rest`: depth first, each run's later
+    /// candidates tried only when the earlier ones fail, without allocating (the allowed
+    /// sets' hot loop meets such forks at every token where a piece may end or go on).
+    fn accepts_after_fork(
+        &self,
+        g: &Grammar,
+        b: u8,
+        rest: &[u8],
+        run: (JsonState, bool, Choices),
+    ) -> bool {
+        let (s, ok, ch) = run;
+        if ok && s.accepts(g, rest) {
+            return true;
+        }
+        for &(i, n) in ch.forks() {
+            for alt in 1..n {
+                let mut given = ch.given;
+                given[usize::from(ch.n_given)..usize::from(i)].fill(0);
+                given[usize::from(i)] = alt;
+                let mut next = Choices {
+                    given,
+                    n_given: i + 1,
+                    ..Choices::default()
+                };
+                let mut s = *self;
+                let ok = s.push(g, b, &mut next);
+                if self.accepts_after_fork(g, b, rest, (s, ok, next)) {
+                    return true;
+                }
+            }
+        }
+        false
     }
 }
 
