@@ -14,11 +14,13 @@
 //! `duration`, `email`, `hostname`, `ipv4`, `ipv6`, `uuid`: written as patterns); other
 //! formats are annotations, as JSON Schema 2020-12 defines them by default. Keywords that
 //! constrain values in ways the recogniser cannot follow (`uniqueItems`, `not`, …) are refused
-//! //! rather than silently ignored. `multipleOf` is followed like the bounds (the same limits).
+//! rather than silently ignored. `multipleOf` is followed like the bounds (the same limits).
 //! Alternatives (`anyOf`, `oneOf` — followed as `anyOf`, as llama.cpp, vLLM and OpenAI do —,
 //! a list of types) may start alike (two objects, a string or an enum, `integer` or `number`):
 //! the recogniser follows each reading until the text tells them apart.
-//! [`Grammar::regex`] is a whole answer that matches a pattern (vLLM's `guided_regex`).
+//! [`Grammar::regex`] is a whole answer that matches a pattern (vLLM's `guided_regex`);
+//! [`Grammar::gbnf`] one that a llama.cpp GBNF grammar allows (a pattern when it is regular,
+//! else sequences, repetitions and alternatives of pieces: [`super::gbnf`]).
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
