@@ -13,14 +13,7 @@ use nextoken::engine::json_schema::Grammar;
 use serde_json::json;
 
 /// llama.cpp's `grammars/json.gbnf`.
-const JSON_GBNF: &str = r#"root   ::= object
-value  ::= object | array | string | number | ("true" | "false" | "null") ws
-object ::= "{" ws ( string ":" ws value ("," ws string ":" ws value)* )? "}" ws
-array  ::= "[" ws ( value ("," ws value)* )? "]" ws
-string ::= "\"" ( [^"\\\x7F\x00-\x1F] | "\\" (["\\bfnrt] | "u" [0-9a-fA-F]{4}) )* "\"" ws
-number ::= ("-"? ([0-9] | [1-9] [0-9]{0,15})) ("." [0-9]+)? ([eE] [-+]? [0-9] [1-7]{0,1})? ws
-ws ::= | " " | "\n" [ \t]{0,20}
-"#;
+const JSON_GBNF: &str = include_str!("../tests/grammars/json.gbnf");
 
 fn main() {
     let bench = std::env::args().any(|a| a == "--bench");

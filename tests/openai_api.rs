@@ -2871,17 +2871,8 @@ async fn stored_responses_survive_a_restart() {
     assert_error(status, &e, StatusCode::NOT_FOUND, None);
 }
 
-/// GBNF grammars (llama.cpp's `grammar` on `/completion`, and on the OpenAI routes with vLLM's
-/// `guided_grammar`): the answer is what the grammar allows, whole; recursive ones are a 400.
 /// llama.cpp's `json.gbnf`, a recursive grammar.
-const JSON_GBNF: &str = r#"root   ::= object
-value  ::= object | array | string | number | ("true" | "false" | "null") ws
-object ::= "{" ws ( string ":" ws value ("," ws string ":" ws value)* )? "}" ws
-array  ::= "[" ws ( value ("," ws value)* )? "]" ws
-string ::= "\"" ( [^"\\\x7F\x00-\x1F] | "\\" (["\\bfnrt] | "u" [0-9a-fA-F]{4}) )* "\"" ws
-number ::= ("-"? ([0-9] | [1-9] [0-9]{0,15})) ("." [0-9]+)? ([eE] [-+]? [0-9] [1-7]{0,1})? ws
-ws ::= | " " | "\n" [ \t]{0,20}
-"#;
+const JSON_GBNF: &str = include_str!("grammars/json.gbnf");
 
 /// Whether `t` is an arithmetic expression of the grammar below (numbers, `+ - * /`,
 /// parentheses), checked by hand.
@@ -2918,6 +2909,7 @@ fn is_expression(t: &str) -> bool {
 
 /// Recursive GBNF (llama.cpp's `json.gbnf`, an arithmetic grammar): the answers are what
 /// the grammars allow, greedy and sampled, and end there.
+#[tokio::test]
 async fn recursive_gbnf_grammars_shape_the_answer() {
     let app = app();
     let ask = "Ada Lovelace was born in 1815 in London. Give her name, birth year and city \
@@ -2959,9 +2951,11 @@ async fn recursive_gbnf_grammars_shape_the_answer() {
     assert!(!is_expression("(1+2") && !is_expression("1+") && is_expression("7*(12+5)"));
 }
 
+/// GBNF grammars (llama.cpp's `grammar` on `/completion`, and on the OpenAI routes with vLLM's
+/// `guided_grammar`): the answer is what the grammar allows, whole; left-recursive ones are a
+/// 400.
 #[tokio::test]
 async fn gbnf_grammars_shape_the_answer() {
-    recursive_gbnf_grammars_shape_the_answer().await;
     let app = app();
     let grammar = "root ::= answer \", because \" reason \".\"\n\
                    answer ::= \"yes\" | \"no\"\n\

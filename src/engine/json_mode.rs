@@ -1139,14 +1139,7 @@ impl JsonState {
             let mut runs = Vec::new();
             for &(i, n) in ch.forks() {
                 for alt in 1..n {
-                    let mut given = ch.given;
-                    given[usize::from(ch.n_given)..usize::from(i)].fill(0);
-                    given[usize::from(i)] = alt;
-                    let mut next = Choices {
-                        given,
-                        n_given: i + 1,
-                        ..Choices::default()
-                    };
+                    let mut next = ch.taking(i, alt);
                     let mut s = *self;
                     let ok = s.push(g, b, &mut next);
                     runs.push((s, ok, next));
@@ -1196,14 +1189,7 @@ impl JsonState {
         }
         for &(i, n) in ch.forks() {
             for alt in 1..n {
-                let mut given = ch.given;
-                given[usize::from(ch.n_given)..usize::from(i)].fill(0);
-                given[usize::from(i)] = alt;
-                let mut next = Choices {
-                    given,
-                    n_given: i + 1,
-                    ..Choices::default()
-                };
+                let mut next = ch.taking(i, alt);
                 let mut s = *self;
                 let ok = s.push(g, b, &mut next);
                 if self.accepts_after_fork(g, b, rest, (s, ok, next)) {
@@ -1253,6 +1239,19 @@ impl Choices {
             self.n_open += 1;
         }
         Some(0)
+    }
+
+    /// The run that takes this run's choices up to choice `i` (the first candidate where
+    /// this one was not given any), then candidate `alt` there.
+    fn taking(&self, i: u8, alt: u8) -> Choices {
+        let mut given = self.given;
+        given[usize::from(self.n_given)..usize::from(i)].fill(0);
+        given[usize::from(i)] = alt;
+        Choices {
+            given,
+            n_given: i + 1,
+            ..Choices::default()
+        }
     }
 
     /// The choices with more than one candidate this run met after the given ones.

@@ -1337,33 +1337,7 @@ mod tests {
     }
 
     /// llama.cpp's `grammars/json.gbnf`.
-    const JSON_GBNF: &str = r#"
-root   ::= object
-value  ::= object | array | string | number | ("true" | "false" | "null") ws
-
-object ::=
-  "{" ws (
-            string ":" ws value
-    ("," ws string ":" ws value)*
-  )? "}" ws
-
-array  ::=
-  "[" ws (
-            value
-    ("," ws value)*
-  )? "]" ws
-
-string ::=
-  "\"" (
-    [^"\\\x7F\x00-\x1F] |
-    "\\" (["\\bfnrt] | "u" [0-9a-fA-F]{4}) # escapes
-  )* "\"" ws
-
-number ::= ("-"? ([0-9] | [1-9] [0-9]{0,15})) ("." [0-9]+)? ([eE] [-+]? [0-9] [1-7]{0,1})? ws
-
-# Optional space: by convention, applied in this grammar after literal chars when allowed
-ws ::= | " " | "\n" [ \t]{0,20}
-"#;
+    const JSON_GBNF: &str = include_str!("../../tests/grammars/json.gbnf");
 
     const ARITHMETIC_GBNF: &str = "root ::= expr\n\
         expr ::= term ((\"+\" | \"-\") term)*\n\
@@ -1424,45 +1398,53 @@ ws ::= | " " | "\n" [ \t]{0,20}
         }
     }
 
-    #[test]
-    fn no_walk_through_a_recursive_grammar_reaches_a_dead_end() {
-        let grammars = [JSON_GBNF, ARITHMETIC_GBNF];
-        let mut seed = 0x0123456789ABCDEFu64;
-        let mut rand = move |n: usize| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed % n as u64) as usize
-        };
-        for src in grammars {
-            let g = Grammar::gbnf(src).unwrap_or_else(|e| panic!("{e}"));
-            for _ in 0..100 {
-                let mut s = JsonPaths::default();
-                let mut text = Vec::new();
-                for _ in 0..30 {
-                    let next: Vec<(u8, JsonPaths)> = (0x09..0x7f_u8)
-                        .filter_map(|b| Some((b, s.after_bytes(&g, &[b])?)))
-                        .collect();
-                    assert!(
-                        !next.is_empty() || s.can_end(&g),
-                        "dead end after {:?}",
-                        String::from_utf8_lossy(&text)
-                    );
-                    if next.is_empty() {
-                        break;
-                    }
-                    let (b, t) = next[rand(next.len())].clone();
-                    text.push(b);
-                    s = t;
+    /// Random walks over the bytes `bytes` the recogniser allows under `g`: from every text
+    /// some byte goes on, or the text may end there.
+    fn assert_no_dead_end(
+        g: &Grammar,
+        label: &str,
+        walks: usize,
+        steps: usize,
+        bytes: std::ops::Range<u8>,
+        seed: u64,
+    ) {
+        let mut rand = crate::engine::xorshift(seed);
+        for _ in 0..walks {
+            let mut s = JsonPaths::default();
+            let mut text = Vec::new();
+            for _ in 0..steps {
+                let next: Vec<(u8, JsonPaths)> = bytes
+                    .clone()
+                    .filter_map(|b| Some((b, s.after_bytes(g, &[b])?)))
+                    .collect();
+                assert!(
+                    !next.is_empty() || s.can_end(g),
+                    "{label}: dead end after {:?}",
+                    String::from_utf8_lossy(&text)
+                );
+                if next.is_empty() || s.is_done() {
+                    break;
                 }
+                let (b, t) = next[rand(next.len())].clone();
+                text.push(b);
+                s = t;
             }
         }
     }
 
     #[test]
+    fn no_walk_through_a_recursive_grammar_reaches_a_dead_end() {
+        for (label, src, seed) in [
+            ("json.gbnf", JSON_GBNF, 0x0123456789ABCDEF),
+            ("arithmetic", ARITHMETIC_GBNF, 0x2545F4914F6CDD1D),
+        ] {
+            let g = Grammar::gbnf(src).unwrap_or_else(|e| panic!("{e}"));
+            assert_no_dead_end(&g, label, 100, 30, 0x09..0x7f, seed);
+        }
+    }
+
+    #[test]
     fn no_walk_through_alternatives_reaches_a_dead_end() {
-        // Random walks over the bytes the recogniser allows: from every text some byte goes
-        // on, or the text may end there.
         let schemas = [
             json!({"anyOf": [
                 {"type": "object", "properties": {"kind": {"const": "a"}, "x": {"type": "integer", "minimum": 3, "maximum": 40}}, "required": ["kind", "x"]},
@@ -1472,35 +1454,15 @@ ws ::= | " " | "\n" [ \t]{0,20}
                 {"type": "integer", "maximum": 5}, {"type": "number", "minimum": 100},
                 {"enum": ["x", "xy", 12]}, {"type": "string", "maxLength": 1}]}, "maxItems": 4}),
         ];
-        let mut seed = 0x2545F4914F6CDD1Du64;
-        let mut rand = move |n: usize| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed % n as u64) as usize
-        };
         for schema in &schemas {
-            let g = grammar(schema.clone());
-            for _ in 0..150 {
-                let mut s = JsonPaths::default();
-                let mut text = Vec::new();
-                for _ in 0..60 {
-                    let next: Vec<(u8, JsonPaths)> = (0x20..0x7f_u8)
-                        .filter_map(|b| Some((b, s.after_bytes(&g, &[b])?)))
-                        .collect();
-                    assert!(
-                        !next.is_empty() || s.can_end(&g),
-                        "{schema}: dead end after {:?}",
-                        String::from_utf8_lossy(&text)
-                    );
-                    if next.is_empty() || s.is_done() {
-                        break;
-                    }
-                    let (b, t) = next[rand(next.len())].clone();
-                    text.push(b);
-                    s = t;
-                }
-            }
+            assert_no_dead_end(
+                &grammar(schema.clone()),
+                &schema.to_string(),
+                150,
+                60,
+                0x20..0x7f,
+                0x2545F4914F6CDD1D,
+            );
         }
     }
 

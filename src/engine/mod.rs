@@ -447,3 +447,15 @@ impl Generation {
         Err(EngineError::Stopped)
     }
 }
+
+/// A small seeded random index source for tests' random walks: `rand(n)` in `0..n`
+/// (xorshift64).
+#[cfg(test)]
+pub(crate) fn xorshift(mut seed: u64) -> impl FnMut(usize) -> usize {
+    move |n: usize| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % n as u64) as usize
+    }
+}

@@ -533,13 +533,7 @@ mod tests {
             (r"^[\w.]+@[a-z]+\.(com|org)$", 0, 12),
             ("^(é|ü|€|😀)+$", 2, 4),
         ];
-        let mut seed = 0x9E3779B97F4A7C15u64;
-        let mut rand = move |n: usize| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed % n as u64) as usize
-        };
+        let mut rand = crate::engine::xorshift(0x9E3779B97F4A7C15);
         for (source, min, max) in patterns {
             let p = Pattern::new(source, min, max).unwrap_or_else(|e| panic!("{e}"));
             for _ in 0..200 {

@@ -1558,6 +1558,18 @@ mod candle_agreement {
         }
     }
 
+    /// GGUF blocks of `dtype` as candle dequantizes them (ggml's arithmetic).
+    fn candle_dequantized(dtype: GgmlDType, bytes: &[u8], rows: usize, cols: usize) -> Vec<f32> {
+        ggml_file::qtensor_from_ggml(dtype, bytes, vec![rows, cols], &Device::Cpu)
+            .expect("candle parses")
+            .dequantize(&Device::Cpu)
+            .expect("dequantize")
+            .flatten_all()
+            .expect("flat")
+            .to_vec1::<f32>()
+            .expect("f32")
+    }
+
     #[test]
     fn dequantization_is_bit_identical_to_ggml() {
         for (format, dtype) in [
@@ -1568,14 +1580,7 @@ mod candle_agreement {
             let ours = QMatrix::from_gguf_bytes(format, 6, 64, &bytes)
                 .expect("valid")
                 .dequantize();
-            let theirs = ggml_file::qtensor_from_ggml(dtype, &bytes, vec![6, 64], &Device::Cpu)
-                .expect("candle parses")
-                .dequantize(&Device::Cpu)
-                .expect("dequantize")
-                .flatten_all()
-                .expect("flat")
-                .to_vec1::<f32>()
-                .expect("f32");
+            let theirs = candle_dequantized(dtype, &bytes, 6, 64);
             assert_eq!(ours, theirs, "{format:?}");
         }
     }
@@ -1595,15 +1600,7 @@ mod candle_agreement {
         let ours = QMatrix::from_gguf_bytes(QuantFormat::Q4_1, 3, 64, &converted)
             .expect("valid")
             .dequantize();
-        let theirs =
-            ggml_file::qtensor_from_ggml(GgmlDType::Q4_0, &bytes, vec![3, 64], &Device::Cpu)
-                .expect("candle parses")
-                .dequantize(&Device::Cpu)
-                .expect("dequantize")
-                .flatten_all()
-                .expect("flat")
-                .to_vec1::<f32>()
-                .expect("f32");
+        let theirs = candle_dequantized(GgmlDType::Q4_0, &bytes, 3, 64);
         assert_eq!(ours, theirs, "bit for bit");
         assert!(q4_0_as_q4_1(&bytes[..17]).is_err());
         let huge = [
