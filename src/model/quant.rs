@@ -450,41 +450,47 @@ impl QMatrix {
                 part
             })
             .collect();
-        // Tasks: (part index, rows r0..r1, the part's panels q0..q1).
-        let mut tasks: Vec<(usize, usize, usize, usize, usize)> = Vec::new();
+        // Tasks: rows r0..r1 × panels g0..g1 of the whole (stacked) matrix; a task may span
+        // parts.
+        let mut tasks: Vec<(usize, usize, usize, usize)> = Vec::new();
+        let np = self.rows / PANEL;
         if t >= 32 {
             // Many rows (prefill): blocks of rows, each over every panel.
             let per_task = t.div_ceil(threads * 2);
             for r0 in (0..t).step_by(per_task) {
-                for (k, &(_, n, _, _)) in parts.iter().enumerate() {
-                    tasks.push((k, r0, (r0 + per_task).min(t), 0, n));
+                for &(first, n, _, _) in &parts {
+                    tasks.push((r0, (r0 + per_task).min(t), first, first + n));
                 }
             }
         } else {
-            // Panel groups: enough tasks to balance, few enough to amortise dispatch.
-            let np = self.rows / PANEL;
-            let per_task = np.div_ceil(threads * 4).max(4);
-            for (k, &(_, n, _, _)) in parts.iter().enumerate() {
-                for q0 in (0..n).step_by(per_task) {
-                    tasks.push((k, 0, t, q0, (q0 + per_task).min(n)));
-                }
+            // Panel groups of balanced sizes (36 panels: 4 and 5, not 5 and a last 1) across
+            // the whole matrix, so every thread gets the same share: enough tasks to balance,
+            // few enough (≥ 4 panels each) to amortise dispatch.
+            let chunks = np.div_ceil(4).clamp(1, threads * 4);
+            for c in 0..chunks {
+                tasks.push((0, t, np * c / chunks, np * (c + 1) / chunks));
             }
         }
-        tasks.into_par_iter().for_each(|(k, r0, r1, q0, q1)| {
-            let (first, _, width, out) = parts[k];
+        tasks.into_par_iter().for_each(|(r0, r1, g0, g1)| {
             let job = acts.job(&self.panels, r0, r1);
-            // SAFETY: `out` has capacity for t × width; this task writes rows r0..r1, columns
-            // q0·16..q1·16 of it (inside, as the widths are whole panels) and no other task
-            // writes those; `outs` outlives the loop.
-            #[allow(unsafe_code)]
-            unsafe {
-                job.run_strided(
-                    first + q0,
-                    first + q1,
-                    out.get().add(r0 * width + q0 * PANEL),
-                    width,
-                )
-            };
+            for &(first, n, width, out) in &parts {
+                let (q0, q1) = (g0.max(first), g1.min(first + n));
+                if q0 >= q1 {
+                    continue;
+                }
+                // SAFETY: `out` has capacity for t × width; this task writes rows r0..r1,
+                // columns (q0-first)·16..(q1-first)·16 of it (inside, as the widths are whole
+                // panels) and no other task writes those; `outs` outlives the loop.
+                #[allow(unsafe_code)]
+                unsafe {
+                    job.run_strided(
+                        q0,
+                        q1,
+                        out.get().add(r0 * width + (q0 - first) * PANEL),
+                        width,
+                    )
+                };
+            }
         });
         for (o, w) in outs.iter_mut().zip(widths) {
             // SAFETY: the tasks above cover every (row, column) of every part: all rows
@@ -1398,17 +1404,22 @@ mod tests {
 
     #[test]
     fn parts_are_the_columns_of_the_whole_product() {
-        for format in [QuantFormat::Q4_1, QuantFormat::Q8_0] {
-            let (rows, cols) = (96, 64);
+        // Panel groups that end where parts do, and (14 panels in 4 groups of 3–4) that start
+        // and end inside them.
+        let shapes: [(usize, &[usize]); 2] = [(96, &[32, 16, 48]), (224, &[96, 48, 80])];
+        for (format, (rows, widths)) in [QuantFormat::Q4_1, QuantFormat::Q8_0]
+            .into_iter()
+            .flat_map(|f| shapes.map(|s| (f, s)))
+        {
+            let cols = 64;
             let q = random_matrix(format, rows, cols, 9);
             // Both task layouts: panel groups (few rows) and row blocks (32 or more).
             for t in [1, 3, 17, 40] {
                 let x = activations(t, cols);
                 let whole = q.matmul(&x, t);
-                let widths = [32, 16, 48];
-                let parts = q.matmul_parts(&x, t, &widths).expect("whole panels");
+                let parts = q.matmul_parts(&x, t, widths).expect("whole panels");
                 let mut at = 0;
-                for (part, w) in parts.iter().zip(widths) {
+                for (part, &w) in parts.iter().zip(widths) {
                     assert_eq!(part.len(), t * w);
                     for r in 0..t {
                         assert_eq!(
