@@ -2,7 +2,8 @@
 //!
 //! `cargo bench --bench kernels [-- THREADS]` (default: the process's rayon pool). Prints one
 //! JSON line per (format, shape, rows) with the median of several timed runs;
-//! `KERNELS_FORMAT=Q4_1` and `KERNELS_T=16,64` choose the row counts. Under `cargo test` (no
+//! `KERNELS_FORMAT=Q4_1` (or `Q8_0`, `Q4K`, `Q6K`) and `KERNELS_T=16,64` choose the format
+//! and the row counts. Under `cargo test` (no
 //! `--bench` argument) it only checks that the kernels run.
 
 use std::time::Instant;
@@ -18,14 +19,32 @@ fn random_bytes(format: QuantFormat, rows: usize, cols: usize) -> Vec<u8> {
         (s >> 33) as u32
     };
     let mut out = Vec::new();
-    for _ in 0..rows * cols / BLOCK {
-        out.extend(half::f16::from_f32(0.001 + (next() % 1000) as f32 * 1e-5).to_le_bytes());
+    let per = if matches!(format, QuantFormat::Q4K | QuantFormat::Q6K) {
+        256
+    } else {
+        BLOCK
+    };
+    for _ in 0..rows * cols / per {
+        let d = half::f16::from_f32(0.001 + (next() % 1000) as f32 * 1e-5).to_le_bytes();
         match format {
             QuantFormat::Q4_1 => {
+                out.extend(d);
                 out.extend(half::f16::from_f32(-((next() % 1000) as f32) * 1e-4).to_le_bytes());
                 out.extend((0..16).map(|_| next() as u8));
             }
-            QuantFormat::Q8_0 => out.extend((0..32).map(|_| next() as u8)),
+            QuantFormat::Q8_0 => {
+                out.extend(d);
+                out.extend((0..32).map(|_| next() as u8));
+            }
+            QuantFormat::Q4K => {
+                out.extend(d);
+                out.extend(d);
+                out.extend((0..140).map(|_| next() as u8));
+            }
+            QuantFormat::Q6K => {
+                out.extend((0..208).map(|_| next() as u8));
+                out.extend(d);
+            }
         }
     }
     out
@@ -52,6 +71,8 @@ fn main() {
         (QuantFormat::Q4_1, 1536, 576),
         (QuantFormat::Q4_1, 576, 1536),
         (QuantFormat::Q8_0, 49152, 576),
+        (QuantFormat::Q4K, 576, 1536),
+        (QuantFormat::Q6K, 576, 1536),
     ];
     let only_format = std::env::var("KERNELS_FORMAT").ok();
     let only_t: Option<Vec<usize>> = std::env::var("KERNELS_T")

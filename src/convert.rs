@@ -112,6 +112,19 @@ pub enum GgufQuant {
     /// 4-bit blocks of 32 with an f16 scale and minimum.
     #[value(name = "q4_1")]
     Q4_1,
+    /// 5-bit blocks of 32 with an f16 scale.
+    #[value(name = "q5_0")]
+    Q5_0,
+    /// 6-bit super-blocks of 256 (16-value sub-blocks with 8-bit scales); rows that do not
+    /// split into 256 fall back to Q8_0, as llama.cpp does.
+    #[value(name = "q6_k")]
+    Q6K,
+    /// llama.cpp's `Q4_K_M` mix: Q4_K super-blocks, with Q6_K for the output head (the
+    /// embeddings when tied) and for `attn_v` / `ffn_down` of the first and last eighth of the
+    /// layers and every third between; rows that do not split into 256 fall back to Q5_0
+    /// (Q4_K) and Q8_0 (Q6_K), as llama.cpp does.
+    #[value(name = "q4_k_m")]
+    Q4KM,
 }
 
 impl GgufQuant {
@@ -122,7 +135,49 @@ impl GgufQuant {
             GgufQuant::Q8_0 => GgmlDType::Q8_0,
             GgufQuant::Q4_0 => GgmlDType::Q4_0,
             GgufQuant::Q4_1 => GgmlDType::Q4_1,
+            GgufQuant::Q5_0 => GgmlDType::Q5_0,
+            GgufQuant::Q6K => GgmlDType::Q6K,
+            GgufQuant::Q4KM => GgmlDType::Q4K,
         }
+    }
+
+    /// The type of the 2-D weight `hf` with rows of `cols` values, in a model of `layers`
+    /// layers whose head is `tied` to the embeddings: llama.cpp's choice
+    /// (`llama_tensor_get_type`) for the mixes, then its fallbacks where the rows do not split
+    /// into the type's blocks.
+    fn tensor_type(self, hf: &str, cols: usize, layers: usize, tied: bool) -> GgmlDType {
+        let layer = hf
+            .strip_prefix("model.layers.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|i| i.parse::<usize>().ok());
+        // llama.cpp's `use_more_bits`: the first and last eighth, and every third between
+        // (`i − n/8` is only reached past the first eighth).
+        let more_bits = |i: usize| {
+            let n = layers;
+            i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2
+        };
+        let head = hf == "lm_head.weight" || (tied && hf == "model.embed_tokens.weight");
+        let mut dtype = match self {
+            GgufQuant::Q4KM if head => GgmlDType::Q6K,
+            GgufQuant::Q4KM
+                if (hf.ends_with("v_proj.weight") || hf.ends_with("down_proj.weight"))
+                    && layer.is_some_and(more_bits) =>
+            {
+                GgmlDType::Q6K
+            }
+            _ => self.dtype(),
+        };
+        if !cols.is_multiple_of(dtype.block_size()) {
+            dtype = match dtype {
+                GgmlDType::Q4K => GgmlDType::Q5_0,
+                GgmlDType::Q6K => GgmlDType::Q8_0,
+                other => other,
+            };
+        }
+        if !cols.is_multiple_of(dtype.block_size()) {
+            dtype = GgmlDType::F16;
+        }
+        dtype
     }
 
     /// llama.cpp's `general.file_type`.
@@ -133,6 +188,9 @@ impl GgufQuant {
             GgufQuant::Q4_0 => 2,
             GgufQuant::Q4_1 => 3,
             GgufQuant::Q8_0 => 7,
+            GgufQuant::Q5_0 => 8,
+            GgufQuant::Q4KM => 15,
+            GgufQuant::Q6K => 18,
         }
     }
 }
@@ -146,8 +204,9 @@ fn permute_rows(w: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
         .reshape((rows, cols))
 }
 
-/// Converts the HF folder `input` into the GGUF file `out`. 2-D weights get `quant` (those
-/// whose rows do not split into 32-value blocks fall back to f16, as llama.cpp does); norms
+/// Converts the HF folder `input` into the GGUF file `out`. 2-D weights get `quant` (per
+/// tensor for the `q4_k_m` mix; rows that do not split into the type's blocks fall back to a
+/// smaller block, then to f16, as llama.cpp does); norms
 /// and biases stay f32. The tokenizer is written when the folder has one.
 pub fn hf_to_gguf(input: &Path, out: &Path, quant: GgufQuant) -> anyhow::Result<()> {
     if !input.is_dir() {
@@ -207,7 +266,9 @@ pub fn hf_to_gguf(input: &Path, out: &Path, quant: GgufQuant) -> anyhow::Result<
             QTensor::quantize(&t, GgmlDType::F32)?,
         ));
     }
-    for (hf, t) in model.named_tensors()? {
+    let named = model.named_tensors()?;
+    let tied = !named.iter().any(|(hf, _)| hf == "lm_head.weight");
+    for (hf, t) in named {
         let gguf = crate::model::weights::gguf_name(arch, &hf)
             .with_context(|| format!("no GGUF name for tensor '{hf}'"))?;
         // A fresh buffer: candle's quantizer reads the whole storage, not a view's part of it.
@@ -227,10 +288,8 @@ pub fn hf_to_gguf(input: &Path, out: &Path, quant: GgufQuant) -> anyhow::Result<
         let t = t.contiguous()?.copy()?;
         let dtype = if t.rank() < 2 {
             GgmlDType::F32
-        } else if t.dim(1)? % quant.dtype().block_size() != 0 {
-            GgmlDType::F16
         } else {
-            quant.dtype()
+            quant.tensor_type(&hf, t.dim(1)?, config.num_layers, tied)
         };
         let q = QTensor::quantize(&t, dtype).with_context(|| format!("quantizing '{hf}'"))?;
         tensors.push((gguf, q));

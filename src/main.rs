@@ -164,6 +164,14 @@ fn model_name(path: &std::path::Path) -> String {
 /// Loads the model into a running engine (blocking; seconds).
 fn load_for_serving(args: &ServeArgs, name: String) -> anyhow::Result<server::Loaded> {
     let (model, tokenizer) = nextoken::load(&args.model)?;
+    // Which weights run the quantized kernels and which became f32 copies (formats without
+    // kernels), so a slow or large file says why.
+    let formats: Vec<String> = model
+        .weight_formats()
+        .iter()
+        .map(|(format, n)| format!("{n} {format}"))
+        .collect();
+    eprintln!("nextoken: weight matrices: {}", formats.join(", "));
     let eos_ids = model.config().eos_token_ids.clone();
     // The trainer reads the same (shared, immutable) base weights the engine serves.
     let base_for_training = (!args.no_training).then(|| model.clone());

@@ -190,17 +190,74 @@ fn gguf_written_from_the_f32_folder_matches_transformers_f32() {
 /// to Q4_0 moves the first token of a prompt whose top two were 2.5 nats apart.)
 #[test]
 fn q4_0_gguf_stays_quantized_and_computes_its_weights() {
-    use nextoken::convert::{gguf_to_hf, hf_to_gguf, ConvertDtype, GgufQuant};
+    use nextoken::convert::{hf_to_gguf, GgufQuant};
     let path = process_dir().join("smollm2-q4_0.gguf");
     hf_to_gguf(converted_dir(), &path, GgufQuant::Q4_0).expect("convert to Q4_0");
-    let folder = process_dir().join("smollm2-q4_0-f32");
-    gguf_to_hf(&path, &folder, ConvertDtype::F32).expect("dequantize to a folder");
     let (model, _) = nextoken::load(&path).expect("Q4_0 GGUF loads");
     assert_eq!(
         model.kv_dtype(),
         nextoken::model::KvDtype::F16,
         "the projections are block-quantized"
     );
+    // Q4_0 blocks run as the Q4_1 blocks of the same weights: per layer q/k/v and gate/up
+    // (each stacked), o and down, and the tied head.
+    let formats: Vec<(&str, usize)> = model.weight_formats().into_iter().collect();
+    assert_eq!(formats, [("Q4_1", 4 * 30 + 1)]);
+    tracks_its_own_dequantization(model, &path, "q4_0", Q4_0_LOGPROB_TOL);
+}
+
+/// A `Q4_K_M` GGUF (`convert --quant q4_k_m`: llama.cpp's mix, and its fallbacks for rows
+/// that do not split into 256 — SmolLM2's 576-wide rows get Q5_0 for Q4_K and Q8_0 for Q6_K,
+/// the 1,536-wide `ffn_down` keeps Q4_K, and Q6_K in 14 of the 30 layers) keeps every
+/// projection and the head on the quantized kernels — Q4_K and Q6_K as their own panels,
+/// Q5_0 as the Q8_0 blocks of the same weights — and tracks the same file dequantized to
+/// float32 as the Q4_0 file does.
+#[test]
+fn q4_k_m_gguf_stays_quantized_and_computes_its_weights() {
+    use candle_core::quantized::{gguf_file, GgmlDType};
+    use nextoken::convert::{hf_to_gguf, GgufQuant};
+    let path = process_dir().join("smollm2-q4_k_m.gguf");
+    hf_to_gguf(converted_dir(), &path, GgufQuant::Q4KM).expect("convert to Q4_K_M");
+    let mut file = std::fs::File::open(&path).expect("open");
+    let content = gguf_file::Content::read(&mut file).expect("GGUF header");
+    let count = |dtype: GgmlDType| {
+        content
+            .tensor_infos
+            .values()
+            .filter(|t| t.ggml_dtype == dtype)
+            .count()
+    };
+    // q, k, o, gate, up in every layer and v in 16: Q5_0; v in 14 and the tied embeddings:
+    // Q8_0.
+    assert_eq!(
+        [
+            GgmlDType::Q4K,
+            GgmlDType::Q6K,
+            GgmlDType::Q5_0,
+            GgmlDType::Q8_0
+        ]
+        .map(count),
+        [16, 14, 5 * 30 + 16, 14 + 1]
+    );
+    let (model, _) = nextoken::load(&path).expect("Q4_K_M GGUF loads");
+    let formats: Vec<(&str, usize)> = model.weight_formats().into_iter().collect();
+    // Per layer q/k/v, gate/up (each stacked) and o as Q8_0, plus the head; no f32 copy.
+    assert_eq!(formats, [("Q4_K", 16), ("Q6_K", 14), ("Q8_0", 3 * 30 + 1)]);
+    tracks_its_own_dequantization(model, &path, "q4_k_m", Q_LOGPROB_TOL);
+}
+
+/// The GGUF `model` (loaded from `path`) against the same file dequantized exactly to a
+/// float32 folder, on every reference prompt: token for token until float32 hesitates, each
+/// chosen log-probability within `tol` (relative beyond one nat).
+fn tracks_its_own_dequantization(
+    model: nextoken::model::Model,
+    path: &std::path::Path,
+    label: &str,
+    tol: f64,
+) {
+    use nextoken::convert::{gguf_to_hf, ConvertDtype};
+    let folder = process_dir().join(format!("{label}-f32"));
+    gguf_to_hf(path, &folder, ConvertDtype::F32).expect("dequantize to a folder");
     let engine = EngineHandle::spawn(model, EngineConfig::default()).expect("engine");
     let (exact, _) = nextoken::load(&folder).expect("f32 folder loads");
     assert_eq!(exact.kv_dtype(), nextoken::model::KvDtype::F32);
@@ -222,11 +279,11 @@ fn q4_0_gguf_stays_quantized_and_computes_its_weights() {
             .collect();
         check_quantized(
             &engine,
-            &format!("q4_0/{name}"),
+            &format!("{label}/{name}"),
             prompt,
             &want.tokens,
             &steps,
-            Q4_0_LOGPROB_TOL,
+            tol,
         );
     }
 }

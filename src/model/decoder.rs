@@ -603,6 +603,28 @@ impl Decoder {
         })
     }
 
+    /// How the projections and the head hold their weights: counts by format (`"Q4_K"`, ...,
+    /// `"f32"`; stacked q/k/v or gate/up count once).
+    pub fn weight_formats(&self) -> std::collections::BTreeMap<&'static str, usize> {
+        let mut counts = std::collections::BTreeMap::new();
+        let projections = |p: &Projections| -> Vec<&'static str> {
+            match p {
+                Projections::Stacked(l, _) => vec![l.format_name()],
+                Projections::Separate(parts) => parts.iter().map(Linear::format_name).collect(),
+            }
+        };
+        for b in &self.blocks {
+            let mut names = projections(&b.qkv);
+            names.extend(projections(&b.mlp_in));
+            names.extend([b.o_proj.format_name(), b.down_proj.format_name()]);
+            for n in names {
+                *counts.entry(n).or_insert(0) += 1;
+            }
+        }
+        *counts.entry(self.lm_head.format_name()).or_insert(0) += 1;
+        counts
+    }
+
     /// Every weight by its Hugging Face name (this architecture's names), as f32; the head is
     /// omitted when tied.
     pub fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {

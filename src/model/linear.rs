@@ -2,9 +2,9 @@
 //! through, so kernels can change without touching architecture code.
 //!
 //! Arithmetic: f32 weights (safetensors, f32/f16 GGUF tensors) are f32 tensors multiplied by
-//! candle — the function transformers computes in float32. GGUF Q4_1/Q8_0 weights stay
-//! quantized in memory (no f32 copy) and run through `quant::QMatrix` kernels with llama.cpp's
-//! arithmetic (activations quantized to 8 bits per block, integer dot products), one function
+//! candle — the function transformers computes in float32. GGUF Q4_0/Q4_1/Q5_0/Q8_0/Q4_K/Q6_K
+//! weights stay quantized in memory (no f32 copy) and run through `quant::QMatrix` kernels with
+//! llama.cpp's arithmetic (activations quantized to 8 bits per block, integer dot products), one function
 //! for every row count.
 
 use std::sync::Arc;
@@ -57,6 +57,14 @@ impl Linear {
     /// Whether the weight stays block-quantized (runs the 8-bit-activation kernels).
     pub fn is_quantized(&self) -> bool {
         matches!(self.weight, Weight::Quant(_))
+    }
+
+    /// How the weight is held: its block format's name, or `"f32"`.
+    pub fn format_name(&self) -> &'static str {
+        match &self.weight {
+            Weight::F32(_) => "f32",
+            Weight::Quant(q) => q.format().name(),
+        }
     }
 
     /// `(out_features, in_features)`.

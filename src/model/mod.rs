@@ -333,6 +333,14 @@ impl Model {
         }
     }
 
+    /// How the projections and the head hold their weights: counts by block format
+    /// (`"Q4_K"`, ...) or `"f32"`.
+    pub fn weight_formats(&self) -> std::collections::BTreeMap<&'static str, usize> {
+        match self {
+            Model::Decoder(m) => m.weight_formats(),
+        }
+    }
+
     /// A KV cache for this model with `num_blocks` blocks of `block_size` tokens for every
     /// layer (sliding-window layers index theirs with the block table too).
     pub fn new_kv_cache(&self, num_blocks: usize, block_size: usize) -> KvCache {

@@ -1,11 +1,14 @@
-//! `QMatrix`: a weight matrix kept in GGUF block quantization (Q4_1, Q8_0), repacked at load
-//! into 16-output panels, and its matmul against activations quantized to 8 bits.
+//! `QMatrix`: a weight matrix kept in GGUF block quantization (Q4_1, Q8_0, Q4_K, Q6_K; Q4_0
+//! and Q5_0 arrive as Q4_1 and Q8_0 blocks of the same weights), repacked at load into
+//! 16-output panels, and its matmul against activations quantized to 8 bits.
 //!
-//! Arithmetic: llama.cpp's for these formats. Each activation row is quantized per 32-input
-//! block as its Q8_1 (`quantize_row_q8_1`): `d = max|x| / 127`, `q = round(x · 127 / max|x|)`
-//! (ties to even), `d` and `s = d·Σq` rounded to f16. Per output `n` and block `b`, the
-//! integer dot `Σ qw·qx` is exact; then, blocks in order,
-//! `acc = (dw·dx)·isum + acc` and (Q4_1) `acc = mw·sx + acc` — fused multiply-adds. Every
+//! Arithmetic: llama.cpp's for Q4_1 and Q8_0; the k-quants run the same per-32 arithmetic on
+//! their exact sub-block scales. Each activation row is quantized per 32-input block as its
+//! Q8_1 (`quantize_row_q8_1`): `d = max|x| / 127`, `q = round(x · 127 / max|x|)` (ties to
+//! even), `d` and `s = d·Σq` rounded to f16. Per output `n` and block `b`, the integer dot
+//! `Σ qw·qx` is exact; then, blocks in order, `acc = (dw·dx)·isum + acc` (Q6_K: one integer
+//! sum and scale per 16 inputs, the first half's step then the second's) and (Q4_1, Q4_K)
+//! `acc = mw·sx + acc` — fused multiply-adds. Every
 //! path (one row, row tiles, scalar fallback) computes exactly this per output lane, so
 //! results are bit-identical alone or batched: batch invariance by construction. AVX2 integer
 //! dot products (`vpmaddubsw`) do 32 multiply-adds per instruction, which is what lets many
@@ -25,6 +28,9 @@ pub const BLOCK: usize = 32;
 /// Outputs per panel: two AVX2 vectors.
 const PANEL: usize = 16;
 
+/// Values per GGUF k-quant super-block.
+pub const SUPER_BLOCK: usize = 256;
+
 /// Block formats with a fast path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QuantFormat {
@@ -32,6 +38,41 @@ pub enum QuantFormat {
     Q4_1,
     /// 8-bit with scale: `w = d·q`, q in -128..128.
     Q8_0,
+    /// GGUF Q4_K: super-blocks of 256 whose 32-value sub-blocks are `w = (d·sc)·q − dmin·mn`
+    /// (6-bit `sc`, `mn`; q in 0..16). Kept as 4-bit panels with each sub-block's scale and
+    /// minimum as exact f32s: the Q4_1 arithmetic.
+    Q4K,
+    /// GGUF Q6_K: super-blocks of 256 whose 16-value sub-blocks are `w = (d·sc)·(q − 32)`
+    /// (8-bit `sc`, 6-bit q). Kept as 8-bit panels of `q − 32` with each sub-block's scale as
+    /// an exact f32: two scales per 32-input block.
+    Q6K,
+}
+
+impl QuantFormat {
+    /// ggml's name of the format (`"Q4_K"`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantFormat::Q4_1 => "Q4_1",
+            QuantFormat::Q8_0 => "Q8_0",
+            QuantFormat::Q4K => "Q4_K",
+            QuantFormat::Q6K => "Q6_K",
+        }
+    }
+
+    /// 4-bit quants (the nibble panels) rather than 8-bit ones.
+    fn is_4bit(self) -> bool {
+        matches!(self, QuantFormat::Q4_1 | QuantFormat::Q4K)
+    }
+
+    /// GGUF bytes per `(block values, bytes)`.
+    fn gguf_block(self) -> (usize, usize) {
+        match self {
+            QuantFormat::Q4_1 => (BLOCK, 20),
+            QuantFormat::Q8_0 => (BLOCK, 34),
+            QuantFormat::Q4K => (SUPER_BLOCK, 144),
+            QuantFormat::Q6K => (SUPER_BLOCK, 210),
+        }
+    }
 }
 
 /// 16 outputs × 32 inputs of Q4_1. On a cache line (320 bytes: five lines), so that no
@@ -59,6 +100,39 @@ struct PanelQ8_0 {
     qs: [[[i8; 4]; PANEL]; 8],
 }
 
+/// 16 outputs × 32 inputs of Q4_K: [`PanelQ4_1`] with f32 scales and minimums (384 bytes,
+/// six cache lines).
+#[derive(Debug, Clone, Copy)]
+#[repr(C, align(64))]
+struct PanelQ4K {
+    /// Each output's sub-block scale `d·sc`.
+    d: [f32; PANEL],
+    /// Each output's sub-block minimum `−dmin·mn`.
+    m: [f32; PANEL],
+    /// As [`PanelQ4_1::qs`].
+    qs: [[u32; 8]; 8],
+}
+
+/// 16 outputs × 32 inputs of Q6_K: [`PanelQ8_0`]'s quants (`q − 32`) with two f32 scales per
+/// output, inputs 0..16 and 16..32 (640 bytes, ten cache lines).
+#[derive(Debug, Clone, Copy)]
+#[repr(C, align(64))]
+struct PanelQ6K {
+    /// `d[s][i]`: output `i`'s scale `d·sc` of the block's inputs `16s..16s+16`.
+    d: [[f32; PANEL]; 2],
+    /// As [`PanelQ8_0::qs`].
+    qs: [[[i8; 4]; PANEL]; 8],
+}
+
+const EMPTY_Q4K: PanelQ4K = PanelQ4K {
+    d: [0.0; PANEL],
+    m: [0.0; PANEL],
+    qs: [[0; 8]; 8],
+};
+const EMPTY_Q6K: PanelQ6K = PanelQ6K {
+    d: [[0.0; PANEL]; 2],
+    qs: [[[0; 4]; PANEL]; 8],
+};
 const EMPTY_Q4_1: PanelQ4_1 = PanelQ4_1 {
     d: [0; PANEL],
     m: [0; PANEL],
@@ -74,6 +148,8 @@ const EMPTY_Q8_0: PanelQ8_0 = PanelQ8_0 {
 enum Panels {
     Q4_1(Vec<PanelQ4_1>),
     Q8_0(Vec<PanelQ8_0>),
+    Q4K(Vec<PanelQ4K>),
+    Q6K(Vec<PanelQ6K>),
 }
 
 /// A `(rows, cols)` quantized matrix (rows = output features), panel-packed.
@@ -92,9 +168,16 @@ fn f16_to_f32(bits: u16) -> f32 {
     half::f16::from_bits(bits).to_f32()
 }
 
-/// Quant of output `i`, input `k` of a Q4_1 panel block.
-fn q4_at(blk: &PanelQ4_1, i: usize, k: usize) -> u32 {
-    (blk.qs[(k / 8) * 2 + i / 8][i % 8] >> (4 * (k % 8))) & 0xF
+/// Quant of output `i`, input `k` of a 4-bit panel block's quants.
+fn q4_at(qs: &[[u32; 8]; 8], i: usize, k: usize) -> u32 {
+    (qs[(k / 8) * 2 + i / 8][i % 8] >> (4 * (k % 8))) & 0xF
+}
+
+/// Sets output `i`'s quant of input `k` (0..16) in a 4-bit panel block's quants.
+fn set_q4(qs: &mut [[u32; 8]; 8], i: usize, k: usize, q: i16) {
+    let word = &mut qs[(k / 8) * 2 + i / 8][i % 8];
+    let shift = 4 * (k % 8);
+    *word = (*word & !(0xF << shift)) | (((q as u32) & 0xF) << shift);
 }
 
 /// Where input `k` of a block sits among the Q8_0 words: `(word, byte)`.
@@ -102,12 +185,105 @@ fn q8_slot(k: usize) -> (usize, usize) {
     ((k / 8) * 2 + k % 2, (k % 8) / 2)
 }
 
-/// One output row's block in plain form: f16 scale, f16 minimum (0 for Q8_0), quants.
+/// One output row's block in plain form: the scales of inputs 0..16 and 16..32 (the same but
+/// for Q6_K), the minimum (0 without one), quants. f16 scales widened exactly.
 #[derive(Clone, Copy)]
 struct RowBlock {
-    d: u16,
-    m: u16,
+    d: [f32; 2],
+    m: f32,
     q: [i16; BLOCK],
+}
+
+impl Panels {
+    /// Output `i`'s block of panel block `at`.
+    fn row_block(&self, at: usize, i: usize) -> RowBlock {
+        let mut q = [0i16; BLOCK];
+        let q8 = |q: &mut [i16; BLOCK], qs: &[[[i8; 4]; PANEL]; 8]| {
+            for (k, qk) in q.iter_mut().enumerate() {
+                let (w, j) = q8_slot(k);
+                *qk = i16::from(qs[w][i][j]);
+            }
+        };
+        let q4 = |q: &mut [i16; BLOCK], qs: &[[u32; 8]; 8]| {
+            for (k, qk) in q.iter_mut().enumerate() {
+                *qk = q4_at(qs, i, k) as i16;
+            }
+        };
+        match self {
+            Panels::Q4_1(v) => {
+                q4(&mut q, &v[at].qs);
+                let d = f16_to_f32(v[at].d[i]);
+                RowBlock {
+                    d: [d; 2],
+                    m: f16_to_f32(v[at].m[i]),
+                    q,
+                }
+            }
+            Panels::Q8_0(v) => {
+                q8(&mut q, &v[at].qs);
+                let d = f16_to_f32(v[at].d[i]);
+                RowBlock {
+                    d: [d; 2],
+                    m: 0.0,
+                    q,
+                }
+            }
+            Panels::Q4K(v) => {
+                q4(&mut q, &v[at].qs);
+                RowBlock {
+                    d: [v[at].d[i]; 2],
+                    m: v[at].m[i],
+                    q,
+                }
+            }
+            Panels::Q6K(v) => {
+                q8(&mut q, &v[at].qs);
+                RowBlock {
+                    d: [v[at].d[0][i], v[at].d[1][i]],
+                    m: 0.0,
+                    q,
+                }
+            }
+        }
+    }
+
+    /// Sets output `i`'s block of panel block `at` (f16 formats: scales that are f16 values).
+    fn set_row_block(&mut self, at: usize, i: usize, block: &RowBlock) {
+        let f16 = |x: f32| half::f16::from_f32(x).to_bits();
+        let q8 = |qs: &mut [[[i8; 4]; PANEL]; 8]| {
+            for (k, &qk) in block.q.iter().enumerate() {
+                let (w, j) = q8_slot(k);
+                qs[w][i][j] = qk as i8;
+            }
+        };
+        // 4-bit quants are 0..16 by construction (parsed from nibbles).
+        let q4 = |qs: &mut [[u32; 8]; 8]| {
+            for (k, &qk) in block.q.iter().enumerate() {
+                set_q4(qs, i, k, qk);
+            }
+        };
+        match self {
+            Panels::Q4_1(v) => {
+                let blk = &mut v[at];
+                (blk.d[i], blk.m[i]) = (f16(block.d[0]), f16(block.m));
+                q4(&mut blk.qs);
+            }
+            Panels::Q8_0(v) => {
+                v[at].d[i] = f16(block.d[0]);
+                q8(&mut v[at].qs);
+            }
+            Panels::Q4K(v) => {
+                let blk = &mut v[at];
+                (blk.d[i], blk.m[i]) = (block.d[0], block.m);
+                q4(&mut blk.qs);
+            }
+            Panels::Q6K(v) => {
+                let blk = &mut v[at];
+                (blk.d[0][i], blk.d[1][i]) = (block.d[0], block.d[1]);
+                q8(&mut blk.qs);
+            }
+        }
+    }
 }
 
 /// Activation rows per kernel call: Q4_1 (4 rows × 16 outputs: 8 sums and a group's 4 weight
@@ -147,6 +323,114 @@ pub fn q4_0_as_q4_1(bytes: &[u8]) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
+/// GGUF Q5_0 blocks (`w = d·(q − 16)`, q of 5 bits) as Q8_0 blocks of the same weights: the
+/// scale kept, `q − 16` as a byte. `Err` for a ragged length.
+pub fn q5_0_as_q8_0(bytes: &[u8]) -> Result<Vec<u8>, String> {
+    if !bytes.len().is_multiple_of(22) {
+        return Err(format!("{} bytes are not whole Q5_0 blocks", bytes.len()));
+    }
+    let mut out = Vec::with_capacity(bytes.len() / 22 * 34);
+    for b in bytes.chunks_exact(22) {
+        let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+        out.extend_from_slice(&b[..2]);
+        let q = |j: usize, nibble: u8| ((nibble | (((qh >> j) & 1) as u8) << 4) as i8 - 16) as u8;
+        out.extend((0..16).map(|j| q(j, b[6 + j] & 0x0F)));
+        out.extend((0..16).map(|j| q(j + 16, b[6 + j] >> 4)));
+    }
+    Ok(out)
+}
+
+/// ggml's 6-bit scale and minimum `j` of a Q4_K super-block's 12 scale bytes.
+fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (s[j] & 63, s[j + 4] & 63)
+    } else {
+        (
+            (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4),
+            (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
+        )
+    }
+}
+
+/// One GGUF block of `format` as its 32-value blocks, in order (one for Q4_1 and Q8_0, eight
+/// for the k-quants' super-blocks). `b` holds exactly one block.
+fn gguf_row_blocks(format: QuantFormat, b: &[u8]) -> Vec<RowBlock> {
+    let f16 = |at: usize| f16_to_f32(f16_bits(b, at));
+    let mut q = [0i16; BLOCK];
+    match format {
+        QuantFormat::Q4_1 => {
+            for j in 0..16 {
+                q[j] = i16::from(b[4 + j] & 0x0F);
+                q[j + 16] = i16::from(b[4 + j] >> 4);
+            }
+            vec![RowBlock {
+                d: [f16(0); 2],
+                m: f16(2),
+                q,
+            }]
+        }
+        QuantFormat::Q8_0 => {
+            for (qj, &byte) in q.iter_mut().zip(&b[2..34]) {
+                *qj = i16::from(byte as i8);
+            }
+            vec![RowBlock {
+                d: [f16(0); 2],
+                m: 0.0,
+                q,
+            }]
+        }
+        QuantFormat::Q4K => {
+            // d, dmin, 12 scale bytes, then 4 × 32 bytes: each the low nibbles of one
+            // sub-block and the high nibbles of the next.
+            let (d, dmin) = (f16(0), f16(2));
+            let (scales, qs) = (&b[4..16], &b[16..144]);
+            (0..8)
+                .map(|s| {
+                    let (sc, mn) = scale_min_k4(s, scales);
+                    let bytes = &qs[(s / 2) * 32..(s / 2) * 32 + 32];
+                    let mut q = [0i16; BLOCK];
+                    for (qk, &byte) in q.iter_mut().zip(bytes) {
+                        *qk = i16::from(if s % 2 == 0 { byte & 0x0F } else { byte >> 4 });
+                    }
+                    RowBlock {
+                        d: [d * f32::from(sc); 2],
+                        m: -(dmin * f32::from(mn)),
+                        q,
+                    }
+                })
+                .collect()
+        }
+        QuantFormat::Q6K => {
+            // 128 bytes of low nibbles, 64 of high bit pairs, 16 scales, d. Value
+            // `128n + 32k + l` (k < 4, l < 32): low nibble of ql[64n + l + 32(k % 2)] (high
+            // nibble for k ≥ 2), bits 2k.. of qh[32n + l]; its scale is the 16-value one.
+            let (ql, qh, sc, d) = (&b[..128], &b[128..192], &b[192..208], f16(208));
+            let mut all = [0i16; SUPER_BLOCK];
+            for (e, qe) in all.iter_mut().enumerate() {
+                let (n, k, l) = (e / 128, (e % 128) / 32, e % 32);
+                let low = ql[64 * n + l + 32 * (k % 2)];
+                let low = if k < 2 { low & 0x0F } else { low >> 4 };
+                let high = (qh[32 * n + l] >> (2 * k)) & 3;
+                *qe = i16::from(low | (high << 4)) - 32;
+            }
+            (0..8)
+                .map(|s| {
+                    let mut q = [0i16; BLOCK];
+                    q.copy_from_slice(&all[s * BLOCK..(s + 1) * BLOCK]);
+                    RowBlock {
+                        d: [
+                            d * f32::from(sc[2 * s] as i8),
+                            d * f32::from(sc[2 * s + 1] as i8),
+                        ],
+                        m: 0.0,
+                        q,
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
 impl QMatrix {
     /// Parses GGUF block bytes of a `(rows, cols)` matrix.
     pub fn from_gguf_bytes(
@@ -155,48 +439,28 @@ impl QMatrix {
         cols: usize,
         bytes: &[u8],
     ) -> Result<Self, String> {
-        if !cols.is_multiple_of(BLOCK) {
-            return Err(format!("{cols} columns are not a multiple of {BLOCK}"));
+        let (block_values, block_bytes) = format.gguf_block();
+        if !cols.is_multiple_of(block_values) {
+            return Err(format!(
+                "{cols} columns are not a multiple of {format:?}'s {block_values}"
+            ));
         }
         let nb = cols / BLOCK;
-        let block_bytes = match format {
-            QuantFormat::Q4_1 => 20,
-            QuantFormat::Q8_0 => 34,
-        };
-        if bytes.len() != rows * nb * block_bytes {
+        if bytes.len() != rows * cols / block_values * block_bytes {
             return Err(format!(
                 "expected {} bytes of {format:?} blocks, got {}",
-                rows * nb * block_bytes,
+                rows * cols / block_values * block_bytes,
                 bytes.len()
             ));
         }
         let mut m = QMatrix::empty(format, rows, cols);
+        // Each GGUF block's 32-value blocks, in order along the row.
+        let per = block_values / BLOCK;
         for (i, b) in bytes.chunks_exact(block_bytes).enumerate() {
-            let mut q = [0i16; BLOCK];
-            let block = match format {
-                QuantFormat::Q4_1 => {
-                    for j in 0..16 {
-                        q[j] = i16::from(b[4 + j] & 0x0F);
-                        q[j + 16] = i16::from(b[4 + j] >> 4);
-                    }
-                    RowBlock {
-                        d: f16_bits(b, 0),
-                        m: f16_bits(b, 2),
-                        q,
-                    }
-                }
-                QuantFormat::Q8_0 => {
-                    for (qj, &byte) in q.iter_mut().zip(&b[2..34]) {
-                        *qj = i16::from(byte as i8);
-                    }
-                    RowBlock {
-                        d: f16_bits(b, 0),
-                        m: 0,
-                        q,
-                    }
-                }
-            };
-            m.set_block(i / nb, i % nb, &block);
+            for (s, block) in gguf_row_blocks(format, b).iter().enumerate() {
+                let at = i * per + s;
+                m.set_block(at / nb, at % nb, block);
+            }
         }
         Ok(m)
     }
@@ -206,65 +470,21 @@ impl QMatrix {
         let panels = match format {
             QuantFormat::Q4_1 => Panels::Q4_1(vec![EMPTY_Q4_1; n]),
             QuantFormat::Q8_0 => Panels::Q8_0(vec![EMPTY_Q8_0; n]),
+            QuantFormat::Q4K => Panels::Q4K(vec![EMPTY_Q4K; n]),
+            QuantFormat::Q6K => Panels::Q6K(vec![EMPTY_Q6K; n]),
         };
         QMatrix { rows, cols, panels }
     }
 
     fn block(&self, row: usize, b: usize) -> RowBlock {
         let nb = self.cols / BLOCK;
-        let (p, i) = (row / PANEL, row % PANEL);
-        let mut q = [0i16; BLOCK];
-        match &self.panels {
-            Panels::Q4_1(v) => {
-                let blk = &v[p * nb + b];
-                for (k, qk) in q.iter_mut().enumerate() {
-                    *qk = q4_at(blk, i, k) as i16;
-                }
-                RowBlock {
-                    d: blk.d[i],
-                    m: blk.m[i],
-                    q,
-                }
-            }
-            Panels::Q8_0(v) => {
-                let blk = &v[p * nb + b];
-                for (k, qk) in q.iter_mut().enumerate() {
-                    let (w, j) = q8_slot(k);
-                    *qk = i16::from(blk.qs[w][i][j]);
-                }
-                RowBlock {
-                    d: blk.d[i],
-                    m: 0,
-                    q,
-                }
-            }
-        }
+        self.panels.row_block((row / PANEL) * nb + b, row % PANEL)
     }
 
     fn set_block(&mut self, row: usize, b: usize, block: &RowBlock) {
         let nb = self.cols / BLOCK;
-        let (p, i) = (row / PANEL, row % PANEL);
-        match &mut self.panels {
-            Panels::Q4_1(v) => {
-                let blk = &mut v[p * nb + b];
-                blk.d[i] = block.d;
-                blk.m[i] = block.m;
-                for (k, &qk) in block.q.iter().enumerate() {
-                    let word = &mut blk.qs[(k / 8) * 2 + i / 8][i % 8];
-                    let shift = 4 * (k % 8);
-                    // Quants are 0..16 by construction (parsed from nibbles).
-                    *word = (*word & !(0xF << shift)) | (((qk as u32) & 0xF) << shift);
-                }
-            }
-            Panels::Q8_0(v) => {
-                let blk = &mut v[p * nb + b];
-                blk.d[i] = block.d;
-                for (k, &qk) in block.q.iter().enumerate() {
-                    let (w, j) = q8_slot(k);
-                    blk.qs[w][i][j] = qk as i8;
-                }
-            }
-        }
+        self.panels
+            .set_row_block((row / PANEL) * nb + b, row % PANEL, block);
     }
 
     /// Rows (output features).
@@ -282,6 +502,8 @@ impl QMatrix {
         match self.panels {
             Panels::Q4_1(_) => QuantFormat::Q4_1,
             Panels::Q8_0(_) => QuantFormat::Q8_0,
+            Panels::Q4K(_) => QuantFormat::Q4K,
+            Panels::Q6K(_) => QuantFormat::Q6K,
         }
     }
 
@@ -290,6 +512,8 @@ impl QMatrix {
         match &self.panels {
             Panels::Q4_1(v) => std::mem::size_of_val(v.as_slice()),
             Panels::Q8_0(v) => std::mem::size_of_val(v.as_slice()),
+            Panels::Q4K(v) => std::mem::size_of_val(v.as_slice()),
+            Panels::Q6K(v) => std::mem::size_of_val(v.as_slice()),
         }
     }
 
@@ -306,25 +530,25 @@ impl QMatrix {
             return None;
         }
         let rows = parts.iter().map(|p| p.rows).sum();
+        // The parts' panels one after another (all of the first part's kind, checked above).
+        macro_rules! concat {
+            ($kind:ident) => {
+                Panels::$kind(
+                    parts
+                        .iter()
+                        .flat_map(|p| match &p.panels {
+                            Panels::$kind(v) => v.clone(),
+                            _ => Vec::new(),
+                        })
+                        .collect(),
+                )
+            };
+        }
         let panels = match format {
-            QuantFormat::Q4_1 => Panels::Q4_1(
-                parts
-                    .iter()
-                    .flat_map(|p| match &p.panels {
-                        Panels::Q4_1(v) => v.clone(),
-                        Panels::Q8_0(_) => Vec::new(),
-                    })
-                    .collect(),
-            ),
-            QuantFormat::Q8_0 => Panels::Q8_0(
-                parts
-                    .iter()
-                    .flat_map(|p| match &p.panels {
-                        Panels::Q8_0(v) => v.clone(),
-                        Panels::Q4_1(_) => Vec::new(),
-                    })
-                    .collect(),
-            ),
+            QuantFormat::Q4_1 => concat!(Q4_1),
+            QuantFormat::Q8_0 => concat!(Q8_0),
+            QuantFormat::Q4K => concat!(Q4K),
+            QuantFormat::Q6K => concat!(Q6K),
         };
         Some(QMatrix { rows, cols, panels })
     }
@@ -375,14 +599,12 @@ impl QMatrix {
 
     /// Row `r` dequantized exactly (`d·q + m` in f32, as ggml and gguf-py compute it).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        let with_min = self.format().is_4bit();
         for (b, o) in out.chunks_exact_mut(BLOCK).enumerate() {
             let blk = self.block(r, b);
-            let (d, m) = (f16_to_f32(blk.d), f16_to_f32(blk.m));
-            for (oj, &q) in o.iter_mut().zip(&blk.q) {
-                *oj = match self.format() {
-                    QuantFormat::Q4_1 => f32::from(q) * d + m,
-                    QuantFormat::Q8_0 => f32::from(q) * d,
-                };
+            for (k, (oj, &q)) in o.iter_mut().zip(&blk.q).enumerate() {
+                let w = f32::from(q) * blk.d[k / 16];
+                *oj = if with_min { w + blk.m } else { w };
             }
         }
     }
@@ -662,34 +884,34 @@ impl Job<'_> {
     fn run_scalar_row(&self, p0: usize, p1: usize, r: usize, out: &mut [f32]) {
         let (nb, cols) = (self.nb, self.nb * BLOCK);
         let xq = &self.q[r * cols..(r + 1) * cols];
+        let format = match self.panels {
+            Panels::Q4_1(_) => QuantFormat::Q4_1,
+            Panels::Q8_0(_) => QuantFormat::Q8_0,
+            Panels::Q4K(_) => QuantFormat::Q4K,
+            Panels::Q6K(_) => QuantFormat::Q6K,
+        };
         for p in p0..p1 {
             for i in 0..PANEL {
                 let mut acc = 0f32;
                 for b in 0..nb {
                     let xb = &xq[b * BLOCK..(b + 1) * BLOCK];
-                    // Activation byte of input k (the stored order, see `QuantizedActs`).
-                    let x_at = |k: usize| i32::from(xb[stored_at(k)]);
+                    let blk = self.panels.row_block(p * nb + b, i);
+                    // Products of inputs `ks` (activation bytes in the stored order, see
+                    // `QuantizedActs`).
+                    let isum = |ks: std::ops::Range<usize>| -> f32 {
+                        ks.map(|k| i32::from(blk.q[k]) * i32::from(xb[stored_at(k)]))
+                            .sum::<i32>() as f32
+                    };
                     let (dx, sx) = (self.d[r * nb + b], self.s[r * nb + b]);
-                    match self.panels {
-                        Panels::Q4_1(v) => {
-                            let blk = &v[p * nb + b];
-                            let isum: i32 =
-                                (0..BLOCK).map(|k| q4_at(blk, i, k) as i32 * x_at(k)).sum();
-                            let d = f16_to_f32(blk.d[i]) * dx;
-                            acc = d.mul_add(isum as f32, acc);
-                            acc = f16_to_f32(blk.m[i]).mul_add(sx, acc);
-                        }
-                        Panels::Q8_0(v) => {
-                            let blk = &v[p * nb + b];
-                            let isum: i32 = (0..BLOCK)
-                                .map(|k| {
-                                    let (w, j) = q8_slot(k);
-                                    i32::from(blk.qs[w][i][j]) * x_at(k)
-                                })
-                                .sum();
-                            let d = f16_to_f32(blk.d[i]) * dx;
-                            acc = d.mul_add(isum as f32, acc);
-                        }
+                    if format == QuantFormat::Q6K {
+                        // One integer sum and scale per 16 inputs.
+                        acc = (blk.d[0] * dx).mul_add(isum(0..16), acc);
+                        acc = (blk.d[1] * dx).mul_add(isum(16..BLOCK), acc);
+                    } else {
+                        acc = (blk.d[0] * dx).mul_add(isum(0..BLOCK), acc);
+                    }
+                    if format.is_4bit() {
+                        acc = blk.m.mul_add(sx, acc);
                     }
                 }
                 out[(p - p0) * PANEL + i] = acc;
@@ -742,32 +964,101 @@ mod simd_x86 {
 
     use super::{Job, Panels, BLOCK, MICRO_ROWS, PANEL, PRE_MIN_TILES, ROW_BLOCK};
 
-    /// Pointers into one panel block: scales, minimums (Q4_1 only), quants.
+    /// The kernels' format parameter (`const F: u8`).
+    const Q4_1: u8 = 0;
+    const Q8_0: u8 = 1;
+    const Q4K: u8 = 2;
+    const Q6K: u8 = 3;
+
+    /// 4-bit nibble panels (Q4_1, Q4_K) rather than 8-bit ones (Q8_0, Q6_K).
+    const fn is_q4(f: u8) -> bool {
+        f == Q4_1 || f == Q4K
+    }
+
+    /// Pointers into one panel block: scales (Q6_K: of inputs 0..16), second scales (Q6_K:
+    /// inputs 16..32; the same elsewhere), minimums (4-bit formats; the scales elsewhere),
+    /// quants. Scales and minimums are f16 bits (Q4_1, Q8_0) or f32s (Q4_K, Q6_K).
     #[derive(Clone, Copy)]
     struct BlockPtrs {
-        d: *const u16,
-        m: *const u16,
+        d: *const u8,
+        d2: *const u8,
+        m: *const u8,
         qs: *const u8,
     }
 
     fn block_ptrs(job: &Job, p: usize, b: usize) -> BlockPtrs {
+        let at = p * job.nb + b;
         match job.panels {
-            Panels::Q4_1(v) => {
-                let blk = &v[p * job.nb + b];
-                BlockPtrs {
-                    d: blk.d.as_ptr(),
-                    m: blk.m.as_ptr(),
-                    qs: blk.qs.as_ptr().cast(),
-                }
+            Panels::Q4_1(v) => BlockPtrs {
+                d: v[at].d.as_ptr().cast(),
+                d2: v[at].d.as_ptr().cast(),
+                m: v[at].m.as_ptr().cast(),
+                qs: v[at].qs.as_ptr().cast(),
+            },
+            Panels::Q8_0(v) => BlockPtrs {
+                d: v[at].d.as_ptr().cast(),
+                d2: v[at].d.as_ptr().cast(),
+                m: v[at].d.as_ptr().cast(),
+                qs: v[at].qs.as_ptr().cast(),
+            },
+            Panels::Q4K(v) => BlockPtrs {
+                d: v[at].d.as_ptr().cast(),
+                d2: v[at].d.as_ptr().cast(),
+                m: v[at].m.as_ptr().cast(),
+                qs: v[at].qs.as_ptr().cast(),
+            },
+            Panels::Q6K(v) => BlockPtrs {
+                d: v[at].d[0].as_ptr().cast(),
+                d2: v[at].d[1].as_ptr().cast(),
+                m: v[at].d[0].as_ptr().cast(),
+                qs: v[at].qs.as_ptr().cast(),
+            },
+        }
+    }
+
+    /// Bytes from one panel block to the next.
+    fn block_stride(panels: &Panels) -> usize {
+        match panels {
+            Panels::Q4_1(_) => std::mem::size_of::<super::PanelQ4_1>(),
+            Panels::Q8_0(_) => std::mem::size_of::<super::PanelQ8_0>(),
+            Panels::Q4K(_) => std::mem::size_of::<super::PanelQ4K>(),
+            Panels::Q6K(_) => std::mem::size_of::<super::PanelQ6K>(),
+        }
+    }
+
+    /// Outputs `8h..8h+8` of a block's scales or minimums at `p` as f32 (f16 bits widened
+    /// exactly, or f32s as they are).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn scales8<const F: u8>(p: *const u8, h: usize) -> __m256 {
+        // SAFETY: `p` points at 16 scales of the format's width (the caller's block).
+        unsafe {
+            if F == Q4K || F == Q6K {
+                _mm256_loadu_ps(p.cast::<f32>().add(8 * h))
+            } else {
+                _mm256_cvtph_ps(_mm_loadu_si128(p.cast::<u16>().add(8 * h).cast()))
             }
-            Panels::Q8_0(v) => {
-                let blk = &v[p * job.nb + b];
-                BlockPtrs {
-                    d: blk.d.as_ptr(),
-                    m: blk.d.as_ptr(),
-                    qs: blk.qs.as_ptr().cast(),
-                }
-            }
+        }
+    }
+
+    /// Q6_K's products in 16-bit lanes: `sum` (if any) plus `|w| × (x · sign w)` of both
+    /// weight vectors. Quants are within ±32, so one 16-input sub-block (two groups, eight
+    /// products per lane) stays below 2¹⁵ — one widening per sub-block.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn products6(
+        sum: Option<__m256i>,
+        wa: __m256i,
+        wb: __m256i,
+        xa: __m256i,
+        xb: __m256i,
+    ) -> __m256i {
+        let pa = _mm256_maddubs_epi16(_mm256_abs_epi8(wa), _mm256_sign_epi8(xa, wa));
+        let pb = _mm256_maddubs_epi16(_mm256_abs_epi8(wb), _mm256_sign_epi8(xb, wb));
+        let s = _mm256_add_epi16(pa, pb);
+        match sum {
+            Some(sum) => _mm256_add_epi16(sum, s),
+            None => s,
         }
     }
 
@@ -820,7 +1111,6 @@ mod simd_x86 {
     /// # Safety
     /// As `Job::run_strided`.
     pub(super) unsafe fn run(job: &Job, p0: usize, p1: usize, out: *mut f32, stride: usize) {
-        let q4 = matches!(job.panels, Panels::Q4_1(_));
         let cols = job.nb * BLOCK;
         assert!(job.q.len() >= job.t * cols);
         assert!(job.d.len() >= job.t * job.nb && job.s.len() >= job.t * job.nb);
@@ -828,26 +1118,27 @@ mod simd_x86 {
         // (`simd_available`); the activation sizes are asserted above, the output is the
         // caller's contract.
         unsafe {
-            if q4 {
-                run_avx2::<true>(job, p0, p1, out, stride)
-            } else {
-                run_avx2::<false>(job, p0, p1, out, stride)
+            match job.panels {
+                Panels::Q4_1(_) => run_avx2::<Q4_1>(job, p0, p1, out, stride),
+                Panels::Q8_0(_) => run_avx2::<Q8_0>(job, p0, p1, out, stride),
+                Panels::Q4K(_) => run_avx2::<Q4K>(job, p0, p1, out, stride),
+                Panels::Q6K(_) => run_avx2::<Q6K>(job, p0, p1, out, stride),
             }
         }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn run_avx2<const Q4: bool>(job: &Job, p0: usize, p1: usize, o: *mut f32, width: usize) {
+    unsafe fn run_avx2<const F: u8>(job: &Job, p0: usize, p1: usize, o: *mut f32, width: usize) {
         // Per block of rows, panel-outer: a panel's quants (a few KB) stay in L1 while every
         // row tile of the block uses them.
         for r_start in (0..job.t).step_by(ROW_BLOCK) {
             let r_end = (r_start + ROW_BLOCK).min(job.t);
-            let tiles = (r_end - r_start).div_ceil(MICRO_ROWS[usize::from(!Q4)]);
+            let tiles = (r_end - r_start).div_ceil(MICRO_ROWS[usize::from(!is_q4(F))]);
             for p in p0..p1 {
                 // Q4_1 with many row tiles: the panel's quants unpacked to bytes once, not per
                 // tile. With few tiles the tiles' own unpacking wins: it overlaps the panel's
                 // first touch with their products, where the separate pass stalls on it.
-                let pre = Q4 && tiles >= PRE_MIN_TILES;
+                let pre = is_q4(F) && tiles >= PRE_MIN_TILES;
                 if pre {
                     // SAFETY: panel p exists (the caller's range).
                     unsafe { unpack_panel(job, p) };
@@ -863,19 +1154,19 @@ mod simd_x86 {
                         if pre {
                             let w = UNPACKED.with_borrow(|u| u.as_ptr().cast::<[u8; 32]>());
                             match b - a {
-                                1 => row1::<Q4>(job, p, a, dst),
-                                2 => full_q4::<2, true>(job, p, w, a, dst, width),
-                                3 => full_q4::<3, true>(job, p, w, a, dst, width),
-                                _ => full_q4::<4, true>(job, p, w, a, dst, width),
+                                1 => row1::<F>(job, p, a, dst),
+                                2 => full_q4::<F, 2, true>(job, p, w, a, dst, width),
+                                3 => full_q4::<F, 3, true>(job, p, w, a, dst, width),
+                                _ => full_q4::<F, 4, true>(job, p, w, a, dst, width),
                             }
                             continue;
                         }
                         match b - a {
-                            1 => row1::<Q4>(job, p, a, dst),
-                            2 => kernel::<Q4, 2>(job, p, a, dst, width),
-                            3 => kernel::<Q4, 3>(job, p, a, dst, width),
+                            1 => row1::<F>(job, p, a, dst),
+                            2 => kernel::<F, 2>(job, p, a, dst, width),
+                            3 => kernel::<F, 3>(job, p, a, dst, width),
                             // Tiles are at most MICRO_ROWS (≤ 4) rows.
-                            _ => kernel::<Q4, 4>(job, p, a, dst, width),
+                            _ => kernel::<F, 4>(job, p, a, dst, width),
                         }
                     }
                 }
@@ -989,16 +1280,13 @@ mod simd_x86 {
     /// activation broadcasts, the row's scales and the block addresses serve 16 outputs. Per
     /// output lane the same integer sums and float steps as [`full_q4`] and [`half_q8`].
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn row1<const Q4: bool>(job: &Job, p: usize, r: usize, out: *mut f32) {
+    unsafe fn row1<const F: u8>(job: &Job, p: usize, r: usize, out: *mut f32) {
         let (nb, cols) = (job.nb, job.nb * BLOCK);
         let ones = _mm256_set1_epi16(1);
         let nibble = _mm256_set1_epi8(0x0F);
         let mut acc = [_mm256_setzero_ps(); 2];
         // The panel's first block; the others follow at a fixed stride.
-        let (first, stride) = match job.panels {
-            Panels::Q4_1(v) => (block_ptrs(job, p, 0), std::mem::size_of_val(&v[0])),
-            Panels::Q8_0(v) => (block_ptrs(job, p, 0), std::mem::size_of_val(&v[0])),
-        };
+        let (first, stride) = (block_ptrs(job, p, 0), block_stride(job.panels));
         // SAFETY (whole body): row r and panel p exist (caller), so every block of the panel
         // (`nb` of them, `stride` bytes apart), activation, scale and output offset lies
         // inside the sizes `run` asserted.
@@ -1010,29 +1298,60 @@ mod simd_x86 {
                     first.m.byte_add(b * stride),
                     first.qs.byte_add(b * stride),
                 );
+                let dx = _mm256_set1_ps(*job.d.get_unchecked(r * nb + b));
+                if F == Q6K {
+                    // Per 16-input sub-block: 16-bit sums, widened, scaled by its own scale.
+                    let d2 = first.d2.byte_add(b * stride);
+                    let mut sub = [[_mm256_setzero_si256(); 2]; 2];
+                    for g in 0..BLOCK / 8 {
+                        let x = xq.add(b * BLOCK + g * 8);
+                        let xa = _mm256_set1_epi32(x.cast::<i32>().read_unaligned());
+                        let xb = _mm256_set1_epi32(x.add(4).cast::<i32>().read_unaligned());
+                        for (h, sh) in sub[g / 2].iter_mut().enumerate() {
+                            let (wa, wb) = weights::<false>(qs, g, h, nibble);
+                            *sh = products6((g % 2 == 1).then_some(*sh), wa, wb, xa, xb);
+                        }
+                    }
+                    for (h, ah) in acc.iter_mut().enumerate() {
+                        for (s, ds) in [d, d2].into_iter().enumerate() {
+                            let i32s = _mm256_madd_epi16(sub[s][h], ones);
+                            let dw = scales8::<F>(ds, h);
+                            *ah = _mm256_fmadd_ps(
+                                _mm256_mul_ps(dw, dx),
+                                _mm256_cvtepi32_ps(i32s),
+                                *ah,
+                            );
+                        }
+                    }
+                    continue;
+                }
+                let q4 = is_q4(F);
                 let mut isum = [_mm256_setzero_si256(); 2];
                 for g in 0..BLOCK / 8 {
                     let x = xq.add(b * BLOCK + g * 8);
                     let xa = _mm256_set1_epi32(x.cast::<i32>().read_unaligned());
                     let xb = _mm256_set1_epi32(x.add(4).cast::<i32>().read_unaligned());
                     for (h, sh) in isum.iter_mut().enumerate() {
-                        let (wa, wb) = weights::<Q4>(qs, g, h, nibble);
-                        *sh = products::<Q4>(*sh, wa, wb, xa, xb, ones);
+                        *sh = if q4 {
+                            let (wa, wb) = weights::<true>(qs, g, h, nibble);
+                            products::<true>(*sh, wa, wb, xa, xb, ones)
+                        } else {
+                            let (wa, wb) = weights::<false>(qs, g, h, nibble);
+                            products::<false>(*sh, wa, wb, xa, xb, ones)
+                        };
                     }
                 }
-                let at = r * nb + b;
-                let dx = _mm256_set1_ps(*job.d.get_unchecked(at));
-                let sx = _mm256_set1_ps(*job.s.get_unchecked(at));
+                let sx = _mm256_set1_ps(*job.s.get_unchecked(r * nb + b));
                 for (h, (ah, sh)) in acc.iter_mut().zip(&isum).enumerate() {
-                    let dw = _mm256_cvtph_ps(_mm_loadu_si128(d.add(8 * h).cast()));
-                    let i32s = if Q4 {
+                    let dw = scales8::<F>(d, h);
+                    let i32s = if q4 {
                         _mm256_madd_epi16(*sh, ones)
                     } else {
                         *sh
                     };
                     *ah = _mm256_fmadd_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(i32s), *ah);
-                    if Q4 {
-                        let mw = _mm256_cvtph_ps(_mm_loadu_si128(m.add(8 * h).cast()));
+                    if q4 {
+                        let mw = scales8::<F>(m, h);
                         *ah = _mm256_fmadd_ps(mw, sx, *ah);
                     }
                 }
@@ -1045,7 +1364,7 @@ mod simd_x86 {
     /// `R` rows (from `r0`) × one panel (16 outputs): Q4_1 both halves in one pass, Q8_0 one
     /// half (8 outputs, one vector) at a time so that its sums and weights fit in registers.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn kernel<const Q4: bool, const R: usize>(
+    unsafe fn kernel<const F: u8, const R: usize>(
         job: &Job,
         p: usize,
         r0: usize,
@@ -1054,11 +1373,11 @@ mod simd_x86 {
     ) {
         // SAFETY: forwarded from the caller.
         unsafe {
-            if Q4 {
-                full_q4::<R, false>(job, p, std::ptr::null(), r0, out, width);
+            if is_q4(F) {
+                full_q4::<F, R, false>(job, p, std::ptr::null(), r0, out, width);
             } else {
-                half_q8::<R>(job, p, 0, r0, out, width);
-                half_q8::<R>(job, p, 1, r0, out.add(8), width);
+                half_q8::<F, R>(job, p, 0, r0, out, width);
+                half_q8::<F, R>(job, p, 1, r0, out.add(8), width);
             }
         }
     }
@@ -1141,7 +1460,7 @@ mod simd_x86 {
     /// `PRE`: the weights come unpacked from `pre` ([`unpack_panel`]'s layout) instead of
     /// being unpacked here.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn full_q4<const R: usize, const PRE: bool>(
+    unsafe fn full_q4<const F: u8, const R: usize, const PRE: bool>(
         job: &Job,
         p: usize,
         pre: *const [u8; 32],
@@ -1200,10 +1519,7 @@ mod simd_x86 {
                         }
                     }
                 }
-                let dw = [
-                    _mm256_cvtph_ps(_mm_loadu_si128(bp.d.cast())),
-                    _mm256_cvtph_ps(_mm_loadu_si128(bp.d.add(8).cast())),
-                ];
+                let dw = [scales8::<F>(bp.d, 0), scales8::<F>(bp.d, 1)];
                 for (r, (ar, sr)) in acc.iter_mut().zip(&isum).enumerate() {
                     let dx = _mm256_set1_ps(*job.d.get_unchecked((r0 + r) * nb + b));
                     for h in 0..2 {
@@ -1215,10 +1531,7 @@ mod simd_x86 {
                         );
                     }
                 }
-                let mw = [
-                    _mm256_cvtph_ps(_mm_loadu_si128(bp.m.cast())),
-                    _mm256_cvtph_ps(_mm_loadu_si128(bp.m.add(8).cast())),
-                ];
+                let mw = [scales8::<F>(bp.m, 0), scales8::<F>(bp.m, 1)];
                 for (r, ar) in acc.iter_mut().enumerate() {
                     let sx = _mm256_set1_ps(*job.s.get_unchecked((r0 + r) * nb + b));
                     for h in 0..2 {
@@ -1235,7 +1548,7 @@ mod simd_x86 {
 
     /// Q8_0: `R` rows × one half (8 outputs, one vector) of a panel.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn half_q8<const R: usize>(
+    unsafe fn half_q8<const F: u8, const R: usize>(
         job: &Job,
         p: usize,
         h: usize,
@@ -1253,6 +1566,32 @@ mod simd_x86 {
             let xq = job.q.as_ptr().add(r0 * cols);
             for b in 0..nb {
                 let bp = block_ptrs(job, p, b);
+                if F == Q6K {
+                    // Per 16-input sub-block (two groups): 16-bit sums, widened, scaled.
+                    for (s, ds) in [bp.d, bp.d2].into_iter().enumerate() {
+                        let mut sub = [_mm256_setzero_si256(); R];
+                        for g in 2 * s..2 * s + 2 {
+                            let (wa, wb) = weights::<false>(bp.qs, g, h, nibble);
+                            for (r, sr) in sub.iter_mut().enumerate() {
+                                let x = xq.add(r * cols + b * BLOCK + g * 8);
+                                let xa = _mm256_set1_epi32(x.cast::<i32>().read_unaligned());
+                                let xb = _mm256_set1_epi32(x.add(4).cast::<i32>().read_unaligned());
+                                *sr = products6((g % 2 == 1).then_some(*sr), wa, wb, xa, xb);
+                            }
+                        }
+                        let dw = scales8::<F>(ds, h);
+                        for (r, (ar, sr)) in acc.iter_mut().zip(&sub).enumerate() {
+                            let dx = _mm256_set1_ps(*job.d.get_unchecked((r0 + r) * nb + b));
+                            let i32s = _mm256_madd_epi16(*sr, ones);
+                            *ar = _mm256_fmadd_ps(
+                                _mm256_mul_ps(dw, dx),
+                                _mm256_cvtepi32_ps(i32s),
+                                *ar,
+                            );
+                        }
+                    }
+                    continue;
+                }
                 let mut isum = [_mm256_setzero_si256(); R];
                 for g in 0..BLOCK / 8 {
                     // Inputs 8g + {0,2,4,6} and 8g + {1,3,5,7} of outputs 8h..8h+8.
@@ -1264,7 +1603,7 @@ mod simd_x86 {
                         *sr = products::<false>(*sr, wa, wb, xa, xb, ones);
                     }
                 }
-                let dw = _mm256_cvtph_ps(_mm_loadu_si128(bp.d.add(8 * h).cast()));
+                let dw = scales8::<F>(bp.d, h);
                 for (r, (ar, sr)) in acc.iter_mut().zip(&isum).enumerate() {
                     let dx = _mm256_set1_ps(*job.d.get_unchecked((r0 + r) * nb + b));
                     *ar = _mm256_fmadd_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(*sr), *ar);
@@ -1281,6 +1620,18 @@ mod simd_x86 {
 mod tests {
     use super::*;
 
+    const ALL: [QuantFormat; 4] = [
+        QuantFormat::Q4_1,
+        QuantFormat::Q8_0,
+        QuantFormat::Q4K,
+        QuantFormat::Q6K,
+    ];
+
+    /// `cols` rounded up to whole GGUF blocks of `format` (256 for the k-quants).
+    fn wide(format: QuantFormat, cols: usize) -> usize {
+        cols.next_multiple_of(format.gguf_block().0)
+    }
+
     /// Random GGUF bytes for a matrix in `format`.
     /// A `(rows, cols)` matrix of [`random_bytes`].
     fn random_matrix(format: QuantFormat, rows: usize, cols: usize, seed: u64) -> QMatrix {
@@ -1296,18 +1647,34 @@ mod tests {
                 .wrapping_add(1442695040888963407);
             (s >> 33) as u32
         };
-        let n = rows * cols / BLOCK;
+        let (values, _) = format.gguf_block();
         let mut out = Vec::new();
-        for _ in 0..n {
+        for _ in 0..rows * cols / values {
             let d = half::f16::from_f32(0.001 + (next() % 1000) as f32 * 1e-5);
-            out.extend(d.to_le_bytes());
             match format {
                 QuantFormat::Q4_1 => {
+                    out.extend(d.to_le_bytes());
                     let m = half::f16::from_f32(-((next() % 1000) as f32) * 1e-4);
                     out.extend(m.to_le_bytes());
                     out.extend((0..16).map(|_| next() as u8));
                 }
-                QuantFormat::Q8_0 => out.extend((0..32).map(|_| next() as u8)),
+                QuantFormat::Q8_0 => {
+                    out.extend(d.to_le_bytes());
+                    out.extend((0..32).map(|_| next() as u8));
+                }
+                QuantFormat::Q4K => {
+                    out.extend(d.to_le_bytes());
+                    let dmin = half::f16::from_f32((next() % 1000) as f32 * 1e-5);
+                    out.extend(dmin.to_le_bytes());
+                    out.extend((0..140).map(|_| next() as u8));
+                }
+                QuantFormat::Q6K => {
+                    // Every 6-bit quant and 8-bit scale, both signs.
+                    out.extend((0..208).map(|_| next() as u8));
+                    out.extend(
+                        half::f16::from_f32(1e-4 + (next() % 100) as f32 * 1e-6).to_le_bytes(),
+                    );
+                }
             }
         }
         out
@@ -1321,8 +1688,8 @@ mod tests {
 
     #[test]
     fn matmul_is_the_dequantized_product_up_to_8_bit_activations() {
-        for format in [QuantFormat::Q4_1, QuantFormat::Q8_0] {
-            let (rows, cols, t) = (37, 96, 7);
+        for format in ALL {
+            let (rows, cols, t) = (37, wide(format, 96), 7);
             let q = random_matrix(format, rows, cols, 3);
             let w = q.dequantize();
             let x = activations(t, cols);
@@ -1345,8 +1712,8 @@ mod tests {
 
     #[test]
     fn every_row_is_bit_identical_alone_or_batched() {
-        for format in [QuantFormat::Q4_1, QuantFormat::Q8_0] {
-            let (rows, cols) = (40, 96);
+        for format in ALL {
+            let (rows, cols) = (40, wide(format, 96));
             let q = random_matrix(format, rows, cols, 9);
             let x = activations(18, cols);
             // Row tiles of 1–4 and their mixes; 16+ rows are quantized in parallel.
@@ -1366,9 +1733,9 @@ mod tests {
 
     #[test]
     fn prefill_sized_batches_are_bit_identical_to_single_rows() {
-        for format in [QuantFormat::Q4_1, QuantFormat::Q8_0] {
+        for format in ALL {
             // Whole panels and ≥ 32 rows: row blocks written in place by parallel tasks.
-            let (rows, cols, t) = (48, 96, 70);
+            let (rows, cols, t) = (48, wide(format, 96), 70);
             let q = random_matrix(format, rows, cols, 4);
             let x = activations(t, cols);
             let batched = q.matmul(&x, t);
@@ -1385,8 +1752,8 @@ mod tests {
 
     #[test]
     fn scalar_and_simd_paths_are_bit_identical() {
-        for format in [QuantFormat::Q4_1, QuantFormat::Q8_0] {
-            let (rows, cols) = (48, 96);
+        for format in ALL {
+            let (rows, cols) = (48, wide(format, 96));
             let q = random_matrix(format, rows, cols, 5);
             // 36 and 38 rows: enough tiles per panel for the unpacked-panel path.
             for t in [1, 2, 3, 4, 5, 7, 36, 38] {
@@ -1407,11 +1774,8 @@ mod tests {
         // Panel groups that end where parts do, and (14 panels in 4 groups of 3–4) that start
         // and end inside them.
         let shapes: [(usize, &[usize]); 2] = [(96, &[32, 16, 48]), (224, &[96, 48, 80])];
-        for (format, (rows, widths)) in [QuantFormat::Q4_1, QuantFormat::Q8_0]
-            .into_iter()
-            .flat_map(|f| shapes.map(|s| (f, s)))
-        {
-            let cols = 64;
+        for (format, (rows, widths)) in ALL.into_iter().flat_map(|f| shapes.map(|s| (f, s))) {
+            let cols = wide(format, 64);
             let q = random_matrix(format, rows, cols, 9);
             // Both task layouts: panel groups (few rows) and row blocks (32 or more).
             for t in [1, 3, 17, 40] {
@@ -1508,6 +1872,27 @@ mod tests {
     }
 
     #[test]
+    fn extreme_q6_k_sums_stay_in_16_bits() {
+        // Every Q6_K quant at −32 (q = 0) against activations at ±127: 8 products of 4,064
+        // per 16-bit lane in a sub-block, the most its sums reach.
+        let (rows, cols) = (16, 512);
+        let mut bytes = Vec::new();
+        for _ in 0..rows * cols / SUPER_BLOCK {
+            bytes.extend([0u8; 192]);
+            bytes.extend([1u8; 16]);
+            bytes.extend(half::f16::from_f32(1.0).to_le_bytes());
+        }
+        let q = QMatrix::from_gguf_bytes(QuantFormat::Q6K, rows, cols, &bytes).expect("valid");
+        for sign in [1.0f32, -1.0] {
+            let y = q.matmul(&vec![sign * 127.0; cols], 1);
+            let want = sign * -32.0 * 127.0 * cols as f32;
+            assert!(y.iter().all(|&v| v == want), "{y:?}");
+            let y = q.matmul(&vec![sign * 127.0; 5 * cols], 5);
+            assert!(y.iter().all(|&v| v == want), "tiles: {y:?}");
+        }
+    }
+
+    #[test]
     fn gather_rows_and_bad_sizes() {
         let bytes = random_bytes(QuantFormat::Q4_1, 4, 32, 1);
         let q = QMatrix::from_gguf_bytes(QuantFormat::Q4_1, 4, 32, &bytes).expect("valid");
@@ -1518,6 +1903,15 @@ mod tests {
         assert_eq!(a, b);
         assert!(QMatrix::from_gguf_bytes(QuantFormat::Q4_1, 4, 32, &bytes[1..]).is_err());
         assert!(QMatrix::from_gguf_bytes(QuantFormat::Q4_1, 4, 30, &bytes).is_err());
+        // k-quants: whole 256-value super-blocks per row, and their rows gathered too.
+        let bytes = random_bytes(QuantFormat::Q6K, 4, 256, 2);
+        assert!(QMatrix::from_gguf_bytes(QuantFormat::Q6K, 8, 128, &bytes).is_err());
+        let q = QMatrix::from_gguf_bytes(QuantFormat::Q6K, 4, 256, &bytes).expect("valid");
+        let g = q.gather_rows(&[3, 1]);
+        let (mut a, mut b) = (vec![0f32; 256], vec![0f32; 256]);
+        g.dequantize_row(1, &mut a);
+        q.dequantize_row(1, &mut b);
+        assert_eq!(a, b);
     }
 }
 
@@ -1538,8 +1932,16 @@ mod candle_agreement {
         for (format, dtype) in [
             (QuantFormat::Q4_1, GgmlDType::Q4_1),
             (QuantFormat::Q8_0, GgmlDType::Q8_0),
+            (QuantFormat::Q4K, GgmlDType::Q4K),
+            (QuantFormat::Q6K, GgmlDType::Q6K),
         ] {
-            let (rows, cols, t) = (24, 128, 3);
+            let (rows, cols, t) = (24, 256, 3);
+            // ggml quantizes the k-quants' activations per 256 (Q8_K), coarser than our 32.
+            let tol = if format.gguf_block().0 == BLOCK {
+                1e-3
+            } else {
+                1e-2
+            };
             let bytes = tests_support::bytes(format, rows, cols);
             let ours = QMatrix::from_gguf_bytes(format, rows, cols, &bytes).expect("valid");
             let x: Vec<f32> = (0..t * cols)
@@ -1562,7 +1964,7 @@ mod candle_agreement {
                     .map(|k| (x[r * cols + k] * w[o * cols + k]).abs())
                     .sum();
                 assert!(
-                    (a - b).abs() <= 1e-3 * scale,
+                    (a - b).abs() <= tol * scale,
                     "{format:?} {i}: {a} vs {b} (scale {scale})"
                 );
             }
@@ -1586,14 +1988,41 @@ mod candle_agreement {
         for (format, dtype) in [
             (QuantFormat::Q4_1, GgmlDType::Q4_1),
             (QuantFormat::Q8_0, GgmlDType::Q8_0),
+            (QuantFormat::Q4K, GgmlDType::Q4K),
+            (QuantFormat::Q6K, GgmlDType::Q6K),
         ] {
-            let bytes = tests_support::bytes(format, 6, 64);
-            let ours = QMatrix::from_gguf_bytes(format, 6, 64, &bytes)
+            let cols = format.gguf_block().0.max(64);
+            let bytes = tests_support::bytes(format, 6, cols);
+            let ours = QMatrix::from_gguf_bytes(format, 6, cols, &bytes)
                 .expect("valid")
                 .dequantize();
-            let theirs = candle_dequantized(dtype, &bytes, 6, 64);
+            let theirs = candle_dequantized(dtype, &bytes, 6, cols);
             assert_eq!(ours, theirs, "{format:?}");
         }
+        // Q5_0 (every 5-bit quant) as Q8_0 blocks of the same weights.
+        let q5: Vec<u8> = (0..6 * 64 / BLOCK)
+            .flat_map(|i| {
+                let mut b = half::f16::from_f32(0.01 + i as f32 * 0.003)
+                    .to_le_bytes()
+                    .to_vec();
+                b.extend((0..20u8).map(|j| j.wrapping_mul(53).wrapping_add(i as u8 * 11)));
+                b
+            })
+            .collect();
+        let ours = QMatrix::from_gguf_bytes(
+            QuantFormat::Q8_0,
+            6,
+            64,
+            &q5_0_as_q8_0(&q5).expect("converts"),
+        )
+        .expect("valid")
+        .dequantize();
+        assert_eq!(
+            ours,
+            candle_dequantized(GgmlDType::Q5_0, &q5, 6, 64),
+            "Q5_0"
+        );
+        assert!(q5_0_as_q8_0(&q5[..21]).is_err());
     }
 
     #[test]
@@ -1626,6 +2055,26 @@ mod candle_agreement {
         use super::super::{QuantFormat, BLOCK};
         pub fn bytes(format: QuantFormat, rows: usize, cols: usize) -> Vec<u8> {
             let mut out = Vec::new();
+            let (values, _) = format.gguf_block();
+            if values > BLOCK {
+                for i in 0..rows * cols / values {
+                    let pattern = |n: usize, k: u8| {
+                        (0..n as u8).map(move |j| j.wrapping_mul(k).wrapping_add(i as u8 * 7))
+                    };
+                    let d = half::f16::from_f32(0.001 + i as f32 * 0.0007).to_le_bytes();
+                    if format == QuantFormat::Q4K {
+                        out.extend(d);
+                        out.extend(half::f16::from_f32(0.002 * i as f32).to_le_bytes());
+                        out.extend(pattern(12, 29));
+                        out.extend(pattern(128, 37));
+                    } else {
+                        out.extend(pattern(192, 41));
+                        out.extend(pattern(16, 67));
+                        out.extend(d);
+                    }
+                }
+                return out;
+            }
             for i in 0..rows * cols / BLOCK {
                 out.extend(half::f16::from_f32(0.01 + i as f32 * 0.003).to_le_bytes());
                 if format == QuantFormat::Q4_1 {

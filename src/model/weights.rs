@@ -298,7 +298,9 @@ impl Weights {
             if let Some(info) = content.tensor_infos.get(&g) {
                 let format = match info.ggml_dtype {
                     GgmlDType::Q4_0 | GgmlDType::Q4_1 => Some(QuantFormat::Q4_1),
-                    GgmlDType::Q8_0 => Some(QuantFormat::Q8_0),
+                    GgmlDType::Q8_0 | GgmlDType::Q5_0 => Some(QuantFormat::Q8_0),
+                    GgmlDType::Q4K => Some(QuantFormat::Q4K),
+                    GgmlDType::Q6K => Some(QuantFormat::Q6K),
                     _ => None,
                 };
                 if let Some(format) = format {
@@ -319,8 +321,13 @@ impl Weights {
                     ))
                     .and_then(|_| file.read_exact(&mut data))
                     .map_err(|e| LoadError::io(&path, e))?;
-                    if info.ggml_dtype == GgmlDType::Q4_0 {
-                        data = super::quant::q4_0_as_q4_1(&data)
+                    let converted = match info.ggml_dtype {
+                        GgmlDType::Q4_0 => Some(super::quant::q4_0_as_q4_1(&data)),
+                        GgmlDType::Q5_0 => Some(super::quant::q5_0_as_q8_0(&data)),
+                        _ => None,
+                    };
+                    if let Some(converted) = converted {
+                        data = converted
                             .map_err(|e| LoadError::format(&path, format!("tensor '{g}': {e}")))?;
                     }
                     let mut q = QMatrix::from_gguf_bytes(format, shape[0], shape[1], &data)
