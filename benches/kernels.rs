@@ -2,7 +2,7 @@
 //!
 //! `cargo bench --bench kernels [-- THREADS]` (default: the process's rayon pool). Prints one
 //! JSON line per (format, shape, rows) with the median of several timed runs;
-//! `KERNELS_FORMAT=Q4_1` (or `Q8_0`, `Q4K`, `Q6K`) and `KERNELS_T=16,64` choose the format
+//! `KERNELS_FORMAT=Q4_1` (or `Q8_0`, `Q4K`, `Q6K`, `Q5K`) and `KERNELS_T=16,64` choose the format
 //! and the row counts. Under `cargo test` (no
 //! `--bench` argument) it only checks that the kernels run.
 
@@ -19,7 +19,10 @@ fn random_bytes(format: QuantFormat, rows: usize, cols: usize) -> Vec<u8> {
         (s >> 33) as u32
     };
     let mut out = Vec::new();
-    let per = if matches!(format, QuantFormat::Q4K | QuantFormat::Q6K) {
+    let per = if matches!(
+        format,
+        QuantFormat::Q4K | QuantFormat::Q6K | QuantFormat::Q5K
+    ) {
         256
     } else {
         BLOCK
@@ -40,6 +43,16 @@ fn random_bytes(format: QuantFormat, rows: usize, cols: usize) -> Vec<u8> {
                 out.extend(d);
                 out.extend(d);
                 out.extend((0..140).map(|_| next() as u8));
+            }
+            QuantFormat::Q5K => {
+                out.extend(d);
+                out.extend(d);
+                out.extend((0..172).map(|_| next() as u8));
+            }
+            QuantFormat::Q5_1 => {
+                out.extend(d);
+                out.extend(half::f16::from_f32(-((next() % 1000) as f32) * 1e-4).to_le_bytes());
+                out.extend((0..20).map(|_| next() as u8));
             }
             QuantFormat::Q6K => {
                 out.extend((0..208).map(|_| next() as u8));
@@ -73,6 +86,7 @@ fn main() {
         (QuantFormat::Q8_0, 49152, 576),
         (QuantFormat::Q4K, 576, 1536),
         (QuantFormat::Q6K, 576, 1536),
+        (QuantFormat::Q5K, 576, 1536),
     ];
     let only_format = std::env::var("KERNELS_FORMAT").ok();
     let only_t: Option<Vec<usize>> = std::env::var("KERNELS_T")

@@ -125,6 +125,10 @@ pub enum GgufQuant {
     /// (Q4_K) and Q8_0 (Q6_K), as llama.cpp does.
     #[value(name = "q4_k_m")]
     Q4KM,
+    /// llama.cpp's `Q5_K_M` mix: Q5_K super-blocks, with Q6_K where `q4_k_m` has it; rows
+    /// that do not split into 256 fall back to Q5_1 (Q5_K) and Q8_0 (Q6_K).
+    #[value(name = "q5_k_m")]
+    Q5KM,
 }
 
 impl GgufQuant {
@@ -138,6 +142,7 @@ impl GgufQuant {
             GgufQuant::Q5_0 => GgmlDType::Q5_0,
             GgufQuant::Q6K => GgmlDType::Q6K,
             GgufQuant::Q4KM => GgmlDType::Q4K,
+            GgufQuant::Q5KM => GgmlDType::Q5K,
         }
     }
 
@@ -157,19 +162,18 @@ impl GgufQuant {
             i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2
         };
         let head = hf == "lm_head.weight" || (tied && hf == "model.embed_tokens.weight");
-        let mut dtype = match self {
-            GgufQuant::Q4KM if head => GgmlDType::Q6K,
-            GgufQuant::Q4KM
-                if (hf.ends_with("v_proj.weight") || hf.ends_with("down_proj.weight"))
-                    && layer.is_some_and(more_bits) =>
-            {
-                GgmlDType::Q6K
-            }
-            _ => self.dtype(),
+        let mix = matches!(self, GgufQuant::Q4KM | GgufQuant::Q5KM);
+        let more = (hf.ends_with("v_proj.weight") || hf.ends_with("down_proj.weight"))
+            && layer.is_some_and(more_bits);
+        let mut dtype = if mix && (head || more) {
+            GgmlDType::Q6K
+        } else {
+            self.dtype()
         };
         if !cols.is_multiple_of(dtype.block_size()) {
             dtype = match dtype {
                 GgmlDType::Q4K => GgmlDType::Q5_0,
+                GgmlDType::Q5K => GgmlDType::Q5_1,
                 GgmlDType::Q6K => GgmlDType::Q8_0,
                 other => other,
             };
@@ -190,6 +194,7 @@ impl GgufQuant {
             GgufQuant::Q8_0 => 7,
             GgufQuant::Q5_0 => 8,
             GgufQuant::Q4KM => 15,
+            GgufQuant::Q5KM => 17,
             GgufQuant::Q6K => 18,
         }
     }

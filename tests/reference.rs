@@ -246,6 +246,28 @@ fn q4_k_m_gguf_stays_quantized_and_computes_its_weights() {
     tracks_its_own_dequantization(model, &path, "q4_k_m", Q_LOGPROB_TOL);
 }
 
+/// The same for a `Q5_K_M` GGUF: Q5_K's fallback for SmolLM2's 576-wide rows is Q5_1, so the
+/// file holds Q5_1, Q5_K, Q6_K and Q8_0 — each on its own panels, none as an f32 copy.
+#[test]
+fn q5_k_m_gguf_stays_quantized_and_computes_its_weights() {
+    use nextoken::convert::{hf_to_gguf, GgufQuant};
+    let path = process_dir().join("smollm2-q5_k_m.gguf");
+    hf_to_gguf(converted_dir(), &path, GgufQuant::Q5KM).expect("convert to Q5_K_M");
+    let (model, _) = nextoken::load(&path).expect("Q5_K_M GGUF loads");
+    let formats: Vec<(&str, usize)> = model.weight_formats().into_iter().collect();
+    // Where v is Q8_0 (14 layers) q/k/v cannot be stacked: q and k count apart.
+    assert_eq!(
+        formats,
+        [
+            ("Q5_1", 14 * 4 + 16 * 3),
+            ("Q5_K", 16),
+            ("Q6_K", 14),
+            ("Q8_0", 14 + 1)
+        ]
+    );
+    tracks_its_own_dequantization(model, &path, "q5_k_m", Q_LOGPROB_TOL);
+}
+
 /// The GGUF `model` (loaded from `path`) against the same file dequantized exactly to a
 /// float32 folder, on every reference prompt: token for token until float32 hesitates, each
 /// chosen log-probability within `tol` (relative beyond one nat).

@@ -259,7 +259,7 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
 /// `convert DIR OUT.gguf` for every tensor type: the GGUF reads back as the same architecture
 /// and runs the same function — exactly in f32 (also through the engine), exactly what its own
 /// f16 values say in f16 (checked by converting it back to a folder), and within quantization
-/// error for q8_0/q4_0/q4_1/q5_0/q6_k/q4_k_m.
+/// error for q8_0/q4_0/q4_1/q5_0/q6_k/q4_k_m/q5_k_m.
 fn check_gguf(name: &str) {
     use nextoken::convert::{gguf_to_hf, hf_to_gguf, ConvertDtype, GgufQuant};
     let (dir, cases) = cases(name);
@@ -278,6 +278,7 @@ fn check_gguf(name: &str) {
         // The k-quants' fallbacks where rows do not split into 256 (Q8_0, Q5_0).
         (GgufQuant::Q6K, 0.5, 0.995),
         (GgufQuant::Q4KM, 2.5, 0.9),
+        (GgufQuant::Q5KM, 2.5, 0.9),
     ] {
         let path = tmp.path().join(format!("{name}-{quant:?}.gguf"));
         hf_to_gguf(&dir, &path, quant).expect("convert to GGUF");

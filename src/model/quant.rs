@@ -46,6 +46,12 @@ pub enum QuantFormat {
     /// (8-bit `sc`, 6-bit q). Kept as 8-bit panels of `q − 32` with each sub-block's scale as
     /// an exact f32: two scales per 32-input block.
     Q6K,
+    /// GGUF Q5_1: `w = d·q + m`, 5-bit q. Kept as 8-bit panels with the scale and minimum as
+    /// f32s (exact widenings).
+    Q5_1,
+    /// GGUF Q5_K: super-blocks of 256 whose 32-value sub-blocks are `w = (d·sc)·q − dmin·mn`
+    /// (5-bit q). Kept as Q5_1's panels, with each sub-block's scale and minimum.
+    Q5K,
 }
 
 impl QuantFormat {
@@ -56,12 +62,17 @@ impl QuantFormat {
             QuantFormat::Q8_0 => "Q8_0",
             QuantFormat::Q4K => "Q4_K",
             QuantFormat::Q6K => "Q6_K",
+            QuantFormat::Q5_1 => "Q5_1",
+            QuantFormat::Q5K => "Q5_K",
         }
     }
 
-    /// 4-bit quants (the nibble panels) rather than 8-bit ones.
-    fn is_4bit(self) -> bool {
-        matches!(self, QuantFormat::Q4_1 | QuantFormat::Q4K)
+    /// A minimum per block (`acc += m·Σx` after the products).
+    fn has_min(self) -> bool {
+        matches!(
+            self,
+            QuantFormat::Q4_1 | QuantFormat::Q4K | QuantFormat::Q5_1 | QuantFormat::Q5K
+        )
     }
 
     /// GGUF bytes per `(block values, bytes)`.
@@ -71,6 +82,8 @@ impl QuantFormat {
             QuantFormat::Q8_0 => (BLOCK, 34),
             QuantFormat::Q4K => (SUPER_BLOCK, 144),
             QuantFormat::Q6K => (SUPER_BLOCK, 210),
+            QuantFormat::Q5_1 => (BLOCK, 24),
+            QuantFormat::Q5K => (SUPER_BLOCK, 176),
         }
     }
 }
@@ -124,6 +137,24 @@ struct PanelQ6K {
     qs: [[[i8; 4]; PANEL]; 8],
 }
 
+/// 16 outputs × 32 inputs of Q5_1 or Q5_K: [`PanelQ8_0`]'s layout of the quants (0..32) with
+/// f32 scales and minimums (640 bytes, ten cache lines).
+#[derive(Debug, Clone, Copy)]
+#[repr(C, align(64))]
+struct PanelQ5 {
+    /// Each output's (sub-)block scale.
+    d: [f32; PANEL],
+    /// Each output's (sub-)block minimum.
+    m: [f32; PANEL],
+    /// As [`PanelQ8_0::qs`].
+    qs: [[[i8; 4]; PANEL]; 8],
+}
+
+const EMPTY_Q5: PanelQ5 = PanelQ5 {
+    d: [0.0; PANEL],
+    m: [0.0; PANEL],
+    qs: [[[0; 4]; PANEL]; 8],
+};
 const EMPTY_Q4K: PanelQ4K = PanelQ4K {
     d: [0.0; PANEL],
     m: [0.0; PANEL],
@@ -150,6 +181,7 @@ enum Panels {
     Q8_0(Vec<PanelQ8_0>),
     Q4K(Vec<PanelQ4K>),
     Q6K(Vec<PanelQ6K>),
+    Q5(Vec<PanelQ5>),
 }
 
 /// A `(rows, cols)` quantized matrix (rows = output features), panel-packed.
@@ -157,6 +189,8 @@ enum Panels {
 pub struct QMatrix {
     rows: usize,
     cols: usize,
+    /// The GGUF format the blocks came in (Q5_1 and Q5_K share a panel kind).
+    format: QuantFormat,
     panels: Panels,
 }
 
@@ -244,6 +278,14 @@ impl Panels {
                     q,
                 }
             }
+            Panels::Q5(v) => {
+                q8(&mut q, &v[at].qs);
+                RowBlock {
+                    d: [v[at].d[i]; 2],
+                    m: v[at].m[i],
+                    q,
+                }
+            }
         }
     }
 
@@ -280,6 +322,11 @@ impl Panels {
             Panels::Q6K(v) => {
                 let blk = &mut v[at];
                 (blk.d[0][i], blk.d[1][i]) = (block.d[0], block.d[1]);
+                q8(&mut blk.qs);
+            }
+            Panels::Q5(v) => {
+                let blk = &mut v[at];
+                (blk.d[i], blk.m[i]) = (block.d[0], block.m);
                 q8(&mut blk.qs);
             }
         }
@@ -400,6 +447,42 @@ fn gguf_row_blocks(format: QuantFormat, b: &[u8]) -> Vec<RowBlock> {
                 })
                 .collect()
         }
+        QuantFormat::Q5_1 => {
+            // d, m, 32 high bits, 16 bytes of nibbles (inputs j and j + 16).
+            let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+            for j in 0..16 {
+                let high = |k: usize| (((qh >> k) & 1) as i16) << 4;
+                q[j] = i16::from(b[8 + j] & 0x0F) | high(j);
+                q[j + 16] = i16::from(b[8 + j] >> 4) | high(j + 16);
+            }
+            vec![RowBlock {
+                d: [f16(0); 2],
+                m: f16(2),
+                q,
+            }]
+        }
+        QuantFormat::Q5K => {
+            // Q4_K's d, dmin and scales, then 32 bytes of high bits (bit s of byte l: value
+            // l of sub-block s), then Q4_K's nibbles.
+            let (d, dmin) = (f16(0), f16(2));
+            let (scales, qh, qs) = (&b[4..16], &b[16..48], &b[48..176]);
+            (0..8)
+                .map(|s| {
+                    let (sc, mn) = scale_min_k4(s, scales);
+                    let bytes = &qs[(s / 2) * 32..(s / 2) * 32 + 32];
+                    let mut q = [0i16; BLOCK];
+                    for (l, (qk, &byte)) in q.iter_mut().zip(bytes).enumerate() {
+                        let low = if s % 2 == 0 { byte & 0x0F } else { byte >> 4 };
+                        *qk = i16::from(low | (((qh[l] >> s) & 1) << 4));
+                    }
+                    RowBlock {
+                        d: [d * f32::from(sc); 2],
+                        m: -(dmin * f32::from(mn)),
+                        q,
+                    }
+                })
+                .collect()
+        }
         QuantFormat::Q6K => {
             // 128 bytes of low nibbles, 64 of high bit pairs, 16 scales, d. Value
             // `128n + 32k + l` (k < 4, l < 32): low nibble of ql[64n + l + 32(k % 2)] (high
@@ -472,8 +555,14 @@ impl QMatrix {
             QuantFormat::Q8_0 => Panels::Q8_0(vec![EMPTY_Q8_0; n]),
             QuantFormat::Q4K => Panels::Q4K(vec![EMPTY_Q4K; n]),
             QuantFormat::Q6K => Panels::Q6K(vec![EMPTY_Q6K; n]),
+            QuantFormat::Q5_1 | QuantFormat::Q5K => Panels::Q5(vec![EMPTY_Q5; n]),
         };
-        QMatrix { rows, cols, panels }
+        QMatrix {
+            rows,
+            cols,
+            format,
+            panels,
+        }
     }
 
     fn block(&self, row: usize, b: usize) -> RowBlock {
@@ -499,12 +588,7 @@ impl QMatrix {
 
     /// The block format.
     pub fn format(&self) -> QuantFormat {
-        match self.panels {
-            Panels::Q4_1(_) => QuantFormat::Q4_1,
-            Panels::Q8_0(_) => QuantFormat::Q8_0,
-            Panels::Q4K(_) => QuantFormat::Q4K,
-            Panels::Q6K(_) => QuantFormat::Q6K,
-        }
+        self.format
     }
 
     /// Bytes held by the packed weights.
@@ -514,6 +598,7 @@ impl QMatrix {
             Panels::Q8_0(v) => std::mem::size_of_val(v.as_slice()),
             Panels::Q4K(v) => std::mem::size_of_val(v.as_slice()),
             Panels::Q6K(v) => std::mem::size_of_val(v.as_slice()),
+            Panels::Q5(v) => std::mem::size_of_val(v.as_slice()),
         }
     }
 
@@ -549,8 +634,14 @@ impl QMatrix {
             QuantFormat::Q8_0 => concat!(Q8_0),
             QuantFormat::Q4K => concat!(Q4K),
             QuantFormat::Q6K => concat!(Q6K),
+            QuantFormat::Q5_1 | QuantFormat::Q5K => concat!(Q5),
         };
-        Some(QMatrix { rows, cols, panels })
+        Some(QMatrix {
+            rows,
+            cols,
+            format,
+            panels,
+        })
     }
 
     /// Quantizes f32 `(rows, cols)` row-major to Q8_0 as llama.cpp's `quantize_row_q8_0` does
@@ -599,7 +690,7 @@ impl QMatrix {
 
     /// Row `r` dequantized exactly (`d·q + m` in f32, as ggml and gguf-py compute it).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        let with_min = self.format().is_4bit();
+        let with_min = self.format().has_min();
         for (b, o) in out.chunks_exact_mut(BLOCK).enumerate() {
             let blk = self.block(r, b);
             for (k, (oj, &q)) in o.iter_mut().zip(&blk.q).enumerate() {
@@ -884,12 +975,8 @@ impl Job<'_> {
     fn run_scalar_row(&self, p0: usize, p1: usize, r: usize, out: &mut [f32]) {
         let (nb, cols) = (self.nb, self.nb * BLOCK);
         let xq = &self.q[r * cols..(r + 1) * cols];
-        let format = match self.panels {
-            Panels::Q4_1(_) => QuantFormat::Q4_1,
-            Panels::Q8_0(_) => QuantFormat::Q8_0,
-            Panels::Q4K(_) => QuantFormat::Q4K,
-            Panels::Q6K(_) => QuantFormat::Q6K,
-        };
+        let two_scales = matches!(self.panels, Panels::Q6K(_));
+        let with_min = !matches!(self.panels, Panels::Q8_0(_) | Panels::Q6K(_));
         for p in p0..p1 {
             for i in 0..PANEL {
                 let mut acc = 0f32;
@@ -903,14 +990,14 @@ impl Job<'_> {
                             .sum::<i32>() as f32
                     };
                     let (dx, sx) = (self.d[r * nb + b], self.s[r * nb + b]);
-                    if format == QuantFormat::Q6K {
+                    if two_scales {
                         // One integer sum and scale per 16 inputs.
                         acc = (blk.d[0] * dx).mul_add(isum(0..16), acc);
                         acc = (blk.d[1] * dx).mul_add(isum(16..BLOCK), acc);
                     } else {
                         acc = (blk.d[0] * dx).mul_add(isum(0..BLOCK), acc);
                     }
-                    if format.is_4bit() {
+                    if with_min {
                         acc = blk.m.mul_add(sx, acc);
                     }
                 }
@@ -969,6 +1056,7 @@ mod simd_x86 {
     const Q8_0: u8 = 1;
     const Q4K: u8 = 2;
     const Q6K: u8 = 3;
+    const Q5: u8 = 4;
 
     /// 4-bit nibble panels (Q4_1, Q4_K) rather than 8-bit ones (Q8_0, Q6_K).
     const fn is_q4(f: u8) -> bool {
@@ -1013,6 +1101,12 @@ mod simd_x86 {
                 m: v[at].d[0].as_ptr().cast(),
                 qs: v[at].qs.as_ptr().cast(),
             },
+            Panels::Q5(v) => BlockPtrs {
+                d: v[at].d.as_ptr().cast(),
+                d2: v[at].d.as_ptr().cast(),
+                m: v[at].m.as_ptr().cast(),
+                qs: v[at].qs.as_ptr().cast(),
+            },
         }
     }
 
@@ -1023,6 +1117,7 @@ mod simd_x86 {
             Panels::Q8_0(_) => std::mem::size_of::<super::PanelQ8_0>(),
             Panels::Q4K(_) => std::mem::size_of::<super::PanelQ4K>(),
             Panels::Q6K(_) => std::mem::size_of::<super::PanelQ6K>(),
+            Panels::Q5(_) => std::mem::size_of::<super::PanelQ5>(),
         }
     }
 
@@ -1033,7 +1128,7 @@ mod simd_x86 {
     unsafe fn scales8<const F: u8>(p: *const u8, h: usize) -> __m256 {
         // SAFETY: `p` points at 16 scales of the format's width (the caller's block).
         unsafe {
-            if F == Q4K || F == Q6K {
+            if F == Q4K || F == Q6K || F == Q5 {
                 _mm256_loadu_ps(p.cast::<f32>().add(8 * h))
             } else {
                 _mm256_cvtph_ps(_mm_loadu_si128(p.cast::<u16>().add(8 * h).cast()))
@@ -1041,9 +1136,9 @@ mod simd_x86 {
         }
     }
 
-    /// Q6_K's products in 16-bit lanes: `sum` (if any) plus `|w| × (x · sign w)` of both
-    /// weight vectors. Quants are within ±32, so one 16-input sub-block (two groups, eight
-    /// products per lane) stays below 2¹⁵ — one widening per sub-block.
+    /// Q6_K's and Q5's products in 16-bit lanes: `sum` (if any) plus `|w| × (x · sign w)` of
+    /// both weight vectors. Quants are within ±32 (Q5: 0..32), so one 16-input half-block (two
+    /// groups, eight products per lane) stays below 2¹⁵ — one widening per half-block.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     fn products6(
@@ -1123,6 +1218,7 @@ mod simd_x86 {
                 Panels::Q8_0(_) => run_avx2::<Q8_0>(job, p0, p1, out, stride),
                 Panels::Q4K(_) => run_avx2::<Q4K>(job, p0, p1, out, stride),
                 Panels::Q6K(_) => run_avx2::<Q6K>(job, p0, p1, out, stride),
+                Panels::Q5(_) => run_avx2::<Q5>(job, p0, p1, out, stride),
             }
         }
     }
@@ -1299,9 +1395,8 @@ mod simd_x86 {
                     first.qs.byte_add(b * stride),
                 );
                 let dx = _mm256_set1_ps(*job.d.get_unchecked(r * nb + b));
-                if F == Q6K {
-                    // Per 16-input sub-block: 16-bit sums, widened, scaled by its own scale.
-                    let d2 = first.d2.byte_add(b * stride);
+                if F == Q6K || F == Q5 {
+                    // 16-bit sums per 16-input half-block, widened.
                     let mut sub = [[_mm256_setzero_si256(); 2]; 2];
                     for g in 0..BLOCK / 8 {
                         let x = xq.add(b * BLOCK + g * 8);
@@ -1312,9 +1407,27 @@ mod simd_x86 {
                             *sh = products6((g % 2 == 1).then_some(*sh), wa, wb, xa, xb);
                         }
                     }
+                    let sub = sub.map(|s| s.map(|v| _mm256_madd_epi16(v, ones)));
+                    if F == Q5 {
+                        // Q5: the whole block's sum (exact), its scale, then its minimum.
+                        let sx = _mm256_set1_ps(*job.s.get_unchecked(r * nb + b));
+                        for (h, ah) in acc.iter_mut().enumerate() {
+                            let i32s = _mm256_add_epi32(sub[0][h], sub[1][h]);
+                            let dw = scales8::<F>(d, h);
+                            *ah = _mm256_fmadd_ps(
+                                _mm256_mul_ps(dw, dx),
+                                _mm256_cvtepi32_ps(i32s),
+                                *ah,
+                            );
+                            *ah = _mm256_fmadd_ps(scales8::<F>(m, h), sx, *ah);
+                        }
+                        continue;
+                    }
+                    // Q6_K: each half-block scaled by its own scale.
+                    let d2 = first.d2.byte_add(b * stride);
                     for (h, ah) in acc.iter_mut().enumerate() {
                         for (s, ds) in [d, d2].into_iter().enumerate() {
-                            let i32s = _mm256_madd_epi16(sub[s][h], ones);
+                            let i32s = sub[s][h];
                             let dw = scales8::<F>(ds, h);
                             *ah = _mm256_fmadd_ps(
                                 _mm256_mul_ps(dw, dx),
@@ -1566,6 +1679,34 @@ mod simd_x86 {
             let xq = job.q.as_ptr().add(r0 * cols);
             for b in 0..nb {
                 let bp = block_ptrs(job, p, b);
+                if F == Q5 {
+                    // 16-bit sums per 16-input half-block, widened and added (exact); the
+                    // block's scale, then its minimum.
+                    let mut isum = [_mm256_setzero_si256(); R];
+                    for s in 0..2 {
+                        let mut sub = [_mm256_setzero_si256(); R];
+                        for g in 2 * s..2 * s + 2 {
+                            let (wa, wb) = weights::<false>(bp.qs, g, h, nibble);
+                            for (r, sr) in sub.iter_mut().enumerate() {
+                                let x = xq.add(r * cols + b * BLOCK + g * 8);
+                                let xa = _mm256_set1_epi32(x.cast::<i32>().read_unaligned());
+                                let xb = _mm256_set1_epi32(x.add(4).cast::<i32>().read_unaligned());
+                                *sr = products6((g % 2 == 1).then_some(*sr), wa, wb, xa, xb);
+                            }
+                        }
+                        for (ir, sr) in isum.iter_mut().zip(&sub) {
+                            *ir = _mm256_add_epi32(*ir, _mm256_madd_epi16(*sr, ones));
+                        }
+                    }
+                    let (dw, mw) = (scales8::<F>(bp.d, h), scales8::<F>(bp.m, h));
+                    for (r, (ar, ir)) in acc.iter_mut().zip(&isum).enumerate() {
+                        let at = (r0 + r) * nb + b;
+                        let dx = _mm256_set1_ps(*job.d.get_unchecked(at));
+                        *ar = _mm256_fmadd_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(*ir), *ar);
+                        *ar = _mm256_fmadd_ps(mw, _mm256_set1_ps(*job.s.get_unchecked(at)), *ar);
+                    }
+                    continue;
+                }
                 if F == Q6K {
                     // Per 16-input sub-block (two groups): 16-bit sums, widened, scaled.
                     for (s, ds) in [bp.d, bp.d2].into_iter().enumerate() {
@@ -1620,11 +1761,13 @@ mod simd_x86 {
 mod tests {
     use super::*;
 
-    const ALL: [QuantFormat; 4] = [
+    const ALL: [QuantFormat; 6] = [
         QuantFormat::Q4_1,
         QuantFormat::Q8_0,
         QuantFormat::Q4K,
         QuantFormat::Q6K,
+        QuantFormat::Q5_1,
+        QuantFormat::Q5K,
     ];
 
     /// `cols` rounded up to whole GGUF blocks of `format` (256 for the k-quants).
@@ -1662,11 +1805,18 @@ mod tests {
                     out.extend(d.to_le_bytes());
                     out.extend((0..32).map(|_| next() as u8));
                 }
-                QuantFormat::Q4K => {
+                QuantFormat::Q4K | QuantFormat::Q5K => {
                     out.extend(d.to_le_bytes());
                     let dmin = half::f16::from_f32((next() % 1000) as f32 * 1e-5);
                     out.extend(dmin.to_le_bytes());
-                    out.extend((0..140).map(|_| next() as u8));
+                    let n = if format == QuantFormat::Q4K { 140 } else { 172 };
+                    out.extend((0..n).map(|_| next() as u8));
+                }
+                QuantFormat::Q5_1 => {
+                    out.extend(d.to_le_bytes());
+                    let m = half::f16::from_f32(-((next() % 1000) as f32) * 1e-4);
+                    out.extend(m.to_le_bytes());
+                    out.extend((0..20).map(|_| next() as u8));
                 }
                 QuantFormat::Q6K => {
                     // Every 6-bit quant and 8-bit scale, both signs.
@@ -1890,6 +2040,21 @@ mod tests {
             let y = q.matmul(&vec![sign * 127.0; 5 * cols], 5);
             assert!(y.iter().all(|&v| v == want), "tiles: {y:?}");
         }
+        // Q5_1 at its largest quant, 31: 8 products of 3,937 per lane and half-block.
+        let mut bytes = Vec::new();
+        for _ in 0..rows * cols / BLOCK {
+            bytes.extend(half::f16::from_f32(1.0).to_le_bytes());
+            bytes.extend(half::f16::from_f32(0.0).to_le_bytes());
+            bytes.extend([0xFFu8; 20]);
+        }
+        let q = QMatrix::from_gguf_bytes(QuantFormat::Q5_1, rows, cols, &bytes).expect("valid");
+        for sign in [1.0f32, -1.0] {
+            let want = sign * 31.0 * 127.0 * cols as f32;
+            for t in [1, 5] {
+                let y = q.matmul(&vec![sign * 127.0; t * cols], t);
+                assert!(y.iter().all(|&v| v == want), "Q5_1 t={t}: {y:?}");
+            }
+        }
     }
 
     #[test]
@@ -1934,6 +2099,8 @@ mod candle_agreement {
             (QuantFormat::Q8_0, GgmlDType::Q8_0),
             (QuantFormat::Q4K, GgmlDType::Q4K),
             (QuantFormat::Q6K, GgmlDType::Q6K),
+            (QuantFormat::Q5_1, GgmlDType::Q5_1),
+            (QuantFormat::Q5K, GgmlDType::Q5K),
         ] {
             let (rows, cols, t) = (24, 256, 3);
             // ggml quantizes the k-quants' activations per 256 (Q8_K), coarser than our 32.
@@ -1990,6 +2157,8 @@ mod candle_agreement {
             (QuantFormat::Q8_0, GgmlDType::Q8_0),
             (QuantFormat::Q4K, GgmlDType::Q4K),
             (QuantFormat::Q6K, GgmlDType::Q6K),
+            (QuantFormat::Q5_1, GgmlDType::Q5_1),
+            (QuantFormat::Q5K, GgmlDType::Q5K),
         ] {
             let cols = format.gguf_block().0.max(64);
             let bytes = tests_support::bytes(format, 6, cols);
@@ -2062,10 +2231,13 @@ mod candle_agreement {
                         (0..n as u8).map(move |j| j.wrapping_mul(k).wrapping_add(i as u8 * 7))
                     };
                     let d = half::f16::from_f32(0.001 + i as f32 * 0.0007).to_le_bytes();
-                    if format == QuantFormat::Q4K {
+                    if format == QuantFormat::Q4K || format == QuantFormat::Q5K {
                         out.extend(d);
                         out.extend(half::f16::from_f32(0.002 * i as f32).to_le_bytes());
                         out.extend(pattern(12, 29));
+                        if format == QuantFormat::Q5K {
+                            out.extend(pattern(32, 83));
+                        }
                         out.extend(pattern(128, 37));
                     } else {
                         out.extend(pattern(192, 41));
@@ -2080,6 +2252,9 @@ mod candle_agreement {
                 if format == QuantFormat::Q4_1 {
                     out.extend(half::f16::from_f32(-0.05 * i as f32).to_le_bytes());
                     out.extend((0..16u8).map(|j| j.wrapping_mul(37).wrapping_add(i as u8)));
+                } else if format == QuantFormat::Q5_1 {
+                    out.extend(half::f16::from_f32(-0.05 * i as f32).to_le_bytes());
+                    out.extend((0..20u8).map(|j| j.wrapping_mul(37).wrapping_add(i as u8)));
                 } else {
                     out.extend((0..32u8).map(|j| j.wrapping_mul(53).wrapping_add(i as u8)));
                 }

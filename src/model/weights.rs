@@ -301,6 +301,8 @@ impl Weights {
                     GgmlDType::Q8_0 | GgmlDType::Q5_0 => Some(QuantFormat::Q8_0),
                     GgmlDType::Q4K => Some(QuantFormat::Q4K),
                     GgmlDType::Q6K => Some(QuantFormat::Q6K),
+                    GgmlDType::Q5_1 => Some(QuantFormat::Q5_1),
+                    GgmlDType::Q5K => Some(QuantFormat::Q5K),
                     _ => None,
                 };
                 if let Some(format) = format {
