@@ -21,7 +21,7 @@ fn random_bytes(format: QuantFormat, rows: usize, cols: usize) -> Vec<u8> {
     let mut out = Vec::new();
     let per = if matches!(
         format,
-        QuantFormat::Q4K | QuantFormat::Q6K | QuantFormat::Q5K
+        QuantFormat::Q4K | QuantFormat::Q6K | QuantFormat::Q5K | QuantFormat::Q3K
     ) {
         256
     } else {
@@ -56,6 +56,10 @@ fn random_bytes(format: QuantFormat, rows: usize, cols: usize) -> Vec<u8> {
             }
             QuantFormat::Q6K => {
                 out.extend((0..208).map(|_| next() as u8));
+                out.extend(d);
+            }
+            QuantFormat::Q3K => {
+                out.extend((0..108).map(|_| next() as u8));
                 out.extend(d);
             }
         }

@@ -129,6 +129,10 @@ pub enum GgufQuant {
     /// that do not split into 256 fall back to Q5_1 (Q5_K) and Q8_0 (Q6_K).
     #[value(name = "q5_k_m")]
     Q5KM,
+    /// 3-bit super-blocks of 256 (16-value sub-blocks with 6-bit scales); rows that do not
+    /// split into 256 fall back to Q4_0 (llama.cpp's fallback before IQ4_NL).
+    #[value(name = "q3_k")]
+    Q3K,
 }
 
 impl GgufQuant {
@@ -143,6 +147,7 @@ impl GgufQuant {
             GgufQuant::Q6K => GgmlDType::Q6K,
             GgufQuant::Q4KM => GgmlDType::Q4K,
             GgufQuant::Q5KM => GgmlDType::Q5K,
+            GgufQuant::Q3K => GgmlDType::Q3K,
         }
     }
 
@@ -175,6 +180,7 @@ impl GgufQuant {
                 GgmlDType::Q4K => GgmlDType::Q5_0,
                 GgmlDType::Q5K => GgmlDType::Q5_1,
                 GgmlDType::Q6K => GgmlDType::Q8_0,
+                GgmlDType::Q3K => GgmlDType::Q4_0,
                 other => other,
             };
         }
@@ -195,6 +201,7 @@ impl GgufQuant {
             GgufQuant::Q5_0 => 8,
             GgufQuant::Q4KM => 15,
             GgufQuant::Q5KM => 17,
+            GgufQuant::Q3K => 11,
             GgufQuant::Q6K => 18,
         }
     }
@@ -210,9 +217,9 @@ fn permute_rows(w: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
 }
 
 /// Converts the HF folder `input` into the GGUF file `out`. 2-D weights get `quant` (per
-/// tensor for the `q4_k_m` mix; rows that do not split into the type's blocks fall back to a
-/// smaller block, then to f16, as llama.cpp does); norms
-/// and biases stay f32. The tokenizer is written when the folder has one.
+/// tensor for the `q4_k_m` / `q5_k_m` mixes; rows that do not split into the type's blocks
+/// fall back to a smaller block, then to f16, as llama.cpp does); norms and biases stay f32.
+/// The tokenizer is written when the folder has one.
 pub fn hf_to_gguf(input: &Path, out: &Path, quant: GgufQuant) -> anyhow::Result<()> {
     if !input.is_dir() {
         bail!(

@@ -268,6 +268,56 @@ fn q5_k_m_gguf_stays_quantized_and_computes_its_weights() {
     tracks_its_own_dequantization(model, &path, "q5_k_m", Q_LOGPROB_TOL);
 }
 
+/// A Q3_K GGUF (`convert --quant q3_k`: `ffn_down` Q3_K, the 576-wide rows Q4_0) keeps its
+/// 3-bit blocks on Q6_K's panels and scores text as the same file dequantized to float32
+/// does. Teacher-forced rather than free-running: with weights this coarse the model
+/// hesitates early (`fibonacci_def`'s top two within 0.5 nats at its fifth token), so each
+/// reference prompt followed by the float32 file's 16 greedy tokens is scored by both, and
+/// every position's log-probability of the token that follows agrees within the Q4_0 file's
+/// tolerance (one position of `capital_france`, −1.71, moves 0.37 nats).
+#[test]
+fn q3_k_gguf_stays_quantized_and_computes_its_weights() {
+    use nextoken::convert::{gguf_to_hf, hf_to_gguf, ConvertDtype, GgufQuant};
+    let path = process_dir().join("smollm2-q3_k.gguf");
+    hf_to_gguf(converted_dir(), &path, GgufQuant::Q3K).expect("convert to Q3_K");
+    let (model, _) = nextoken::load(&path).expect("Q3_K GGUF loads");
+    let formats: Vec<(&str, usize)> = model.weight_formats().into_iter().collect();
+    assert_eq!(formats, [("Q3_K", 30), ("Q4_1", 3 * 30 + 1)]);
+    let folder = process_dir().join("q3_k-f32");
+    gguf_to_hf(&path, &folder, ConvertDtype::F32).expect("dequantize to a folder");
+    let engine = EngineHandle::spawn(model, EngineConfig::default()).expect("engine");
+    let (exact, _) = nextoken::load(&folder).expect("f32 folder loads");
+    let exact = EngineHandle::spawn(exact, EngineConfig::default()).expect("engine");
+    let scored = |engine: &EngineHandle, ids: Vec<u32>| -> Vec<f64> {
+        let mut request = GenerateRequest::greedy(ids, 1);
+        request.prompt_logprobs = Some(1);
+        let lps = run(engine, request).prompt_logprobs;
+        lps.iter().map(|l| f64::from(l.logprob)).collect()
+    };
+    let reference = reference("hf_f32.json");
+    let prompts = reference["prompts"].as_array().expect("prompts");
+    let mut positions = 0;
+    for p in prompts {
+        let name = p["name"].as_str().expect("name");
+        let mut ids = u32s(&p["prompt_ids"]);
+        ids.extend(run(&exact, GenerateRequest::greedy(ids.clone(), 16)).tokens);
+        let (ours, want) = (scored(&engine, ids.clone()), scored(&exact, ids.clone()));
+        assert_eq!(ours.len(), ids.len() - 1, "{name}");
+        for (i, (a, b)) in ours.iter().zip(&want).enumerate() {
+            assert!(
+                (a - b).abs() < Q4_0_LOGPROB_TOL * b.abs().max(1.0),
+                "q3_k/{name}: position {i}: {a} vs {b}"
+            );
+            positions += 1;
+        }
+    }
+    // Each prompt's 16 continuation tokens at least.
+    assert!(
+        positions >= 16 * prompts.len(),
+        "{positions} positions scored"
+    );
+}
+
 /// The GGUF `model` (loaded from `path`) against the same file dequantized exactly to a
 /// float32 folder, on every reference prompt: token for token until float32 hesitates, each
 /// chosen log-probability within `tol` (relative beyond one nat).

@@ -2,10 +2,10 @@
 //! through, so kernels can change without touching architecture code.
 //!
 //! Arithmetic: f32 weights (safetensors, f32/f16 GGUF tensors) are f32 tensors multiplied by
-//! candle — the function transformers computes in float32. GGUF Q4_0/Q4_1/Q5_0/Q8_0/Q4_K/Q6_K
-//! weights stay quantized in memory (no f32 copy) and run through `quant::QMatrix` kernels with
-//! llama.cpp's arithmetic (activations quantized to 8 bits per block, integer dot products), one function
-//! for every row count.
+//! candle — the function transformers computes in float32. GGUF Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 and
+//! Q3_K/Q4_K/Q5_K/Q6_K weights stay quantized in memory (no f32 copy) and run through
+//! `quant::QMatrix` kernels with llama.cpp's arithmetic (activations quantized to 8 bits per
+//! block, integer dot products), one function for every row count.
 
 use std::sync::Arc;
 

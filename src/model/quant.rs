@@ -1,6 +1,6 @@
-//! `QMatrix`: a weight matrix kept in GGUF block quantization (Q4_1, Q8_0, Q4_K, Q6_K; Q4_0
-//! and Q5_0 arrive as Q4_1 and Q8_0 blocks of the same weights), repacked at load into
-//! 16-output panels, and its matmul against activations quantized to 8 bits.
+//! `QMatrix`: a weight matrix kept in GGUF block quantization (Q4_1, Q8_0, Q5_1, Q3_K, Q4_K,
+//! Q5_K, Q6_K; Q4_0 and Q5_0 arrive as Q4_1 and Q8_0 blocks of the same weights), repacked at
+//! load into 16-output panels, and its matmul against activations quantized to 8 bits.
 //!
 //! Arithmetic: llama.cpp's for Q4_1 and Q8_0; the k-quants run the same per-32 arithmetic on
 //! their exact sub-block scales. Each activation row is quantized per 32-input block as its
@@ -52,6 +52,9 @@ pub enum QuantFormat {
     /// GGUF Q5_K: super-blocks of 256 whose 32-value sub-blocks are `w = (d·sc)·q − dmin·mn`
     /// (5-bit q). Kept as Q5_1's panels, with each sub-block's scale and minimum.
     Q5K,
+    /// GGUF Q3_K: super-blocks of 256 whose 16-value sub-blocks are `w = (d·(sc − 32))·q`
+    /// (6-bit `sc`, q in −4..4). Kept as Q6_K's panels.
+    Q3K,
 }
 
 impl QuantFormat {
@@ -64,6 +67,7 @@ impl QuantFormat {
             QuantFormat::Q6K => "Q6_K",
             QuantFormat::Q5_1 => "Q5_1",
             QuantFormat::Q5K => "Q5_K",
+            QuantFormat::Q3K => "Q3_K",
         }
     }
 
@@ -84,6 +88,7 @@ impl QuantFormat {
             QuantFormat::Q6K => (SUPER_BLOCK, 210),
             QuantFormat::Q5_1 => (BLOCK, 24),
             QuantFormat::Q5K => (SUPER_BLOCK, 176),
+            QuantFormat::Q3K => (SUPER_BLOCK, 110),
         }
     }
 }
@@ -483,6 +488,44 @@ fn gguf_row_blocks(format: QuantFormat, b: &[u8]) -> Vec<RowBlock> {
                 })
                 .collect()
         }
+        QuantFormat::Q3K => {
+            // 32 bytes of high bits, 64 of 2-bit pairs, 12 of packed 6-bit scales, d. Value
+            // `32g + k` (g < 8, k < 32): bits 2(g % 4).. of qs[32(g / 4) + k], minus 4 unless
+            // bit g of hmask[k] is set; its scale is the 16-value one, 2g + k / 16.
+            let (hmask, qs, packed, d) = (&b[..32], &b[32..96], &b[96..108], f16(108));
+            let word = |k: usize| {
+                u32::from_le_bytes([
+                    packed[4 * k],
+                    packed[4 * k + 1],
+                    packed[4 * k + 2],
+                    packed[4 * k + 3],
+                ])
+            };
+            let (a0, a1, t) = (word(0), word(1), word(2));
+            let (low, high) = (0x0f0f_0f0fu32, 0x0303_0303u32);
+            let aux = [
+                (a0 & low) | ((t & high) << 4),
+                (a1 & low) | (((t >> 2) & high) << 4),
+                ((a0 >> 4) & low) | (((t >> 4) & high) << 4),
+                ((a1 >> 4) & low) | (((t >> 6) & high) << 4),
+            ];
+            let scale = |s: usize| d * (f32::from(aux[s / 4].to_le_bytes()[s % 4] as i8) - 32.0);
+            (0..8)
+                .map(|g| {
+                    let mut q = [0i16; BLOCK];
+                    for (k, qk) in q.iter_mut().enumerate() {
+                        let two = (qs[32 * (g / 4) + k] >> (2 * (g % 4))) & 3;
+                        let minus = if hmask[k] & (1 << g) == 0 { 4 } else { 0 };
+                        *qk = i16::from(two) - minus;
+                    }
+                    RowBlock {
+                        d: [scale(2 * g), scale(2 * g + 1)],
+                        m: 0.0,
+                        q,
+                    }
+                })
+                .collect()
+        }
         QuantFormat::Q6K => {
             // 128 bytes of low nibbles, 64 of high bit pairs, 16 scales, d. Value
             // `128n + 32k + l` (k < 4, l < 32): low nibble of ql[64n + l + 32(k % 2)] (high
@@ -554,7 +597,7 @@ impl QMatrix {
             QuantFormat::Q4_1 => Panels::Q4_1(vec![EMPTY_Q4_1; n]),
             QuantFormat::Q8_0 => Panels::Q8_0(vec![EMPTY_Q8_0; n]),
             QuantFormat::Q4K => Panels::Q4K(vec![EMPTY_Q4K; n]),
-            QuantFormat::Q6K => Panels::Q6K(vec![EMPTY_Q6K; n]),
+            QuantFormat::Q6K | QuantFormat::Q3K => Panels::Q6K(vec![EMPTY_Q6K; n]),
             QuantFormat::Q5_1 | QuantFormat::Q5K => Panels::Q5(vec![EMPTY_Q5; n]),
         };
         QMatrix {
@@ -633,7 +676,7 @@ impl QMatrix {
             QuantFormat::Q4_1 => concat!(Q4_1),
             QuantFormat::Q8_0 => concat!(Q8_0),
             QuantFormat::Q4K => concat!(Q4K),
-            QuantFormat::Q6K => concat!(Q6K),
+            QuantFormat::Q6K | QuantFormat::Q3K => concat!(Q6K),
             QuantFormat::Q5_1 | QuantFormat::Q5K => concat!(Q5),
         };
         Some(QMatrix {
@@ -1761,13 +1804,14 @@ mod simd_x86 {
 mod tests {
     use super::*;
 
-    const ALL: [QuantFormat; 6] = [
+    const ALL: [QuantFormat; 7] = [
         QuantFormat::Q4_1,
         QuantFormat::Q8_0,
         QuantFormat::Q4K,
         QuantFormat::Q6K,
         QuantFormat::Q5_1,
         QuantFormat::Q5K,
+        QuantFormat::Q3K,
     ];
 
     /// `cols` rounded up to whole GGUF blocks of `format` (256 for the k-quants).
@@ -1817,6 +1861,11 @@ mod tests {
                     let m = half::f16::from_f32(-((next() % 1000) as f32) * 1e-4);
                     out.extend(m.to_le_bytes());
                     out.extend((0..20).map(|_| next() as u8));
+                }
+                QuantFormat::Q3K => {
+                    // Every 3-bit quant and 6-bit scale.
+                    out.extend((0..108).map(|_| next() as u8));
+                    out.extend(d.to_le_bytes());
                 }
                 QuantFormat::Q6K => {
                     // Every 6-bit quant and 8-bit scale, both signs.
@@ -2101,6 +2150,7 @@ mod candle_agreement {
             (QuantFormat::Q6K, GgmlDType::Q6K),
             (QuantFormat::Q5_1, GgmlDType::Q5_1),
             (QuantFormat::Q5K, GgmlDType::Q5K),
+            (QuantFormat::Q3K, GgmlDType::Q3K),
         ] {
             let (rows, cols, t) = (24, 256, 3);
             // ggml quantizes the k-quants' activations per 256 (Q8_K), coarser than our 32.
@@ -2159,6 +2209,7 @@ mod candle_agreement {
             (QuantFormat::Q6K, GgmlDType::Q6K),
             (QuantFormat::Q5_1, GgmlDType::Q5_1),
             (QuantFormat::Q5K, GgmlDType::Q5K),
+            (QuantFormat::Q3K, GgmlDType::Q3K),
         ] {
             let cols = format.gguf_block().0.max(64);
             let bytes = tests_support::bytes(format, 6, cols);
@@ -2239,6 +2290,10 @@ mod candle_agreement {
                             out.extend(pattern(32, 83));
                         }
                         out.extend(pattern(128, 37));
+                    } else if format == QuantFormat::Q3K {
+                        out.extend(pattern(96, 41));
+                        out.extend(pattern(12, 67));
+                        out.extend(d);
                     } else {
                         out.extend(pattern(192, 41));
                         out.extend(pattern(16, 67));

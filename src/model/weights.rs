@@ -303,6 +303,7 @@ impl Weights {
                     GgmlDType::Q6K => Some(QuantFormat::Q6K),
                     GgmlDType::Q5_1 => Some(QuantFormat::Q5_1),
                     GgmlDType::Q5K => Some(QuantFormat::Q5K),
+                    GgmlDType::Q3K => Some(QuantFormat::Q3K),
                     _ => None,
                 };
                 if let Some(format) = format {
