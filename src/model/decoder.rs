@@ -172,7 +172,14 @@ impl Projections {
     /// Each projection's `(rows, out_i)` output.
     fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<Vec<f32>>> {
         match self {
-            Projections::Separate(parts) => parts.iter().map(|p| p.forward_vec(x, rows)).collect(),
+            Projections::Separate(parts) => {
+                let refs: Vec<&Linear> = parts.iter().collect();
+                if let Some(outs) = Linear::forward_many(&refs, x, rows).filter(|_| refs.len() > 1)
+                {
+                    return Ok(outs);
+                }
+                parts.iter().map(|p| p.forward_vec(x, rows)).collect()
+            }
             Projections::Stacked(l, widths) => l.forward_parts(x, rows, widths),
         }
     }

@@ -144,6 +144,20 @@ impl Linear {
         Ok(outs)
     }
 
+    /// Several quantized projections of the same input that could not be stacked (their
+    /// formats differ), in one call: the activations quantized once, one parallel loop.
+    /// `None` when any has a bias or float weights.
+    pub fn forward_many(parts: &[&Linear], x: &[f32], rows: usize) -> Option<Vec<Vec<f32>>> {
+        let qs: Option<Vec<&QMatrix>> = parts
+            .iter()
+            .map(|p| match (&p.weight, &p.bias) {
+                (Weight::Quant(q), None) => Some(q.as_ref()),
+                _ => None,
+            })
+            .collect();
+        QMatrix::matmul_many(&qs?, x, rows)
+    }
+
     /// Several projections of the same input stacked into one (their outputs side by side),
     /// so one kernel call serves them all; `None` when their storage cannot be stacked.
     pub fn stack(parts: &[&Linear]) -> Option<Linear> {

@@ -792,72 +792,112 @@ impl QMatrix {
         if !whole || widths.iter().sum::<usize>() != self.rows {
             return None;
         }
-        let acts = QuantizedActs::new(x, self.cols);
-        let threads = rayon::current_num_threads().max(1);
-        let mut outs: Vec<Vec<f32>> = widths.iter().map(|w| Vec::with_capacity(t * w)).collect();
-        // (part, first panel of the part, panels, output) per part.
         let mut at = 0;
-        let parts: Vec<(usize, usize, usize, SharedOut)> = widths
+        let parts: Vec<(&Panels, usize, usize)> = widths
             .iter()
-            .zip(outs.iter_mut())
-            .map(|(&w, o)| {
-                let part = (at, w / PANEL, w, SharedOut(o.as_mut_ptr()));
+            .map(|&w| {
                 at += w / PANEL;
-                part
+                (&self.panels, at - w / PANEL, w)
             })
             .collect();
-        // Tasks: rows r0..r1 × panels g0..g1 of the whole (stacked) matrix; a task may span
-        // parts.
-        let mut tasks: Vec<(usize, usize, usize, usize)> = Vec::new();
-        let np = self.rows / PANEL;
-        if t >= 32 {
-            // Many rows (prefill): blocks of rows, each over every panel.
-            let per_task = t.div_ceil(threads * 2);
-            for r0 in (0..t).step_by(per_task) {
-                for &(first, n, _, _) in &parts {
-                    tasks.push((r0, (r0 + per_task).min(t), first, first + n));
-                }
-            }
-        } else {
-            // Panel groups of balanced sizes (36 panels: 4 and 5, not 5 and a last 1) across
-            // the whole matrix, so every thread gets the same share: enough tasks to balance,
-            // few enough (≥ 4 panels each) to amortise dispatch.
-            let chunks = np.div_ceil(4).clamp(1, threads * 4);
-            for c in 0..chunks {
-                tasks.push((0, t, np * c / chunks, np * (c + 1) / chunks));
+        Some(matmul_into(&QuantizedActs::new(x, self.cols), t, &parts))
+    }
+
+    /// `x · Wᵢᵀ` for several matrices of the same input (projections that cannot be stacked,
+    /// their formats differing): one activation quantization and one parallel loop for all,
+    /// each `(t, rows_i)` row-major. `None` unless every matrix has `x`'s columns and whole
+    /// panels.
+    pub fn matmul_many(parts: &[&QMatrix], x: &[f32], t: usize) -> Option<Vec<Vec<f32>>> {
+        let cols = parts.first()?.cols;
+        let fits = parts
+            .iter()
+            .all(|p| p.cols == cols && p.rows.is_multiple_of(PANEL));
+        if !fits || x.len() != t * cols {
+            return None;
+        }
+        let parts: Vec<(&Panels, usize, usize)> =
+            parts.iter().map(|p| (&p.panels, 0, p.rows)).collect();
+        Some(matmul_into(&QuantizedActs::new(x, cols), t, &parts))
+    }
+}
+
+/// The outputs of `parts` — `(panels, first panel, width)`: `width / 16` panels from `first`
+/// — for the `t` quantized rows of `acts`, each `(t, width)` row-major, written in place by
+/// the kernels in one parallel loop over all of them.
+fn matmul_into(acts: &QuantizedActs, t: usize, parts: &[(&Panels, usize, usize)]) -> Vec<Vec<f32>> {
+    let threads = rayon::current_num_threads().max(1);
+    let mut outs: Vec<Vec<f32>> = parts
+        .iter()
+        .map(|&(_, _, w)| Vec::with_capacity(t * w))
+        .collect();
+    // Each part's place in one sequence of all parts' panels: (panels, first panel in them,
+    // where the part starts in the sequence, panels, width, output).
+    let mut at = 0;
+    let placed: Vec<(&Panels, usize, usize, usize, usize, SharedOut)> = parts
+        .iter()
+        .zip(outs.iter_mut())
+        .map(|(&(panels, first, w), o)| {
+            at += w / PANEL;
+            (
+                panels,
+                first,
+                at - w / PANEL,
+                w / PANEL,
+                w,
+                SharedOut(o.as_mut_ptr()),
+            )
+        })
+        .collect();
+    let np = at;
+    // Tasks: rows r0..r1 × panels g0..g1 of the sequence; a task may span parts.
+    let mut tasks: Vec<(usize, usize, usize, usize)> = Vec::new();
+    if t >= 32 {
+        // Many rows (prefill): blocks of rows, each over every panel.
+        let per_task = t.div_ceil(threads * 2);
+        for r0 in (0..t).step_by(per_task) {
+            for &(_, _, start, n, _, _) in &placed {
+                tasks.push((r0, (r0 + per_task).min(t), start, start + n));
             }
         }
-        tasks.into_par_iter().for_each(|(r0, r1, g0, g1)| {
-            let job = acts.job(&self.panels, r0, r1);
-            for &(first, n, width, out) in &parts {
-                let (q0, q1) = (g0.max(first), g1.min(first + n));
-                if q0 >= q1 {
-                    continue;
-                }
-                // SAFETY: `out` has capacity for t × width; this task writes rows r0..r1,
-                // columns (q0-first)·16..(q1-first)·16 of it (inside, as the widths are whole
-                // panels) and no other task writes those; `outs` outlives the loop.
-                #[allow(unsafe_code)]
-                unsafe {
-                    job.run_strided(
-                        q0,
-                        q1,
-                        out.get().add(r0 * width + (q0 - first) * PANEL),
-                        width,
-                    )
-                };
+    } else {
+        // Panel groups of balanced sizes (36 panels: 4 and 5, not 5 and a last 1) across all
+        // parts, so every thread gets the same share: enough tasks to balance, few enough
+        // (≥ 4 panels each) to amortise dispatch.
+        let chunks = np.div_ceil(4).clamp(1, threads * 4);
+        for c in 0..chunks {
+            tasks.push((0, t, np * c / chunks, np * (c + 1) / chunks));
+        }
+    }
+    tasks.into_par_iter().for_each(|(r0, r1, g0, g1)| {
+        for &(panels, first, start, n, width, out) in &placed {
+            let (q0, q1) = (g0.max(start), g1.min(start + n));
+            if q0 >= q1 {
+                continue;
             }
-        });
-        for (o, w) in outs.iter_mut().zip(widths) {
-            // SAFETY: the tasks above cover every (row, column) of every part: all rows
-            // (row blocks, or every task with all t rows) × all of its panels.
+            let job = acts.job(panels, r0, r1);
+            // SAFETY: `out` has capacity for t × width; this task writes rows r0..r1, columns
+            // (q0-start)·16..(q1-start)·16 of it (inside: the part has `n` panels of 16) and
+            // no other task writes those; `outs` outlives the loop.
             #[allow(unsafe_code)]
             unsafe {
-                o.set_len(t * w)
+                job.run_strided(
+                    first + q0 - start,
+                    first + q1 - start,
+                    out.get().add(r0 * width + (q0 - start) * PANEL),
+                    width,
+                )
             };
         }
-        Some(outs)
+    });
+    for (o, &(_, _, w)) in outs.iter_mut().zip(parts) {
+        // SAFETY: the tasks above cover every (row, column) of every part: all rows (row
+        // blocks, or every task with all t rows) × all of its panels.
+        #[allow(unsafe_code)]
+        unsafe {
+            o.set_len(t * w)
+        };
     }
+    outs
 }
 
 /// Activation rows quantized per 32-input block (llama.cpp's Q8_1; see the module doc).
@@ -2023,6 +2063,30 @@ mod tests {
                 "not all the rows"
             );
         }
+    }
+
+    #[test]
+    fn matrices_of_different_formats_in_one_call_are_their_own_products() {
+        // q/k/v of a Q4_K_M file where v is Q6_K: one call, each output bit for bit its own.
+        let cols = 256;
+        let parts = [
+            random_matrix(QuantFormat::Q4K, 48, cols, 1),
+            random_matrix(QuantFormat::Q8_0, 16, cols, 2),
+            random_matrix(QuantFormat::Q6K, 32, cols, 3),
+        ];
+        let refs: Vec<&QMatrix> = parts.iter().collect();
+        for t in [1, 3, 17, 40] {
+            let x = activations(t, cols);
+            let outs = QMatrix::matmul_many(&refs, &x, t).expect("same columns");
+            for (part, out) in parts.iter().zip(&outs) {
+                assert_eq!(*out, part.matmul(&x, t), "{:?} t={t}", part.format());
+            }
+        }
+        let other = random_matrix(QuantFormat::Q4_1, 16, 64, 4);
+        let x = activations(2, cols);
+        assert!(QMatrix::matmul_many(&[&parts[0], &other], &x, 2).is_none());
+        let odd = random_matrix(QuantFormat::Q8_0, 40, cols, 5);
+        assert!(QMatrix::matmul_many(&[&parts[0], &odd], &x, 2).is_none());
     }
 
     #[test]
