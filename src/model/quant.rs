@@ -6,9 +6,9 @@
 //! their exact sub-block scales. Each activation row is quantized per 32-input block as its
 //! Q8_1 (`quantize_row_q8_1`): `d = max|x| / 127`, `q = round(x · 127 / max|x|)` (ties to
 //! even), `d` and `s = d·Σq` rounded to f16. Per output `n` and block `b`, the integer dot
-//! `Σ qw·qx` is exact; then, blocks in order, `acc = (dw·dx)·isum + acc` (Q6_K: one integer
-//! sum and scale per 16 inputs, the first half's step then the second's) and (Q4_1, Q4_K)
-//! `acc = mw·sx + acc` — fused multiply-adds. Every
+//! `Σ qw·qx` is exact; then, blocks in order, `acc = (dw·dx)·isum + acc` (Q6_K and Q3_K: one
+//! integer sum and scale per 16 inputs, the first half's step then the second's) and (Q4_1,
+//! Q4_K, Q5_1, Q5_K) `acc = mw·sx + acc` — fused multiply-adds. Every
 //! path (one row, row tiles, scalar fallback) computes exactly this per output lane, so
 //! results are bit-identical alone or batched: batch invariance by construction. AVX2 integer
 //! dot products (`vpmaddubsw`) do 32 multiply-adds per instruction, which is what lets many
@@ -79,7 +79,7 @@ impl QuantFormat {
         )
     }
 
-    /// GGUF bytes per `(block values, bytes)`.
+    /// One GGUF block: `(values, bytes)`.
     fn gguf_block(self) -> (usize, usize) {
         match self {
             QuantFormat::Q4_1 => (BLOCK, 20),
@@ -131,8 +131,9 @@ struct PanelQ4K {
     qs: [[u32; 8]; 8],
 }
 
-/// 16 outputs × 32 inputs of Q6_K: [`PanelQ8_0`]'s quants (`q − 32`) with two f32 scales per
-/// output, inputs 0..16 and 16..32 (640 bytes, ten cache lines).
+/// 16 outputs × 32 inputs of Q6_K (`q − 32`) or Q3_K (its signed 3-bit quants): [`PanelQ8_0`]'s
+/// layout of the quants with two f32 scales per output, inputs 0..16 and 16..32 (640 bytes,
+/// ten cache lines).
 #[derive(Debug, Clone, Copy)]
 #[repr(C, align(64))]
 struct PanelQ6K {
@@ -225,7 +226,7 @@ fn q8_slot(k: usize) -> (usize, usize) {
 }
 
 /// One output row's block in plain form: the scales of inputs 0..16 and 16..32 (the same but
-/// for Q6_K), the minimum (0 without one), quants. f16 scales widened exactly.
+/// for Q6_K and Q3_K), the minimum (0 without one), quants. f16 scales widened exactly.
 #[derive(Clone, Copy)]
 struct RowBlock {
     d: [f32; 2],
@@ -1141,14 +1142,14 @@ mod simd_x86 {
     const Q6K: u8 = 3;
     const Q5: u8 = 4;
 
-    /// 4-bit nibble panels (Q4_1, Q4_K) rather than 8-bit ones (Q8_0, Q6_K).
+    /// 4-bit nibble panels (Q4_1, Q4_K) rather than 8-bit ones (Q8_0, Q6_K, Q5).
     const fn is_q4(f: u8) -> bool {
         f == Q4_1 || f == Q4K
     }
 
     /// Pointers into one panel block: scales (Q6_K: of inputs 0..16), second scales (Q6_K:
-    /// inputs 16..32; the same elsewhere), minimums (4-bit formats; the scales elsewhere),
-    /// quants. Scales and minimums are f16 bits (Q4_1, Q8_0) or f32s (Q4_K, Q6_K).
+    /// inputs 16..32; the same elsewhere), minimums (Q4_1, Q4_K, Q5; the scales elsewhere),
+    /// quants. Scales and minimums are f16 bits (Q4_1, Q8_0) or f32s (Q4_K, Q6_K, Q5).
     #[derive(Clone, Copy)]
     struct BlockPtrs {
         d: *const u8,
