@@ -214,6 +214,10 @@ fn load_for_serving(args: &ServeArgs, name: String) -> anyhow::Result<server::Lo
     let mut loaded =
         server::Loaded::new(engine.clone(), tokenizer, name.clone(), eos_ids, defaults)?
             .with_lora_dirs(args.lora_dirs.clone());
+    match nextoken::model::details::file_details(&args.model) {
+        Ok(details) => loaded = loaded.with_details(details),
+        Err(e) => eprintln!("nextoken: no model details for listings: {e}"),
+    }
     let base_for_training = base_for_training.filter(|m| {
         let ok = m.supports_training();
         if !ok {

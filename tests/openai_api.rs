@@ -21,8 +21,11 @@ fn loaded_with(config: EngineConfig) -> Arc<Loaded> {
     let (model, tokenizer) = nextoken::load(&model_path()).expect("model loads");
     let eos = model.config().eos_token_ids.clone();
     let engine = EngineHandle::spawn(model, config).expect("engine");
+    let details = nextoken::model::details::file_details(&model_path()).expect("details");
     Arc::new(
-        Loaded::new(engine, tokenizer, "smollm2".into(), eos, Default::default()).expect("loaded"),
+        Loaded::new(engine, tokenizer, "smollm2".into(), eos, Default::default())
+            .expect("loaded")
+            .with_details(details),
     )
 }
 
@@ -2376,6 +2379,13 @@ async fn ollama_chat_and_model_routes() {
     let tags: Value = serde_json::from_slice(&bytes).expect("JSON");
     assert_eq!(tags["models"][0]["name"], "smollm2", "{tags}");
     assert_eq!(tags["models"][0]["details"]["family"], "llama");
+    // The file's own numbers: llama.cpp's file type, every tensor's values, its bytes.
+    let details = &tags["models"][0]["details"];
+    assert_eq!(details["format"], "gguf", "{tags}");
+    assert_eq!(details["quantization_level"], "Q4_1", "{tags}");
+    assert_eq!(details["parameter_size"], "134.52M", "{tags}");
+    let size = std::fs::metadata(model_path()).expect("model file").len();
+    assert_eq!(tags["models"][0]["size"], size, "{tags}");
     let (status, _, bytes) = send(&app, get("/api/ps")).await;
     assert_eq!(status, StatusCode::OK);
     let ps: Value = serde_json::from_slice(&bytes).expect("JSON");

@@ -510,3 +510,24 @@ fn prompt_logprobs_track_llama_cpp_and_transformers() {
         }
     }
 }
+
+/// The listing details (Ollama's `details`) read from file headers only: the GGUF file and
+/// the float32 folder converted from it hold the same parameters.
+#[test]
+fn file_details_count_the_same_parameters_in_both_formats() {
+    use nextoken::model::details::file_details;
+    let gguf = file_details(&model_path()).expect("GGUF details");
+    assert_eq!((gguf.format, gguf.quantization.as_str()), ("gguf", "Q4_1"));
+    assert_eq!(gguf.parameters, 134_515_008, "SmolLM2-135M");
+    let folder = file_details(converted_dir()).expect("folder details");
+    assert_eq!(
+        (folder.format, folder.quantization.as_str()),
+        ("safetensors", "F32")
+    );
+    assert_eq!(folder.parameters, gguf.parameters);
+    assert!(
+        folder.size > 4 * folder.parameters,
+        "f32 values and a header"
+    );
+    assert!(file_details(&converted_dir().join("config.json")).is_err());
+}

@@ -9,6 +9,7 @@
 pub mod attention;
 pub mod config;
 pub mod decoder;
+pub mod details;
 pub mod kv_cache;
 pub mod linear;
 pub mod llama_train;

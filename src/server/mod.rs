@@ -89,6 +89,9 @@ pub struct Loaded {
     pub training: Option<TrainingJobs>,
     /// Folders `POST /v1/load_lora_adapter` may load from (besides the data dir's adapters).
     pub lora_dirs: Vec<PathBuf>,
+    /// The model file's format, size, parameter count and quantization, when known (Ollama's
+    /// model `details`).
+    pub details: Option<crate::model::details::FileDetails>,
     /// Every token's bytes for JSON mode, built on a thread of its own at load (a decode per
     /// vocabulary entry: a fraction of a second that no request's thread should spend).
     token_bytes: Arc<OnceLock<Arc<TokenBytes>>>,
@@ -136,6 +139,7 @@ impl Loaded {
                 .map_or(0, |d| d.as_secs()),
             training: None,
             lora_dirs: Vec::new(),
+            details: None,
             token_bytes,
         })
     }
@@ -155,6 +159,12 @@ impl Loaded {
     /// Enables the fine-tuning API with these jobs.
     pub fn with_training(mut self, jobs: TrainingJobs) -> Self {
         self.training = Some(jobs);
+        self
+    }
+
+    /// The model file's details for listings.
+    pub fn with_details(mut self, details: crate::model::details::FileDetails) -> Self {
+        self.details = Some(details);
         self
     }
 

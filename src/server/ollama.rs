@@ -370,19 +370,22 @@ fn family(loaded: &super::Loaded) -> String {
 /// One model as `/api/tags` and `/api/ps` list it.
 fn model_entry(loaded: &super::Loaded, name: &str) -> Value {
     let family = family(loaded);
+    let d = loaded.details.as_ref();
     json!({
         "name": name,
         "model": name,
         "modified_at": rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(loaded.created)),
-        "size": 0,
+        "size": d.map_or(0, |d| d.size),
         "digest": "",
         "details": {
             "parent_model": if name == loaded.model_name { "" } else { &loaded.model_name },
-            "format": "",
+            "format": d.map_or("", |d| d.format),
             "family": family,
             "families": [family],
-            "parameter_size": "",
-            "quantization_level": "",
+            "parameter_size": d.map_or_else(String::new, |d| {
+                crate::model::details::parameter_size(d.parameters)
+            }),
+            "quantization_level": d.map_or("", |d| d.quantization.as_str()),
         },
     })
 }
