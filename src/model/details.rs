@@ -89,7 +89,11 @@ pub fn file_details(path: &Path) -> Result<FileDetails, LoadError> {
             .and_then(file_type_name);
         let quantization = named.map(str::to_owned).unwrap_or_else(|| {
             most_common(infos.map(|t| {
-                let name = format!("{:?}", t.ggml_dtype).to_uppercase();
+                // candle spells the k-quants `Q4K`; ggml `Q4_K`.
+                let mut name = format!("{:?}", t.ggml_dtype).to_uppercase();
+                if name.len() == 3 && name.starts_with('Q') && name.ends_with('K') {
+                    name.insert(2, '_');
+                }
                 (name, t.shape.elem_count() as u64)
             }))
         });
