@@ -174,11 +174,13 @@ impl Projections {
         match self {
             Projections::Separate(parts) => {
                 let refs: Vec<&Linear> = parts.iter().collect();
-                if let Some(outs) = Linear::forward_many(&refs, x, rows).filter(|_| refs.len() > 1)
-                {
-                    return Ok(outs);
+                let many = (refs.len() > 1)
+                    .then(|| Linear::forward_many(&refs, x, rows))
+                    .flatten();
+                match many {
+                    Some(outs) => Ok(outs),
+                    None => parts.iter().map(|p| p.forward_vec(x, rows)).collect(),
                 }
-                parts.iter().map(|p| p.forward_vec(x, rows)).collect()
             }
             Projections::Stacked(l, widths) => l.forward_parts(x, rows, widths),
         }
