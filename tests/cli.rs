@@ -275,7 +275,7 @@ fn convert_writes_gguf_from_a_folder_with_llama_cpp_names() {
         src.to_str().expect("utf-8"),
         out.to_str().expect("utf-8"),
         "--quant",
-        "q3_k",
+        "iq4_xs",
     ]);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("q4_1"));
