@@ -190,10 +190,8 @@ fn gguf_written_from_the_f32_folder_matches_transformers_f32() {
 /// to Q4_0 moves the first token of a prompt whose top two were 2.5 nats apart.)
 #[test]
 fn q4_0_gguf_stays_quantized_and_computes_its_weights() {
-    use nextoken::convert::{hf_to_gguf, GgufQuant};
-    let path = process_dir().join("smollm2-q4_0.gguf");
-    hf_to_gguf(converted_dir(), &path, GgufQuant::Q4_0).expect("convert to Q4_0");
-    let (model, _) = nextoken::load(&path).expect("Q4_0 GGUF loads");
+    use nextoken::convert::GgufQuant;
+    let (path, model, formats) = converted_gguf(GgufQuant::Q4_0, "smollm2-q4_0.gguf");
     assert_eq!(
         model.kv_dtype(),
         nextoken::model::KvDtype::F16,
@@ -201,7 +199,6 @@ fn q4_0_gguf_stays_quantized_and_computes_its_weights() {
     );
     // Q4_0 blocks run as the Q4_1 blocks of the same weights: per layer q/k/v and gate/up
     // (each stacked), o and down, and the tied head.
-    let formats: Vec<(&str, usize)> = model.weight_formats().into_iter().collect();
     assert_eq!(formats, [("Q4_1", 4 * 30 + 1)]);
     tracks_its_own_dequantization(model, &path, "q4_0", Q4_0_LOGPROB_TOL);
 }
@@ -215,9 +212,8 @@ fn q4_0_gguf_stays_quantized_and_computes_its_weights() {
 #[test]
 fn q4_k_m_gguf_stays_quantized_and_computes_its_weights() {
     use candle_core::quantized::{gguf_file, GgmlDType};
-    use nextoken::convert::{hf_to_gguf, GgufQuant};
-    let path = process_dir().join("smollm2-q4_k_m.gguf");
-    hf_to_gguf(converted_dir(), &path, GgufQuant::Q4KM).expect("convert to Q4_K_M");
+    use nextoken::convert::GgufQuant;
+    let (path, model, formats) = converted_gguf(GgufQuant::Q4KM, "smollm2-q4_k_m.gguf");
     let mut file = std::fs::File::open(&path).expect("open");
     let content = gguf_file::Content::read(&mut file).expect("GGUF header");
     let count = |dtype: GgmlDType| {
@@ -239,8 +235,6 @@ fn q4_k_m_gguf_stays_quantized_and_computes_its_weights() {
         .map(count),
         [16, 14, 5 * 30 + 16, 14 + 1]
     );
-    let (model, _) = nextoken::load(&path).expect("Q4_K_M GGUF loads");
-    let formats: Vec<(&str, usize)> = model.weight_formats().into_iter().collect();
     // Per layer q/k/v, gate/up (each stacked) and o as Q8_0, plus the head; no f32 copy.
     assert_eq!(formats, [("Q4_K", 16), ("Q6_K", 14), ("Q8_0", 3 * 30 + 1)]);
     tracks_its_own_dequantization(model, &path, "q4_k_m", Q_LOGPROB_TOL);
@@ -250,11 +244,8 @@ fn q4_k_m_gguf_stays_quantized_and_computes_its_weights() {
 /// file holds Q5_1, Q5_K, Q6_K and Q8_0 — each on its own panels, none as an f32 copy.
 #[test]
 fn q5_k_m_gguf_stays_quantized_and_computes_its_weights() {
-    use nextoken::convert::{hf_to_gguf, GgufQuant};
-    let path = process_dir().join("smollm2-q5_k_m.gguf");
-    hf_to_gguf(converted_dir(), &path, GgufQuant::Q5KM).expect("convert to Q5_K_M");
-    let (model, _) = nextoken::load(&path).expect("Q5_K_M GGUF loads");
-    let formats: Vec<(&str, usize)> = model.weight_formats().into_iter().collect();
+    use nextoken::convert::GgufQuant;
+    let (path, model, formats) = converted_gguf(GgufQuant::Q5KM, "smollm2-q5_k_m.gguf");
     // Where v is Q8_0 (14 layers) q/k/v cannot be stacked: q and k count apart.
     assert_eq!(
         formats,
@@ -277,11 +268,8 @@ fn q5_k_m_gguf_stays_quantized_and_computes_its_weights() {
 /// tolerance (one position of `capital_france`, −1.71, moves 0.37 nats).
 #[test]
 fn q3_k_gguf_stays_quantized_and_computes_its_weights() {
-    use nextoken::convert::{gguf_to_hf, hf_to_gguf, ConvertDtype, GgufQuant};
-    let path = process_dir().join("smollm2-q3_k.gguf");
-    hf_to_gguf(converted_dir(), &path, GgufQuant::Q3K).expect("convert to Q3_K");
-    let (model, _) = nextoken::load(&path).expect("Q3_K GGUF loads");
-    let formats: Vec<(&str, usize)> = model.weight_formats().into_iter().collect();
+    use nextoken::convert::{gguf_to_hf, ConvertDtype, GgufQuant};
+    let (path, model, formats) = converted_gguf(GgufQuant::Q3K, "smollm2-q3_k.gguf");
     assert_eq!(formats, [("Q3_K", 30), ("Q4_1", 3 * 30 + 1)]);
     let folder = process_dir().join("q3_k-f32");
     gguf_to_hf(&path, &folder, ConvertDtype::F32).expect("dequantize to a folder");
@@ -316,6 +304,23 @@ fn q3_k_gguf_stays_quantized_and_computes_its_weights() {
         positions >= 16 * prompts.len(),
         "{positions} positions scored"
     );
+}
+
+/// The f32 folder converted to a GGUF file `name` of type `quant`, loaded, with how its weight
+/// matrices are held (`weight_formats`).
+fn converted_gguf(
+    quant: nextoken::convert::GgufQuant,
+    name: &str,
+) -> (
+    std::path::PathBuf,
+    nextoken::model::Model,
+    Vec<(&'static str, usize)>,
+) {
+    let path = process_dir().join(name);
+    nextoken::convert::hf_to_gguf(converted_dir(), &path, quant).expect("convert to GGUF");
+    let (model, _) = nextoken::load(&path).expect("the GGUF loads");
+    let formats = model.weight_formats().into_iter().collect();
+    (path, model, formats)
 }
 
 /// The GGUF `model` (loaded from `path`) against the same file dequantized exactly to a

@@ -148,29 +148,9 @@ pub fn file_details(path: &Path) -> Result<FileDetails, LoadError> {
     Ok(details)
 }
 
-/// A parameter count as Ollama writes it: `134.52M`, `1.54B`.
-pub fn parameter_size(n: u64) -> String {
-    let (value, unit) = match n {
-        n if n >= 1_000_000_000 => (n as f64 / 1e9, "B"),
-        n if n >= 1_000_000 => (n as f64 / 1e6, "M"),
-        n => (n as f64 / 1e3, "K"),
-    };
-    let text = format!("{value:.2}");
-    let text = text.trim_end_matches('0').trim_end_matches('.');
-    format!("{text}{unit}")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parameter_sizes_read_as_ollama_writes_them() {
-        assert_eq!(parameter_size(134_515_008), "134.52M");
-        assert_eq!(parameter_size(1_543_714_304), "1.54B");
-        assert_eq!(parameter_size(7_000_000_000), "7B");
-        assert_eq!(parameter_size(1_500), "1.5K");
-    }
 
     #[test]
     fn file_types_have_llama_cpp_names() {

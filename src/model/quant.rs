@@ -1220,6 +1220,35 @@ mod simd_x86 {
         }
     }
 
+    /// `R` rows' products with outputs `8h..8h+8` of the 8-bit panel block at `qs` over the
+    /// block's 16-input half `s` (groups `2s`, `2s + 1`): 16-bit sums ([`products6`]), widened
+    /// to 32 bits. `x` is the first row's block of activations, rows `cols` apart.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn half_sums<const R: usize>(
+        qs: *const u8,
+        x: *const i8,
+        cols: usize,
+        s: usize,
+        h: usize,
+    ) -> [__m256i; R] {
+        let nibble = _mm256_set1_epi8(0x0F);
+        let mut sub = [_mm256_setzero_si256(); R];
+        // SAFETY: the caller's block `qs` and R rows of activations from `x`.
+        unsafe {
+            for g in 2 * s..2 * s + 2 {
+                let (wa, wb) = weights::<false>(qs, g, h, nibble);
+                for (r, sr) in sub.iter_mut().enumerate() {
+                    let xg = x.add(r * cols + g * 8);
+                    let xa = _mm256_set1_epi32(xg.cast::<i32>().read_unaligned());
+                    let xb = _mm256_set1_epi32(xg.add(4).cast::<i32>().read_unaligned());
+                    *sr = products6((g % 2 == 1).then_some(*sr), wa, wb, xa, xb);
+                }
+            }
+        }
+        sub.map(|v| _mm256_madd_epi16(v, _mm256_set1_epi16(1)))
+    }
+
     /// Q6_K's and Q5's products in 16-bit lanes: `sum` (if any) plus `|w| × (x · sign w)` of
     /// both weight vectors. Quants are within ±32 (Q5: 0..32), so one 16-input half-block (two
     /// groups, eight products per lane) stays below 2¹⁵ — one widening per half-block.
@@ -1763,25 +1792,13 @@ mod simd_x86 {
             let xq = job.q.as_ptr().add(r0 * cols);
             for b in 0..nb {
                 let bp = block_ptrs(job, p, b);
+                // Q5 and Q6_K: widened sums of each 16-input half-block.
+                let half = |s: usize| half_sums::<R>(bp.qs, xq.add(b * BLOCK), cols, s, h);
                 if F == Q5 {
-                    // 16-bit sums per 16-input half-block, widened and added (exact); the
-                    // block's scale, then its minimum.
-                    let mut isum = [_mm256_setzero_si256(); R];
-                    for s in 0..2 {
-                        let mut sub = [_mm256_setzero_si256(); R];
-                        for g in 2 * s..2 * s + 2 {
-                            let (wa, wb) = weights::<false>(bp.qs, g, h, nibble);
-                            for (r, sr) in sub.iter_mut().enumerate() {
-                                let x = xq.add(r * cols + b * BLOCK + g * 8);
-                                let xa = _mm256_set1_epi32(x.cast::<i32>().read_unaligned());
-                                let xb = _mm256_set1_epi32(x.add(4).cast::<i32>().read_unaligned());
-                                *sr = products6((g % 2 == 1).then_some(*sr), wa, wb, xa, xb);
-                            }
-                        }
-                        for (ir, sr) in isum.iter_mut().zip(&sub) {
-                            *ir = _mm256_add_epi32(*ir, _mm256_madd_epi16(*sr, ones));
-                        }
-                    }
+                    // The halves added (exact); the block's scale, then its minimum.
+                    let (lo, hi) = (half(0), half(1));
+                    let isum: [__m256i; R] =
+                        std::array::from_fn(|r| _mm256_add_epi32(lo[r], hi[r]));
                     let (dw, mw) = (scales8::<F>(bp.d, h), scales8::<F>(bp.m, h));
                     for (r, (ar, ir)) in acc.iter_mut().zip(&isum).enumerate() {
                         let at = (r0 + r) * nb + b;
@@ -1794,20 +1811,10 @@ mod simd_x86 {
                 if F == Q6K {
                     // Per 16-input sub-block (two groups): 16-bit sums, widened, scaled.
                     for (s, ds) in [bp.d, bp.d2].into_iter().enumerate() {
-                        let mut sub = [_mm256_setzero_si256(); R];
-                        for g in 2 * s..2 * s + 2 {
-                            let (wa, wb) = weights::<false>(bp.qs, g, h, nibble);
-                            for (r, sr) in sub.iter_mut().enumerate() {
-                                let x = xq.add(r * cols + b * BLOCK + g * 8);
-                                let xa = _mm256_set1_epi32(x.cast::<i32>().read_unaligned());
-                                let xb = _mm256_set1_epi32(x.add(4).cast::<i32>().read_unaligned());
-                                *sr = products6((g % 2 == 1).then_some(*sr), wa, wb, xa, xb);
-                            }
-                        }
+                        let sub = half(s);
                         let dw = scales8::<F>(ds, h);
-                        for (r, (ar, sr)) in acc.iter_mut().zip(&sub).enumerate() {
+                        for (r, (ar, i32s)) in acc.iter_mut().zip(sub).enumerate() {
                             let dx = _mm256_set1_ps(*job.d.get_unchecked((r0 + r) * nb + b));
-                            let i32s = _mm256_madd_epi16(*sr, ones);
                             *ar = _mm256_fmadd_ps(
                                 _mm256_mul_ps(dw, dx),
                                 _mm256_cvtepi32_ps(i32s),

@@ -367,6 +367,18 @@ fn family(loaded: &super::Loaded) -> String {
     format!("{:?}", loaded.engine.model_config().architecture).to_lowercase()
 }
 
+/// A parameter count as Ollama writes it: `134.52M`, `1.54B`.
+fn parameter_size(n: u64) -> String {
+    let (value, unit) = match n {
+        n if n >= 1_000_000_000 => (n as f64 / 1e9, "B"),
+        n if n >= 1_000_000 => (n as f64 / 1e6, "M"),
+        n => (n as f64 / 1e3, "K"),
+    };
+    let text = format!("{value:.2}");
+    let text = text.trim_end_matches('0').trim_end_matches('.');
+    format!("{text}{unit}")
+}
+
 /// One model as `/api/tags` and `/api/ps` list it.
 fn model_entry(loaded: &super::Loaded, name: &str) -> Value {
     let family = family(loaded);
@@ -383,7 +395,7 @@ fn model_entry(loaded: &super::Loaded, name: &str) -> Value {
             "family": family,
             "families": [family],
             "parameter_size": d.map_or_else(String::new, |d| {
-                crate::model::details::parameter_size(d.parameters)
+                parameter_size(d.parameters)
             }),
             "quantization_level": d.map_or("", |d| d.quantization.as_str()),
         },
@@ -477,6 +489,14 @@ pub async fn version() -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parameter_sizes_read_as_ollama_writes_them() {
+        assert_eq!(parameter_size(134_515_008), "134.52M");
+        assert_eq!(parameter_size(1_543_714_304), "1.54B");
+        assert_eq!(parameter_size(7_000_000_000), "7B");
+        assert_eq!(parameter_size(1_500), "1.5K");
+    }
 
     #[test]
     fn ollama_chat_bodies_become_openai_chat_bodies() {
