@@ -1478,13 +1478,6 @@ mod simd_x86 {
         }
     }
 
-    /// The Q4_1 products of [`products`] without a sum to add them to.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn first_products(wa: __m256i, wb: __m256i, xa: __m256i, xb: __m256i) -> __m256i {
-        _mm256_add_epi16(_mm256_maddubs_epi16(wa, xa), _mm256_maddubs_epi16(wb, xb))
-    }
-
     /// One row (decoding) × one panel: both halves in one pass over the blocks, so the
     /// activation broadcasts, the row's scales and the block addresses serve 16 outputs. Per
     /// output lane the same integer sums and float steps as [`full_q4`] and [`half_q8`].
@@ -1608,83 +1601,186 @@ mod simd_x86 {
         }
     }
 
-    /// An empty `asm!` that "changes" the row sums and this group's weights: it cannot be
-    /// moved or dropped, so every earlier product is done before it and the weights exist only
-    /// after it (see `full_q4`). No instructions, no memory access.
+    /// One row's step of a Q4 group in [`q4_block_sums`]'s registers: both weight pairs
+    /// (`ymm8`/`ymm9`: outputs 0..8, `ymm10`/`ymm11`: 8..16) times the row's two broadcast
+    /// activation words (`ymm12`, `ymm13`), added to (or, `set`, starting) the row's two sums.
+    macro_rules! q4_row {
+        ($op:ident, $x:literal, $s0:literal, $s1:literal, $xo0:literal, $xo1:literal) => {
+            concat!(
+                "vpbroadcastd ymm12, dword ptr [", $x, " + ", $xo0, "]\n",
+                "vpbroadcastd ymm13, dword ptr [", $x, " + ", $xo1, "]\n",
+                "vpmaddubsw ymm14, ymm8, ymm12\n",
+                "vpmaddubsw ymm15, ymm9, ymm13\n",
+                q4_row!(@sum $op, $s0),
+                "vpmaddubsw ymm14, ymm10, ymm12\n",
+                "vpmaddubsw ymm15, ymm11, ymm13\n",
+                q4_row!(@sum $op, $s1),
+            )
+        };
+        (@sum set, $s:literal) => { concat!("vpaddw ", $s, ", ymm14, ymm15\n") };
+        (@sum add, $s:literal) => {
+            concat!("vpaddw ymm14, ymm14, ymm15\n", "vpaddw ", $s, ", ", $s, ", ymm14\n")
+        };
+    }
+
+    /// Every row's step of one group (activation bytes `$xo0`, `$xo1` of the block).
+    macro_rules! q4_rows {
+        (2, $op:ident, $xo0:literal, $xo1:literal) => {
+            concat!(
+                q4_row!($op, "{x0}", "ymm0", "ymm1", $xo0, $xo1),
+                q4_row!($op, "{x1}", "ymm2", "ymm3", $xo0, $xo1),
+            )
+        };
+        (3, $op:ident, $xo0:literal, $xo1:literal) => {
+            concat!(
+                q4_rows!(2, $op, $xo0, $xo1),
+                q4_row!($op, "{x2}", "ymm4", "ymm5", $xo0, $xo1)
+            )
+        };
+        (4, $op:ident, $xo0:literal, $xo1:literal) => {
+            concat!(
+                q4_rows!(3, $op, $xo0, $xo1),
+                q4_row!($op, "{x3}", "ymm6", "ymm7", $xo0, $xo1)
+            )
+        };
+    }
+
+    /// A group's four weight vectors into `ymm8..ymm11`: nibbles unpacked from the panel
+    /// block (`unpack`, halves at bytes `$a`, `$b`), or loaded from an unpacked panel
+    /// (`pre`, vectors at `$a..$d`).
+    macro_rules! q4_weights {
+        (unpack, $a:literal, $b:literal) => {
+            concat!(
+                "vmovdqu ymm8, ymmword ptr [{w} + ",
+                $a,
+                "]\n",
+                "vpsrlw ymm9, ymm8, 4\n",
+                "vpand ymm8, ymm8, ymmword ptr [{nibble}]\n",
+                "vpand ymm9, ymm9, ymmword ptr [{nibble}]\n",
+                "vmovdqu ymm10, ymmword ptr [{w} + ",
+                $b,
+                "]\n",
+                "vpsrlw ymm11, ymm10, 4\n",
+                "vpand ymm10, ymm10, ymmword ptr [{nibble}]\n",
+                "vpand ymm11, ymm11, ymmword ptr [{nibble}]\n",
+            )
+        };
+        (pre, $a:literal, $b:literal, $c:literal, $d:literal) => {
+            concat!(
+                "vmovdqu ymm8, ymmword ptr [{w} + ",
+                $a,
+                "]\n",
+                "vmovdqu ymm9, ymmword ptr [{w} + ",
+                $b,
+                "]\n",
+                "vmovdqu ymm10, ymmword ptr [{w} + ",
+                $c,
+                "]\n",
+                "vmovdqu ymm11, ymmword ptr [{w} + ",
+                $d,
+                "]\n",
+            )
+        };
+    }
+
+    /// A whole block: four groups of eight inputs (the first group starts the sums).
+    macro_rules! q4_block {
+        ($r:tt, unpack) => {
+            concat!(
+                q4_weights!(unpack, "0", "32"),
+                q4_rows!($r, set, "0", "4"),
+                q4_weights!(unpack, "64", "96"),
+                q4_rows!($r, add, "8", "12"),
+                q4_weights!(unpack, "128", "160"),
+                q4_rows!($r, add, "16", "20"),
+                q4_weights!(unpack, "192", "224"),
+                q4_rows!($r, add, "24", "28"),
+            )
+        };
+        ($r:tt, pre) => {
+            concat!(
+                q4_weights!(pre, "0", "32", "64", "96"),
+                q4_rows!($r, set, "0", "4"),
+                q4_weights!(pre, "128", "160", "192", "224"),
+                q4_rows!($r, add, "8", "12"),
+                q4_weights!(pre, "256", "288", "320", "352"),
+                q4_rows!($r, add, "16", "20"),
+                q4_weights!(pre, "384", "416", "448", "480"),
+                q4_rows!($r, add, "24", "28"),
+            )
+        };
+    }
+
+    /// `vpand`'s nibble mask, where the block asm reads it.
+    static NIBBLE: Bytes32 = Bytes32([0x0F; 32]);
+
+    /// The integer sums of one Q4 block for `R` (2–4) rows × both halves of a panel:
+    /// `[r][h]` holds outputs `8h..8h+8` of row `r`, 16-bit pair sums as [`products`] makes
+    /// them (≤ 16 products of 15 × 127 per lane). Written out by hand: the compiler, given
+    /// the intrinsics, spills sums and weights of a 4-row tile to the stack (all sixteen vector
+    /// registers are needed); here the sums live in `ymm0..ymm7`, a group's weights in
+    /// `ymm8..ymm11`, the broadcasts and products in `ymm12..ymm15` (single-core, 4 rows ×
+    /// 576 inputs: ~1.4× the intrinsics' multiply-adds per second).
+    /// `w`: the block's nibbles (or with `PRE`, its 16 unpacked vectors); `x`: row 0's
+    /// activations of the block, rows `cols` bytes apart.
+    ///
+    /// # Safety
+    /// AVX2 is available; `w` and the `R` rows of 32 activations are readable.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn pin<const R: usize>(isum: &mut [[__m256i; 2]; R], w: [&mut __m256i; 4]) {
-        let [w0, w1, w2, w3] = w;
-        let s = isum.as_mut_ptr().cast::<__m256i>();
-        // One empty `asm!` over the first sums and the four weights (positional operands
-        // `{0}`.. are the sums, named ones the weights).
-        macro_rules! pin_asm {
-            ($($i:literal),*) => {
+    unsafe fn q4_block_sums<const R: usize, const PRE: bool>(
+        w: *const u8,
+        x: *const i8,
+        cols: usize,
+    ) -> [[__m256i; 2]; R] {
+        // Overwritten whole below; zeros only give the array a value.
+        // SAFETY: an all-zero bit pattern is a valid `__m256i`.
+        let mut sums: [[__m256i; 2]; R] = unsafe { std::mem::zeroed() };
+        let s = sums.as_mut_ptr().cast::<__m256i>();
+        let nibble = NIBBLE.0.as_ptr();
+        macro_rules! call {
+            ($r:tt, $load:ident; $($x:ident = $k:literal),*; $($reg:tt => $i:literal),*) => {
                 std::arch::asm!(
-                    concat!("#", $(" {", stringify!($i), "}",)* " {w0} {w1} {w2} {w3}"),
-                    $(inout(ymm_reg) *s.add($i),)*
-                    w0 = inout(ymm_reg) *w0,
-                    w1 = inout(ymm_reg) *w1,
-                    w2 = inout(ymm_reg) *w2,
-                    w3 = inout(ymm_reg) *w3,
-                    options(nomem, nostack, preserves_flags)
+                    q4_block!($r, $load),
+                    // `pre` blocks need no mask; an operand must be named to be passed.
+                    "# {nibble}",
+                    w = in(reg) w,
+                    nibble = in(reg) nibble,
+                    $($x = in(reg) x.add(cols * $k),)*
+                    $(out($reg) *s.add($i),)*
+                    out("ymm8") _, out("ymm9") _, out("ymm10") _, out("ymm11") _,
+                    out("ymm12") _, out("ymm13") _, out("ymm14") _, out("ymm15") _,
+                    options(nostack, preserves_flags, readonly),
                 )
             };
         }
-        // SAFETY: `s` points at 2·R vectors; only indices below 2·R are used.
+        // SAFETY: the caller's pointers; the asm reads only the block and the rows.
         unsafe {
-            match R {
-                4 => pin_asm!(0, 1, 2, 3, 4, 5, 6, 7),
-                3 => pin_asm!(0, 1, 2, 3, 4, 5),
-                2 => pin_asm!(0, 1, 2, 3),
-                _ => {}
+            match (R, PRE) {
+                (2, false) => call!(2, unpack; x0 = 0, x1 = 1;
+                    "ymm0" => 0, "ymm1" => 1, "ymm2" => 2, "ymm3" => 3),
+                (2, true) => call!(2, pre; x0 = 0, x1 = 1;
+                    "ymm0" => 0, "ymm1" => 1, "ymm2" => 2, "ymm3" => 3),
+                (3, false) => call!(3, unpack; x0 = 0, x1 = 1, x2 = 2;
+                    "ymm0" => 0, "ymm1" => 1, "ymm2" => 2, "ymm3" => 3, "ymm4" => 4, "ymm5" => 5),
+                (3, true) => call!(3, pre; x0 = 0, x1 = 1, x2 = 2;
+                    "ymm0" => 0, "ymm1" => 1, "ymm2" => 2, "ymm3" => 3, "ymm4" => 4, "ymm5" => 5),
+                (4, false) => call!(4, unpack; x0 = 0, x1 = 1, x2 = 2, x3 = 3;
+                    "ymm0" => 0, "ymm1" => 1, "ymm2" => 2, "ymm3" => 3,
+                    "ymm4" => 4, "ymm5" => 5, "ymm6" => 6, "ymm7" => 7),
+                (4, true) => call!(4, pre; x0 = 0, x1 = 1, x2 = 2, x3 = 3;
+                    "ymm0" => 0, "ymm1" => 1, "ymm2" => 2, "ymm3" => 3,
+                    "ymm4" => 4, "ymm5" => 5, "ymm6" => 6, "ymm7" => 7),
+                _ => unreachable!("Q4 row tiles have 2 to 4 rows"),
             }
         }
+        sums
     }
 
-    /// An empty `asm!` that "changes" the row sums (from the block's second group on) and the
-    /// pointer this group's unpacked weights are loaded through: the loads cannot move above
-    /// it and every earlier product is done before it, so the compiler neither loads all
-    /// groups' weights up front (and spills them) nor keeps zero sums alive for the first.
-    /// No instructions, no memory access.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn pin_ptr<const R: usize>(isum: Option<&mut [[__m256i; 2]; R]>, w: &mut *const [u8; 32]) {
-        // The address goes through the `asm!` (which never dereferences it), the pointer keeps
-        // its provenance.
-        let mut at = w.addr();
-        macro_rules! pin_asm {
-            ($s:ident; $($i:literal),*) => {
-                std::arch::asm!(
-                    concat!("#", $(" {", stringify!($i), "}",)* " {w}"),
-                    $(inout(ymm_reg) *$s.add($i),)*
-                    w = inout(reg) at,
-                    options(nomem, nostack, preserves_flags)
-                )
-            };
-        }
-        // SAFETY: `s` points at 2·R vectors; only indices below 2·R are used.
-        unsafe {
-            match isum {
-                None => pin_asm!(s;),
-                Some(isum) => {
-                    let s = isum.as_mut_ptr().cast::<__m256i>();
-                    match R {
-                        4 => pin_asm!(s; 0, 1, 2, 3, 4, 5, 6, 7),
-                        3 => pin_asm!(s; 0, 1, 2, 3, 4, 5),
-                        2 => pin_asm!(s; 0, 1, 2, 3),
-                        _ => {}
-                    }
-                }
-            }
-        }
-        *w = w.with_addr(at);
-    }
-
-    /// Q4_1: `R` rows × both halves of a panel in one pass, so each activation broadcast
-    /// serves 16 outputs. Per output lane the same integer sums and float steps as [`row1`].
-    /// `PRE`: the weights come unpacked from `pre` ([`unpack_panel`]'s layout) instead of
-    /// being unpacked here.
+    /// Q4_1: `R` (2–4) rows × both halves of a panel in one pass, so each activation
+    /// broadcast serves 16 outputs; a block's integer sums from [`q4_block_sums`]. Per output
+    /// lane the same integer sums and float steps as [`row1`]. `PRE`: the weights come
+    /// unpacked from `pre` ([`unpack_panel`]'s layout) instead of being unpacked here.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn full_q4<const F: u8, const R: usize, const PRE: bool>(
         job: &Job,
@@ -1697,7 +1793,6 @@ mod simd_x86 {
         let (nb, cols) = (job.nb, job.nb * BLOCK);
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
         let ones = _mm256_set1_epi16(1);
-        let nibble = _mm256_set1_epi8(0x0F);
         // SAFETY (whole body): rows r0..r0+R and panel p exist (caller), so every
         // activation, scale and output offset is inside the sizes `run` asserted; with PRE,
         // `pre` holds panel p unpacked (nb · 16 vectors, `unpack_panel`).
@@ -1705,46 +1800,12 @@ mod simd_x86 {
             let xq = job.q.as_ptr().add(r0 * cols);
             for b in 0..nb {
                 let bp = block_ptrs(job, p, b);
-                let mut isum = [[_mm256_setzero_si256(); 2]; R];
-                for g in 0..BLOCK / 8 {
-                    let ((w0a, w0b), (w1a, w1b)) = if PRE {
-                        let mut w = pre.add(b * 16 + g * 4);
-                        pin_ptr((g > 0).then_some(&mut isum), &mut w);
-                        (
-                            (
-                                _mm256_loadu_si256(w.cast()),
-                                _mm256_loadu_si256(w.add(1).cast()),
-                            ),
-                            (
-                                _mm256_loadu_si256(w.add(2).cast()),
-                                _mm256_loadu_si256(w.add(3).cast()),
-                            ),
-                        )
-                    } else {
-                        let ((mut w0a, mut w0b), (mut w1a, mut w1b)) = (
-                            weights::<true>(bp.qs, g, 0, nibble),
-                            weights::<true>(bp.qs, g, 1, nibble),
-                        );
-                        // Pin the schedule: this group's weights come to life here and every
-                        // row's sums so far are done, so the compiler keeps sums and weights in
-                        // registers instead of unpacking all groups up front and spilling them.
-                        pin(&mut isum, [&mut w0a, &mut w0b, &mut w1a, &mut w1b]);
-                        ((w0a, w0b), (w1a, w1b))
-                    };
-                    for (r, sr) in isum.iter_mut().enumerate() {
-                        let x = xq.add(r * cols + b * BLOCK + g * 8);
-                        let xa = _mm256_set1_epi32(x.cast::<i32>().read_unaligned());
-                        let xb = _mm256_set1_epi32(x.add(4).cast::<i32>().read_unaligned());
-                        if g == 0 {
-                            // The block's first products start the sums (no add to zero).
-                            sr[0] = first_products(w0a, w0b, xa, xb);
-                            sr[1] = first_products(w1a, w1b, xa, xb);
-                        } else {
-                            sr[0] = products::<true>(sr[0], w0a, w0b, xa, xb, ones);
-                            sr[1] = products::<true>(sr[1], w1a, w1b, xa, xb, ones);
-                        }
-                    }
-                }
+                let w = if PRE {
+                    pre.add(b * 16).cast::<u8>()
+                } else {
+                    bp.qs
+                };
+                let isum = q4_block_sums::<R, PRE>(w, xq.add(b * BLOCK), cols);
                 let dw = [scales8::<F>(bp.d, 0), scales8::<F>(bp.d, 1)];
                 for (r, (ar, sr)) in acc.iter_mut().zip(&isum).enumerate() {
                     let dx = _mm256_set1_ps(*job.d.get_unchecked((r0 + r) * nb + b));
