@@ -393,6 +393,58 @@ fn unsupported_gguf_architecture_is_a_clear_error() {
     );
 }
 
+#[test]
+fn unreadable_gguf_tensor_types_are_named() {
+    // A llama.cpp file with IQ4_XS / IQ4_NL tensors: candle's reader calls the header corrupt;
+    // the error names the types and the first such tensor instead.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = dir.path().join("iq.gguf");
+    let mut f = std::fs::File::create(&p).expect("create");
+    let arch = gguf_file::Value::String("llama".into());
+    let t = |n: usize| {
+        let x =
+            candle_core::Tensor::zeros((n, 32), candle_core::DType::F32, &candle_core::Device::Cpu)
+                .expect("zeros");
+        candle_core::quantized::QTensor::quantize(&x, candle_core::quantized::GgmlDType::F32)
+            .expect("quantize")
+    };
+    let (a, b, c) = (t(2), t(3), t(4));
+    let names = [
+        "token_embd.weight",
+        "blk.0.attn_q.weight",
+        "blk.0.attn_k.weight",
+    ];
+    gguf_file::write(
+        &mut f,
+        &[("general.architecture", &arch)],
+        &[(names[0], &a), (names[1], &b), (names[2], &c)],
+    )
+    .expect("write gguf");
+    drop(f);
+    let mut data = std::fs::read(&p).expect("read");
+    // Each tensor info: name, n_dims (u32), dims (2 × u64), type (u32), offset (u64).
+    for (name, ty) in [(names[1], 23u32), (names[2], 20u32)] {
+        let at = data
+            .windows(name.len())
+            .position(|w| w == name.as_bytes())
+            .expect("tensor info")
+            + name.len()
+            + 4
+            + 16;
+        assert_eq!(data[at..at + 4], 0u32.to_le_bytes(), "an F32 tensor's type");
+        data[at..at + 4].copy_from_slice(&ty.to_le_bytes());
+    }
+    std::fs::write(&p, &data).expect("write");
+    expect_load_error(
+        &p,
+        &[
+            "unsupported tensor type IQ4_NL, IQ4_XS in 2 tensor(s)",
+            "the first: 'blk.0.attn_q.weight', IQ4_XS",
+            "Q4_K_M",
+        ],
+    );
+}
+
 fn tiny_llama_copy(dir: &Path) -> std::path::PathBuf {
     let src = repo().join("tests/reference/tiny/llama");
     let dst = dir.join("tiny-llama");

@@ -139,8 +139,18 @@ fn read_gguf_header(path: &Path, file: &mut File) -> Result<gguf_file::Content, 
         ));
     }
     file.rewind().map_err(|e| LoadError::io(path, e))?;
-    let content = gguf_file::Content::read(file)
-        .map_err(|e| LoadError::format(path, format!("corrupt GGUF header: {e}")))?;
+    let content = match gguf_file::Content::read(file) {
+        Ok(c) => c,
+        Err(e) => {
+            // A valid file with tensor types candle does not know (llama.cpp's IQ types)
+            // reads as "corrupt": name them instead.
+            let types = unreadable_tensors(file).and_then(|u| unreadable_types_message(&u));
+            return Err(match types {
+                Some(m) => LoadError::unsupported(path, m),
+                None => LoadError::format(path, format!("corrupt GGUF header: {e}")),
+            });
+        }
+    };
     for (name, info) in &content.tensor_infos {
         let elems = info.shape.elem_count();
         let block = info.ggml_dtype.block_size();
@@ -154,6 +164,120 @@ fn read_gguf_header(path: &Path, file: &mut File) -> Result<gguf_file::Content, 
         }
     }
     Ok(content)
+}
+
+/// GGML tensor types by id (ggml.h's `ggml_type`), for messages.
+fn ggml_type_name(id: u32) -> Option<&'static str> {
+    const NAMES: [&str; 40] = [
+        "F32", "F16", "Q4_0", "Q4_1", "", "", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K", "Q3_K",
+        "Q4_K", "Q5_K", "Q6_K", "Q8_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL", "IQ3_S",
+        "IQ2_S", "IQ4_XS", "I8", "I16", "I32", "I64", "F64", "IQ1_M", "BF16", "", "", "", "TQ1_0",
+        "TQ2_0", "", "", "", "MXFP4",
+    ];
+    NAMES.get(id as usize).copied().filter(|n| !n.is_empty())
+}
+
+/// GGML tensor types nextoken reads (candle's GGUF reader knows exactly these).
+const READABLE_TYPES: [u32; 15] = [0, 1, 2, 3, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 30];
+
+/// The tensors of a GGUF file (version 2 or 3) whose type nextoken cannot read, as
+/// `(name, type id)`, found by walking the header without interpreting it. `None` when the
+/// header cannot be walked (then it is corrupt, or of GGUF version 1).
+fn unreadable_tensors(file: &mut File) -> Option<Vec<(String, u32)>> {
+    fn take<const N: usize>(r: &mut impl Read) -> Option<[u8; N]> {
+        let mut b = [0u8; N];
+        r.read_exact(&mut b).ok()?;
+        Some(b)
+    }
+    fn u32_(r: &mut impl Read) -> Option<u32> {
+        take::<4>(r).map(u32::from_le_bytes)
+    }
+    fn u64_(r: &mut impl Read) -> Option<u64> {
+        take::<8>(r).map(u64::from_le_bytes)
+    }
+    fn string(r: &mut (impl Read + Seek)) -> Option<String> {
+        let len = u64_(r)?;
+        if len > 1 << 20 {
+            return None;
+        }
+        let mut b = vec![0u8; len as usize];
+        r.read_exact(&mut b).ok()?;
+        Some(String::from_utf8_lossy(&b).into_owned())
+    }
+    /// Skips one metadata value of type `t`.
+    fn skip(r: &mut (impl Read + Seek), t: u32, depth: usize) -> Option<()> {
+        let size: i64 = match t {
+            0 | 1 | 7 => 1,
+            2 | 3 => 2,
+            4..=6 => 4,
+            10..=12 => 8,
+            8 => {
+                let len = u64_(r)?;
+                i64::try_from(len).ok()?
+            }
+            9 if depth == 0 => {
+                let (et, n) = (u32_(r)?, u64_(r)?);
+                for _ in 0..n {
+                    skip(r, et, depth + 1)?;
+                }
+                return Some(());
+            }
+            _ => return None,
+        };
+        r.seek(std::io::SeekFrom::Current(size)).ok()?;
+        Some(())
+    }
+    file.rewind().ok()?;
+    let mut r = std::io::BufReader::new(file);
+    let magic = take::<4>(&mut r)?;
+    let version = u32_(&mut r)?;
+    if &magic != b"GGUF" || !(2..=3).contains(&version) {
+        return None;
+    }
+    let (n_tensors, n_kv) = (u64_(&mut r)?, u64_(&mut r)?);
+    if n_tensors > 1_000_000 || n_kv > 1_000_000 {
+        return None;
+    }
+    for _ in 0..n_kv {
+        string(&mut r)?;
+        let t = u32_(&mut r)?;
+        skip(&mut r, t, 0)?;
+    }
+    let mut unreadable = Vec::new();
+    for _ in 0..n_tensors {
+        let name = string(&mut r)?;
+        let dims = u32_(&mut r)?;
+        if dims > 8 {
+            return None;
+        }
+        for _ in 0..dims {
+            u64_(&mut r)?;
+        }
+        let t = u32_(&mut r)?;
+        u64_(&mut r)?;
+        if !READABLE_TYPES.contains(&t) {
+            unreadable.push((name, t));
+        }
+    }
+    Some(unreadable)
+}
+
+/// Why a GGUF header that walks cleanly was refused: its tensor types (None when all are
+/// readable, and the header is corrupt after all).
+fn unreadable_types_message(unreadable: &[(String, u32)]) -> Option<String> {
+    let (first, t) = unreadable.first()?;
+    let name = |t: u32| ggml_type_name(t).map_or(format!("unknown type {t}"), str::to_string);
+    let mut kinds: Vec<String> = unreadable.iter().map(|&(_, t)| name(t)).collect();
+    kinds.sort();
+    kinds.dedup();
+    Some(format!(
+        "tensor type {} in {} tensor(s) (the first: '{first}', {}); nextoken reads F32, F16, \
+         BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q2_K–Q6_K — use a file quantized to one of \
+         these (e.g. Q4_K_M or Q8_0)",
+        kinds.join(", "),
+        unreadable.len(),
+        name(*t),
+    ))
 }
 
 fn load_safetensors_file(path: &Path) -> Result<HashMap<String, Tensor>, LoadError> {
