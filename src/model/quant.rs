@@ -339,11 +339,6 @@ impl Panels {
     }
 }
 
-/// Activation rows per kernel call: Q4_1 (4 rows × 16 outputs: 8 sums and a group's 4 weight
-/// vectors fill the registers) and Q8_0 (one half at a time; beyond 3 rows its weights and sums
-/// spill). Chosen with `cargo bench --bench kernels` (Q8_0 at 16 rows ~12% faster with 3 than
-/// 4; Q4_1 at 76 rows ~10% faster as 4 × 16 than the earlier 8 × 8 halves, 3 × 16 slower).
-const MICRO_ROWS: [usize; 2] = [4, 3];
 /// Rows whose quantized activations stay in L2 while every panel passes over them.
 const ROW_BLOCK: usize = 64;
 /// Row tiles of a panel from which its Q4_1 quants are unpacked once for all of them
@@ -1133,7 +1128,7 @@ mod simd_x86 {
     //! whatever the summation order, and the float steps are the scalar path's, lane by lane.
     use std::arch::x86_64::*;
 
-    use super::{Job, Panels, BLOCK, MICRO_ROWS, PANEL, PRE_MIN_TILES, ROW_BLOCK};
+    use super::{Job, Panels, BLOCK, PANEL, PRE_MIN_TILES, ROW_BLOCK};
 
     /// The kernels' format parameter (`const F: u8`).
     const Q4_1: u8 = 0;
@@ -1145,6 +1140,20 @@ mod simd_x86 {
     /// 4-bit nibble panels (Q4_1, Q4_K) rather than 8-bit ones (Q8_0, Q6_K, Q5).
     const fn is_q4(f: u8) -> bool {
         f == Q4_1 || f == Q4K
+    }
+
+    /// Activation rows per kernel call. Q4_1 / Q4_K: 4 rows × 16 outputs (8 sums and a group's
+    /// 4 weight vectors fill the registers; ~10% faster at 76 rows than the earlier 8 × 8
+    /// halves, 3 × 16 slower). Q8_0: 4 rows × 8 outputs since its block sums are hand-allocated
+    /// (one core, 49,152 × 576: 3 → 4 rows 87–90 → 94–99 GFLOP/s at 16 rows, 93–100 →
+    /// 98–106 at 76, three alternating runs). Q5 / Q6_K (intrinsics): 3 rows; beyond that their
+    /// weights and sums spill. Chosen with `cargo bench --bench kernels`.
+    const fn micro_rows(f: u8) -> usize {
+        if f == Q5 || f == Q6K {
+            3
+        } else {
+            4
+        }
     }
 
     /// Pointers into one panel block: scales (Q6_K: of inputs 0..16), second scales (Q6_K:
@@ -1342,7 +1351,7 @@ mod simd_x86 {
         // row tile of the block uses them.
         for r_start in (0..job.t).step_by(ROW_BLOCK) {
             let r_end = (r_start + ROW_BLOCK).min(job.t);
-            let tiles = (r_end - r_start).div_ceil(MICRO_ROWS[usize::from(!is_q4(F))]);
+            let tiles = (r_end - r_start).div_ceil(micro_rows(F));
             for p in p0..p1 {
                 // Q4_1 with many row tiles: the panel's quants unpacked to bytes once, not per
                 // tile. With few tiles the tiles' own unpacking wins: it overlaps the panel's
@@ -1374,7 +1383,7 @@ mod simd_x86 {
                             1 => row1::<F>(job, p, a, dst),
                             2 => kernel::<F, 2>(job, p, a, dst, width),
                             3 => kernel::<F, 3>(job, p, a, dst, width),
-                            // Tiles are at most MICRO_ROWS (≤ 4) rows.
+                            // Tiles are at most `micro_rows` (≤ 4) rows.
                             _ => kernel::<F, 4>(job, p, a, dst, width),
                         }
                     }
@@ -1777,6 +1786,134 @@ mod simd_x86 {
         sums
     }
 
+    /// One row's step of a Q8_0 group in [`q8_block_sums`]'s registers: the weights' signs
+    /// moved onto the row's broadcast activations (`ymm12`, `ymm13`), multiplied by the
+    /// weights' magnitudes (`ymm10`, `ymm11`), widened (`ymm15`: ones) and added to (or, `set`,
+    /// starting) the row's 32-bit sums.
+    macro_rules! q8_row {
+        ($op:ident, $x:literal, $s:literal, $xo0:literal, $xo1:literal) => {
+            concat!(
+                "vpbroadcastd ymm12, dword ptr [", $x, " + ", $xo0, "]\n",
+                "vpbroadcastd ymm13, dword ptr [", $x, " + ", $xo1, "]\n",
+                "vpsignb ymm12, ymm12, ymm8\n",
+                "vpsignb ymm13, ymm13, ymm9\n",
+                "vpmaddubsw ymm12, ymm10, ymm12\n",
+                "vpmaddubsw ymm13, ymm11, ymm13\n",
+                "vpmaddwd ymm12, ymm12, ymm15\n",
+                "vpmaddwd ymm13, ymm13, ymm15\n",
+                q8_row!(@sum $op, $s),
+            )
+        };
+        (@sum set, $s:literal) => { concat!("vpaddd ", $s, ", ymm12, ymm13\n") };
+        (@sum add, $s:literal) => {
+            concat!("vpaddd ymm12, ymm12, ymm13\n", "vpaddd ", $s, ", ", $s, ", ymm12\n")
+        };
+    }
+
+    /// Every row's step of one Q8_0 group (activation bytes `$xo0`, `$xo1` of the block).
+    macro_rules! q8_rows {
+        (1, $op:ident, $xo0:literal, $xo1:literal) => {
+            q8_row!($op, "{x0}", "ymm0", $xo0, $xo1)
+        };
+        (2, $op:ident, $xo0:literal, $xo1:literal) => {
+            concat!(
+                q8_rows!(1, $op, $xo0, $xo1),
+                q8_row!($op, "{x1}", "ymm1", $xo0, $xo1)
+            )
+        };
+        (3, $op:ident, $xo0:literal, $xo1:literal) => {
+            concat!(
+                q8_rows!(2, $op, $xo0, $xo1),
+                q8_row!($op, "{x2}", "ymm2", $xo0, $xo1)
+            )
+        };
+        (4, $op:ident, $xo0:literal, $xo1:literal) => {
+            concat!(
+                q8_rows!(3, $op, $xo0, $xo1),
+                q8_row!($op, "{x3}", "ymm3", $xo0, $xo1)
+            )
+        };
+    }
+
+    /// A Q8_0 group's weights (one half of the panel: vectors at `$a`, `$b`) and their
+    /// magnitudes into `ymm8..ymm11`.
+    macro_rules! q8_weights {
+        ($a:literal, $b:literal) => {
+            concat!(
+                "vmovdqu ymm8, ymmword ptr [{w} + ",
+                $a,
+                "]\n",
+                "vmovdqu ymm9, ymmword ptr [{w} + ",
+                $b,
+                "]\n",
+                "vpabsb ymm10, ymm8\n",
+                "vpabsb ymm11, ymm9\n",
+            )
+        };
+    }
+
+    /// A whole Q8_0 block (four groups; the first starts the sums).
+    macro_rules! q8_block {
+        ($r:tt) => {
+            concat!(
+                q8_weights!("0", "64"),
+                q8_rows!($r, set, "0", "4"),
+                q8_weights!("128", "192"),
+                q8_rows!($r, add, "8", "12"),
+                q8_weights!("256", "320"),
+                q8_rows!($r, add, "16", "20"),
+                q8_weights!("384", "448"),
+                q8_rows!($r, add, "24", "28"),
+            )
+        };
+    }
+
+    /// The 32-bit integer sums of one Q8_0 block for `R` (1–4) rows × one half of a panel
+    /// (outputs `8h..8h+8`; `w` already points at the half), as [`products`] makes them, with
+    /// the vector registers allocated by hand (see [`q4_block_sums`]): sums in `ymm0..`,
+    /// weights and magnitudes in `ymm8..ymm11`, broadcasts and products in `ymm12`, `ymm13`.
+    ///
+    /// # Safety
+    /// AVX2 is available; the block at `w` and the `R` rows of 32 activations are readable.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q8_block_sums<const R: usize>(
+        w: *const u8,
+        x: *const i8,
+        cols: usize,
+    ) -> [__m256i; R] {
+        // SAFETY: an all-zero bit pattern is a valid `__m256i`; overwritten below.
+        let mut sums: [__m256i; R] = unsafe { std::mem::zeroed() };
+        let s = sums.as_mut_ptr();
+        let ones = _mm256_set1_epi16(1);
+        macro_rules! call {
+            ($r:tt; $($x:ident = $k:literal),*; $($reg:tt => $i:literal),*) => {
+                std::arch::asm!(
+                    q8_block!($r),
+                    w = in(reg) w,
+                    $($x = in(reg) x.add(cols * $k),)*
+                    $(out($reg) *s.add($i),)*
+                    out("ymm8") _, out("ymm9") _, out("ymm10") _, out("ymm11") _,
+                    out("ymm12") _, out("ymm13") _,
+                    in("ymm15") ones,
+                    options(nostack, preserves_flags, readonly),
+                )
+            };
+        }
+        // SAFETY: the caller's pointers; the asm reads only the block and the rows.
+        unsafe {
+            match R {
+                1 => call!(1; x0 = 0; "ymm0" => 0),
+                2 => call!(2; x0 = 0, x1 = 1; "ymm0" => 0, "ymm1" => 1),
+                3 => call!(3; x0 = 0, x1 = 1, x2 = 2; "ymm0" => 0, "ymm1" => 1, "ymm2" => 2),
+                4 => call!(4; x0 = 0, x1 = 1, x2 = 2, x3 = 3;
+                    "ymm0" => 0, "ymm1" => 1, "ymm2" => 2, "ymm3" => 3),
+                _ => unreachable!("Q8_0 row tiles have 1 to 4 rows"),
+            }
+        }
+        sums
+    }
+
     /// Q4_1: `R` (2–4) rows × both halves of a panel in one pass, so each activation
     /// broadcast serves 16 outputs; a block's integer sums from [`q4_block_sums`]. Per output
     /// lane the same integer sums and float steps as [`row1`]. `PRE`: the weights come
@@ -1845,8 +1982,6 @@ mod simd_x86 {
     ) {
         let (nb, cols) = (job.nb, job.nb * BLOCK);
         let mut acc = [_mm256_setzero_ps(); R];
-        let ones = _mm256_set1_epi16(1);
-        let nibble = _mm256_set1_epi8(0x0F);
         // SAFETY (whole body): rows r0..r0+R and panel p exist (caller), h < 2, so every
         // activation, scale and output offset is inside the sizes `run` asserted.
         unsafe {
@@ -1885,17 +2020,9 @@ mod simd_x86 {
                     }
                     continue;
                 }
-                let mut isum = [_mm256_setzero_si256(); R];
-                for g in 0..BLOCK / 8 {
-                    // Inputs 8g + {0,2,4,6} and 8g + {1,3,5,7} of outputs 8h..8h+8.
-                    let (wa, wb) = weights::<false>(bp.qs, g, h, nibble);
-                    for (r, sr) in isum.iter_mut().enumerate() {
-                        let x = xq.add(r * cols + b * BLOCK + g * 8);
-                        let xa = _mm256_set1_epi32(x.cast::<i32>().read_unaligned());
-                        let xb = _mm256_set1_epi32(x.add(4).cast::<i32>().read_unaligned());
-                        *sr = products::<false>(*sr, wa, wb, xa, xb, ones);
-                    }
-                }
+                // Group g's inputs 8g + {0,2,4,6} and 8g + {1,3,5,7} of outputs 8h..8h+8 are
+                // at 128g + 32h and 128g + 64 + 32h ([`weights`]).
+                let isum = q8_block_sums::<R>(bp.qs.add(h * 32), xq.add(b * BLOCK), cols);
                 let dw = scales8::<F>(bp.d, h);
                 for (r, (ar, sr)) in acc.iter_mut().zip(&isum).enumerate() {
                     let dx = _mm256_set1_ps(*job.d.get_unchecked((r0 + r) * nb + b));
