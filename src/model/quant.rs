@@ -71,14 +71,6 @@ impl QuantFormat {
         }
     }
 
-    /// A minimum per block (`acc += m·Σx` after the products).
-    fn has_min(self) -> bool {
-        matches!(
-            self,
-            QuantFormat::Q4_1 | QuantFormat::Q4K | QuantFormat::Q5_1 | QuantFormat::Q5K
-        )
-    }
-
     /// One GGUF block: `(values, bytes)`.
     fn gguf_block(self) -> (usize, usize) {
         match self {
@@ -235,6 +227,11 @@ struct RowBlock {
 }
 
 impl Panels {
+    /// A minimum per block (`acc += m·Σx` after the products): Q4_1, Q4_K, Q5_1 and Q5_K.
+    fn has_min(&self) -> bool {
+        !matches!(self, Panels::Q8_0(_) | Panels::Q6K(_))
+    }
+
     /// Output `i`'s block of panel block `at`.
     fn row_block(&self, at: usize, i: usize) -> RowBlock {
         let mut q = [0i16; BLOCK];
@@ -400,9 +397,10 @@ fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
     }
 }
 
-/// One GGUF block of `format` as its 32-value blocks, in order (one for Q4_1 and Q8_0, eight
-/// for the k-quants' super-blocks). `b` holds exactly one block.
-fn gguf_row_blocks(format: QuantFormat, b: &[u8]) -> Vec<RowBlock> {
+/// One GGUF block of `format` as its 32-value blocks, each passed to `emit` with its index
+/// in the block (one for Q4_1 and Q8_0, eight for the k-quants' super-blocks; nothing is
+/// allocated per block). `b` holds exactly one block.
+fn gguf_row_blocks(format: QuantFormat, b: &[u8], mut emit: impl FnMut(usize, &RowBlock)) {
     let f16 = |at: usize| f16_to_f32(f16_bits(b, at));
     let mut q = [0i16; BLOCK];
     match format {
@@ -411,42 +409,49 @@ fn gguf_row_blocks(format: QuantFormat, b: &[u8]) -> Vec<RowBlock> {
                 q[j] = i16::from(b[4 + j] & 0x0F);
                 q[j + 16] = i16::from(b[4 + j] >> 4);
             }
-            vec![RowBlock {
-                d: [f16(0); 2],
-                m: f16(2),
-                q,
-            }]
+            emit(
+                0,
+                &RowBlock {
+                    d: [f16(0); 2],
+                    m: f16(2),
+                    q,
+                },
+            );
         }
         QuantFormat::Q8_0 => {
             for (qj, &byte) in q.iter_mut().zip(&b[2..34]) {
                 *qj = i16::from(byte as i8);
             }
-            vec![RowBlock {
-                d: [f16(0); 2],
-                m: 0.0,
-                q,
-            }]
+            emit(
+                0,
+                &RowBlock {
+                    d: [f16(0); 2],
+                    m: 0.0,
+                    q,
+                },
+            );
         }
         QuantFormat::Q4K => {
             // d, dmin, 12 scale bytes, then 4 × 32 bytes: each the low nibbles of one
             // sub-block and the high nibbles of the next.
             let (d, dmin) = (f16(0), f16(2));
             let (scales, qs) = (&b[4..16], &b[16..144]);
-            (0..8)
-                .map(|s| {
-                    let (sc, mn) = scale_min_k4(s, scales);
-                    let bytes = &qs[(s / 2) * 32..(s / 2) * 32 + 32];
-                    let mut q = [0i16; BLOCK];
-                    for (qk, &byte) in q.iter_mut().zip(bytes) {
-                        *qk = i16::from(if s % 2 == 0 { byte & 0x0F } else { byte >> 4 });
-                    }
-                    RowBlock {
+            for s in 0..8 {
+                let (sc, mn) = scale_min_k4(s, scales);
+                let bytes = &qs[(s / 2) * 32..(s / 2) * 32 + 32];
+                let mut q = [0i16; BLOCK];
+                for (qk, &byte) in q.iter_mut().zip(bytes) {
+                    *qk = i16::from(if s % 2 == 0 { byte & 0x0F } else { byte >> 4 });
+                }
+                emit(
+                    s,
+                    &RowBlock {
                         d: [d * f32::from(sc); 2],
                         m: -(dmin * f32::from(mn)),
                         q,
-                    }
-                })
-                .collect()
+                    },
+                );
+            }
         }
         QuantFormat::Q5_1 => {
             // d, m, 32 high bits, 16 bytes of nibbles (inputs j and j + 16).
@@ -456,33 +461,37 @@ fn gguf_row_blocks(format: QuantFormat, b: &[u8]) -> Vec<RowBlock> {
                 q[j] = i16::from(b[8 + j] & 0x0F) | high(j);
                 q[j + 16] = i16::from(b[8 + j] >> 4) | high(j + 16);
             }
-            vec![RowBlock {
-                d: [f16(0); 2],
-                m: f16(2),
-                q,
-            }]
+            emit(
+                0,
+                &RowBlock {
+                    d: [f16(0); 2],
+                    m: f16(2),
+                    q,
+                },
+            );
         }
         QuantFormat::Q5K => {
             // Q4_K's d, dmin and scales, then 32 bytes of high bits (bit s of byte l: value
             // l of sub-block s), then Q4_K's nibbles.
             let (d, dmin) = (f16(0), f16(2));
             let (scales, qh, qs) = (&b[4..16], &b[16..48], &b[48..176]);
-            (0..8)
-                .map(|s| {
-                    let (sc, mn) = scale_min_k4(s, scales);
-                    let bytes = &qs[(s / 2) * 32..(s / 2) * 32 + 32];
-                    let mut q = [0i16; BLOCK];
-                    for (l, (qk, &byte)) in q.iter_mut().zip(bytes).enumerate() {
-                        let low = if s % 2 == 0 { byte & 0x0F } else { byte >> 4 };
-                        *qk = i16::from(low | (((qh[l] >> s) & 1) << 4));
-                    }
-                    RowBlock {
+            for s in 0..8 {
+                let (sc, mn) = scale_min_k4(s, scales);
+                let bytes = &qs[(s / 2) * 32..(s / 2) * 32 + 32];
+                let mut q = [0i16; BLOCK];
+                for (l, (qk, &byte)) in q.iter_mut().zip(bytes).enumerate() {
+                    let low = if s % 2 == 0 { byte & 0x0F } else { byte >> 4 };
+                    *qk = i16::from(low | (((qh[l] >> s) & 1) << 4));
+                }
+                emit(
+                    s,
+                    &RowBlock {
                         d: [d * f32::from(sc); 2],
                         m: -(dmin * f32::from(mn)),
                         q,
-                    }
-                })
-                .collect()
+                    },
+                );
+            }
         }
         QuantFormat::Q3K => {
             // 32 bytes of high bits, 64 of 2-bit pairs, 12 of packed 6-bit scales, d. Value
@@ -506,21 +515,22 @@ fn gguf_row_blocks(format: QuantFormat, b: &[u8]) -> Vec<RowBlock> {
                 ((a1 >> 4) & low) | (((t >> 6) & high) << 4),
             ];
             let scale = |s: usize| d * (f32::from(aux[s / 4].to_le_bytes()[s % 4] as i8) - 32.0);
-            (0..8)
-                .map(|g| {
-                    let mut q = [0i16; BLOCK];
-                    for (k, qk) in q.iter_mut().enumerate() {
-                        let two = (qs[32 * (g / 4) + k] >> (2 * (g % 4))) & 3;
-                        let minus = if hmask[k] & (1 << g) == 0 { 4 } else { 0 };
-                        *qk = i16::from(two) - minus;
-                    }
-                    RowBlock {
+            for g in 0..8 {
+                let mut q = [0i16; BLOCK];
+                for (k, qk) in q.iter_mut().enumerate() {
+                    let two = (qs[32 * (g / 4) + k] >> (2 * (g % 4))) & 3;
+                    let minus = if hmask[k] & (1 << g) == 0 { 4 } else { 0 };
+                    *qk = i16::from(two) - minus;
+                }
+                emit(
+                    g,
+                    &RowBlock {
                         d: [scale(2 * g), scale(2 * g + 1)],
                         m: 0.0,
                         q,
-                    }
-                })
-                .collect()
+                    },
+                );
+            }
         }
         QuantFormat::Q6K => {
             // 128 bytes of low nibbles, 64 of high bit pairs, 16 scales, d. Value
@@ -535,20 +545,21 @@ fn gguf_row_blocks(format: QuantFormat, b: &[u8]) -> Vec<RowBlock> {
                 let high = (qh[32 * n + l] >> (2 * k)) & 3;
                 *qe = i16::from(low | (high << 4)) - 32;
             }
-            (0..8)
-                .map(|s| {
-                    let mut q = [0i16; BLOCK];
-                    q.copy_from_slice(&all[s * BLOCK..(s + 1) * BLOCK]);
-                    RowBlock {
+            for s in 0..8 {
+                let mut q = [0i16; BLOCK];
+                q.copy_from_slice(&all[s * BLOCK..(s + 1) * BLOCK]);
+                emit(
+                    s,
+                    &RowBlock {
                         d: [
                             d * f32::from(sc[2 * s] as i8),
                             d * f32::from(sc[2 * s + 1] as i8),
                         ],
                         m: 0.0,
                         q,
-                    }
-                })
-                .collect()
+                    },
+                );
+            }
         }
     }
 }
@@ -579,10 +590,10 @@ impl QMatrix {
         // Each GGUF block's 32-value blocks, in order along the row.
         let per = block_values / BLOCK;
         for (i, b) in bytes.chunks_exact(block_bytes).enumerate() {
-            for (s, block) in gguf_row_blocks(format, b).iter().enumerate() {
+            gguf_row_blocks(format, b, |s, block| {
                 let at = i * per + s;
                 m.set_block(at / nb, at % nb, block);
-            }
+            });
         }
         Ok(m)
     }
@@ -729,7 +740,7 @@ impl QMatrix {
 
     /// Row `r` dequantized exactly (`d·q + m` in f32, as ggml and gguf-py compute it).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        let with_min = self.format().has_min();
+        let with_min = self.panels.has_min();
         for (b, o) in out.chunks_exact_mut(BLOCK).enumerate() {
             let blk = self.block(r, b);
             for (k, (oj, &q)) in o.iter_mut().zip(&blk.q).enumerate() {
@@ -1055,7 +1066,7 @@ impl Job<'_> {
         let (nb, cols) = (self.nb, self.nb * BLOCK);
         let xq = &self.q[r * cols..(r + 1) * cols];
         let two_scales = matches!(self.panels, Panels::Q6K(_));
-        let with_min = !matches!(self.panels, Panels::Q8_0(_) | Panels::Q6K(_));
+        let with_min = self.panels.has_min();
         for p in p0..p1 {
             for i in 0..PANEL {
                 let mut acc = 0f32;
