@@ -1153,19 +1153,14 @@ mod simd_x86 {
         f == Q4_1 || f == Q4K
     }
 
-    /// Activation rows per kernel call. Q4_1 / Q4_K: 4 rows × 16 outputs (8 sums and a group's
-    /// 4 weight vectors fill the registers; ~10% faster at 76 rows than the earlier 8 × 8
-    /// halves, 3 × 16 slower). Q8_0: 4 rows × 8 outputs since its block sums are hand-allocated
-    /// (one core, 49,152 × 576: 3 → 4 rows 87–90 → 94–99 GFLOP/s at 16 rows, 93–100 →
-    /// 98–106 at 76, three alternating runs). Q5 / Q6_K (intrinsics): 3 rows; beyond that their
-    /// weights and sums spill. Chosen with `cargo bench --bench kernels`.
-    const fn micro_rows(f: u8) -> usize {
-        if f == Q5 || f == Q6K {
-            3
-        } else {
-            4
-        }
-    }
+    /// Activation rows per kernel call, every format: Q4_1 / Q4_K 4 rows × 16 outputs (8 sums
+    /// and a group's 4 weight vectors fill the registers; ~10% faster at 76 rows than the
+    /// earlier 8 × 8 halves, 3 × 16 slower), the 8-bit panels 4 rows × 8 outputs — a fourth
+    /// row pays since their block sums are hand-allocated (one core, `cargo bench --bench
+    /// kernels`, three alternating runs against the intrinsics' 3 rows: Q8_0 49,152 × 576 at
+    /// 16 / 76 rows 83–87 / 95–99 → 94–99 / 98–106 GFLOP/s; Q5_K 576 × 1,536 55–61 / 62–64 →
+    /// 63–79 / 72–75; Q6_K at 76 rows 67–93 → 75–107).
+    const MICRO_ROWS: usize = 4;
 
     /// Pointers into one panel block: scales (Q6_K: of inputs 0..16), second scales (Q6_K:
     /// inputs 16..32; the same elsewhere), minimums (Q4_1, Q4_K, Q5; the scales elsewhere),
@@ -1238,35 +1233,6 @@ mod simd_x86 {
                 _mm256_cvtph_ps(_mm_loadu_si128(p.cast::<u16>().add(8 * h).cast()))
             }
         }
-    }
-
-    /// `R` rows' products with outputs `8h..8h+8` of the 8-bit panel block at `qs` over the
-    /// block's 16-input half `s` (groups `2s`, `2s + 1`): 16-bit sums ([`products6`]), widened
-    /// to 32 bits. `x` is the first row's block of activations, rows `cols` apart.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn half_sums<const R: usize>(
-        qs: *const u8,
-        x: *const i8,
-        cols: usize,
-        s: usize,
-        h: usize,
-    ) -> [__m256i; R] {
-        let nibble = _mm256_set1_epi8(0x0F);
-        let mut sub = [_mm256_setzero_si256(); R];
-        // SAFETY: the caller's block `qs` and R rows of activations from `x`.
-        unsafe {
-            for g in 2 * s..2 * s + 2 {
-                let (wa, wb) = weights::<false>(qs, g, h, nibble);
-                for (r, sr) in sub.iter_mut().enumerate() {
-                    let xg = x.add(r * cols + g * 8);
-                    let xa = _mm256_set1_epi32(xg.cast::<i32>().read_unaligned());
-                    let xb = _mm256_set1_epi32(xg.add(4).cast::<i32>().read_unaligned());
-                    *sr = products6((g % 2 == 1).then_some(*sr), wa, wb, xa, xb);
-                }
-            }
-        }
-        sub.map(|v| _mm256_madd_epi16(v, _mm256_set1_epi16(1)))
     }
 
     /// Q6_K's and Q5's products in 16-bit lanes: `sum` (if any) plus `|w| × (x · sign w)` of
@@ -1362,7 +1328,7 @@ mod simd_x86 {
         // row tile of the block uses them.
         for r_start in (0..job.t).step_by(ROW_BLOCK) {
             let r_end = (r_start + ROW_BLOCK).min(job.t);
-            let tiles = (r_end - r_start).div_ceil(micro_rows(F));
+            let tiles = (r_end - r_start).div_ceil(MICRO_ROWS);
             for p in p0..p1 {
                 // Q4_1 with many row tiles: the panel's quants unpacked to bytes once, not per
                 // tile. With few tiles the tiles' own unpacking wins: it overlaps the panel's
@@ -1394,7 +1360,7 @@ mod simd_x86 {
                             1 => row1::<F>(job, p, a, dst),
                             2 => kernel::<F, 2>(job, p, a, dst, width),
                             3 => kernel::<F, 3>(job, p, a, dst, width),
-                            // Tiles are at most `micro_rows` (≤ 4) rows.
+                            // Tiles are at most MICRO_ROWS (4) rows.
                             _ => kernel::<F, 4>(job, p, a, dst, width),
                         }
                     }
@@ -1925,6 +1891,106 @@ mod simd_x86 {
         sums
     }
 
+    /// One row's step of a Q6_K / Q5 group in [`q6_block_sums`]'s registers: [`q8_row`]'s
+    /// products, kept in 16 bits (quants within ±32: a 16-input half-block cannot overflow).
+    macro_rules! q6_row {
+        ($op:ident, $x:literal, $s:literal, $xo0:literal, $xo1:literal) => {
+            concat!(
+                "vpbroadcastd ymm12, dword ptr [", $x, " + ", $xo0, "]\n",
+                "vpbroadcastd ymm13, dword ptr [", $x, " + ", $xo1, "]\n",
+                "vpsignb ymm12, ymm12, ymm8\n",
+                "vpsignb ymm13, ymm13, ymm9\n",
+                "vpmaddubsw ymm12, ymm10, ymm12\n",
+                "vpmaddubsw ymm13, ymm11, ymm13\n",
+                q6_row!(@sum $op, $s),
+            )
+        };
+        (@sum set, $s:literal) => { concat!("vpaddw ", $s, ", ymm12, ymm13\n") };
+        (@sum add, $s:literal) => {
+            concat!("vpaddw ymm12, ymm12, ymm13\n", "vpaddw ", $s, ", ", $s, ", ymm12\n")
+        };
+    }
+
+    /// Every row's step of one Q6_K / Q5 group: rows `$x` into sums `$s`.
+    macro_rules! q6_rows {
+        ($op:ident, $xo0:literal, $xo1:literal; $($x:literal => $s:literal),*) => {
+            concat!($(q6_row!($op, $x, $s, $xo0, $xo1),)*)
+        };
+    }
+
+    /// 16-bit sums widened to 32 bits in place (`ymm15`: ones).
+    macro_rules! widen {
+        ($($s:literal),*) => { concat!($("vpmaddwd ", $s, ", ", $s, ", ymm15\n",)*) };
+    }
+
+    /// A whole Q6_K / Q5 block: each 16-input half-block (two groups) summed and widened.
+    macro_rules! q6_block {
+        ($($x:literal => $lo:literal, $hi:literal),*) => {
+            concat!(
+                q8_weights!("0", "64"), q6_rows!(set, "0", "4"; $($x => $lo),*),
+                q8_weights!("128", "192"), q6_rows!(add, "8", "12"; $($x => $lo),*),
+                widen!($($lo),*),
+                q8_weights!("256", "320"), q6_rows!(set, "16", "20"; $($x => $hi),*),
+                q8_weights!("384", "448"), q6_rows!(add, "24", "28"; $($x => $hi),*),
+                widen!($($hi),*),
+            )
+        };
+    }
+
+    /// The 32-bit integer sums of each 16-input half-block of one 8-bit Q6_K / Q5 block for
+    /// `R` (1–4) rows × one half of a panel (`w` already points at the half): `[r][s]` for
+    /// half-block `s` ([`products6`]' 16-bit sums, widened), with the vector registers allocated by
+    /// hand (see [`q4_block_sums`]): half-block sums in `ymm0..ymm3` and `ymm4..ymm7`, weights
+    /// and magnitudes in `ymm8..ymm11`, broadcasts and products in `ymm12`, `ymm13`.
+    ///
+    /// # Safety
+    /// AVX2 is available; the block at `w` and the `R` rows of 32 activations are readable.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q6_block_sums<const R: usize>(
+        w: *const u8,
+        x: *const i8,
+        cols: usize,
+    ) -> [[__m256i; 2]; R] {
+        // SAFETY: an all-zero bit pattern is a valid `__m256i`; overwritten below.
+        let mut sums: [[__m256i; 2]; R] = unsafe { std::mem::zeroed() };
+        let s = sums.as_mut_ptr().cast::<__m256i>();
+        let ones = _mm256_set1_epi16(1);
+        macro_rules! call {
+            ($($x:ident = $k:literal, $xs:literal => $lo:tt, $hi:tt, $i:literal);*) => {
+                std::arch::asm!(
+                    q6_block!($($xs => $lo, $hi),*),
+                    w = in(reg) w,
+                    $($x = in(reg) x.add(cols * $k),)*
+                    $(out($lo) *s.add(2 * $i), out($hi) *s.add(2 * $i + 1),)*
+                    out("ymm8") _, out("ymm9") _, out("ymm10") _, out("ymm11") _,
+                    out("ymm12") _, out("ymm13") _,
+                    in("ymm15") ones,
+                    options(nostack, preserves_flags, readonly),
+                )
+            };
+        }
+        // SAFETY: the caller's pointers; the asm reads only the block and the rows.
+        unsafe {
+            match R {
+                1 => call!(x0 = 0, "{x0}" => "ymm0", "ymm4", 0),
+                2 => {
+                    call!(x0 = 0, "{x0}" => "ymm0", "ymm4", 0; x1 = 1, "{x1}" => "ymm1", "ymm5", 1)
+                }
+                3 => {
+                    call!(x0 = 0, "{x0}" => "ymm0", "ymm4", 0; x1 = 1, "{x1}" => "ymm1", "ymm5", 1;
+                    x2 = 2, "{x2}" => "ymm2", "ymm6", 2)
+                }
+                4 => {
+                    call!(x0 = 0, "{x0}" => "ymm0", "ymm4", 0; x1 = 1, "{x1}" => "ymm1", "ymm5", 1;
+                    x2 = 2, "{x2}" => "ymm2", "ymm6", 2; x3 = 3, "{x3}" => "ymm3", "ymm7", 3)
+                }
+                _ => unreachable!("8-bit row tiles have 1 to 4 rows"),
+            }
+        }
+        sums
+    }
+
     /// Q4_1: `R` (2–4) rows × both halves of a panel in one pass, so each activation
     /// broadcast serves 16 outputs; a block's integer sums from [`q4_block_sums`]. Per output
     /// lane the same integer sums and float steps as [`row1`]. `PRE`: the weights come
@@ -1999,13 +2065,11 @@ mod simd_x86 {
             let xq = job.q.as_ptr().add(r0 * cols);
             for b in 0..nb {
                 let bp = block_ptrs(job, p, b);
-                // Q5 and Q6_K: widened sums of each 16-input half-block.
-                let half = |s: usize| half_sums::<R>(bp.qs, xq.add(b * BLOCK), cols, s, h);
                 if F == Q5 {
                     // The halves added (exact); the block's scale, then its minimum.
-                    let (lo, hi) = (half(0), half(1));
+                    let halves = q6_block_sums::<R>(bp.qs.add(h * 32), xq.add(b * BLOCK), cols);
                     let isum: [__m256i; R] =
-                        std::array::from_fn(|r| _mm256_add_epi32(lo[r], hi[r]));
+                        std::array::from_fn(|r| _mm256_add_epi32(halves[r][0], halves[r][1]));
                     let (dw, mw) = (scales8::<F>(bp.d, h), scales8::<F>(bp.m, h));
                     for (r, (ar, ir)) in acc.iter_mut().zip(&isum).enumerate() {
                         let at = (r0 + r) * nb + b;
@@ -2017,10 +2081,11 @@ mod simd_x86 {
                 }
                 if F == Q6K {
                     // Per 16-input sub-block (two groups): 16-bit sums, widened, scaled.
+                    let halves = q6_block_sums::<R>(bp.qs.add(h * 32), xq.add(b * BLOCK), cols);
                     for (s, ds) in [bp.d, bp.d2].into_iter().enumerate() {
-                        let sub = half(s);
                         let dw = scales8::<F>(ds, h);
-                        for (r, (ar, i32s)) in acc.iter_mut().zip(sub).enumerate() {
+                        for (r, (ar, i32s)) in acc.iter_mut().zip(halves.map(|v| v[s])).enumerate()
+                        {
                             let dx = _mm256_set1_ps(*job.d.get_unchecked((r0 + r) * nb + b));
                             *ar = _mm256_fmadd_ps(
                                 _mm256_mul_ps(dw, dx),
