@@ -195,7 +195,8 @@ fn unreadable_tensors(file: &mut File) -> Option<Vec<(String, u32)>> {
     fn u64_(r: &mut impl Read) -> Option<u64> {
         take::<8>(r).map(u64::from_le_bytes)
     }
-    fn string(r: &mut (impl Read + Seek)) -> Option<String> {
+    type Reader<'a> = std::io::BufReader<&'a mut File>;
+    fn string(r: &mut Reader) -> Option<String> {
         let len = u64_(r)?;
         if len > 1 << 20 {
             return None;
@@ -204,27 +205,36 @@ fn unreadable_tensors(file: &mut File) -> Option<Vec<(String, u32)>> {
         r.read_exact(&mut b).ok()?;
         Some(String::from_utf8_lossy(&b).into_owned())
     }
-    /// Skips one metadata value of type `t`.
-    fn skip(r: &mut (impl Read + Seek), t: u32, depth: usize) -> Option<()> {
-        let size: i64 = match t {
-            0 | 1 | 7 => 1,
-            2 | 3 => 2,
-            4..=6 => 4,
-            10..=12 => 8,
-            8 => {
-                let len = u64_(r)?;
-                i64::try_from(len).ok()?
-            }
-            9 if depth == 0 => {
+    /// Bytes of one value of a fixed-size metadata type.
+    fn fixed(t: u32) -> Option<i64> {
+        match t {
+            0 | 1 | 7 => Some(1),
+            2 | 3 => Some(2),
+            4..=6 => Some(4),
+            10..=12 => Some(8),
+            _ => None,
+        }
+    }
+    /// Skips one metadata value of type `t` (seeking past it: a corrupt length cannot make
+    /// this loop for long, reading past the end fails).
+    fn skip(r: &mut Reader, t: u32, depth: usize) -> Option<()> {
+        let size = match (fixed(t), t) {
+            (Some(size), _) => size,
+            (None, 8) => i64::try_from(u64_(r)?).ok()?,
+            (None, 9) if depth == 0 => {
                 let (et, n) = (u32_(r)?, u64_(r)?);
-                for _ in 0..n {
-                    skip(r, et, depth + 1)?;
+                if let Some(size) = fixed(et) {
+                    i64::try_from(n).ok()?.checked_mul(size)?
+                } else {
+                    for _ in 0..n {
+                        skip(r, et, depth + 1)?;
+                    }
+                    return Some(());
                 }
-                return Some(());
             }
             _ => return None,
         };
-        r.seek(std::io::SeekFrom::Current(size)).ok()?;
+        r.seek_relative(size).ok()?;
         Some(())
     }
     file.rewind().ok()?;
@@ -533,6 +543,34 @@ impl Weights {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A GGUF v3 header with one metadata array (`count` values of type `elem`, no data) and
+    /// no tensors, walked by [`unreadable_tensors`].
+    fn walk_array(elem: u32, count: u64) -> Option<Vec<(String, u32)>> {
+        let mut b = b"GGUF".to_vec();
+        b.extend(3u32.to_le_bytes());
+        b.extend(0u64.to_le_bytes());
+        b.extend(1u64.to_le_bytes());
+        b.extend(1u64.to_le_bytes());
+        b.push(b'a');
+        b.extend(9u32.to_le_bytes());
+        b.extend(elem.to_le_bytes());
+        b.extend(count.to_le_bytes());
+        let mut f = tempfile::tempfile().expect("tempfile");
+        std::io::Write::write_all(&mut f, &b).expect("write");
+        unreadable_tensors(&mut f)
+    }
+
+    #[test]
+    fn corrupt_array_lengths_end_the_walk_at_once() {
+        // An absurd count of fixed-size values: one seek (past the end), or an overflow.
+        assert_eq!(walk_array(0, 1 << 40), Some(Vec::new()));
+        assert_eq!(walk_array(10, u64::MAX / 2), None);
+        // An absurd count of strings: the first length read past the end stops it.
+        assert_eq!(walk_array(8, u64::MAX), None);
+        // Nested arrays are not walked.
+        assert_eq!(walk_array(9, 1), None);
+    }
 
     #[test]
     fn gguf_names_map_llama_tensors() {
