@@ -1705,8 +1705,8 @@ mod simd_x86 {
     /// them (≤ 16 products of 15 × 127 per lane). Written out by hand: the compiler, given
     /// the intrinsics, spills sums and weights of a 4-row tile to the stack (all sixteen vector
     /// registers are needed); here the sums live in `ymm0..ymm7`, a group's weights in
-    /// `ymm8..ymm11`, the broadcasts and products in `ymm12..ymm15` (single-core, 4 rows ×
-    /// 576 inputs: ~1.4× the intrinsics' multiply-adds per second).
+    /// `ymm8..ymm11`, the broadcasts and products in `ymm12..ymm15` (`cargo bench --bench
+    /// kernels` on one thread, Q4_1 1,536 × 576 at 76 rows: ~104 → 137–164 GFLOP/s).
     /// `w`: the block's nibbles (or with `PRE`, its 16 unpacked vectors); `x`: row 0's
     /// activations of the block, rows `cols` bytes apart.
     ///
