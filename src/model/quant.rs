@@ -1763,6 +1763,31 @@ mod simd_x86 {
         sums
     }
 
+    /// A row's products with a group of 8-bit weights (`ymm8`, `ymm9`; magnitudes `ymm10`,
+    /// `ymm11`): its two activation words (bytes `$xo0`, `$xo1` of row `$x`) broadcast, the
+    /// weights' signs moved onto them, times the magnitudes — 16-bit pair sums in `ymm12`,
+    /// `ymm13` (as [`products`] and [`products6`] make them).
+    macro_rules! signed_products {
+        ($x:literal, $xo0:literal, $xo1:literal) => {
+            concat!(
+                "vpbroadcastd ymm12, dword ptr [",
+                $x,
+                " + ",
+                $xo0,
+                "]\n",
+                "vpbroadcastd ymm13, dword ptr [",
+                $x,
+                " + ",
+                $xo1,
+                "]\n",
+                "vpsignb ymm12, ymm12, ymm8\n",
+                "vpsignb ymm13, ymm13, ymm9\n",
+                "vpmaddubsw ymm12, ymm10, ymm12\n",
+                "vpmaddubsw ymm13, ymm11, ymm13\n",
+            )
+        };
+    }
+
     /// One row's step of a Q8_0 group in [`q8_block_sums`]'s registers: the weights' signs
     /// moved onto the row's broadcast activations (`ymm12`, `ymm13`), multiplied by the
     /// weights' magnitudes (`ymm10`, `ymm11`), widened (`ymm15`: ones) and added to (or, `set`,
@@ -1770,12 +1795,7 @@ mod simd_x86 {
     macro_rules! q8_row {
         ($op:ident, $x:literal, $s:literal, $xo0:literal, $xo1:literal) => {
             concat!(
-                "vpbroadcastd ymm12, dword ptr [", $x, " + ", $xo0, "]\n",
-                "vpbroadcastd ymm13, dword ptr [", $x, " + ", $xo1, "]\n",
-                "vpsignb ymm12, ymm12, ymm8\n",
-                "vpsignb ymm13, ymm13, ymm9\n",
-                "vpmaddubsw ymm12, ymm10, ymm12\n",
-                "vpmaddubsw ymm13, ymm11, ymm13\n",
+                signed_products!($x, $xo0, $xo1),
                 "vpmaddwd ymm12, ymm12, ymm15\n",
                 "vpmaddwd ymm13, ymm13, ymm15\n",
                 q8_row!(@sum $op, $s),
@@ -1787,28 +1807,11 @@ mod simd_x86 {
         };
     }
 
-    /// Every row's step of one Q8_0 group (activation bytes `$xo0`, `$xo1` of the block).
+    /// Every row's step of one Q8_0 group (activation bytes `$xo0`, `$xo1` of the block):
+    /// rows `$x` into sums `$s`.
     macro_rules! q8_rows {
-        (1, $op:ident, $xo0:literal, $xo1:literal) => {
-            q8_row!($op, "{x0}", "ymm0", $xo0, $xo1)
-        };
-        (2, $op:ident, $xo0:literal, $xo1:literal) => {
-            concat!(
-                q8_rows!(1, $op, $xo0, $xo1),
-                q8_row!($op, "{x1}", "ymm1", $xo0, $xo1)
-            )
-        };
-        (3, $op:ident, $xo0:literal, $xo1:literal) => {
-            concat!(
-                q8_rows!(2, $op, $xo0, $xo1),
-                q8_row!($op, "{x2}", "ymm2", $xo0, $xo1)
-            )
-        };
-        (4, $op:ident, $xo0:literal, $xo1:literal) => {
-            concat!(
-                q8_rows!(3, $op, $xo0, $xo1),
-                q8_row!($op, "{x3}", "ymm3", $xo0, $xo1)
-            )
+        ($op:ident, $xo0:literal, $xo1:literal; $($x:literal => $s:literal),*) => {
+            concat!($(q8_row!($op, $x, $s, $xo0, $xo1),)*)
         };
     }
 
@@ -1831,16 +1834,16 @@ mod simd_x86 {
 
     /// A whole Q8_0 block (four groups; the first starts the sums).
     macro_rules! q8_block {
-        ($r:tt) => {
+        ($($x:literal => $s:literal),*) => {
             concat!(
                 q8_weights!("0", "64"),
-                q8_rows!($r, set, "0", "4"),
+                q8_rows!(set, "0", "4"; $($x => $s),*),
                 q8_weights!("128", "192"),
-                q8_rows!($r, add, "8", "12"),
+                q8_rows!(add, "8", "12"; $($x => $s),*),
                 q8_weights!("256", "320"),
-                q8_rows!($r, add, "16", "20"),
+                q8_rows!(add, "16", "20"; $($x => $s),*),
                 q8_weights!("384", "448"),
-                q8_rows!($r, add, "24", "28"),
+                q8_rows!(add, "24", "28"; $($x => $s),*),
             )
         };
     }
@@ -1864,9 +1867,9 @@ mod simd_x86 {
         let s = sums.as_mut_ptr();
         let ones = _mm256_set1_epi16(1);
         macro_rules! call {
-            ($r:tt; $($x:ident = $k:literal),*; $($reg:tt => $i:literal),*) => {
+            ($($x:ident = $k:literal, $xs:literal => $reg:tt, $i:literal);*) => {
                 std::arch::asm!(
-                    q8_block!($r),
+                    q8_block!($($xs => $reg),*),
                     w = in(reg) w,
                     $($x = in(reg) x.add(cols * $k),)*
                     $(out($reg) *s.add($i),)*
@@ -1880,30 +1883,23 @@ mod simd_x86 {
         // SAFETY: the caller's pointers; the asm reads only the block and the rows.
         unsafe {
             match R {
-                1 => call!(1; x0 = 0; "ymm0" => 0),
-                2 => call!(2; x0 = 0, x1 = 1; "ymm0" => 0, "ymm1" => 1),
-                3 => call!(3; x0 = 0, x1 = 1, x2 = 2; "ymm0" => 0, "ymm1" => 1, "ymm2" => 2),
-                4 => call!(4; x0 = 0, x1 = 1, x2 = 2, x3 = 3;
-                    "ymm0" => 0, "ymm1" => 1, "ymm2" => 2, "ymm3" => 3),
+                1 => call!(x0 = 0, "{x0}" => "ymm0", 0),
+                2 => call!(x0 = 0, "{x0}" => "ymm0", 0; x1 = 1, "{x1}" => "ymm1", 1),
+                3 => call!(x0 = 0, "{x0}" => "ymm0", 0; x1 = 1, "{x1}" => "ymm1", 1;
+                    x2 = 2, "{x2}" => "ymm2", 2),
+                4 => call!(x0 = 0, "{x0}" => "ymm0", 0; x1 = 1, "{x1}" => "ymm1", 1;
+                    x2 = 2, "{x2}" => "ymm2", 2; x3 = 3, "{x3}" => "ymm3", 3),
                 _ => unreachable!("Q8_0 row tiles have 1 to 4 rows"),
             }
         }
         sums
     }
 
-    /// One row's step of a Q6_K / Q5 group in [`q6_block_sums`]'s registers: [`q8_row`]'s
+    /// One row's step of a Q6_K / Q5 group in [`q6_block_sums`]'s registers: [`signed_products`]
     /// products, kept in 16 bits (quants within ±32: a 16-input half-block cannot overflow).
     macro_rules! q6_row {
         ($op:ident, $x:literal, $s:literal, $xo0:literal, $xo1:literal) => {
-            concat!(
-                "vpbroadcastd ymm12, dword ptr [", $x, " + ", $xo0, "]\n",
-                "vpbroadcastd ymm13, dword ptr [", $x, " + ", $xo1, "]\n",
-                "vpsignb ymm12, ymm12, ymm8\n",
-                "vpsignb ymm13, ymm13, ymm9\n",
-                "vpmaddubsw ymm12, ymm10, ymm12\n",
-                "vpmaddubsw ymm13, ymm11, ymm13\n",
-                q6_row!(@sum $op, $s),
-            )
+            concat!(signed_products!($x, $xo0, $xo1), q6_row!(@sum $op, $s))
         };
         (@sum set, $s:literal) => { concat!("vpaddw ", $s, ", ymm12, ymm13\n") };
         (@sum add, $s:literal) => {
