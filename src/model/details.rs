@@ -78,7 +78,7 @@ pub fn file_details(path: &Path) -> Result<FileDetails, LoadError> {
     if path.is_file() {
         let mut file = std::fs::File::open(path).map_err(io)?;
         let size = file.metadata().map_err(io)?.len();
-        let content = gguf_file::Content::read(&mut file)
+        let content = gguf_file::Content::read(&mut super::weights::HeaderReader::new(&mut file))
             .map_err(|e| LoadError::format(path, format!("GGUF header: {e}")))?;
         let infos = content.tensor_infos.values();
         let parameters = infos.clone().map(|t| t.shape.elem_count() as u64).sum();
