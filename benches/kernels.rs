@@ -21,7 +21,11 @@ fn random_bytes(format: QuantFormat, rows: usize, cols: usize) -> Vec<u8> {
     let mut out = Vec::new();
     let per = if matches!(
         format,
-        QuantFormat::Q4K | QuantFormat::Q6K | QuantFormat::Q5K | QuantFormat::Q3K
+        QuantFormat::Q4K
+            | QuantFormat::Q6K
+            | QuantFormat::Q5K
+            | QuantFormat::Q3K
+            | QuantFormat::IQ4XS
     ) {
         256
     } else {
@@ -61,6 +65,14 @@ fn random_bytes(format: QuantFormat, rows: usize, cols: usize) -> Vec<u8> {
             QuantFormat::Q3K => {
                 out.extend((0..108).map(|_| next() as u8));
                 out.extend(d);
+            }
+            QuantFormat::IQ4NL => {
+                out.extend(d);
+                out.extend((0..16).map(|_| next() as u8));
+            }
+            QuantFormat::IQ4XS => {
+                out.extend(d);
+                out.extend((0..134).map(|_| next() as u8));
             }
         }
     }

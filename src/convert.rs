@@ -4,16 +4,20 @@
 //!   is; weights are the exact dequantized values in HF layout;
 //! - a Hugging Face folder → a GGUF file in llama.cpp's layout (tensor names, metadata keys,
 //!   Q/K row permutation for llama, Gemma's `1 + w` norms), f32/f16 or quantized with candle's
-//!   quantizers, written by candle's GGUF writer.
+//!   quantizers (IQ4_NL / IQ4_XS with nextoken's port of llama.cpp's), written by candle's GGUF
+//!   writer (the IQ4 types as placeholders of the same size, then retyped in the header).
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{bail, Context};
+use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Tensor};
 
 use crate::model::attention::Rope;
+use crate::model::quant::{quantize_iq4, QuantFormat};
+use crate::model::weights::retype_gguf_tensors;
 use crate::model::{ModelConfig, RopeScaling};
 use serde_json::json;
 
@@ -133,6 +137,25 @@ pub enum GgufQuant {
     /// split into 256 fall back to Q4_0 (llama.cpp's fallback before IQ4_NL).
     #[value(name = "q3_k")]
     Q3K,
+    /// llama.cpp's IQ4_NL: 4-bit indices into a fixed non-linear table, blocks of 32 with an
+    /// f16 scale; the output head Q6_K (Q8_0 where its rows do not split into 256), as
+    /// llama.cpp's quantizer chooses.
+    #[value(name = "iq4_nl")]
+    IQ4NL,
+    /// llama.cpp's IQ4_XS: IQ4_NL's table in super-blocks of 256 with 6-bit sub-block
+    /// scales; rows that do not split into 256 fall back to IQ4_NL, and the head is Q6_K (or
+    /// Q8_0), as llama.cpp does.
+    #[value(name = "iq4_xs")]
+    IQ4XS,
+}
+
+/// What one 2-D weight is written as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Written {
+    /// A type candle quantizes and writes.
+    Candle(GgmlDType),
+    /// IQ4_NL or IQ4_XS.
+    Iq4(QuantFormat),
 }
 
 impl GgufQuant {
@@ -148,6 +171,24 @@ impl GgufQuant {
             GgufQuant::Q4KM => GgmlDType::Q4K,
             GgufQuant::Q5KM => GgmlDType::Q5K,
             GgufQuant::Q3K => GgmlDType::Q3K,
+            // Their head's type (the other weights are `Written::Iq4`).
+            GgufQuant::IQ4NL | GgufQuant::IQ4XS => GgmlDType::Q6K,
+        }
+    }
+
+    /// The type of the 2-D weight `hf` (see [`GgufQuant::tensor_type`]); the IQ4 formats for
+    /// all but the head.
+    fn written(self, hf: &str, cols: usize, layers: usize, tied: bool) -> Written {
+        let head = hf == "lm_head.weight" || (tied && hf == "model.embed_tokens.weight");
+        let iq4 = match self {
+            GgufQuant::IQ4NL => Some(QuantFormat::IQ4NL),
+            GgufQuant::IQ4XS if cols.is_multiple_of(256) => Some(QuantFormat::IQ4XS),
+            GgufQuant::IQ4XS => Some(QuantFormat::IQ4NL),
+            _ => None,
+        };
+        match iq4 {
+            Some(format) if !head && cols.is_multiple_of(32) => Written::Iq4(format),
+            _ => Written::Candle(self.tensor_type(hf, cols, layers, tied)),
         }
     }
 
@@ -168,10 +209,14 @@ impl GgufQuant {
         };
         let head = hf == "lm_head.weight" || (tied && hf == "model.embed_tokens.weight");
         let mix = matches!(self, GgufQuant::Q4KM | GgufQuant::Q5KM);
+        let iq4 = matches!(self, GgufQuant::IQ4NL | GgufQuant::IQ4XS);
         let more = (hf.ends_with("v_proj.weight") || hf.ends_with("down_proj.weight"))
             && layer.is_some_and(more_bits);
-        let mut dtype = if mix && (head || more) {
+        let mut dtype = if (mix && (head || more)) || (iq4 && head) {
             GgmlDType::Q6K
+        } else if iq4 {
+            // Rows the IQ4 blocks do not fit (not a multiple of 32).
+            GgmlDType::F16
         } else {
             self.dtype()
         };
@@ -203,6 +248,8 @@ impl GgufQuant {
             GgufQuant::Q5KM => 17,
             GgufQuant::Q3K => 11,
             GgufQuant::Q6K => 18,
+            GgufQuant::IQ4NL => 25,
+            GgufQuant::IQ4XS => 30,
         }
     }
 }
@@ -280,6 +327,8 @@ pub fn hf_to_gguf(input: &Path, out: &Path, quant: GgufQuant) -> anyhow::Result<
     }
     let named = model.named_tensors()?;
     let tied = !named.iter().any(|(hf, _)| hf == "lm_head.weight");
+    // IQ4 tensors: GGUF name → (ggml type, row length), set in the header once written.
+    let mut retype = HashMap::new();
     for (hf, t) in named {
         let gguf = crate::model::weights::gguf_name(arch, &hf)
             .with_context(|| format!("no GGUF name for tensor '{hf}'"))?;
@@ -298,12 +347,28 @@ pub fn hf_to_gguf(input: &Path, out: &Path, quant: GgufQuant) -> anyhow::Result<
             t = (t + 1.0)?;
         }
         let t = t.contiguous()?.copy()?;
-        let dtype = if t.rank() < 2 {
-            GgmlDType::F32
+        let written = if t.rank() < 2 {
+            Written::Candle(GgmlDType::F32)
         } else {
-            quant.tensor_type(&hf, t.dim(1)?, config.num_layers, tied)
+            quant.written(&hf, t.dim(1)?, config.num_layers, tied)
         };
-        let q = QTensor::quantize(&t, dtype).with_context(|| format!("quantizing '{hf}'"))?;
+        let q = match written {
+            Written::Candle(dtype) => QTensor::quantize(&t, dtype),
+            Written::Iq4(format) => {
+                let (rows, cols) = t.dims2()?;
+                let bytes = quantize_iq4(format, &t.flatten_all()?.to_vec1::<f32>()?)
+                    .with_context(|| format!("quantizing '{hf}' to {}", format.name()))?;
+                // A placeholder of the same byte size: Q4_0 has IQ4_NL's blocks (32 values
+                // in 18 bytes); IQ4_XS's 136 bytes per 256 are f16 pairs.
+                let (ggml_type, placeholder, dims) = match format {
+                    QuantFormat::IQ4NL => (20, GgmlDType::Q4_0, vec![rows, cols]),
+                    _ => (23, GgmlDType::F16, vec![rows, cols / 256 * 68]),
+                };
+                retype.insert(gguf.clone(), (ggml_type, cols as u64));
+                qtensor_from_ggml(placeholder, &bytes, dims, &candle_core::Device::Cpu)
+            }
+        }
+        .with_context(|| format!("quantizing '{hf}'"))?;
         tensors.push((gguf, q));
     }
     let tmp = out.with_extension("gguf.tmp");
@@ -317,6 +382,7 @@ pub fn hf_to_gguf(input: &Path, out: &Path, quant: GgufQuant) -> anyhow::Result<
     use std::io::Write;
     file.flush()?;
     drop(file);
+    retype_gguf_tensors(&tmp, &retype)?;
     std::fs::rename(&tmp, out).with_context(|| format!("writing {}", out.display()))?;
     Ok(())
 }

@@ -108,49 +108,6 @@ fn http_get(addr: &str, path: &str) -> (u16, String) {
     http(addr, "GET", path, None)
 }
 
-/// A venv with `openai` (and its `httpx`), created once under target/ (tests of this file run
-/// in parallel: only one creates it).
-fn python() -> PathBuf {
-    static VENV: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    VENV.get_or_init(create_venv).clone()
-}
-
-/// The tests' Python: a venv under `target/` with the official `openai` and `ollama` clients.
-fn create_venv() -> PathBuf {
-    let venv = repo().join("target/py-venv");
-    let py = venv.join("bin/python");
-    let ok = |py: &PathBuf| {
-        Command::new(py)
-            .args(["-c", "import openai, httpx, ollama"])
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !ok(&py) {
-        let status = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .expect("python3 -m venv");
-        assert!(status.success(), "creating the venv failed");
-        let status = Command::new(&py)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "openai>=1.40,<3",
-                "httpx",
-                "ollama>=0.4,<1",
-            ])
-            .status()
-            .expect("pip install openai");
-        assert!(status.success(), "pip install openai failed");
-    }
-    assert!(ok(&py), "the venv cannot import openai");
-    py
-}
-
 fn run_python(script: &str, server: &Server) -> String {
     let out = Command::new(python())
         .arg(repo().join("tests/python").join(script))

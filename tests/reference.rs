@@ -268,11 +268,24 @@ fn q5_k_m_gguf_stays_quantized_and_computes_its_weights() {
 /// tolerance (one position of `capital_france`, −1.71, moves 0.37 nats).
 #[test]
 fn q3_k_gguf_stays_quantized_and_computes_its_weights() {
-    use nextoken::convert::{gguf_to_hf, ConvertDtype, GgufQuant};
+    use nextoken::convert::GgufQuant;
     let (path, model, formats) = converted_gguf(GgufQuant::Q3K, "smollm2-q3_k.gguf");
     assert_eq!(formats, [("Q3_K", 30), ("Q4_1", 3 * 30 + 1)]);
-    let folder = process_dir().join("q3_k-f32");
-    gguf_to_hf(&path, &folder, ConvertDtype::F32).expect("dequantize to a folder");
+    scores_like_its_own_dequantization(model, &path, "q3_k");
+}
+
+/// The GGUF `model` (loaded from `path`) against the same file dequantized exactly to a
+/// float32 folder, teacher-forced: each reference prompt followed by the float32 file's 16
+/// greedy tokens is scored by both, every position's log-probability of the token that
+/// follows within the Q4_0 file's tolerance.
+fn scores_like_its_own_dequantization(
+    model: nextoken::model::Model,
+    path: &std::path::Path,
+    label: &str,
+) {
+    use nextoken::convert::{gguf_to_hf, ConvertDtype};
+    let folder = process_dir().join(format!("{label}-f32"));
+    gguf_to_hf(path, &folder, ConvertDtype::F32).expect("dequantize to a folder");
     let engine = EngineHandle::spawn(model, EngineConfig::default()).expect("engine");
     let (exact, _) = nextoken::load(&folder).expect("f32 folder loads");
     let exact = EngineHandle::spawn(exact, EngineConfig::default()).expect("engine");
@@ -294,7 +307,7 @@ fn q3_k_gguf_stays_quantized_and_computes_its_weights() {
         for (i, (a, b)) in ours.iter().zip(&want).enumerate() {
             assert!(
                 (a - b).abs() < Q4_0_LOGPROB_TOL * b.abs().max(1.0),
-                "q3_k/{name}: position {i}: {a} vs {b}"
+                "{label}/{name}: position {i}: {a} vs {b}"
             );
             positions += 1;
         }
@@ -303,6 +316,36 @@ fn q3_k_gguf_stays_quantized_and_computes_its_weights() {
     assert!(
         positions >= 16 * prompts.len(),
         "{positions} positions scored"
+    );
+}
+
+/// An `IQ4_XS` GGUF (`convert --quant iq4_xs`: llama.cpp's 4-bit non-linear table; the
+/// 1,536-wide `ffn_down` IQ4_XS, SmolLM2's 576-wide rows IQ4_NL — llama.cpp's fallback — and
+/// the tied head Q8_0, llama.cpp's Q6_K fallback), whose two types candle's GGUF reader does
+/// not know, loads, keeps every projection on the 8-bit kernels (IQ4_NL as the Q8_0 blocks of
+/// the same weights, IQ4_XS with exact f32 sub-block scales) and scores text as the same
+/// file dequantized to float32 does; llama.cpp's `gguf` package dequantizes the file to
+/// the same values, bit for bit (`tests/python/gguf_iq4_check.py`). Teacher-forced, as for Q3_K: re-quantized to this table
+/// the model hesitates at once (`capital_france`'s first token).
+#[test]
+fn iq4_xs_gguf_stays_quantized_and_computes_its_weights() {
+    use nextoken::convert::GgufQuant;
+    let (path, model, formats) = converted_gguf(GgufQuant::IQ4XS, "smollm2-iq4_xs.gguf");
+    // Per layer q/k/v and gate/up (each stacked) and o IQ4_NL, down IQ4_XS; the head.
+    assert_eq!(formats, [("IQ4_NL", 3 * 30), ("IQ4_XS", 30), ("Q8_0", 1)]);
+    scores_like_its_own_dequantization(model, &path, "iq4_xs");
+    // llama.cpp's own reader gets the values nextoken read (the folder written just above).
+    let out = std::process::Command::new(python())
+        .arg(repo().join("tests/python/gguf_iq4_check.py"))
+        .arg(&path)
+        .arg(process_dir().join("iq4_xs-f32"))
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "gguf_iq4_check.py: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
 }
 

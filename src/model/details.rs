@@ -4,8 +4,6 @@
 use std::io::Read;
 use std::path::Path;
 
-use candle_core::quantized::gguf_file;
-
 use super::LoadError;
 
 /// Facts about a model's weight files.
@@ -78,22 +76,30 @@ pub fn file_details(path: &Path) -> Result<FileDetails, LoadError> {
     if path.is_file() {
         let mut file = std::fs::File::open(path).map_err(io)?;
         let size = file.metadata().map_err(io)?.len();
-        let content = gguf_file::Content::read(&mut super::weights::HeaderReader::new(&mut file))
-            .map_err(|e| LoadError::format(path, format!("GGUF header: {e}")))?;
-        let infos = content.tensor_infos.values();
-        let parameters = infos.clone().map(|t| t.shape.elem_count() as u64).sum();
+        let (content, foreign) = super::weights::read_gguf_header(path, &mut file)?;
+        let parameters = content
+            .tensor_infos
+            .values()
+            .map(|t| t.shape.elem_count() as u64)
+            .sum();
         let named = content
             .metadata
             .get("general.file_type")
             .and_then(|v| v.to_u32().ok())
             .and_then(file_type_name);
         let quantization = named.map(str::to_owned).unwrap_or_else(|| {
-            most_common(infos.map(|t| {
-                // candle spells the k-quants `Q4K`; ggml `Q4_K`.
-                let mut name = format!("{:?}", t.ggml_dtype).to_uppercase();
-                if name.len() == 3 && name.starts_with('Q') && name.ends_with('K') {
-                    name.insert(2, '_');
-                }
+            most_common(content.tensor_infos.iter().map(|(n, t)| {
+                let name = match foreign.get(n) {
+                    Some(format) => format.name().to_string(),
+                    None => {
+                        // candle spells the k-quants `Q4K`; ggml `Q4_K`.
+                        let mut name = format!("{:?}", t.ggml_dtype).to_uppercase();
+                        if name.len() == 3 && name.starts_with('Q') && name.ends_with('K') {
+                            name.insert(2, '_');
+                        }
+                        name
+                    }
+                };
                 (name, t.shape.elem_count() as u64)
             }))
         });

@@ -26,6 +26,9 @@ enum Source {
     Gguf {
         file: File,
         content: gguf_file::Content,
+        /// Tensors of types candle's reader does not know (llama.cpp's IQ4_NL, IQ4_XS), by
+        /// GGUF name: their `content` entry has a placeholder type, this map the real one.
+        foreign: HashMap<String, QuantFormat>,
         /// Query and key/value head counts, to undo llama.cpp's Q/K permutation (llama only).
         heads: Option<(usize, usize)>,
         /// Architecture, for the names that differ between families.
@@ -123,14 +126,14 @@ fn gguf_value_to_json(v: &gguf_file::Value) -> Value {
 /// A buffered reader that knows its own position: candle reads each metadata string with
 /// two reads and asks the position once (a vocabulary and its merges are ~100,000 strings),
 /// each a system call on a bare file — a third of a small model's start-up.
-pub(crate) struct HeaderReader<R> {
+struct HeaderReader<R> {
     inner: std::io::BufReader<R>,
     pos: u64,
 }
 
 impl<R: Read + Seek> HeaderReader<R> {
     /// Reads `inner` from where it stands.
-    pub(crate) fn new(mut inner: R) -> Self {
+    fn new(mut inner: R) -> Self {
         // An unknown position is corrected by the first seek; candle seeks before reading.
         let pos = inner.stream_position().unwrap_or(0);
         HeaderReader {
@@ -158,8 +161,13 @@ impl<R: Seek> Seek for HeaderReader<R> {
     }
 }
 
-/// Reads a GGUF header, refusing absurd counts before candle allocates for them.
-fn read_gguf_header(path: &Path, file: &mut File) -> Result<gguf_file::Content, LoadError> {
+/// Reads a GGUF header, refusing absurd counts before candle allocates for them. Tensors of
+/// types candle does not know but nextoken converts (IQ4_NL, IQ4_XS) come back with a
+/// placeholder type in the header and their real format in the map.
+pub(crate) fn read_gguf_header(
+    path: &Path,
+    file: &mut File,
+) -> Result<(gguf_file::Content, HashMap<String, QuantFormat>), LoadError> {
     let len = file.metadata().map_err(|e| LoadError::io(path, e))?.len();
     let mut head = [0u8; 24];
     if len < 24 || file.read_exact(&mut head).is_err() {
@@ -178,22 +186,22 @@ fn read_gguf_header(path: &Path, file: &mut File) -> Result<gguf_file::Content, 
     }
     file.rewind().map_err(|e| LoadError::io(path, e))?;
     let read = gguf_file::Content::read(&mut HeaderReader::new(&mut *file));
-    let content = match read {
-        Ok(c) => c,
-        Err(e) => {
-            // A valid file with tensor types candle does not know (llama.cpp's IQ types)
-            // reads as "corrupt": name them instead.
-            let types = unreadable_tensors(file).and_then(|u| unreadable_types_message(&u));
-            return Err(match types {
-                Some(m) => LoadError::unsupported(path, m),
-                None => LoadError::format(path, format!("corrupt GGUF header: {e}")),
-            });
-        }
+    let (content, foreign) = match read {
+        Ok(c) => (c, HashMap::new()),
+        // A valid file with tensor types candle does not know (llama.cpp's IQ types) reads
+        // as "corrupt": read the ones nextoken converts, name the others.
+        Err(e) => match walk_header(file) {
+            Some(walk) if !walk.foreign.is_empty() => read_foreign_header(path, file, walk)?,
+            _ => return Err(LoadError::format(path, format!("corrupt GGUF header: {e}"))),
+        },
     };
     for (name, info) in &content.tensor_infos {
         let elems = info.shape.elem_count();
-        let block = info.ggml_dtype.block_size();
-        let bytes = (elems / block.max(1) * info.ggml_dtype.type_size()) as u64;
+        let (block, size) = match foreign.get(name) {
+            Some(format) => format.gguf_block(),
+            None => (info.ggml_dtype.block_size(), info.ggml_dtype.type_size()),
+        };
+        let bytes = (elems / block.max(1) * size) as u64;
         let end = content.tensor_data_offset + info.offset + bytes;
         if end > len {
             return Err(LoadError::format(
@@ -202,7 +210,50 @@ fn read_gguf_header(path: &Path, file: &mut File) -> Result<gguf_file::Content, 
             ));
         }
     }
-    Ok(content)
+    Ok((content, foreign))
+}
+
+/// The formats nextoken converts from GGML types candle's reader does not know.
+fn foreign_format(ggml_type: u32) -> Option<QuantFormat> {
+    match ggml_type {
+        20 => Some(QuantFormat::IQ4NL),
+        23 => Some(QuantFormat::IQ4XS),
+        _ => None,
+    }
+}
+
+/// A header whose foreign tensors are all of types nextoken converts: read by candle from a
+/// copy whose type fields say F32 instead (candle's header reader checks no sizes), with
+/// the real formats kept aside. Otherwise the file is refused, naming the types.
+fn read_foreign_header(
+    path: &Path,
+    file: &mut File,
+    walk: HeaderWalk,
+) -> Result<(gguf_file::Content, HashMap<String, QuantFormat>), LoadError> {
+    let unreadable: Vec<(String, u32)> = walk
+        .foreign
+        .iter()
+        .filter(|t| foreign_format(t.ggml_type).is_none())
+        .map(|t| (t.name.clone(), t.ggml_type))
+        .collect();
+    if let Some(message) = unreadable_types_message(&unreadable) {
+        return Err(LoadError::unsupported(path, message));
+    }
+    let mut header = vec![0u8; usize::try_from(walk.end).unwrap_or(usize::MAX).min(1 << 31)];
+    file.rewind()
+        .and_then(|_| file.read_exact(&mut header))
+        .map_err(|e| LoadError::io(path, e))?;
+    let mut foreign = HashMap::new();
+    for t in walk.foreign {
+        let at = t.type_at as usize;
+        header[at..at + 4].copy_from_slice(&0u32.to_le_bytes());
+        if let Some(format) = foreign_format(t.ggml_type) {
+            foreign.insert(t.name, format);
+        }
+    }
+    let content = gguf_file::Content::read(&mut std::io::Cursor::new(header))
+        .map_err(|e| LoadError::format(path, format!("corrupt GGUF header: {e}")))?;
+    Ok((content, foreign))
 }
 
 /// GGML tensor types by id (ggml.h's `ggml_type`), for messages.
@@ -216,13 +267,40 @@ fn ggml_type_name(id: u32) -> Option<&'static str> {
     NAMES.get(id as usize).copied().filter(|n| !n.is_empty())
 }
 
-/// GGML tensor types nextoken reads (candle's GGUF reader knows exactly these).
+/// GGML tensor types candle's GGUF reader knows.
 const READABLE_TYPES: [u32; 15] = [0, 1, 2, 3, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 30];
 
-/// The tensors of a GGUF file (version 2 or 3) whose type nextoken cannot read, as
-/// `(name, type id)`, found by walking the header without interpreting it. `None` when the
-/// header cannot be walked (then it is corrupt, or of GGUF version 1).
-fn unreadable_tensors(file: &mut File) -> Option<Vec<(String, u32)>> {
+/// A tensor whose type candle's reader does not know.
+struct ForeignTensor {
+    name: String,
+    ggml_type: u32,
+    /// Where its type field is in the file.
+    type_at: u64,
+}
+
+/// Where a tensor's info fields are in the file.
+struct TensorAt {
+    name: String,
+    /// Its innermost dimension (the row length).
+    dim0_at: u64,
+    /// Its type.
+    type_at: u64,
+}
+
+/// What walking a GGUF header found.
+struct HeaderWalk {
+    /// Tensors of types candle does not know, in header order.
+    foreign: Vec<ForeignTensor>,
+    /// Every tensor, in header order.
+    tensors: Vec<TensorAt>,
+    /// Where the tensor infos end (the header's last byte + 1, before alignment).
+    end: u64,
+}
+
+/// Walks the header of a GGUF file (version 2 or 3) without interpreting it, for its tensors
+/// of types candle's reader does not know. `None` when the header cannot be walked (then it
+/// is corrupt, or of GGUF version 1).
+fn walk_header(file: &mut File) -> Option<HeaderWalk> {
     fn take<const N: usize>(r: &mut impl Read) -> Option<[u8; N]> {
         let mut b = [0u8; N];
         r.read_exact(&mut b).ok()?;
@@ -292,23 +370,75 @@ fn unreadable_tensors(file: &mut File) -> Option<Vec<(String, u32)>> {
         let t = u32_(&mut r)?;
         skip(&mut r, t, 0)?;
     }
-    let mut unreadable = Vec::new();
+    let (mut foreign, mut tensors) = (Vec::new(), Vec::new());
     for _ in 0..n_tensors {
         let name = string(&mut r)?;
         let dims = u32_(&mut r)?;
+        let dim0_at = r.stream_position().ok()?;
         if dims > 8 {
             return None;
         }
         for _ in 0..dims {
             u64_(&mut r)?;
         }
+        let type_at = r.stream_position().ok()?;
         let t = u32_(&mut r)?;
         u64_(&mut r)?;
         if !READABLE_TYPES.contains(&t) {
-            unreadable.push((name, t));
+            foreign.push(ForeignTensor {
+                name: name.clone(),
+                ggml_type: t,
+                type_at,
+            });
+        }
+        tensors.push(TensorAt {
+            name,
+            dim0_at,
+            type_at,
+        });
+    }
+    let end = r.stream_position().ok()?;
+    Some(HeaderWalk {
+        foreign,
+        tensors,
+        end,
+    })
+}
+
+/// Gives tensors of the GGUF file at `path` their real type and row length: for types
+/// candle cannot write (IQ4_NL, IQ4_XS), written as placeholders of the same byte size.
+/// `retype` maps GGUF names to `(ggml type, row length)`.
+pub(crate) fn retype_gguf_tensors(
+    path: &Path,
+    retype: &HashMap<String, (u32, u64)>,
+) -> Result<(), LoadError> {
+    use std::io::Write;
+    let io = |e| LoadError::io(path, e);
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(io)?;
+    let walk = walk_header(&mut file)
+        .ok_or_else(|| LoadError::format(path, "GGUF header does not walk"))?;
+    let mut done = 0;
+    for t in &walk.tensors {
+        if let Some(&(ggml_type, dim0)) = retype.get(&t.name) {
+            for (at, bytes) in [
+                (t.dim0_at, dim0.to_le_bytes().to_vec()),
+                (t.type_at, ggml_type.to_le_bytes().to_vec()),
+            ] {
+                file.seek(std::io::SeekFrom::Start(at))
+                    .and_then(|_| file.write_all(&bytes))
+                    .map_err(io)?;
+            }
+            done += 1;
         }
     }
-    Some(unreadable)
+    if done != retype.len() {
+        return Err(LoadError::format(path, "a tensor to retype is missing"));
+    }
+    Ok(())
 }
 
 /// Why a GGUF header that walks cleanly was refused: its tensor types (None when all are
@@ -321,12 +451,32 @@ fn unreadable_types_message(unreadable: &[(String, u32)]) -> Option<String> {
     kinds.dedup();
     Some(format!(
         "tensor type {} in {} tensor(s) (the first: '{first}', {}); nextoken reads F32, F16, \
-         BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q2_K–Q6_K — use a file quantized to one of \
-         these (e.g. Q4_K_M or Q8_0)",
+         BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K–Q6_K, IQ4_NL and IQ4_XS — use a file \
+         quantized to one of these (e.g. Q4_K_M or Q8_0)",
         kinds.join(", "),
         unreadable.len(),
         name(*t),
     ))
+}
+
+/// The raw bytes of a GGUF tensor (of `foreign`'s format where candle does not know its
+/// type).
+fn tensor_bytes(
+    file: &mut File,
+    content: &gguf_file::Content,
+    info: &gguf_file::TensorInfo,
+    foreign: Option<QuantFormat>,
+) -> std::io::Result<Vec<u8>> {
+    let (block, size) = match foreign {
+        Some(format) => format.gguf_block(),
+        None => (info.ggml_dtype.block_size(), info.ggml_dtype.type_size()),
+    };
+    let mut data = vec![0u8; info.shape.elem_count() / block * size];
+    file.seek(std::io::SeekFrom::Start(
+        content.tensor_data_offset + info.offset,
+    ))?;
+    file.read_exact(&mut data)?;
+    Ok(data)
 }
 
 fn load_safetensors_file(path: &Path) -> Result<HashMap<String, Tensor>, LoadError> {
@@ -339,7 +489,7 @@ impl Weights {
     /// Opens a GGUF file and returns its weights and its metadata as JSON values.
     pub fn open_gguf(path: &Path) -> Result<(Self, serde_json::Map<String, Value>), LoadError> {
         let mut file = File::open(path).map_err(|e| LoadError::io(path, e))?;
-        let content = read_gguf_header(path, &mut file)?;
+        let (content, foreign) = read_gguf_header(path, &mut file)?;
         let metadata = content
             .metadata
             .iter()
@@ -350,6 +500,7 @@ impl Weights {
             source: Source::Gguf {
                 file,
                 content,
+                foreign,
                 heads: None,
                 arch: Architecture::Llama,
             },
@@ -463,13 +614,15 @@ impl Weights {
         if let Source::Gguf {
             file,
             content,
+            foreign,
             arch,
             ..
         } = &mut self.source
         {
             let g = gguf_name(*arch, name).unwrap_or_default();
             if let Some(info) = content.tensor_infos.get(&g) {
-                let format = match info.ggml_dtype {
+                let foreign = foreign.get(&g).copied();
+                let format = foreign.or(match info.ggml_dtype {
                     GgmlDType::Q4_0 | GgmlDType::Q4_1 => Some(QuantFormat::Q4_1),
                     GgmlDType::Q8_0 | GgmlDType::Q5_0 => Some(QuantFormat::Q8_0),
                     GgmlDType::Q4K => Some(QuantFormat::Q4K),
@@ -478,7 +631,7 @@ impl Weights {
                     GgmlDType::Q5K => Some(QuantFormat::Q5K),
                     GgmlDType::Q3K => Some(QuantFormat::Q3K),
                     _ => None,
-                };
+                });
                 if let Some(format) = format {
                     if info.shape.dims() != shape {
                         return Err(LoadError::format(
@@ -489,17 +642,11 @@ impl Weights {
                             ),
                         ));
                     }
-                    let bytes = info.shape.elem_count() / info.ggml_dtype.block_size()
-                        * info.ggml_dtype.type_size();
-                    let mut data = vec![0u8; bytes];
-                    file.seek(std::io::SeekFrom::Start(
-                        content.tensor_data_offset + info.offset,
-                    ))
-                    .and_then(|_| file.read_exact(&mut data))
-                    .map_err(|e| LoadError::io(&path, e))?;
-                    let converted = match info.ggml_dtype {
-                        GgmlDType::Q4_0 => Some(super::quant::q4_0_as_q4_1(&data)),
-                        GgmlDType::Q5_0 => Some(super::quant::q5_0_as_q8_0(&data)),
+                    let mut data = tensor_bytes(file, content, info, foreign)
+                        .map_err(|e| LoadError::io(&path, e))?;
+                    let converted = match (foreign, info.ggml_dtype) {
+                        (None, GgmlDType::Q4_0) => Some(super::quant::q4_0_as_q4_1(&data)),
+                        (None, GgmlDType::Q5_0) => Some(super::quant::q5_0_as_q8_0(&data)),
                         _ => None,
                     };
                     if let Some(converted) = converted {
@@ -529,21 +676,36 @@ impl Weights {
             Source::Gguf {
                 file,
                 content,
+                foreign,
                 heads,
                 arch,
             } => {
                 let g = gguf_name(*arch, name).ok_or_else(|| {
                     LoadError::format(&path, format!("no GGUF name for tensor '{name}'"))
                 })?;
-                if !content.tensor_infos.contains_key(&g) {
+                let Some(info) = content.tensor_infos.get(&g) else {
                     return Err(LoadError::format(&path, format!("missing tensor '{g}'")));
-                }
-                let q = content
-                    .tensor(file, &g, &Device::Cpu)
-                    .map_err(|e| LoadError::format(&path, format!("tensor '{g}': {e}")))?;
-                let t = q
-                    .dequantize(&Device::Cpu)
-                    .map_err(|e| LoadError::format(&path, format!("tensor '{g}': {e}")))?;
+                };
+                let bad = |e: String| LoadError::format(&path, format!("tensor '{g}': {e}"));
+                let t = match foreign.get(&g).copied() {
+                    // Types candle does not know: through the panels, exactly.
+                    Some(format) => {
+                        let data = tensor_bytes(file, content, info, Some(format))
+                            .map_err(|e| LoadError::io(&path, e))?;
+                        let dims = info.shape.dims().to_vec();
+                        let cols = dims.last().copied().unwrap_or(1);
+                        let rows = info.shape.elem_count() / cols.max(1);
+                        let values = QMatrix::from_gguf_bytes(format, rows, cols, &data)
+                            .map_err(bad)?
+                            .dequantize();
+                        Tensor::from_vec(values, dims, &Device::Cpu)
+                            .map_err(|e| bad(e.to_string()))?
+                    }
+                    None => content
+                        .tensor(file, &g, &Device::Cpu)
+                        .and_then(|q| q.dequantize(&Device::Cpu))
+                        .map_err(|e| bad(e.to_string()))?,
+                };
                 let permute_heads = match (heads, name) {
                     (Some((h, _)), n) if n.ends_with("q_proj.weight") => Some(*h),
                     (Some((_, kv)), n) if n.ends_with("k_proj.weight") => Some(*kv),
@@ -618,7 +780,7 @@ mod tests {
     }
 
     /// A GGUF v3 header with one metadata array (`count` values of type `elem`, no data) and
-    /// no tensors, walked by [`unreadable_tensors`].
+    /// no tensors, walked by [`walk_header`] (the foreign tensors' names and types).
     fn walk_array(elem: u32, count: u64) -> Option<Vec<(String, u32)>> {
         let mut b = b"GGUF".to_vec();
         b.extend(3u32.to_le_bytes());
@@ -631,7 +793,12 @@ mod tests {
         b.extend(count.to_le_bytes());
         let mut f = tempfile::tempfile().expect("tempfile");
         std::io::Write::write_all(&mut f, &b).expect("write");
-        unreadable_tensors(&mut f)
+        walk_header(&mut f).map(|w| {
+            w.foreign
+                .into_iter()
+                .map(|t| (t.name, t.ggml_type))
+                .collect()
+        })
     }
 
     #[test]

@@ -5,6 +5,7 @@
 pub mod engine;
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::OnceLock;
 
 use nextoken::model::Model;
@@ -118,4 +119,51 @@ pub fn firm_steps(prompt: &Value) -> usize {
         .iter()
         .take_while(|s| s["top1_top2_logit_margin"].as_f64().expect("margin") >= 0.5)
         .count()
+}
+
+/// A venv with the official `openai` and `ollama` clients (and `httpx`) and llama.cpp's `gguf`
+/// package, created once under target/ (tests run in parallel: only one creates it).
+pub fn python() -> PathBuf {
+    static VENV: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    VENV.get_or_init(create_venv).clone()
+}
+
+/// The tests' Python: see [`python`].
+fn create_venv() -> PathBuf {
+    let venv = repo().join("target/py-venv");
+    let py = venv.join("bin/python");
+    let ok = |py: &PathBuf| {
+        Command::new(py)
+            .args(["-c", "import openai, httpx, ollama, gguf"])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !ok(&py) {
+        let status = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .expect("python3 -m venv");
+        assert!(status.success(), "creating the venv failed");
+        let status = Command::new(&py)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "openai>=1.40,<3",
+                "httpx",
+                "ollama>=0.4,<1",
+                "gguf>=0.17,<1",
+            ])
+            .status()
+            .expect("pip install");
+        assert!(
+            status.success(),
+            "pip install (openai, ollama, gguf) failed"
+        );
+    }
+    assert!(ok(&py), "the venv cannot import openai, ollama or gguf");
+    py
 }
