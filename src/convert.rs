@@ -171,7 +171,7 @@ impl GgufQuant {
             GgufQuant::Q4KM => GgmlDType::Q4K,
             GgufQuant::Q5KM => GgmlDType::Q5K,
             GgufQuant::Q3K => GgmlDType::Q3K,
-            // Their head's type (the other weights are `Written::Iq4`).
+            // Not used: `tensor_type` picks their head's and fallback types itself.
             GgufQuant::IQ4NL | GgufQuant::IQ4XS => GgmlDType::Q6K,
         }
     }
@@ -359,7 +359,7 @@ pub fn hf_to_gguf(input: &Path, out: &Path, quant: GgufQuant) -> anyhow::Result<
                 let bytes = quantize_iq4(format, &t.flatten_all()?.to_vec1::<f32>()?)
                     .with_context(|| format!("quantizing '{hf}' to {}", format.name()))?;
                 // A placeholder of the same byte size: Q4_0 has IQ4_NL's blocks (32 values
-                // in 18 bytes); IQ4_XS's 136 bytes per 256 are f16 pairs.
+                // in 18 bytes); IQ4_XS's 136 bytes per 256 values are 68 f16s.
                 let (ggml_type, placeholder, dims) = match format {
                     QuantFormat::IQ4NL => (20, GgmlDType::Q4_0, vec![rows, cols]),
                     _ => (23, GgmlDType::F16, vec![rows, cols / 256 * 68]),

@@ -456,9 +456,11 @@ fn iq4_index(x: f32) -> u8 {
 
 /// GGUF bytes of `x` (whole blocks of `format`, IQ4_NL or IQ4_XS) as llama.cpp quantizes
 /// them without an importance matrix (`quantize_row_iq4_nl_impl`, 7 tries each side): per
-/// 32 values the scale of least squared error (each value weighted by its square) among
-/// `max / (T[0] + k)`, `k = −7..7`, and the first guess; IQ4_XS then rounds the eight
-/// sub-block scales to 6-bit multiples of one f16 `d`. `None` for other formats or lengths.
+/// 32 values, the table indices nearest `x·127/max` and then `x·(k − 127)/max` for
+/// `k = −7..7` (`max`: the value of largest magnitude) each give a least-squares scale (each
+/// value weighted by its square); the best fit wins. IQ4_XS then rounds the eight sub-block
+/// scales to 6-bit multiples of one f16 `d` and picks the indices again. `None` for other
+/// formats or lengths.
 pub fn quantize_iq4(format: QuantFormat, x: &[f32]) -> Option<Vec<u8>> {
     let values = format.gguf_block().0;
     if !matches!(format, QuantFormat::IQ4NL | QuantFormat::IQ4XS) || !x.len().is_multiple_of(values)
