@@ -277,12 +277,12 @@ fn q3_k_gguf_stays_quantized_and_computes_its_weights() {
 /// The GGUF `model` (loaded from `path`) against the same file dequantized exactly to a
 /// float32 folder, teacher-forced: each reference prompt followed by the float32 file's 16
 /// greedy tokens is scored by both, every position's log-probability of the token that
-/// follows within the Q4_0 file's tolerance.
+/// follows within the Q4_0 file's tolerance. Returns the float32 folder.
 fn scores_like_its_own_dequantization(
     model: nextoken::model::Model,
     path: &std::path::Path,
     label: &str,
-) {
+) -> std::path::PathBuf {
     use nextoken::convert::{gguf_to_hf, ConvertDtype};
     let folder = process_dir().join(format!("{label}-f32"));
     gguf_to_hf(path, &folder, ConvertDtype::F32).expect("dequantize to a folder");
@@ -317,6 +317,7 @@ fn scores_like_its_own_dequantization(
         positions >= 16 * prompts.len(),
         "{positions} positions scored"
     );
+    folder
 }
 
 /// An `IQ4_XS` GGUF (`convert --quant iq4_xs`: llama.cpp's 4-bit non-linear table; the
@@ -324,21 +325,22 @@ fn scores_like_its_own_dequantization(
 /// the tied head Q8_0, llama.cpp's Q6_K fallback), whose two types candle's GGUF reader does
 /// not know, loads, keeps every projection on the 8-bit kernels (IQ4_NL as the Q8_0 blocks of
 /// the same weights, IQ4_XS with exact f32 sub-block scales) and scores text as the same
-/// file dequantized to float32 does; llama.cpp's `gguf` package dequantizes the file to
-/// the same values, bit for bit (`tests/python/gguf_iq4_check.py`). Teacher-forced, as for Q3_K: re-quantized to this table
-/// the model hesitates at once (`capital_france`'s first token).
+/// file dequantized to float32 does (teacher-forced, as for Q3_K: re-quantized to this
+/// table the model hesitates at once, at `capital_france`'s first token); llama.cpp's `gguf`
+/// package dequantizes the file to the same values, bit for bit
+/// (`tests/python/gguf_iq4_check.py`).
 #[test]
 fn iq4_xs_gguf_stays_quantized_and_computes_its_weights() {
     use nextoken::convert::GgufQuant;
     let (path, model, formats) = converted_gguf(GgufQuant::IQ4XS, "smollm2-iq4_xs.gguf");
     // Per layer q/k/v and gate/up (each stacked) and o IQ4_NL, down IQ4_XS; the head.
     assert_eq!(formats, [("IQ4_NL", 3 * 30), ("IQ4_XS", 30), ("Q8_0", 1)]);
-    scores_like_its_own_dequantization(model, &path, "iq4_xs");
-    // llama.cpp's own reader gets the values nextoken read (the folder written just above).
+    let folder = scores_like_its_own_dequantization(model, &path, "iq4_xs");
+    // llama.cpp's own reader gets the values nextoken read (the float32 folder).
     let out = std::process::Command::new(python())
         .arg(repo().join("tests/python/gguf_iq4_check.py"))
         .arg(&path)
-        .arg(process_dir().join("iq4_xs-f32"))
+        .arg(&folder)
         .output()
         .expect("run python");
     assert!(
