@@ -2018,20 +2018,36 @@ mod simd_x86 {
                 signed_products!($x, $xo0, $xo1),
                 "vpmaddwd ymm12, ymm12, ymm15\n",
                 "vpmaddwd ymm13, ymm13, ymm15\n",
-                q8_row!(@sum $op, $s),
+                group_sum!("vpaddd", $op, $s),
             )
-        };
-        (@sum set, $s:literal) => { concat!("vpaddd ", $s, ", ymm12, ymm13\n") };
-        (@sum add, $s:literal) => {
-            concat!("vpaddd ymm12, ymm12, ymm13\n", "vpaddd ", $s, ", ", $s, ", ymm12\n")
         };
     }
 
-    /// Every row's step of one Q8_0 group (activation bytes `$xo0`, `$xo1` of the block):
-    /// rows `$x` into sums `$s`.
-    macro_rules! q8_rows {
-        ($op:ident, $xo0:literal, $xo1:literal; $($x:literal => $s:literal),*) => {
-            concat!($(q8_row!($op, $x, $s, $xo0, $xo1),)*)
+    /// A row's two products (`ymm12`, `ymm13`) added into its sum `$s` with `$add` (`vpaddd`
+    /// or `vpaddw`): `set` starts the sum (the block's first group), `add` adds to it.
+    macro_rules! group_sum {
+        ($add:literal, set, $s:literal) => {
+            concat!($add, " ", $s, ", ymm12, ymm13\n")
+        };
+        ($add:literal, add, $s:literal) => {
+            concat!(
+                $add,
+                " ymm12, ymm12, ymm13\n",
+                $add,
+                " ",
+                $s,
+                ", ",
+                $s,
+                ", ymm12\n"
+            )
+        };
+    }
+
+    /// Every row's step of one group (activation bytes `$xo0`, `$xo1` of the block) by the
+    /// format's row macro (`q8_row`, `q6_row`): rows `$x` into sums `$s`.
+    macro_rules! each_row {
+        ($row:ident, $op:ident, $xo0:literal, $xo1:literal; $($x:literal => $s:literal),*) => {
+            concat!($($row!($op, $x, $s, $xo0, $xo1),)*)
         };
     }
 
@@ -2057,13 +2073,13 @@ mod simd_x86 {
         ($($x:literal => $s:literal),*) => {
             concat!(
                 q8_weights!("0", "64"),
-                q8_rows!(set, "0", "4"; $($x => $s),*),
+                each_row!(q8_row, set, "0", "4"; $($x => $s),*),
                 q8_weights!("128", "192"),
-                q8_rows!(add, "8", "12"; $($x => $s),*),
+                each_row!(q8_row, add, "8", "12"; $($x => $s),*),
                 q8_weights!("256", "320"),
-                q8_rows!(add, "16", "20"; $($x => $s),*),
+                each_row!(q8_row, add, "16", "20"; $($x => $s),*),
                 q8_weights!("384", "448"),
-                q8_rows!(add, "24", "28"; $($x => $s),*),
+                each_row!(q8_row, add, "24", "28"; $($x => $s),*),
             )
         };
     }
@@ -2119,18 +2135,10 @@ mod simd_x86 {
     /// products, kept in 16 bits (quants within ±32: a 16-input half-block cannot overflow).
     macro_rules! q6_row {
         ($op:ident, $x:literal, $s:literal, $xo0:literal, $xo1:literal) => {
-            concat!(signed_products!($x, $xo0, $xo1), q6_row!(@sum $op, $s))
-        };
-        (@sum set, $s:literal) => { concat!("vpaddw ", $s, ", ymm12, ymm13\n") };
-        (@sum add, $s:literal) => {
-            concat!("vpaddw ymm12, ymm12, ymm13\n", "vpaddw ", $s, ", ", $s, ", ymm12\n")
-        };
-    }
-
-    /// Every row's step of one Q6_K / Q5 group: rows `$x` into sums `$s`.
-    macro_rules! q6_rows {
-        ($op:ident, $xo0:literal, $xo1:literal; $($x:literal => $s:literal),*) => {
-            concat!($(q6_row!($op, $x, $s, $xo0, $xo1),)*)
+            concat!(
+                signed_products!($x, $xo0, $xo1),
+                group_sum!("vpaddw", $op, $s)
+            )
         };
     }
 
@@ -2143,11 +2151,11 @@ mod simd_x86 {
     macro_rules! q6_block {
         ($($x:literal => $lo:literal, $hi:literal),*) => {
             concat!(
-                q8_weights!("0", "64"), q6_rows!(set, "0", "4"; $($x => $lo),*),
-                q8_weights!("128", "192"), q6_rows!(add, "8", "12"; $($x => $lo),*),
+                q8_weights!("0", "64"), each_row!(q6_row, set, "0", "4"; $($x => $lo),*),
+                q8_weights!("128", "192"), each_row!(q6_row, add, "8", "12"; $($x => $lo),*),
                 widen!($($lo),*),
-                q8_weights!("256", "320"), q6_rows!(set, "16", "20"; $($x => $hi),*),
-                q8_weights!("384", "448"), q6_rows!(add, "24", "28"; $($x => $hi),*),
+                q8_weights!("256", "320"), each_row!(q6_row, set, "16", "20"; $($x => $hi),*),
+                q8_weights!("384", "448"), each_row!(q6_row, add, "24", "28"; $($x => $hi),*),
                 widen!($($hi),*),
             )
         };
