@@ -396,6 +396,31 @@ async fn chat_completion_and_streaming_chat() {
         .collect();
     assert_eq!(streamed, content);
     assert_eq!(chunks.last().expect("usage")["usage"]["prompt_tokens"], 37);
+
+    // `chat_template_kwargs` (vLLM's, llama.cpp's): variables SmolLM2's template does not
+    // read change nothing, and the render's own variables are not overridden.
+    let (status, again) = post_json(
+        &app,
+        "/v1/chat/completions",
+        json!({"messages": messages, "max_tokens": 16, "temperature": 0,
+               "chat_template_kwargs": {"enable_thinking": false, "messages": []}}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{again}");
+    assert_eq!(again["choices"][0]["message"]["content"], content);
+    assert_eq!(again["usage"]["prompt_tokens"], 37);
+    let (status, v) = post_json(
+        &app,
+        "/v1/chat/completions",
+        json!({"messages": messages, "chat_template_kwargs": "enable_thinking"}),
+    )
+    .await;
+    assert_error(
+        status,
+        &v,
+        StatusCode::BAD_REQUEST,
+        Some("chat_template_kwargs"),
+    );
 }
 
 #[tokio::test]

@@ -18,6 +18,8 @@ pub enum Architecture {
     Mistral,
     /// Qwen2 / Qwen2.5 (incl. Coder): q/k/v biases.
     Qwen2,
+    /// Qwen3 (dense): no biases, an RMSNorm over each head of q and of k before rope.
+    Qwen3,
     /// Phi-3: fused qkv and gate/up projections, partial rotary.
     Phi3,
     /// Gemma 2: sandwich norms, (1 + w) RMS norms, soft-capping, scaled embeddings,
@@ -29,10 +31,11 @@ pub enum Architecture {
 
 impl Architecture {
     /// Every architecture, in the order they are listed to users.
-    pub const ALL: [Architecture; 6] = [
+    pub const ALL: [Architecture; 7] = [
         Architecture::Llama,
         Architecture::Mistral,
         Architecture::Qwen2,
+        Architecture::Qwen3,
         Architecture::Phi3,
         Architecture::Gemma2,
         Architecture::Starcoder2,
@@ -44,6 +47,7 @@ impl Architecture {
             Architecture::Llama => "LlamaForCausalLM",
             Architecture::Mistral => "MistralForCausalLM",
             Architecture::Qwen2 => "Qwen2ForCausalLM",
+            Architecture::Qwen3 => "Qwen3ForCausalLM",
             Architecture::Phi3 => "Phi3ForCausalLM",
             Architecture::Gemma2 => "Gemma2ForCausalLM",
             Architecture::Starcoder2 => "Starcoder2ForCausalLM",
@@ -56,6 +60,7 @@ impl Architecture {
             Architecture::Llama => "llama",
             Architecture::Mistral => "mistral",
             Architecture::Qwen2 => "qwen2",
+            Architecture::Qwen3 => "qwen3",
             Architecture::Phi3 => "phi3",
             Architecture::Gemma2 => "gemma2",
             Architecture::Starcoder2 => "starcoder2",
@@ -68,6 +73,7 @@ impl Architecture {
         match self {
             Architecture::Llama | Architecture::Mistral => "llama",
             Architecture::Qwen2 => "qwen2",
+            Architecture::Qwen3 => "qwen3",
             Architecture::Phi3 => "phi3",
             Architecture::Gemma2 => "gemma2",
             Architecture::Starcoder2 => "starcoder2",
@@ -108,6 +114,12 @@ impl Architecture {
     /// Whether HF RMSNorm weights are stored as `w` with `(1 + w)` applied.
     pub fn unit_offset_norms(self) -> bool {
         self == Architecture::Gemma2
+    }
+
+    /// Whether each head of q and of k is RMS-normalised (its own weights, `head_dim` wide)
+    /// after the projection and before rope.
+    pub fn qk_norm(self) -> bool {
+        self == Architecture::Qwen3
     }
 
     /// Whether q/k/v (and gate/up) are one fused tensor each.
@@ -404,7 +416,7 @@ fn sliding_layers(
     }
     Ok(match arch {
         Architecture::Gemma2 => (0..num_layers).map(|i| i % 2 == 0).collect(),
-        Architecture::Qwen2 => {
+        Architecture::Qwen2 | Architecture::Qwen3 => {
             let on = v.get("use_sliding_window").and_then(Value::as_bool) == Some(true);
             let from = get_usize(v, "max_window_layers").unwrap_or(num_layers);
             (0..num_layers).map(|i| on && i >= from).collect()
@@ -582,6 +594,7 @@ impl ModelConfig {
             "llama" if sliding_window.is_some() => Architecture::Mistral,
             "llama" => Architecture::Llama,
             "qwen2" => Architecture::Qwen2,
+            "qwen3" => Architecture::Qwen3,
             "phi3" => Architecture::Phi3,
             "gemma2" => Architecture::Gemma2,
             "starcoder2" => Architecture::Starcoder2,
@@ -895,7 +908,7 @@ impl ModelConfig {
                 })
                 .collect();
             obj.insert("layer_types".into(), json!(types));
-            if self.architecture == Architecture::Qwen2 {
+            if matches!(self.architecture, Architecture::Qwen2 | Architecture::Qwen3) {
                 obj.insert("use_sliding_window".into(), json!(true));
             }
         } else {

@@ -43,9 +43,13 @@ fn row_sums<const R: usize>(x: &[f32], n: usize, f: impl Fn(usize, f32) -> f32) 
 }
 
 impl Norm {
-    /// Loads `{name}.weight` (and `{name}.bias` when present).
+    /// Loads `{name}.weight` (and `{name}.bias` when present), `c.hidden_size` wide.
     fn load(w: &mut Weights, name: &str, c: &ModelConfig) -> LoadResult<Norm> {
-        let h = c.hidden_size;
+        Self::load_width(w, name, c, c.hidden_size)
+    }
+
+    /// [`Norm::load`] of a norm `h` wide (Qwen3's per-head q/k norms: `head_dim`).
+    fn load_width(w: &mut Weights, name: &str, c: &ModelConfig, h: usize) -> LoadResult<Norm> {
         let path = w.path().to_path_buf();
         let vec = |t: Tensor| t.to_vec1::<f32>().map_err(|e| LoadError::format(&path, e));
         let mut weight = vec(w.get(&format!("{name}.weight"), &[h])?)?;
@@ -269,7 +273,9 @@ pub(super) struct TrainingWeights {
 struct Block {
     attn_norm: Norm,
     qkv: Projections, // q (num_heads * head_dim), k, v (num_kv_heads * head_dim)
-    o_proj: Linear,   // (hidden, num_heads * head_dim)
+    /// Qwen3: each head of q, and of k, RMS-normalised (`head_dim` wide) before rope.
+    qk_norm: Option<(Norm, Norm)>,
+    o_proj: Linear, // (hidden, num_heads * head_dim)
     /// Gemma 2: the attention output is normalised before the residual add.
     post_attn_norm: Option<Norm>,
     ffn_norm: Norm,
@@ -402,8 +408,16 @@ impl Decoder {
                 o_proj.bias().is_some(),
                 down_proj.bias().is_some(),
             );
+            let qk_norm = if arch.qk_norm() {
+                let mut head_norm =
+                    |n: &str| Norm::load_width(w, &format!("{p}.self_attn.{n}"), c, c.head_dim);
+                Some((head_norm("q_norm")?, head_norm("k_norm")?))
+            } else {
+                None
+            };
             let mut norm = |n: &str| Norm::load(w, &format!("{p}.{n}"), c);
             blocks.push(Block {
+                qk_norm,
                 attn_norm: norm(names.attn_norm)?,
                 ffn_norm: norm(names.ffn_norm)?,
                 post_attn_norm: names.post_attn_norm.map(&mut norm).transpose()?,
@@ -519,6 +533,11 @@ impl Decoder {
             lora(&row_adapters, &mut q, &h, i, Target::Q)?;
             lora(&row_adapters, &mut k, &h, i, Target::K)?;
             lora(&row_adapters, &mut v, &h, i, Target::V)?;
+            if let Some((qn, kn)) = &b.qk_norm {
+                // Rows of `head_dim`: every head of every token on its own.
+                q = qn.forward(&q);
+                k = kn.forward(&k);
+            }
             rope.apply(&mut q, c.num_heads);
             rope.apply(&mut k, c.num_kv_heads);
             let window = c.layer_window(i);
@@ -661,6 +680,10 @@ impl Decoder {
             }
             if let (Some(n), Some(name)) = (&b.post_ffn_norm, names.post_ffn_norm) {
                 n.named(arch, &format!("{p}.{name}"), &mut out)?;
+            }
+            if let Some((qn, kn)) = &b.qk_norm {
+                qn.named(arch, &format!("{p}.self_attn.q_norm"), &mut out)?;
+                kn.named(arch, &format!("{p}.self_attn.k_norm"), &mut out)?;
             }
             for (proj, list) in [(&b.qkv, names.qkv), (&b.mlp_in, names.mlp_in)] {
                 let parts = if list.len() == 1 {

@@ -579,7 +579,7 @@ fn lora_adapter_round_trips_through_peft_files() {
 #[test]
 fn lora_on_other_architectures_equals_merged_weights() {
     let targets = [Target::Q, Target::V, Target::O];
-    for name in ["qwen2", "mistral", "gemma2", "starcoder2"] {
+    for name in ["qwen2", "qwen3", "mistral", "gemma2", "starcoder2"] {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/reference/tiny")
             .join(name);

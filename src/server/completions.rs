@@ -882,7 +882,11 @@ pub(super) fn chat_job(loaded: &Loaded, body: &Value) -> Result<Job, ApiError> {
         }
     }
     let prompt = template
-        .render(&messages, req.add_generation_prompt.unwrap_or(true))
+        .render_with(
+            &messages,
+            req.add_generation_prompt.unwrap_or(true),
+            &req.chat_template_kwargs.unwrap_or_default(),
+        )
         .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
     // The template writes any BOS itself (as transformers' apply_chat_template does).
     let prompt_ids = loaded.tokenizer.encode(&prompt, false)?;

@@ -193,6 +193,9 @@ pub struct ChatRequest {
     pub tool_choice: Option<Value>,
     /// Accepted; an answer makes at most one call.
     pub parallel_tool_calls: Option<bool>,
+    /// More variables for the chat template, as vLLM and llama.cpp take them (Qwen3's
+    /// `{"enable_thinking": false}`).
+    pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
     /// Shared fields (parsed separately from the same body; see [`parse_body`]).
     #[serde(skip)]
     pub common: CommonFields,

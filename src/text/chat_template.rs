@@ -55,6 +55,19 @@ impl ChatTemplate {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, TextError> {
+        self.render_with(messages, add_generation_prompt, &serde_json::Map::new())
+    }
+
+    /// [`ChatTemplate::render`] with more variables for the template (a request's
+    /// `chat_template_kwargs`, e.g. Qwen3's `enable_thinking`); where a name is also one of
+    /// the render's own (`messages`, `add_generation_prompt`, `bos_token`, `eos_token`), the
+    /// render's value is used.
+    pub fn render_with(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        extra: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<String, TextError> {
         let template = self
             .env
             .get_template("chat")
@@ -65,6 +78,7 @@ impl ChatTemplate {
                 add_generation_prompt => add_generation_prompt,
                 bos_token => self.bos_token,
                 eos_token => self.eos_token,
+                ..minijinja::Value::from_serialize(extra)
             })
             .map_err(|e| TextError::Invalid(format!("chat template: {e}")))
     }
@@ -94,6 +108,39 @@ mod tests {
             out,
             "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
         );
+    }
+
+    /// Qwen3's template (namespaces, `messages[::-1]`, string methods, `is defined`) renders
+    /// as transformers' `apply_chat_template` does, `enable_thinking` from the extra
+    /// variables included (`tests/reference/templates/`, rendered by transformers 5.25).
+    #[test]
+    fn qwen3_template_renders_as_transformers_does() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/templates");
+        let source = std::fs::read_to_string(dir.join("Qwen3-0.6B.jinja")).expect("template");
+        let cases: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("qwen3_renders.json")).expect("renders"),
+        )
+        .expect("JSON");
+        let t = ChatTemplate::new(&source, None, Some("<|im_end|>")).expect("compiles");
+        let cases = cases.as_object().expect("cases");
+        assert_eq!(cases.len(), 4);
+        for (name, case) in cases {
+            let messages: Vec<ChatMessage> = case["messages"]
+                .as_array()
+                .expect("messages")
+                .iter()
+                .map(|m| {
+                    msg(
+                        m["role"].as_str().expect("role"),
+                        m["content"].as_str().expect("content"),
+                    )
+                })
+                .collect();
+            let extra = case["kwargs"].as_object().expect("kwargs");
+            let out = t.render_with(&messages, true, extra).expect("renders");
+            assert_eq!(out, case["rendered"].as_str().expect("rendered"), "{name}");
+        }
     }
 
     #[test]
