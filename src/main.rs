@@ -132,6 +132,13 @@ struct ServeArgs {
     /// detected from the vocabulary, else prefix completion.
     #[arg(long, env = "NEXTOKEN_FIM_TEMPLATE")]
     fim_template: Option<String>,
+    /// Thinking models' reasoning in chat answers: `deepseek` puts the text between `<think>`
+    /// and `</think>` in `reasoning_content`, `none` leaves it in `content`, `auto` is
+    /// `deepseek` when the vocabulary has both tags as tokens (llama.cpp's flag and values;
+    /// a request's `reasoning_format` overrides it).
+    #[arg(long, env = "NEXTOKEN_REASONING_FORMAT", default_value = "auto",
+          value_parser = ["auto", "deepseek", "none"])]
+    reasoning_format: String,
     /// Seconds running requests get to finish after SIGTERM/SIGINT.
     #[arg(long, env = "NEXTOKEN_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     shutdown_grace_secs: u64,
@@ -214,6 +221,11 @@ fn load_for_serving(args: &ServeArgs, name: String) -> anyhow::Result<server::Lo
     let mut loaded =
         server::Loaded::new(engine.clone(), tokenizer, name.clone(), eos_ids, defaults)?
             .with_lora_dirs(args.lora_dirs.clone());
+    match args.reasoning_format.as_str() {
+        "deepseek" => loaded.reasoning = true,
+        "none" => loaded.reasoning = false,
+        _ => {}
+    }
     match nextoken::model::details::file_details(&args.model) {
         Ok(details) => loaded = loaded.with_details(details),
         Err(e) => eprintln!("nextoken: no model details for listings: {e}"),

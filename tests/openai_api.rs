@@ -423,6 +423,84 @@ async fn chat_completion_and_streaming_chat() {
     );
 }
 
+/// A thinking model's `<think>…</think>` goes to `reasoning_content` (llama.cpp's
+/// `reasoning_format: "deepseek"`; the default for vocabularies with both tags as tokens,
+/// which SmolLM2's lacks, so here the request asks for it): whole, and streamed as
+/// `delta.reasoning_content` chunks before the answer's. SmolLM2 is held to a thinking model's
+/// text by `guided_choice`.
+#[tokio::test]
+async fn reasoning_is_split_from_the_answer() {
+    let app = app();
+    let thought = "<think>\nAdd two and two.\n</think>\n\nIt is 4.";
+    let body = |extra: Value| {
+        let mut b = json!({"messages": [{"role": "user", "content": "2+2?"}],
+                           "guided_choice": [thought], "temperature": 0});
+        b.as_object_mut()
+            .expect("object")
+            .extend(extra.as_object().expect("object").clone());
+        b
+    };
+    let (status, v) = post_json(&app, "/v1/chat/completions", body(json!({}))).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(
+        v["choices"][0]["message"],
+        json!({"role": "assistant", "content": thought})
+    );
+    let (status, v) = post_json(
+        &app,
+        "/v1/chat/completions",
+        body(json!({"reasoning_format": "deepseek"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(
+        v["choices"][0]["message"],
+        json!({"role": "assistant", "content": "It is 4.",
+               "reasoning_content": "Add two and two."})
+    );
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+
+    let (_, _, bytes) = send(
+        &app,
+        post(
+            "/v1/chat/completions",
+            body(json!({"reasoning_format": "deepseek", "stream": true})),
+        ),
+    )
+    .await;
+    let payloads = sse_payloads(&bytes);
+    assert_eq!(payloads.last().map(String::as_str), Some("[DONE]"));
+    let deltas: Vec<Value> = payloads[..payloads.len() - 1]
+        .iter()
+        .map(|p| serde_json::from_str::<Value>(p).expect("json")["choices"][0]["delta"].clone())
+        .collect();
+    let text = |key: &str| -> String { deltas.iter().filter_map(|d| d[key].as_str()).collect() };
+    assert_eq!(text("reasoning_content"), "Add two and two.");
+    assert_eq!(text("content"), "It is 4.");
+    let first_answer = deltas
+        .iter()
+        .position(|d| d["content"].as_str().is_some_and(|c| !c.is_empty()))
+        .expect("answer");
+    let last_thought = deltas
+        .iter()
+        .rposition(|d| d.get("reasoning_content").is_some())
+        .expect("reasoning");
+    assert!(last_thought < first_answer, "{deltas:?}");
+
+    let (status, v) = post_json(
+        &app,
+        "/v1/chat/completions",
+        body(json!({"reasoning_format": "r1"})),
+    )
+    .await;
+    assert_error(
+        status,
+        &v,
+        StatusCode::BAD_REQUEST,
+        Some("reasoning_format"),
+    );
+}
+
 #[tokio::test]
 async fn n_choices_and_seeded_sampling() {
     let app = app();

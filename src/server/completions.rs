@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 use crate::engine::{GenerateRequest, TokenLogprob};
 use crate::text::fim::{self, FimInput};
-use crate::text::{ChatMessage, Tokenizer};
+use crate::text::{ChatMessage, ReasoningSplitter, Tokenizer};
 
 use super::error::{ApiError, AppJson};
 use super::openai::{
@@ -74,6 +74,8 @@ pub(super) struct Job {
     fim_mode: Option<&'static str>,
     /// Chat with tools: answers that are calls come back as `tool_calls`.
     pub(super) tools: Option<Arc<ToolPlan>>,
+    /// Chat of a thinking model: each answer's reasoning split off (`reasoning_content`).
+    reasoning: Option<ReasoningSplitter>,
 }
 
 /// One prompt of a request.
@@ -376,13 +378,28 @@ async fn respond_json(
                     Logprobs::Chat(_) => json!({"content": chat_logprobs(tokenizer, &r.tokens)}),
                     _ => Value::Null,
                 };
-                match job.tools.as_ref().and_then(|t| t.parse_call(&r.text)) {
+                let (reasoning, text) = match &job.reasoning {
+                    Some(s) => {
+                        let mut s = s.clone();
+                        let mut split = s.push(&r.text);
+                        let last = s.finish();
+                        split.reasoning.push_str(&last.reasoning);
+                        split.content.push_str(&last.content);
+                        (split.reasoning, split.content)
+                    }
+                    None => (String::new(), r.text),
+                };
+                let mut choice = match job.tools.as_ref().and_then(|t| t.parse_call(&text)) {
                     Some((name, args)) => json!({"index": i, "message": {"role": "assistant",
                         "content": null, "tool_calls": [wire_call(&name, &args)]},
                         "logprobs": logprobs, "finish_reason": "tool_calls"}),
-                    None => json!({"index": i, "message": {"role": "assistant", "content": r.text},
+                    None => json!({"index": i, "message": {"role": "assistant", "content": text},
                                    "logprobs": logprobs, "finish_reason": r.finish}),
+                };
+                if !reasoning.is_empty() {
+                    choice["message"]["reasoning_content"] = json!(reasoning);
                 }
+                choice
             }
         });
     }
@@ -426,6 +443,8 @@ struct SseState {
     /// Per choice, once a call's name went out: how far into the held text its arguments
     /// have been sent.
     args_sent: Vec<Option<usize>>,
+    /// Per choice of a thinking model's chat: its reasoning split off as it streams.
+    reasoning: Vec<Option<ReasoningSplitter>>,
     phase: Phase,
 }
 
@@ -449,51 +468,32 @@ impl SseState {
                 Some(self.chunk(choice))
             }
             TextEvent::Delta { text, tokens } => {
-                let Some(held) = self.held.get_mut(i).and_then(Option::as_mut) else {
-                    return self.delta(i, text, tokens);
+                let Some(splitter) = self.reasoning.get_mut(i).and_then(Option::as_mut) else {
+                    return self.answer_delta(i, text, tokens);
                 };
-                held.0.push_str(&text);
-                held.1.extend(tokens);
-                if !self.job.tools.as_ref().is_some_and(|t| t.is_text(&held.0)) {
-                    return self.call_progress(i, false);
+                let split = splitter.push(&text);
+                self.reasoning_delta(i, split.reasoning);
+                let chunk = self.answer_delta(i, split.content, tokens);
+                if self.pre.is_empty() {
+                    return chunk;
                 }
-                let (text, tokens) = self.held[i].take().unwrap_or_default();
-                self.delta(i, text, tokens)
+                // After the reasoning chunk.
+                self.pre.extend(chunk);
+                None
             }
             TextEvent::Finished {
                 reason,
                 completion_tokens,
                 cached_tokens,
             } => {
-                self.completion_tokens += completion_tokens;
-                if let Some(c) = self.cached.get_mut(i) {
-                    *c = cached_tokens;
-                }
-                let mut reason = reason;
-                if let Some(chunk) = self.call_progress(i, true) {
-                    self.pre.push_back(chunk);
-                }
-                if let Some((text, tokens)) = self.held.get_mut(i).and_then(Option::take) {
-                    let call = self.job.tools.as_ref().and_then(|t| t.parse_call(&text));
-                    if call.is_some() {
-                        reason = "tool_calls";
-                    } else if self.args_sent[i].is_none() {
-                        // Not a call after all (cut short before its arguments): the text.
-                        if let Some(chunk) = self.delta(i, text, tokens) {
-                            self.pre.push_back(chunk);
-                        }
+                if let Some(splitter) = self.reasoning.get_mut(i).and_then(Option::as_mut) {
+                    let split = splitter.finish();
+                    self.reasoning_delta(i, split.reasoning);
+                    if let Some(chunk) = self.answer_delta(i, split.content, Vec::new()) {
+                        self.pre.push_back(chunk);
                     }
                 }
-                let choice = match self.job.kind {
-                    Kind::Completion => {
-                        json!({"index": i, "text": "", "logprobs": null, "finish_reason": reason})
-                    }
-                    Kind::Chat => {
-                        json!({"index": i, "delta": {}, "logprobs": null, "finish_reason": reason})
-                    }
-                };
-                let chunk = self.chunk(choice);
-                self.pre.push_back(chunk);
+                self.finished(i, reason, completion_tokens, cached_tokens);
                 None
             }
             TextEvent::Failed(e) => {
@@ -501,6 +501,69 @@ impl SseState {
                 Some(ApiError::from(e).body())
             }
         }
+    }
+
+    /// A reasoning chunk for the stream, queued (nothing for empty text).
+    fn reasoning_delta(&mut self, i: usize, text: String) {
+        if !text.is_empty() {
+            let choice = json!({"index": i, "delta": {"reasoning_content": text},
+                                "logprobs": null, "finish_reason": null});
+            let chunk = self.chunk(choice);
+            self.pre.push_back(chunk);
+        }
+    }
+
+    /// The chunk of a piece of the answer: text, or (with tools) a call's progress.
+    fn answer_delta(&mut self, i: usize, text: String, tokens: Vec<TokenInfo>) -> Option<Value> {
+        let Some(held) = self.held.get_mut(i).and_then(Option::as_mut) else {
+            return self.delta(i, text, tokens);
+        };
+        held.0.push_str(&text);
+        held.1.extend(tokens);
+        if !self.job.tools.as_ref().is_some_and(|t| t.is_text(&held.0)) {
+            return self.call_progress(i, false);
+        }
+        let (text, tokens) = self.held[i].take().unwrap_or_default();
+        self.delta(i, text, tokens)
+    }
+
+    /// Choice `i` ended: a call's last pieces or the held text, then the finish chunk, queued.
+    fn finished(
+        &mut self,
+        i: usize,
+        reason: &'static str,
+        completion_tokens: usize,
+        cached_tokens: usize,
+    ) {
+        self.completion_tokens += completion_tokens;
+        if let Some(c) = self.cached.get_mut(i) {
+            *c = cached_tokens;
+        }
+        let mut reason = reason;
+        if let Some(chunk) = self.call_progress(i, true) {
+            self.pre.push_back(chunk);
+        }
+        if let Some((text, tokens)) = self.held.get_mut(i).and_then(Option::take) {
+            let call = self.job.tools.as_ref().and_then(|t| t.parse_call(&text));
+            if call.is_some() {
+                reason = "tool_calls";
+            } else if self.args_sent[i].is_none() {
+                // Not a call after all (cut short before its arguments): the text.
+                if let Some(chunk) = self.delta(i, text, tokens) {
+                    self.pre.push_back(chunk);
+                }
+            }
+        }
+        let choice = match self.job.kind {
+            Kind::Completion => {
+                json!({"index": i, "text": "", "logprobs": null, "finish_reason": reason})
+            }
+            Kind::Chat => {
+                json!({"index": i, "delta": {}, "logprobs": null, "finish_reason": reason})
+            }
+        };
+        let chunk = self.chunk(choice);
+        self.pre.push_back(chunk);
     }
 
     /// The next piece of a call being written: first its id and name (once the name is
@@ -624,6 +687,7 @@ fn respond_sse(loaded: &Loaded, job: Job, choices: Vec<TextEvents>) -> Response 
             .map(|_| job.tools.as_ref().map(|_| Default::default()))
             .collect(),
         args_sent: vec![None; n],
+        reasoning: vec![job.reasoning.clone(); n],
         phase: Phase::Streaming,
         job,
     };
@@ -767,6 +831,7 @@ pub async fn completions(
         extra_stop_ids,
         fim_mode,
         tools: None,
+        reasoning: None,
     };
     run(app, job).await
 }
@@ -888,6 +953,18 @@ pub(super) fn chat_job(loaded: &Loaded, body: &Value) -> Result<Job, ApiError> {
             &req.chat_template_kwargs.unwrap_or_default(),
         )
         .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+    let reasoning = match req.reasoning_format.as_deref() {
+        None | Some("auto") => loaded.reasoning,
+        Some("deepseek") => true,
+        Some("none") => false,
+        Some(other) => {
+            return Err(ApiError::invalid(
+                "reasoning_format",
+                format!("unknown `reasoning_format` '{other}' (auto, deepseek, none)"),
+            ))
+        }
+    }
+    .then(|| ReasoningSplitter::new(&prompt));
     // The template writes any BOS itself (as transformers' apply_chat_template does).
     let prompt_ids = loaded.tokenizer.encode(&prompt, false)?;
     let requested = req.max_completion_tokens.or(req.max_tokens);
@@ -924,6 +1001,7 @@ pub(super) fn chat_job(loaded: &Loaded, body: &Value) -> Result<Job, ApiError> {
         extra_stop_ids: Vec::new(),
         fim_mode: None,
         tools: tools.map(Arc::new),
+        reasoning,
     };
     Ok(job)
 }

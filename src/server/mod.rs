@@ -83,6 +83,9 @@ pub struct Loaded {
     pub defaults: SamplingDefaults,
     /// How fill-in-the-middle requests are served (detected from the vocabulary).
     pub fim: FimMode,
+    /// Whether chat answers' `<think>…</think>` goes to `reasoning_content` by default (on
+    /// when the vocabulary has both tags as tokens: a thinking model; `--reasoning-format`).
+    pub reasoning: bool,
     /// Load time (Unix seconds).
     pub created: u64,
     /// Fine-tuning jobs, when training is enabled.
@@ -114,6 +117,9 @@ impl Loaded {
         eos_ids.sort_unstable();
         eos_ids.dedup();
         let fim = FimTemplate::detect(&tokenizer).map_or(FimMode::PrefixOnly, FimMode::Native);
+        let reasoning = ["<think>", "</think>"]
+            .iter()
+            .all(|t| tokenizer.token_to_id(t).is_some());
         let tokenizer = Arc::new(tokenizer);
         let token_bytes = Arc::new(OnceLock::new());
         {
@@ -128,6 +134,7 @@ impl Loaded {
         }
         Ok(Loaded {
             fim,
+            reasoning,
             engine,
             tokenizer,
             chat_template,

@@ -196,6 +196,9 @@ pub struct ChatRequest {
     /// More variables for the chat template, as vLLM and llama.cpp take them (Qwen3's
     /// `{"enable_thinking": false}`).
     pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
+    /// llama.cpp's: `"deepseek"` puts the answer's `<think>…</think>` in
+    /// `reasoning_content`, `"none"` leaves it in `content`, `"auto"` the server's choice.
+    pub reasoning_format: Option<String>,
     /// Shared fields (parsed separately from the same body; see [`parse_body`]).
     #[serde(skip)]
     pub common: CommonFields,

@@ -5,6 +5,7 @@ pub mod chat_template;
 pub mod detokenizer;
 pub mod fim;
 pub mod gguf_vocab;
+pub mod reasoning;
 pub mod stop;
 
 use std::path::Path;
@@ -14,6 +15,7 @@ use serde_json::{json, Map, Value};
 pub use chat_template::{ChatMessage, ChatTemplate};
 pub use detokenizer::Detokenizer;
 pub use fim::{FimMode, FimTemplate};
+pub use reasoning::{ReasoningSplitter, Split};
 pub use stop::{StopCheck, StopMatcher};
 
 /// Errors of the text layer.

@@ -1,0 +1,245 @@
+//! Thinking models' reasoning, split from their answer: the text between `<think>` and
+//! `</think>` (Qwen3, QwQ, DeepSeek-R1 and its distills, SmolLM3) goes to `reasoning_content`,
+//! as llama.cpp's `--reasoning-format deepseek` and vLLM's reasoning parsers return it. Works
+//! on text as it streams: a tag split across deltas is held back until it is whole.
+
+/// The tag that opens the reasoning.
+const OPEN: &str = "<think>";
+/// The tag that closes it.
+const CLOSE: &str = "</think>";
+
+/// One piece of generated text, split.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Split {
+    /// Text of the reasoning.
+    pub reasoning: String,
+    /// Text of the answer.
+    pub content: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Nothing but whitespace yet: `<think>` may still come.
+    Start,
+    /// Inside the reasoning; `skip_space`: nothing of it sent yet (leading whitespace dropped).
+    Thinking { skip_space: bool },
+    /// The answer; `skip_space`: just after `</think>` (whitespace there dropped).
+    Content { skip_space: bool },
+}
+
+/// Splits one generation's text into reasoning and answer, delta by delta.
+#[derive(Debug, Clone)]
+pub struct ReasoningSplitter {
+    state: State,
+    /// Text not sent yet: a possible tag's beginning, or whitespace that may end the reasoning.
+    held: String,
+}
+
+/// Where the text ends after its trailing whitespace and its longest tail that begins `tag`
+/// (both may yet turn out to be the reasoning's end).
+fn safe_end(text: &str, tag: &str) -> usize {
+    let partial = (1..tag.len())
+        .rev()
+        .find(|&n| text.ends_with(&tag[..n]))
+        .unwrap_or(0);
+    text[..text.len() - partial].trim_end().len()
+}
+
+impl ReasoningSplitter {
+    /// For a generation that continues `prompt`: a prompt that already opened the reasoning
+    /// (templates that end with `<think>`, as DeepSeek-R1's) starts inside it.
+    pub fn new(prompt: &str) -> Self {
+        let state = if prompt.trim_end().ends_with(OPEN) {
+            State::Thinking { skip_space: true }
+        } else {
+            State::Start
+        };
+        ReasoningSplitter {
+            state,
+            held: String::new(),
+        }
+    }
+
+    /// The next delta of generated text, split; text that may belong to a tag is held back.
+    pub fn push(&mut self, text: &str) -> Split {
+        self.held.push_str(text);
+        let mut out = Split::default();
+        loop {
+            match self.state {
+                State::Start => {
+                    let t = self.held.trim_start();
+                    if let Some(rest) = t.strip_prefix(OPEN) {
+                        self.held = rest.to_string();
+                        self.state = State::Thinking { skip_space: true };
+                    } else if OPEN.starts_with(t) {
+                        return out;
+                    } else {
+                        self.state = State::Content { skip_space: false };
+                    }
+                }
+                State::Thinking { skip_space } => {
+                    if skip_space {
+                        let t = self.held.trim_start();
+                        if t.is_empty() {
+                            self.held.clear();
+                            return out;
+                        }
+                        self.held = t.to_string();
+                        self.state = State::Thinking { skip_space: false };
+                    }
+                    if let Some(at) = self.held.find(CLOSE) {
+                        out.reasoning.push_str(self.held[..at].trim_end());
+                        self.held = self.held[at + CLOSE.len()..].to_string();
+                        self.state = State::Content { skip_space: true };
+                        continue;
+                    }
+                    let end = safe_end(&self.held, CLOSE);
+                    out.reasoning.push_str(&self.held[..end]);
+                    self.held.drain(..end);
+                    return out;
+                }
+                State::Content { skip_space } => {
+                    let t = if skip_space {
+                        self.held.trim_start()
+                    } else {
+                        &self.held
+                    };
+                    if !t.is_empty() {
+                        out.content.push_str(t);
+                        self.state = State::Content { skip_space: false };
+                    }
+                    self.held.clear();
+                    return out;
+                }
+            }
+        }
+    }
+
+    /// The end of the generation: what was held back. An unclosed reasoning (the generation
+    /// was cut short) keeps its text as reasoning; text that never opened one is the answer.
+    pub fn finish(&mut self) -> Split {
+        let held = std::mem::take(&mut self.held);
+        match self.state {
+            State::Start => Split {
+                reasoning: String::new(),
+                content: held,
+            },
+            State::Thinking { skip_space } => Split {
+                reasoning: if skip_space {
+                    String::new()
+                } else {
+                    held.trim_end().to_string()
+                },
+                content: String::new(),
+            },
+            State::Content { .. } => Split::default(),
+        }
+    }
+
+    /// The whole text of a generation, split.
+    pub fn split_all(prompt: &str, text: &str) -> Split {
+        let mut s = ReasoningSplitter::new(prompt);
+        let mut out = s.push(text);
+        let last = s.finish();
+        out.reasoning.push_str(&last.reasoning);
+        out.content.push_str(&last.content);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split(prompt: &str, text: &str) -> (String, String) {
+        let s = ReasoningSplitter::split_all(prompt, text);
+        (s.reasoning, s.content)
+    }
+
+    /// Every way of cutting `text` into two deltas gives the whole text's split, and so does
+    /// one delta per character.
+    fn check_streaming(prompt: &str, text: &str) {
+        let whole = ReasoningSplitter::split_all(prompt, text);
+        let mut cuts: Vec<Vec<&str>> = text
+            .char_indices()
+            .map(|(i, _)| vec![&text[..i], &text[i..]])
+            .collect();
+        cuts.push(
+            text.char_indices()
+                .map(|(i, c)| &text[i..i + c.len_utf8()])
+                .collect(),
+        );
+        for pieces in cuts {
+            let mut s = ReasoningSplitter::new(prompt);
+            let mut got = Split::default();
+            for p in &pieces {
+                let d = s.push(p);
+                got.reasoning.push_str(&d.reasoning);
+                got.content.push_str(&d.content);
+            }
+            let d = s.finish();
+            got.reasoning.push_str(&d.reasoning);
+            got.content.push_str(&d.content);
+            assert_eq!(got, whole, "{pieces:?}");
+        }
+    }
+
+    #[test]
+    fn reasoning_and_answer_are_split_as_llama_cpp_does() {
+        // Qwen3: the model opens the reasoning itself.
+        let qwen = "<think>\nThe user greets me.\nReply.\n</think>\n\nHello!";
+        assert_eq!(
+            split("<|im_start|>assistant\n", qwen),
+            ("The user greets me.\nReply.".into(), "Hello!".into())
+        );
+        // DeepSeek-R1's template opens it in the prompt.
+        assert_eq!(
+            split("<｜Assistant｜><think>\n", "Two and two.\n</think>\n\n4"),
+            ("Two and two.".into(), "4".into())
+        );
+        // No reasoning at all, or an empty one (Qwen3 with `enable_thinking: false` has it
+        // in the prompt, closed).
+        assert_eq!(
+            split("<think>\n\n</think>\n\n", "Hi <think> there"),
+            (String::new(), "Hi <think> there".into())
+        );
+        assert_eq!(
+            split("", "<think>\n\n</think>\n\nHi"),
+            (String::new(), "Hi".into())
+        );
+        // Cut short inside the reasoning: all of it is reasoning.
+        assert_eq!(
+            split("", "<think>\nStill thinking </thi"),
+            ("Still thinking </thi".into(), String::new())
+        );
+        // Text that only starts like the tag is the answer.
+        assert_eq!(split("", "  <thin"), (String::new(), "  <thin".into()));
+        assert_eq!(
+            split("", "<b>bold</b>"),
+            (String::new(), "<b>bold</b>".into())
+        );
+        // A second `<think>` inside the answer is text; whitespace inside is kept.
+        assert_eq!(
+            split("", "<think>a  b</think>x <think>y"),
+            ("a  b".into(), "x <think>y".into())
+        );
+    }
+
+    #[test]
+    fn streamed_deltas_split_as_the_whole_text() {
+        for (prompt, text) in [
+            (
+                "",
+                "<think>\nThe user greets me.\nReply.\n</think>\n\nHello!",
+            ),
+            ("<think>\n", "Two and two. \n</think>\n\n4 \n"),
+            ("", "  <think> é</think>  ü <think>"),
+            ("", "<think>\nStill thinking </thi"),
+            ("", "<thinking>no</thinking>"),
+            ("", "  "),
+            ("", ""),
+        ] {
+            check_streaming(prompt, text);
+        }
+    }
+}
