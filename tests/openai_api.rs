@@ -501,6 +501,61 @@ async fn reasoning_is_split_from_the_answer() {
     );
 }
 
+/// Ollama's `think: true`: the reasoning comes back as `message.thinking`, whole and as the
+/// streamed pieces; without `think` the text is the answer as generated. SmolLM2 is led to
+/// write `<think>…</think>` by two earlier turns that do.
+#[tokio::test]
+async fn ollama_think_returns_the_thinking_apart() {
+    let app = app();
+    let body = json!({"model": "smollm2", "options": {"temperature": 0, "num_predict": 30},
+        "messages": [
+            {"role": "user", "content": "1+1?"},
+            {"role": "assistant", "content": "<think>One and one.</think> 2"},
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "<think>Two and two.</think> 4"},
+            {"role": "user", "content": "3+3?"}]});
+    let with = |extra: Value| {
+        let mut b = body.clone();
+        b.as_object_mut()
+            .expect("object")
+            .extend(extra.as_object().expect("object").clone());
+        b
+    };
+    let (status, raw) = post_json(&app, "/api/chat", with(json!({"stream": false}))).await;
+    assert_eq!(status, StatusCode::OK, "{raw}");
+    let raw = raw["message"]["content"]
+        .as_str()
+        .expect("content")
+        .to_owned();
+    let (thought, answer) = raw
+        .strip_prefix("<think>")
+        .and_then(|r| r.split_once("</think>"))
+        .unwrap_or_else(|| panic!("SmolLM2 did not follow the turns: {raw:?}"));
+    let (status, v) = post_json(
+        &app,
+        "/api/chat",
+        with(json!({"stream": false, "think": true})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(
+        v["message"],
+        json!({"role": "assistant", "content": answer.trim(), "thinking": thought.trim()})
+    );
+    let (status, _, bytes) = send(&app, post("/api/chat", with(json!({"think": true})))).await;
+    assert_eq!(status, StatusCode::OK);
+    let lines = ndjson_lines(&bytes);
+    let text = |key: &str| -> String {
+        lines
+            .iter()
+            .filter_map(|l| l["message"][key].as_str())
+            .collect()
+    };
+    assert_eq!(text("thinking"), thought.trim());
+    assert_eq!(text("content"), answer.trim());
+    assert_eq!(lines.last().expect("closing")["done"], true);
+}
+
 #[tokio::test]
 async fn n_choices_and_seeded_sampling() {
     let app = app();

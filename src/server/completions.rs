@@ -75,7 +75,7 @@ pub(super) struct Job {
     /// Chat with tools: answers that are calls come back as `tool_calls`.
     pub(super) tools: Option<Arc<ToolPlan>>,
     /// Chat of a thinking model: each answer's reasoning split off (`reasoning_content`).
-    reasoning: Option<ReasoningSplitter>,
+    pub(super) reasoning: Option<ReasoningSplitter>,
 }
 
 /// One prompt of a request.

@@ -22,6 +22,7 @@ use super::error::{ApiError, AppJson};
 use super::infill::rfc3339;
 use super::stream::TextEvent;
 use super::AppState;
+use crate::text::ReasoningSplitter;
 
 /// Ollama's default temperature (its other defaults, top-k 40 and top-p 0.9, too).
 const DEFAULT_TEMPERATURE: f64 = 0.8;
@@ -134,6 +135,30 @@ fn chat_body(body: &Value) -> Result<Value, ApiError> {
             return Err(ApiError::invalid(
                 "format",
                 "`format` must be \"json\" or a JSON schema object",
+            ))
+        }
+    }
+    // `think`: a thinking model's reasoning comes back apart (`message.thinking`), or none is
+    // asked for (Qwen3's `enable_thinking`); left out, the text is the answer as generated.
+    match req.get("think") {
+        None | Some(Value::Null) => {
+            chat.insert("reasoning_format".into(), json!("none"));
+        }
+        Some(Value::Bool(false)) => {
+            chat.insert("reasoning_format".into(), json!("none"));
+            chat.insert(
+                "chat_template_kwargs".into(),
+                json!({"enable_thinking": false}),
+            );
+        }
+        // gpt-oss's levels (`"low"`, `"medium"`, `"high"`) think too.
+        Some(Value::Bool(true) | Value::String(_)) => {
+            chat.insert("reasoning_format".into(), json!("deepseek"));
+        }
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "think",
+                "`think` must be true, false or a level",
             ))
         }
     }
@@ -260,8 +285,22 @@ pub async fn chat(
         totals.tokens = r.completion_tokens;
         totals.reason = r.finish;
         totals.first = r.first_token;
+        let (thinking, text) = match job.reasoning.clone() {
+            Some(mut s) => {
+                let mut split = s.push(&r.text);
+                let last = s.finish();
+                split.reasoning.push_str(&last.reasoning);
+                split.content.push_str(&last.content);
+                (split.reasoning, split.content)
+            }
+            None => (String::new(), r.text),
+        };
+        let mut m = message(&job, &text);
+        if !thinking.is_empty() {
+            m["thinking"] = json!(thinking);
+        }
         let mut v = json!({"model": model, "created_at": rfc3339(SystemTime::now()),
-                           "message": message(&job, &r.text)});
+                           "message": m});
         totals.fill(&mut v);
         return Ok(axum::Json(v).into_response());
     }
@@ -275,12 +314,15 @@ pub async fn chat(
         model: String,
         /// Text held back while the answer may still be a call.
         held: bool,
+        /// With `think`: the reasoning split off as it streams (`message.thinking`).
+        splitter: Option<ReasoningSplitter>,
         /// The closing object is still to be sent.
         closing: bool,
     }
     let st = St {
         events: Some(events),
         held: job.tools.is_some(),
+        splitter: job.reasoning.clone(),
         job,
         totals,
         text: String::new(),
@@ -308,6 +350,29 @@ pub async fn chat(
                     if st.totals.first.is_none() && !tokens.is_empty() {
                         st.totals.first = Some(Instant::now());
                     }
+                    let text = match st.splitter.as_mut() {
+                        Some(s) => {
+                            let split = s.push(&text);
+                            if !split.reasoning.is_empty() {
+                                // Reasoning goes out as `message.thinking`; an answer's first
+                                // piece in the same delta with it, unless it is held back.
+                                let content = if st.held {
+                                    st.text.push_str(&split.content);
+                                    String::new()
+                                } else {
+                                    split.content
+                                };
+                                let v = chunk(
+                                    &st,
+                                    json!({"role": "assistant", "content": content,
+                                           "thinking": split.reasoning}),
+                                );
+                                return Some((ndjson(&v), st));
+                            }
+                            split.content
+                        }
+                        None => text,
+                    };
                     st.text.push_str(&text);
                     if st.held {
                         let is_text = st.job.tools.as_ref().is_some_and(|t| t.is_text(&st.text));
@@ -342,14 +407,30 @@ pub async fn chat(
                 }
                 None => {
                     st.events = None;
-                    if !st.held || st.text.is_empty() {
+                    // What the splitter held back at the end, then (held) a call or text.
+                    let thinking = match st.splitter.as_mut().map(ReasoningSplitter::finish) {
+                        Some(split) => {
+                            st.text.push_str(&split.content);
+                            split.reasoning
+                        }
+                        None => String::new(),
+                    };
+                    if st.text.is_empty() && thinking.is_empty() {
                         st.closing = false;
                         let v = st.totals.closing(&st.model);
                         return Some((ndjson(&v), st));
                     }
-                    // What was held back: a call (as Ollama sends one: whole, in a piece of
-                    // its own), or text that never showed which it was.
-                    let v = chunk(&st, message(&st.job, &st.text));
+                    // A call goes out as Ollama sends one: whole, in a piece of its own.
+                    let text = std::mem::take(&mut st.text);
+                    let mut m = if st.held {
+                        message(&st.job, &text)
+                    } else {
+                        json!({"role": "assistant", "content": text})
+                    };
+                    if !thinking.is_empty() {
+                        m["thinking"] = json!(thinking);
+                    }
+                    let v = chunk(&st, m);
                     return Some((ndjson(&v), st));
                 }
             }
@@ -496,6 +577,35 @@ mod tests {
         assert_eq!(parameter_size(1_543_714_304), "1.54B");
         assert_eq!(parameter_size(7_000_000_000), "7B");
         assert_eq!(parameter_size(1_500), "1.5K");
+    }
+
+    /// `think`: reasoning apart (`deepseek`, as `message.thinking`), none asked for
+    /// (`enable_thinking: false`), or, left out, the text as generated.
+    #[test]
+    fn think_becomes_a_reasoning_format() {
+        let with = |think: Value| {
+            let mut body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+            if !think.is_null() {
+                body["think"] = think;
+            }
+            chat_body(&body)
+        };
+        let chat = with(Value::Null).expect("valid");
+        assert_eq!(chat["reasoning_format"], "none");
+        assert!(chat.get("chat_template_kwargs").is_none());
+        for on in [json!(true), json!("high")] {
+            let chat = with(on).expect("valid");
+            assert_eq!(chat["reasoning_format"], "deepseek");
+            assert!(chat.get("chat_template_kwargs").is_none());
+        }
+        let chat = with(json!(false)).expect("valid");
+        assert_eq!(chat["reasoning_format"], "none");
+        assert_eq!(
+            chat["chat_template_kwargs"],
+            json!({"enable_thinking": false})
+        );
+        let e = with(json!(5)).expect_err("not a bool or a level");
+        assert_eq!(e.param.as_deref(), Some("think"));
     }
 
     #[test]
