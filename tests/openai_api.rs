@@ -556,6 +556,113 @@ async fn ollama_think_returns_the_thinking_apart() {
     assert_eq!(lines.last().expect("closing")["done"], true);
 }
 
+/// The Responses API with a thinking model's text: a `reasoning` item (`reasoning_text`) before
+/// the message, whole and streamed (its item at output 0 with `response.reasoning_text.delta`
+/// events, the message at output 1), and a reasoning item given back as input is skipped.
+/// SmolLM2 is led to write `<think>…</think>` by earlier turns that do; `reasoning_format`
+/// (llama.cpp's field) turns the split on for its vocabulary.
+#[tokio::test]
+async fn responses_api_returns_reasoning_items() {
+    let app = app();
+    let input = json!([
+        {"role": "user", "content": "1+1?"},
+        {"role": "assistant", "content": "<think>One and one.</think> 2"},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "<think>Two and two.</think> 4"},
+        {"role": "user", "content": "3+3?"}]);
+    let body = json!({"input": input, "temperature": 0, "max_output_tokens": 30, "store": false});
+    let (status, raw) = post_json(&app, "/v1/responses", body.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{raw}");
+    let raw = raw["output"][0]["content"][0]["text"]
+        .as_str()
+        .expect("text")
+        .to_owned();
+    let (thought, answer) = raw
+        .strip_prefix("<think>")
+        .and_then(|r| r.split_once("</think>"))
+        .unwrap_or_else(|| panic!("SmolLM2 did not follow the turns: {raw:?}"));
+    let (thought, answer) = (thought.trim(), answer.trim());
+    let mut thinking = body.clone();
+    thinking["reasoning_format"] = json!("deepseek");
+    let (status, r) = post_json(&app, "/v1/responses", thinking.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{r}");
+    let output = r["output"].as_array().expect("output");
+    assert_eq!(output.len(), 2, "{r}");
+    assert_eq!(output[0]["type"], "reasoning");
+    assert_eq!(
+        output[0]["content"],
+        json!([{"type": "reasoning_text", "text": thought}])
+    );
+    assert_eq!(output[1]["type"], "message");
+    assert_eq!(output[1]["content"][0]["text"], answer);
+
+    thinking["stream"] = json!(true);
+    let (status, _, bytes) = send(&app, post("/v1/responses", thinking)).await;
+    assert_eq!(status, StatusCode::OK);
+    let events = named_sse_events(&bytes);
+    let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+    let count = |name: &str| names.iter().filter(|n| **n == name).count();
+    let (reasoning_deltas, text_deltas) = (
+        count("response.reasoning_text.delta"),
+        count("response.output_text.delta"),
+    );
+    let mut expected = vec![
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+    ];
+    expected.extend(std::iter::repeat_n(
+        "response.reasoning_text.delta",
+        reasoning_deltas,
+    ));
+    expected.extend([
+        "response.reasoning_text.done",
+        "response.output_item.done",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]);
+    expected.extend(std::iter::repeat_n(
+        "response.output_text.delta",
+        text_deltas,
+    ));
+    expected.extend([
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]);
+    assert_eq!(names, expected);
+    let joined = |name: &str| -> String {
+        events
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, d)| d["delta"].as_str().expect("delta").to_string())
+            .collect()
+    };
+    assert_eq!(joined("response.reasoning_text.delta"), thought);
+    assert_eq!(joined("response.output_text.delta"), answer);
+    for (name, data) in &events {
+        let index = match name.as_str() {
+            "response.reasoning_text.delta" | "response.reasoning_text.done" => 0,
+            "response.output_text.delta" | "response.content_part.added" => 1,
+            _ => continue,
+        };
+        assert_eq!(data["output_index"], index, "{name}");
+    }
+    let done = &events.last().expect("events").1["response"];
+    assert_eq!(done["output"][0]["content"][0]["text"], thought);
+    assert_eq!(done["output"][1]["content"][0]["text"], answer);
+
+    // The reasoning item given back (as a client replays a conversation) is skipped.
+    let mut again = body;
+    let mut items = input.as_array().expect("items").clone();
+    items.insert(4, output[0].clone());
+    again["input"] = json!(items);
+    let (status, r) = post_json(&app, "/v1/responses", again).await;
+    assert_eq!(status, StatusCode::OK, "{r}");
+    assert_eq!(r["output"][0]["content"][0]["text"], raw);
+}
+
 #[tokio::test]
 async fn n_choices_and_seeded_sampling() {
     let app = app();

@@ -378,13 +378,9 @@ async fn respond_json(
                     Logprobs::Chat(_) => json!({"content": chat_logprobs(tokenizer, &r.tokens)}),
                     _ => Value::Null,
                 };
-                let (reasoning, text) = match &job.reasoning {
+                let (reasoning, text) = match job.reasoning.clone() {
                     Some(s) => {
-                        let mut s = s.clone();
-                        let mut split = s.push(&r.text);
-                        let last = s.finish();
-                        split.reasoning.push_str(&last.reasoning);
-                        split.content.push_str(&last.content);
+                        let split = s.split_whole(&r.text);
                         (split.reasoning, split.content)
                     }
                     None => (String::new(), r.text),

@@ -286,11 +286,8 @@ pub async fn chat(
         totals.reason = r.finish;
         totals.first = r.first_token;
         let (thinking, text) = match job.reasoning.clone() {
-            Some(mut s) => {
-                let mut split = s.push(&r.text);
-                let last = s.finish();
-                split.reasoning.push_str(&last.reasoning);
-                split.content.push_str(&last.content);
+            Some(s) => {
+                let split = s.split_whole(&r.text);
                 (split.reasoning, split.content)
             }
             None => (String::new(), r.text),

@@ -252,7 +252,7 @@ fn chat_body(body: &Value) -> Result<Value, ApiError> {
         Some(Value::String(s)) => messages.push(json!({"role": "user", "content": s})),
         Some(Value::Array(items)) => {
             for (i, item) in items.iter().enumerate() {
-                messages.push(input_item(item, i)?);
+                messages.extend(input_item(item, i)?);
             }
         }
         None => return Err(ApiError::invalid("input", "`input` is required")),
@@ -265,6 +265,7 @@ fn chat_body(body: &Value) -> Result<Value, ApiError> {
     }
     let mut chat = Map::new();
     chat.insert("messages".into(), Value::Array(messages));
+    // (`reasoning_format` and `chat_template_kwargs`: llama.cpp's and vLLM's extensions.)
     for key in [
         "model",
         "temperature",
@@ -273,6 +274,8 @@ fn chat_body(body: &Value) -> Result<Value, ApiError> {
         "parallel_tool_calls",
         "seed",
         "user",
+        "reasoning_format",
+        "chat_template_kwargs",
     ] {
         if let Some(v) = req.get(key) {
             chat.insert(key.into(), v.clone());
@@ -323,8 +326,9 @@ fn chat_body(body: &Value) -> Result<Value, ApiError> {
     Ok(Value::Object(chat))
 }
 
-/// One `input` item as a chat message.
-fn input_item(item: &Value, i: usize) -> Result<Value, ApiError> {
+/// One `input` item as a chat message (`None` for a reasoning item: earlier turns'
+/// reasoning is not shown to the model again, as thinking models' templates drop it).
+fn input_item(item: &Value, i: usize) -> Result<Option<Value>, ApiError> {
     let param = format!("input[{i}]");
     let field = |k: &str| item.get(k).and_then(Value::as_str).unwrap_or_default();
     match item.get("type").and_then(Value::as_str) {
@@ -358,13 +362,14 @@ fn input_item(item: &Value, i: usize) -> Result<Value, ApiError> {
                     ))
                 }
             };
-            Ok(json!({"role": field("role"), "content": content}))
+            Ok(Some(json!({"role": field("role"), "content": content})))
         }
-        Some("function_call") => Ok(json!({"role": "assistant", "content": null,
+        Some("function_call") => Ok(Some(json!({"role": "assistant", "content": null,
             "tool_calls": [{"id": field("call_id"), "type": "function",
-                            "function": {"name": field("name"), "arguments": field("arguments")}}]})),
-        Some("function_call_output") => Ok(json!({"role": "tool",
-            "tool_call_id": field("call_id"), "content": field("output")})),
+                            "function": {"name": field("name"), "arguments": field("arguments")}}]}))),
+        Some("function_call_output") => Ok(Some(json!({"role": "tool",
+            "tool_call_id": field("call_id"), "content": field("output")}))),
+        Some("reasoning") => Ok(None),
         Some(other) => Err(ApiError::invalid(
             &format!("{param}.type"),
             format!("input items of type `{other}` are not supported"),
@@ -470,6 +475,17 @@ fn function_call_item(name: &str, args: &str) -> Value {
            "arguments": args, "status": "completed"})
 }
 
+/// A thinking model's reasoning (`reasoning_text` content, as open-weight models' reasoning
+/// comes back from vLLM and Ollama; OpenAI's own models give summaries).
+fn reasoning_item(id: &str, text: &str, status: &str) -> Value {
+    let content = if text.is_empty() {
+        json!([])
+    } else {
+        json!([{"type": "reasoning_text", "text": text}])
+    };
+    json!({"type": "reasoning", "id": id, "summary": [], "content": content, "status": status})
+}
+
 fn message_item(id: &str, text: &str, complete: bool) -> Value {
     let status = if complete { "completed" } else { "incomplete" };
     json!({"type": "message", "id": id, "status": status, "role": "assistant",
@@ -507,7 +523,18 @@ pub async fn responses(
     }
     let r = collect(events).await?;
     let complete = r.finish != "length";
-    let output = vec![output_item(&job, &r.text, complete)];
+    let (reasoning, text) = match job.reasoning.clone() {
+        Some(s) => {
+            let split = s.split_whole(&r.text);
+            (split.reasoning, split.content)
+        }
+        None => (String::new(), r.text),
+    };
+    let mut output = Vec::new();
+    if !reasoning.is_empty() {
+        output.push(reasoning_item(&new_id("rs"), &reasoning, "completed"));
+    }
+    output.push(output_item(&job, &text, complete));
     let status = if complete { "completed" } else { "incomplete" };
     let u = usage(&job, r.completion_tokens, r.cached_tokens);
     let response = echo.response(status, output, Some(u));
@@ -625,6 +652,13 @@ async fn stream_events(job: Job, echo: Echo, mut events: TextEvents, mut out: Em
         return;
     }
     let msg_id = new_id("msg");
+    // A thinking model's reasoning first, as an item of its own; the answer's item follows.
+    let mut splitter = job.reasoning.clone();
+    let mut thought = Thought {
+        id: new_id("rs"),
+        text: String::new(),
+        open: false,
+    };
     // With tools the text is held until it is known not to be a call (as on the chat path);
     // a call goes out as soon as its name is written, then its arguments piece by piece.
     let mut text = String::new();
@@ -640,21 +674,39 @@ async fn stream_events(job: Job, echo: Echo, mut events: TextEvents, mut out: Em
         let Some(ev) = ev else { break };
         match ev {
             TextEvent::Delta { text: piece, .. } => {
+                let piece = match splitter.as_mut() {
+                    Some(s) => {
+                        let split = s.push(&piece);
+                        if !reasoning_delta(&mut out, &mut thought, &split.reasoning).await {
+                            return;
+                        }
+                        // The answer's item waits for the answer's first piece.
+                        if split.content.is_empty() {
+                            continue;
+                        }
+                        if !reasoning_done(&mut out, &mut thought).await {
+                            return;
+                        }
+                        split.content
+                    }
+                    None => piece,
+                };
+                let index = usize::from(!thought.text.is_empty());
                 text.push_str(&piece);
                 if opened {
-                    if !piece.is_empty() && !text_delta(&mut out, &msg_id, &piece).await {
+                    if !piece.is_empty() && !text_delta(&mut out, &msg_id, &piece, index).await {
                         return;
                     }
                     continue;
                 }
                 if job.tools.as_ref().is_none_or(|t| t.is_text(&text)) {
                     opened = true;
-                    if !open_message(&mut out, &msg_id).await
-                        || !text.is_empty() && !text_delta(&mut out, &msg_id, &text).await
+                    if !open_message(&mut out, &msg_id, index).await
+                        || !text.is_empty() && !text_delta(&mut out, &msg_id, &text, index).await
                     {
                         return;
                     }
-                } else if !call_progress(&mut out, &mut call, &text, false).await {
+                } else if !call_progress(&mut out, &mut call, &text, false, index).await {
                     return;
                 }
             }
@@ -675,7 +727,25 @@ async fn stream_events(job: Job, echo: Echo, mut events: TextEvents, mut out: Em
         }
     }
     let complete = finish.0 != "length";
-    if !opened && !call_progress(&mut out, &mut call, &text, true).await {
+    // What the splitter held back, then the reasoning's end.
+    if let Some(s) = splitter.as_mut() {
+        let last = s.finish();
+        if !reasoning_delta(&mut out, &mut thought, &last.reasoning).await
+            || !reasoning_done(&mut out, &mut thought).await
+        {
+            return;
+        }
+        let index = usize::from(!thought.text.is_empty());
+        text.push_str(&last.content);
+        if opened
+            && !last.content.is_empty()
+            && !text_delta(&mut out, &msg_id, &last.content, index).await
+        {
+            return;
+        }
+    }
+    let index = usize::from(!thought.text.is_empty());
+    if !opened && !call_progress(&mut out, &mut call, &text, true, index).await {
         return;
     }
     let item = if let Some(c) = call {
@@ -687,7 +757,7 @@ async fn stream_events(job: Job, echo: Echo, mut events: TextEvents, mut out: Em
             .map_or_else(|| text[c.start..c.sent].to_owned(), |(_, a)| a);
         item["arguments"] = json!(args);
         item["status"] = json!(if complete { "completed" } else { "incomplete" });
-        let done = json!({"item_id": item["id"], "output_index": 0, "arguments": args});
+        let done = json!({"item_id": item["id"], "output_index": index, "arguments": args});
         if !out
             .send("response.function_call_arguments.done", done)
             .await
@@ -697,8 +767,8 @@ async fn stream_events(job: Job, echo: Echo, mut events: TextEvents, mut out: Em
         item
     } else {
         if !opened
-            && (!open_message(&mut out, &msg_id).await
-                || !text.is_empty() && !text_delta(&mut out, &msg_id, &text).await)
+            && (!open_message(&mut out, &msg_id, index).await
+                || !text.is_empty() && !text_delta(&mut out, &msg_id, &text, index).await)
         {
             return;
         }
@@ -706,13 +776,14 @@ async fn stream_events(job: Job, echo: Echo, mut events: TextEvents, mut out: Em
         let sent = out
             .send(
                 "response.output_text.done",
-                json!({"item_id": msg_id, "output_index": 0, "content_index": 0, "text": text}),
+                json!({"item_id": msg_id, "output_index": index, "content_index": 0,
+                       "text": text}),
             )
             .await
             && out
                 .send(
                     "response.content_part.done",
-                    json!({"item_id": msg_id, "output_index": 0, "content_index": 0,
+                    json!({"item_id": msg_id, "output_index": index, "content_index": 0,
                            "part": part}),
                 )
                 .await;
@@ -724,7 +795,7 @@ async fn stream_events(job: Job, echo: Echo, mut events: TextEvents, mut out: Em
     if !out
         .send(
             "response.output_item.done",
-            json!({"output_index": 0, "item": item}),
+            json!({"output_index": index, "item": item}),
         )
         .await
     {
@@ -732,7 +803,12 @@ async fn stream_events(job: Job, echo: Echo, mut events: TextEvents, mut out: Em
     }
     let status = if complete { "completed" } else { "incomplete" };
     let u = usage(&job, finish.1, finish.2);
-    let r = echo.response(status, vec![item], Some(u));
+    let mut output = Vec::new();
+    if !thought.text.is_empty() {
+        output.push(reasoning_item(&thought.id, &thought.text, "completed"));
+    }
+    output.push(item);
+    let r = echo.response(status, output, Some(u));
     echo.keep(&r);
     let _ = out
         .send(&format!("response.{status}"), json!({"response": r}))
@@ -746,6 +822,7 @@ async fn call_progress(
     call: &mut Option<CallOut>,
     text: &str,
     last: bool,
+    index: usize,
 ) -> bool {
     let Some((name, start)) = call_head(text) else {
         return true;
@@ -757,7 +834,7 @@ async fn call_progress(
         if !out
             .send(
                 "response.output_item.added",
-                json!({"output_index": 0, "item": added}),
+                json!({"output_index": index, "item": added}),
             )
             .await
         {
@@ -776,35 +853,89 @@ async fn call_progress(
     if end <= c.sent {
         return true;
     }
-    let delta = json!({"item_id": c.item["id"], "output_index": 0, "delta": &text[c.sent..end]});
+    let delta =
+        json!({"item_id": c.item["id"], "output_index": index, "delta": &text[c.sent..end]});
     c.sent = end;
     out.send("response.function_call_arguments.delta", delta)
         .await
 }
 
-async fn open_message(out: &mut Emitter, id: &str) -> bool {
+async fn open_message(out: &mut Emitter, id: &str, index: usize) -> bool {
     let item = json!({"type": "message", "id": id, "status": "in_progress", "role": "assistant",
                       "content": []});
     let part = json!({"type": "output_text", "text": "", "annotations": []});
     out.send(
         "response.output_item.added",
-        json!({"output_index": 0, "item": item}),
+        json!({"output_index": index, "item": item}),
     )
     .await
         && out
             .send(
                 "response.content_part.added",
-                json!({"item_id": id, "output_index": 0, "content_index": 0, "part": part}),
+                json!({"item_id": id, "output_index": index, "content_index": 0, "part": part}),
             )
             .await
 }
 
-async fn text_delta(out: &mut Emitter, id: &str, delta: &str) -> bool {
+async fn text_delta(out: &mut Emitter, id: &str, delta: &str, index: usize) -> bool {
     out.send(
         "response.output_text.delta",
-        json!({"item_id": id, "output_index": 0, "content_index": 0, "delta": delta}),
+        json!({"item_id": id, "output_index": index, "content_index": 0, "delta": delta}),
     )
     .await
+}
+
+/// A thinking model's reasoning as it streams: its item (output 0) opened with the first
+/// piece, each piece a `response.reasoning_text.delta`. `false` once the client is gone.
+async fn reasoning_delta(out: &mut Emitter, r: &mut Thought, delta: &str) -> bool {
+    if delta.is_empty() {
+        return true;
+    }
+    if !r.open {
+        r.open = true;
+        let item = reasoning_item(&r.id, "", "in_progress");
+        if !out
+            .send(
+                "response.output_item.added",
+                json!({"output_index": 0, "item": item}),
+            )
+            .await
+        {
+            return false;
+        }
+    }
+    r.text.push_str(delta);
+    out.send(
+        "response.reasoning_text.delta",
+        json!({"item_id": r.id, "output_index": 0, "content_index": 0, "delta": delta}),
+    )
+    .await
+}
+
+/// Closes an open reasoning item (the answer's item then comes at output 1).
+async fn reasoning_done(out: &mut Emitter, r: &mut Thought) -> bool {
+    if !r.open {
+        return true;
+    }
+    r.open = false;
+    out.send(
+        "response.reasoning_text.done",
+        json!({"item_id": r.id, "output_index": 0, "content_index": 0, "text": r.text}),
+    )
+    .await
+        && out
+            .send(
+                "response.output_item.done",
+                json!({"output_index": 0, "item": reasoning_item(&r.id, &r.text, "completed")}),
+            )
+            .await
+}
+
+/// The reasoning item of a streamed answer.
+struct Thought {
+    id: String,
+    text: String,
+    open: bool,
 }
 
 #[cfg(test)]

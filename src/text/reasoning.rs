@@ -137,10 +137,9 @@ impl ReasoningSplitter {
     }
 
     /// The whole text of a generation, split.
-    pub fn split_all(prompt: &str, text: &str) -> Split {
-        let mut s = ReasoningSplitter::new(prompt);
-        let mut out = s.push(text);
-        let last = s.finish();
+    pub fn split_whole(mut self, text: &str) -> Split {
+        let mut out = self.push(text);
+        let last = self.finish();
         out.reasoning.push_str(&last.reasoning);
         out.content.push_str(&last.content);
         out
@@ -152,14 +151,14 @@ mod tests {
     use super::*;
 
     fn split(prompt: &str, text: &str) -> (String, String) {
-        let s = ReasoningSplitter::split_all(prompt, text);
+        let s = ReasoningSplitter::new(prompt).split_whole(text);
         (s.reasoning, s.content)
     }
 
     /// Every way of cutting `text` into two deltas gives the whole text's split, and so does
     /// one delta per character.
     fn check_streaming(prompt: &str, text: &str) {
-        let whole = ReasoningSplitter::split_all(prompt, text);
+        let whole = ReasoningSplitter::new(prompt).split_whole(text);
         let mut cuts: Vec<Vec<&str>> = text
             .char_indices()
             .map(|(i, _)| vec![&text[..i], &text[i..]])
