@@ -392,7 +392,7 @@ fn unsupported_gguf_architecture_is_a_clear_error() {
         &p,
         &[
             "unsupported architecture 'gpt2'",
-            "llama, qwen2, phi3, gemma2, starcoder2",
+            "llama, qwen2, qwen3, phi3, gemma2, starcoder2",
         ],
     );
 }

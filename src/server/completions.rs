@@ -87,6 +87,18 @@ struct Prompt {
 }
 
 impl Job {
+    /// A finished answer's text as (reasoning, answer): split for a thinking model's chat,
+    /// else all answer.
+    pub(super) fn split_answer(&self, text: String) -> (String, String) {
+        match self.reasoning.clone() {
+            Some(s) => {
+                let split = s.split_whole(&text);
+                (split.reasoning, split.content)
+            }
+            None => (String::new(), text),
+        }
+    }
+
     /// The prompt choice `i` continues.
     fn prompt_of(&self, i: usize) -> &Prompt {
         &self.prompts[(i / self.common.n).min(self.prompts.len() - 1)]
@@ -378,13 +390,7 @@ async fn respond_json(
                     Logprobs::Chat(_) => json!({"content": chat_logprobs(tokenizer, &r.tokens)}),
                     _ => Value::Null,
                 };
-                let (reasoning, text) = match job.reasoning.clone() {
-                    Some(s) => {
-                        let split = s.split_whole(&r.text);
-                        (split.reasoning, split.content)
-                    }
-                    None => (String::new(), r.text),
-                };
+                let (reasoning, text) = job.split_answer(r.text);
                 let mut choice = match job.tools.as_ref().and_then(|t| t.parse_call(&text)) {
                     Some((name, args)) => json!({"index": i, "message": {"role": "assistant",
                         "content": null, "tool_calls": [wire_call(&name, &args)]},

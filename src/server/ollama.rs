@@ -285,13 +285,7 @@ pub async fn chat(
         totals.tokens = r.completion_tokens;
         totals.reason = r.finish;
         totals.first = r.first_token;
-        let (thinking, text) = match job.reasoning.clone() {
-            Some(s) => {
-                let split = s.split_whole(&r.text);
-                (split.reasoning, split.content)
-            }
-            None => (String::new(), r.text),
-        };
+        let (thinking, text) = job.split_answer(r.text);
         let mut m = message(&job, &text);
         if !thinking.is_empty() {
             m["thinking"] = json!(thinking);

@@ -33,6 +33,7 @@ use super::error::{ApiError, AppJson};
 use super::stream::{TextEvent, TextEvents};
 use super::tools::{args_end, call_head, wire_call};
 use super::AppState;
+use crate::text::ReasoningSplitter;
 
 fn new_id(prefix: &str) -> String {
     format!("{prefix}_{:032x}", rand::random::<u128>())
@@ -523,13 +524,7 @@ pub async fn responses(
     }
     let r = collect(events).await?;
     let complete = r.finish != "length";
-    let (reasoning, text) = match job.reasoning.clone() {
-        Some(s) => {
-            let split = s.split_whole(&r.text);
-            (split.reasoning, split.content)
-        }
-        None => (String::new(), r.text),
-    };
+    let (reasoning, text) = job.split_answer(r.text);
     let mut output = Vec::new();
     if !reasoning.is_empty() {
         output.push(reasoning_item(&new_id("rs"), &reasoning, "completed"));
@@ -727,24 +722,24 @@ async fn stream_events(job: Job, echo: Echo, mut events: TextEvents, mut out: Em
         }
     }
     let complete = finish.0 != "length";
-    // What the splitter held back, then the reasoning's end.
-    if let Some(s) = splitter.as_mut() {
-        let last = s.finish();
-        if !reasoning_delta(&mut out, &mut thought, &last.reasoning).await
-            || !reasoning_done(&mut out, &mut thought).await
-        {
-            return;
-        }
-        let index = usize::from(!thought.text.is_empty());
-        text.push_str(&last.content);
-        if opened
-            && !last.content.is_empty()
-            && !text_delta(&mut out, &msg_id, &last.content, index).await
-        {
-            return;
-        }
+    // What the splitter held back, and the reasoning's end.
+    let last = splitter
+        .as_mut()
+        .map(ReasoningSplitter::finish)
+        .unwrap_or_default();
+    if !reasoning_delta(&mut out, &mut thought, &last.reasoning).await
+        || !reasoning_done(&mut out, &mut thought).await
+    {
+        return;
     }
     let index = usize::from(!thought.text.is_empty());
+    text.push_str(&last.content);
+    if opened
+        && !last.content.is_empty()
+        && !text_delta(&mut out, &msg_id, &last.content, index).await
+    {
+        return;
+    }
     if !opened && !call_progress(&mut out, &mut call, &text, true, index).await {
         return;
     }
