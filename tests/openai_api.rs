@@ -423,6 +423,35 @@ async fn chat_completion_and_streaming_chat() {
     );
 }
 
+/// `base` (an object) with the fields of `extra` added.
+fn with_fields(base: &Value, extra: Value) -> Value {
+    let mut b = base.clone();
+    if let (Some(b), Value::Object(e)) = (b.as_object_mut(), extra) {
+        b.extend(e);
+    }
+    b
+}
+
+/// Two turns whose answers think in `<think>…</think>` first, then a question: SmolLM2
+/// answers the same way (greedy), as a thinking model writes.
+fn thinking_turns() -> Value {
+    json!([
+        {"role": "user", "content": "1+1?"},
+        {"role": "assistant", "content": "<think>One and one.</think> 2"},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "<think>Two and two.</think> 4"},
+        {"role": "user", "content": "3+3?"}])
+}
+
+/// `(reasoning, answer)` of a thinking model's raw text, trimmed.
+fn split_thought(raw: &str) -> (String, String) {
+    let (thought, answer) = raw
+        .strip_prefix("<think>")
+        .and_then(|r| r.split_once("</think>"))
+        .unwrap_or_else(|| panic!("SmolLM2 did not follow the turns: {raw:?}"));
+    (thought.trim().to_owned(), answer.trim().to_owned())
+}
+
 /// A thinking model's `<think>…</think>` goes to `reasoning_content` (llama.cpp's
 /// `reasoning_format: "deepseek"`; the default for vocabularies with both tags as tokens,
 /// which SmolLM2's lacks, so here the request asks for it): whole, and streamed as
@@ -432,14 +461,9 @@ async fn chat_completion_and_streaming_chat() {
 async fn reasoning_is_split_from_the_answer() {
     let app = app();
     let thought = "<think>\nAdd two and two.\n</think>\n\nIt is 4.";
-    let body = |extra: Value| {
-        let mut b = json!({"messages": [{"role": "user", "content": "2+2?"}],
-                           "guided_choice": [thought], "temperature": 0});
-        b.as_object_mut()
-            .expect("object")
-            .extend(extra.as_object().expect("object").clone());
-        b
-    };
+    let base = json!({"messages": [{"role": "user", "content": "2+2?"}],
+                      "guided_choice": [thought], "temperature": 0});
+    let body = |extra: Value| with_fields(&base, extra);
     let (status, v) = post_json(&app, "/v1/chat/completions", body(json!({}))).await;
     assert_eq!(status, StatusCode::OK, "{v}");
     assert_eq!(
@@ -508,29 +532,11 @@ async fn reasoning_is_split_from_the_answer() {
 async fn ollama_think_returns_the_thinking_apart() {
     let app = app();
     let body = json!({"model": "smollm2", "options": {"temperature": 0, "num_predict": 30},
-        "messages": [
-            {"role": "user", "content": "1+1?"},
-            {"role": "assistant", "content": "<think>One and one.</think> 2"},
-            {"role": "user", "content": "2+2?"},
-            {"role": "assistant", "content": "<think>Two and two.</think> 4"},
-            {"role": "user", "content": "3+3?"}]});
-    let with = |extra: Value| {
-        let mut b = body.clone();
-        b.as_object_mut()
-            .expect("object")
-            .extend(extra.as_object().expect("object").clone());
-        b
-    };
+                      "messages": thinking_turns()});
+    let with = |extra: Value| with_fields(&body, extra);
     let (status, raw) = post_json(&app, "/api/chat", with(json!({"stream": false}))).await;
     assert_eq!(status, StatusCode::OK, "{raw}");
-    let raw = raw["message"]["content"]
-        .as_str()
-        .expect("content")
-        .to_owned();
-    let (thought, answer) = raw
-        .strip_prefix("<think>")
-        .and_then(|r| r.split_once("</think>"))
-        .unwrap_or_else(|| panic!("SmolLM2 did not follow the turns: {raw:?}"));
+    let (thought, answer) = split_thought(raw["message"]["content"].as_str().expect("content"));
     let (status, v) = post_json(
         &app,
         "/api/chat",
@@ -540,7 +546,7 @@ async fn ollama_think_returns_the_thinking_apart() {
     assert_eq!(status, StatusCode::OK, "{v}");
     assert_eq!(
         v["message"],
-        json!({"role": "assistant", "content": answer.trim(), "thinking": thought.trim()})
+        json!({"role": "assistant", "content": answer, "thinking": thought})
     );
     let (status, _, bytes) = send(&app, post("/api/chat", with(json!({"think": true})))).await;
     assert_eq!(status, StatusCode::OK);
@@ -551,8 +557,8 @@ async fn ollama_think_returns_the_thinking_apart() {
             .filter_map(|l| l["message"][key].as_str())
             .collect()
     };
-    assert_eq!(text("thinking"), thought.trim());
-    assert_eq!(text("content"), answer.trim());
+    assert_eq!(text("thinking"), thought);
+    assert_eq!(text("content"), answer);
     assert_eq!(lines.last().expect("closing")["done"], true);
 }
 
@@ -564,12 +570,7 @@ async fn ollama_think_returns_the_thinking_apart() {
 #[tokio::test]
 async fn responses_api_returns_reasoning_items() {
     let app = app();
-    let input = json!([
-        {"role": "user", "content": "1+1?"},
-        {"role": "assistant", "content": "<think>One and one.</think> 2"},
-        {"role": "user", "content": "2+2?"},
-        {"role": "assistant", "content": "<think>Two and two.</think> 4"},
-        {"role": "user", "content": "3+3?"}]);
+    let input = thinking_turns();
     let body = json!({"input": input, "temperature": 0, "max_output_tokens": 30, "store": false});
     let (status, raw) = post_json(&app, "/v1/responses", body.clone()).await;
     assert_eq!(status, StatusCode::OK, "{raw}");
@@ -577,11 +578,7 @@ async fn responses_api_returns_reasoning_items() {
         .as_str()
         .expect("text")
         .to_owned();
-    let (thought, answer) = raw
-        .strip_prefix("<think>")
-        .and_then(|r| r.split_once("</think>"))
-        .unwrap_or_else(|| panic!("SmolLM2 did not follow the turns: {raw:?}"));
-    let (thought, answer) = (thought.trim(), answer.trim());
+    let (thought, answer) = split_thought(&raw);
     let mut thinking = body.clone();
     thinking["reasoning_format"] = json!("deepseek");
     let (status, r) = post_json(&app, "/v1/responses", thinking.clone()).await;

@@ -337,18 +337,7 @@ fn iq4_xs_gguf_stays_quantized_and_computes_its_weights() {
     assert_eq!(formats, [("IQ4_NL", 3 * 30), ("IQ4_XS", 30), ("Q8_0", 1)]);
     let folder = scores_like_its_own_dequantization(model, &path, "iq4_xs");
     // llama.cpp's own reader gets the values nextoken read (the float32 folder).
-    let out = std::process::Command::new(python())
-        .arg(repo().join("tests/python/gguf_iq4_check.py"))
-        .arg(&path)
-        .arg(&folder)
-        .output()
-        .expect("run python");
-    assert!(
-        out.status.success(),
-        "gguf_iq4_check.py: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    python_check("gguf_iq4_check.py", &[&path, &folder], "IQ4_XS");
 }
 
 /// The f32 folder converted to a GGUF file `name` of type `quant`, loaded, with how its weight

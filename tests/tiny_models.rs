@@ -390,18 +390,7 @@ fn tiny_models_gguf_names_are_llama_cpp_s() {
         let (dir, _) = cases(name);
         let path = tmp.path().join(format!("{name}.gguf"));
         hf_to_gguf(&dir, &path, GgufQuant::F32).expect("convert to GGUF");
-        let out = std::process::Command::new(python())
-            .arg(repo().join("tests/python/gguf_names_check.py"))
-            .arg(&path)
-            .arg(&dir)
-            .output()
-            .expect("run python");
-        assert!(
-            out.status.success(),
-            "{name}: gguf_names_check.py: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        python_check("gguf_names_check.py", &[&path, &dir], name);
     }
 }
 

@@ -167,3 +167,19 @@ fn create_venv() -> PathBuf {
     assert!(ok(&py), "the venv cannot import openai, ollama or gguf");
     py
 }
+
+/// Runs `tests/python/{script}` with the tests' venv on `args`; fails with its output unless
+/// it succeeds. `what` names the run in the failure.
+pub fn python_check(script: &str, args: &[&Path], what: &str) {
+    let out = Command::new(python())
+        .arg(repo().join("tests/python").join(script))
+        .args(args)
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "{what}: {script}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
