@@ -455,21 +455,24 @@ fn split_thought(raw: &str) -> (String, String) {
 /// A thinking model's `<think>…</think>` goes to `reasoning_content` (llama.cpp's
 /// `reasoning_format: "deepseek"`; the default for vocabularies with both tags as tokens,
 /// which SmolLM2's lacks, so here the request asks for it): whole, and streamed as
-/// `delta.reasoning_content` chunks before the answer's. SmolLM2 is held to a thinking model's
-/// text by `guided_choice`.
+/// `delta.reasoning_content` chunks before the answer's. SmolLM2 is led to write a thinking
+/// model's text by two earlier turns that do; by default the text is the answer as written.
 #[tokio::test]
 async fn reasoning_is_split_from_the_answer() {
     let app = app();
-    let thought = "<think>\nAdd two and two.\n</think>\n\nIt is 4.";
-    let base = json!({"messages": [{"role": "user", "content": "2+2?"}],
-                      "guided_choice": [thought], "temperature": 0});
+    let base = json!({"messages": thinking_turns(), "temperature": 0, "max_tokens": 60});
     let body = |extra: Value| with_fields(&base, extra);
     let (status, v) = post_json(&app, "/v1/chat/completions", body(json!({}))).await;
     assert_eq!(status, StatusCode::OK, "{v}");
-    assert_eq!(
-        v["choices"][0]["message"],
-        json!({"role": "assistant", "content": thought})
-    );
+    let raw = v["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("content")
+        .to_owned();
+    assert!(v["choices"][0]["message"]
+        .get("reasoning_content")
+        .is_none());
+    let (thought, answer) = split_thought(&raw);
+    assert!(!thought.is_empty() && !answer.is_empty(), "{raw:?}");
     let (status, v) = post_json(
         &app,
         "/v1/chat/completions",
@@ -479,8 +482,7 @@ async fn reasoning_is_split_from_the_answer() {
     assert_eq!(status, StatusCode::OK, "{v}");
     assert_eq!(
         v["choices"][0]["message"],
-        json!({"role": "assistant", "content": "It is 4.",
-               "reasoning_content": "Add two and two."})
+        json!({"role": "assistant", "content": answer, "reasoning_content": thought})
     );
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
 
@@ -499,8 +501,8 @@ async fn reasoning_is_split_from_the_answer() {
         .map(|p| serde_json::from_str::<Value>(p).expect("json")["choices"][0]["delta"].clone())
         .collect();
     let text = |key: &str| -> String { deltas.iter().filter_map(|d| d[key].as_str()).collect() };
-    assert_eq!(text("reasoning_content"), "Add two and two.");
-    assert_eq!(text("content"), "It is 4.");
+    assert_eq!(text("reasoning_content"), thought);
+    assert_eq!(text("content"), answer);
     let first_answer = deltas
         .iter()
         .position(|d| d["content"].as_str().is_some_and(|c| !c.is_empty()))
@@ -522,6 +524,100 @@ async fn reasoning_is_split_from_the_answer() {
         &v,
         StatusCode::BAD_REQUEST,
         Some("reasoning_format"),
+    );
+}
+
+/// A thinking model reasons before an answer held to a grammar: the constraint lets the
+/// `<think>…</think>` text through untouched and holds the answer after it (llama.cpp's
+/// lazy grammars do the same). SmolLM2, led by two earlier turns that think, reasons freely —
+/// the same reasoning as with no schema — then answers to the schema; with `tool_choice:
+/// "required"` it reasons, then calls, whole and streamed alike.
+#[tokio::test]
+async fn thinking_comes_before_a_constrained_answer() {
+    let app = app();
+    let base = json!({"messages": thinking_turns(), "reasoning_format": "deepseek",
+                      "temperature": 0, "max_tokens": 60});
+    let (status, free) = post_json(&app, "/v1/chat/completions", base.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{free}");
+    let thought = free["choices"][0]["message"]["reasoning_content"].clone();
+    assert!(thought.as_str().is_some_and(|t| !t.is_empty()), "{free}");
+    let schema = json!({"type": "object", "properties": {"answer": {"type": "integer"}},
+                        "required": ["answer"], "additionalProperties": false});
+    let (status, v) = post_json(
+        &app,
+        "/v1/chat/completions",
+        with_fields(
+            &base,
+            json!({"response_format": {"type": "json_schema",
+                   "json_schema": {"name": "sum", "schema": schema}}}),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let message = &v["choices"][0]["message"];
+    assert_eq!(message["reasoning_content"], thought, "{v}");
+    let answer: Value =
+        serde_json::from_str(message["content"].as_str().expect("content")).expect("JSON");
+    assert!(answer["answer"].is_i64(), "{answer}");
+    assert_eq!(answer.as_object().map(|o| o.len()), Some(1), "{answer}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+
+    let mut messages = thinking_turns();
+    messages[4]["content"] = json!("What is the weather like in Paris?");
+    let tools = json!([{"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                       "required": ["city"]}}}]);
+    let call = with_fields(
+        &base,
+        json!({"messages": messages, "tools": tools, "tool_choice": "required",
+               "max_tokens": 120}),
+    );
+    let (status, v) = post_json(&app, "/v1/chat/completions", call.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "tool_calls", "{v}");
+    let message = &v["choices"][0]["message"];
+    let thought = message["reasoning_content"].as_str().expect("reasoning");
+    assert!(!thought.is_empty() && !thought.contains("think>"), "{v}");
+    let function = &message["tool_calls"][0]["function"];
+    assert_eq!(function["name"], "get_weather");
+    let args = function["arguments"].as_str().expect("arguments");
+    let parsed: Value = serde_json::from_str(args).expect("arguments are JSON");
+    assert!(parsed["city"].is_string(), "{parsed}");
+
+    let (_, _, bytes) = send(
+        &app,
+        post(
+            "/v1/chat/completions",
+            with_fields(&call, json!({"stream": true})),
+        ),
+    )
+    .await;
+    let payloads = sse_payloads(&bytes);
+    assert_eq!(payloads.last().map(String::as_str), Some("[DONE]"));
+    let choices: Vec<Value> = payloads[..payloads.len() - 1]
+        .iter()
+        .map(|p| serde_json::from_str::<Value>(p).expect("json")["choices"][0].clone())
+        .collect();
+    let streamed: String = choices
+        .iter()
+        .filter_map(|c| c["delta"]["reasoning_content"].as_str())
+        .collect();
+    assert_eq!(streamed, thought);
+    let streamed_args: String = choices
+        .iter()
+        .filter_map(|c| c["delta"]["tool_calls"][0]["function"]["arguments"].as_str())
+        .collect();
+    assert_eq!(streamed_args, args);
+    let last_thought = choices
+        .iter()
+        .rposition(|c| c["delta"].get("reasoning_content").is_some());
+    let first_call = choices
+        .iter()
+        .position(|c| c["delta"].get("tool_calls").is_some());
+    assert!(last_thought < first_call, "{choices:?}");
+    assert_eq!(
+        choices.last().map(|c| c["finish_reason"].clone()),
+        Some(json!("tool_calls"))
     );
 }
 

@@ -11,6 +11,10 @@
 //! multi-byte character) are never allowed inside the JSON. The allowed set of each state is
 //! computed by trying every token's bytes (milliseconds) and remembered by the engine core
 //! (`EngineCore`'s memo), as generation keeps returning to the same few states.
+//!
+//! A thinking model's constraint first lets its reasoning through ([`ReasoningTags`]:
+//! `<think>` … `</think>` as free text, llama.cpp's lazy grammars' idea) and holds only the
+//! answer after it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -1330,20 +1334,67 @@ impl JsonPaths {
     }
 }
 
-/// What a memoised allowed set depends on: the token table, the grammar and the state.
+/// What a memoised allowed set depends on: the token table, the grammar, the reasoning tags
+/// and the state.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct MaskKey {
     tokens: u64,
     grammar: u64,
+    tags: Option<Arc<ReasoningTags>>,
+    gate: Gate,
     state: JsonPaths,
 }
 
+/// A thinking model's tags around its reasoning (`<think>`, `</think>`): text the
+/// constraint lets through before the answer it holds to its grammar.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ReasoningTags {
+    /// Opens the reasoning (at the very start of the text).
+    pub open: Box<[u8]>,
+    /// Closes it; the answer follows (after any whitespace).
+    pub close: Box<[u8]>,
+}
+
+/// Where a text with [`ReasoningTags`] is, before its answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Gate {
+    /// The answer: the grammar holds.
+    Answer,
+    /// At the start: the first `n` bytes of the opening tag written (any other first byte
+    /// begins the answer).
+    Opening(u8),
+    /// Inside the reasoning, free text: the last `n` bytes are the closing tag's first.
+    Thinking(u8),
+    /// Just after the closing tag: whitespace, then the answer.
+    Gap,
+}
+
+/// How much of `tag` the text ends with after `b`, when it ended with `n` of its bytes.
+fn tag_step(tag: &[u8], n: usize, b: u8) -> usize {
+    let mut n = n;
+    loop {
+        if tag.get(n) == Some(&b) {
+            return n + 1;
+        }
+        if n == 0 {
+            return 0;
+        }
+        // The longest shorter tail of `tag[..n]` that begins the tag (tags are short).
+        n = (1..n)
+            .rev()
+            .find(|&k| tag[..k] == tag[n - k..n])
+            .unwrap_or(0);
+    }
+}
+
 /// One sequence's JSON-mode constraint: the token table, the grammar (a schema, or any
-/// object) and where the text is.
+/// object), where the text is, and (for a thinking model) the reasoning it may write first.
 #[derive(Debug, Clone)]
 pub struct JsonConstraint {
     tokens: Arc<TokenBytes>,
     grammar: Arc<Grammar>,
+    tags: Option<Arc<ReasoningTags>>,
+    gate: Gate,
     state: JsonPaths,
 }
 
@@ -1353,27 +1404,113 @@ impl JsonConstraint {
         JsonConstraint {
             tokens,
             grammar,
+            tags: None,
+            gate: Gate::Answer,
             state: JsonPaths::default(),
         }
     }
 
+    /// The same constraint for a thinking model: the text may first be its reasoning —
+    /// free text from `tags.open` (at the very start; `inside`: the prompt already opened
+    /// it) to `tags.close` — and the grammar then holds from the first byte after the
+    /// closing tag and its whitespace. Stop tokens wait for the answer.
+    pub fn after_reasoning(mut self, tags: Arc<ReasoningTags>, inside: bool) -> Self {
+        // (Tag positions are counted in a byte.)
+        if !(1..256).contains(&tags.open.len()) || !(1..256).contains(&tags.close.len()) {
+            return self;
+        }
+        self.gate = if inside {
+            Gate::Thinking(0)
+        } else {
+            Gate::Opening(0)
+        };
+        self.tags = Some(tags);
+        self
+    }
+
     /// Whether the value is complete (only a stop token may follow).
     pub fn is_done(&self) -> bool {
-        self.state.is_done()
+        self.gate == Gate::Answer && self.state.is_done()
+    }
+
+    /// Whether the text is the answer and left the grammar for free text.
+    fn is_free(&self) -> bool {
+        self.gate == Gate::Answer && self.state.is_free()
     }
 
     /// What the allowed set depends on, while the value is open (and not free text).
     pub fn key(&self) -> Option<MaskKey> {
-        (!self.is_done() && !self.state.is_free()).then_some(MaskKey {
+        (!self.is_done() && !self.is_free()).then(|| MaskKey {
             tokens: self.tokens.id,
             grammar: self.grammar.id,
+            tags: self.tags.clone(),
+            gate: self.gate,
             state: self.state.clone(),
         })
     }
 
     /// The allowed set of the current state, computed (not remembered).
     pub fn allowed(&self) -> Vec<u64> {
-        self.tokens.allowed(&self.grammar, &self.state)
+        if self.gate == Gate::Answer {
+            return self.tokens.allowed(&self.grammar, &self.state);
+        }
+        let mut set = vec![0u64; self.tokens.bytes.len().div_ceil(64)];
+        for (id, b) in self.tokens.bytes.iter().enumerate() {
+            let fits = match b {
+                Some(b) => self.after(b).is_some(),
+                // Special tokens and pieces of characters: free text, not the answer's.
+                None => matches!(self.gate, Gate::Thinking(_)),
+            };
+            if fits {
+                set[id / 64] |= 1 << (id % 64);
+            }
+        }
+        set
+    }
+
+    /// Where the text is after `bytes` (`None`: they break the answer).
+    fn after(&self, bytes: &[u8]) -> Option<(Gate, JsonPaths)> {
+        let (mut gate, mut state) = (self.gate, self.state.clone());
+        let Some(tags) = self.tags.as_deref() else {
+            return Some((gate, state.after_bytes(&self.grammar, bytes)?));
+        };
+        let mut i = 0;
+        while i < bytes.len() {
+            let b = bytes[i];
+            match gate {
+                Gate::Answer => {
+                    state = state.after_bytes(&self.grammar, &bytes[i..])?;
+                    break;
+                }
+                Gate::Opening(n) => {
+                    let n = usize::from(n);
+                    if tags.open[n] == b {
+                        gate = if n + 1 == tags.open.len() {
+                            Gate::Thinking(0)
+                        } else {
+                            Gate::Opening((n + 1) as u8)
+                        };
+                        i += 1;
+                    } else {
+                        // Not the tag after all: its bytes so far begin the answer.
+                        state = state.after_bytes(&self.grammar, &tags.open[..n])?;
+                        gate = Gate::Answer;
+                    }
+                }
+                Gate::Thinking(n) => {
+                    let n = tag_step(&tags.close, usize::from(n), b);
+                    gate = if n == tags.close.len() {
+                        Gate::Gap
+                    } else {
+                        Gate::Thinking(n as u8)
+                    };
+                    i += 1;
+                }
+                Gate::Gap if b.is_ascii_whitespace() => i += 1,
+                Gate::Gap => gate = Gate::Answer,
+            }
+        }
+        Some((gate, state))
     }
 
     /// Sets the logits of every token that cannot come next to −∞: once the value is
@@ -1384,17 +1521,18 @@ impl JsonConstraint {
     /// `allowed`: the state's set ([`Self::allowed`], remembered by the caller); ignored once
     /// the value is complete.
     pub fn mask(&self, logits: &mut [f32], stop_ids: &[u32], allowed: &[u64]) {
-        if self.state.is_free() {
+        if self.is_free() {
             return;
         }
-        let done = self.state.is_done();
+        let done = self.is_done();
         let fits = |id: usize| {
             !done
                 && allowed
                     .get(id / 64)
                     .is_some_and(|w| w >> (id % 64) & 1 == 1)
         };
-        let stop_ok = self.state.can_end(&self.grammar) || !(0..logits.len()).any(fits);
+        let stop_ok = self.gate == Gate::Answer && self.state.can_end(&self.grammar)
+            || !(0..logits.len()).any(fits);
         for (id, l) in logits.iter_mut().enumerate() {
             let ok = if stop_ids.contains(&(id as u32)) {
                 stop_ok
@@ -1409,10 +1547,16 @@ impl JsonConstraint {
 
     /// Moves past a sampled token (stop tokens change nothing).
     pub fn advance(&mut self, id: u32) {
-        if let Some(Some(b)) = self.tokens.bytes.get(id as usize) {
-            if let Some(s) = self.state.after_bytes(&self.grammar, b) {
-                self.state = s;
+        match self.tokens.bytes.get(id as usize) {
+            Some(Some(b)) => {
+                if let Some((gate, s)) = self.after(b) {
+                    self.gate = gate;
+                    self.state = s;
+                }
             }
+            // A token without text inside the reasoning breaks a closing tag begun.
+            _ if matches!(self.gate, Gate::Thinking(_)) => self.gate = Gate::Thinking(0),
+            _ => {}
         }
     }
 }
@@ -1540,5 +1684,82 @@ mod tests {
         let a = accepts(r#"{"a": {"x": 1}, "b": 2"#);
         let b = accepts(r#"{"a": 1, "b": 2"#);
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn tag_steps_follow_overlapping_beginnings() {
+        let tag = b"abab!";
+        let mut n = 0;
+        for &b in b"xabababab!" {
+            n = tag_step(tag, n, b);
+        }
+        assert_eq!(n, 5);
+        assert_eq!(tag_step(b"</think>", 3, b'<'), 1);
+        assert_eq!(tag_step(b"</think>", 3, b'x'), 0);
+    }
+
+    /// A thinking model's constraint: reasoning first (free text, the tags whole or in
+    /// pieces), then the grammar from the first byte after the closing tag's whitespace.
+    #[test]
+    fn reasoning_goes_free_before_the_answer_is_held() {
+        let texts = [
+            Some("{"),          // 0
+            Some("}"),          // 1
+            Some("<think>"),    // 2
+            Some("</think>"),   // 3
+            Some("<"),          // 4
+            Some("think"),      // 5
+            Some(">"),          // 6
+            Some("hello"),      // 7
+            Some("\n\n"),       // 8
+            Some("</"),         // 9
+            Some("</think>{}"), // 10
+            None,               // 11: a special token (stop)
+            None,               // 12: a piece of a character
+            Some("</think>x"),  // 13
+        ];
+        let n = texts.len();
+        let table = Arc::new(TokenBytes::from_texts(&texts));
+        let tags = Arc::new(ReasoningTags {
+            open: b"<think>"[..].into(),
+            close: b"</think>"[..].into(),
+        });
+        let base = JsonConstraint::new(table, Arc::new(Grammar::any_object()));
+        let allowed = |c: &JsonConstraint| {
+            let mut l = vec![0f32; n];
+            c.mask(&mut l, &[11], &c.allowed());
+            (0..n).filter(|&i| l[i] == 0.0).collect::<Vec<_>>()
+        };
+        let after = |c: &JsonConstraint, ids: &[u32]| {
+            let mut c = c.clone();
+            for &id in ids {
+                c.advance(id);
+            }
+            c
+        };
+        let c = base.clone().after_reasoning(tags.clone(), false);
+        // The start: the answer (`{`) or the opening tag, whole or begun; the grammar's
+        // whitespace.
+        assert_eq!(allowed(&c), vec![0, 2, 4, 8]);
+        assert_eq!(allowed(&after(&c, &[4])), vec![5]);
+        // Inside: anything but a stop token, or a closing tag followed by what is no answer.
+        let inside = after(&c, &[4, 5, 6]);
+        assert_eq!(allowed(&inside), vec![0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12]);
+        assert_eq!(allowed(&after(&c, &[2])), allowed(&inside));
+        assert!(!inside.is_done());
+        // A closing tag in pieces, a special token in between breaks it.
+        let broken = after(&inside, &[9, 12, 5, 6]);
+        assert_eq!(allowed(&broken), allowed(&inside));
+        let closed = after(&inside, &[7, 9, 5, 6, 8]);
+        assert_eq!(allowed(&closed), vec![0, 8]);
+        // The closing tag and the answer in one token.
+        let done = after(&inside, &[10]);
+        assert!(done.is_done());
+        assert_eq!(allowed(&done), vec![11]);
+        // The prompt opened the reasoning; the answer straight away needs no tags.
+        let open = base.clone().after_reasoning(tags, true);
+        assert_eq!(allowed(&open), allowed(&inside));
+        assert!(after(&c, &[0, 1]).is_done());
+        assert_eq!(allowed(&after(&base, &[0])), vec![1, 8]);
     }
 }

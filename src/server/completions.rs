@@ -218,7 +218,14 @@ pub(super) fn start(
             adapter: job.adapter.clone(),
             top_logprobs,
             prompt_logprobs,
-            json: job.common.json.clone().map(|g| loaded.json_constraint(g)),
+            json: job.common.json.clone().map(|g| {
+                let c = loaded.json_constraint(g);
+                // A thinking model reasons first; its answer is held to the grammar.
+                match &job.reasoning {
+                    Some(r) => c.after_reasoning(super::reasoning_tags(), r.in_reasoning()),
+                    None => c,
+                }
+            }),
             embed: false,
         };
         let generation = loaded.engine.submit(request)?;

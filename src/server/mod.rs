@@ -100,6 +100,18 @@ pub struct Loaded {
     token_bytes: Arc<OnceLock<Arc<TokenBytes>>>,
 }
 
+/// The reasoning tags of thinking models, as the JSON-mode constraint lets them through.
+fn reasoning_tags() -> Arc<crate::engine::json_mode::ReasoningTags> {
+    static TAGS: OnceLock<Arc<crate::engine::json_mode::ReasoningTags>> = OnceLock::new();
+    TAGS.get_or_init(|| {
+        Arc::new(crate::engine::json_mode::ReasoningTags {
+            open: crate::text::reasoning::OPEN.as_bytes().into(),
+            close: crate::text::reasoning::CLOSE.as_bytes().into(),
+        })
+    })
+    .clone()
+}
+
 impl Loaded {
     /// Bundles a running engine with its tokenizer.
     pub fn new(

@@ -3,7 +3,8 @@
 //! message, and the answer is constrained (JSON mode, [`Grammar::tool_call`]) to
 //! `{"<function name>": {<arguments>}}` — exactly one declared function with arguments that
 //! follow its `parameters` schema. With `tool_choice: "auto"` the model may instead answer in
-//! plain text: any first character but `{` leaves the constraint. A call comes back as
+//! plain text: any first character but `{` leaves the constraint. A thinking model's
+//! reasoning comes first, unconstrained (`JsonConstraint::after_reasoning`). A call comes back as
 //! OpenAI's `tool_calls` (finish reason `tool_calls`); earlier calls and their results in
 //! `messages` are written into the conversation as prose ([`call_text`], and a user turn
 //! `Result of name: …`), for templates without a tool role.

@@ -4,9 +4,9 @@
 //! on text as it streams: a tag split across deltas is held back until it is whole.
 
 /// The tag that opens the reasoning.
-const OPEN: &str = "<think>";
+pub const OPEN: &str = "<think>";
 /// The tag that closes it.
-const CLOSE: &str = "</think>";
+pub const CLOSE: &str = "</think>";
 
 /// One piece of generated text, split.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -58,6 +58,11 @@ impl ReasoningSplitter {
             state,
             held: String::new(),
         }
+    }
+
+    /// Whether the text is inside the reasoning (at the start: the prompt opened it).
+    pub fn in_reasoning(&self) -> bool {
+        matches!(self.state, State::Thinking { .. })
     }
 
     /// The next delta of generated text, split; text that may belong to a tag is held back.
