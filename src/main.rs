@@ -132,6 +132,10 @@ struct ServeArgs {
     /// detected from the vocabulary, else prefix completion.
     #[arg(long, env = "NEXTOKEN_FIM_TEMPLATE")]
     fim_template: Option<String>,
+    /// A Jinja chat template file to render chats with instead of the model's own (llama.cpp's
+    /// `--chat-template-file`; e.g. a template that knows tools).
+    #[arg(long, env = "NEXTOKEN_CHAT_TEMPLATE_FILE")]
+    chat_template_file: Option<PathBuf>,
     /// Thinking models' reasoning in chat answers: `deepseek` puts the text between `<think>`
     /// and `</think>` in `reasoning_content`, `none` leaves it in `content`, `auto` is
     /// `deepseek` when the vocabulary has both tags as tokens (llama.cpp's flag and values;
@@ -221,6 +225,13 @@ fn load_for_serving(args: &ServeArgs, name: String) -> anyhow::Result<server::Lo
     let mut loaded =
         server::Loaded::new(engine.clone(), tokenizer, name.clone(), eos_ids, defaults)?
             .with_lora_dirs(args.lora_dirs.clone());
+    if let Some(path) = &args.chat_template_file {
+        let source = std::fs::read_to_string(path)
+            .with_context(|| format!("--chat-template-file {}", path.display()))?;
+        loaded = loaded
+            .with_chat_template(&source)
+            .with_context(|| format!("--chat-template-file {}", path.display()))?;
+    }
     match args.reasoning_format.as_str() {
         "deepseek" => loaded.reasoning = true,
         "none" => loaded.reasoning = false,

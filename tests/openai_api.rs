@@ -621,6 +621,159 @@ async fn thinking_comes_before_a_constrained_answer() {
     );
 }
 
+/// SmolLM2 served with Qwen3's template (`serve --chat-template-file`), which knows tools.
+fn hermes_app() -> Router {
+    static CELL: OnceLock<Arc<Loaded>> = OnceLock::new();
+    let loaded = CELL.get_or_init(|| {
+        let (model, tokenizer) = nextoken::load(&model_path()).expect("model loads");
+        let eos = model.config().eos_token_ids.clone();
+        let engine = EngineHandle::spawn(model, EngineConfig::default()).expect("engine");
+        let source =
+            std::fs::read_to_string(repo().join("tests/reference/templates/Qwen3-0.6B.jinja"))
+                .expect("template");
+        Arc::new(
+            Loaded::new(engine, tokenizer, "smollm2".into(), eos, Default::default())
+                .expect("loaded")
+                .with_chat_template(&source)
+                .expect("template compiles"),
+        )
+    });
+    app_with(ServerConfig::default(), Some(loaded.clone())).0
+}
+
+/// With a template that writes calls itself (Hermes' `<tool_call>` format), the request's
+/// tools, earlier calls and results reach the template as they are: `/apply-template` gives
+/// exactly the prompt transformers renders for the same conversation
+/// (`tests/reference/templates/qwen3_tool_renders.json`), the calls sent the OpenAI way
+/// (`arguments` as JSON text).
+#[tokio::test]
+async fn tools_reach_a_template_that_knows_them_as_they_are() {
+    let app = hermes_app();
+    let cases: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("tests/reference/templates/qwen3_tool_renders.json"))
+            .expect("renders"),
+    )
+    .expect("JSON");
+    for (name, case) in cases.as_object().expect("cases") {
+        let mut messages = case["messages"].clone();
+        for m in messages.as_array_mut().expect("messages") {
+            for c in m["tool_calls"].as_array_mut().into_iter().flatten() {
+                let args = &mut c["function"]["arguments"];
+                if !args.is_string() {
+                    *args = json!(args.to_string());
+                }
+            }
+        }
+        let (status, v) = post_json(
+            &app,
+            "/apply-template",
+            json!({"messages": messages, "tools": case["tools"]}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{name}: {v}");
+        assert_eq!(v["prompt"], case["rendered"], "{name}");
+    }
+}
+
+/// Calls in the Hermes format: SmolLM2 with Qwen3's template and `tool_choice: "required"`
+/// writes `<tool_call>\n{"name": …, "arguments": {…}}\n</tool_call>` (held to it), which
+/// comes back as OpenAI's `tool_calls` — whole, streamed piece by piece (the pieces add up to
+/// the whole), and as a Responses `function_call`; with `"auto"` it answers in text.
+#[tokio::test]
+async fn hermes_calls_come_back_as_tool_calls() {
+    let app = hermes_app();
+    let tools = json!([{"type": "function", "function": {"name": "get_weather",
+        "description": "Current weather of a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                       "required": ["city"]}}}]);
+    let base = json!({"messages": [{"role": "user", "content": "What is the weather like in Paris?"}],
+                      "tools": tools, "tool_choice": "required", "temperature": 0,
+                      "max_tokens": 60});
+    let (status, v) = post_json(&app, "/v1/chat/completions", base.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "tool_calls", "{v}");
+    let message = &v["choices"][0]["message"];
+    assert_eq!(message["content"], Value::Null);
+    let function = &message["tool_calls"][0]["function"];
+    assert_eq!(function["name"], "get_weather");
+    let args = function["arguments"]
+        .as_str()
+        .expect("arguments")
+        .to_owned();
+    let parsed: Value = serde_json::from_str(&args).expect("arguments are JSON");
+    assert!(parsed["city"].is_string(), "{parsed}");
+    assert!(!args.contains("tool_call"), "{args}");
+
+    let (_, _, bytes) = send(
+        &app,
+        post(
+            "/v1/chat/completions",
+            with_fields(&base, json!({"stream": true})),
+        ),
+    )
+    .await;
+    let payloads = sse_payloads(&bytes);
+    assert_eq!(payloads.last().map(String::as_str), Some("[DONE]"));
+    let choices: Vec<Value> = payloads[..payloads.len() - 1]
+        .iter()
+        .map(|p| serde_json::from_str::<Value>(p).expect("json")["choices"][0].clone())
+        .collect();
+    let calls: Vec<&Value> = choices
+        .iter()
+        .filter_map(|c| c["delta"]["tool_calls"].get(0))
+        .collect();
+    assert!(calls.len() > 2, "{choices:?}");
+    assert_eq!(calls[0]["function"]["name"], "get_weather");
+    let streamed: String = calls
+        .iter()
+        .filter_map(|c| c["function"]["arguments"].as_str())
+        .collect();
+    assert_eq!(streamed, args);
+    assert!(choices
+        .iter()
+        .all(|c| c["delta"]["content"].as_str().is_none_or(str::is_empty)));
+    assert_eq!(
+        choices.last().map(|c| c["finish_reason"].clone()),
+        Some(json!("tool_calls"))
+    );
+
+    let (status, v) = post_json(
+        &app,
+        "/v1/responses",
+        json!({"input": "What is the weather like in Paris?", "temperature": 0,
+               "tools": [{"type": "function", "name": "get_weather",
+                          "parameters": tools[0]["function"]["parameters"]}],
+               "tool_choice": "required", "store": false}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["output"][0]["type"], "function_call", "{v}");
+    assert_eq!(v["output"][0]["name"], "get_weather");
+    let parsed: Value =
+        serde_json::from_str(v["output"][0]["arguments"].as_str().expect("arguments"))
+            .expect("arguments are JSON");
+    assert!(parsed["city"].is_string(), "{parsed}");
+
+    let (status, v) = post_json(
+        &app,
+        "/v1/chat/completions",
+        with_fields(&base, json!({"tool_choice": "auto"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let content = v["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("text");
+    assert!(
+        !content.is_empty() && !content.contains("<tool_call>"),
+        "{v}"
+    );
+    assert!(
+        v["choices"][0]["message"].get("tool_calls").is_none(),
+        "{v}"
+    );
+}
+
 /// Ollama's `think: true`: the reasoning comes back as `message.thinking`, whole and as the
 /// streamed pieces; without `think` the text is the answer as generated. SmolLM2 is led to
 /// write `<think>…</think>` by two earlier turns that do.

@@ -810,7 +810,9 @@ impl JsonState {
                 }
                 true
             }
-            Node::TextOr(inner) if b == b'{' => self.begin(g, *inner, b, ch) == Start::Took,
+            Node::TextOr(inner) if g.can_start(*inner, b) => {
+                self.begin(g, *inner, b, ch) == Start::Took
+            }
             Node::TextOr(_) => self.open(Frame::Free),
             _ => false,
         }
@@ -1761,5 +1763,49 @@ mod tests {
         assert_eq!(allowed(&open), allowed(&inside));
         assert!(after(&c, &[0, 1]).is_done());
         assert_eq!(allowed(&after(&base, &[0])), vec![1, 8]);
+    }
+
+    /// Hermes calls: `<tool_call>`, a declared name first, arguments to its schema, then
+    /// `</tool_call>`; with text allowed, an answer that does not open with `<` is free.
+    #[test]
+    fn hermes_calls_are_held_to_their_format() {
+        let schema: serde_json::Value = serde_json::json!({"type": "object",
+            "properties": {"city": {"type": "string"}}, "required": ["city"],
+            "additionalProperties": false});
+        let tools = [("get_weather", Some(&schema)), ("get_time", None)];
+        let g = Grammar::hermes_call(&tools, false).expect("grammar");
+        let run = |g: &Grammar, t: &str| JsonPaths::default().after_bytes(g, t.as_bytes());
+        for ok in [
+            "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>",
+            "<tool_call>\n{\"name\":\"get_time\",\"arguments\":{\"zone\": [1]}}\n</tool_call>",
+        ] {
+            assert!(run(&g, ok).is_some_and(|s| s.is_done()), "{ok}");
+        }
+        for bad in [
+            "{\"name\": \"get_weather\"",
+            " <tool_call>",
+            "<tool_call>{",
+            "<tool_call>\n{\"name\": \"get_news\"",
+            "<tool_call>\n{\"arguments\": {}",
+            "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": 1",
+            "<tool_call>\n{\"name\": \"get_time\", \"arguments\": {}}</tool_call>",
+            "<tool_call>\n{\"name\": \"get_time\", \"arguments\": {}}\n</tool_call>x",
+        ] {
+            assert!(run(&g, bad).is_none(), "{bad}");
+        }
+        let auto = Grammar::hermes_call(&tools, true).expect("grammar");
+        assert!(run(&auto, "Hello <tool_call>").is_some_and(|s| s.is_free()));
+        assert!(run(&auto, "<tool_call>\n{\"name\": \"get_time\"").is_some_and(|s| !s.is_free()));
+        assert!(run(&auto, "<tool_c{").is_none());
+        // Past 16 functions, one reading: any declared name, arguments any object.
+        let names: Vec<String> = (0..20).map(|i| format!("f{i}")).collect();
+        let many: Vec<(&str, Option<&serde_json::Value>)> =
+            names.iter().map(|n| (n.as_str(), Some(&schema))).collect();
+        let g = Grammar::hermes_call(&many, false).expect("grammar");
+        let call = |n: &str| {
+            format!("<tool_call>\n{{\"name\": \"{n}\", \"arguments\": {{\"x\": 1}}}}\n</tool_call>")
+        };
+        assert!(run(&g, &call("f19")).is_some_and(|s| s.is_done()));
+        assert!(run(&g, &call("f20")).is_none());
     }
 }

@@ -34,6 +34,10 @@ fn json_string(s: &str) -> String {
     Value::String(s.to_owned()).to_string()
 }
 
+/// Most functions a Hermes call grammar follows one by one (each its own reading until the
+/// name tells them apart); more share one.
+pub const MAX_NAMED_CALLS: usize = 16;
+
 /// Index of a node in a [`Grammar`].
 pub type NodeId = u16;
 
@@ -106,8 +110,8 @@ pub(crate) enum Node {
     OneOf(Vec<NodeId>),
     /// The same as another node (a `$ref`).
     Alias(NodeId),
-    /// Free text, or — when its first byte after any whitespace is `{` — the node (a tool
-    /// call the model may or may not make).
+    /// Free text, or — when its first byte (after any whitespace the root allows) can begin
+    /// the node, `{` or `<` — the node (a tool call the model may or may not make).
     TextOr(NodeId),
     /// Raw text (not JSON) that matches the pattern: a whole answer ([`Grammar::regex`]),
     /// or a regular piece of a GBNF grammar (possibly empty).
@@ -251,6 +255,86 @@ impl Grammar {
             call
         };
         c.finish(root)
+    }
+
+    /// One call in the Hermes format that Qwen2.5, Qwen3 and Hermes models are trained to
+    /// write: `<tool_call>\n{"name": "<function>", "arguments": {…}}\n</tool_call>`, the
+    /// name one of `tools` and the arguments an instance of its parameters (`name` first, as
+    /// their templates show it). More functions than [`MAX_NAMED_CALLS`] share one reading:
+    /// any declared name, arguments any object. `text_allowed`: or free text, when the answer
+    /// does not open with `<`.
+    pub fn hermes_call(
+        tools: &[(&str, Option<&Value>)],
+        text_allowed: bool,
+    ) -> Result<Grammar, SchemaError> {
+        const NO_SCHEMA: &Value = &Value::Null;
+        let mut c = Compiler {
+            root: NO_SCHEMA,
+            nodes: base_nodes(),
+            refs: HashMap::new(),
+        };
+        let key = |k: &str| -> Box<[u8]> { json_string(k).into_bytes().into() };
+        let call = |c: &mut Compiler, names: Vec<Box<[u8]>>, arguments: NodeId| {
+            let name = c.push(Node::Literals(names), "tools")?;
+            c.push(
+                Node::Object {
+                    props: vec![
+                        Prop {
+                            key: key("name"),
+                            value: name,
+                            required: true,
+                        },
+                        Prop {
+                            key: key("arguments"),
+                            value: arguments,
+                            required: true,
+                        },
+                    ],
+                    extra: None,
+                    one: false,
+                },
+                "tools",
+            )
+        };
+        let body = if tools.len() > MAX_NAMED_CALLS {
+            let names = tools
+                .iter()
+                .map(|(n, _)| json_string(n).into_bytes().into())
+                .collect();
+            call(&mut c, names, ANY_OBJECT)?
+        } else {
+            let mut calls = Vec::new();
+            for (i, (name, params)) in tools.iter().enumerate() {
+                let arguments = match params {
+                    None => ANY_OBJECT,
+                    Some(p) => {
+                        c.root = p;
+                        c.refs.clear();
+                        c.node(p, &format!("tools[{i}].function.parameters"), 0)?
+                    }
+                };
+                calls.push(call(
+                    &mut c,
+                    vec![json_string(name).into_bytes().into()],
+                    arguments,
+                )?);
+            }
+            match calls.as_slice() {
+                [one] => *one,
+                _ => c.push(Node::OneOf(calls), "tools")?,
+            }
+        };
+        let open = c.push(Node::Literals(vec![(*b"<tool_call>\n").into()]), "tools")?;
+        let close = c.push(Node::Literals(vec![(*b"\n</tool_call>").into()]), "tools")?;
+        let whole = c.push(Node::Seq(vec![open, body, close].into()), "tools")?;
+        let root = if text_allowed {
+            c.push(Node::TextOr(whole), "tools")?
+        } else {
+            whole
+        };
+        let mut g = c.finish(root)?;
+        g.root_space = false;
+        Ok(g)
     }
 
     /// Exactly one of these texts, as they are (vLLM's `guided_choice`); each of 1 to

@@ -23,7 +23,7 @@ use super::openai::{
     PromptField, ValidCommon, WireUsage,
 };
 use super::stream::{TextEvent, TextEvents, TokenInfo};
-use super::tools::{args_end, call_head, call_text, wire_call, ToolPlan};
+use super::tools::{call_text, wire_call, CallFormat, ToolPlan};
 use super::{AppState, Loaded};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -76,6 +76,8 @@ pub(super) struct Job {
     pub(super) tools: Option<Arc<ToolPlan>>,
     /// Chat of a thinking model: each answer's reasoning split off (`reasoning_content`).
     pub(super) reasoning: Option<ReasoningSplitter>,
+    /// Chat: the prompt as the template rendered it.
+    pub(super) rendered: String,
 }
 
 /// One prompt of a request.
@@ -580,8 +582,9 @@ impl SseState {
     /// whitespace, which may hold the call object's own `}`, until `last`.
     fn call_progress(&mut self, i: usize, last: bool) -> Option<Value> {
         let text = &self.held.get(i)?.as_ref()?.0;
-        let (name, start) = call_head(text)?;
-        let end = args_end(text, start, last);
+        let plan = self.job.tools.as_ref()?;
+        let (name, start) = plan.call_head(text)?;
+        let end = plan.args_end(text, start, last);
         let delta = match self.args_sent[i] {
             None => {
                 let mut call = wire_call(&name, &text[start..end]);
@@ -841,6 +844,7 @@ pub async fn completions(
         fim_mode,
         tools: None,
         reasoning: None,
+        rendered: String::new(),
     };
     run(app, job).await
 }
@@ -868,6 +872,16 @@ fn message_text(content: Option<ContentField>, index: usize) -> Result<String, A
     }
 }
 
+/// `POST /apply-template` (llama.cpp's): a chat request's prompt as the model's template
+/// renders it (`{"prompt": …}`), nothing generated.
+pub async fn apply_template(
+    State(app): State<AppState>,
+    AppJson(body): AppJson<Value>,
+) -> Result<Response, ApiError> {
+    let job = chat_job(app.loaded()?, &body)?;
+    Ok(axum::Json(json!({"prompt": job.rendered})).into_response())
+}
+
 /// `POST /v1/chat/completions`.
 pub async fn chat_completions(
     State(app): State<AppState>,
@@ -883,7 +897,17 @@ pub(super) fn chat_job(loaded: &Loaded, body: &Value) -> Result<Job, ApiError> {
     req.common = parse_body(body)?;
     let adapter = check_model(loaded, &req.common)?;
     let mut common = req.common.validate(&loaded.defaults, loaded.vocab_size())?;
-    let tools = ToolPlan::from_request(req.tools.as_ref(), req.tool_choice.as_ref())?;
+    let template = loaded.chat_template.as_ref().ok_or_else(|| {
+        ApiError::bad_request("this model has no chat template; use /v1/completions")
+    })?;
+    // A template that writes calls itself is given the tools and the calls as they are.
+    let native = template.hermes_tools();
+    let format = if native {
+        CallFormat::Hermes
+    } else {
+        CallFormat::Prompted
+    };
+    let tools = ToolPlan::from_request(req.tools.as_ref(), req.tool_choice.as_ref(), format)?;
     if let Some(plan) = &tools {
         if common.json.is_some() {
             return Err(ApiError::invalid(
@@ -899,9 +923,6 @@ pub(super) fn chat_job(loaded: &Loaded, body: &Value) -> Result<Job, ApiError> {
             "`messages` must not be empty",
         ));
     }
-    let template = loaded.chat_template.as_ref().ok_or_else(|| {
-        ApiError::bad_request("this model has no chat template; use /v1/completions")
-    })?;
     let mut messages = Vec::with_capacity(req.messages.len() + 1);
     // Earlier calls' names by id, for the results that answer them.
     let mut call_names: Vec<(String, String)> = Vec::new();
@@ -918,6 +939,33 @@ pub(super) fn chat_job(loaded: &Loaded, body: &Value) -> Result<Job, ApiError> {
             m.role
         };
         let mut content = message_text(m.content, i)?;
+        if native {
+            let mut message = ChatMessage {
+                role,
+                content,
+                ..Default::default()
+            };
+            if let Some(calls) = m.tool_calls.filter(|c| !c.is_empty()) {
+                let calls = calls.into_iter().map(|c| {
+                    let arguments = serde_json::from_str::<Value>(&c.function.arguments)
+                        .unwrap_or(Value::String(c.function.arguments));
+                    call_names.extend(c.id.clone().map(|id| (id, c.function.name.clone())));
+                    json!({"type": "function", "id": c.id,
+                           "function": {"name": c.function.name, "arguments": arguments}})
+                });
+                message.tool_calls = Some(calls.collect());
+            }
+            if message.role == "tool" {
+                message.name = m
+                    .tool_call_id
+                    .as_ref()
+                    .and_then(|id| call_names.iter().find(|(i, _)| i == id))
+                    .map(|(_, n)| n.clone());
+                message.tool_call_id = m.tool_call_id;
+            }
+            messages.push(message);
+            continue;
+        }
         // Calls and their results, as the model writes calls (see `server::tools`).
         let role = match role.as_str() {
             "assistant" => {
@@ -940,25 +988,23 @@ pub(super) fn chat_job(loaded: &Loaded, body: &Value) -> Result<Job, ApiError> {
             }
             _ => role,
         };
-        messages.push(ChatMessage { role, content });
+        messages.push(ChatMessage::text(&role, &content));
     }
-    if let Some(plan) = &tools {
+    if let Some(plan) = tools.as_ref().filter(|p| p.format == CallFormat::Prompted) {
         let text = plan.system_text();
         match messages.first_mut() {
             Some(m) if m.role == "system" => m.content = format!("{}\n\n{text}", m.content),
-            _ => messages.insert(
-                0,
-                ChatMessage {
-                    role: "system".to_owned(),
-                    content: text,
-                },
-            ),
+            _ => messages.insert(0, ChatMessage::text("system", &text)),
         }
     }
     let prompt = template
         .render_with(
             &messages,
             req.add_generation_prompt.unwrap_or(true),
+            tools
+                .as_ref()
+                .filter(|p| p.format == CallFormat::Hermes)
+                .map(|p| &p.declared),
             &req.chat_template_kwargs.unwrap_or_default(),
         )
         .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
@@ -1011,6 +1057,7 @@ pub(super) fn chat_job(loaded: &Loaded, body: &Value) -> Result<Job, ApiError> {
         fim_mode: None,
         tools: tools.map(Arc::new),
         reasoning,
+        rendered: prompt,
     };
     Ok(job)
 }

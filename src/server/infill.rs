@@ -728,15 +728,9 @@ pub async fn ollama_generate(
                 Some(template) => {
                     let mut messages = Vec::with_capacity(2);
                     if let Some(system) = &req.system {
-                        messages.push(crate::text::ChatMessage {
-                            role: "system".into(),
-                            content: system.clone(),
-                        });
+                        messages.push(crate::text::ChatMessage::text("system", system));
                     }
-                    messages.push(crate::text::ChatMessage {
-                        role: "user".into(),
-                        content: req.prompt.clone(),
-                    });
+                    messages.push(crate::text::ChatMessage::text("user", &req.prompt));
                     let text = template
                         .render(&messages, true)
                         .map_err(|e| ApiError::invalid("prompt", e.to_string()))?;

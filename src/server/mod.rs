@@ -193,6 +193,17 @@ impl Loaded {
         self
     }
 
+    /// Renders chats with the Jinja template `source` instead of the model's own
+    /// (`--chat-template-file`).
+    pub fn with_chat_template(mut self, source: &str) -> Result<Self, TextError> {
+        self.chat_template = Some(ChatTemplate::new(
+            source,
+            self.tokenizer.bos_token(),
+            self.tokenizer.eos_token(),
+        )?);
+        Ok(self)
+    }
+
     /// Serves fill-in-the-middle with `mode` instead of the detected one (`--fim-template`).
     pub fn with_fim(mut self, mode: FimMode) -> Self {
         self.fim = mode;
@@ -373,6 +384,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/embeddings", post(embeddings::ollama_embeddings))
         .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/chat/completions", post(completions::chat_completions))
+        .route("/apply-template", post(completions::apply_template))
         .route("/v1/responses", post(responses::responses))
         .route(
             "/v1/responses/{id}",

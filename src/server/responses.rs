@@ -31,7 +31,7 @@ use tokio::sync::mpsc;
 use super::completions::{chat_job, collect, start_one, Job};
 use super::error::{ApiError, AppJson};
 use super::stream::{TextEvent, TextEvents};
-use super::tools::{args_end, call_head, wire_call};
+use super::tools::{wire_call, ToolPlan};
 use super::AppState;
 use crate::text::ReasoningSplitter;
 
@@ -701,7 +701,16 @@ async fn stream_events(job: Job, echo: Echo, mut events: TextEvents, mut out: Em
                     {
                         return;
                     }
-                } else if !call_progress(&mut out, &mut call, &text, false, index).await {
+                } else if !call_progress(
+                    &mut out,
+                    &mut call,
+                    job.tools.as_deref(),
+                    &text,
+                    false,
+                    index,
+                )
+                .await
+                {
                     return;
                 }
             }
@@ -740,7 +749,17 @@ async fn stream_events(job: Job, echo: Echo, mut events: TextEvents, mut out: Em
     {
         return;
     }
-    if !opened && !call_progress(&mut out, &mut call, &text, true, index).await {
+    if !opened
+        && !call_progress(
+            &mut out,
+            &mut call,
+            job.tools.as_deref(),
+            &text,
+            true,
+            index,
+        )
+        .await
+    {
         return;
     }
     let item = if let Some(c) = call {
@@ -815,11 +834,15 @@ async fn stream_events(job: Job, echo: Echo, mut events: TextEvents, mut out: Em
 async fn call_progress(
     out: &mut Emitter,
     call: &mut Option<CallOut>,
+    plan: Option<&ToolPlan>,
     text: &str,
     last: bool,
     index: usize,
 ) -> bool {
-    let Some((name, start)) = call_head(text) else {
+    let Some(plan) = plan else {
+        return true;
+    };
+    let Some((name, start)) = plan.call_head(text) else {
         return true;
     };
     if call.is_none() {
@@ -844,7 +867,7 @@ async fn call_progress(
     let Some(c) = call.as_mut() else {
         return true;
     };
-    let end = args_end(text, c.start, last);
+    let end = plan.args_end(text, c.start, last);
     if end <= c.sent {
         return true;
     }

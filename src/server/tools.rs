@@ -1,13 +1,16 @@
-//! OpenAI tool calling (`tools`, `tool_choice`) for any model, the way llama.cpp's server
-//! serves models whose chat template knows no tools: the tools are described in the system
-//! message, and the answer is constrained (JSON mode, [`Grammar::tool_call`]) to
-//! `{"<function name>": {<arguments>}}` — exactly one declared function with arguments that
-//! follow its `parameters` schema. With `tool_choice: "auto"` the model may instead answer in
-//! plain text: any first character but `{` leaves the constraint. A thinking model's
-//! reasoning comes first, unconstrained (`JsonConstraint::after_reasoning`). A call comes back as
-//! OpenAI's `tool_calls` (finish reason `tool_calls`); earlier calls and their results in
-//! `messages` are written into the conversation as prose ([`call_text`], and a user turn
-//! `Result of name: …`), for templates without a tool role.
+//! OpenAI tool calling (`tools`, `tool_choice`) for any model, in one of two formats
+//! ([`CallFormat`]). A template that knows tools in the Hermes format (Qwen2.5, Qwen3,
+//! Hermes 2/3) gets the tools, calls and results as they are, and the answer is held
+//! ([`Grammar::hermes_call`]) to the `<tool_call>` block its model was trained to write. For
+//! any other template, the way llama.cpp's server serves templates that know no tools: the
+//! tools are described in the system message, and the answer is constrained (JSON mode,
+//! [`Grammar::tool_call`]) to `{"<function name>": {<arguments>}}` — exactly one declared
+//! function with arguments that follow its `parameters` schema; earlier calls and their
+//! results in `messages` are written into the conversation as prose ([`call_text`], and a
+//! user turn `Result of name: …`). Either way, with `tool_choice: "auto"` the model may answer
+//! in plain text instead (a first character that cannot begin a call leaves the constraint);
+//! a call comes back as OpenAI's `tool_calls` (finish reason `tool_calls`). A thinking model's
+//! reasoning comes first, unconstrained (`JsonConstraint::after_reasoning`).
 
 use std::sync::Arc;
 
@@ -36,11 +39,32 @@ enum Choice {
     Named(String),
 }
 
+/// How the model is told about the tools and writes a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallFormat {
+    /// Described in the system message ([`ToolPlan::system_text`]); a call is
+    /// `{"<name>": {<arguments>}}`; earlier calls and results are prose.
+    Prompted,
+    /// The template's own: it gets `tools` and the conversation's calls and results as they
+    /// are, and the model writes `<tool_call>\n{"name": …, "arguments": {…}}\n</tool_call>`
+    /// (templates that know tools in the Hermes format: Qwen2.5, Qwen3, Hermes 2/3).
+    Hermes,
+}
+
+/// Opens a Hermes call.
+const HERMES_OPEN: &str = "<tool_call>";
+/// Closes it.
+const HERMES_CLOSE: &str = "</tool_call>";
+
 /// A request's tools, checked: what the model is told and what its answer is held to.
 #[derive(Debug)]
 pub struct ToolPlan {
     functions: Vec<Function>,
     choice: Choice,
+    /// How calls are written.
+    pub format: CallFormat,
+    /// The request's `tools`, as the template gets them (Hermes).
+    pub declared: Value,
     /// The constraint on the answer.
     pub grammar: Arc<Grammar>,
 }
@@ -55,11 +79,12 @@ fn valid_name(n: &str) -> bool {
 }
 
 impl ToolPlan {
-    /// From the request's `tools` and `tool_choice`; `None` when there are no tools or
-    /// `tool_choice` is `"none"`.
+    /// From the request's `tools` and `tool_choice`, for calls in `format`; `None` when there
+    /// are no tools or `tool_choice` is `"none"`.
     pub fn from_request(
         tools: Option<&Value>,
         tool_choice: Option<&Value>,
+        format: CallFormat,
     ) -> Result<Option<ToolPlan>, ApiError> {
         let tools = match tools {
             None | Some(Value::Null) => &[][..],
@@ -157,22 +182,90 @@ impl ToolPlan {
             })
             .map(|f| (f.name.as_str(), f.parameters.as_ref()))
             .collect();
-        let grammar = Grammar::tool_call(&offered, choice == Choice::Auto).map_err(|e| {
+        let auto = choice == Choice::Auto;
+        let grammar = match format {
+            CallFormat::Prompted => Grammar::tool_call(&offered, auto),
+            CallFormat::Hermes => Grammar::hermes_call(&offered, auto),
+        }
+        .map_err(|e| {
             let param = e.path.split('/').next().unwrap_or("tools").to_owned();
             ApiError::invalid(&param, format!("unsupported JSON schema: {e}"))
         })?;
         Ok(Some(ToolPlan {
             functions,
             choice,
+            format,
+            declared: Value::Array(tools.to_vec()),
             grammar: Arc::new(grammar),
         }))
     }
 
     /// Whether an answer that starts like `text` is plain text rather than a call: with
-    /// `tool_choice: "auto"`, once its first character is anything but `{` (the grammar
-    /// lets it go then; streamed, it goes out as text from there on).
+    /// `tool_choice: "auto"`, once its first character cannot begin a call — anything but
+    /// `{` (Hermes: anything that does not begin `<tool_call>`); the grammar lets it go then,
+    /// and streamed, it goes out as text from there on.
     pub fn is_text(&self, text: &str) -> bool {
-        self.choice == Choice::Auto && text.trim_start().chars().next().is_some_and(|c| c != '{')
+        if self.choice != Choice::Auto {
+            return false;
+        }
+        match self.format {
+            CallFormat::Prompted => text.trim_start().chars().next().is_some_and(|c| c != '{'),
+            CallFormat::Hermes => {
+                !text.is_empty() && !text.starts_with(HERMES_OPEN) && !HERMES_OPEN.starts_with(text)
+            }
+        }
+    }
+
+    /// The function a call names and where its arguments start (after the `:` and any
+    /// whitespace), once the text has got that far: `{ "name" :` (Hermes:
+    /// `<tool_call>\n{"name": "…", "arguments":`).
+    pub fn call_head(&self, text: &str) -> Option<(String, usize)> {
+        match self.format {
+            CallFormat::Prompted => call_head(text),
+            CallFormat::Hermes => {
+                let rest = text.strip_prefix(HERMES_OPEN)?.trim_start();
+                let rest = rest.strip_prefix('{')?.trim_start();
+                let rest = rest.strip_prefix("\"name\"")?.trim_start();
+                let rest = rest.strip_prefix(':')?.trim_start();
+                let rest = rest.strip_prefix('"')?;
+                let (name, after) = rest.split_once('"')?;
+                let after = after.trim_start().strip_prefix(',')?.trim_start();
+                let after = after.strip_prefix("\"arguments\"")?.trim_start();
+                let value = after.strip_prefix(':')?.trim_start();
+                if value.is_empty() {
+                    return None;
+                }
+                Some((name.to_owned(), text.len() - value.len()))
+            }
+        }
+    }
+
+    /// How much of a call's arguments (from `start`) can be sent: all but a trailing run of
+    /// `}` and whitespace (Hermes: and of the closing tag, or its beginning), which may hold
+    /// the call object's own `}` — or, once the text is `last`, up to that `}`.
+    pub fn args_end(&self, text: &str, start: usize, last: bool) -> usize {
+        if self.format == CallFormat::Prompted {
+            return args_end(text, start, last);
+        }
+        let mut t = text;
+        if last {
+            let s = t.trim_end();
+            t = s.strip_suffix(HERMES_CLOSE).unwrap_or(s);
+            return args_end(t, start, true);
+        }
+        loop {
+            let before = t.len();
+            t = t.trim_end_matches(|c: char| c == '}' || c.is_ascii_whitespace());
+            if let Some(n) = (1..=HERMES_CLOSE.len())
+                .rev()
+                .find(|&n| t.ends_with(&HERMES_CLOSE[..n]))
+            {
+                t = &t[..t.len() - n];
+            }
+            if t.len() == before {
+                return t.len().max(start);
+            }
+        }
     }
 
     /// What the system message says about the tools.
@@ -212,8 +305,12 @@ impl ToolPlan {
     /// as the model wrote them (JSON text, what streaming sends piece by piece); `None` for
     /// plain text (or a call cut short).
     pub fn parse_call(&self, text: &str) -> Option<(String, String)> {
-        let (name, start) = call_head(text)?;
-        let end = text.trim_end().strip_suffix('}')?.len();
+        let (name, start) = self.call_head(text)?;
+        let mut body = text.trim_end();
+        if self.format == CallFormat::Hermes {
+            body = body.strip_suffix(HERMES_CLOSE)?.trim_end();
+        }
+        let end = body.strip_suffix('}')?.len();
         let args = text.get(start..end)?.trim();
         let v: Value = serde_json::from_str(args).ok()?;
         if !v.is_object() || !self.functions.iter().any(|f| f.name == name) {
@@ -223,10 +320,10 @@ impl ToolPlan {
     }
 }
 
-/// How much of a call's arguments (from `start`) can be sent: all but a trailing run of `}`
-/// and whitespace, which may hold the call object's own `}` — or, once the text is `last`,
-/// up to that `}`.
-pub fn args_end(text: &str, start: usize, last: bool) -> usize {
+/// How much of a `{"name": {arguments}}` call's arguments (from `start`) can be sent: all but
+/// a trailing run of `}` and whitespace, which may hold the call object's own `}` — or, once
+/// the text is `last`, up to that `}`.
+fn args_end(text: &str, start: usize, last: bool) -> usize {
     let end = if last {
         let t = text.trim_end();
         t.strip_suffix('}').unwrap_or(t).trim_end().len()
@@ -237,9 +334,9 @@ pub fn args_end(text: &str, start: usize, last: bool) -> usize {
     end.max(start)
 }
 
-/// The function a call names and where its arguments start (after the `:` and any
-/// whitespace), once the text has got that far: `{ "name" :`.
-pub fn call_head(text: &str) -> Option<(String, usize)> {
+/// The function a `{"name": {arguments}}` call names and where its arguments start (after the
+/// `:` and any whitespace), once the text has got that far: `{ "name" :`.
+fn call_head(text: &str) -> Option<(String, usize)> {
     let rest = text.trim_start().strip_prefix('{')?.trim_start();
     let rest = rest.strip_prefix('"')?;
     // Function names are letters, digits, `_` and `-`: no escapes, no `:` inside.
@@ -265,4 +362,71 @@ pub fn call_text(name: &str, arguments: &str) -> String {
 pub fn wire_call(name: &str, arguments: &str) -> Value {
     let id = format!("call_{:024x}", rand::random::<u128>() >> 32);
     json!({"id": id, "type": "function", "function": {"name": name, "arguments": arguments}})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(format: CallFormat, choice: &str) -> ToolPlan {
+        let tools = json!([{"type": "function", "function": {"name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]);
+        ToolPlan::from_request(Some(&tools), Some(&json!(choice)), format)
+            .expect("valid")
+            .expect("a plan")
+    }
+
+    /// A call streamed a character at a time sends its arguments in pieces that add up to
+    /// the whole call's, never the closing `}` or tag; in both formats.
+    #[test]
+    fn streamed_arguments_add_up_to_the_whole_call() {
+        for (format, text) in [
+            (
+                CallFormat::Hermes,
+                "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris}\"}}\n</tool_call>",
+            ),
+            (
+                CallFormat::Prompted,
+                "{\"get_weather\": {\"city\": \"Paris}\"}}",
+            ),
+        ] {
+            let p = plan(format, "required");
+            let (name, args) = p.parse_call(text).expect("a call");
+            assert_eq!((name.as_str(), args.as_str()), ("get_weather", "{\"city\": \"Paris}\"}"));
+            let mut sent: Option<usize> = None;
+            let mut pieces = String::new();
+            for (end, _) in text.char_indices().skip(1).chain([(text.len(), ' ')]) {
+                let part = &text[..end];
+                assert!(!p.is_text(part), "{part}");
+                let Some((name, start)) = p.call_head(part) else {
+                    continue;
+                };
+                assert_eq!(name, "get_weather");
+                let upto = p.args_end(part, start, end == text.len());
+                let from = sent.unwrap_or(start);
+                if upto > from {
+                    pieces.push_str(&part[from..upto]);
+                    sent = Some(upto);
+                }
+            }
+            assert_eq!(pieces, args, "{format:?}");
+        }
+    }
+
+    #[test]
+    fn auto_answers_that_cannot_open_a_call_are_text() {
+        let h = plan(CallFormat::Hermes, "auto");
+        assert!(!h.is_text("") && !h.is_text("<tool") && !h.is_text("<tool_call>\n{"));
+        assert!(h.is_text("Paris") && h.is_text("<b>"));
+        assert!(!plan(CallFormat::Hermes, "required").is_text("Paris"));
+        let p = plan(CallFormat::Prompted, "auto");
+        assert!(!p.is_text(" {") && p.is_text("Paris"));
+        // Cut short or not a declared function: no call.
+        assert!(h
+            .parse_call("<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {}}")
+            .is_none());
+        assert!(h
+            .parse_call("<tool_call>\n{\"name\": \"other\", \"arguments\": {}}\n</tool_call>")
+            .is_none());
+    }
 }

@@ -8,12 +8,33 @@ use serde::Serialize;
 use super::TextError;
 
 /// One message of a conversation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct ChatMessage {
     /// `system`, `user`, `assistant`, ...
     pub role: String,
     /// Text content.
     pub content: String,
+    /// An assistant's calls, for templates that write them (OpenAI's shape, `arguments` an
+    /// object: `{"type": "function", "function": {"name", "arguments"}}`); absent when none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    /// A `tool` message's call id; absent when none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// A `tool` message's function name; absent when none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl ChatMessage {
+    /// A message of text.
+    pub fn text(role: &str, content: &str) -> Self {
+        ChatMessage {
+            role: role.to_owned(),
+            content: content.to_owned(),
+            ..Default::default()
+        }
+    }
 }
 
 /// A compiled chat template.
@@ -21,10 +42,127 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
     eos_token: String,
+    /// Whether it writes tool calls itself, in Hermes' `<tool_call>` format.
+    hermes_tools: bool,
 }
 
 fn raise_exception(message: String) -> Result<String, Error> {
     Err(Error::new(ErrorKind::InvalidOperation, message))
+}
+
+/// JSON text as Python's `json.dumps` writes it — transformers' `tojson` (keys in their
+/// order, `", "` and `": "` between items, non-ASCII as is; `indent`, `separators`,
+/// `sort_keys`, `ensure_ascii` as keyword arguments): tool schemas reach the model in the
+/// bytes it was trained on (minijinja's own sorts keys and writes no spaces).
+fn tojson(
+    value: &minijinja::Value,
+    indent: Option<minijinja::Value>,
+    kwargs: minijinja::value::Kwargs,
+) -> Result<String, Error> {
+    let bad = |m: &str| Error::new(ErrorKind::InvalidOperation, format!("tojson: {m}"));
+    let json = serde_json::to_value(value).map_err(|e| bad(&e.to_string()))?;
+    let indent = match indent.or(kwargs.get::<Option<minijinja::Value>>("indent")?) {
+        None => None,
+        Some(v) if v.is_none() => None,
+        Some(v) => match v.as_usize() {
+            Some(n) => Some(" ".repeat(n)),
+            None => Some(v.as_str().ok_or_else(|| bad("indent"))?.to_owned()),
+        },
+    };
+    let (item, key) = match kwargs.get::<Option<Vec<String>>>("separators")? {
+        Some(p) if p.len() == 2 => (p[0].clone(), p[1].clone()),
+        Some(_) => return Err(bad("separators must be two strings")),
+        None if indent.is_some() => (",".to_owned(), ": ".to_owned()),
+        None => (", ".to_owned(), ": ".to_owned()),
+    };
+    let sort = kwargs.get::<Option<bool>>("sort_keys")?.unwrap_or(false);
+    let ascii = kwargs.get::<Option<bool>>("ensure_ascii")?.unwrap_or(false);
+    kwargs.assert_all_used()?;
+    let mut out = String::new();
+    write_json(
+        &json,
+        &Style {
+            indent,
+            item,
+            key,
+            sort,
+            ascii,
+        },
+        0,
+        &mut out,
+    );
+    Ok(out)
+}
+
+/// How [`tojson`] writes.
+struct Style {
+    indent: Option<String>,
+    item: String,
+    key: String,
+    sort: bool,
+    ascii: bool,
+}
+
+fn write_json(v: &serde_json::Value, st: &Style, depth: usize, out: &mut String) {
+    use serde_json::Value as J;
+    let string = |t: &str, out: &mut String| {
+        let quoted = J::String(t.to_owned()).to_string();
+        if !st.ascii {
+            out.push_str(&quoted);
+            return;
+        }
+        for c in quoted.chars() {
+            if c.is_ascii() {
+                out.push(c);
+            } else {
+                let mut units = [0u16; 2];
+                for u in c.encode_utf16(&mut units) {
+                    out.push_str(&format!("\\u{u:04x}"));
+                }
+            }
+        }
+    };
+    // Before an item: a new line at the depth's indent, or nothing.
+    let newline = |depth: usize, out: &mut String| {
+        if let Some(ind) = &st.indent {
+            out.push('\n');
+            out.push_str(&ind.repeat(depth));
+        }
+    };
+    match v {
+        J::Array(items) if !items.is_empty() => {
+            out.push('[');
+            for (i, x) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(&st.item);
+                }
+                newline(depth + 1, out);
+                write_json(x, st, depth + 1, out);
+            }
+            newline(depth, out);
+            out.push(']');
+        }
+        J::Object(map) if !map.is_empty() => {
+            let mut entries: Vec<(&String, &J)> = map.iter().collect();
+            if st.sort {
+                entries.sort_by(|a, b| a.0.cmp(b.0));
+            }
+            out.push('{');
+            for (i, (k, x)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push_str(&st.item);
+                }
+                newline(depth + 1, out);
+                string(k, out);
+                out.push_str(&st.key);
+                write_json(x, st, depth + 1, out);
+            }
+            newline(depth, out);
+            out.push('}');
+        }
+        J::String(t) => string(t, out),
+        other => out.push_str(&other.to_string()),
+    }
 }
 
 impl ChatTemplate {
@@ -38,6 +176,7 @@ impl ChatTemplate {
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         minijinja_contrib::add_to_environment(&mut env);
         env.add_function("raise_exception", raise_exception);
+        env.add_filter("tojson", tojson);
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.add_template_owned("chat", source.to_string())
@@ -46,7 +185,15 @@ impl ChatTemplate {
             env,
             bos_token: bos_token.unwrap_or_default().to_string(),
             eos_token: eos_token.unwrap_or_default().to_string(),
+            hermes_tools: source.contains("<tool_call>") && source.contains("tools"),
         })
+    }
+
+    /// Whether the template describes `tools` and writes calls itself in the Hermes format
+    /// (`<tool_call>\n{"name": …, "arguments": …}\n</tool_call>`: Qwen2.5, Qwen3, Hermes 2/3),
+    /// which its model was trained to answer in.
+    pub fn hermes_tools(&self) -> bool {
+        self.hermes_tools
     }
 
     /// Renders the conversation; `add_generation_prompt` opens the assistant's turn.
@@ -55,17 +202,24 @@ impl ChatTemplate {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, TextError> {
-        self.render_with(messages, add_generation_prompt, &serde_json::Map::new())
+        self.render_with(
+            messages,
+            add_generation_prompt,
+            None,
+            &serde_json::Map::new(),
+        )
     }
 
-    /// [`ChatTemplate::render`] with more variables for the template (a request's
+    /// [`ChatTemplate::render`] with the request's `tools` (OpenAI's list, for templates that
+    /// describe them) and more variables for the template (a request's
     /// `chat_template_kwargs`, e.g. Qwen3's `enable_thinking`); where a name is also one of
-    /// the render's own (`messages`, `add_generation_prompt`, `bos_token`, `eos_token`), the
-    /// render's value is used.
+    /// the render's own (`messages`, `tools`, `add_generation_prompt`, `bos_token`,
+    /// `eos_token`), the render's value is used.
     pub fn render_with(
         &self,
         messages: &[ChatMessage],
         add_generation_prompt: bool,
+        tools: Option<&serde_json::Value>,
         extra: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<String, TextError> {
         let template = self
@@ -75,6 +229,7 @@ impl ChatTemplate {
         template
             .render(context! {
                 messages => messages,
+                tools => tools,
                 add_generation_prompt => add_generation_prompt,
                 bos_token => self.bos_token,
                 eos_token => self.eos_token,
@@ -89,10 +244,7 @@ mod tests {
     use super::*;
 
     fn msg(role: &str, content: &str) -> ChatMessage {
-        ChatMessage {
-            role: role.into(),
-            content: content.into(),
-        }
+        ChatMessage::text(role, content)
     }
 
     #[test]
@@ -138,7 +290,47 @@ mod tests {
                 })
                 .collect();
             let extra = case["kwargs"].as_object().expect("kwargs");
-            let out = t.render_with(&messages, true, extra).expect("renders");
+            let out = t
+                .render_with(&messages, true, None, extra)
+                .expect("renders");
+            assert_eq!(out, case["rendered"].as_str().expect("rendered"), "{name}");
+        }
+    }
+
+    /// Qwen3's template given tools, earlier calls (arguments as an object and as JSON text)
+    /// and their results renders as transformers' `apply_chat_template` does
+    /// (`scripts/qwen3-tool-renders.py`): the tools as JSON in its system prompt, calls as
+    /// `<tool_call>` blocks, results as `<tool_response>` blocks.
+    #[test]
+    fn qwen3_template_renders_tools_and_calls_as_transformers_does() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/templates");
+        let source = std::fs::read_to_string(dir.join("Qwen3-0.6B.jinja")).expect("template");
+        let cases: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("qwen3_tool_renders.json")).expect("renders"),
+        )
+        .expect("JSON");
+        let t = ChatTemplate::new(&source, None, Some("<|im_end|>")).expect("compiles");
+        assert!(t.hermes_tools());
+        let cases = cases.as_object().expect("cases");
+        assert_eq!(cases.len(), 4);
+        let text = |v: &serde_json::Value| v.as_str().map(str::to_owned);
+        for (name, case) in cases {
+            let messages: Vec<ChatMessage> = case["messages"]
+                .as_array()
+                .expect("messages")
+                .iter()
+                .map(|m| ChatMessage {
+                    role: text(&m["role"]).expect("role"),
+                    content: text(&m["content"]).expect("content"),
+                    tool_calls: m["tool_calls"].as_array().cloned(),
+                    tool_call_id: text(&m["tool_call_id"]),
+                    name: text(&m["name"]),
+                })
+                .collect();
+            let out = t
+                .render_with(&messages, true, Some(&case["tools"]), &Default::default())
+                .expect("renders");
             assert_eq!(out, case["rendered"].as_str().expect("rendered"), "{name}");
         }
     }

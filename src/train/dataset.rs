@@ -90,10 +90,7 @@ fn message_text(v: &Value, line: usize, i: usize) -> Result<ChatMessage, DataErr
             ))
         }
     };
-    Ok(ChatMessage {
-        role: role.to_string(),
-        content,
-    })
+    Ok(ChatMessage::text(role, &content))
 }
 
 fn tokenize(f: &DataFormat, text: &str, first: bool, line: usize) -> Result<Vec<u32>, DataError> {
