@@ -133,7 +133,8 @@ struct ServeArgs {
     #[arg(long, env = "NEXTOKEN_FIM_TEMPLATE")]
     fim_template: Option<String>,
     /// A Jinja chat template file to render chats with instead of the model's own (llama.cpp's
-    /// `--chat-template-file`; e.g. a template that knows tools).
+    /// `--chat-template-file`; e.g. a template that knows tools); fine-tuning data is
+    /// rendered with it too.
     #[arg(long, env = "NEXTOKEN_CHAT_TEMPLATE_FILE")]
     chat_template_file: Option<PathBuf>,
     /// Thinking models' reasoning in chat answers: `deepseek` puts the text between `<think>`
@@ -221,16 +222,25 @@ fn load_for_serving(args: &ServeArgs, name: String) -> anyhow::Result<server::Lo
         engine.load_adapter(lora_name, adapter);
         eprintln!("nextoken: adapter '{lora_name}' loaded from {path}");
     }
-    let chat_template = tokenizer.chat_template().map(str::to_string);
+    // The template chats are rendered with, served and trained alike.
+    let template_file = args
+        .chat_template_file
+        .as_ref()
+        .map(|path| {
+            std::fs::read_to_string(path)
+                .with_context(|| format!("--chat-template-file {}", path.display()))
+        })
+        .transpose()?;
+    let chat_template = template_file
+        .clone()
+        .or_else(|| tokenizer.chat_template().map(str::to_string));
     let mut loaded =
         server::Loaded::new(engine.clone(), tokenizer, name.clone(), eos_ids, defaults)?
             .with_lora_dirs(args.lora_dirs.clone());
-    if let Some(path) = &args.chat_template_file {
-        let source = std::fs::read_to_string(path)
-            .with_context(|| format!("--chat-template-file {}", path.display()))?;
+    if let Some(source) = &template_file {
         loaded = loaded
-            .with_chat_template(&source)
-            .with_context(|| format!("--chat-template-file {}", path.display()))?;
+            .with_chat_template(source)
+            .context("--chat-template-file")?;
     }
     match args.reasoning_format.as_str() {
         "deepseek" => loaded.reasoning = true,

@@ -688,7 +688,7 @@ async fn hermes_calls_come_back_as_tool_calls() {
                        "required": ["city"]}}}]);
     let base = json!({"messages": [{"role": "user", "content": "What is the weather like in Paris?"}],
                       "tools": tools, "tool_choice": "required", "temperature": 0,
-                      "max_tokens": 60});
+                      "max_tokens": 60, "parallel_tool_calls": false});
     let (status, v) = post_json(&app, "/v1/chat/completions", base.clone()).await;
     assert_eq!(status, StatusCode::OK, "{v}");
     assert_eq!(v["choices"][0]["finish_reason"], "tool_calls", "{v}");
@@ -771,6 +771,140 @@ async fn hermes_calls_come_back_as_tool_calls() {
     assert!(
         v["choices"][0]["message"].get("tool_calls").is_none(),
         "{v}"
+    );
+}
+
+/// Parallel Hermes calls: led by an earlier turn that made two calls at once, SmolLM2 with
+/// Qwen3's template writes several `<tool_call>` blocks (a newline apart, at most 8), which
+/// come back as that many `tool_calls` — whole, streamed by `index` (each call's pieces add up
+/// to its arguments), and as Responses `function_call` items (the earlier calls given as
+/// consecutive items: one turn); `parallel_tool_calls: false` allows one.
+#[tokio::test]
+async fn parallel_hermes_calls_come_back_as_several_tool_calls() {
+    let app = hermes_app();
+    let call = |id: &str, city: &str| {
+        json!({"id": id, "type": "function", "function": {"name": "get_weather",
+               "arguments": json!({"city": city}).to_string()}})
+    };
+    let body = json!({"messages": [
+            {"role": "user", "content": "Weather in Berlin and in Madrid?"},
+            {"role": "assistant", "content": "",
+             "tool_calls": [call("c1", "Berlin"), call("c2", "Madrid")]},
+            {"role": "tool", "tool_call_id": "c1", "content": "rain"},
+            {"role": "tool", "tool_call_id": "c2", "content": "sun"},
+            {"role": "assistant", "content": "Rain in Berlin, sun in Madrid."},
+            {"role": "user", "content": "Weather in Paris and in Rome?"}],
+        "tools": [{"type": "function", "function": {"name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                           "required": ["city"]}}}],
+        "tool_choice": "required", "temperature": 0, "max_tokens": 300});
+    let (status, v) = post_json(&app, "/v1/chat/completions", body.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "tool_calls", "{v}");
+    let calls = v["choices"][0]["message"]["tool_calls"]
+        .as_array()
+        .expect("calls")
+        .clone();
+    assert!((2..=8).contains(&calls.len()), "{v}");
+    let args: Vec<String> = calls
+        .iter()
+        .map(|c| {
+            assert_eq!(c["function"]["name"], "get_weather");
+            let a = c["function"]["arguments"].as_str().expect("arguments");
+            let parsed: Value = serde_json::from_str(a).expect("JSON");
+            assert!(parsed["city"].is_string(), "{a}");
+            a.to_owned()
+        })
+        .collect();
+
+    let (_, _, bytes) = send(
+        &app,
+        post(
+            "/v1/chat/completions",
+            with_fields(&body, json!({"stream": true})),
+        ),
+    )
+    .await;
+    let payloads = sse_payloads(&bytes);
+    let mut streamed = vec![String::new(); args.len()];
+    for p in &payloads[..payloads.len() - 1] {
+        let chunk: Value = serde_json::from_str(p).expect("json");
+        for d in chunk["choices"][0]["delta"]["tool_calls"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let k = d["index"].as_u64().expect("index") as usize;
+            streamed[k].push_str(d["function"]["arguments"].as_str().expect("arguments"));
+        }
+    }
+    assert_eq!(streamed, args);
+
+    let single = with_fields(&body, json!({"parallel_tool_calls": false}));
+    let (_, v) = post_json(&app, "/v1/chat/completions", single).await;
+    let one = v["choices"][0]["message"]["tool_calls"]
+        .as_array()
+        .expect("calls");
+    assert_eq!(one.len(), 1, "{v}");
+    assert_eq!(one[0]["function"]["arguments"], json!(args[0]));
+
+    // The same conversation as Responses items.
+    let item = |id: &str, city: &str| {
+        json!({"type": "function_call", "call_id": id, "name": "get_weather",
+               "arguments": json!({"city": city}).to_string()})
+    };
+    let responses = json!({"input": [
+            {"role": "user", "content": "Weather in Berlin and in Madrid?"},
+            item("c1", "Berlin"), item("c2", "Madrid"),
+            {"type": "function_call_output", "call_id": "c1", "output": "rain"},
+            {"type": "function_call_output", "call_id": "c2", "output": "sun"},
+            {"role": "assistant", "content": "Rain in Berlin, sun in Madrid."},
+            {"role": "user", "content": "Weather in Paris and in Rome?"}],
+        "tools": [{"type": "function", "name": "get_weather",
+                   "parameters": body["tools"][0]["function"]["parameters"]}],
+        "tool_choice": "required", "temperature": 0, "max_output_tokens": 300, "store": false});
+    let (status, v) = post_json(&app, "/v1/responses", responses.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let items: Vec<String> = v["output"]
+        .as_array()
+        .expect("output")
+        .iter()
+        .map(|o| {
+            assert_eq!(o["type"], "function_call", "{o}");
+            o["arguments"].as_str().expect("arguments").to_owned()
+        })
+        .collect();
+    assert_eq!(items, args);
+    let (_, _, bytes) = send(
+        &app,
+        post(
+            "/v1/responses",
+            with_fields(&responses, json!({"stream": true})),
+        ),
+    )
+    .await;
+    let events = named_sse_events(&bytes);
+    let mut streamed = vec![String::new(); args.len()];
+    let mut done = Vec::new();
+    for (name, e) in &events {
+        let k = e["output_index"].as_u64().unwrap_or(0) as usize;
+        match name.as_str() {
+            "response.function_call_arguments.delta" => {
+                streamed[k].push_str(e["delta"].as_str().expect("delta"))
+            }
+            "response.function_call_arguments.done" => {
+                assert_eq!(e["arguments"].as_str(), Some(streamed[k].as_str()));
+                done.push(k);
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(streamed, args);
+    assert_eq!(done, (0..args.len()).collect::<Vec<_>>());
+    let (_, last) = events.last().expect("events");
+    assert_eq!(
+        last["response"]["output"].as_array().map(Vec::len),
+        Some(args.len())
     );
 }
 

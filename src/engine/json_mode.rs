@@ -1773,7 +1773,7 @@ mod tests {
             "properties": {"city": {"type": "string"}}, "required": ["city"],
             "additionalProperties": false});
         let tools = [("get_weather", Some(&schema)), ("get_time", None)];
-        let g = Grammar::hermes_call(&tools, false).expect("grammar");
+        let g = Grammar::hermes_call(&tools, false, 1).expect("grammar");
         let run = |g: &Grammar, t: &str| JsonPaths::default().after_bytes(g, t.as_bytes());
         for ok in [
             "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>",
@@ -1793,7 +1793,7 @@ mod tests {
         ] {
             assert!(run(&g, bad).is_none(), "{bad}");
         }
-        let auto = Grammar::hermes_call(&tools, true).expect("grammar");
+        let auto = Grammar::hermes_call(&tools, true, 1).expect("grammar");
         assert!(run(&auto, "Hello <tool_call>").is_some_and(|s| s.is_free()));
         assert!(run(&auto, "<tool_call>\n{\"name\": \"get_time\"").is_some_and(|s| !s.is_free()));
         assert!(run(&auto, "<tool_c{").is_none());
@@ -1801,11 +1801,21 @@ mod tests {
         let names: Vec<String> = (0..20).map(|i| format!("f{i}")).collect();
         let many: Vec<(&str, Option<&serde_json::Value>)> =
             names.iter().map(|n| (n.as_str(), Some(&schema))).collect();
-        let g = Grammar::hermes_call(&many, false).expect("grammar");
+        let g = Grammar::hermes_call(&many, false, 1).expect("grammar");
         let call = |n: &str| {
             format!("<tool_call>\n{{\"name\": \"{n}\", \"arguments\": {{\"x\": 1}}}}\n</tool_call>")
         };
         assert!(run(&g, &call("f19")).is_some_and(|s| s.is_done()));
         assert!(run(&g, &call("f20")).is_none());
+        // Parallel calls: up to the most, a newline apart; each may end the answer.
+        let g = Grammar::hermes_call(&many, false, 3).expect("grammar");
+        let two = format!("{}\n{}", call("f1"), call("f2"));
+        let after = run(&g, &two).expect("two calls");
+        assert!(!after.is_done(), "done");
+        assert!(after.can_end(&g), "cannot end");
+        let three = format!("{two}\n{}", call("f3"));
+        assert!(run(&g, &three).is_some_and(|s| s.is_done()));
+        assert!(run(&g, &format!("{three}\n")).is_none());
+        assert!(run(&g, &format!("{}{}", call("f1"), call("f2"))).is_none());
     }
 }

@@ -257,15 +257,16 @@ impl Grammar {
         c.finish(root)
     }
 
-    /// One call in the Hermes format that Qwen2.5, Qwen3 and Hermes models are trained to
+    /// Calls in the Hermes format that Qwen2.5, Qwen3 and Hermes models are trained to
     /// write: `<tool_call>\n{"name": "<function>", "arguments": {…}}\n</tool_call>`, the
     /// name one of `tools` and the arguments an instance of its parameters (`name` first, as
-    /// their templates show it). More functions than [`MAX_NAMED_CALLS`] share one reading:
-    /// any declared name, arguments any object. `text_allowed`: or free text, when the answer
-    /// does not open with `<`.
+    /// their templates show it); 1 to `max_calls` of them, a newline apart. More functions
+    /// than [`MAX_NAMED_CALLS`] share one reading: any declared name, arguments any object.
+    /// `text_allowed`: or free text, when the answer does not open with `<`.
     pub fn hermes_call(
         tools: &[(&str, Option<&Value>)],
         text_allowed: bool,
+        max_calls: u32,
     ) -> Result<Grammar, SchemaError> {
         const NO_SCHEMA: &Value = &Value::Null;
         let mut c = Compiler {
@@ -326,7 +327,22 @@ impl Grammar {
         };
         let open = c.push(Node::Literals(vec![(*b"<tool_call>\n").into()]), "tools")?;
         let close = c.push(Node::Literals(vec![(*b"\n</tool_call>").into()]), "tools")?;
-        let whole = c.push(Node::Seq(vec![open, body, close].into()), "tools")?;
+        let one = c.push(Node::Seq(vec![open, body, close].into()), "tools")?;
+        let whole = if max_calls > 1 {
+            let newline = c.push(Node::Literals(vec![(*b"\n").into()]), "tools")?;
+            let next = c.push(Node::Seq(vec![newline, one].into()), "tools")?;
+            let more = c.push(
+                Node::Rep {
+                    item: next,
+                    min: 0,
+                    max: max_calls - 1,
+                },
+                "tools",
+            )?;
+            c.push(Node::Seq(vec![one, more].into()), "tools")?
+        } else {
+            one
+        };
         let root = if text_allowed {
             c.push(Node::TextOr(whole), "tools")?
         } else {
@@ -334,6 +350,12 @@ impl Grammar {
         };
         let mut g = c.finish(root)?;
         g.root_space = false;
+        // Its raw pieces (the tags, the calls' repetition) end the answer where they may.
+        g.nullable = compute_nullable(&g.nodes);
+        g.first = compute_first_nullable(&g.nodes, &g.nullable).map_err(|()| SchemaError {
+            path: "tools".into(),
+            message: "an `anyOf` refers back to itself before any value".into(),
+        })?;
         Ok(g)
     }
 

@@ -400,10 +400,14 @@ async fn respond_json(
                     _ => Value::Null,
                 };
                 let (reasoning, text) = job.split_answer(r.text);
-                let mut choice = match job.tools.as_ref().and_then(|t| t.parse_call(&text)) {
-                    Some((name, args)) => json!({"index": i, "message": {"role": "assistant",
-                        "content": null, "tool_calls": [wire_call(&name, &args)]},
-                        "logprobs": logprobs, "finish_reason": "tool_calls"}),
+                let mut choice = match job.tools.as_ref().and_then(|t| t.parse_calls(&text)) {
+                    Some(calls) => {
+                        let calls: Vec<Value> =
+                            calls.iter().map(|(name, args)| wire_call(name, args)).collect();
+                        json!({"index": i, "message": {"role": "assistant", "content": null,
+                               "tool_calls": calls},
+                               "logprobs": logprobs, "finish_reason": "tool_calls"})
+                    }
                     None => json!({"index": i, "message": {"role": "assistant", "content": text},
                                    "logprobs": logprobs, "finish_reason": r.finish}),
                 };
@@ -451,9 +455,9 @@ struct SseState {
     cached: Vec<usize>,
     /// Per choice, with tools: the text (and tokens) held back while it may be a call.
     held: Vec<Option<(String, Vec<TokenInfo>)>>,
-    /// Per choice, once a call's name went out: how far into the held text its arguments
+    /// Per choice, per call whose name went out: how far into the held text its arguments
     /// have been sent.
-    args_sent: Vec<Option<usize>>,
+    args_sent: Vec<Vec<usize>>,
     /// Per choice of a thinking model's chat: its reasoning split off as it streams.
     reasoning: Vec<Option<ReasoningSplitter>>,
     phase: Phase,
@@ -555,10 +559,10 @@ impl SseState {
             self.pre.push_back(chunk);
         }
         if let Some((text, tokens)) = self.held.get_mut(i).and_then(Option::take) {
-            let call = self.job.tools.as_ref().and_then(|t| t.parse_call(&text));
-            if call.is_some() {
+            let calls = self.job.tools.as_ref().and_then(|t| t.parse_calls(&text));
+            if calls.is_some() {
                 reason = "tool_calls";
-            } else if self.args_sent[i].is_none() {
+            } else if self.args_sent[i].is_empty() {
                 // Not a call after all (cut short before its arguments): the text.
                 if let Some(chunk) = self.delta(i, text, tokens) {
                     self.pre.push_back(chunk);
@@ -577,27 +581,35 @@ impl SseState {
         self.pre.push_back(chunk);
     }
 
-    /// The next piece of a call being written: first its id and name (once the name is
-    /// complete), then its arguments as they come — all but a trailing run of `}` and
-    /// whitespace, which may hold the call object's own `}`, until `last`.
+    /// The next pieces of the calls being written: each call's id and name once the name is
+    /// complete, then its arguments as they come — all but what may be the call's own end
+    /// ([`ToolPlan::args_end`]), until `last` or the next call begins.
     fn call_progress(&mut self, i: usize, last: bool) -> Option<Value> {
         let text = &self.held.get(i)?.as_ref()?.0;
         let plan = self.job.tools.as_ref()?;
-        let (name, start) = plan.call_head(text)?;
-        let end = plan.args_end(text, start, last);
-        let delta = match self.args_sent[i] {
-            None => {
-                let mut call = wire_call(&name, &text[start..end]);
-                call["index"] = json!(0);
-                call
+        let sent = self.args_sent.get_mut(i)?;
+        let mut deltas = Vec::new();
+        for (k, span) in plan.calls_so_far(text, last).into_iter().enumerate() {
+            match sent.get(k).copied() {
+                None => {
+                    let mut call = wire_call(&span.name, &text[span.start..span.end]);
+                    call["index"] = json!(k);
+                    deltas.push(call);
+                    sent.push(span.end);
+                }
+                Some(from) if span.end > from => {
+                    deltas.push(
+                        json!({"index": k, "function": {"arguments": &text[from..span.end]}}),
+                    );
+                    sent[k] = span.end;
+                }
+                Some(_) => {}
             }
-            Some(sent) if end > sent => {
-                json!({"index": 0, "function": {"arguments": &text[sent..end]}})
-            }
-            Some(_) => return None,
-        };
-        self.args_sent[i] = Some(end);
-        let choice = json!({"index": i, "delta": {"tool_calls": [delta]}, "logprobs": null,
+        }
+        if deltas.is_empty() {
+            return None;
+        }
+        let choice = json!({"index": i, "delta": {"tool_calls": deltas}, "logprobs": null,
                             "finish_reason": null});
         Some(self.chunk(choice))
     }
@@ -698,7 +710,7 @@ fn respond_sse(loaded: &Loaded, job: Job, choices: Vec<TextEvents>) -> Response 
         held: (0..n)
             .map(|_| job.tools.as_ref().map(|_| Default::default()))
             .collect(),
-        args_sent: vec![None; n],
+        args_sent: vec![Vec::new(); n],
         reasoning: vec![job.reasoning.clone(); n],
         phase: Phase::Streaming,
         job,
@@ -907,7 +919,12 @@ pub(super) fn chat_job(loaded: &Loaded, body: &Value) -> Result<Job, ApiError> {
     } else {
         CallFormat::Prompted
     };
-    let tools = ToolPlan::from_request(req.tools.as_ref(), req.tool_choice.as_ref(), format)?;
+    let tools = ToolPlan::from_request(
+        req.tools.as_ref(),
+        req.tool_choice.as_ref(),
+        format,
+        req.parallel_tool_calls.unwrap_or(true),
+    )?;
     if let Some(plan) = &tools {
         if common.json.is_some() {
             return Err(ApiError::invalid(

@@ -252,11 +252,16 @@ impl Totals {
 /// The assistant message of a finished answer: a tool call (arguments as an object, as
 /// Ollama gives them) or text.
 fn message(job: &Job, text: &str) -> Value {
-    match job.tools.as_ref().and_then(|t| t.parse_call(text)) {
-        Some((name, args)) => {
-            let args: Value = serde_json::from_str(&args).unwrap_or_else(|_| json!({}));
-            json!({"role": "assistant", "content": "",
-                   "tool_calls": [{"function": {"name": name, "arguments": args}}]})
+    match job.tools.as_ref().and_then(|t| t.parse_calls(text)) {
+        Some(calls) => {
+            let calls: Vec<Value> = calls
+                .into_iter()
+                .map(|(name, args)| {
+                    let args: Value = serde_json::from_str(&args).unwrap_or_else(|_| json!({}));
+                    json!({"function": {"name": name, "arguments": args}})
+                })
+                .collect();
+            json!({"role": "assistant", "content": "", "tool_calls": calls})
         }
         None => json!({"role": "assistant", "content": text}),
     }

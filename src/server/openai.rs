@@ -191,7 +191,8 @@ pub struct ChatRequest {
     pub tools: Option<Value>,
     /// `"none"`, `"auto"`, `"required"` or a named function.
     pub tool_choice: Option<Value>,
-    /// Accepted; an answer makes at most one call.
+    /// Several calls in one answer (default true, as OpenAI's): for templates with Hermes
+    /// calls, up to 8; otherwise an answer makes one.
     pub parallel_tool_calls: Option<bool>,
     /// More variables for the chat template, as vLLM and llama.cpp take them (Qwen3's
     /// `{"enable_thinking": false}`).

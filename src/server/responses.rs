@@ -253,7 +253,20 @@ fn chat_body(body: &Value) -> Result<Value, ApiError> {
         Some(Value::String(s)) => messages.push(json!({"role": "user", "content": s})),
         Some(Value::Array(items)) => {
             for (i, item) in items.iter().enumerate() {
-                messages.extend(input_item(item, i)?);
+                let Some(m) = input_item(item, i)? else {
+                    continue;
+                };
+                // Calls one after another are one assistant turn's (parallel calls).
+                let calls = m.get("tool_calls").and_then(Value::as_array);
+                if let (Some(calls), Some(prev)) = (calls, messages.last_mut()) {
+                    if let Some(prev_calls) =
+                        prev.get_mut("tool_calls").and_then(Value::as_array_mut)
+                    {
+                        prev_calls.extend(calls.iter().cloned());
+                        continue;
+                    }
+                }
+                messages.push(m);
             }
         }
         None => return Err(ApiError::invalid("input", "`input` is required")),
@@ -462,11 +475,14 @@ fn usage(job: &Job, output_tokens: usize, cached: usize) -> Value {
            "total_tokens": input + output_tokens})
 }
 
-/// The output item of a finished answer: a function call, or a message.
-fn output_item(job: &Job, text: &str, complete: bool) -> Value {
-    match job.tools.as_ref().and_then(|t| t.parse_call(text)) {
-        Some((name, args)) => function_call_item(&name, &args),
-        None => message_item(&new_id("msg"), text, complete),
+/// The output items of a finished answer: its function calls, or a message.
+fn output_items(job: &Job, text: &str, complete: bool) -> Vec<Value> {
+    match job.tools.as_ref().and_then(|t| t.parse_calls(text)) {
+        Some(calls) => calls
+            .iter()
+            .map(|(name, args)| function_call_item(name, args))
+            .collect(),
+        None => vec![message_item(&new_id("msg"), text, complete)],
     }
 }
 
@@ -529,7 +545,7 @@ pub async fn responses(
     if !reasoning.is_empty() {
         output.push(reasoning_item(&new_id("rs"), &reasoning, "completed"));
     }
-    output.push(output_item(&job, &text, complete));
+    output.extend(output_items(&job, &text, complete));
     let status = if complete { "completed" } else { "incomplete" };
     let u = usage(&job, r.completion_tokens, r.cached_tokens);
     let response = echo.response(status, output, Some(u));
@@ -658,7 +674,7 @@ async fn stream_events(job: Job, echo: Echo, mut events: TextEvents, mut out: Em
     // a call goes out as soon as its name is written, then its arguments piece by piece.
     let mut text = String::new();
     let mut opened = false;
-    let mut call: Option<CallOut> = None;
+    let mut calls: Vec<CallOut> = Vec::new();
     let mut finish = ("length", 0, 0);
     loop {
         // A client that left is noticed while the text is held back too.
@@ -703,7 +719,7 @@ async fn stream_events(job: Job, echo: Echo, mut events: TextEvents, mut out: Em
                     }
                 } else if !call_progress(
                     &mut out,
-                    &mut call,
+                    &mut calls,
                     job.tools.as_deref(),
                     &text,
                     false,
@@ -752,7 +768,7 @@ async fn stream_events(job: Job, echo: Echo, mut events: TextEvents, mut out: Em
     if !opened
         && !call_progress(
             &mut out,
-            &mut call,
+            &mut calls,
             job.tools.as_deref(),
             &text,
             true,
@@ -762,23 +778,17 @@ async fn stream_events(job: Job, echo: Echo, mut events: TextEvents, mut out: Em
     {
         return;
     }
-    let item = if let Some(c) = call {
-        let mut item = c.item;
-        let args = job
-            .tools
-            .as_ref()
-            .and_then(|t| t.parse_call(&text))
-            .map_or_else(|| text[c.start..c.sent].to_owned(), |(_, a)| a);
-        item["arguments"] = json!(args);
-        item["status"] = json!(if complete { "completed" } else { "incomplete" });
-        let done = json!({"item_id": item["id"], "output_index": index, "arguments": args});
-        if !out
-            .send("response.function_call_arguments.done", done)
-            .await
-        {
+    let n_calls = calls.len();
+    let items = if let Some(c) = calls.last_mut() {
+        // The last call's arguments as parsed, or (cut short) as far as they were sent.
+        let parsed = job.tools.as_ref().and_then(|t| t.parse_calls(&text));
+        let args = parsed
+            .and_then(|p| p.last().map(|(_, a)| a.clone()))
+            .unwrap_or_else(|| text[c.start..c.sent].to_owned());
+        if !close_call(&mut out, c, args, complete, index + n_calls - 1).await {
             return;
         }
-        item
+        calls.into_iter().map(|c| c.item).collect()
     } else {
         if !opened
             && (!open_message(&mut out, &msg_id, index).await
@@ -801,27 +811,26 @@ async fn stream_events(job: Job, echo: Echo, mut events: TextEvents, mut out: Em
                            "part": part}),
                 )
                 .await;
-        if !sent {
+        let item = message_item(&msg_id, &text, complete);
+        if !sent
+            || !out
+                .send(
+                    "response.output_item.done",
+                    json!({"output_index": index, "item": item}),
+                )
+                .await
+        {
             return;
         }
-        message_item(&msg_id, &text, complete)
+        vec![item]
     };
-    if !out
-        .send(
-            "response.output_item.done",
-            json!({"output_index": index, "item": item}),
-        )
-        .await
-    {
-        return;
-    }
     let status = if complete { "completed" } else { "incomplete" };
     let u = usage(&job, finish.1, finish.2);
     let mut output = Vec::new();
     if !thought.text.is_empty() {
         output.push(reasoning_item(&thought.id, &thought.text, "completed"));
     }
-    output.push(item);
+    output.extend(items);
     let r = echo.response(status, output, Some(u));
     echo.keep(&r);
     let _ = out
@@ -829,11 +838,13 @@ async fn stream_events(job: Job, echo: Echo, mut events: TextEvents, mut out: Em
         .await;
 }
 
-/// Sends what is new of a call being written (`last`: the text is complete): its item once
-/// the name is known, then argument pieces. `false` once the client is gone.
+/// Sends what is new of the calls being written (`last`: the text is complete; the first
+/// call's item at `index`, the next ones after it): each call's item once its name is known,
+/// then argument pieces; a call is closed (its `.done` events) when the next one begins.
+/// `false` once the client is gone.
 async fn call_progress(
     out: &mut Emitter,
-    call: &mut Option<CallOut>,
+    calls: &mut Vec<CallOut>,
     plan: Option<&ToolPlan>,
     text: &str,
     last: bool,
@@ -842,40 +853,71 @@ async fn call_progress(
     let Some(plan) = plan else {
         return true;
     };
-    let Some((name, start)) = plan.call_head(text) else {
-        return true;
-    };
-    if call.is_none() {
-        let item = function_call_item(&name, "");
-        let mut added = item.clone();
-        added["status"] = json!("in_progress");
+    for (k, span) in plan.calls_so_far(text, last).into_iter().enumerate() {
+        if k == calls.len() {
+            if let Some(prev) = calls.last_mut() {
+                let args = text[prev.start..prev.sent].to_owned();
+                if !close_call(out, prev, args, true, index + k - 1).await {
+                    return false;
+                }
+            }
+            let item = function_call_item(&span.name, "");
+            let mut added = item.clone();
+            added["status"] = json!("in_progress");
+            if !out
+                .send(
+                    "response.output_item.added",
+                    json!({"output_index": index + k, "item": added}),
+                )
+                .await
+            {
+                return false;
+            }
+            calls.push(CallOut {
+                item,
+                start: span.start,
+                sent: span.start,
+            });
+        }
+        let Some(c) = calls.get_mut(k) else {
+            return true;
+        };
+        if span.end <= c.sent {
+            continue;
+        }
+        let delta = json!({"item_id": c.item["id"], "output_index": index + k,
+                           "delta": &text[c.sent..span.end]});
+        c.sent = span.end;
         if !out
-            .send(
-                "response.output_item.added",
-                json!({"output_index": index, "item": added}),
-            )
+            .send("response.function_call_arguments.delta", delta)
             .await
         {
             return false;
         }
-        *call = Some(CallOut {
-            item,
-            start,
-            sent: start,
-        });
     }
-    let Some(c) = call.as_mut() else {
-        return true;
-    };
-    let end = plan.args_end(text, c.start, last);
-    if end <= c.sent {
-        return true;
-    }
-    let delta =
-        json!({"item_id": c.item["id"], "output_index": index, "delta": &text[c.sent..end]});
-    c.sent = end;
-    out.send("response.function_call_arguments.delta", delta)
+    true
+}
+
+/// A call's last events (`.function_call_arguments.done`, `.output_item.done`) with its whole
+/// `args`; its item is then final.
+async fn close_call(
+    out: &mut Emitter,
+    c: &mut CallOut,
+    args: String,
+    complete: bool,
+    index: usize,
+) -> bool {
+    c.item["arguments"] = json!(args);
+    c.item["status"] = json!(if complete { "completed" } else { "incomplete" });
+    let done = json!({"item_id": c.item["id"], "output_index": index, "arguments": args});
+    out.send("response.function_call_arguments.done", done)
         .await
+        && out
+            .send(
+                "response.output_item.done",
+                json!({"output_index": index, "item": c.item}),
+            )
+            .await
 }
 
 async fn open_message(out: &mut Emitter, id: &str, index: usize) -> bool {

@@ -56,6 +56,20 @@ const HERMES_OPEN: &str = "<tool_call>";
 /// Closes it.
 const HERMES_CLOSE: &str = "</tool_call>";
 
+/// One call being written: its function and its arguments' span in the answer's text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallSpan {
+    /// The function's name.
+    pub name: String,
+    /// Where the arguments start.
+    pub start: usize,
+    /// How far they can be sent.
+    pub end: usize,
+}
+
+/// Most calls one Hermes answer may make (`parallel_tool_calls`, the default).
+const MAX_PARALLEL_CALLS: u32 = 8;
+
 /// A request's tools, checked: what the model is told and what its answer is held to.
 #[derive(Debug)]
 pub struct ToolPlan {
@@ -79,12 +93,14 @@ fn valid_name(n: &str) -> bool {
 }
 
 impl ToolPlan {
-    /// From the request's `tools` and `tool_choice`, for calls in `format`; `None` when there
-    /// are no tools or `tool_choice` is `"none"`.
+    /// From the request's `tools` and `tool_choice`, for calls in `format` (Hermes: several
+    /// in one answer when `parallel`); `None` when there are no tools or `tool_choice` is
+    /// `"none"`.
     pub fn from_request(
         tools: Option<&Value>,
         tool_choice: Option<&Value>,
         format: CallFormat,
+        parallel: bool,
     ) -> Result<Option<ToolPlan>, ApiError> {
         let tools = match tools {
             None | Some(Value::Null) => &[][..],
@@ -185,7 +201,10 @@ impl ToolPlan {
         let auto = choice == Choice::Auto;
         let grammar = match format {
             CallFormat::Prompted => Grammar::tool_call(&offered, auto),
-            CallFormat::Hermes => Grammar::hermes_call(&offered, auto),
+            CallFormat::Hermes => {
+                let most = if parallel { MAX_PARALLEL_CALLS } else { 1 };
+                Grammar::hermes_call(&offered, auto, most)
+            }
         }
         .map_err(|e| {
             let param = e.path.split('/').next().unwrap_or("tools").to_owned();
@@ -247,20 +266,20 @@ impl ToolPlan {
         if self.format == CallFormat::Prompted {
             return args_end(text, start, last);
         }
-        let mut t = text;
         if last {
-            let s = t.trim_end();
-            t = s.strip_suffix(HERMES_CLOSE).unwrap_or(s);
-            return args_end(t, start, true);
+            if let Some(t) = text.trim_end().strip_suffix(HERMES_CLOSE) {
+                return args_end(t, start, true);
+            }
         }
+        // Unclosed (or cut short): the tail may be the call's end, or the next call's start.
+        let mut t = text;
         loop {
             let before = t.len();
             t = t.trim_end_matches(|c: char| c == '}' || c.is_ascii_whitespace());
-            if let Some(n) = (1..=HERMES_CLOSE.len())
-                .rev()
-                .find(|&n| t.ends_with(&HERMES_CLOSE[..n]))
-            {
-                t = &t[..t.len() - n];
+            for tag in [HERMES_CLOSE, HERMES_OPEN] {
+                if let Some(n) = (1..=tag.len()).rev().find(|&n| t.ends_with(&tag[..n])) {
+                    t = &t[..t.len() - n];
+                }
             }
             if t.len() == before {
                 return t.len().max(start);
@@ -301,10 +320,56 @@ impl ToolPlan {
         out
     }
 
-    /// The call in the model's answer (`{"name": {arguments}}`): the name and the arguments
-    /// as the model wrote them (JSON text, what streaming sends piece by piece); `None` for
-    /// plain text (or a call cut short).
-    pub fn parse_call(&self, text: &str) -> Option<(String, String)> {
+    /// The calls of a finished answer, in order: each one's name and arguments as the model
+    /// wrote them (JSON text, what streaming sends piece by piece); `None` for plain text (or
+    /// a call cut short).
+    pub fn parse_calls(&self, text: &str) -> Option<Vec<(String, String)>> {
+        self.blocks(text.trim())
+            .into_iter()
+            .map(|(_, block, _)| self.parse_call(block))
+            .collect()
+    }
+
+    /// The calls written so far (`last`: the text is complete), in order: each one's name,
+    /// where its arguments start and how far they can be sent ([`ToolPlan::args_end`]; a call
+    /// that another follows is complete).
+    pub fn calls_so_far(&self, text: &str, last: bool) -> Vec<CallSpan> {
+        let mut out = Vec::new();
+        for (at, block, followed) in self.blocks(text) {
+            let Some((name, start)) = self.call_head(block) else {
+                break;
+            };
+            let end = self.args_end(block, start, last || followed);
+            out.push(CallSpan {
+                name,
+                start: at + start,
+                end: at + end,
+            });
+        }
+        out
+    }
+
+    /// The answer cut where each call begins (Hermes: at each `<tool_call>`): each piece's
+    /// offset, text, and whether another follows it.
+    fn blocks<'a>(&self, text: &'a str) -> Vec<(usize, &'a str, bool)> {
+        let starts: Vec<usize> = match self.format {
+            CallFormat::Hermes if text.starts_with(HERMES_OPEN) => {
+                text.match_indices(HERMES_OPEN).map(|(i, _)| i).collect()
+            }
+            _ => vec![0],
+        };
+        starts
+            .iter()
+            .enumerate()
+            .map(|(k, &at)| {
+                let end = starts.get(k + 1).copied().unwrap_or(text.len());
+                (at, &text[at..end], k + 1 < starts.len())
+            })
+            .collect()
+    }
+
+    /// One call (`{"name": {arguments}}`, or one Hermes block): its name and arguments.
+    fn parse_call(&self, text: &str) -> Option<(String, String)> {
         let (name, start) = self.call_head(text)?;
         let mut body = text.trim_end();
         if self.format == CallFormat::Hermes {
@@ -371,45 +436,55 @@ mod tests {
     fn plan(format: CallFormat, choice: &str) -> ToolPlan {
         let tools = json!([{"type": "function", "function": {"name": "get_weather",
             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]);
-        ToolPlan::from_request(Some(&tools), Some(&json!(choice)), format)
+        ToolPlan::from_request(Some(&tools), Some(&json!(choice)), format, true)
             .expect("valid")
             .expect("a plan")
     }
 
-    /// A call streamed a character at a time sends its arguments in pieces that add up to
-    /// the whole call's, never the closing `}` or tag; in both formats.
+    /// Calls streamed a character at a time send their arguments in pieces that add up to
+    /// each whole call's, never a closing `}` or tag or the next call's opening; in both
+    /// formats, one call and (Hermes) several.
     #[test]
-    fn streamed_arguments_add_up_to_the_whole_call() {
+    fn streamed_arguments_add_up_to_the_whole_calls() {
+        let hermes = |city: &str| {
+            format!("<tool_call>\n{{\"name\": \"get_weather\", \"arguments\": {{\"city\": \"{city}\"}}}}\n</tool_call>")
+        };
         for (format, text) in [
+            (CallFormat::Hermes, hermes("Paris}")),
             (
                 CallFormat::Hermes,
-                "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris}\"}}\n</tool_call>",
+                format!("{}\n{}", hermes("Paris}"), hermes("<Rome>")),
             ),
             (
                 CallFormat::Prompted,
-                "{\"get_weather\": {\"city\": \"Paris}\"}}",
+                "{\"get_weather\": {\"city\": \"Paris}\"}}".to_owned(),
             ),
         ] {
             let p = plan(format, "required");
-            let (name, args) = p.parse_call(text).expect("a call");
-            assert_eq!((name.as_str(), args.as_str()), ("get_weather", "{\"city\": \"Paris}\"}"));
-            let mut sent: Option<usize> = None;
-            let mut pieces = String::new();
+            let calls = p.parse_calls(&text).expect("calls");
+            assert_eq!(calls[0].1, "{\"city\": \"Paris}\"}");
+            let mut sent: Vec<usize> = Vec::new();
+            let mut pieces = vec![String::new(); calls.len()];
             for (end, _) in text.char_indices().skip(1).chain([(text.len(), ' ')]) {
                 let part = &text[..end];
                 assert!(!p.is_text(part), "{part}");
-                let Some((name, start)) = p.call_head(part) else {
-                    continue;
-                };
-                assert_eq!(name, "get_weather");
-                let upto = p.args_end(part, start, end == text.len());
-                let from = sent.unwrap_or(start);
-                if upto > from {
-                    pieces.push_str(&part[from..upto]);
-                    sent = Some(upto);
+                for (k, span) in p
+                    .calls_so_far(part, end == text.len())
+                    .into_iter()
+                    .enumerate()
+                {
+                    assert_eq!(span.name, "get_weather");
+                    if k == sent.len() {
+                        sent.push(span.start);
+                    }
+                    if span.end > sent[k] {
+                        pieces[k].push_str(&part[sent[k]..span.end]);
+                        sent[k] = span.end;
+                    }
                 }
             }
-            assert_eq!(pieces, args, "{format:?}");
+            let whole: Vec<String> = calls.into_iter().map(|(_, a)| a).collect();
+            assert_eq!(pieces, whole, "{format:?}");
         }
     }
 
@@ -423,10 +498,47 @@ mod tests {
         assert!(!p.is_text(" {") && p.is_text("Paris"));
         // Cut short or not a declared function: no call.
         assert!(h
-            .parse_call("<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {}}")
+            .parse_calls("<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {}}")
             .is_none());
         assert!(h
-            .parse_call("<tool_call>\n{\"name\": \"other\", \"arguments\": {}}\n</tool_call>")
+            .parse_calls("<tool_call>\n{\"name\": \"other\", \"arguments\": {}}\n</tool_call>")
             .is_none());
+    }
+
+    /// Several Hermes calls in one answer: each parsed, and while streaming each one's span
+    /// grows to its whole arguments once the next begins.
+    #[test]
+    fn parallel_hermes_calls_are_each_parsed_and_streamed() {
+        let h = plan(CallFormat::Hermes, "auto");
+        let call = |city: &str| {
+            format!("<tool_call>\n{{\"name\": \"get_weather\", \"arguments\": {{\"city\": \"{city}\"}}}}\n</tool_call>")
+        };
+        let text = format!("{}\n{}", call("Paris"), call("Rome"));
+        let calls = h.parse_calls(&text).expect("calls");
+        let args: Vec<&str> = calls.iter().map(|(_, a)| a.as_str()).collect();
+        assert_eq!(args, ["{\"city\": \"Paris\"}", "{\"city\": \"Rome\"}"]);
+        // Mid-way through the second call: the first is whole, the second as far as safe.
+        let cut = text.len() - "\"}}\n</tool_call>".len();
+        let spans = h.calls_so_far(&text[..cut], false);
+        assert_eq!(spans.len(), 2);
+        assert_eq!(&text[spans[0].start..spans[0].end], args[0]);
+        assert_eq!(&text[spans[1].start..spans[1].end], "{\"city\": \"Rome");
+        let spans = h.calls_so_far(&text, true);
+        assert_eq!(&text[spans[1].start..spans[1].end], args[1]);
+        // The grammar lets the second call through only with `parallel_tool_calls`.
+        let single = ToolPlan::from_request(
+            Some(&json!([{"type": "function", "function": {"name": "get_weather"}}])),
+            None,
+            CallFormat::Hermes,
+            false,
+        )
+        .expect("valid")
+        .expect("plan");
+        let follows = |p: &ToolPlan| {
+            crate::engine::json_mode::JsonPaths::default()
+                .after_bytes(&p.grammar, text.as_bytes())
+                .is_some()
+        };
+        assert!(follows(&h) && !follows(&single));
     }
 }
