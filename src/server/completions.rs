@@ -583,7 +583,7 @@ impl SseState {
 
     /// The next pieces of the calls being written: each call's id and name once the name is
     /// complete, then its arguments as they come — all but what may be the call's own end
-    /// ([`ToolPlan::args_end`]), until `last` or the next call begins.
+    /// (`ToolPlan::calls_so_far`), until `last` or the next call begins.
     fn call_progress(&mut self, i: usize, last: bool) -> Option<Value> {
         let text = &self.held.get(i)?.as_ref()?.0;
         let plan = self.job.tools.as_ref()?;

@@ -238,7 +238,7 @@ impl ToolPlan {
     /// The function a call names and where its arguments start (after the `:` and any
     /// whitespace), once the text has got that far: `{ "name" :` (Hermes:
     /// `<tool_call>\n{"name": "…", "arguments":`).
-    pub fn call_head(&self, text: &str) -> Option<(String, usize)> {
+    fn call_head(&self, text: &str) -> Option<(String, usize)> {
         match self.format {
             CallFormat::Prompted => call_head(text),
             CallFormat::Hermes => {
@@ -262,7 +262,7 @@ impl ToolPlan {
     /// How much of a call's arguments (from `start`) can be sent: all but a trailing run of
     /// `}` and whitespace (Hermes: and of the closing tag, or its beginning), which may hold
     /// the call object's own `}` — or, once the text is `last`, up to that `}`.
-    pub fn args_end(&self, text: &str, start: usize, last: bool) -> usize {
+    fn args_end(&self, text: &str, start: usize, last: bool) -> usize {
         if self.format == CallFormat::Prompted {
             return args_end(text, start, last);
         }
@@ -331,8 +331,8 @@ impl ToolPlan {
     }
 
     /// The calls written so far (`last`: the text is complete), in order: each one's name,
-    /// where its arguments start and how far they can be sent ([`ToolPlan::args_end`]; a call
-    /// that another follows is complete).
+    /// where its arguments start and how far they can be sent (all but a tail that may be the
+    /// call's own end or the next call's start; a call that another follows is complete).
     pub fn calls_so_far(&self, text: &str, last: bool) -> Vec<CallSpan> {
         let mut out = Vec::new();
         for (at, block, followed) in self.blocks(text) {
