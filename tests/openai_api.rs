@@ -18,15 +18,16 @@ use serde_json::{json, Value};
 use tower::ServiceExt;
 
 fn loaded_with(config: EngineConfig) -> Arc<Loaded> {
+    let details = nextoken::model::details::file_details(&model_path()).expect("details");
+    Arc::new(new_loaded(config).with_details(details))
+}
+
+/// The default model behind an engine of its own.
+fn new_loaded(config: EngineConfig) -> Loaded {
     let (model, tokenizer) = nextoken::load(&model_path()).expect("model loads");
     let eos = model.config().eos_token_ids.clone();
     let engine = EngineHandle::spawn(model, config).expect("engine");
-    let details = nextoken::model::details::file_details(&model_path()).expect("details");
-    Arc::new(
-        Loaded::new(engine, tokenizer, "smollm2".into(), eos, Default::default())
-            .expect("loaded")
-            .with_details(details),
-    )
+    Loaded::new(engine, tokenizer, "smollm2".into(), eos, Default::default()).expect("loaded")
 }
 
 fn shared_loaded() -> Arc<Loaded> {
@@ -625,15 +626,11 @@ async fn thinking_comes_before_a_constrained_answer() {
 fn hermes_app() -> Router {
     static CELL: OnceLock<Arc<Loaded>> = OnceLock::new();
     let loaded = CELL.get_or_init(|| {
-        let (model, tokenizer) = nextoken::load(&model_path()).expect("model loads");
-        let eos = model.config().eos_token_ids.clone();
-        let engine = EngineHandle::spawn(model, EngineConfig::default()).expect("engine");
         let source =
             std::fs::read_to_string(repo().join("tests/reference/templates/Qwen3-0.6B.jinja"))
                 .expect("template");
         Arc::new(
-            Loaded::new(engine, tokenizer, "smollm2".into(), eos, Default::default())
-                .expect("loaded")
+            new_loaded(EngineConfig::default())
                 .with_chat_template(&source)
                 .expect("template compiles"),
         )
@@ -3046,9 +3043,25 @@ async fn ollama_chat_and_model_routes() {
     assert!(show["template"]
         .as_str()
         .is_some_and(|t| t.contains("im_start")));
-    assert!(show["capabilities"]
-        .as_array()
-        .is_some_and(|c| c.contains(&json!("tools"))));
+    assert_eq!(
+        show["capabilities"],
+        json!(["completion", "insert", "tools"])
+    );
+    // A thinking model (reasoning split) has Ollama's `thinking` capability.
+    let mut thinking = new_loaded(EngineConfig::default());
+    thinking.reasoning = true;
+    let (app2, _) = app_with(ServerConfig::default(), Some(Arc::new(thinking)));
+    let (_, show) = post_json(&app2, "/api/show", json!({"model": "smollm2"})).await;
+    assert_eq!(
+        show["capabilities"],
+        json!(["completion", "insert", "tools", "thinking"])
+    );
+    // Served with another template: that one is shown.
+    let (status, show) = post_json(&hermes_app(), "/api/show", json!({"model": "smollm2"})).await;
+    assert_eq!(status, StatusCode::OK, "{show}");
+    assert!(show["template"]
+        .as_str()
+        .is_some_and(|t| t.contains("<tool_call>")));
 
     // Errors: OpenAI-shaped, naming Ollama's fields.
     let (status, e) = post_json(&app, "/api/show", json!({"model": "nope"})).await;

@@ -545,11 +545,16 @@ pub async fn show(
     if loaded.chat_template.is_some() {
         capabilities.push("tools");
     }
+    // Ollama's flag for models that take `think` (clients show a toggle for it).
+    if loaded.reasoning {
+        capabilities.push("thinking");
+    }
     let entry = model_entry(loaded, name);
     Ok(axum::Json(json!({
         "modelfile": "",
         "parameters": "",
-        "template": loaded.tokenizer.chat_template().unwrap_or_default(),
+        // The template chats are rendered with (`--chat-template-file`'s, if given).
+        "template": loaded.chat_template.as_ref().map_or("", |t| t.source()),
         "details": entry["details"],
         "model_info": info,
         "capabilities": capabilities,

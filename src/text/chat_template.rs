@@ -44,6 +44,8 @@ pub struct ChatTemplate {
     eos_token: String,
     /// Whether it writes tool calls itself, in Hermes' `<tool_call>` format.
     hermes_tools: bool,
+    /// The Jinja source.
+    source: String,
 }
 
 fn raise_exception(message: String) -> Result<String, Error> {
@@ -186,7 +188,13 @@ impl ChatTemplate {
             bos_token: bos_token.unwrap_or_default().to_string(),
             eos_token: eos_token.unwrap_or_default().to_string(),
             hermes_tools: source.contains("<tool_call>") && source.contains("tools"),
+            source: source.to_owned(),
         })
+    }
+
+    /// The template's Jinja source.
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// Whether the template describes `tools` and writes calls itself in the Hermes format
