@@ -424,6 +424,18 @@ async fn chat_completion_and_streaming_chat() {
     );
 }
 
+/// The first choice of each chunk of `body` streamed from `path` (`stream: true` added),
+/// the stream checked to end with `[DONE]`.
+async fn streamed_choices(app: &Router, path: &str, body: &Value) -> Vec<Value> {
+    let (_, _, bytes) = send(app, post(path, with_fields(body, json!({"stream": true})))).await;
+    let payloads = sse_payloads(&bytes);
+    assert_eq!(payloads.last().map(String::as_str), Some("[DONE]"));
+    payloads[..payloads.len() - 1]
+        .iter()
+        .map(|p| serde_json::from_str::<Value>(p).expect("json")["choices"][0].clone())
+        .collect()
+}
+
 /// `base` (an object) with the fields of `extra` added.
 fn with_fields(base: &Value, extra: Value) -> Value {
     let mut b = base.clone();
@@ -487,20 +499,15 @@ async fn reasoning_is_split_from_the_answer() {
     );
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
 
-    let (_, _, bytes) = send(
+    let deltas: Vec<Value> = streamed_choices(
         &app,
-        post(
-            "/v1/chat/completions",
-            body(json!({"reasoning_format": "deepseek", "stream": true})),
-        ),
+        "/v1/chat/completions",
+        &body(json!({"reasoning_format": "deepseek"})),
     )
-    .await;
-    let payloads = sse_payloads(&bytes);
-    assert_eq!(payloads.last().map(String::as_str), Some("[DONE]"));
-    let deltas: Vec<Value> = payloads[..payloads.len() - 1]
-        .iter()
-        .map(|p| serde_json::from_str::<Value>(p).expect("json")["choices"][0]["delta"].clone())
-        .collect();
+    .await
+    .into_iter()
+    .map(|c| c["delta"].clone())
+    .collect();
     let text = |key: &str| -> String { deltas.iter().filter_map(|d| d[key].as_str()).collect() };
     assert_eq!(text("reasoning_content"), thought);
     assert_eq!(text("content"), answer);
@@ -585,20 +592,7 @@ async fn thinking_comes_before_a_constrained_answer() {
     let parsed: Value = serde_json::from_str(args).expect("arguments are JSON");
     assert!(parsed["city"].is_string(), "{parsed}");
 
-    let (_, _, bytes) = send(
-        &app,
-        post(
-            "/v1/chat/completions",
-            with_fields(&call, json!({"stream": true})),
-        ),
-    )
-    .await;
-    let payloads = sse_payloads(&bytes);
-    assert_eq!(payloads.last().map(String::as_str), Some("[DONE]"));
-    let choices: Vec<Value> = payloads[..payloads.len() - 1]
-        .iter()
-        .map(|p| serde_json::from_str::<Value>(p).expect("json")["choices"][0].clone())
-        .collect();
+    let choices = streamed_choices(&app, "/v1/chat/completions", &call).await;
     let streamed: String = choices
         .iter()
         .filter_map(|c| c["delta"]["reasoning_content"].as_str())
@@ -701,20 +695,7 @@ async fn hermes_calls_come_back_as_tool_calls() {
     assert!(parsed["city"].is_string(), "{parsed}");
     assert!(!args.contains("tool_call"), "{args}");
 
-    let (_, _, bytes) = send(
-        &app,
-        post(
-            "/v1/chat/completions",
-            with_fields(&base, json!({"stream": true})),
-        ),
-    )
-    .await;
-    let payloads = sse_payloads(&bytes);
-    assert_eq!(payloads.last().map(String::as_str), Some("[DONE]"));
-    let choices: Vec<Value> = payloads[..payloads.len() - 1]
-        .iter()
-        .map(|p| serde_json::from_str::<Value>(p).expect("json")["choices"][0].clone())
-        .collect();
+    let choices = streamed_choices(&app, "/v1/chat/completions", &base).await;
     let calls: Vec<&Value> = choices
         .iter()
         .filter_map(|c| c["delta"]["tool_calls"].get(0))
@@ -814,19 +795,9 @@ async fn parallel_hermes_calls_come_back_as_several_tool_calls() {
         })
         .collect();
 
-    let (_, _, bytes) = send(
-        &app,
-        post(
-            "/v1/chat/completions",
-            with_fields(&body, json!({"stream": true})),
-        ),
-    )
-    .await;
-    let payloads = sse_payloads(&bytes);
     let mut streamed = vec![String::new(); args.len()];
-    for p in &payloads[..payloads.len() - 1] {
-        let chunk: Value = serde_json::from_str(p).expect("json");
-        for d in chunk["choices"][0]["delta"]["tool_calls"]
+    for choice in streamed_choices(&app, "/v1/chat/completions", &body).await {
+        for d in choice["delta"]["tool_calls"]
             .as_array()
             .into_iter()
             .flatten()

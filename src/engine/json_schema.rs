@@ -218,23 +218,10 @@ impl Grammar {
         tools: &[(&str, Option<&Value>)],
         text_allowed: bool,
     ) -> Result<Grammar, SchemaError> {
-        const NO_SCHEMA: &Value = &Value::Null;
-        let mut c = Compiler {
-            root: NO_SCHEMA,
-            nodes: base_nodes(),
-            refs: HashMap::new(),
-        };
+        let mut c = Compiler::for_tools();
         let mut props = Vec::new();
         for (i, (name, params)) in tools.iter().enumerate() {
-            let value = match params {
-                None => ANY_OBJECT,
-                Some(p) => {
-                    // Each tool's `$ref`s are relative to its own parameters.
-                    c.root = p;
-                    c.refs.clear();
-                    c.node(p, &format!("tools[{i}].function.parameters"), 0)?
-                }
-            };
+            let value = c.tool_parameters(i, *params)?;
             props.push(Prop {
                 key: json_string(name).into_bytes().into(),
                 value,
@@ -268,12 +255,7 @@ impl Grammar {
         text_allowed: bool,
         max_calls: u32,
     ) -> Result<Grammar, SchemaError> {
-        const NO_SCHEMA: &Value = &Value::Null;
-        let mut c = Compiler {
-            root: NO_SCHEMA,
-            nodes: base_nodes(),
-            refs: HashMap::new(),
-        };
+        let mut c = Compiler::for_tools();
         let key = |k: &str| -> Box<[u8]> { json_string(k).into_bytes().into() };
         let call = |c: &mut Compiler, names: Vec<Box<[u8]>>, arguments: NodeId| {
             let name = c.push(Node::Literals(names), "tools")?;
@@ -306,14 +288,7 @@ impl Grammar {
         } else {
             let mut calls = Vec::new();
             for (i, (name, params)) in tools.iter().enumerate() {
-                let arguments = match params {
-                    None => ANY_OBJECT,
-                    Some(p) => {
-                        c.root = p;
-                        c.refs.clear();
-                        c.node(p, &format!("tools[{i}].function.parameters"), 0)?
-                    }
-                };
+                let arguments = c.tool_parameters(i, *params)?;
                 calls.push(call(
                     &mut c,
                     vec![json_string(name).into_bytes().into()],
@@ -795,6 +770,31 @@ impl<'a> Compiler<'a> {
             message: "an `anyOf` refers back to itself before any value".into(),
         })?;
         Ok(g)
+    }
+
+    /// A compiler for tools' parameters (each sets its own root).
+    fn for_tools() -> Self {
+        const NO_SCHEMA: &Value = &Value::Null;
+        Compiler {
+            root: NO_SCHEMA,
+            nodes: base_nodes(),
+            refs: HashMap::new(),
+        }
+    }
+
+    /// Tool `i`'s arguments: an instance of its `parameters` (any object without them); each
+    /// tool's `$ref`s are relative to its own parameters.
+    fn tool_parameters(
+        &mut self,
+        i: usize,
+        params: Option<&'a Value>,
+    ) -> Result<NodeId, SchemaError> {
+        let Some(p) = params else {
+            return Ok(ANY_OBJECT);
+        };
+        self.root = p;
+        self.refs.clear();
+        self.node(p, &format!("tools[{i}].function.parameters"), 0)
     }
 
     fn push(&mut self, n: Node, path: &str) -> Result<NodeId, SchemaError> {

@@ -270,19 +270,24 @@ mod tests {
         );
     }
 
+    /// Qwen3's template and the renders transformers made of it (`tests/reference/templates/`).
+    fn qwen3_fixture(renders: &str) -> (ChatTemplate, serde_json::Value) {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/templates");
+        let source = std::fs::read_to_string(dir.join("Qwen3-0.6B.jinja")).expect("template");
+        let cases =
+            serde_json::from_str(&std::fs::read_to_string(dir.join(renders)).expect("renders"))
+                .expect("JSON");
+        let t = ChatTemplate::new(&source, None, Some("<|im_end|>")).expect("compiles");
+        (t, cases)
+    }
+
     /// Qwen3's template (namespaces, `messages[::-1]`, string methods, `is defined`) renders
     /// as transformers' `apply_chat_template` does, `enable_thinking` from the extra
     /// variables included (`tests/reference/templates/`, rendered by transformers 5.25).
     #[test]
     fn qwen3_template_renders_as_transformers_does() {
-        let dir =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/templates");
-        let source = std::fs::read_to_string(dir.join("Qwen3-0.6B.jinja")).expect("template");
-        let cases: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(dir.join("qwen3_renders.json")).expect("renders"),
-        )
-        .expect("JSON");
-        let t = ChatTemplate::new(&source, None, Some("<|im_end|>")).expect("compiles");
+        let (t, cases) = qwen3_fixture("qwen3_renders.json");
         let cases = cases.as_object().expect("cases");
         assert_eq!(cases.len(), 4);
         for (name, case) in cases {
@@ -311,14 +316,7 @@ mod tests {
     /// `<tool_call>` blocks, results as `<tool_response>` blocks.
     #[test]
     fn qwen3_template_renders_tools_and_calls_as_transformers_does() {
-        let dir =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/templates");
-        let source = std::fs::read_to_string(dir.join("Qwen3-0.6B.jinja")).expect("template");
-        let cases: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(dir.join("qwen3_tool_renders.json")).expect("renders"),
-        )
-        .expect("JSON");
-        let t = ChatTemplate::new(&source, None, Some("<|im_end|>")).expect("compiles");
+        let (t, cases) = qwen3_fixture("qwen3_tool_renders.json");
         assert!(t.hermes_tools());
         let cases = cases.as_object().expect("cases");
         assert_eq!(cases.len(), 4);
