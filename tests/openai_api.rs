@@ -457,6 +457,21 @@ fn thinking_turns() -> Value {
 }
 
 /// `(reasoning, answer)` of a thinking model's raw text, trimmed.
+/// Tokens of a generation up to the one that completes `</think>` (OpenAI's
+/// `reasoning_tokens`), from a chat answer's `logprobs.content` (each token's bytes).
+fn tokens_through_thought(logprobs: &Value) -> usize {
+    let mut bytes = Vec::new();
+    let tokens = logprobs["content"].as_array().expect("logprobs");
+    for (i, t) in tokens.iter().enumerate() {
+        let b = t["bytes"].as_array().expect("bytes");
+        bytes.extend(b.iter().map(|b| b.as_u64().expect("byte") as u8));
+        if bytes.windows(8).any(|w| w == b"</think>") {
+            return i + 1;
+        }
+    }
+    panic!("no </think> in {logprobs}")
+}
+
 fn split_thought(raw: &str) -> (String, String) {
     let (thought, answer) = raw
         .strip_prefix("<think>")
@@ -475,7 +490,12 @@ async fn reasoning_is_split_from_the_answer() {
     let app = app();
     let base = json!({"messages": thinking_turns(), "temperature": 0, "max_tokens": 60});
     let body = |extra: Value| with_fields(&base, extra);
-    let (status, v) = post_json(&app, "/v1/chat/completions", body(json!({}))).await;
+    let (status, v) = post_json(
+        &app,
+        "/v1/chat/completions",
+        body(json!({"logprobs": true})),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK, "{v}");
     let raw = v["choices"][0]["message"]["content"]
         .as_str()
@@ -484,7 +504,17 @@ async fn reasoning_is_split_from_the_answer() {
     assert!(v["choices"][0]["message"]
         .get("reasoning_content")
         .is_none());
+    assert_eq!(
+        v["usage"]["completion_tokens_details"]["reasoning_tokens"],
+        0
+    );
     let (thought, answer) = split_thought(&raw);
+    // `usage.completion_tokens_details.reasoning_tokens`: the tokens through `</think>`.
+    let thought_tokens = tokens_through_thought(&v["choices"][0]["logprobs"]);
+    assert!(
+        thought_tokens < v["usage"]["completion_tokens"].as_u64().expect("n") as usize,
+        "{v}"
+    );
     assert!(!thought.is_empty() && !answer.is_empty(), "{raw:?}");
     let (status, v) = post_json(
         &app,
@@ -498,6 +528,26 @@ async fn reasoning_is_split_from_the_answer() {
         json!({"role": "assistant", "content": answer, "reasoning_content": thought})
     );
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert_eq!(
+        v["usage"]["completion_tokens_details"]["reasoning_tokens"],
+        thought_tokens
+    );
+    // Streamed, in the usage chunk.
+    let (_, _, bytes) = send(
+        &app,
+        post(
+            "/v1/chat/completions",
+            body(json!({"reasoning_format": "deepseek", "stream": true,
+                        "stream_options": {"include_usage": true}})),
+        ),
+    )
+    .await;
+    let payloads = sse_payloads(&bytes);
+    let usage: Value = serde_json::from_str(&payloads[payloads.len() - 2]).expect("usage");
+    assert_eq!(
+        usage["usage"]["completion_tokens_details"]["reasoning_tokens"], thought_tokens,
+        "{usage}"
+    );
 
     let deltas: Vec<Value> = streamed_choices(
         &app,
@@ -943,6 +993,17 @@ async fn responses_api_returns_reasoning_items() {
     );
     assert_eq!(output[1]["type"], "message");
     assert_eq!(output[1]["content"][0]["text"], answer);
+    // The same generation through chat, for its tokens: those through `</think>` are the
+    // reasoning's.
+    let chat = json!({"messages": input, "temperature": 0, "max_tokens": 30, "logprobs": true});
+    let (status, chat) = post_json(&app, "/v1/chat/completions", chat).await;
+    assert_eq!(status, StatusCode::OK, "{chat}");
+    assert_eq!(chat["choices"][0]["message"]["content"], raw);
+    let thought_tokens = tokens_through_thought(&chat["choices"][0]["logprobs"]);
+    assert_eq!(
+        r["usage"]["output_tokens_details"]["reasoning_tokens"],
+        thought_tokens
+    );
 
     thinking["stream"] = json!(true);
     let (status, _, bytes) = send(&app, post("/v1/responses", thinking)).await;
@@ -1000,6 +1061,10 @@ async fn responses_api_returns_reasoning_items() {
     let done = &events.last().expect("events").1["response"];
     assert_eq!(done["output"][0]["content"][0]["text"], thought);
     assert_eq!(done["output"][1]["content"][0]["text"], answer);
+    assert_eq!(
+        done["usage"]["output_tokens_details"]["reasoning_tokens"],
+        thought_tokens
+    );
 
     // The reasoning item given back (as a client replays a conversation) is skipped.
     let mut again = body;

@@ -101,6 +101,19 @@ impl Job {
         }
     }
 
+    /// Reasoning tokens of a finished choice (0 unless its answer is split).
+    pub(super) fn reasoning_tokens(&self, r: &ChoiceResult) -> usize {
+        let Some(mut splitter) = self.reasoning.clone() else {
+            return 0;
+        };
+        let mut start = 0;
+        for &(end, tokens) in &r.pieces {
+            splitter.push_tokens(r.text.get(start..end).unwrap_or_default(), tokens);
+            start = end;
+        }
+        splitter.reasoning_tokens()
+    }
+
     /// The prompt choice `i` continues.
     fn prompt_of(&self, i: usize) -> &Prompt {
         &self.prompts[(i / self.common.n).min(self.prompts.len() - 1)]
@@ -326,6 +339,8 @@ pub(super) struct ChoiceResult {
     pub(super) cached_tokens: usize,
     /// When the first token arrived (prompt time vs generation time, for Ollama's timings).
     pub(super) first_token: Option<std::time::Instant>,
+    /// Per delta: where its text ends in `text`, and how many tokens it came from.
+    pieces: Vec<(usize, usize)>,
 }
 
 /// Runs one choice's events to the end.
@@ -338,6 +353,7 @@ pub(super) async fn collect(mut events: TextEvents) -> Result<ChoiceResult, ApiE
         completion_tokens: 0,
         cached_tokens: 0,
         first_token: None,
+        pieces: Vec::new(),
     };
     while let Some(ev) = events.next().await {
         match ev {
@@ -347,6 +363,7 @@ pub(super) async fn collect(mut events: TextEvents) -> Result<ChoiceResult, ApiE
                     out.first_token = Some(std::time::Instant::now());
                 }
                 out.text.push_str(&text);
+                out.pieces.push((out.text.len(), tokens.len()));
                 out.tokens.extend(tokens);
             }
             TextEvent::Finished {
@@ -372,10 +389,12 @@ async fn respond_json(
     let results = futures::future::join_all(choices.into_iter().map(collect)).await;
     let mut body_choices = Vec::new();
     let mut completion_tokens = 0;
+    let mut reasoning_tokens = 0;
     let mut cached = Vec::new();
     for (i, r) in results.into_iter().enumerate() {
         let r = r?;
         completion_tokens += r.completion_tokens;
+        reasoning_tokens += job.reasoning_tokens(&r);
         cached.push(r.cached_tokens);
         let tokenizer = &loaded.tokenizer;
         let prompt = job.prompt_of(i);
@@ -426,7 +445,8 @@ async fn respond_json(
         job.prompt_tokens(),
         completion_tokens,
         job.cached_tokens(&cached),
-    );
+    )
+    .with_reasoning_tokens(reasoning_tokens);
     let mut body = json!({
         "id": job.id, "object": object, "created": job.created, "model": job.model,
         "choices": body_choices, "usage": usage,
@@ -486,7 +506,7 @@ impl SseState {
                 let Some(splitter) = self.reasoning.get_mut(i).and_then(Option::as_mut) else {
                     return self.answer_delta(i, text, tokens);
                 };
-                let split = splitter.push(&text);
+                let split = splitter.push_tokens(&text, tokens.len());
                 self.reasoning_delta(i, split.reasoning);
                 let chunk = self.answer_delta(i, split.content, tokens);
                 if self.pre.is_empty() {
@@ -669,11 +689,13 @@ impl SseState {
                 },
                 Phase::Usage => {
                     self.phase = Phase::Done;
+                    let reasoning = self.reasoning.iter().flatten();
                     let usage = WireUsage::new(
                         self.job.prompt_tokens(),
                         self.completion_tokens,
                         self.job.cached_tokens(&self.cached),
-                    );
+                    )
+                    .with_reasoning_tokens(reasoning.map(|s| s.reasoning_tokens()).sum());
                     let object = self.job.kind.chunk_object();
                     let v = json!({"id": self.job.id, "object": object, "created": self.job.created,
                                    "model": self.job.model, "choices": [], "usage": usage});

@@ -544,6 +544,16 @@ pub struct WireUsage {
     pub total_tokens: usize,
     /// Prefix-cache hits.
     pub prompt_tokens_details: PromptTokensDetails,
+    /// A thinking model's reasoning tokens.
+    pub completion_tokens_details: CompletionTokensDetails,
+}
+
+/// OpenAI's `usage.completion_tokens_details`.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct CompletionTokensDetails {
+    /// Generated tokens of the reasoning (`<think>`…`</think>`, the tags included), over all
+    /// choices; 0 when the answer is not split.
+    pub reasoning_tokens: usize,
 }
 
 /// OpenAI's `usage.prompt_tokens_details`.
@@ -561,7 +571,14 @@ impl WireUsage {
             completion_tokens,
             total_tokens: prompt_tokens + completion_tokens,
             prompt_tokens_details: PromptTokensDetails { cached_tokens },
+            completion_tokens_details: CompletionTokensDetails::default(),
         }
+    }
+
+    /// With the reasoning's share of the generated tokens.
+    pub fn with_reasoning_tokens(mut self, reasoning_tokens: usize) -> Self {
+        self.completion_tokens_details.reasoning_tokens = reasoning_tokens;
+        self
     }
 
     /// As JSON.

@@ -468,10 +468,10 @@ impl Echo {
     }
 }
 
-fn usage(job: &Job, output_tokens: usize, cached: usize) -> Value {
+fn usage(job: &Job, output_tokens: usize, cached: usize, reasoning: usize) -> Value {
     let input = job.prompt_tokens();
     json!({"input_tokens": input, "input_tokens_details": {"cached_tokens": cached},
-           "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+           "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": reasoning},
            "total_tokens": input + output_tokens})
 }
 
@@ -540,6 +540,12 @@ pub async fn responses(
     }
     let r = collect(events).await?;
     let complete = r.finish != "length";
+    let u = usage(
+        &job,
+        r.completion_tokens,
+        r.cached_tokens,
+        job.reasoning_tokens(&r),
+    );
     let (reasoning, text) = job.split_answer(r.text);
     let mut output = Vec::new();
     if !reasoning.is_empty() {
@@ -547,7 +553,6 @@ pub async fn responses(
     }
     output.extend(output_items(&job, &text, complete));
     let status = if complete { "completed" } else { "incomplete" };
-    let u = usage(&job, r.completion_tokens, r.cached_tokens);
     let response = echo.response(status, output, Some(u));
     echo.keep(&response);
     Ok(axum::Json(response).into_response())
@@ -684,10 +689,13 @@ async fn stream_events(job: Job, echo: Echo, mut events: TextEvents, mut out: Em
         };
         let Some(ev) = ev else { break };
         match ev {
-            TextEvent::Delta { text: piece, .. } => {
+            TextEvent::Delta {
+                text: piece,
+                tokens,
+            } => {
                 let piece = match splitter.as_mut() {
                     Some(s) => {
-                        let split = s.push(&piece);
+                        let split = s.push_tokens(&piece, tokens.len());
                         if !reasoning_delta(&mut out, &mut thought, &split.reasoning).await {
                             return;
                         }
@@ -825,7 +833,10 @@ async fn stream_events(job: Job, echo: Echo, mut events: TextEvents, mut out: Em
         vec![item]
     };
     let status = if complete { "completed" } else { "incomplete" };
-    let u = usage(&job, finish.1, finish.2);
+    let thought_tokens = splitter
+        .as_ref()
+        .map_or(0, ReasoningSplitter::reasoning_tokens);
+    let u = usage(&job, finish.1, finish.2, thought_tokens);
     let mut output = Vec::new();
     if !thought.text.is_empty() {
         output.push(reasoning_item(&thought.id, &thought.text, "completed"));

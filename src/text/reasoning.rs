@@ -33,6 +33,12 @@ pub struct ReasoningSplitter {
     state: State,
     /// Text not sent yet: a possible tag's beginning, or whitespace that may end the reasoning.
     held: String,
+    /// Whether the generated text opened a reasoning (`<think>` seen).
+    opened: bool,
+    /// Tokens of the reasoning so far, its tags included (counted by [`Self::push_tokens`]).
+    tokens: usize,
+    /// Tokens pushed while it is not yet known whether the text opens a reasoning.
+    undecided: usize,
 }
 
 /// Where the text ends after its trailing whitespace and its longest tail that begins `tag`
@@ -57,6 +63,9 @@ impl ReasoningSplitter {
         ReasoningSplitter {
             state,
             held: String::new(),
+            opened: false,
+            tokens: 0,
+            undecided: 0,
         }
     }
 
@@ -75,6 +84,7 @@ impl ReasoningSplitter {
                     let t = self.held.trim_start();
                     if let Some(rest) = t.strip_prefix(OPEN) {
                         self.held = rest.to_string();
+                        self.opened = true;
                         self.state = State::Thinking { skip_space: true };
                     } else if OPEN.starts_with(t) {
                         return out;
@@ -118,6 +128,32 @@ impl ReasoningSplitter {
                 }
             }
         }
+    }
+
+    /// [`Self::push`] of a delta that came from `tokens` tokens, counting them as reasoning
+    /// when the delta opens, continues or closes it (OpenAI's `reasoning_tokens`: the tags'
+    /// tokens count; the answer's do not).
+    pub fn push_tokens(&mut self, text: &str, tokens: usize) -> Split {
+        let before = self.state;
+        let split = self.push(text);
+        match (before, self.state) {
+            (State::Start, State::Start) => self.undecided += tokens,
+            (State::Thinking { .. }, _) | (_, State::Thinking { .. }) => {
+                self.tokens += tokens + std::mem::take(&mut self.undecided);
+            }
+            // Opened and closed within this delta.
+            (State::Start, _) if self.opened => {
+                self.tokens += tokens + std::mem::take(&mut self.undecided);
+            }
+            _ => self.undecided = 0,
+        }
+        split
+    }
+
+    /// Tokens of the reasoning so far, its tags included (those given to
+    /// [`Self::push_tokens`]).
+    pub fn reasoning_tokens(&self) -> usize {
+        self.tokens
     }
 
     /// The end of the generation: what was held back. An unclosed reasoning (the generation
@@ -245,5 +281,55 @@ mod tests {
         ] {
             check_streaming(prompt, text);
         }
+    }
+
+    /// Reasoning tokens of a generation given as (text, tokens) deltas.
+    fn count(prompt: &str, deltas: &[(&str, usize)]) -> usize {
+        let mut s = ReasoningSplitter::new(prompt);
+        for (text, n) in deltas {
+            s.push_tokens(text, *n);
+        }
+        s.finish();
+        s.reasoning_tokens()
+    }
+
+    #[test]
+    fn reasoning_tokens_are_those_up_to_the_closing_tag() {
+        // Tags and reasoning count, the answer does not.
+        let qwen = [
+            ("<think>", 1),
+            ("\n", 1),
+            ("Hi", 1),
+            (".", 1),
+            ("</think>", 1),
+        ];
+        let answer = [("\n\n", 1), ("Hello", 1), ("!", 1)];
+        assert_eq!(count("", &[&qwen[..], &answer[..]].concat()), 5);
+        // A tag in pieces held back until whole: its pieces count once decided.
+        assert_eq!(
+            count(
+                "",
+                &[
+                    ("<th", 1),
+                    ("ink>", 2),
+                    ("a", 1),
+                    ("</think>b", 1),
+                    ("c", 1)
+                ]
+            ),
+            5
+        );
+        // Text that only looked like a tag, or no reasoning at all: none.
+        assert_eq!(count("", &[("<th", 1), ("is", 1), (" x", 1)]), 0);
+        assert_eq!(count("", &[("Hello", 1), ("<think>", 1)]), 0);
+        // Opened and closed in one delta; opened by the prompt; cut short inside.
+        assert_eq!(count("", &[("<think>a</think>", 3), ("b", 1)]), 3);
+        assert_eq!(
+            count("<think>\n", &[("a", 2), ("</think>", 1), ("b", 1)]),
+            3
+        );
+        assert_eq!(count("", &[("<think>", 1), ("a", 1), ("</thi", 1)]), 3);
+        // Whitespace before the tag waits with it.
+        assert_eq!(count("", &[("\n", 1), ("<think>", 1), ("</think>", 1)]), 3);
     }
 }
