@@ -667,11 +667,12 @@ async fn thinking_comes_before_a_constrained_answer() {
 }
 
 /// SmolLM2 served with Qwen3's template (`serve --chat-template-file`), which knows tools.
-fn hermes_app() -> Router {
-    static CELL: OnceLock<Arc<Loaded>> = OnceLock::new();
-    let loaded = CELL.get_or_init(|| {
+/// SmolLM2 served with a template of `tests/reference/templates/` (`--chat-template-file`),
+/// loaded once into `cell`.
+fn template_app(cell: &'static OnceLock<Arc<Loaded>>, template: &str) -> Router {
+    let loaded = cell.get_or_init(|| {
         let source =
-            std::fs::read_to_string(repo().join("tests/reference/templates/Qwen3-0.6B.jinja"))
+            std::fs::read_to_string(repo().join("tests/reference/templates").join(template))
                 .expect("template");
         Arc::new(
             new_loaded(EngineConfig::default())
@@ -682,6 +683,40 @@ fn hermes_app() -> Router {
     app_with(ServerConfig::default(), Some(loaded.clone())).0
 }
 
+fn hermes_app() -> Router {
+    static CELL: OnceLock<Arc<Loaded>> = OnceLock::new();
+    template_app(&CELL, "Qwen3-0.6B.jinja")
+}
+
+fn llama_app() -> Router {
+    static CELL: OnceLock<Arc<Loaded>> = OnceLock::new();
+    template_app(&CELL, "Llama-3.2-3B-Instruct.jinja")
+}
+
+/// A fixture of transformers' renders (`scripts/tool-renders.py`), the calls' `arguments`
+/// turned into JSON text as OpenAI clients send them.
+fn tool_render_cases(file: &str) -> Vec<(String, Value)> {
+    let cases: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("tests/reference/templates").join(file))
+            .expect("renders"),
+    )
+    .expect("JSON");
+    let mut out = Vec::new();
+    for (name, case) in cases.as_object().expect("cases") {
+        let mut case = case.clone();
+        for m in case["messages"].as_array_mut().expect("messages") {
+            for c in m["tool_calls"].as_array_mut().into_iter().flatten() {
+                let args = &mut c["function"]["arguments"];
+                if !args.is_string() {
+                    *args = json!(args.to_string());
+                }
+            }
+        }
+        out.push((name.clone(), case));
+    }
+    out
+}
+
 /// With a template that writes calls itself (Hermes' `<tool_call>` format), the request's
 /// tools, earlier calls and results reach the template as they are: `/apply-template` gives
 /// exactly the prompt transformers renders for the same conversation
@@ -690,30 +725,116 @@ fn hermes_app() -> Router {
 #[tokio::test]
 async fn tools_reach_a_template_that_knows_them_as_they_are() {
     let app = hermes_app();
-    let cases: Value = serde_json::from_str(
-        &std::fs::read_to_string(repo().join("tests/reference/templates/qwen3_tool_renders.json"))
-            .expect("renders"),
-    )
-    .expect("JSON");
-    for (name, case) in cases.as_object().expect("cases") {
-        let mut messages = case["messages"].clone();
-        for m in messages.as_array_mut().expect("messages") {
-            for c in m["tool_calls"].as_array_mut().into_iter().flatten() {
-                let args = &mut c["function"]["arguments"];
-                if !args.is_string() {
-                    *args = json!(args.to_string());
-                }
-            }
-        }
+    for (name, case) in tool_render_cases("qwen3_tool_renders.json") {
         let (status, v) = post_json(
             &app,
             "/apply-template",
-            json!({"messages": messages, "tools": case["tools"]}),
+            json!({"messages": case["messages"], "tools": case["tools"]}),
         )
         .await;
         assert_eq!(status, StatusCode::OK, "{name}: {v}");
         assert_eq!(v["prompt"], case["rendered"], "{name}");
     }
+}
+
+/// Llama 3.x's JSON calls: with Llama 3.2's template (which asks for
+/// `{"name": function name, "parameters": …}`) the tools, earlier calls and results reach the
+/// template as they are (`/apply-template` equals transformers' render), and SmolLM2 with
+/// `tool_choice: "required"` writes `{"name": "get_weather", "parameters": {…}}` (held to
+/// it), which comes back as `tool_calls` — whole, streamed (pieces adding up), and as a
+/// Responses `function_call`; one call per turn, as the template takes.
+#[tokio::test]
+async fn llama_json_calls_come_back_as_tool_calls() {
+    let app = llama_app();
+    for (name, case) in tool_render_cases("llama32_tool_renders.json") {
+        let (status, v) = post_json(
+            &app,
+            "/apply-template",
+            json!({"messages": case["messages"], "tools": case["tools"],
+                   "chat_template_kwargs": case["kwargs"]}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{name}: {v}");
+        // The template writes the model's BOS: SmolLM2's, where Llama's was rendered.
+        let rendered = case["rendered"].as_str().expect("rendered");
+        let ours = rendered.replacen("<|begin_of_text|>", "<|im_start|>", 1);
+        assert_eq!(v["prompt"], ours, "{name}");
+    }
+    let tools = json!([{"type": "function", "function": {"name": "get_weather",
+        "description": "Current weather of a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                       "required": ["city"]}}}]);
+    let base = json!({"messages": [{"role": "user", "content": "What is the weather like in Paris?"}],
+                      "tools": tools, "tool_choice": "required", "temperature": 0,
+                      "max_tokens": 60});
+    let (status, v) = post_json(&app, "/v1/chat/completions", base.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "tool_calls", "{v}");
+    let calls = v["choices"][0]["message"]["tool_calls"]
+        .as_array()
+        .expect("calls");
+    assert_eq!(calls.len(), 1, "{v}");
+    assert_eq!(calls[0]["function"]["name"], "get_weather");
+    let args = calls[0]["function"]["arguments"]
+        .as_str()
+        .expect("arguments")
+        .to_owned();
+    let parsed: Value = serde_json::from_str(&args).expect("arguments are JSON");
+    assert!(parsed["city"].is_string(), "{parsed}");
+
+    let choices = streamed_choices(&app, "/v1/chat/completions", &base).await;
+    let streamed: Vec<&Value> = choices
+        .iter()
+        .filter_map(|c| c["delta"]["tool_calls"].get(0))
+        .collect();
+    assert_eq!(streamed[0]["function"]["name"], "get_weather");
+    let pieces: String = streamed
+        .iter()
+        .filter_map(|c| c["function"]["arguments"].as_str())
+        .collect();
+    assert_eq!(pieces, args);
+    assert!(streamed.iter().all(|c| c["index"] == 0), "{choices:?}");
+
+    let (status, v) = post_json(
+        &app,
+        "/v1/responses",
+        json!({"input": "What is the weather like in Paris?", "temperature": 0,
+               "tools": [{"type": "function", "name": "get_weather",
+                          "parameters": tools[0]["function"]["parameters"]}],
+               "tool_choice": "required", "store": false}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["output"][0]["type"], "function_call", "{v}");
+    assert_eq!(v["output"][0]["arguments"], json!(args));
+    // With "auto" SmolLM2 answers in text here.
+    let (status, v) = post_json(
+        &app,
+        "/v1/chat/completions",
+        with_fields(&base, json!({"tool_choice": "auto"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let content = v["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("text");
+    assert!(content.contains("Paris") && !content.contains('{'), "{v}");
+    assert!(v["choices"][0]["message"].get("tool_calls").is_none());
+    // Two calls in one earlier turn: the template refuses them, a 400 with its words.
+    let call = json!({"id": "c1", "type": "function",
+                      "function": {"name": "get_weather", "arguments": "{\"city\": \"Rome\"}"}});
+    let messages = json!([{"role": "user", "content": "Rome twice?"},
+                          {"role": "assistant", "content": "", "tool_calls": [call, call]},
+                          {"role": "user", "content": "Thanks"}]);
+    let (status, v) = post_json(
+        &app,
+        "/v1/chat/completions",
+        with_fields(&base, json!({"messages": messages})),
+    )
+    .await;
+    assert_error(status, &v, StatusCode::BAD_REQUEST, Some("messages"));
+    let message = v["error"]["message"].as_str().expect("message");
+    assert!(message.contains("single tool-calls"), "{message}");
 }
 
 /// Calls in the Hermes format: SmolLM2 with Qwen3's template and `tool_choice: "required"`

@@ -1769,11 +1769,12 @@ mod tests {
     /// `</tool_call>`; with text allowed, an answer that does not open with `<` is free.
     #[test]
     fn hermes_calls_are_held_to_their_format() {
+        use crate::engine::json_schema::CallShape;
         let schema: serde_json::Value = serde_json::json!({"type": "object",
             "properties": {"city": {"type": "string"}}, "required": ["city"],
             "additionalProperties": false});
         let tools = [("get_weather", Some(&schema)), ("get_time", None)];
-        let g = Grammar::hermes_call(&tools, false, 1).expect("grammar");
+        let g = Grammar::named_calls(&tools, &CallShape::HERMES, false, 1).expect("grammar");
         let run = |g: &Grammar, t: &str| JsonPaths::default().after_bytes(g, t.as_bytes());
         for ok in [
             "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>",
@@ -1793,7 +1794,7 @@ mod tests {
         ] {
             assert!(run(&g, bad).is_none(), "{bad}");
         }
-        let auto = Grammar::hermes_call(&tools, true, 1).expect("grammar");
+        let auto = Grammar::named_calls(&tools, &CallShape::HERMES, true, 1).expect("grammar");
         assert!(run(&auto, "Hello <tool_call>").is_some_and(|s| s.is_free()));
         assert!(run(&auto, "<tool_call>\n{\"name\": \"get_time\"").is_some_and(|s| !s.is_free()));
         assert!(run(&auto, "<tool_c{").is_none());
@@ -1801,14 +1802,14 @@ mod tests {
         let names: Vec<String> = (0..20).map(|i| format!("f{i}")).collect();
         let many: Vec<(&str, Option<&serde_json::Value>)> =
             names.iter().map(|n| (n.as_str(), Some(&schema))).collect();
-        let g = Grammar::hermes_call(&many, false, 1).expect("grammar");
+        let g = Grammar::named_calls(&many, &CallShape::HERMES, false, 1).expect("grammar");
         let call = |n: &str| {
             format!("<tool_call>\n{{\"name\": \"{n}\", \"arguments\": {{\"x\": 1}}}}\n</tool_call>")
         };
         assert!(run(&g, &call("f19")).is_some_and(|s| s.is_done()));
         assert!(run(&g, &call("f20")).is_none());
         // Parallel calls: up to the most, a newline apart; each may end the answer.
-        let g = Grammar::hermes_call(&many, false, 3).expect("grammar");
+        let g = Grammar::named_calls(&many, &CallShape::HERMES, false, 3).expect("grammar");
         let two = format!("{}\n{}", call("f1"), call("f2"));
         let after = run(&g, &two).expect("two calls");
         assert!(!after.is_done(), "done");
@@ -1817,5 +1818,37 @@ mod tests {
         assert!(run(&g, &three).is_some_and(|s| s.is_done()));
         assert!(run(&g, &format!("{three}\n")).is_none());
         assert!(run(&g, &format!("{}{}", call("f1"), call("f2"))).is_none());
+    }
+
+    /// Llama 3.x calls: a bare `{"name": …, "parameters": {…}}`, nothing before or after it;
+    /// with text allowed, an answer that does not open with `{` is free.
+    #[test]
+    fn llama_calls_are_held_to_their_format() {
+        use crate::engine::json_schema::CallShape;
+        let schema: serde_json::Value = serde_json::json!({"type": "object",
+            "properties": {"city": {"type": "string"}}, "required": ["city"],
+            "additionalProperties": false});
+        let tools = [("get_weather", Some(&schema)), ("get_time", None)];
+        let g = Grammar::named_calls(&tools, &CallShape::LLAMA, false, 1).expect("grammar");
+        let run = |g: &Grammar, t: &str| JsonPaths::default().after_bytes(g, t.as_bytes());
+        for ok in [
+            "{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Paris\"}}",
+            "{\"name\":\"get_time\",\"parameters\":{}}",
+        ] {
+            assert!(run(&g, ok).is_some_and(|s| s.is_done()), "{ok}");
+        }
+        for bad in [
+            " {",
+            "<tool_call>",
+            "{\"name\": \"get_weather\", \"arguments\"",
+            "{\"parameters\": {}",
+            "{\"name\": \"get_weather\", \"parameters\": {\"town\"",
+            "{\"name\": \"get_time\", \"parameters\": {}}; ",
+        ] {
+            assert!(run(&g, bad).is_none(), "{bad}");
+        }
+        let auto = Grammar::named_calls(&tools, &CallShape::LLAMA, true, 1).expect("grammar");
+        assert!(run(&auto, "Paris is sunny {").is_some_and(|s| s.is_free()));
+        assert!(run(&auto, "{\"name\": \"get_time\"").is_some_and(|s| !s.is_free()));
     }
 }

@@ -122,6 +122,40 @@ pub(crate) enum Node {
     Rep { item: NodeId, min: u32, max: u32 },
 }
 
+/// How a model writes a tool call that names its function: `open`, then
+/// `{"name": "<function>", "<arguments_key>": {…}}`, then `close`; several calls
+/// `separator` apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallShape {
+    /// Text before each call.
+    pub open: &'static str,
+    /// Text after each call.
+    pub close: &'static str,
+    /// Text between calls.
+    pub separator: &'static str,
+    /// The key of the arguments object.
+    pub arguments_key: &'static str,
+}
+
+impl CallShape {
+    /// Hermes' `<tool_call>\n{"name": …, "arguments": {…}}\n</tool_call>`, a newline between
+    /// calls (Qwen2.5, Qwen3, Hermes 2/3).
+    pub const HERMES: CallShape = CallShape {
+        open: "<tool_call>\n",
+        close: "\n</tool_call>",
+        separator: "\n",
+        arguments_key: "arguments",
+    };
+    /// Llama 3.1–3.3's custom-tool calls: `{"name": …, "parameters": {…}}`, bare (their
+    /// templates take one call per turn).
+    pub const LLAMA: CallShape = CallShape {
+        open: "",
+        close: "",
+        separator: "; ",
+        arguments_key: "parameters",
+    };
+}
+
 /// A compiled schema: what JSON mode lets the model write.
 #[derive(Debug)]
 pub struct Grammar {
@@ -244,14 +278,15 @@ impl Grammar {
         c.finish(root)
     }
 
-    /// Calls in the Hermes format that Qwen2.5, Qwen3 and Hermes models are trained to
-    /// write: `<tool_call>\n{"name": "<function>", "arguments": {…}}\n</tool_call>`, the
-    /// name one of `tools` and the arguments an instance of its parameters (`name` first, as
-    /// their templates show it); 1 to `max_calls` of them, a newline apart. More functions
-    /// than [`MAX_NAMED_CALLS`] share one reading: any declared name, arguments any object.
-    /// `text_allowed`: or free text, when the answer does not open with `<`.
-    pub fn hermes_call(
+    /// Calls as a template's model is trained to write them ([`CallShape`]):
+    /// `{"name": "<function>", "<arguments key>": {…}}` between the shape's tags, the name
+    /// one of `tools` and the arguments an instance of its parameters (`name` first, as their
+    /// templates show it); 1 to `max_calls` of them, the shape's separator apart. More
+    /// functions than [`MAX_NAMED_CALLS`] share one reading: any declared name, arguments any
+    /// object. `text_allowed`: or free text, when the answer does not open like a call.
+    pub fn named_calls(
         tools: &[(&str, Option<&Value>)],
+        shape: &CallShape,
         text_allowed: bool,
         max_calls: u32,
     ) -> Result<Grammar, SchemaError> {
@@ -268,7 +303,7 @@ impl Grammar {
                             required: true,
                         },
                         Prop {
-                            key: key("arguments"),
+                            key: key(shape.arguments_key),
                             value: arguments,
                             required: true,
                         },
@@ -300,12 +335,22 @@ impl Grammar {
                 _ => c.push(Node::OneOf(calls), "tools")?,
             }
         };
-        let open = c.push(Node::Literals(vec![(*b"<tool_call>\n").into()]), "tools")?;
-        let close = c.push(Node::Literals(vec![(*b"\n</tool_call>").into()]), "tools")?;
-        let one = c.push(Node::Seq(vec![open, body, close].into()), "tools")?;
+        let mut parts = Vec::new();
+        for (text, is_body) in [(shape.open, false), ("", true), (shape.close, false)] {
+            if is_body {
+                parts.push(body);
+            } else if !text.is_empty() {
+                parts.push(c.push(Node::Literals(vec![text.as_bytes().into()]), "tools")?);
+            }
+        }
+        let one = match parts.as_slice() {
+            [only] => *only,
+            _ => c.push(Node::Seq(parts.into()), "tools")?,
+        };
         let whole = if max_calls > 1 {
-            let newline = c.push(Node::Literals(vec![(*b"\n").into()]), "tools")?;
-            let next = c.push(Node::Seq(vec![newline, one].into()), "tools")?;
+            let separator = shape.separator.as_bytes().into();
+            let separator = c.push(Node::Literals(vec![separator]), "tools")?;
+            let next = c.push(Node::Seq(vec![separator, one].into()), "tools")?;
             let more = c.push(
                 Node::Rep {
                     item: next,

@@ -935,12 +935,8 @@ pub(super) fn chat_job(loaded: &Loaded, body: &Value) -> Result<Job, ApiError> {
         ApiError::bad_request("this model has no chat template; use /v1/completions")
     })?;
     // A template that writes calls itself is given the tools and the calls as they are.
-    let native = template.hermes_tools();
-    let format = if native {
-        CallFormat::Hermes
-    } else {
-        CallFormat::Prompted
-    };
+    let format = CallFormat::of_template(template.tool_syntax());
+    let native = format.is_native();
     let tools = ToolPlan::from_request(
         req.tools.as_ref(),
         req.tool_choice.as_ref(),
@@ -1042,7 +1038,7 @@ pub(super) fn chat_job(loaded: &Loaded, body: &Value) -> Result<Job, ApiError> {
             req.add_generation_prompt.unwrap_or(true),
             tools
                 .as_ref()
-                .filter(|p| p.format == CallFormat::Hermes)
+                .filter(|p| p.format.is_native())
                 .map(|p| &p.declared),
             &req.chat_template_kwargs.unwrap_or_default(),
         )

@@ -1,7 +1,8 @@
-//! OpenAI tool calling (`tools`, `tool_choice`) for any model, in one of two formats
+//! OpenAI tool calling (`tools`, `tool_choice`) for any model, in one of three formats
 //! ([`CallFormat`]). A template that knows tools in the Hermes format (Qwen2.5, Qwen3,
-//! Hermes 2/3) gets the tools, calls and results as they are, and the answer is held
-//! ([`Grammar::hermes_call`]) to the `<tool_call>` block its model was trained to write. For
+//! Hermes 2/3) or Llama 3.x's JSON gets the tools, calls and results as they are, and the
+//! answer is held ([`Grammar::named_calls`]) to the `<tool_call>` block (or the
+//! `{"name": …, "parameters": …}` object) its model was trained to write. For
 //! any other template, the way llama.cpp's server serves templates that know no tools: the
 //! tools are described in the system message, and the answer is constrained (JSON mode,
 //! [`Grammar::tool_call`]) to `{"<function name>": {<arguments>}}` — exactly one declared
@@ -16,7 +17,8 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
-use crate::engine::json_schema::Grammar;
+use crate::engine::json_schema::{CallShape, Grammar};
+use crate::text::chat_template::ToolSyntax;
 
 use super::error::ApiError;
 
@@ -49,12 +51,44 @@ pub enum CallFormat {
     /// are, and the model writes `<tool_call>\n{"name": …, "arguments": {…}}\n</tool_call>`
     /// (templates that know tools in the Hermes format: Qwen2.5, Qwen3, Hermes 2/3).
     Hermes,
+    /// The template's own, as for Hermes; the model writes `{"name": …, "parameters": {…}}`,
+    /// one call per turn (Llama 3.1–3.3 with custom tools).
+    Llama,
 }
 
-/// Opens a Hermes call.
-const HERMES_OPEN: &str = "<tool_call>";
-/// Closes it.
-const HERMES_CLOSE: &str = "</tool_call>";
+impl CallFormat {
+    /// The format of a template that writes calls itself, or [`CallFormat::Prompted`].
+    pub fn of_template(syntax: Option<ToolSyntax>) -> Self {
+        match syntax {
+            None => CallFormat::Prompted,
+            Some(ToolSyntax::Hermes) => CallFormat::Hermes,
+            Some(ToolSyntax::LlamaJson) => CallFormat::Llama,
+        }
+    }
+
+    /// Whether the template is given the tools and the calls as they are.
+    pub fn is_native(self) -> bool {
+        self != CallFormat::Prompted
+    }
+
+    /// How a native format's calls are written.
+    fn shape(self) -> &'static CallShape {
+        match self {
+            CallFormat::Llama => &CallShape::LLAMA,
+            _ => &CallShape::HERMES,
+        }
+    }
+
+    /// A native call's opening tag (`<tool_call>`; none for Llama's bare JSON).
+    fn open_tag(self) -> &'static str {
+        self.shape().open.trim()
+    }
+
+    /// A native call's closing tag.
+    fn close_tag(self) -> &'static str {
+        self.shape().close.trim()
+    }
+}
 
 /// One call being written: its function and its arguments' span in the answer's text.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,7 +101,8 @@ pub struct CallSpan {
     pub end: usize,
 }
 
-/// Most calls one Hermes answer may make (`parallel_tool_calls`, the default).
+/// Most calls one Hermes answer may make (`parallel_tool_calls`, the default; Llama's
+/// templates take one).
 const MAX_PARALLEL_CALLS: u32 = 8;
 
 /// A request's tools, checked: what the model is told and what its answer is held to.
@@ -201,9 +236,10 @@ impl ToolPlan {
         let auto = choice == Choice::Auto;
         let grammar = match format {
             CallFormat::Prompted => Grammar::tool_call(&offered, auto),
-            CallFormat::Hermes => {
+            CallFormat::Hermes | CallFormat::Llama => {
+                let parallel = parallel && format == CallFormat::Hermes;
                 let most = if parallel { MAX_PARALLEL_CALLS } else { 1 };
-                Grammar::hermes_call(&offered, auto, most)
+                Grammar::named_calls(&offered, format.shape(), auto, most)
             }
         }
         .map_err(|e| {
@@ -221,35 +257,38 @@ impl ToolPlan {
 
     /// Whether an answer that starts like `text` is plain text rather than a call: with
     /// `tool_choice: "auto"`, once its first character cannot begin a call — anything but
-    /// `{` (Hermes: anything that does not begin `<tool_call>`); the grammar lets it go then,
-    /// and streamed, it goes out as text from there on.
+    /// `{` (Hermes: anything that does not begin `<tool_call>\n{`; Llama: `{` first, no
+    /// space before it); the grammar lets it go then, and streamed, it goes out as text from
+    /// there on.
     pub fn is_text(&self, text: &str) -> bool {
         if self.choice != Choice::Auto {
             return false;
         }
         match self.format {
             CallFormat::Prompted => text.trim_start().chars().next().is_some_and(|c| c != '{'),
-            CallFormat::Hermes => {
-                !text.is_empty() && !text.starts_with(HERMES_OPEN) && !HERMES_OPEN.starts_with(text)
+            CallFormat::Hermes | CallFormat::Llama => {
+                let head = format!("{}{{", self.format.shape().open);
+                !text.is_empty() && !text.starts_with(&head) && !head.starts_with(text)
             }
         }
     }
 
     /// The function a call names and where its arguments start (after the `:` and any
     /// whitespace), once the text has got that far: `{ "name" :` (Hermes:
-    /// `<tool_call>\n{"name": "…", "arguments":`).
+    /// `<tool_call>\n{"name": "…", "arguments":`; Llama: `{"name": "…", "parameters":`).
     fn call_head(&self, text: &str) -> Option<(String, usize)> {
         match self.format {
             CallFormat::Prompted => call_head(text),
-            CallFormat::Hermes => {
-                let rest = text.strip_prefix(HERMES_OPEN)?.trim_start();
+            CallFormat::Hermes | CallFormat::Llama => {
+                let rest = text.strip_prefix(self.format.open_tag())?.trim_start();
                 let rest = rest.strip_prefix('{')?.trim_start();
                 let rest = rest.strip_prefix("\"name\"")?.trim_start();
                 let rest = rest.strip_prefix(':')?.trim_start();
                 let rest = rest.strip_prefix('"')?;
                 let (name, after) = rest.split_once('"')?;
                 let after = after.trim_start().strip_prefix(',')?.trim_start();
-                let after = after.strip_prefix("\"arguments\"")?.trim_start();
+                let key = json!(self.format.shape().arguments_key).to_string();
+                let after = after.strip_prefix(key.as_str())?.trim_start();
                 let value = after.strip_prefix(':')?.trim_start();
                 if value.is_empty() {
                     return None;
@@ -266,8 +305,9 @@ impl ToolPlan {
         if self.format == CallFormat::Prompted {
             return args_end(text, start, last);
         }
+        let (open, close) = (self.format.open_tag(), self.format.close_tag());
         if last {
-            if let Some(t) = text.trim_end().strip_suffix(HERMES_CLOSE) {
+            if let Some(t) = text.trim_end().strip_suffix(close) {
                 return args_end(t, start, true);
             }
         }
@@ -276,7 +316,7 @@ impl ToolPlan {
         loop {
             let before = t.len();
             t = t.trim_end_matches(|c: char| c == '}' || c.is_ascii_whitespace());
-            for tag in [HERMES_CLOSE, HERMES_OPEN] {
+            for tag in [close, open] {
                 if let Some(n) = (1..=tag.len()).rev().find(|&n| t.ends_with(&tag[..n])) {
                     t = &t[..t.len() - n];
                 }
@@ -352,9 +392,10 @@ impl ToolPlan {
     /// The answer cut where each call begins (Hermes: at each `<tool_call>`): each piece's
     /// offset, text, and whether another follows it.
     fn blocks<'a>(&self, text: &'a str) -> Vec<(usize, &'a str, bool)> {
+        let open = self.format.open_tag();
         let starts: Vec<usize> = match self.format {
-            CallFormat::Hermes if text.starts_with(HERMES_OPEN) => {
-                text.match_indices(HERMES_OPEN).map(|(i, _)| i).collect()
+            CallFormat::Hermes if text.starts_with(open) => {
+                text.match_indices(open).map(|(i, _)| i).collect()
             }
             _ => vec![0],
         };
@@ -368,12 +409,13 @@ impl ToolPlan {
             .collect()
     }
 
-    /// One call (`{"name": {arguments}}`, or one Hermes block): its name and arguments.
+    /// One call (`{"name": {arguments}}`, one Hermes block or one Llama object): its name
+    /// and arguments.
     fn parse_call(&self, text: &str) -> Option<(String, String)> {
         let (name, start) = self.call_head(text)?;
         let mut body = text.trim_end();
-        if self.format == CallFormat::Hermes {
-            body = body.strip_suffix(HERMES_CLOSE)?.trim_end();
+        if self.format.is_native() {
+            body = body.strip_suffix(self.format.close_tag())?.trim_end();
         }
         let end = body.strip_suffix('}')?.len();
         let args = text.get(start..end)?.trim();
@@ -442,8 +484,8 @@ mod tests {
     }
 
     /// Calls streamed a character at a time send their arguments in pieces that add up to
-    /// each whole call's, never a closing `}` or tag or the next call's opening; in both
-    /// formats, one call and (Hermes) several.
+    /// each whole call's, never a closing `}` or tag or the next call's opening; in every
+    /// format, one call and (Hermes) several.
     #[test]
     fn streamed_arguments_add_up_to_the_whole_calls() {
         let hermes = |city: &str| {
@@ -458,6 +500,10 @@ mod tests {
             (
                 CallFormat::Prompted,
                 "{\"get_weather\": {\"city\": \"Paris}\"}}".to_owned(),
+            ),
+            (
+                CallFormat::Llama,
+                "{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Paris}\"}}".to_owned(),
             ),
         ] {
             let p = plan(format, "required");
@@ -496,6 +542,17 @@ mod tests {
         assert!(!plan(CallFormat::Hermes, "required").is_text("Paris"));
         let p = plan(CallFormat::Prompted, "auto");
         assert!(!p.is_text(" {") && p.is_text("Paris"));
+        // Llama's calls open with `{` at once (its grammar allows no space before it).
+        let l = plan(CallFormat::Llama, "auto");
+        assert!(!l.is_text("") && !l.is_text("{") && !l.is_text("{\"name\""));
+        assert!(l.is_text("Paris") && l.is_text(" {"));
+        assert!(l
+            .parse_calls("{\"name\": \"get_weather\", \"arguments\": {}}")
+            .is_none());
+        assert_eq!(
+            l.parse_calls("{\"name\": \"get_weather\", \"parameters\": {}}"),
+            Some(vec![("get_weather".to_owned(), "{}".to_owned())])
+        );
         // Cut short or not a declared function: no call.
         assert!(h
             .parse_calls("<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {}}")
@@ -540,5 +597,14 @@ mod tests {
                 .is_some()
         };
         assert!(follows(&h) && !follows(&single));
+        // Llama's templates take one call per turn, `parallel_tool_calls` or not.
+        let llama = plan(CallFormat::Llama, "auto");
+        let one = "{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Paris\"}}";
+        let two = format!("{one}; {one}");
+        for (text, ok) in [(one, true), (two.as_str(), false)] {
+            let after = crate::engine::json_mode::JsonPaths::default()
+                .after_bytes(&llama.grammar, text.as_bytes());
+            assert_eq!(after.is_some(), ok, "{text}");
+        }
     }
 }

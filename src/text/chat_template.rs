@@ -37,13 +37,41 @@ impl ChatMessage {
     }
 }
 
+/// How a template that knows tools writes a call (what its model was trained to write).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ToolSyntax {
+    /// `<tool_call>\n{"name": …, "arguments": …}\n</tool_call>` (Qwen2.5, Qwen3, Hermes 2/3).
+    Hermes,
+    /// `{"name": …, "parameters": …}`, one call per turn, results in `ipython` turns (Llama
+    /// 3.1–3.3 with custom tools).
+    LlamaJson,
+}
+
+impl ToolSyntax {
+    /// From the template's source: Hermes templates write `<tool_call>` blocks; Llama 3.x
+    /// templates tell the model the format in words that name `"parameters"`.
+    fn of_source(source: &str) -> Option<Self> {
+        if !source.contains("tools") {
+            None
+        } else if source.contains("<tool_call>") {
+            Some(ToolSyntax::Hermes)
+        } else if source.contains(r#""parameters": dictionary of argument name"#)
+            && source.contains("tool_calls")
+        {
+            Some(ToolSyntax::LlamaJson)
+        } else {
+            None
+        }
+    }
+}
+
 /// A compiled chat template.
 pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
     eos_token: String,
-    /// Whether it writes tool calls itself, in Hermes' `<tool_call>` format.
-    hermes_tools: bool,
+    /// How it writes tool calls itself, if it does.
+    tool_syntax: Option<ToolSyntax>,
     /// The Jinja source.
     source: String,
 }
@@ -187,7 +215,7 @@ impl ChatTemplate {
             env,
             bos_token: bos_token.unwrap_or_default().to_string(),
             eos_token: eos_token.unwrap_or_default().to_string(),
-            hermes_tools: source.contains("<tool_call>") && source.contains("tools"),
+            tool_syntax: ToolSyntax::of_source(source),
             source: source.to_owned(),
         })
     }
@@ -197,11 +225,10 @@ impl ChatTemplate {
         &self.source
     }
 
-    /// Whether the template describes `tools` and writes calls itself in the Hermes format
-    /// (`<tool_call>\n{"name": …, "arguments": …}\n</tool_call>`: Qwen2.5, Qwen3, Hermes 2/3),
-    /// which its model was trained to answer in.
-    pub fn hermes_tools(&self) -> bool {
-        self.hermes_tools
+    /// How the template describes `tools` and writes calls itself, which its model was
+    /// trained to answer in; `None` for a template that knows no tools.
+    pub fn tool_syntax(&self) -> Option<ToolSyntax> {
+        self.tool_syntax
     }
 
     /// Renders the conversation; `add_generation_prompt` opens the assistant's turn.
@@ -271,15 +298,42 @@ mod tests {
     }
 
     /// Qwen3's template and the renders transformers made of it (`tests/reference/templates/`).
-    fn qwen3_fixture(renders: &str) -> (ChatTemplate, serde_json::Value) {
+    /// A template of `tests/reference/templates/` and the renders of `renders` there.
+    fn fixture(
+        template: &str,
+        renders: &str,
+        bos: Option<&str>,
+        eos: &str,
+    ) -> (ChatTemplate, serde_json::Value) {
         let dir =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/templates");
-        let source = std::fs::read_to_string(dir.join("Qwen3-0.6B.jinja")).expect("template");
+        let source = std::fs::read_to_string(dir.join(template)).expect("template");
         let cases =
             serde_json::from_str(&std::fs::read_to_string(dir.join(renders)).expect("renders"))
                 .expect("JSON");
-        let t = ChatTemplate::new(&source, None, Some("<|im_end|>")).expect("compiles");
+        let t = ChatTemplate::new(&source, bos, Some(eos)).expect("compiles");
         (t, cases)
+    }
+
+    fn qwen3_fixture(renders: &str) -> (ChatTemplate, serde_json::Value) {
+        fixture("Qwen3-0.6B.jinja", renders, None, "<|im_end|>")
+    }
+
+    /// A fixture case's messages, with their calls and call ids.
+    fn tool_messages(case: &serde_json::Value) -> Vec<ChatMessage> {
+        let text = |v: &serde_json::Value| v.as_str().map(str::to_owned);
+        case["messages"]
+            .as_array()
+            .expect("messages")
+            .iter()
+            .map(|m| ChatMessage {
+                role: text(&m["role"]).expect("role"),
+                content: text(&m["content"]).expect("content"),
+                tool_calls: m["tool_calls"].as_array().cloned(),
+                tool_call_id: text(&m["tool_call_id"]),
+                name: text(&m["name"]),
+            })
+            .collect()
     }
 
     /// Qwen3's template (namespaces, `messages[::-1]`, string methods, `is defined`) renders
@@ -317,28 +371,47 @@ mod tests {
     #[test]
     fn qwen3_template_renders_tools_and_calls_as_transformers_does() {
         let (t, cases) = qwen3_fixture("qwen3_tool_renders.json");
-        assert!(t.hermes_tools());
+        assert_eq!(t.tool_syntax(), Some(ToolSyntax::Hermes));
         let cases = cases.as_object().expect("cases");
         assert_eq!(cases.len(), 4);
-        let text = |v: &serde_json::Value| v.as_str().map(str::to_owned);
         for (name, case) in cases {
-            let messages: Vec<ChatMessage> = case["messages"]
-                .as_array()
-                .expect("messages")
-                .iter()
-                .map(|m| ChatMessage {
-                    role: text(&m["role"]).expect("role"),
-                    content: text(&m["content"]).expect("content"),
-                    tool_calls: m["tool_calls"].as_array().cloned(),
-                    tool_call_id: text(&m["tool_call_id"]),
-                    name: text(&m["name"]),
-                })
-                .collect();
             let out = t
-                .render_with(&messages, true, Some(&case["tools"]), &Default::default())
+                .render_with(
+                    &tool_messages(case),
+                    true,
+                    Some(&case["tools"]),
+                    &Default::default(),
+                )
                 .expect("renders");
             assert_eq!(out, case["rendered"].as_str().expect("rendered"), "{name}");
         }
+    }
+
+    /// Llama 3.2's template with tools renders as transformers' `apply_chat_template` does
+    /// (`scripts/tool-renders.py llama3.2`): the tools as indented JSON in the first user
+    /// turn, calls as `{"name": …, "parameters": …}`, results as `ipython` turns (a string
+    /// result as a JSON string: the template's `is iterable` holds for strings).
+    #[test]
+    fn llama32_template_renders_tools_and_calls_as_transformers_does() {
+        let (t, cases) = fixture(
+            "Llama-3.2-3B-Instruct.jinja",
+            "llama32_tool_renders.json",
+            Some("<|begin_of_text|>"),
+            "<|eot_id|>",
+        );
+        assert_eq!(t.tool_syntax(), Some(ToolSyntax::LlamaJson));
+        let cases = cases.as_object().expect("cases");
+        assert_eq!(cases.len(), 4);
+        for (name, case) in cases {
+            let extra = case["kwargs"].as_object().expect("kwargs");
+            let out = t
+                .render_with(&tool_messages(case), true, Some(&case["tools"]), extra)
+                .expect("renders");
+            assert_eq!(out, case["rendered"].as_str().expect("rendered"), "{name}");
+        }
+        // A template that knows no tools.
+        let plain = ChatTemplate::new("{{ messages[0]['content'] }}", None, None).expect("ok");
+        assert_eq!(plain.tool_syntax(), None);
     }
 
     #[test]
