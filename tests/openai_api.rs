@@ -923,6 +923,117 @@ async fn hermes_calls_come_back_as_tool_calls() {
     );
 }
 
+/// Text, then a call (Hermes, `tool_choice: "auto"`): led by an earlier turn that said a few
+/// words before its call, SmolLM2 with Qwen3's template does the same; the grammar, free until
+/// `<tool_call>`, holds the call from there. The text comes back as `content` beside
+/// `tool_calls` — whole, streamed (text chunks, then the call's), as a Responses message item
+/// before the `function_call` (whole and streamed).
+#[tokio::test]
+async fn text_before_a_hermes_call_comes_back_with_it() {
+    let app = hermes_app();
+    let call = |id: &str, city: &str| {
+        json!({"id": id, "type": "function", "function": {"name": "get_weather",
+               "arguments": json!({"city": city}).to_string()}})
+    };
+    let messages = json!([
+        {"role": "user", "content": "Weather in Berlin?"},
+        {"role": "assistant", "content": "Let me check.", "tool_calls": [call("c1", "Berlin")]},
+        {"role": "user", "content": "Weather in Madrid?"},
+        {"role": "assistant", "content": "Let me check.", "tool_calls": [call("c2", "Madrid")]},
+        {"role": "user", "content": "Weather in Paris?"}]);
+    let tools = json!([{"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                       "required": ["city"]}}}]);
+    let body = json!({"messages": messages, "tools": tools, "temperature": 0, "max_tokens": 80});
+    let (status, v) = post_json(&app, "/v1/chat/completions", body.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let message = &v["choices"][0]["message"];
+    let content = message["content"].as_str().expect("text before the call");
+    assert!(!content.is_empty() && !content.contains('<'), "{v}");
+    let calls = message["tool_calls"].as_array().expect("calls");
+    assert_eq!(calls[0]["function"]["name"], "get_weather");
+    let args = calls[0]["function"]["arguments"].as_str().expect("args");
+    let parsed: Value = serde_json::from_str(args).expect("JSON arguments");
+    assert!(parsed["city"].is_string(), "{parsed}");
+    assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
+
+    let choices = streamed_choices(&app, "/v1/chat/completions", &body).await;
+    let text: String = choices
+        .iter()
+        .filter_map(|c| c["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, content);
+    let first_call = choices
+        .iter()
+        .position(|c| c["delta"].get("tool_calls").is_some())
+        .expect("a call");
+    let last_text = choices
+        .iter()
+        .rposition(|c| {
+            c["delta"]["content"]
+                .as_str()
+                .is_some_and(|t| !t.is_empty())
+        })
+        .expect("text");
+    assert!(last_text < first_call, "{choices:?}");
+    let streamed: String = choices
+        .iter()
+        .filter_map(|c| c["delta"]["tool_calls"][0]["function"]["arguments"].as_str())
+        .collect();
+    assert_eq!(streamed, args);
+
+    // The same conversation as Responses items: an assistant's text, then its call.
+    let said = |role: &str, text: &str| json!({"type": "message", "role": role, "content": text});
+    let called = |id: &str, city: &str| {
+        json!({"type": "function_call", "call_id": id, "name": "get_weather",
+               "arguments": json!({"city": city}).to_string()})
+    };
+    let input = json!([
+        said("user", "Weather in Berlin?"),
+        said("assistant", "Let me check."),
+        called("c1", "Berlin"),
+        said("user", "Weather in Madrid?"),
+        said("assistant", "Let me check."),
+        called("c2", "Madrid"),
+        said("user", "Weather in Paris?")
+    ]);
+    let responses = json!({"input": input, "tools": [{"type": "function", "name": "get_weather",
+                            "parameters": tools[0]["function"]["parameters"]}],
+                           "temperature": 0, "max_output_tokens": 80, "store": false});
+    let (status, r) = post_json(&app, "/v1/responses", responses.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{r}");
+    let kinds: Vec<&str> = r["output"]
+        .as_array()
+        .expect("output")
+        .iter()
+        .map(|o| o["type"].as_str().expect("type"))
+        .collect();
+    assert_eq!(kinds, ["message", "function_call"], "{r}");
+    // The text and the call after it are one assistant turn: the same prompt as the chat's.
+    assert_eq!(r["usage"]["input_tokens"], v["usage"]["prompt_tokens"]);
+    assert_eq!(r["output"][0]["content"][0]["text"], content);
+    assert_eq!(r["output"][1]["arguments"], args);
+    let mut streaming = responses;
+    streaming["stream"] = json!(true);
+    let (status, _, bytes) = send(&app, post("/v1/responses", streaming)).await;
+    assert_eq!(status, StatusCode::OK);
+    let events = named_sse_events(&bytes);
+    let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+    let text_done = names
+        .iter()
+        .position(|n| *n == "response.output_text.done")
+        .expect("text done");
+    let call_added = names
+        .iter()
+        .rposition(|n| *n == "response.output_item.added")
+        .expect("call item");
+    assert!(text_done < call_added, "{names:?}");
+    let done = &events.last().expect("events").1["response"];
+    assert_eq!(done["output"][0]["content"][0]["text"], content);
+    assert_eq!(done["output"][1]["type"], "function_call");
+    assert_eq!(done["output"][1]["arguments"], args);
+}
+
 /// Parallel Hermes calls: led by an earlier turn that made two calls at once, SmolLM2 with
 /// Qwen3's template writes several `<tool_call>` blocks (a newline apart, at most 8), which
 /// come back as that many `tool_calls` — whole, streamed by `index` (each call's pieces add up

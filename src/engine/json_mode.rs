@@ -1369,6 +1369,9 @@ enum Gate {
     Thinking(u8),
     /// Just after the closing tag: whitespace, then the answer.
     Gap,
+    /// A lazy grammar's free text (see [`Grammar::named_calls`]): the last `n` bytes are
+    /// its trigger's first.
+    Waiting(u8),
 }
 
 /// How much of `tag` the text ends with after `b`, when it ended with `n` of its bytes.
@@ -1389,6 +1392,15 @@ fn tag_step(tag: &[u8], n: usize, b: u8) -> usize {
     }
 }
 
+/// Where the answer starts: held to the grammar, or (a lazy grammar) free text that waits
+/// for its trigger. Triggers longer than a byte counts are held from the start.
+fn answer_gate(g: &Grammar) -> Gate {
+    match g.trigger.as_deref() {
+        Some(t) if (1..256).contains(&t.len()) => Gate::Waiting(0),
+        _ => Gate::Answer,
+    }
+}
+
 /// One sequence's JSON-mode constraint: the token table, the grammar (a schema, or any
 /// object), where the text is, and (for a thinking model) the reasoning it may write first.
 #[derive(Debug, Clone)]
@@ -1403,11 +1415,12 @@ pub struct JsonConstraint {
 impl JsonConstraint {
     /// At the start of the generated text.
     pub fn new(tokens: Arc<TokenBytes>, grammar: Arc<Grammar>) -> Self {
+        let gate = answer_gate(&grammar);
         JsonConstraint {
             tokens,
             grammar,
             tags: None,
-            gate: Gate::Answer,
+            gate,
             state: JsonPaths::default(),
         }
     }
@@ -1461,7 +1474,7 @@ impl JsonConstraint {
             let fits = match b {
                 Some(b) => self.after(b).is_some(),
                 // Special tokens and pieces of characters: free text, not the answer's.
-                None => matches!(self.gate, Gate::Thinking(_)),
+                None => matches!(self.gate, Gate::Thinking(_) | Gate::Waiting(_)),
             };
             if fits {
                 set[id / 64] |= 1 << (id % 64);
@@ -1473,9 +1486,14 @@ impl JsonConstraint {
     /// Where the text is after `bytes` (`None`: they break the answer).
     fn after(&self, bytes: &[u8]) -> Option<(Gate, JsonPaths)> {
         let (mut gate, mut state) = (self.gate, self.state.clone());
-        let Some(tags) = self.tags.as_deref() else {
+        if gate == Gate::Answer {
             return Some((gate, state.after_bytes(&self.grammar, bytes)?));
+        }
+        let no_tags = ReasoningTags {
+            open: Box::default(),
+            close: Box::default(),
         };
+        let tags = self.tags.as_deref().unwrap_or(&no_tags);
         let mut i = 0;
         while i < bytes.len() {
             let b = bytes[i];
@@ -1483,6 +1501,18 @@ impl JsonConstraint {
                 Gate::Answer => {
                     state = state.after_bytes(&self.grammar, &bytes[i..])?;
                     break;
+                }
+                Gate::Waiting(n) => {
+                    let trigger = self.grammar.trigger.as_deref().unwrap_or_default();
+                    let n = tag_step(trigger, usize::from(n), b);
+                    i += 1;
+                    if n == trigger.len() {
+                        // The trigger begins the grammar's value.
+                        state = JsonPaths::default().after_bytes(&self.grammar, trigger)?;
+                        gate = Gate::Answer;
+                    } else {
+                        gate = Gate::Waiting(n as u8);
+                    }
                 }
                 Gate::Opening(n) => {
                     let n = usize::from(n);
@@ -1509,7 +1539,7 @@ impl JsonConstraint {
                     i += 1;
                 }
                 Gate::Gap if b.is_ascii_whitespace() => i += 1,
-                Gate::Gap => gate = Gate::Answer,
+                Gate::Gap => gate = answer_gate(&self.grammar),
             }
         }
         Some((gate, state))
@@ -1533,8 +1563,12 @@ impl JsonConstraint {
                     .get(id / 64)
                     .is_some_and(|w| w >> (id % 64) & 1 == 1)
         };
-        let stop_ok = self.gate == Gate::Answer && self.state.can_end(&self.grammar)
-            || !(0..logits.len()).any(fits);
+        // Free text waiting for a trigger may end too.
+        let stop_ok = match self.gate {
+            Gate::Answer => self.state.can_end(&self.grammar),
+            Gate::Waiting(_) => true,
+            _ => false,
+        } || !(0..logits.len()).any(fits);
         for (id, l) in logits.iter_mut().enumerate() {
             let ok = if stop_ids.contains(&(id as u32)) {
                 stop_ok
@@ -1558,6 +1592,7 @@ impl JsonConstraint {
             }
             // A token without text inside the reasoning breaks a closing tag begun.
             _ if matches!(self.gate, Gate::Thinking(_)) => self.gate = Gate::Thinking(0),
+            _ if matches!(self.gate, Gate::Waiting(_)) => self.gate = Gate::Waiting(0),
             _ => {}
         }
     }
@@ -1794,10 +1829,11 @@ mod tests {
         ] {
             assert!(run(&g, bad).is_none(), "{bad}");
         }
+        // With text allowed the grammar is lazy: the same calls, armed by `<tool_call>`.
         let auto = Grammar::named_calls(&tools, &CallShape::HERMES, true, 1).expect("grammar");
-        assert!(run(&auto, "Hello <tool_call>").is_some_and(|s| s.is_free()));
-        assert!(run(&auto, "<tool_call>\n{\"name\": \"get_time\"").is_some_and(|s| !s.is_free()));
-        assert!(run(&auto, "<tool_c{").is_none());
+        assert_eq!(auto.trigger.as_deref(), Some(&b"<tool_call>"[..]));
+        assert!(run(&auto, "<tool_call>\n{\"name\": \"get_time\"").is_some());
+        assert!(run(&auto, "Hello").is_none());
         // Past 16 functions, one reading: any declared name, arguments any object.
         let names: Vec<String> = (0..20).map(|i| format!("f{i}")).collect();
         let many: Vec<(&str, Option<&serde_json::Value>)> =
@@ -1818,6 +1854,61 @@ mod tests {
         assert!(run(&g, &three).is_some_and(|s| s.is_done()));
         assert!(run(&g, &format!("{three}\n")).is_none());
         assert!(run(&g, &format!("{}{}", call("f1"), call("f2"))).is_none());
+    }
+
+    /// A lazy grammar (Hermes calls with text allowed): free text, stop tokens included, until
+    /// `<tool_call>` — whole, in pieces, after text or at the start, a special token breaking
+    /// it — and from there the call; a token that completes the tag with bytes that break the
+    /// call is held back.
+    #[test]
+    fn lazy_calls_wait_for_their_tag() {
+        use crate::engine::json_schema::CallShape;
+        let texts = [
+            Some("Sure."),                // 0
+            Some("<tool_call>"),          // 1
+            Some("<tool"),                // 2
+            Some("_call>"),               // 3
+            Some("\n{\"name\": \"f\", "), // 4
+            Some("\"arguments\": {}}"),   // 5
+            Some("\n</tool_call>"),       // 6
+            None,                         // 7: a special token (stop)
+            Some("<tool_call>x"),         // 8
+            Some(" <tool_call>\n{"),      // 9
+            Some("<"),                    // 10
+        ];
+        let n = texts.len();
+        let table = Arc::new(TokenBytes::from_texts(&texts));
+        let g = Grammar::named_calls(&[("f", None)], &CallShape::HERMES, true, 1).expect("g");
+        let base = JsonConstraint::new(table, Arc::new(g));
+        let allowed = |c: &JsonConstraint| {
+            let mut l = vec![0f32; n];
+            c.mask(&mut l, &[7], &c.allowed());
+            (0..n).filter(|&i| l[i] == 0.0).collect::<Vec<_>>()
+        };
+        let after = |c: &JsonConstraint, ids: &[u32]| {
+            let mut c = c.clone();
+            for &id in ids {
+                c.advance(id);
+            }
+            c
+        };
+        // Free text: anything but the tag followed by what is no call; the text may end.
+        let free = vec![0, 1, 2, 3, 4, 5, 6, 7, 9, 10];
+        assert_eq!(allowed(&base), free);
+        assert!(base.key().is_some() && !base.is_done());
+        assert_eq!(allowed(&after(&base, &[0])), free);
+        // The tag, whole or in pieces, after text or not: the call's next bytes only.
+        for ids in [&[1][..], &[0, 1], &[2, 3], &[0, 10, 2, 3]] {
+            assert_eq!(allowed(&after(&base, ids)), vec![4], "{ids:?}");
+        }
+        // A token that ends the tag and opens the call: held from there (no token of this
+        // table writes `"name"` next, so only the stop token is left).
+        assert_eq!(allowed(&after(&base, &[9])), vec![7]);
+        // A special token breaks a tag begun.
+        assert_eq!(allowed(&after(&base, &[2, 7])), free);
+        let done = after(&base, &[0, 1, 4, 5, 6]);
+        assert!(done.is_done());
+        assert_eq!(allowed(&done), vec![7]);
     }
 
     /// Llama 3.x calls: a bare `{"name": …, "parameters": {…}}`, nothing before or after it;

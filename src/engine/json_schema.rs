@@ -170,6 +170,10 @@ pub struct Grammar {
     first: Vec<[u64; 4]>,
     /// Whether each node can be empty (only GBNF pieces can).
     nullable: Vec<bool>,
+    /// A lazy grammar's trigger: the text is free until it writes these bytes, and from
+    /// them on it is held to the grammar (whose values begin with them). `None`: held from
+    /// the first byte.
+    pub(crate) trigger: Option<Box<[u8]>>,
 }
 
 /// Why a schema cannot be followed, and where in it.
@@ -283,7 +287,9 @@ impl Grammar {
     /// one of `tools` and the arguments an instance of its parameters (`name` first, as their
     /// templates show it); 1 to `max_calls` of them, the shape's separator apart. More
     /// functions than [`MAX_NAMED_CALLS`] share one reading: any declared name, arguments any
-    /// object. `text_allowed`: or free text, when the answer does not open like a call.
+    /// object. `text_allowed`: or free text — with an opening tag, text up to the tag
+    /// (a lazy grammar: held from the tag on, wherever it comes, as llama.cpp's lazy grammars
+    /// arm on a trigger word); without one, when the answer does not open like a call.
     pub fn named_calls(
         tools: &[(&str, Option<&Value>)],
         shape: &CallShape,
@@ -363,13 +369,18 @@ impl Grammar {
         } else {
             one
         };
-        let root = if text_allowed {
+        let tag = shape.open.trim();
+        let root = if text_allowed && tag.is_empty() {
             c.push(Node::TextOr(whole), "tools")?
         } else {
             whole
         };
         let mut g = c.finish(root)?;
         g.root_space = false;
+        if text_allowed && !tag.is_empty() {
+            g.trigger = Some(tag.as_bytes().into());
+        }
+        g.rehash();
         // Its raw pieces (the tags, the calls' repetition) end the answer where they may.
         g.nullable = compute_nullable(&g.nodes);
         g.first = compute_first_nullable(&g.nodes, &g.nullable).map_err(|()| SchemaError {
@@ -434,9 +445,9 @@ impl Grammar {
 
     fn new(nodes: Vec<Node>, root: NodeId, root_space: bool) -> Grammar {
         static KEYS: OnceLock<RandomState> = OnceLock::new();
-        let id = KEYS
-            .get_or_init(RandomState::new)
-            .hash_one((&nodes, root, root_space));
+        let id =
+            KEYS.get_or_init(RandomState::new)
+                .hash_one((&nodes, root, root_space, None::<&[u8]>));
         Grammar {
             id,
             nodes,
@@ -444,7 +455,19 @@ impl Grammar {
             root_space,
             first: Vec::new(),
             nullable: Vec::new(),
+            trigger: None,
         }
+    }
+
+    /// The id again, after `root_space` or `trigger` changed.
+    fn rehash(&mut self) {
+        static KEYS: OnceLock<RandomState> = OnceLock::new();
+        self.id = KEYS.get_or_init(RandomState::new).hash_one((
+            &self.nodes,
+            self.root,
+            self.root_space,
+            self.trigger.as_deref(),
+        ));
     }
 
     /// A grammar over GBNF's nodes ([`super::gbnf`]) from `root`; `Err` names a rule that

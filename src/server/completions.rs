@@ -23,7 +23,7 @@ use super::openai::{
     PromptField, ValidCommon, WireUsage,
 };
 use super::stream::{TextEvent, TextEvents, TokenInfo};
-use super::tools::{call_text, wire_call, CallFormat, ToolPlan};
+use super::tools::{call_text, wire_call, CallFormat, Progress, ToolPlan};
 use super::{AppState, Loaded};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -419,11 +419,15 @@ async fn respond_json(
                     _ => Value::Null,
                 };
                 let (reasoning, text) = job.split_answer(r.text);
-                let mut choice = match job.tools.as_ref().and_then(|t| t.parse_calls(&text)) {
+                let plan = job.tools.as_ref();
+                let mut choice = match plan.and_then(|t| t.parse_calls(&text)) {
                     Some(calls) => {
                         let calls: Vec<Value> =
                             calls.iter().map(|(name, args)| wire_call(name, args)).collect();
-                        json!({"index": i, "message": {"role": "assistant", "content": null,
+                        // Text the model wrote before its calls (Hermes, `"auto"`).
+                        let before = plan.map_or("", |t| t.text_before_calls(&text));
+                        let content = Some(before).filter(|t| !t.is_empty());
+                        json!({"index": i, "message": {"role": "assistant", "content": content,
                                "tool_calls": calls},
                                "logprobs": logprobs, "finish_reason": "tool_calls"})
                     }
@@ -548,18 +552,39 @@ impl SseState {
         }
     }
 
-    /// The chunk of a piece of the answer: text, or (with tools) a call's progress.
+    /// The chunk of a piece of the answer: text, or (with tools) a call's progress — text
+    /// that may still begin a call held back, text before a call sent first.
     fn answer_delta(&mut self, i: usize, text: String, tokens: Vec<TokenInfo>) -> Option<Value> {
-        let Some(held) = self.held.get_mut(i).and_then(Option::as_mut) else {
+        let (Some(held), Some(plan)) = (
+            self.held.get_mut(i).and_then(Option::as_mut),
+            self.job.tools.as_ref(),
+        ) else {
             return self.delta(i, text, tokens);
         };
         held.0.push_str(&text);
         held.1.extend(tokens);
-        if !self.job.tools.as_ref().is_some_and(|t| t.is_text(&held.0)) {
+        let upto = match plan.progress(&held.0) {
+            Progress::Text => {
+                let (text, tokens) = self.held[i].take().unwrap_or_default();
+                return self.delta(i, text, tokens);
+            }
+            Progress::TextUpTo(n) | Progress::CallsFrom(n) => n,
+        };
+        if upto == 0 {
             return self.call_progress(i, false);
         }
-        let (text, tokens) = self.held[i].take().unwrap_or_default();
-        self.delta(i, text, tokens)
+        // The text before what may be a call goes out; the rest stays held.
+        let rest = held.0.split_off(upto);
+        let text = std::mem::replace(&mut held.0, rest);
+        let tokens = std::mem::take(&mut held.1);
+        let chunk = self.delta(i, text, tokens);
+        match (chunk, self.call_progress(i, false)) {
+            (Some(text), Some(call)) => {
+                self.pre.extend([text, call]);
+                None
+            }
+            (text, call) => text.or(call),
+        }
     }
 
     /// Choice `i` ended: a call's last pieces or the held text, then the finish chunk, queued.

@@ -21,6 +21,7 @@ use super::completions::{chat_job, collect, start_one, Job};
 use super::error::{ApiError, AppJson};
 use super::infill::rfc3339;
 use super::stream::TextEvent;
+use super::tools::Progress;
 use super::AppState;
 use crate::text::ReasoningSplitter;
 
@@ -261,7 +262,8 @@ fn message(job: &Job, text: &str) -> Value {
                     json!({"function": {"name": name, "arguments": args}})
                 })
                 .collect();
-            json!({"role": "assistant", "content": "", "tool_calls": calls})
+            let before = job.tools.as_ref().map_or("", |t| t.text_before_calls(text));
+            json!({"role": "assistant", "content": before, "tool_calls": calls})
         }
         None => json!({"role": "assistant", "content": text}),
     }
@@ -371,13 +373,23 @@ pub async fn chat(
                     };
                     st.text.push_str(&text);
                     if st.held {
-                        let is_text = st.job.tools.as_ref().is_some_and(|t| t.is_text(&st.text));
-                        if !is_text {
+                        let upto = match st.job.tools.as_ref().map(|t| t.progress(&st.text)) {
+                            Some(Progress::Text) => {
+                                st.held = false;
+                                let all = std::mem::take(&mut st.text);
+                                let v = chunk(&st, json!({"role": "assistant", "content": all}));
+                                return Some((ndjson(&v), st));
+                            }
+                            Some(Progress::TextUpTo(n) | Progress::CallsFrom(n)) => n,
+                            None => 0,
+                        };
+                        if upto == 0 {
                             continue;
                         }
-                        st.held = false;
-                        let all = std::mem::take(&mut st.text);
-                        let v = chunk(&st, json!({"role": "assistant", "content": all}));
+                        // Text before what may be a call goes out; the rest stays held.
+                        let rest = st.text.split_off(upto);
+                        let before = std::mem::replace(&mut st.text, rest);
+                        let v = chunk(&st, json!({"role": "assistant", "content": before}));
                         return Some((ndjson(&v), st));
                     }
                     if text.is_empty() {

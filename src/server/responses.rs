@@ -31,7 +31,7 @@ use tokio::sync::mpsc;
 use super::completions::{chat_job, collect, start_one, Job};
 use super::error::{ApiError, AppJson};
 use super::stream::{TextEvent, TextEvents};
-use super::tools::{wire_call, ToolPlan};
+use super::tools::{wire_call, Progress, ToolPlan};
 use super::AppState;
 use crate::text::ReasoningSplitter;
 
@@ -256,13 +256,18 @@ fn chat_body(body: &Value) -> Result<Value, ApiError> {
                 let Some(m) = input_item(item, i)? else {
                     continue;
                 };
-                // Calls one after another are one assistant turn's (parallel calls).
+                // Calls one after another are one assistant turn's (parallel calls), and so
+                // are an assistant's text and the calls after it.
                 let calls = m.get("tool_calls").and_then(Value::as_array);
                 if let (Some(calls), Some(prev)) = (calls, messages.last_mut()) {
                     if let Some(prev_calls) =
                         prev.get_mut("tool_calls").and_then(Value::as_array_mut)
                     {
                         prev_calls.extend(calls.iter().cloned());
+                        continue;
+                    }
+                    if prev.get("role").and_then(Value::as_str) == Some("assistant") {
+                        prev["tool_calls"] = Value::Array(calls.clone());
                         continue;
                     }
                 }
@@ -475,13 +480,24 @@ fn usage(job: &Job, output_tokens: usize, cached: usize, reasoning: usize) -> Va
            "total_tokens": input + output_tokens})
 }
 
-/// The output items of a finished answer: its function calls, or a message.
+/// The output items of a finished answer: its function calls (after a message of the text
+/// before them, if any), or a message.
 fn output_items(job: &Job, text: &str, complete: bool) -> Vec<Value> {
-    match job.tools.as_ref().and_then(|t| t.parse_calls(text)) {
-        Some(calls) => calls
-            .iter()
-            .map(|(name, args)| function_call_item(name, args))
-            .collect(),
+    let plan = job.tools.as_ref();
+    match plan.and_then(|t| t.parse_calls(text)) {
+        Some(calls) => {
+            // Text the model wrote before its calls (Hermes, "auto") is a message first.
+            let before = plan.map_or("", |t| t.text_before_calls(text));
+            let message = (!before.is_empty()).then(|| message_item(&new_id("msg"), before, true));
+            message
+                .into_iter()
+                .chain(
+                    calls
+                        .iter()
+                        .map(|(name, args)| function_call_item(name, args)),
+                )
+                .collect()
+        }
         None => vec![message_item(&new_id("msg"), text, complete)],
     }
 }
@@ -677,8 +693,15 @@ async fn stream_events(job: Job, echo: Echo, mut events: TextEvents, mut out: Em
     };
     // With tools the text is held until it is known not to be a call (as on the chat path);
     // a call goes out as soon as its name is written, then its arguments piece by piece.
+    // Text before a call (Hermes, "auto") is a message item of its own, closed when the first
+    // call's item opens.
     let mut text = String::new();
-    let mut opened = false;
+    let mut out_text = OutText {
+        id: msg_id,
+        shown: 0,
+        opened: false,
+        closed: false,
+    };
     let mut calls: Vec<CallOut> = Vec::new();
     let mut finish = ("length", 0, 0);
     loop {
@@ -712,23 +735,11 @@ async fn stream_events(job: Job, echo: Echo, mut events: TextEvents, mut out: Em
                 };
                 let index = usize::from(!thought.text.is_empty());
                 text.push_str(&piece);
-                if opened {
-                    if !piece.is_empty() && !text_delta(&mut out, &msg_id, &piece, index).await {
-                        return;
-                    }
-                    continue;
-                }
-                if job.tools.as_ref().is_none_or(|t| t.is_text(&text)) {
-                    opened = true;
-                    if !open_message(&mut out, &msg_id, index).await
-                        || !text.is_empty() && !text_delta(&mut out, &msg_id, &text, index).await
-                    {
-                        return;
-                    }
-                } else if !call_progress(
+                if !answer_progress(
                     &mut out,
+                    &mut out_text,
                     &mut calls,
-                    job.tools.as_deref(),
+                    &job,
                     &text,
                     false,
                     index,
@@ -767,71 +778,44 @@ async fn stream_events(job: Job, echo: Echo, mut events: TextEvents, mut out: Em
     }
     let index = usize::from(!thought.text.is_empty());
     text.push_str(&last.content);
-    if opened
-        && !last.content.is_empty()
-        && !text_delta(&mut out, &msg_id, &last.content, index).await
+    if !answer_progress(
+        &mut out,
+        &mut out_text,
+        &mut calls,
+        &job,
+        &text,
+        true,
+        index,
+    )
+    .await
     {
         return;
     }
-    if !opened
-        && !call_progress(
-            &mut out,
-            &mut calls,
-            job.tools.as_deref(),
-            &text,
-            true,
-            index,
-        )
-        .await
-    {
-        return;
-    }
-    let n_calls = calls.len();
-    let items = if let Some(c) = calls.last_mut() {
+    let mut items = Vec::new();
+    if !calls.is_empty() {
         // The last call's arguments as parsed, or (cut short) as far as they were sent.
         let parsed = job.tools.as_ref().and_then(|t| t.parse_calls(&text));
+        let at = index + usize::from(out_text.opened) + calls.len() - 1;
+        let Some(c) = calls.last_mut() else { return };
         let args = parsed
             .and_then(|p| p.last().map(|(_, a)| a.clone()))
             .unwrap_or_else(|| text[c.start..c.sent].to_owned());
-        if !close_call(&mut out, c, args, complete, index + n_calls - 1).await {
+        if !close_call(&mut out, c, args, complete, at).await {
             return;
         }
-        calls.into_iter().map(|c| c.item).collect()
+        if out_text.opened {
+            items.push(message_item(&out_text.id, &text[..out_text.shown], true));
+        }
+        items.extend(calls.into_iter().map(|c| c.item));
     } else {
-        if !opened
-            && (!open_message(&mut out, &msg_id, index).await
-                || !text.is_empty() && !text_delta(&mut out, &msg_id, &text, index).await)
+        // No call after all (or none asked for): all of the text is the message.
+        if !out_text.show(&mut out, &text, text.len(), index).await
+            || !out_text.close(&mut out, &text, complete, index).await
         {
             return;
         }
-        let part = json!({"type": "output_text", "text": text, "annotations": []});
-        let sent = out
-            .send(
-                "response.output_text.done",
-                json!({"item_id": msg_id, "output_index": index, "content_index": 0,
-                       "text": text}),
-            )
-            .await
-            && out
-                .send(
-                    "response.content_part.done",
-                    json!({"item_id": msg_id, "output_index": index, "content_index": 0,
-                           "part": part}),
-                )
-                .await;
-        let item = message_item(&msg_id, &text, complete);
-        if !sent
-            || !out
-                .send(
-                    "response.output_item.done",
-                    json!({"output_index": index, "item": item}),
-                )
-                .await
-        {
-            return;
-        }
-        vec![item]
-    };
+        items.push(message_item(&out_text.id, &text, complete));
+    }
     let status = if complete { "completed" } else { "incomplete" };
     let thought_tokens = splitter
         .as_ref()
@@ -849,22 +833,131 @@ async fn stream_events(job: Job, echo: Echo, mut events: TextEvents, mut out: Em
         .await;
 }
 
-/// Sends what is new of the calls being written (`last`: the text is complete; the first
-/// call's item at `index`, the next ones after it): each call's item once its name is known,
-/// then argument pieces; a call is closed (its `.done` events) when the next one begins.
-/// `false` once the client is gone.
-async fn call_progress(
+/// The message item of a streamed answer's text.
+struct OutText {
+    id: String,
+    /// Bytes of the answer's text sent.
+    shown: usize,
+    opened: bool,
+    closed: bool,
+}
+
+impl OutText {
+    /// Sends the text up to `end`, opening the item first. `false` once the client is gone.
+    async fn show(&mut self, out: &mut Emitter, text: &str, end: usize, index: usize) -> bool {
+        if end <= self.shown {
+            return true;
+        }
+        if !self.opened {
+            self.opened = true;
+            if !open_message(out, &self.id, index).await {
+                return false;
+            }
+        }
+        let sent = text_delta(out, &self.id, &text[self.shown..end], index).await;
+        self.shown = end;
+        sent
+    }
+
+    /// Closes the item (its `.done` events) with the text sent, opening it first if it never
+    /// was. `false` once the client is gone.
+    async fn close(&mut self, out: &mut Emitter, text: &str, complete: bool, index: usize) -> bool {
+        if !self.opened {
+            self.opened = true;
+            if !open_message(out, &self.id, index).await {
+                return false;
+            }
+        }
+        self.closed = true;
+        let text = &text[..self.shown];
+        let part = json!({"type": "output_text", "text": text, "annotations": []});
+        let item = message_item(&self.id, text, complete);
+        out.send(
+            "response.output_text.done",
+            json!({"item_id": self.id, "output_index": index, "content_index": 0,
+                   "text": text}),
+        )
+        .await
+            && out
+                .send(
+                    "response.content_part.done",
+                    json!({"item_id": self.id, "output_index": index, "content_index": 0,
+                           "part": part}),
+                )
+                .await
+            && out
+                .send(
+                    "response.output_item.done",
+                    json!({"output_index": index, "item": item}),
+                )
+                .await
+    }
+}
+
+/// Sends what is new of a streamed answer (`last`: the text is complete; its first item at
+/// `index`): its text as a message item, then its calls (the message closed when the first
+/// call's item opens); text that may begin a call is held back. `false` once the client is
+/// gone.
+async fn answer_progress(
     out: &mut Emitter,
+    t: &mut OutText,
     calls: &mut Vec<CallOut>,
-    plan: Option<&ToolPlan>,
+    job: &Job,
     text: &str,
     last: bool,
     index: usize,
 ) -> bool {
-    let Some(plan) = plan else {
+    let plan = job.tools.as_deref();
+    let (text_end, from) = match plan.map_or(Progress::Text, |p| p.progress(text)) {
+        Progress::Text => (text.len(), None),
+        Progress::TextUpTo(n) => (if last { text.len() } else { n }, None),
+        Progress::CallsFrom(n) => (n, Some(n)),
+    };
+    if !t.show(out, text, text_end, index).await {
+        return false;
+    }
+    let (Some(from), Some(plan)) = (from, plan) else {
         return true;
     };
-    for (k, span) in plan.calls_so_far(text, last).into_iter().enumerate() {
+    if t.opened
+        && !t.closed
+        && !plan.calls_so_far(&text[from..], last).is_empty()
+        && !t.close(out, text, true, index).await
+    {
+        return false;
+    }
+    call_progress(
+        out,
+        calls,
+        plan,
+        text,
+        from,
+        last,
+        index + usize::from(t.opened),
+    )
+    .await
+}
+
+/// Sends what is new of the calls being written from byte `from` of `text` (`last`: the
+/// text is complete; the first call's item at `index`, the next ones after it): each call's
+/// item once its name is known, then argument pieces; a call is closed (its `.done` events)
+/// when the next one begins. `false` once the client is gone.
+async fn call_progress(
+    out: &mut Emitter,
+    calls: &mut Vec<CallOut>,
+    plan: &ToolPlan,
+    text: &str,
+    from: usize,
+    last: bool,
+    index: usize,
+) -> bool {
+    for (k, mut span) in plan
+        .calls_so_far(&text[from..], last)
+        .into_iter()
+        .enumerate()
+    {
+        span.start += from;
+        span.end += from;
         if k == calls.len() {
             if let Some(prev) = calls.last_mut() {
                 let args = text[prev.start..prev.sent].to_owned();

@@ -8,9 +8,11 @@
 //! [`Grammar::tool_call`]) to `{"<function name>": {<arguments>}}` — exactly one declared
 //! function with arguments that follow its `parameters` schema; earlier calls and their
 //! results in `messages` are written into the conversation as prose ([`call_text`], and a
-//! user turn `Result of name: …`). Either way, with `tool_choice: "auto"` the model may answer
-//! in plain text instead (a first character that cannot begin a call leaves the constraint);
-//! a call comes back as OpenAI's `tool_calls` (finish reason `tool_calls`). A thinking model's
+//! user turn `Result of name: …`). With `tool_choice: "auto"` the model may answer in plain
+//! text instead (a first character that cannot begin a call leaves the constraint); in the
+//! Hermes format text may also come before the calls (the grammar waits for `<tool_call>`,
+//! [`Progress`]). A call comes back as OpenAI's `tool_calls` (finish reason `tool_calls`),
+//! with any text before it as `content`. A thinking model's
 //! reasoning comes first, unconstrained (`JsonConstraint::after_reasoning`).
 
 use std::sync::Arc;
@@ -88,6 +90,19 @@ impl CallFormat {
     fn close_tag(self) -> &'static str {
         self.shape().close.trim()
     }
+}
+
+/// Where an answer written so far stands ([`ToolPlan::progress`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// Plain text, all of it and all that follows: an `"auto"` answer that did not open like
+    /// a call, in a format whose calls must come first.
+    Text,
+    /// Plain text up to this byte; the rest may begin a call's tag (Hermes with `"auto"`:
+    /// calls may follow text).
+    TextUpTo(usize),
+    /// Calls (or what may yet be one) from this byte on; text before it.
+    CallsFrom(usize),
 }
 
 /// One call being written: its function and its arguments' span in the answer's text.
@@ -255,21 +270,43 @@ impl ToolPlan {
         }))
     }
 
-    /// Whether an answer that starts like `text` is plain text rather than a call: with
-    /// `tool_choice: "auto"`, once its first character cannot begin a call — anything but
-    /// `{` (Hermes: anything that does not begin `<tool_call>\n{`; Llama: `{` first, no
-    /// space before it); the grammar lets it go then, and streamed, it goes out as text from
-    /// there on.
-    pub fn is_text(&self, text: &str) -> bool {
+    /// Where an answer written so far stands: text, and where calls begin. Without
+    /// `tool_choice: "auto"` it is calls from the start. With `"auto"`: in the prompted and
+    /// Llama formats an answer whose first character cannot begin a call — anything but `{`
+    /// (Llama: `{` first, no space before it) — is text to its end (the grammar lets it go
+    /// then); in the Hermes format calls may follow text, from the first `<tool_call>` on
+    /// (the grammar is lazy: free text until that tag, as llama.cpp's lazy grammars and
+    /// vLLM's Hermes parser take them), and text that ends with the tag's beginning holds
+    /// that back.
+    pub fn progress(&self, text: &str) -> Progress {
         if self.choice != Choice::Auto {
-            return false;
+            return Progress::CallsFrom(0);
         }
         match self.format {
-            CallFormat::Prompted => text.trim_start().chars().next().is_some_and(|c| c != '{'),
-            CallFormat::Hermes | CallFormat::Llama => {
-                let head = format!("{}{{", self.format.shape().open);
-                !text.is_empty() && !text.starts_with(&head) && !head.starts_with(text)
+            CallFormat::Prompted if text.trim_start().chars().next().is_some_and(|c| c != '{') => {
+                Progress::Text
             }
+            CallFormat::Llama if !text.is_empty() && !text.starts_with('{') => Progress::Text,
+            CallFormat::Prompted | CallFormat::Llama => Progress::CallsFrom(0),
+            CallFormat::Hermes => {
+                let tag = self.format.open_tag();
+                if let Some(at) = text.find(tag) {
+                    return Progress::CallsFrom(at);
+                }
+                let partial = (1..tag.len())
+                    .rev()
+                    .find(|&n| text.ends_with(&tag[..n]))
+                    .unwrap_or(0);
+                Progress::TextUpTo(text.len() - partial)
+            }
+        }
+    }
+
+    /// The text of a finished answer before its calls (empty when it opens with them).
+    pub fn text_before_calls<'a>(&self, text: &'a str) -> &'a str {
+        match self.progress(text) {
+            Progress::CallsFrom(at) => &text[..at],
+            _ => "",
         }
     }
 
@@ -364,7 +401,10 @@ impl ToolPlan {
     /// wrote them (JSON text, what streaming sends piece by piece); `None` for plain text (or
     /// a call cut short).
     pub fn parse_calls(&self, text: &str) -> Option<Vec<(String, String)>> {
-        self.blocks(text.trim())
+        let Progress::CallsFrom(at) = self.progress(text) else {
+            return None;
+        };
+        self.blocks(text[at..].trim())
             .into_iter()
             .map(|(_, block, _)| self.parse_call(block))
             .collect()
@@ -513,7 +553,7 @@ mod tests {
             let mut pieces = vec![String::new(); calls.len()];
             for (end, _) in text.char_indices().skip(1).chain([(text.len(), ' ')]) {
                 let part = &text[..end];
-                assert!(!p.is_text(part), "{part}");
+                assert_eq!(p.progress(part), Progress::CallsFrom(0), "{part}");
                 for (k, span) in p
                     .calls_so_far(part, end == text.len())
                     .into_iter()
@@ -535,24 +575,44 @@ mod tests {
     }
 
     #[test]
-    fn auto_answers_that_cannot_open_a_call_are_text() {
+    fn auto_answers_are_text_until_a_call_can_begin() {
+        use Progress::{CallsFrom, Text, TextUpTo};
+        // Hermes: calls may follow text; a tag's beginning at the end is held back.
         let h = plan(CallFormat::Hermes, "auto");
-        assert!(!h.is_text("") && !h.is_text("<tool") && !h.is_text("<tool_call>\n{"));
-        assert!(h.is_text("Paris") && h.is_text("<b>"));
-        assert!(!plan(CallFormat::Hermes, "required").is_text("Paris"));
-        let p = plan(CallFormat::Prompted, "auto");
-        assert!(!p.is_text(" {") && p.is_text("Paris"));
-        // Llama's calls open with `{` at once (its grammar allows no space before it).
-        let l = plan(CallFormat::Llama, "auto");
-        assert!(!l.is_text("") && !l.is_text("{") && !l.is_text("{\"name\""));
-        assert!(l.is_text("Paris") && l.is_text(" {"));
-        assert!(l
-            .parse_calls("{\"name\": \"get_weather\", \"arguments\": {}}")
-            .is_none());
+        for (text, progress) in [
+            ("", TextUpTo(0)),
+            ("<tool", TextUpTo(0)),
+            ("<tool_call>\n{", CallsFrom(0)),
+            ("Paris", TextUpTo(5)),
+            ("Paris <b>", TextUpTo(9)),
+            ("Sure. <tool_c", TextUpTo(6)),
+            ("Sure.\n<tool_call>\n{", CallsFrom(6)),
+        ] {
+            assert_eq!(h.progress(text), progress, "{text:?}");
+        }
         assert_eq!(
-            l.parse_calls("{\"name\": \"get_weather\", \"parameters\": {}}"),
+            plan(CallFormat::Hermes, "required").progress("Paris"),
+            CallsFrom(0)
+        );
+        // The other formats: a call comes first or not at all.
+        let p = plan(CallFormat::Prompted, "auto");
+        assert_eq!(p.progress(" {"), CallsFrom(0));
+        assert_eq!(p.progress("Paris {"), Text);
+        let l = plan(CallFormat::Llama, "auto");
+        for (text, progress) in [("", CallsFrom(0)), ("{\"name\"", CallsFrom(0))] {
+            assert_eq!(l.progress(text), progress, "{text:?}");
+        }
+        assert_eq!(l.progress("Paris"), Text);
+        assert_eq!(l.progress(" {"), Text);
+        // Text, then a call: both come back.
+        let call = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {}}\n</tool_call>";
+        let answer = format!("Let me check.\n{call}");
+        assert_eq!(
+            h.parse_calls(&answer),
             Some(vec![("get_weather".to_owned(), "{}".to_owned())])
         );
+        assert_eq!(h.text_before_calls(&answer), "Let me check.\n");
+        assert_eq!(h.text_before_calls(call), "");
         // Cut short or not a declared function: no call.
         assert!(h
             .parse_calls("<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {}}")
@@ -560,6 +620,13 @@ mod tests {
         assert!(h
             .parse_calls("<tool_call>\n{\"name\": \"other\", \"arguments\": {}}\n</tool_call>")
             .is_none());
+        assert!(l
+            .parse_calls("{\"name\": \"get_weather\", \"arguments\": {}}")
+            .is_none());
+        assert_eq!(
+            l.parse_calls("{\"name\": \"get_weather\", \"parameters\": {}}"),
+            Some(vec![("get_weather".to_owned(), "{}".to_owned())])
+        );
     }
 
     /// Several Hermes calls in one answer: each parsed, and while streaming each one's span
