@@ -1393,7 +1393,8 @@ fn tag_step(tag: &[u8], n: usize, b: u8) -> usize {
 }
 
 /// Where the answer starts: held to the grammar, or (a lazy grammar) free text that waits
-/// for its trigger. Triggers longer than a byte counts are held from the start.
+/// for its trigger. (Trigger positions are counted in a byte: a trigger of 256 bytes or
+/// more is held from the start.)
 fn answer_gate(g: &Grammar) -> Gate {
     match g.trigger.as_deref() {
         Some(t) if (1..256).contains(&t.len()) => Gate::Waiting(0),
