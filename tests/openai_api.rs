@@ -886,6 +886,31 @@ async fn hermes_calls_come_back_as_tool_calls() {
         Some(json!("tool_calls"))
     );
 
+    // Cut short by `max_tokens` inside the call: the call as far as it got, with
+    // `finish_reason: "length"` (as OpenAI returns it), whole as streamed.
+    let n = v["usage"]["completion_tokens"].as_u64().expect("n");
+    let cut = with_fields(&base, json!({"max_tokens": n - 3}));
+    let (status, v) = post_json(&app, "/v1/chat/completions", cut.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
+    let function = &v["choices"][0]["message"]["tool_calls"][0]["function"];
+    assert_eq!(function["name"], "get_weather", "{v}");
+    let part = function["arguments"].as_str().expect("arguments");
+    assert!(
+        args.starts_with(part) && part.len() < args.len(),
+        "{part:?}"
+    );
+    let choices = streamed_choices(&app, "/v1/chat/completions", &cut).await;
+    let streamed: String = choices
+        .iter()
+        .filter_map(|c| c["delta"]["tool_calls"][0]["function"]["arguments"].as_str())
+        .collect();
+    assert_eq!(streamed, part);
+    assert_eq!(
+        choices.last().map(|c| c["finish_reason"].clone()),
+        Some(json!("length"))
+    );
+
     let (status, v) = post_json(
         &app,
         "/v1/responses",

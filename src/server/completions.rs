@@ -420,16 +420,18 @@ async fn respond_json(
                 };
                 let (reasoning, text) = job.split_answer(r.text);
                 let plan = job.tools.as_ref();
-                let mut choice = match plan.and_then(|t| t.parse_calls(&text)) {
-                    Some(calls) => {
+                let mut choice = match plan.and_then(|t| t.finished_calls(&text)) {
+                    Some((calls, whole)) => {
                         let calls: Vec<Value> =
                             calls.iter().map(|(name, args)| wire_call(name, args)).collect();
                         // Text the model wrote before its calls (Hermes, `"auto"`).
                         let before = plan.map_or("", |t| t.text_before_calls(&text));
                         let content = Some(before).filter(|t| !t.is_empty());
+                        // A call cut short keeps the reason it was cut for.
+                        let finish = if whole { "tool_calls" } else { r.finish };
                         json!({"index": i, "message": {"role": "assistant", "content": content,
                                "tool_calls": calls},
-                               "logprobs": logprobs, "finish_reason": "tool_calls"})
+                               "logprobs": logprobs, "finish_reason": finish})
                     }
                     None => json!({"index": i, "message": {"role": "assistant", "content": text},
                                    "logprobs": logprobs, "finish_reason": r.finish}),

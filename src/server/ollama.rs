@@ -253,8 +253,8 @@ impl Totals {
 /// The assistant message of a finished answer: a tool call (arguments as an object, as
 /// Ollama gives them) or text.
 fn message(job: &Job, text: &str) -> Value {
-    match job.tools.as_ref().and_then(|t| t.parse_calls(text)) {
-        Some(calls) => {
+    match job.tools.as_ref().and_then(|t| t.finished_calls(text)) {
+        Some((calls, _)) => {
             let calls: Vec<Value> = calls
                 .into_iter()
                 .map(|(name, args)| {

@@ -484,18 +484,21 @@ fn usage(job: &Job, output_tokens: usize, cached: usize, reasoning: usize) -> Va
 /// before them, if any), or a message.
 fn output_items(job: &Job, text: &str, complete: bool) -> Vec<Value> {
     let plan = job.tools.as_ref();
-    match plan.and_then(|t| t.parse_calls(text)) {
-        Some(calls) => {
+    match plan.and_then(|t| t.finished_calls(text)) {
+        Some((calls, whole)) => {
             // Text the model wrote before its calls (Hermes, "auto") is a message first.
             let before = plan.map_or("", |t| t.text_before_calls(text));
             let message = (!before.is_empty()).then(|| message_item(&new_id("msg"), before, true));
             message
                 .into_iter()
-                .chain(
-                    calls
-                        .iter()
-                        .map(|(name, args)| function_call_item(name, args)),
-                )
+                .chain(calls.iter().map(|(name, args)| {
+                    let mut item = function_call_item(name, args);
+                    if !whole {
+                        // Cut short: as the streamed item closes.
+                        item["status"] = json!("incomplete");
+                    }
+                    item
+                }))
                 .collect()
         }
         None => vec![message_item(&new_id("msg"), text, complete)],

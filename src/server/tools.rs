@@ -410,6 +410,26 @@ impl ToolPlan {
             .collect()
     }
 
+    /// The calls of a finished answer as far as they were written: the whole calls, parsed
+    /// (`true`); or, a call cut short (by `max_tokens` or a stop string), each call whose name
+    /// was written with its arguments as far as they go — what streaming sent (`false`; OpenAI
+    /// returns such calls with `finish_reason: "length"`). `None` for plain text.
+    pub fn finished_calls(&self, text: &str) -> Option<(Vec<(String, String)>, bool)> {
+        if let Some(calls) = self.parse_calls(text) {
+            return Some((calls, true));
+        }
+        let Progress::CallsFrom(at) = self.progress(text) else {
+            return None;
+        };
+        let rest = &text[at..];
+        let calls: Vec<(String, String)> = self
+            .calls_so_far(rest, true)
+            .into_iter()
+            .map(|s| (s.name, rest[s.start..s.end].to_owned()))
+            .collect();
+        (!calls.is_empty()).then_some((calls, false))
+    }
+
     /// The calls written so far (`last`: the text is complete), in order: each one's name,
     /// where its arguments start and how far they can be sent (all but a tail that may be the
     /// call's own end or the next call's start; a call that another follows is complete).
@@ -613,6 +633,20 @@ mod tests {
         );
         assert_eq!(h.text_before_calls(&answer), "Let me check.\n");
         assert_eq!(h.text_before_calls(call), "");
+        assert_eq!(
+            h.finished_calls(&answer),
+            Some((vec![("get_weather".to_owned(), "{}".to_owned())], true))
+        );
+        // Cut short: the call as far as it got; before its name, text.
+        let cut = "Hm.<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Par";
+        assert_eq!(
+            h.finished_calls(cut),
+            Some((
+                vec![("get_weather".to_owned(), "{\"city\": \"Par".to_owned())],
+                false
+            ))
+        );
+        assert_eq!(h.finished_calls("<tool_call>\n{\"na"), None);
         // Cut short or not a declared function: no call.
         assert!(h
             .parse_calls("<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {}}")
