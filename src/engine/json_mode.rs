@@ -1860,7 +1860,7 @@ mod tests {
     /// A lazy grammar (Hermes calls with text allowed): free text, stop tokens included, until
     /// `<tool_call>` — whole, in pieces, after text or at the start, a special token breaking
     /// it — and from there the call; a token that completes the tag with bytes that break the
-    /// call is held back.
+    /// call is held back; after a thinking model's reasoning, the same.
     #[test]
     fn lazy_calls_wait_for_their_tag() {
         use crate::engine::json_schema::CallShape;
@@ -1910,6 +1910,25 @@ mod tests {
         let done = after(&base, &[0, 1, 4, 5, 6]);
         assert!(done.is_done());
         assert_eq!(allowed(&done), vec![7]);
+        // After a thinking model's reasoning the answer waits for the tag the same way.
+        let tags = Arc::new(ReasoningTags {
+            open: b"<think>"[..].into(),
+            close: b"</think>"[..].into(),
+        });
+        let thinking = base.clone().after_reasoning(tags.clone(), true);
+        // Inside the reasoning the tag is free text, and the text may not stop.
+        let inside = after(&thinking, &[1, 4]);
+        assert!(!allowed(&inside).contains(&7) && allowed(&inside).contains(&8));
+        let table = Arc::new(TokenBytes::from_texts(&[
+            Some("</think>\n\n"),
+            Some("Sure."),
+        ]));
+        let g = Grammar::named_calls(&[("f", None)], &CallShape::HERMES, true, 1).expect("g");
+        let mut c = JsonConstraint::new(table, Arc::new(g)).after_reasoning(tags, true);
+        c.advance(0);
+        c.advance(1);
+        assert_eq!(c.gate, Gate::Waiting(0));
+        assert!(c.key().is_some() && !c.is_done());
     }
 
     /// Llama 3.x calls: a bare `{"name": …, "parameters": {…}}`, nothing before or after it;
