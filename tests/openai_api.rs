@@ -948,6 +948,48 @@ async fn hermes_calls_come_back_as_tool_calls() {
     );
 }
 
+/// `GET /props`, llama.cpp's server properties: the context size, slots, model, the template
+/// in use and what it can do with tools — SmolLM2's own (no tools), Qwen3's (Hermes, parallel
+/// calls) and Llama 3.2's (one call).
+#[tokio::test]
+async fn props_say_what_llama_cpp_clients_read() {
+    let get = |app: Router| async move {
+        let (status, _, body) = send(
+            &app,
+            Request::get("/props").body(Body::empty()).expect("req"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        serde_json::from_slice::<Value>(&body).expect("json")
+    };
+    let v = get(app()).await;
+    assert_eq!(v["default_generation_settings"]["n_ctx"], 8192, "{v}");
+    assert_eq!(v["total_slots"], 64);
+    assert_eq!(v["model_path"], "smollm2");
+    assert!(v["chat_template"]
+        .as_str()
+        .is_some_and(|t| t.contains("<|im_start|>")));
+    assert_eq!(v["eos_token"], "<|im_end|>");
+    let caps = |v: &Value| {
+        let c = &v["chat_template_caps"];
+        [
+            c["supports_tools"].clone(),
+            c["supports_tool_calls"].clone(),
+            c["supports_parallel_tool_calls"].clone(),
+        ]
+    };
+    assert_eq!(caps(&v), [json!(false), json!(false), json!(false)]);
+    let v = get(hermes_app()).await;
+    assert!(v["chat_template"]
+        .as_str()
+        .is_some_and(|t| t.contains("<tool_call>")));
+    assert_eq!(caps(&v), [json!(true), json!(true), json!(true)]);
+    assert_eq!(
+        caps(&get(llama_app()).await),
+        [json!(true), json!(true), json!(false)]
+    );
+}
+
 /// Text, then a call (Hermes, `tool_choice: "auto"`): led by an earlier turn that said a few
 /// words before its call, SmolLM2 with Qwen3's template does the same; the grammar, free until
 /// `<tool_call>`, holds the call from there. The text comes back as `content` beside

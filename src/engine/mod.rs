@@ -204,6 +204,8 @@ pub struct ModelLimits {
     pub vocab_size: usize,
     /// Tokens the KV pool can hold.
     pub kv_capacity_tokens: usize,
+    /// Sequences that run at once (llama.cpp's slots).
+    pub max_running_seqs: usize,
 }
 
 /// Cheap-to-clone handle to the engine thread.
@@ -231,6 +233,7 @@ impl EngineHandle {
             context_length: c.max_position_embeddings,
             vocab_size: c.vocab_size,
             kv_capacity_tokens: num_blocks * config.block_size,
+            max_running_seqs: config.max_running_seqs.max(1),
         };
         let scheduler = SchedulerConfig {
             max_batch_tokens: config.max_batch_tokens.max(1),

@@ -1,4 +1,5 @@
-//! `/v1/models`, `/health`, `/tokenize`, `/detokenize` (llama.cpp field names), `/metrics`.
+//! `/v1/models`, `/health`, `/props`, `/tokenize`, `/detokenize` (llama.cpp field names),
+//! `/metrics`.
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -8,6 +9,7 @@ use serde_json::json;
 
 use super::error::{ApiError, AppJson};
 use super::AppState;
+use crate::text::chat_template::ToolSyntax;
 
 /// `GET /v1/models`.
 pub async fn models(State(app): State<AppState>) -> Result<Response, ApiError> {
@@ -51,6 +53,54 @@ fn model_objects(loaded: &super::Loaded) -> Vec<serde_json::Value> {
         }));
     }
     data
+}
+
+/// `GET /props`: llama.cpp's server properties, which its clients read for the context size
+/// (`default_generation_settings.n_ctx`), the slots (`total_slots`), the model and its chat
+/// template (with what it can do with tools: `chat_template_caps`).
+pub async fn props(State(app): State<AppState>) -> Result<Response, ApiError> {
+    let loaded = app.loaded()?;
+    let limits = loaded.engine.limits();
+    let stats = loaded.engine.stats();
+    let d = &loaded.defaults;
+    let template = loaded.chat_template.as_ref();
+    let syntax = template.and_then(|t| t.tool_syntax());
+    let (bos, eos) = template.map_or(("", ""), |t| t.special_tokens());
+    let params = json!({
+        "n_predict": -1,
+        "temperature": d.temperature.unwrap_or(1.0),
+        "top_k": d.top_k.unwrap_or(0),
+        "top_p": d.top_p.unwrap_or(1.0),
+        "min_p": 0.0,
+        "repeat_penalty": d.repetition_penalty.unwrap_or(1.0),
+        "presence_penalty": 0.0,
+        "frequency_penalty": 0.0,
+        "stop": [],
+    });
+    Ok(axum::Json(json!({
+        "default_generation_settings": {
+            "n_ctx": limits.context_length,
+            "is_processing": stats.num_running + stats.num_waiting > 0,
+            "params": params,
+        },
+        "total_slots": limits.max_running_seqs,
+        "model_alias": loaded.model_name,
+        "model_path": loaded.model_name,
+        "chat_template": template.map_or("", |t| t.source()),
+        "chat_template_caps": {
+            "supports_tools": syntax.is_some(),
+            "supports_tool_calls": syntax.is_some(),
+            "supports_parallel_tool_calls": syntax == Some(ToolSyntax::Hermes),
+            "supports_system_role": true,
+        },
+        "bos_token": bos,
+        "eos_token": eos,
+        "modalities": {"vision": false, "audio": false},
+        "build_info": format!("nextoken {}", env!("CARGO_PKG_VERSION")),
+        "endpoint_props": false,
+        "is_sleeping": false,
+    }))
+    .into_response())
 }
 
 /// `GET /health`: 200 when the model is loaded, 503 while loading.

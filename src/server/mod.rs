@@ -397,6 +397,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models", get(info::models))
         .route("/v1/models/{id}", get(info::model))
         .route("/health", get(info::health))
+        .route("/props", get(info::props))
         .route("/tokenize", post(info::tokenize))
         .route("/detokenize", post(info::detokenize))
         .route("/metrics", get(info::metrics))

@@ -225,6 +225,11 @@ impl ChatTemplate {
         &self.source
     }
 
+    /// The BOS and EOS texts the template is given.
+    pub fn special_tokens(&self) -> (&str, &str) {
+        (&self.bos_token, &self.eos_token)
+    }
+
     /// How the template describes `tools` and writes calls itself, which its model was
     /// trained to answer in; `None` for a template that knows no tools.
     pub fn tool_syntax(&self) -> Option<ToolSyntax> {
