@@ -994,7 +994,7 @@ async fn props_say_what_llama_cpp_clients_read() {
 /// words before its call, SmolLM2 with Qwen3's template does the same; the grammar, free until
 /// `<tool_call>`, holds the call from there. The text comes back as `content` beside
 /// `tool_calls` — whole, streamed (text chunks, then the call's), as a Responses message item
-/// before the `function_call` (whole and streamed).
+/// before the `function_call` (whole and streamed), and in Ollama's chat (whole and streamed).
 #[tokio::test]
 async fn text_before_a_hermes_call_comes_back_with_it() {
     let app = hermes_app();
@@ -1099,6 +1099,47 @@ async fn text_before_a_hermes_call_comes_back_with_it() {
     assert_eq!(done["output"][0]["content"][0]["text"], content);
     assert_eq!(done["output"][1]["type"], "function_call");
     assert_eq!(done["output"][1]["arguments"], args);
+
+    // Ollama's chat (earlier calls with object arguments): the text, then the call whole.
+    let mut ollama = json!({"model": "smollm2", "messages": messages, "tools": tools,
+                            "options": {"temperature": 0, "num_predict": 80}});
+    for m in ollama["messages"].as_array_mut().expect("messages") {
+        for c in m["tool_calls"].as_array_mut().into_iter().flatten() {
+            let text = c["function"]["arguments"]
+                .as_str()
+                .expect("text")
+                .to_owned();
+            c["function"]["arguments"] = serde_json::from_str(&text).expect("object");
+        }
+    }
+    let mut whole = ollama.clone();
+    whole["stream"] = json!(false);
+    let (status, o) = post_json(&app, "/api/chat", whole).await;
+    assert_eq!(status, StatusCode::OK, "{o}");
+    assert_eq!(o["message"]["content"], content, "{o}");
+    assert_eq!(
+        o["message"]["tool_calls"][0]["function"]["name"],
+        "get_weather"
+    );
+    assert_eq!(
+        o["message"]["tool_calls"][0]["function"]["arguments"],
+        parsed
+    );
+    let (status, _, bytes) = send(&app, post("/api/chat", ollama)).await;
+    assert_eq!(status, StatusCode::OK);
+    let lines = ndjson_lines(&bytes);
+    let text: String = lines
+        .iter()
+        .filter_map(|l| l["message"]["content"].as_str())
+        .collect();
+    assert_eq!(text, content, "{lines:?}");
+    let call = lines
+        .iter()
+        .position(|l| l["message"].get("tool_calls").is_some())
+        .expect("a call");
+    assert!(lines[..call].iter().any(|l| l["message"]["content"]
+        .as_str()
+        .is_some_and(|t| !t.is_empty())));
 }
 
 /// Parallel Hermes calls: led by an earlier turn that made two calls at once, SmolLM2 with
