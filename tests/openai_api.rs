@@ -1641,7 +1641,7 @@ async fn body_limit_auth_loading_and_overload() {
         .body(Body::from(json!({"content": "a"}).to_string()))
         .expect("req");
     assert_eq!(send(&app, right).await.0, StatusCode::OK);
-    for open in ["/health", "/metrics"] {
+    for open in ["/health", "/props", "/metrics"] {
         let (status, _, _) = send(&app, Request::get(open).body(Body::empty()).expect("req")).await;
         assert_eq!(status, StatusCode::OK, "{open} needs no key");
     }

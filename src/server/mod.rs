@@ -311,7 +311,9 @@ fn bearer(req: &Request) -> Option<&str> {
 async fn auth(State(app): State<AppState>, req: Request, next: Next) -> Response {
     let config = app.config();
     let path = req.uri().path();
+    // `/props` is public as llama.cpp's is: its clients probe it to find the server.
     let exempt = path == "/health"
+        || path == "/props"
         || path == "/"
         || (path == "/metrics" && !config.metrics_require_key)
         || req.method() == Method::OPTIONS;
