@@ -688,6 +688,72 @@ fn hermes_app() -> Router {
     template_app(&CELL, "Qwen3-0.6B.jinja")
 }
 
+/// SmolLM2 asked "What is the weather like in Paris?" with `get_weather` required (`extra`
+/// fields added): one call with a city, whole; streamed, the pieces of call 0 add up to its
+/// arguments, no text, finish `tool_calls`; through the Responses API the same call. Returns
+/// the chat request, its whole answer and the call's arguments.
+async fn required_weather_call(app: &Router, extra: Value) -> (Value, Value, String) {
+    let tools = json!([{"type": "function", "function": {"name": "get_weather",
+        "description": "Current weather of a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                       "required": ["city"]}}}]);
+    let base = with_fields(
+        &json!({"messages": [{"role": "user", "content": "What is the weather like in Paris?"}],
+                "tools": tools, "tool_choice": "required", "temperature": 0, "max_tokens": 60}),
+        extra,
+    );
+    let (status, v) = post_json(app, "/v1/chat/completions", base.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "tool_calls", "{v}");
+    let message = &v["choices"][0]["message"];
+    assert_eq!(message["content"], Value::Null);
+    let calls = message["tool_calls"].as_array().expect("calls");
+    assert_eq!(calls.len(), 1, "{v}");
+    assert_eq!(calls[0]["function"]["name"], "get_weather");
+    let args = calls[0]["function"]["arguments"]
+        .as_str()
+        .expect("arguments")
+        .to_owned();
+    let parsed: Value = serde_json::from_str(&args).expect("arguments are JSON");
+    assert!(parsed["city"].is_string(), "{parsed}");
+
+    let choices = streamed_choices(app, "/v1/chat/completions", &base).await;
+    let streamed: Vec<&Value> = choices
+        .iter()
+        .filter_map(|c| c["delta"]["tool_calls"].get(0))
+        .collect();
+    assert!(streamed.len() > 2, "{choices:?}");
+    assert_eq!(streamed[0]["function"]["name"], "get_weather");
+    assert!(streamed.iter().all(|c| c["index"] == 0), "{choices:?}");
+    let pieces: String = streamed
+        .iter()
+        .filter_map(|c| c["function"]["arguments"].as_str())
+        .collect();
+    assert_eq!(pieces, args);
+    assert!(choices
+        .iter()
+        .all(|c| c["delta"]["content"].as_str().is_none_or(str::is_empty)));
+    assert_eq!(
+        choices.last().map(|c| c["finish_reason"].clone()),
+        Some(json!("tool_calls"))
+    );
+
+    let (status, r) = post_json(
+        app,
+        "/v1/responses",
+        json!({"input": "What is the weather like in Paris?", "temperature": 0,
+               "tools": [{"type": "function", "name": "get_weather",
+                          "parameters": tools[0]["function"]["parameters"]}],
+               "tool_choice": "required", "store": false}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{r}");
+    assert_eq!(r["output"][0]["type"], "function_call", "{r}");
+    assert_eq!(r["output"][0]["name"], "get_weather");
+    assert_eq!(r["output"][0]["arguments"], json!(args));
+    (base, v, args)
+}
+
 fn llama_app() -> Router {
     static CELL: OnceLock<Arc<Loaded>> = OnceLock::new();
     template_app(&CELL, "Llama-3.2-3B-Instruct.jinja")
@@ -760,53 +826,7 @@ async fn llama_json_calls_come_back_as_tool_calls() {
         let ours = rendered.replacen("<|begin_of_text|>", "<|im_start|>", 1);
         assert_eq!(v["prompt"], ours, "{name}");
     }
-    let tools = json!([{"type": "function", "function": {"name": "get_weather",
-        "description": "Current weather of a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                       "required": ["city"]}}}]);
-    let base = json!({"messages": [{"role": "user", "content": "What is the weather like in Paris?"}],
-                      "tools": tools, "tool_choice": "required", "temperature": 0,
-                      "max_tokens": 60});
-    let (status, v) = post_json(&app, "/v1/chat/completions", base.clone()).await;
-    assert_eq!(status, StatusCode::OK, "{v}");
-    assert_eq!(v["choices"][0]["finish_reason"], "tool_calls", "{v}");
-    let calls = v["choices"][0]["message"]["tool_calls"]
-        .as_array()
-        .expect("calls");
-    assert_eq!(calls.len(), 1, "{v}");
-    assert_eq!(calls[0]["function"]["name"], "get_weather");
-    let args = calls[0]["function"]["arguments"]
-        .as_str()
-        .expect("arguments")
-        .to_owned();
-    let parsed: Value = serde_json::from_str(&args).expect("arguments are JSON");
-    assert!(parsed["city"].is_string(), "{parsed}");
-
-    let choices = streamed_choices(&app, "/v1/chat/completions", &base).await;
-    let streamed: Vec<&Value> = choices
-        .iter()
-        .filter_map(|c| c["delta"]["tool_calls"].get(0))
-        .collect();
-    assert_eq!(streamed[0]["function"]["name"], "get_weather");
-    let pieces: String = streamed
-        .iter()
-        .filter_map(|c| c["function"]["arguments"].as_str())
-        .collect();
-    assert_eq!(pieces, args);
-    assert!(streamed.iter().all(|c| c["index"] == 0), "{choices:?}");
-
-    let (status, v) = post_json(
-        &app,
-        "/v1/responses",
-        json!({"input": "What is the weather like in Paris?", "temperature": 0,
-               "tools": [{"type": "function", "name": "get_weather",
-                          "parameters": tools[0]["function"]["parameters"]}],
-               "tool_choice": "required", "store": false}),
-    )
-    .await;
-    assert_eq!(status, StatusCode::OK, "{v}");
-    assert_eq!(v["output"][0]["type"], "function_call", "{v}");
-    assert_eq!(v["output"][0]["arguments"], json!(args));
+    let (base, _, _) = required_weather_call(&app, json!({})).await;
     // With "auto" SmolLM2 answers in text here.
     let (status, v) = post_json(
         &app,
@@ -844,47 +864,8 @@ async fn llama_json_calls_come_back_as_tool_calls() {
 #[tokio::test]
 async fn hermes_calls_come_back_as_tool_calls() {
     let app = hermes_app();
-    let tools = json!([{"type": "function", "function": {"name": "get_weather",
-        "description": "Current weather of a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                       "required": ["city"]}}}]);
-    let base = json!({"messages": [{"role": "user", "content": "What is the weather like in Paris?"}],
-                      "tools": tools, "tool_choice": "required", "temperature": 0,
-                      "max_tokens": 60, "parallel_tool_calls": false});
-    let (status, v) = post_json(&app, "/v1/chat/completions", base.clone()).await;
-    assert_eq!(status, StatusCode::OK, "{v}");
-    assert_eq!(v["choices"][0]["finish_reason"], "tool_calls", "{v}");
-    let message = &v["choices"][0]["message"];
-    assert_eq!(message["content"], Value::Null);
-    let function = &message["tool_calls"][0]["function"];
-    assert_eq!(function["name"], "get_weather");
-    let args = function["arguments"]
-        .as_str()
-        .expect("arguments")
-        .to_owned();
-    let parsed: Value = serde_json::from_str(&args).expect("arguments are JSON");
-    assert!(parsed["city"].is_string(), "{parsed}");
+    let (base, v, args) = required_weather_call(&app, json!({"parallel_tool_calls": false})).await;
     assert!(!args.contains("tool_call"), "{args}");
-
-    let choices = streamed_choices(&app, "/v1/chat/completions", &base).await;
-    let calls: Vec<&Value> = choices
-        .iter()
-        .filter_map(|c| c["delta"]["tool_calls"].get(0))
-        .collect();
-    assert!(calls.len() > 2, "{choices:?}");
-    assert_eq!(calls[0]["function"]["name"], "get_weather");
-    let streamed: String = calls
-        .iter()
-        .filter_map(|c| c["function"]["arguments"].as_str())
-        .collect();
-    assert_eq!(streamed, args);
-    assert!(choices
-        .iter()
-        .all(|c| c["delta"]["content"].as_str().is_none_or(str::is_empty)));
-    assert_eq!(
-        choices.last().map(|c| c["finish_reason"].clone()),
-        Some(json!("tool_calls"))
-    );
 
     // Cut short by `max_tokens` inside the call: the call as far as it got, with
     // `finish_reason: "length"` (as OpenAI returns it), whole as streamed.
@@ -910,23 +891,6 @@ async fn hermes_calls_come_back_as_tool_calls() {
         choices.last().map(|c| c["finish_reason"].clone()),
         Some(json!("length"))
     );
-
-    let (status, v) = post_json(
-        &app,
-        "/v1/responses",
-        json!({"input": "What is the weather like in Paris?", "temperature": 0,
-               "tools": [{"type": "function", "name": "get_weather",
-                          "parameters": tools[0]["function"]["parameters"]}],
-               "tool_choice": "required", "store": false}),
-    )
-    .await;
-    assert_eq!(status, StatusCode::OK, "{v}");
-    assert_eq!(v["output"][0]["type"], "function_call", "{v}");
-    assert_eq!(v["output"][0]["name"], "get_weather");
-    let parsed: Value =
-        serde_json::from_str(v["output"][0]["arguments"].as_str().expect("arguments"))
-            .expect("arguments are JSON");
-    assert!(parsed["city"].is_string(), "{parsed}");
 
     let (status, v) = post_json(
         &app,

@@ -1724,6 +1724,23 @@ mod tests {
         assert_eq!(a, b);
     }
 
+    /// The ids of a table of `n` tokens that the constraint lets through (`stop`: the stop
+    /// token's id).
+    fn allowed_ids(c: &JsonConstraint, n: usize, stop: u32) -> Vec<usize> {
+        let mut l = vec![0f32; n];
+        c.mask(&mut l, &[stop], &c.allowed());
+        (0..n).filter(|&i| l[i] == 0.0).collect()
+    }
+
+    /// The constraint after these tokens.
+    fn after(c: &JsonConstraint, ids: &[u32]) -> JsonConstraint {
+        let mut c = c.clone();
+        for &id in ids {
+            c.advance(id);
+        }
+        c
+    }
+
     #[test]
     fn tag_steps_follow_overlapping_beginnings() {
         let tag = b"abab!";
@@ -1763,18 +1780,7 @@ mod tests {
             close: b"</think>"[..].into(),
         });
         let base = JsonConstraint::new(table, Arc::new(Grammar::any_object()));
-        let allowed = |c: &JsonConstraint| {
-            let mut l = vec![0f32; n];
-            c.mask(&mut l, &[11], &c.allowed());
-            (0..n).filter(|&i| l[i] == 0.0).collect::<Vec<_>>()
-        };
-        let after = |c: &JsonConstraint, ids: &[u32]| {
-            let mut c = c.clone();
-            for &id in ids {
-                c.advance(id);
-            }
-            c
-        };
+        let allowed = |c: &JsonConstraint| allowed_ids(c, n, 11);
         let c = base.clone().after_reasoning(tags.clone(), false);
         // The start: the answer (`{`) or the opening tag, whole or begun; the grammar's
         // whitespace.
@@ -1881,18 +1887,7 @@ mod tests {
         let table = Arc::new(TokenBytes::from_texts(&texts));
         let g = Grammar::named_calls(&[("f", None)], &CallShape::HERMES, true, 1).expect("g");
         let base = JsonConstraint::new(table, Arc::new(g));
-        let allowed = |c: &JsonConstraint| {
-            let mut l = vec![0f32; n];
-            c.mask(&mut l, &[7], &c.allowed());
-            (0..n).filter(|&i| l[i] == 0.0).collect::<Vec<_>>()
-        };
-        let after = |c: &JsonConstraint, ids: &[u32]| {
-            let mut c = c.clone();
-            for &id in ids {
-                c.advance(id);
-            }
-            c
-        };
+        let allowed = |c: &JsonConstraint| allowed_ids(c, n, 7);
         // Free text: anything but the tag followed by what is no call; the text may end.
         let free = vec![0, 1, 2, 3, 4, 5, 6, 7, 9, 10];
         assert_eq!(allowed(&base), free);

@@ -846,16 +846,22 @@ struct OutText {
 }
 
 impl OutText {
+    /// Opens the item, unless it is open. `false` once the client is gone.
+    async fn open(&mut self, out: &mut Emitter, index: usize) -> bool {
+        if self.opened {
+            return true;
+        }
+        self.opened = true;
+        open_message(out, &self.id, index).await
+    }
+
     /// Sends the text up to `end`, opening the item first. `false` once the client is gone.
     async fn show(&mut self, out: &mut Emitter, text: &str, end: usize, index: usize) -> bool {
         if end <= self.shown {
             return true;
         }
-        if !self.opened {
-            self.opened = true;
-            if !open_message(out, &self.id, index).await {
-                return false;
-            }
+        if !self.open(out, index).await {
+            return false;
         }
         let sent = text_delta(out, &self.id, &text[self.shown..end], index).await;
         self.shown = end;
@@ -865,11 +871,8 @@ impl OutText {
     /// Closes the item (its `.done` events) with the text sent, opening it first if it never
     /// was. `false` once the client is gone.
     async fn close(&mut self, out: &mut Emitter, text: &str, complete: bool, index: usize) -> bool {
-        if !self.opened {
-            self.opened = true;
-            if !open_message(out, &self.id, index).await {
-                return false;
-            }
+        if !self.open(out, index).await {
+            return false;
         }
         self.closed = true;
         let text = &text[..self.shown];
