@@ -9,11 +9,14 @@
 //! - [`text`]: tokenizer loading, incremental detokenization.
 //! - [`engine`]: continuous batching, KV block pool, sampling.
 //! - [`server`]: OpenAI-compatible HTTP API.
+//! - [`train`]: fine-tuning jobs; [`files`]: the uploaded and generated files both it and the
+//!   server's batches use.
 
 pub mod bench;
 pub mod bench_http;
 pub mod convert;
 pub mod engine;
+pub mod files;
 pub mod model;
 pub mod server;
 pub mod text;

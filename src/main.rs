@@ -174,7 +174,11 @@ fn model_name(path: &std::path::Path) -> String {
 }
 
 /// Loads the model into a running engine (blocking; seconds).
-fn load_for_serving(args: &ServeArgs, name: String) -> anyhow::Result<server::Loaded> {
+fn load_for_serving(
+    args: &ServeArgs,
+    name: String,
+    files: nextoken::files::FileStore,
+) -> anyhow::Result<server::Loaded> {
     let (model, tokenizer) = nextoken::load(&args.model)?;
     // Which weights run the quantized kernels and which became f32 copies (formats without
     // kernels), so a slow or large file says why.
@@ -269,6 +273,7 @@ fn load_for_serving(args: &ServeArgs, name: String) -> anyhow::Result<server::Lo
                 max_example_tokens: c.max_position_embeddings.min(2048),
                 micro_batch_tokens: 512,
             },
+            files,
             nextoken::train::TrainerModel {
                 model,
                 tokenizer: loaded.tokenizer.clone(),
@@ -328,6 +333,9 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         state
             .keep_responses_in(&responses_dir)
             .with_context(|| format!("responses dir {}", responses_dir.display()))?;
+        let files = nextoken::files::FileStore::open(&args.data_dir)
+            .with_context(|| format!("data dir {}", args.data_dir.display()))?;
+        state.set_files(files.clone());
         let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
             .await
             .with_context(|| format!("binding {}:{}", args.host, args.port))?;
@@ -344,7 +352,7 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         let grace = std::time::Duration::from_secs(args.shutdown_grace_secs);
         let load_state = state.clone();
         let loader = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-            let loaded = load_for_serving(&args, name.clone())?;
+            let loaded = load_for_serving(&args, name.clone(), files)?;
             load_state.set_loaded(std::sync::Arc::new(loaded));
             eprintln!("nextoken: model '{name}' ready");
             Ok(())

@@ -15,6 +15,7 @@ use axum::Router;
 use common::*;
 use http_body_util::BodyExt;
 use nextoken::engine::{EngineConfig, EngineHandle, GenerateRequest};
+use nextoken::files::FileStore;
 use nextoken::server::{self, AppState, Loaded, ServerConfig};
 use nextoken::train::{TrainerModel, TrainingConfig, TrainingJobs};
 use serde_json::{json, Value};
@@ -82,6 +83,7 @@ fn fixture() -> Fixture {
     )
     .expect("loaded")
     .with_lora_dirs(vec![lora_dir.path().to_path_buf()]);
+    let files = FileStore::open(data_dir.path()).expect("file store");
     let jobs = TrainingJobs::start(
         TrainingConfig {
             data_dir: data_dir.path().to_path_buf(),
@@ -89,6 +91,7 @@ fn fixture() -> Fixture {
             max_example_tokens: 2048,
             micro_batch_tokens: 512,
         },
+        files.clone(),
         TrainerModel {
             model: base,
             tokenizer: loaded.tokenizer.clone(),
@@ -98,6 +101,7 @@ fn fixture() -> Fixture {
     )
     .expect("training starts");
     let state = AppState::new(ServerConfig::default());
+    state.set_files(files);
     state.set_loaded(Arc::new(loaded.with_training(jobs)));
     Fixture {
         app: server::router(state),

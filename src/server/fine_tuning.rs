@@ -1,13 +1,13 @@
-//! OpenAI's files and fine-tuning API (`/v1/files`, `/v1/fine_tuning/jobs`, events as JSON or
-//! SSE, cancel) over [`crate::train::TrainingJobs`], and vLLM's runtime adapter API
+//! OpenAI's fine-tuning API (`/v1/fine_tuning/jobs`, events as JSON or SSE, cancel) over
+//! [`crate::train::TrainingJobs`] (its files: [`super::files`]), and vLLM's runtime adapter API
 //! (`/v1/load_lora_adapter`, `/v1/unload_lora_adapter`). Wire shapes live here only.
 
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use axum::extract::{Multipart, Path as UrlPath, Query, State};
-use axum::http::{header, StatusCode};
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::StatusCode;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
@@ -17,9 +17,7 @@ use serde_json::{json, Value};
 use super::error::{ApiError, AppJson};
 use super::{AppState, Loaded};
 use crate::model::LoraAdapter;
-use crate::train::{
-    EventRecord, FileRecord, Hyperparameters, JobRecord, JobSpec, TrainError, TrainingJobs,
-};
+use crate::train::{EventRecord, Hyperparameters, JobRecord, JobSpec, TrainError, TrainingJobs};
 
 impl From<TrainError> for ApiError {
     fn from(e: TrainError) -> Self {
@@ -47,14 +45,6 @@ fn training(loaded: &Loaded) -> Result<&TrainingJobs, ApiError> {
             "invalid_request_error",
             "fine-tuning is not enabled on this server",
         )
-    })
-}
-
-fn file_json(f: &FileRecord) -> Value {
-    json!({
-        "id": f.id, "object": "file", "bytes": f.bytes, "created_at": f.created_at,
-        "filename": f.filename, "purpose": f.purpose, "status": "processed",
-        "status_details": null,
     })
 }
 
@@ -102,72 +92,6 @@ fn event_json(e: &EventRecord) -> Value {
         "object": "fine_tuning.job.event", "id": e.id, "created_at": e.created_at,
         "level": e.level, "message": e.message, "type": e.kind, "data": e.data,
     })
-}
-
-/// `POST /v1/files` (multipart: `file`, `purpose`).
-pub async fn upload_file(
-    State(app): State<AppState>,
-    mut form: Multipart,
-) -> Result<Response, ApiError> {
-    let loaded = app.loaded()?;
-    let jobs = training(loaded)?.clone();
-    let mut purpose = None;
-    let mut file: Option<(String, Vec<u8>)> = None;
-    let bad = |e: axum::extract::multipart::MultipartError| {
-        ApiError::status(e.status(), "invalid_request_error", e.body_text())
-    };
-    while let Some(field) = form.next_field().await.map_err(bad)? {
-        match field.name() {
-            Some("purpose") => purpose = Some(field.text().await.map_err(bad)?),
-            Some("file") => {
-                let name = field.file_name().unwrap_or("upload.jsonl").to_string();
-                file = Some((name, field.bytes().await.map_err(bad)?.to_vec()));
-            }
-            _ => {}
-        }
-    }
-    let purpose = purpose.ok_or_else(|| ApiError::invalid("purpose", "`purpose` is required"))?;
-    let (name, data) = file.ok_or_else(|| ApiError::invalid("file", "`file` is required"))?;
-    let rec = tokio::task::spawn_blocking(move || jobs.create_file(&name, &purpose, &data))
-        .await
-        .map_err(ApiError::internal)??;
-    Ok(axum::Json(file_json(&rec)).into_response())
-}
-
-/// `GET /v1/files`.
-pub async fn list_files(State(app): State<AppState>) -> Result<Response, ApiError> {
-    let jobs = training(app.loaded()?)?;
-    let data: Vec<Value> = jobs.files().iter().map(file_json).collect();
-    Ok(axum::Json(json!({"object": "list", "data": data, "has_more": false})).into_response())
-}
-
-/// `GET /v1/files/{id}`.
-pub async fn get_file(
-    State(app): State<AppState>,
-    UrlPath(id): UrlPath<String>,
-) -> Result<Response, ApiError> {
-    let jobs = training(app.loaded()?)?;
-    Ok(axum::Json(file_json(&jobs.file(&id)?)).into_response())
-}
-
-/// `GET /v1/files/{id}/content`.
-pub async fn file_content(
-    State(app): State<AppState>,
-    UrlPath(id): UrlPath<String>,
-) -> Result<Response, ApiError> {
-    let jobs = training(app.loaded()?)?;
-    let data = jobs.file_content(&id)?;
-    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], data).into_response())
-}
-
-/// `DELETE /v1/files/{id}`.
-pub async fn delete_file(
-    State(app): State<AppState>,
-    UrlPath(id): UrlPath<String>,
-) -> Result<Response, ApiError> {
-    let jobs = training(app.loaded()?)?;
-    jobs.delete_file(&id)?;
-    Ok(axum::Json(json!({"id": id, "object": "file", "deleted": true})).into_response())
 }
 
 /// A hyper-parameter: a number, `"auto"` or absent.

@@ -4,6 +4,7 @@
 pub mod completions;
 pub mod embeddings;
 pub mod error;
+pub mod files;
 pub mod fine_tuning;
 pub mod infill;
 pub mod info;
@@ -237,6 +238,7 @@ struct Shared {
     loaded: OnceLock<Arc<Loaded>>,
     metrics: Arc<Metrics>,
     responses: responses::SharedStore,
+    files: OnceLock<crate::files::FileStore>,
 }
 
 /// Shared state of all handlers.
@@ -254,6 +256,7 @@ impl AppState {
                 loaded: OnceLock::new(),
                 metrics: Arc::new(Metrics::default()),
                 responses: Default::default(),
+                files: OnceLock::new(),
             }),
         }
     }
@@ -285,6 +288,16 @@ impl AppState {
             .map_err(|_| std::io::Error::other("response store poisoned"))?;
         *s = store;
         Ok(())
+    }
+
+    /// Serves the Files API (and batches) from `files` (set once; later calls are ignored).
+    pub fn set_files(&self, files: crate::files::FileStore) {
+        let _ = self.shared.files.set(files);
+    }
+
+    /// The file store, if the server has one.
+    pub fn files(&self) -> Option<&crate::files::FileStore> {
+        self.shared.files.get()
     }
 
     /// Stored Responses-API responses.
@@ -403,15 +416,12 @@ pub fn router(state: AppState) -> Router {
         .route("/tokenize", post(info::tokenize))
         .route("/detokenize", post(info::detokenize))
         .route("/metrics", get(info::metrics))
-        .route(
-            "/v1/files",
-            post(fine_tuning::upload_file).get(fine_tuning::list_files),
-        )
+        .route("/v1/files", post(files::upload_file).get(files::list_files))
         .route(
             "/v1/files/{id}",
-            get(fine_tuning::get_file).delete(fine_tuning::delete_file),
+            get(files::get_file).delete(files::delete_file),
         )
-        .route("/v1/files/{id}/content", get(fine_tuning::file_content))
+        .route("/v1/files/{id}/content", get(files::file_content))
         .route(
             "/v1/fine_tuning/jobs",
             post(fine_tuning::create_job).get(fine_tuning::list_jobs),

@@ -1,4 +1,4 @@
-//! Fine-tuning jobs: uploaded files, a queue of LoRA jobs run one at a time on a trainer
+//! Fine-tuning jobs: a queue of LoRA jobs run one at a time on a trainer
 //! thread, their events, and the adapters they produce — published to the engine the moment a
 //! job succeeds. Uses `model` and `text`; of the engine only the public handle (to publish
 //! adapters and to see whether requests are waiting).
@@ -8,8 +8,8 @@
 //! idle (a request that arrives mid-pass waits at most for that pass, which is kept short by
 //! `micro_batch_tokens`).
 //!
-//! Nothing accepted is lost: files, jobs, events and adapters live in the data dir
-//! ([`store`]). After a restart, jobs that were queued run again, and a job that was running
+//! Nothing accepted is lost: jobs, events and adapters live in the data dir ([`store`]), the
+//! training files in the [`FileStore`]. After a restart, jobs that were queued run again, and a job that was running
 //! is reported `failed` with code `interrupted` (its partial adapter is never served).
 
 pub mod dataset;
@@ -19,18 +19,18 @@ pub mod trainer;
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tokio::sync::broadcast;
 
 use crate::engine::EngineHandle;
+use crate::files::{new_id, now, FileError, FileStore};
 use crate::model::{LoraAdapter, Model, Target};
 use crate::text::{ChatTemplate, Tokenizer};
 
-pub use store::{
-    EventRecord, FileRecord, Hyperparameters, JobError, JobRecord, JobStatus, LoraSpec, Store,
-};
+pub use crate::files::FileRecord;
+pub use store::{EventRecord, Hyperparameters, JobError, JobRecord, JobStatus, LoraSpec, Store};
 use trainer::{Outcome, TrainParams};
 
 /// Base learning rate for LoRA; `learning_rate_multiplier` scales it.
@@ -39,7 +39,7 @@ pub const BASE_LEARNING_RATE: f64 = 1e-3;
 /// Settings of the training subsystem.
 #[derive(Debug, Clone)]
 pub struct TrainingConfig {
-    /// Where files, jobs and adapters live.
+    /// Where jobs and adapters live.
     pub data_dir: PathBuf,
     /// The base model's served name (jobs must name it).
     pub base_model: String,
@@ -79,6 +79,16 @@ fn io_err(e: std::io::Error) -> TrainError {
     TrainError::Io(e.to_string())
 }
 
+impl From<FileError> for TrainError {
+    fn from(e: FileError) -> Self {
+        match e {
+            FileError::NotFound(m) => TrainError::NotFound(m),
+            FileError::Invalid { param, message } => TrainError::Invalid { param, message },
+            FileError::Io(m) => TrainError::Io(m),
+        }
+    }
+}
+
 /// What a client asks for (already parsed from the wire).
 #[derive(Debug, Clone, Default)]
 pub struct JobSpec {
@@ -106,7 +116,6 @@ pub struct JobSpec {
 
 #[derive(Default)]
 struct State {
-    files: BTreeMap<String, FileRecord>,
     jobs: BTreeMap<String, JobRecord>,
     events: BTreeMap<String, Vec<EventRecord>>,
     cancelled: HashSet<String>,
@@ -115,6 +124,7 @@ struct State {
 struct Inner {
     config: TrainingConfig,
     store: Store,
+    files: FileStore,
     state: Mutex<State>,
     queue: Mutex<std::sync::mpsc::Sender<String>>,
     events_tx: broadcast::Sender<(String, EventRecord)>,
@@ -124,20 +134,6 @@ struct Inner {
 #[derive(Clone)]
 pub struct TrainingJobs {
     inner: Arc<Inner>,
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-/// Ids sort by creation time: milliseconds then randomness.
-fn new_id(prefix: &str) -> String {
-    let ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis());
-    format!("{prefix}-{ms:012x}{:08x}", rand::random::<u32>())
 }
 
 /// What the trainer thread needs from the served model.
@@ -151,10 +147,11 @@ pub struct TrainerModel {
 }
 
 impl TrainingJobs {
-    /// Opens the data dir, recovers earlier jobs (re-queues queued ones, reports interrupted
+    /// Opens the data dir (training files come from `files`), recovers earlier jobs (re-queues queued ones, reports interrupted
     /// ones), publishes the adapters of succeeded jobs and starts the trainer thread.
     pub fn start(
         config: TrainingConfig,
+        files: FileStore,
         base: TrainerModel,
         engine: EngineHandle,
     ) -> std::io::Result<Self> {
@@ -165,6 +162,7 @@ impl TrainingJobs {
             inner: Arc::new(Inner {
                 config,
                 store,
+                files,
                 state: Mutex::default(),
                 queue: Mutex::new(queue_tx),
                 events_tx,
@@ -194,9 +192,6 @@ impl TrainingJobs {
         let mut requeue = Vec::new();
         {
             let mut st = self.state();
-            for f in store.files() {
-                st.files.insert(f.id.clone(), f);
-            }
             for j in store.jobs() {
                 st.events.insert(j.id.clone(), store.events(&j.id));
                 st.jobs.insert(j.id.clone(), j);
@@ -259,67 +254,6 @@ impl TrainingJobs {
         self.inner.events_tx.subscribe()
     }
 
-    // ---- files ----
-
-    /// Stores an upload.
-    pub fn create_file(
-        &self,
-        filename: &str,
-        purpose: &str,
-        data: &[u8],
-    ) -> Result<FileRecord, TrainError> {
-        if purpose != "fine-tune" {
-            return Err(invalid(
-                "purpose",
-                format!("purpose '{purpose}' is not supported; use 'fine-tune'"),
-            ));
-        }
-        if std::str::from_utf8(data).is_err() {
-            return Err(invalid(
-                "file",
-                "the file is not UTF-8 text (JSONL expected)",
-            ));
-        }
-        let rec = FileRecord {
-            id: new_id("file"),
-            bytes: data.len() as u64,
-            created_at: now(),
-            filename: filename.to_string(),
-            purpose: purpose.to_string(),
-        };
-        self.inner.store.save_file(&rec, data).map_err(io_err)?;
-        self.state().files.insert(rec.id.clone(), rec.clone());
-        Ok(rec)
-    }
-
-    /// Every file, oldest first.
-    pub fn files(&self) -> Vec<FileRecord> {
-        self.state().files.values().cloned().collect()
-    }
-
-    /// One file.
-    pub fn file(&self, id: &str) -> Result<FileRecord, TrainError> {
-        self.state()
-            .files
-            .get(id)
-            .cloned()
-            .ok_or_else(|| TrainError::NotFound(format!("no file with id '{id}'")))
-    }
-
-    /// A file's content.
-    pub fn file_content(&self, id: &str) -> Result<Vec<u8>, TrainError> {
-        self.file(id)?;
-        self.inner.store.file_data(id).map_err(io_err)
-    }
-
-    /// Deletes a file.
-    pub fn delete_file(&self, id: &str) -> Result<(), TrainError> {
-        self.file(id)?;
-        self.inner.store.delete_file(id).map_err(io_err)?;
-        self.state().files.remove(id);
-        Ok(())
-    }
-
     // ---- jobs ----
 
     /// Validates and queues a job.
@@ -330,11 +264,25 @@ impl TrainingJobs {
                 spec.model, self.inner.config.base_model
             )));
         }
-        self.file(&spec.training_file)
-            .map_err(|e| invalid("training_file", e.to_string()))?;
-        if let Some(v) = &spec.validation_file {
-            self.file(v)
-                .map_err(|e| invalid("validation_file", e.to_string()))?;
+        for (param, id) in [
+            ("training_file", Some(&spec.training_file)),
+            ("validation_file", spec.validation_file.as_ref()),
+        ] {
+            let Some(id) = id else { continue };
+            let file = self
+                .inner
+                .files
+                .get(id)
+                .map_err(|e| invalid(param, e.to_string()))?;
+            if file.purpose != "fine-tune" {
+                return Err(invalid(
+                    param,
+                    format!(
+                        "file '{id}' has purpose '{}'; training data is uploaded with purpose 'fine-tune'",
+                        file.purpose
+                    ),
+                ));
+            }
         }
         let h = &spec.hyperparameters;
         if h.n_epochs.is_some_and(|n| !(1..=50).contains(&n)) {
@@ -543,11 +491,7 @@ impl TrainingJobs {
         template: Option<&ChatTemplate>,
         file: &str,
     ) -> Result<Vec<dataset::Example>, String> {
-        let data = self
-            .inner
-            .store
-            .file_data(file)
-            .map_err(|e| format!("file {file}: {e}"))?;
+        let data = self.inner.files.content(file).map_err(|e| e.to_string())?;
         let text = String::from_utf8(data).map_err(|_| format!("file {file}: not UTF-8"))?;
         let format = dataset::DataFormat {
             tokenizer: &base.tokenizer,

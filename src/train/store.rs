@@ -1,7 +1,6 @@
 //! Files, jobs, events and adapters on disk under the data dir:
 //!
 //! ```text
-//! files/<file-id>.json   metadata        files/<file-id>.data   content
 //! jobs/<job-id>.json     the job         jobs/<job-id>.events.jsonl   its events, appended
 //! adapters/<job-id>/     PEFT adapter (written to <job-id>.tmp, then renamed)
 //! ```
@@ -15,21 +14,6 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::model::Target;
-
-/// An uploaded file.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct FileRecord {
-    /// `file-…`.
-    pub id: String,
-    /// Size in bytes.
-    pub bytes: u64,
-    /// Unix seconds.
-    pub created_at: u64,
-    /// Name given by the client.
-    pub filename: String,
-    /// `fine-tune`.
-    pub purpose: String,
-}
 
 /// Life of a job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -165,20 +149,7 @@ pub struct Store {
     root: PathBuf,
 }
 
-/// Writes `bytes` to `path` through a synced temporary file and a rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
-}
+pub use crate::files::write_atomic;
 
 fn read_json<T: DeserializeOwned>(path: &Path) -> Option<T> {
     let text = std::fs::read_to_string(path).ok()?;
@@ -210,7 +181,7 @@ fn to_json<T: Serialize>(v: &T) -> std::io::Result<Vec<u8>> {
 impl Store {
     /// Opens (creating) the data dir.
     pub fn open(root: &Path) -> std::io::Result<Self> {
-        for sub in ["files", "jobs", "adapters"] {
+        for sub in ["jobs", "adapters"] {
             std::fs::create_dir_all(root.join(sub))?;
         }
         Ok(Store {
@@ -221,32 +192,6 @@ impl Store {
     /// The data dir.
     pub fn root(&self) -> &Path {
         &self.root
-    }
-
-    /// Stores an uploaded file: content first, then its metadata (which makes it exist).
-    pub fn save_file(&self, rec: &FileRecord, data: &[u8]) -> std::io::Result<()> {
-        write_atomic(&self.root.join(format!("files/{}.data", rec.id)), data)?;
-        write_atomic(
-            &self.root.join(format!("files/{}.json", rec.id)),
-            &to_json(rec)?,
-        )
-    }
-
-    /// A file's content.
-    pub fn file_data(&self, id: &str) -> std::io::Result<Vec<u8>> {
-        std::fs::read(self.root.join(format!("files/{id}.data")))
-    }
-
-    /// Removes a file (metadata first, so a crash leaves no half-listed file).
-    pub fn delete_file(&self, id: &str) -> std::io::Result<()> {
-        std::fs::remove_file(self.root.join(format!("files/{id}.json")))?;
-        let _ = std::fs::remove_file(self.root.join(format!("files/{id}.data")));
-        Ok(())
-    }
-
-    /// Every stored file.
-    pub fn files(&self) -> Vec<FileRecord> {
-        list_json(&self.root.join("files"))
     }
 
     /// Writes a job's current state.
