@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde::{Deserialize, Serialize};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// Purposes a client may upload with: training data and batch input.
 pub const UPLOAD_PURPOSES: [&str; 2] = ["fine-tune", "batch"];
@@ -71,6 +71,33 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The records of every `*.json` file in `dir`, by file name (an unreadable one is skipped
+/// with a warning; a missing dir has none).
+pub fn list_json<T: DeserializeOwned>(dir: &Path) -> Vec<T> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    paths.sort();
+    let read = |path: &PathBuf| -> Result<T, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+        serde_json::from_str(&text).map_err(|e| e.to_string())
+    };
+    paths
+        .iter()
+        .filter_map(|path| match read(path) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "unreadable record skipped");
+                None
+            }
+        })
+        .collect()
+}
+
 /// Unix seconds now.
 pub fn now() -> u64 {
     SystemTime::now()
@@ -78,7 +105,8 @@ pub fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// A new id that sorts by creation time: `<prefix>-`, milliseconds, then randomness. Within
+/// A new id that sorts by creation time: `prefix` (with its separator: `file-`, `batch_`),
+/// milliseconds, then randomness. Within
 /// a process the millisecond part only grows (two ids in one millisecond take the next), so
 /// ids made one after the other sort in that order.
 pub fn new_id(prefix: &str) -> String {
@@ -93,7 +121,7 @@ pub fn new_id(prefix: &str) -> String {
         })
         .unwrap_or(0);
     let ms = now_ms.max(prev + 1);
-    format!("{prefix}-{ms:012x}{:08x}", rand::random::<u32>())
+    format!("{prefix}{ms:012x}{:08x}", rand::random::<u32>())
 }
 
 struct Inner {
@@ -112,25 +140,10 @@ impl FileStore {
     pub fn open(data_dir: &Path) -> std::io::Result<Self> {
         let dir = data_dir.join("files");
         std::fs::create_dir_all(&dir)?;
-        let mut records = BTreeMap::new();
-        let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        let records = list_json::<FileRecord>(&dir)
+            .into_iter()
+            .map(|r| (r.id.clone(), r))
             .collect();
-        paths.sort();
-        for path in paths {
-            let rec = std::fs::read_to_string(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|t| serde_json::from_str::<FileRecord>(&t).map_err(|e| e.to_string()));
-            match rec {
-                Ok(rec) => {
-                    records.insert(rec.id.clone(), rec);
-                }
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "unreadable file record skipped")
-                }
-            }
-        }
         Ok(FileStore {
             inner: Arc::new(Inner {
                 dir,
@@ -180,7 +193,7 @@ impl FileStore {
         data: &[u8],
     ) -> std::io::Result<FileRecord> {
         let rec = FileRecord {
-            id: new_id("file"),
+            id: new_id("file-"),
             bytes: data.len() as u64,
             created_at: now(),
             filename: filename.to_string(),

@@ -147,8 +147,9 @@ struct ServeArgs {
     /// Seconds running requests get to finish after SIGTERM/SIGINT.
     #[arg(long, env = "NEXTOKEN_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     shutdown_grace_secs: u64,
-    /// Where uploaded files, fine-tuning jobs, their events, adapters and stored responses are
-    /// kept (created if missing; everything in it is listed again after a restart).
+    /// Where uploaded files, batches, fine-tuning jobs, their events, adapters and stored
+    /// responses are kept (created if missing; everything in it is listed again after a
+    /// restart).
     #[arg(long, env = "NEXTOKEN_DATA_DIR", default_value = "nextoken-data")]
     data_dir: PathBuf,
     /// A PEFT LoRA adapter to serve from startup, as NAME=PATH (repeatable; env:
@@ -159,7 +160,11 @@ struct ServeArgs {
     /// dir's adapters are always allowed).
     #[arg(long = "lora-dir", env = "NEXTOKEN_LORA_DIR", value_delimiter = ',')]
     lora_dirs: Vec<PathBuf>,
-    /// Turn off the fine-tuning API (files and jobs).
+    /// Requests of a `/v1/batches` batch that run at once (the engine batches them; live
+    /// requests join the same steps).
+    #[arg(long, env = "NEXTOKEN_BATCH_CONCURRENCY", default_value_t = 8)]
+    batch_concurrency: usize,
+    /// Turn off the fine-tuning API (its jobs; the Files API and batches stay).
     #[arg(long, env = "NEXTOKEN_NO_TRAINING")]
     no_training: bool,
 }
@@ -336,6 +341,9 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         let files = nextoken::files::FileStore::open(&args.data_dir)
             .with_context(|| format!("data dir {}", args.data_dir.display()))?;
         state.set_files(files.clone());
+        state
+            .open_batches(&args.data_dir, args.batch_concurrency)
+            .with_context(|| format!("data dir {}", args.data_dir.display()))?;
         let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
             .await
             .with_context(|| format!("binding {}:{}", args.host, args.port))?;

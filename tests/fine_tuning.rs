@@ -132,20 +132,7 @@ async fn call(app: &Router, method: &str, path: &str, body: Option<Value>) -> (S
 }
 
 async fn upload(app: &Router, name: &str, purpose: &str, content: &str) -> (StatusCode, Value) {
-    let b = "nextoken-boundary";
-    let body = format!(
-        "--{b}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\n{purpose}\r\n\
-         --{b}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n\
-         Content-Type: application/jsonl\r\n\r\n{content}\r\n--{b}--\r\n"
-    );
-    let req = Request::post("/v1/files")
-        .header(
-            header::CONTENT_TYPE,
-            format!("multipart/form-data; boundary={b}"),
-        )
-        .body(Body::from(body))
-        .expect("request");
-    let (status, bytes) = send(app, req).await;
+    let (status, bytes) = send(app, file_upload(name, purpose, content)).await;
     (status, serde_json::from_slice(&bytes).expect("json"))
 }
 

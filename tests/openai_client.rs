@@ -381,3 +381,83 @@ fn bench_url_mode_measures_a_running_server() {
         assert!(line["peak_rss_mb"].as_f64().expect("rss") > 50.0, "{line}");
     }
 }
+
+/// The official client runs a batch; then a long batch is killed mid-run (SIGKILL) and the
+/// restarted server finishes it: every request answered once, none run twice, in input order.
+#[test]
+fn batches_with_the_openai_client_survive_a_kill() {
+    let data = tempfile::tempdir().expect("tmp");
+    let dir = data.path().to_str().expect("utf-8").to_string();
+    let mut server = start_server_in(&dir, &["--batch-concurrency", "2"]);
+    run_python("batch_check.py", &server);
+    let out = Command::new(python())
+        .arg(repo().join("tests/python/batch_check.py"))
+        .args([&format!("http://{}", server.addr), KEY, "start", "24"])
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let path = format!("/v1/batches/{id}");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let before = loop {
+        let batch = json(&http_get(&server.addr, &path).1);
+        let done = batch["request_counts"]["completed"].as_u64().unwrap_or(0);
+        if done >= 2 {
+            break done;
+        }
+        assert!(Instant::now() < deadline, "no request answered: {batch}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    server.child.kill().expect("SIGKILL");
+    let _ = server.child.wait();
+    drop(server);
+
+    let server = start_server_in(&dir, &["--batch-concurrency", "2"]);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let batch = loop {
+        let batch = json(&http_get(&server.addr, &path).1);
+        if batch["status"] == "completed" {
+            break batch;
+        }
+        assert!(
+            ["in_progress", "finalizing", "validating"]
+                .contains(&batch["status"].as_str().unwrap_or("")),
+            "{batch}"
+        );
+        assert!(Instant::now() < deadline, "batch never finished: {batch}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        before < 24,
+        "the kill came before the end ({before} answered)"
+    );
+    assert_eq!(
+        batch["request_counts"],
+        serde_json::json!({"total": 24, "completed": 24, "failed": 0})
+    );
+    let file = batch["output_file_id"].as_str().expect("output file");
+    let (code, text) = http_get(&server.addr, &format!("/v1/files/{file}/content"));
+    assert_eq!(code, 200);
+    let ids: Vec<String> = text
+        .lines()
+        .map(|l| {
+            json(l)["custom_id"]
+                .as_str()
+                .expect("custom_id")
+                .to_string()
+        })
+        .collect();
+    let want: Vec<String> = (0..24).map(|i| format!("long-{i}")).collect();
+    assert_eq!(ids, want);
+    for line in text.lines() {
+        let v = json(line);
+        assert_eq!(
+            v["response"]["body"]["usage"]["completion_tokens"], 64,
+            "{line}"
+        );
+    }
+}

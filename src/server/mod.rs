@@ -1,6 +1,7 @@
 //! Server layer: a thin axum shell. Parses requests, calls the engine and the text layer,
 //! formats responses. The only layer that knows both the engine and text.
 
+pub mod batches;
 pub mod completions;
 pub mod embeddings;
 pub mod error;
@@ -239,6 +240,7 @@ struct Shared {
     metrics: Arc<Metrics>,
     responses: responses::SharedStore,
     files: OnceLock<crate::files::FileStore>,
+    batches: OnceLock<batches::Batches>,
 }
 
 /// Shared state of all handlers.
@@ -257,6 +259,7 @@ impl AppState {
                 metrics: Arc::new(Metrics::default()),
                 responses: Default::default(),
                 files: OnceLock::new(),
+                batches: OnceLock::new(),
             }),
         }
     }
@@ -298,6 +301,31 @@ impl AppState {
     /// The file store, if the server has one.
     pub fn files(&self) -> Option<&crate::files::FileStore> {
         self.shared.files.get()
+    }
+
+    /// Serves the Batch API from `data_dir/batches` over the file store (set first with
+    /// [`AppState::set_files`]), `concurrency` requests of a batch at a time, and goes on with
+    /// the batches a restart interrupted (they wait for the model). Call inside a Tokio
+    /// runtime.
+    pub fn open_batches(
+        &self,
+        data_dir: &std::path::Path,
+        concurrency: usize,
+    ) -> std::io::Result<()> {
+        let files = self
+            .files()
+            .ok_or_else(|| std::io::Error::other("batches need the file store"))?
+            .clone();
+        let batches = batches::Batches::open(data_dir, files, concurrency)?;
+        if self.shared.batches.set(batches.clone()).is_ok() {
+            batches.resume(self);
+        }
+        Ok(())
+    }
+
+    /// The batches, if the server runs them.
+    pub fn batches(&self) -> Option<&batches::Batches> {
+        self.shared.batches.get()
     }
 
     /// Stored Responses-API responses.
@@ -384,7 +412,52 @@ async fn method_not_allowed(req: Request) -> ApiError {
 /// The application's routes and layers.
 pub fn router(state: AppState) -> Router {
     let config = state.config().clone();
-    let mut app = Router::new()
+    let mut app = routes()
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            count_requests,
+        ))
+        .layer(middleware::from_fn_with_state(state.clone(), auth))
+        .layer(DefaultBodyLimit::max(config.max_body_bytes))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(DefaultMakeSpan::new().level(tracing::Level::INFO))
+                .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
+        );
+    if let Some(origin) = &config.cors_allow_origin {
+        let allow = if origin == "*" {
+            AllowOrigin::any()
+        } else {
+            match HeaderValue::from_str(origin) {
+                Ok(v) => AllowOrigin::exact(v),
+                Err(_) => AllowOrigin::any(),
+            }
+        };
+        app = app.layer(
+            CorsLayer::new()
+                .allow_origin(allow)
+                .allow_methods([Method::GET, Method::POST, Method::DELETE, Method::OPTIONS])
+                .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE]),
+        );
+    }
+    app.with_state(state)
+}
+
+/// The routes as the server's own batches call them: no authentication (the batch was
+/// accepted with a key), no request counting or tracing; the same body limit.
+fn internal_router(state: AppState) -> Router {
+    let limit = state.config().max_body_bytes;
+    routes()
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// Every route and its handler.
+fn routes() -> Router<AppState> {
+    Router::new()
         .route("/", get(info::playground))
         .route("/v1/completions", post(completions::completions))
         .route("/infill", post(infill::infill))
@@ -401,6 +474,12 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/chat/completions", post(completions::chat_completions))
         .route("/apply-template", post(completions::apply_template))
         .route("/v1/responses", post(responses::responses))
+        .route(
+            "/v1/batches",
+            post(batches::create_batch).get(batches::list_batches),
+        )
+        .route("/v1/batches/{id}", get(batches::get_batch))
+        .route("/v1/batches/{id}/cancel", post(batches::cancel_batch))
         .route(
             "/v1/responses/{id}",
             get(responses::get_response).delete(responses::delete_response),
@@ -443,34 +522,4 @@ pub fn router(state: AppState) -> Router {
             "/v1/unload_lora_adapter",
             post(fine_tuning::unload_lora_adapter),
         )
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            count_requests,
-        ))
-        .layer(middleware::from_fn_with_state(state.clone(), auth))
-        .layer(DefaultBodyLimit::max(config.max_body_bytes))
-        .layer(
-            TraceLayer::new_for_http()
-                .make_span_with(DefaultMakeSpan::new().level(tracing::Level::INFO))
-                .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
-        );
-    if let Some(origin) = &config.cors_allow_origin {
-        let allow = if origin == "*" {
-            AllowOrigin::any()
-        } else {
-            match HeaderValue::from_str(origin) {
-                Ok(v) => AllowOrigin::exact(v),
-                Err(_) => AllowOrigin::any(),
-            }
-        };
-        app = app.layer(
-            CorsLayer::new()
-                .allow_origin(allow)
-                .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
-                .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE]),
-        );
-    }
-    app.with_state(state)
 }

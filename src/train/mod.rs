@@ -343,7 +343,7 @@ impl TrainingJobs {
             }
         }
         let rec = JobRecord {
-            id: new_id("ftjob"),
+            id: new_id("ftjob-"),
             created_at: now(),
             model: spec.model,
             training_file: spec.training_file,

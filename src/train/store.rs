@@ -10,9 +10,10 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::files::list_json;
 use crate::model::Target;
 
 /// Life of a job.
@@ -150,29 +151,6 @@ pub struct Store {
 }
 
 pub use crate::files::write_atomic;
-
-fn read_json<T: DeserializeOwned>(path: &Path) -> Option<T> {
-    let text = std::fs::read_to_string(path).ok()?;
-    match serde_json::from_str(&text) {
-        Ok(v) => Some(v),
-        Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "unreadable record skipped");
-            None
-        }
-    }
-}
-
-fn list_json<T: DeserializeOwned>(dir: &Path) -> Vec<T> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    let mut paths: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "json"))
-        .collect();
-    paths.sort();
-    paths.iter().filter_map(|p| read_json(p)).collect()
-}
 
 fn to_json<T: Serialize>(v: &T) -> std::io::Result<Vec<u8>> {
     serde_json::to_vec_pretty(v).map_err(std::io::Error::other)

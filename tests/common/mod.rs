@@ -28,6 +28,27 @@ pub fn model_path() -> PathBuf {
     p
 }
 
+/// `POST /v1/files` with `content` as the multipart upload `name` of `purpose`.
+pub fn file_upload(
+    name: &str,
+    purpose: &str,
+    content: &str,
+) -> axum::http::Request<axum::body::Body> {
+    let b = "nextoken-boundary";
+    let body = format!(
+        "--{b}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\n{purpose}\r\n\
+         --{b}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n\
+         Content-Type: application/jsonl\r\n\r\n{content}\r\n--{b}--\r\n"
+    );
+    axum::http::Request::post("/v1/files")
+        .header(
+            axum::http::header::CONTENT_TYPE,
+            format!("multipart/form-data; boundary={b}"),
+        )
+        .body(axum::body::Body::from(body))
+        .expect("request")
+}
+
 /// A JSON file from `tests/reference/`.
 pub fn reference(name: &str) -> Value {
     let p = repo().join("tests/reference").join(name);
