@@ -593,6 +593,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         adapter: None,
         top_logprobs: None,
         prompt_logprobs: None,
+        priority: 0,
         json: None,
         embed: false,
     };

@@ -597,3 +597,67 @@ fn speculation_in_a_tiny_kv_pool_changes_no_token() {
     assert!(stats.spec_accepted_tokens_total > 0, "{stats:?}");
     assert_eq!(stats.kv_blocks_used, 0);
 }
+
+/// Two less urgent requests fill the running set; a more urgent one that arrives while they
+/// decode takes the place of the newer of them at once and finishes first; the one it
+/// displaced is recomputed. Every request still gets exactly its tokens alone.
+#[test]
+fn an_urgent_request_overtakes_and_no_token_changes() {
+    let engine = engine(EngineConfig {
+        max_running_seqs: 2,
+        ..EngineConfig::default()
+    });
+    let all = prompts();
+    let request = |i: usize, n: usize, priority: i32| GenerateRequest {
+        priority,
+        stop_token_ids: vec![],
+        ..GenerateRequest::greedy(all[i].clone(), n)
+    };
+    let requests = [request(0, 48, 1), request(1, 48, 1), request(2, 8, 0)];
+    let alone = unconstrained_tokens(&requests);
+    let (done_tx, done_rx) = mpsc::channel();
+    let mut handles = Vec::new();
+    let mut started = Vec::new();
+    for (i, r) in requests.iter().enumerate() {
+        if i == 2 {
+            // The two slow ones are running: the urgent one has to displace one of them.
+            for rx in &started {
+                let rx: &mpsc::Receiver<()> = rx;
+                rx.recv_timeout(Duration::from_secs(60)).expect("started");
+            }
+            assert_eq!(engine.stats().num_running, 2);
+        }
+        let mut generation = engine.submit(r.clone()).expect("submit");
+        let (started_tx, started_rx) = mpsc::channel();
+        started.push(started_rx);
+        let done = done_tx.clone();
+        handles.push(std::thread::spawn(move || {
+            let mut tokens = Vec::new();
+            while let Some(ev) = generation.blocking_next() {
+                match ev {
+                    Event::Token { id, .. } => {
+                        tokens.push(id);
+                        let _ = started_tx.send(());
+                    }
+                    Event::Finished { .. } => break,
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            let _ = done.send(i);
+            tokens
+        }));
+    }
+    let got: Vec<Vec<u32>> = handles
+        .into_iter()
+        .map(|h| h.join().expect("collector"))
+        .collect();
+    let order: Vec<usize> = done_rx.try_iter().collect();
+    assert_eq!(
+        order.first(),
+        Some(&2),
+        "the urgent request finishes first: {order:?}"
+    );
+    assert_eq!(got, alone);
+    let stats = wait_idle(&engine);
+    assert!(stats.num_preempted >= 1, "{stats:?}");
+}

@@ -1499,10 +1499,26 @@ async fn invalid_requests_get_openai_errors() {
         (json!({"prompt": [999999]}), "prompt"),
         (json!({"prompt": {"a": 1}}), "prompt"),
         (json!({"max_tokens": 3}), "prompt"),
+        (
+            json!({"prompt": "hi", "priority": 4_294_967_296_i64}),
+            "priority",
+        ),
+        (json!({"prompt": "hi", "priority": "high"}), "priority"),
     ];
     for (body, param) in cases {
         let (status, v) = post_json(&app, "/v1/completions", body.clone()).await;
         assert_error(status, &v, StatusCode::BAD_REQUEST, Some(param));
+    }
+    for (path, body) in [
+        ("/v1/embeddings", json!({"input": "x", "priority": 1.5})),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "x"}], "priority": -4_294_967_296_i64}),
+        ),
+        ("/v1/responses", json!({"input": "x", "priority": "low"})),
+    ] {
+        let (status, v) = post_json(&app, path, body).await;
+        assert_error(status, &v, StatusCode::BAD_REQUEST, Some("priority"));
     }
     let (status, v) = post_json(&app, "/v1/chat/completions", json!({"messages": []})).await;
     assert_error(status, &v, StatusCode::BAD_REQUEST, Some("messages"));

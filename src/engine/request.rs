@@ -33,6 +33,11 @@ pub struct GenerateRequest {
     /// An embedding instead of tokens: once the prompt is computed, its last token's final
     /// hidden state is sent ([`Event::Embedding`]); `max_new_tokens` must be 0.
     pub embed: bool,
+    /// Scheduling priority, vLLM's convention: lower runs first (0 by default). Waiting
+    /// requests are admitted by (priority, arrival); when room runs out the least urgent
+    /// running sequence (the newest of them) is preempted first, also to admit a more urgent
+    /// one. The tokens never depend on it.
+    pub priority: i32,
 }
 
 impl GenerateRequest {
@@ -48,6 +53,7 @@ impl GenerateRequest {
             prompt_logprobs: None,
             json: None,
             embed: false,
+            priority: 0,
         }
     }
 

@@ -6,6 +6,12 @@
 //! all under one token budget. When KV blocks run out, the newest running sequence is
 //! preempted: its blocks are freed and it is recomputed later from its tokens. The result is
 //! plain data ([`ScheduledBatch`]); no tensors here.
+//!
+//! Priorities (vLLM's: lower runs first, 0 by default) order everything by `(priority, id)`
+//! (ids grow with arrival): the waiting queue, the running sequences' claim on the budget, and
+//! preemption, which takes the least urgent running sequence (the newest of them) — also to
+//! admit a waiting sequence more urgent than it. With one priority this is first come, first
+//! served, the newest preempted first.
 
 use std::collections::VecDeque;
 
@@ -88,9 +94,10 @@ pub struct Scheduler {
     /// Present when the model has sliding-window layers; prefix caching is then off (the
     /// window pool's contents are per sequence).
     pub window: Option<WindowPool>,
-    /// Not started, or preempted (those go to the front).
+    /// Not started, or preempted; by `(priority, id)`.
     pub waiting: VecDeque<Sequence>,
-    /// Holding KV blocks, oldest first.
+    /// Holding KV blocks; sorted by `(priority, id)` at the start of each step (the least
+    /// urgent, newest last).
     pub running: Vec<Sequence>,
 }
 
@@ -150,9 +157,12 @@ impl Scheduler {
         true
     }
 
-    /// Queues a new sequence.
+    /// Queues a sequence in `(priority, id)` order (a new one behind every other of its
+    /// priority; a preempted one ahead of those that came after it).
     pub fn add(&mut self, seq: Sequence) {
-        self.waiting.push_back(seq);
+        let key = (seq.priority, seq.id);
+        let at = self.waiting.partition_point(|s| (s.priority, s.id) < key);
+        self.waiting.insert(at, seq);
     }
 
     /// Nothing to do.
@@ -184,19 +194,22 @@ impl Scheduler {
         seq
     }
 
+    /// Preempts the last running sequence (the least urgent, newest: `running` is sorted).
     fn preempt_newest(&mut self, pool: &mut BlockPool) -> Option<u64> {
         let mut seq = self.running.pop()?;
         Self::release(&mut seq, pool, &mut self.window);
         seq.num_computed_tokens = 0;
         seq.num_registered_blocks = 0;
         let id = seq.id;
-        self.waiting.push_front(seq);
+        self.add(seq);
         Some(id)
     }
 
     /// Plans the next step, allocating the KV blocks it needs.
     pub fn schedule(&mut self, pool: &mut BlockPool) -> ScheduledBatch {
         let mut batch = ScheduledBatch::default();
+        // The most urgent claim the budget first; the least urgent are preempted first.
+        self.running.sort_by_key(|s| (s.priority, s.id));
         let mut budget = self.config.max_batch_tokens;
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
@@ -246,7 +259,17 @@ impl Scheduler {
             let from = seq.num_computed_tokens / bs;
             in_flight.extend(seq.hashes_up_to(end, bs).iter().skip(from));
         }
-        while budget > 0 && self.running.len() < self.config.max_running_seqs {
+        while budget > 0 {
+            let Some(priority) = self.waiting.front().map(|s| s.priority) else {
+                break;
+            };
+            if self.running.len() >= self.config.max_running_seqs {
+                // Full: only a more urgent sequence gets in, in place of the least urgent.
+                if !self.make_room(priority, &mut batch, &mut budget, pool) {
+                    break;
+                }
+                continue;
+            }
             let Some(seq) = self.waiting.front_mut() else {
                 break;
             };
@@ -279,6 +302,9 @@ impl Scheduler {
                     seq.num_computed_tokens = 0;
                     seq.num_registered_blocks = 0;
                 }
+                if self.make_room(priority, &mut batch, &mut budget, pool) {
+                    continue;
+                }
                 break;
             }
             let Some(mut seq) = self.waiting.pop_front() else {
@@ -295,6 +321,36 @@ impl Scheduler {
             budget -= n;
         }
         batch
+    }
+
+    /// Preempts the least urgent running sequence if it is less urgent than `priority` (a
+    /// waiting sequence's), taking its share of this step back; whether it did. Sequences
+    /// admitted in this step are never less urgent than the waiting ones behind them, so the
+    /// one preempted is always the last of `running` and its item, if any, the last one.
+    fn make_room(
+        &mut self,
+        priority: i32,
+        batch: &mut ScheduledBatch,
+        budget: &mut usize,
+        pool: &mut BlockPool,
+    ) -> bool {
+        let Some(last) = self.running.last() else {
+            return false;
+        };
+        if last.priority <= priority {
+            return false;
+        }
+        let index = self.running.len() - 1;
+        if let Some(at) = batch.items.iter().position(|item| item.index == index) {
+            *budget += batch.items.remove(at).num_tokens;
+        }
+        match self.preempt_newest(pool) {
+            Some(id) => {
+                batch.preempted.push(id);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Names the blocks a sequence has filled since the last call, so later requests can
@@ -345,6 +401,136 @@ mod tests {
             max_batch_tokens,
             max_running_seqs,
         }
+    }
+
+    /// A sequence of `priority` (lower runs first).
+    fn urgent(id: u64, prompt_len: usize, priority: i32) -> (Sequence, UnboundedReceiver<Event>) {
+        let (mut q, rx) = seq(id, prompt_len);
+        q.priority = priority;
+        (q, rx)
+    }
+
+    fn ids(seqs: impl IntoIterator<Item = impl std::ops::Deref<Target = Sequence>>) -> Vec<u64> {
+        seqs.into_iter().map(|s| s.id).collect()
+    }
+
+    #[test]
+    fn priorities_order_admission_and_the_budget() {
+        let mut pool = BlockPool::new(100, 16);
+        let mut s = Scheduler::new(config(512, 2));
+        let mut rxs = vec![];
+        for (id, p) in [(0, 0), (1, 5), (2, -1), (3, 0)] {
+            let (q, rx) = urgent(id, 4, p);
+            rxs.push(rx);
+            s.add(q);
+        }
+        assert_eq!(ids(&s.waiting), [2, 0, 3, 1]);
+        let b = s.schedule(&mut pool);
+        assert_eq!(ids(&s.running), [2, 0]);
+        assert_eq!(ids(&s.waiting), [3, 1]);
+        run(&mut s, &b, &mut pool);
+        // A budget of one token goes to the most urgent running sequence.
+        let mut s2 = Scheduler::new(config(1, 4));
+        let mut pool2 = BlockPool::new(100, 16);
+        for (id, p) in [(0, 3), (1, 1)] {
+            let (mut q, rx) = urgent(id, 4, p);
+            q.num_computed_tokens = 4;
+            q.tokens.push(7);
+            assert!(Scheduler::grow(&mut q, 5, &mut pool2, &mut None));
+            rxs.push(rx);
+            s2.running.push(q);
+        }
+        let b = s2.schedule(&mut pool2);
+        assert_eq!(b.items.len(), 1);
+        assert_eq!(s2.running[b.items[0].index].id, 1);
+    }
+
+    #[test]
+    fn a_more_urgent_request_takes_the_place_of_the_least_urgent() {
+        let mut pool = BlockPool::new(100, 4);
+        let mut s = Scheduler::new(config(512, 2));
+        let (a, _ra) = urgent(0, 6, 1);
+        let (b, _rb) = urgent(1, 6, 1);
+        s.add(a);
+        s.add(b);
+        let first = s.schedule(&mut pool);
+        run(&mut s, &first, &mut pool);
+        let used = pool.num_used();
+        let (c, _rc) = urgent(2, 5, 0);
+        s.add(c);
+        let step = s.schedule(&mut pool);
+        // The running set is full: the newest of the least urgent (1) makes room for 2.
+        assert_eq!(step.preempted, vec![1]);
+        assert_eq!(ids(&s.running), [0, 2]);
+        assert_eq!(
+            step.items,
+            vec![
+                Scheduled {
+                    index: 0,
+                    num_tokens: 1
+                },
+                Scheduled {
+                    index: 1,
+                    num_tokens: 5
+                }
+            ]
+        );
+        assert_eq!(ids(&s.waiting), [1]);
+        assert!(s.waiting[0].block_table.is_empty());
+        assert_eq!(
+            pool.num_used(),
+            used,
+            "1's two blocks freed, as many taken by 2"
+        );
+        run(&mut s, &step, &mut pool);
+        // Equally or less urgent newcomers wait their turn.
+        let (d, _rd) = urgent(3, 5, 1);
+        s.add(d);
+        let step = s.schedule(&mut pool);
+        assert!(step.preempted.is_empty());
+        assert_eq!(ids(&s.waiting), [1, 3]);
+    }
+
+    #[test]
+    fn out_of_blocks_an_urgent_request_preempts_the_least_urgent() {
+        // 4 blocks of 4 tokens: the less urgent sequence holds all of them.
+        let mut pool = BlockPool::new(4, 4);
+        let mut s = Scheduler::new(config(512, 8));
+        let (a, _ra) = urgent(0, 14, 1);
+        s.add(a);
+        let first = s.schedule(&mut pool);
+        run(&mut s, &first, &mut pool);
+        assert_eq!(pool.num_free(), 0);
+        let (b, _rb) = urgent(1, 6, 0);
+        s.add(b);
+        let step = s.schedule(&mut pool);
+        // 0's decode token was scheduled, then taken back with its blocks for 1's prompt.
+        assert_eq!(step.preempted, vec![0]);
+        assert_eq!(
+            step.items,
+            vec![Scheduled {
+                index: 0,
+                num_tokens: 6
+            }]
+        );
+        assert_eq!(ids(&s.running), [1]);
+        assert_eq!(ids(&s.waiting), [0]);
+        assert_eq!(pool.num_used(), 2);
+        // Out of blocks while decoding: the least urgent goes, even if it is the older.
+        let mut pool = BlockPool::new(4, 4);
+        let mut s = Scheduler::new(config(512, 8));
+        let (a, _ra) = urgent(0, 6, 1);
+        let (b, _rb) = urgent(1, 6, 0);
+        s.add(a);
+        s.add(b);
+        for _ in 0..3 {
+            let step = s.schedule(&mut pool);
+            assert!(step.preempted.is_empty());
+            run(&mut s, &step, &mut pool);
+        }
+        let step = s.schedule(&mut pool);
+        assert_eq!(step.preempted, vec![0]);
+        assert_eq!(ids(&s.running), [1]);
     }
 
     #[test]

@@ -64,6 +64,8 @@ pub struct Sequence {
     pub draft_len: usize,
     /// Where events go; closed when the client dropped its `Generation`.
     pub events: UnboundedSender<Event>,
+    /// Lower runs first ([`GenerateRequest::priority`]).
+    pub priority: i32,
 }
 
 impl Sequence {
@@ -108,6 +110,7 @@ impl Sequence {
             sampler: Sampler::new(request.sampling),
             json: request.json,
             embed: request.embed,
+            priority: request.priority,
             draft: Vec::new(),
             draft_len: usize::MAX,
             events,

@@ -2,6 +2,8 @@
 //! `batch`) runs in the background through the same routes as live traffic, a few at a time
 //! so the engine batches them, and its results come back as files (purpose `batch_output`):
 //! the 2xx responses in `output_file_id`, the others in `error_file_id`, in input order.
+//! Batch requests run at priority [`BATCH_PRIORITY`] unless they give one: live traffic goes
+//! first.
 //!
 //! On disk, under the data dir:
 //! ```text
@@ -46,6 +48,10 @@ pub const MAX_REQUESTS: usize = 50_000;
 
 /// How long a batch may take (the only window OpenAI offers).
 const WINDOW_SECS: u64 = 24 * 60 * 60;
+
+/// The scheduling priority of batch requests that give none: after live requests (0), which
+/// run first and may take a batch request's place (vLLM's convention: lower runs first).
+pub const BATCH_PRIORITY: i64 = 1;
 
 /// Validation errors kept per batch (the first ones).
 const MAX_ERRORS: usize = 100;
@@ -396,8 +402,7 @@ impl Batches {
                 r.status = BatchStatus::InProgress;
                 r.in_progress_at = Some(now());
             }
-            r.request_counts = counts(lines.len(), &done);
-            r.usage = usage(&done);
+            (r.request_counts, r.usage) = tally(lines.len(), &done);
         })?;
         if rec.status == BatchStatus::InProgress {
             let answered: HashSet<usize> = done.iter().map(|o| o.line).collect();
@@ -455,7 +460,7 @@ impl Batches {
         };
         let output = write(&ok, "output")?;
         let errors = write(&failed, "error")?;
-        let (counts, usage) = (counts(lines.len(), &done), usage(&done));
+        let (counts, usage) = tally(lines.len(), &done);
         self.update(id, |r| {
             r.output_file_id = output;
             r.error_file_id = errors;
@@ -494,7 +499,6 @@ impl Batches {
         let mut running = FuturesUnordered::new();
         let deadline =
             tokio::time::Instant::now() + Duration::from_secs(rec.expires_at.saturating_sub(now()));
-        let total = rec.request_counts.total;
         loop {
             if *cancel.borrow() {
                 return Ok(Stop::Cancelled);
@@ -516,13 +520,10 @@ impl Batches {
                     tokio::task::spawn_blocking(move || append_outcome(&path, &line))
                         .await
                         .map_err(std::io::Error::other)??;
-                    done.push(outcome);
-                    let (c, u) = (counts(total, done), usage(done));
-                    let mut records = lock(&self.inner.records);
-                    if let Some(r) = records.get_mut(&rec.id) {
-                        r.request_counts = c;
-                        r.usage = u;
+                    if let Some(r) = lock(&self.inner.records).get_mut(&rec.id) {
+                        add(&mut r.request_counts, &mut r.usage, &outcome);
                     }
+                    done.push(outcome);
                 }
                 _ = cancel.changed() => {}
                 _ = tokio::time::sleep_until(deadline) => return Ok(Stop::Expired),
@@ -643,41 +644,46 @@ fn read_outcomes(path: &Path) -> Vec<Outcome> {
         .unwrap_or_default()
 }
 
-fn counts(total: usize, done: &[Outcome]) -> RequestCounts {
-    let completed = done.iter().filter(|o| o.ok()).count();
-    RequestCounts {
+/// The counts and token usage of the `done` requests of a batch of `total`.
+fn tally(total: usize, done: &[Outcome]) -> (RequestCounts, BatchUsage) {
+    let mut counts = RequestCounts {
         total,
-        completed,
-        failed: done.len() - completed,
+        ..RequestCounts::default()
+    };
+    let mut usage = BatchUsage::default();
+    for o in done {
+        add(&mut counts, &mut usage, o);
     }
+    (counts, usage)
 }
 
-/// The answered requests' `usage` added up (chat and completions name their fields
-/// `prompt_tokens`/`completion_tokens`, the Responses API `input_tokens`/`output_tokens`).
-fn usage(done: &[Outcome]) -> BatchUsage {
-    let mut total = BatchUsage::default();
-    for u in done
-        .iter()
-        .filter(|o| o.ok())
-        .filter_map(|o| o.body.as_ref()?.get("usage"))
-    {
-        let n = |keys: &[&str]| {
-            keys.iter()
-                .find_map(|k| u.pointer(k).and_then(Value::as_u64))
-                .unwrap_or(0)
-        };
-        total.input_tokens += n(&["/prompt_tokens", "/input_tokens"]);
-        total.output_tokens += n(&["/completion_tokens", "/output_tokens"]);
-        total.cached_tokens += n(&[
-            "/prompt_tokens_details/cached_tokens",
-            "/input_tokens_details/cached_tokens",
-        ]);
-        total.reasoning_tokens += n(&[
-            "/completion_tokens_details/reasoning_tokens",
-            "/output_tokens_details/reasoning_tokens",
-        ]);
+/// Counts one finished request, and adds an answered one's `usage` (chat and completions
+/// name its fields `prompt_tokens`/`completion_tokens`, the Responses API
+/// `input_tokens`/`output_tokens`).
+fn add(counts: &mut RequestCounts, total: &mut BatchUsage, o: &Outcome) {
+    if !o.ok() {
+        counts.failed += 1;
+        return;
     }
-    total
+    counts.completed += 1;
+    let Some(u) = o.body.as_ref().and_then(|b| b.get("usage")) else {
+        return;
+    };
+    let n = |keys: &[&str]| {
+        keys.iter()
+            .find_map(|k| u.pointer(k).and_then(Value::as_u64))
+            .unwrap_or(0)
+    };
+    total.input_tokens += n(&["/prompt_tokens", "/input_tokens"]);
+    total.output_tokens += n(&["/completion_tokens", "/output_tokens"]);
+    total.cached_tokens += n(&[
+        "/prompt_tokens_details/cached_tokens",
+        "/input_tokens_details/cached_tokens",
+    ]);
+    total.reasoning_tokens += n(&[
+        "/completion_tokens_details/reasoning_tokens",
+        "/output_tokens_details/reasoning_tokens",
+    ]);
 }
 
 /// The requests of an input file, or why it is refused (OpenAI's checks: one JSON object per
@@ -774,10 +780,14 @@ fn parse_input(text: &str, endpoint: &str) -> Result<Vec<Line>, Vec<LineError>> 
             );
             continue;
         }
+        let mut body = body.clone();
+        if let Some(obj) = body.as_object_mut() {
+            obj.entry("priority").or_insert(json!(BATCH_PRIORITY));
+        }
         lines.push(Line {
             line: n,
             custom_id,
-            body: body.clone(),
+            body,
         });
     }
     if lines.len() > MAX_REQUESTS {
@@ -977,14 +987,19 @@ mod tests {
                    "body": {"prompt": "Hi", "max_tokens": 2}})
             .to_string()
         };
-        let text = format!("{}\n\n{}\n", good("a"), good("b"));
+        let urgent = json!({"custom_id": "u", "method": "POST", "url": "/v1/completions",
+                            "body": {"prompt": "Hi", "priority": -3}});
+        let text = format!("{}\n\n{}\n{urgent}\n", good("a"), good("b"));
         let lines = parse_input(&text, "/v1/completions").expect("valid");
         let seen: Vec<(usize, &str)> = lines
             .iter()
             .map(|l| (l.line, l.custom_id.as_str()))
             .collect();
-        assert_eq!(seen, [(1, "a"), (3, "b")]);
+        assert_eq!(seen, [(1, "a"), (3, "b"), (4, "u")]);
         assert_eq!(lines[1].body["max_tokens"], 2);
+        // After live requests unless the line says otherwise.
+        assert_eq!(lines[1].body["priority"], BATCH_PRIORITY);
+        assert_eq!(lines[2].body["priority"], -3);
 
         let bad = [
             "not json".to_string(),
@@ -1046,21 +1061,20 @@ mod tests {
         let done = read_outcomes(&path);
         assert_eq!(done.iter().map(|o| o.line).collect::<Vec<_>>(), [1, 2, 3]);
         assert_eq!(
-            counts(5, &done),
-            RequestCounts {
-                total: 5,
-                completed: 2,
-                failed: 1
-            }
-        );
-        assert_eq!(
-            usage(&done),
-            BatchUsage {
-                input_tokens: 10,
-                cached_tokens: 4,
-                output_tokens: 6,
-                reasoning_tokens: 0
-            }
+            tally(5, &done),
+            (
+                RequestCounts {
+                    total: 5,
+                    completed: 2,
+                    failed: 1
+                },
+                BatchUsage {
+                    input_tokens: 10,
+                    cached_tokens: 4,
+                    output_tokens: 6,
+                    reasoning_tokens: 0
+                }
+            )
         );
         let line = done[1].to_output_line();
         assert_eq!(line["custom_id"], "c2");

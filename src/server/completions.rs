@@ -242,6 +242,7 @@ pub(super) fn start(
                 }
             }),
             embed: false,
+            priority: job.common.priority,
         };
         let generation = loaded.engine.submit(request)?;
         choices.push(

@@ -75,11 +75,13 @@ async fn embed(
     inputs: Vec<Vec<TokenId>>,
     adapter: Option<String>,
     normalize: bool,
+    priority: i32,
 ) -> Result<(Vec<Vec<f32>>, usize), ApiError> {
     let mut generations = Vec::with_capacity(inputs.len());
     for prompt in inputs {
         generations.push(loaded.engine.submit(GenerateRequest {
             adapter: adapter.clone(),
+            priority,
             ..GenerateRequest::embedding(prompt)
         })?);
     }
@@ -161,8 +163,14 @@ pub async fn embeddings(
             ))
         }
     }
+    let priority = match body.get("priority") {
+        None | Some(Value::Null) => 0,
+        Some(p) => super::openai::priority(Some(p.as_i64().ok_or_else(|| {
+            ApiError::invalid("priority", "`priority` must be an integer of 32 bits")
+        })?))?,
+    };
     let inputs = inputs(loaded, body.get("input"), "input")?;
-    let (vectors, tokens) = embed(loaded, inputs, adapter, true).await?;
+    let (vectors, tokens) = embed(loaded, inputs, adapter, true, priority).await?;
     let data: Vec<Value> = vectors
         .iter()
         .enumerate()
@@ -224,7 +232,7 @@ pub async fn ollama_embed(
     let loaded = app.loaded()?;
     let adapter = ollama_model(loaded, &body)?;
     let inputs = ollama_inputs(loaded, &body, "input")?;
-    let (vectors, tokens) = embed(loaded, inputs, adapter, true).await?;
+    let (vectors, tokens) = embed(loaded, inputs, adapter, true, 0).await?;
     Ok(axum::Json(json!({
         "model": body["model"],
         "embeddings": vectors,
@@ -247,7 +255,7 @@ pub async fn ollama_embeddings(
         return Err(ApiError::invalid("prompt", "`prompt` must be a text"));
     }
     let inputs = ollama_inputs(loaded, &body, "prompt")?;
-    let (mut vectors, _) = embed(loaded, inputs, adapter, false).await?;
+    let (mut vectors, _) = embed(loaded, inputs, adapter, false, 0).await?;
     Ok(axum::Json(json!({"embedding": vectors.pop().unwrap_or_default()})).into_response())
 }
 

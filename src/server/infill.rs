@@ -333,6 +333,7 @@ fn start(app: &AppState, loaded: &Loaded, plan: Plan) -> Result<TextEvents, ApiE
         prompt_logprobs: None,
         json: plan.json.map(|g| loaded.json_constraint(g)),
         embed: false,
+        priority: 0,
     })?;
     let deadline = app.config().request_timeout.map(|t| Instant::now() + t);
     Ok(TextEvents::new(

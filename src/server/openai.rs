@@ -97,6 +97,8 @@ pub struct CommonFields {
     /// vLLM's newer spelling of these: `{"json": schema}`, `{"choice": [texts]}` or
     /// `{"regex": pattern}`.
     pub structured_outputs: Option<Value>,
+    /// vLLM's scheduling priority: lower runs first (default 0).
+    pub priority: Option<i64>,
 }
 
 /// `POST /v1/completions`.
@@ -276,6 +278,8 @@ pub struct ValidCommon {
     pub include_usage: bool,
     /// JSON mode: the text is one JSON value of this grammar (any object, or a schema's).
     pub json: Option<Arc<Grammar>>,
+    /// Scheduling priority (lower runs first).
+    pub priority: i32,
 }
 
 fn check(ok: bool, param: &str, message: &str) -> Result<(), ApiError> {
@@ -426,6 +430,7 @@ impl CommonFields {
         }
         Ok(ValidCommon {
             json,
+            priority: priority(self.priority)?,
             sampling: SamplingParams {
                 temperature,
                 top_k: top_k.max(0) as usize,
@@ -447,6 +452,14 @@ impl CommonFields {
                 .is_some_and(|o| o.include_usage),
         })
     }
+}
+
+/// vLLM's `priority` (lower runs first; 0 when absent), checked to be a 32-bit integer.
+pub fn priority(p: Option<i64>) -> Result<i32, ApiError> {
+    p.map_or(Ok(0), |p| {
+        i32::try_from(p)
+            .map_err(|_| ApiError::invalid("priority", "`priority` must be an integer of 32 bits"))
+    })
 }
 
 /// OpenAI's `response_format` (llama.cpp's `{"type": "json_object", "schema"}` too): the

@@ -295,6 +295,7 @@ fn chat_body(body: &Value) -> Result<Value, ApiError> {
         "user",
         "reasoning_format",
         "chat_template_kwargs",
+        "priority",
     ] {
         if let Some(v) = req.get(key) {
             chat.insert(key.into(), v.clone());
