@@ -397,6 +397,18 @@ async fn batches_go_on_after_a_restart() {
     crashed_batch(dir.path(), &file, "batch_running", "in_progress", far);
     crashed_batch(dir.path(), &file, "batch_cancelling", "cancelling", far);
     crashed_batch(dir.path(), &file, "batch_late", "in_progress", 3);
+    // Finalizing when the server stopped, every request answered, the window since passed.
+    crashed_batch(dir.path(), &file, "batch_answered", "finalizing", 3);
+    let all: String = (1..=3)
+        .map(|n| {
+            format!(
+                "{}\n",
+                json!({"line": n, "custom_id": format!("r{}", n - 1),
+                                         "status_code": 200, "body": {"n": n}})
+            )
+        })
+        .collect();
+    std::fs::write(dir.path().join("batches/batch_answered.results.jsonl"), all).expect("results");
 
     let app = app_in(dir.path(), 2);
     // Running: the answered request is kept as it was, the torn one and the rest run now.
@@ -452,6 +464,14 @@ async fn batches_go_on_after_a_restart() {
     );
     assert_eq!(errors[0]["response"], Value::Null);
 
+    // Late, but nothing was left to run: completed.
+    let done = wait_for(&app, "batch_answered", terminal).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["error_file_id"], Value::Null, "{done}");
+    let out = content_lines(&app, &done["output_file_id"]).await;
+    let ns: Vec<&Value> = out.iter().map(|l| &l["response"]["body"]["n"]).collect();
+    assert_eq!(ns, [&json!(1), &json!(2), &json!(3)]);
+
     // Listing: newest first (ids sort by creation), pages by `after`.
     let (_, page) = call(&app, "GET", "/v1/batches?limit=2", None).await;
     let ids: Vec<&str> = page["data"]
@@ -463,7 +483,13 @@ async fn batches_go_on_after_a_restart() {
     assert_eq!(ids, ["batch_running", "batch_late"], "{page}");
     assert_eq!(page["has_more"], true);
     let (_, rest) = call(&app, "GET", "/v1/batches?after=batch_late", None).await;
-    assert_eq!(rest["data"][0]["id"], "batch_cancelling", "{rest}");
+    let ids: Vec<&str> = rest["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .filter_map(|b| b["id"].as_str())
+        .collect();
+    assert_eq!(ids, ["batch_cancelling", "batch_answered"], "{rest}");
     assert_eq!(rest["has_more"], false);
 }
 

@@ -425,8 +425,10 @@ impl Batches {
                 }
             })?;
         }
-        // Finalizing (or cancelling): the result files, in input order.
-        let expired = rec.expired_at.is_some() || now() >= rec.expires_at;
+        // Finalizing (or cancelling): the result files, in input order. A batch whose every
+        // request was answered is complete, whenever that was.
+        let expired =
+            (rec.expired_at.is_some() || now() >= rec.expires_at) && done.len() < lines.len();
         if expired && rec.status != BatchStatus::Cancelling {
             let answered: HashSet<usize> = done.iter().map(|o| o.line).collect();
             for l in lines.iter().filter(|l| !answered.contains(&l.line)) {
