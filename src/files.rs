@@ -37,10 +37,11 @@ pub struct FileRecord {
     pub purpose: String,
 }
 
-/// Errors answered to API callers.
+/// Errors answered to API callers, of the file store and of fine-tuning jobs
+/// (`train::TrainError`).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum FileError {
-    /// No such file.
+    /// No such file (or job).
     #[error("{0}")]
     NotFound(String),
     /// A field is invalid.

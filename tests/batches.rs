@@ -11,7 +11,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::http::{header, Request, StatusCode};
+use axum::http::{Request, StatusCode};
 use axum::Router;
 use common::*;
 use http_body_util::BodyExt;
@@ -46,21 +46,6 @@ fn app_over(loaded: Arc<Loaded>, dir: &Path, concurrency: usize) -> Router {
     state.set_loaded(loaded);
     state.open_batches(dir, concurrency).expect("batches");
     server::router(state)
-}
-
-async fn call(app: &Router, method: &str, path: &str, body: Option<Value>) -> (StatusCode, Value) {
-    let req = Request::builder()
-        .method(method)
-        .uri(path)
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(body.map_or_else(Body::empty, |b| Body::from(b.to_string())))
-        .expect("request");
-    let resp = app.clone().oneshot(req).await.expect("infallible");
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
-    let v = serde_json::from_slice(&bytes)
-        .unwrap_or_else(|_| json!(String::from_utf8_lossy(&bytes).to_string()));
-    (status, v)
 }
 
 async fn upload(app: &Router, purpose: &str, content: &str) -> String {

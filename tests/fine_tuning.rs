@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::http::{header, Request, StatusCode};
+use axum::http::{Request, StatusCode};
 use axum::Router;
 use common::*;
 use http_body_util::BodyExt;
@@ -116,19 +116,6 @@ async fn send(app: &Router, req: Request<Body>) -> (StatusCode, Vec<u8>) {
     let status = resp.status();
     let body = resp.into_body().collect().await.expect("body").to_bytes();
     (status, body.to_vec())
-}
-
-async fn call(app: &Router, method: &str, path: &str, body: Option<Value>) -> (StatusCode, Value) {
-    let req = Request::builder()
-        .method(method)
-        .uri(path)
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(body.map_or_else(Body::empty, |b| Body::from(b.to_string())))
-        .expect("request");
-    let (status, bytes) = send(app, req).await;
-    let v =
-        serde_json::from_slice(&bytes).unwrap_or_else(|_| json!(String::from_utf8_lossy(&bytes)));
-    (status, v)
 }
 
 async fn upload(app: &Router, name: &str, purpose: &str, content: &str) -> (StatusCode, Value) {

@@ -19,7 +19,7 @@ impl From<FileError> for ApiError {
             }
             FileError::Invalid { param, message } => ApiError::invalid(&param, message),
             FileError::Io(m) => {
-                tracing::error!(error = %m, "file storage error");
+                tracing::error!(error = %m, "data dir storage error");
                 ApiError::status(
                     StatusCode::INSUFFICIENT_STORAGE,
                     "server_error",

@@ -17,26 +17,7 @@ use serde_json::{json, Value};
 use super::error::{ApiError, AppJson};
 use super::{AppState, Loaded};
 use crate::model::LoraAdapter;
-use crate::train::{EventRecord, Hyperparameters, JobRecord, JobSpec, TrainError, TrainingJobs};
-
-impl From<TrainError> for ApiError {
-    fn from(e: TrainError) -> Self {
-        match e {
-            TrainError::NotFound(m) => {
-                ApiError::status(StatusCode::NOT_FOUND, "invalid_request_error", m)
-            }
-            TrainError::Invalid { param, message } => ApiError::invalid(&param, message),
-            TrainError::Io(m) => {
-                tracing::error!(error = %m, "fine-tuning storage error");
-                ApiError::status(
-                    StatusCode::INSUFFICIENT_STORAGE,
-                    "server_error",
-                    format!("the server could not store the data: {m}"),
-                )
-            }
-        }
-    }
-}
+use crate::train::{EventRecord, Hyperparameters, JobRecord, JobSpec, TrainingJobs};
 
 fn training(loaded: &Loaded) -> Result<&TrainingJobs, ApiError> {
     loaded.training.as_ref().ok_or_else(|| {

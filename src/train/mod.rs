@@ -25,7 +25,7 @@ use serde_json::json;
 use tokio::sync::broadcast;
 
 use crate::engine::EngineHandle;
-use crate::files::{new_id, now, FileError, FileStore};
+use crate::files::{new_id, now, FileStore};
 use crate::model::{LoraAdapter, Model, Target};
 use crate::text::{ChatTemplate, Tokenizer};
 
@@ -49,24 +49,8 @@ pub struct TrainingConfig {
     pub micro_batch_tokens: usize,
 }
 
-/// Errors answered to API callers.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum TrainError {
-    /// No such file or job.
-    #[error("{0}")]
-    NotFound(String),
-    /// A field is invalid.
-    #[error("{message}")]
-    Invalid {
-        /// The request field.
-        param: String,
-        /// Why.
-        message: String,
-    },
-    /// The data dir could not be written.
-    #[error("storage error: {0}")]
-    Io(String),
-}
+/// Errors answered to API callers: the file store's (not found, invalid field, storage).
+pub use crate::files::FileError as TrainError;
 
 fn invalid(param: &str, message: impl Into<String>) -> TrainError {
     TrainError::Invalid {
@@ -77,16 +61,6 @@ fn invalid(param: &str, message: impl Into<String>) -> TrainError {
 
 fn io_err(e: std::io::Error) -> TrainError {
     TrainError::Io(e.to_string())
-}
-
-impl From<FileError> for TrainError {
-    fn from(e: FileError) -> Self {
-        match e {
-            FileError::NotFound(m) => TrainError::NotFound(m),
-            FileError::Invalid { param, message } => TrainError::Invalid { param, message },
-            FileError::Io(m) => TrainError::Io(m),
-        }
-    }
 }
 
 /// What a client asks for (already parsed from the wire).
