@@ -6,6 +6,8 @@ committed files):
 
     python3 scripts/tool-renders.py qwen3 > tests/reference/templates/qwen3_tool_renders.json
     python3 scripts/tool-renders.py llama3.2 > tests/reference/templates/llama32_tool_renders.json
+    python3 scripts/tool-renders.py mistral > tests/reference/templates/mistral_tool_renders.json
+    python3 scripts/tool-renders.py mistral-nemo > tests/reference/templates/mistral_nemo_tool_renders.json
 """
 import json
 import pathlib
@@ -93,12 +95,45 @@ LLAMA32 = dict(OFFERED, **{
     },
 })
 
+# Mistral's JSON-array calls ('v3' and 'v3-tekken' templates): several calls in one turn, each
+# with the 9-character id the templates insist on; results as `[TOOL_RESULTS]` with its id;
+# a system message goes into the last user turn.
+M_CALL = dict(CALL, id="a1B2c3D4e")
+M_TIME = dict(CALL_TIME, id="Zz9Yy8Xx7")
+MISTRAL = dict(OFFERED, **{
+    "calls_and_results": {
+        "messages": [
+            {"role": "user", "content": "Weather and time in Paris?"},
+            {"role": "assistant", "content": "", "tool_calls": [M_CALL, M_TIME]},
+            {"role": "tool", "tool_call_id": "a1B2c3D4e", "name": "get_weather",
+             "content": "{\"sky\": \"sunny\"}"},
+            {"role": "tool", "tool_call_id": "Zz9Yy8Xx7", "name": "get_time", "content": "12:00"},
+        ],
+        "tools": [WEATHER, TIME],
+    },
+    "two_turns": {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": "", "tool_calls": [M_CALL]},
+            {"role": "tool", "tool_call_id": "a1B2c3D4e", "name": "get_weather",
+             "content": "sunny"},
+            {"role": "assistant", "content": "It is sunny."},
+            {"role": "user", "content": "Thanks"},
+        ],
+        "tools": [WEATHER],
+    },
+})
+
 MODELS = {
     "qwen3": ("Qwen3-0.6B.jinja", QWEN3, {"eos_token": "<|im_end|>"}),
     # The date the template would take from the clock, fixed.
     "llama3.2": ("Llama-3.2-3B-Instruct.jinja", LLAMA32,
                  {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
                   "date_string": "07 Dec 2026"}),
+    "mistral": ("Mistral-v3.jinja", MISTRAL, {"bos_token": "<s>", "eos_token": "</s>"}),
+    "mistral-nemo": ("Mistral-Nemo-v3-tekken.jinja", MISTRAL,
+                     {"bos_token": "<s>", "eos_token": "</s>"}),
 }
 
 template_file, cases, kwargs = MODELS[sys.argv[1]]

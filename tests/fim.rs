@@ -1,36 +1,11 @@
 //! Fill-in-the-middle prompt assembly: exact token sequences for every template on tiny
 //! tokenizers that contain the FIM tokens, repo-level context, and the prefix-only fallback.
 
-use std::path::Path;
+mod common;
 
+use common::word_tokenizer as tokenizer;
 use nextoken::text::fim::{self, ExtraFile, FimInput, FimStyle};
 use nextoken::text::{FimMode, FimTemplate, Tokenizer};
-use serde_json::json;
-
-/// A word-level tokenizer: words split on whitespace, `specials` as special added tokens.
-fn tokenizer(dir: &Path, words: &[&str], specials: &[&str]) -> Tokenizer {
-    let mut vocab = serde_json::Map::new();
-    vocab.insert("[UNK]".into(), json!(0));
-    for (i, w) in words.iter().chain(specials).enumerate() {
-        vocab.insert((*w).to_string(), json!(i + 1));
-    }
-    let added: Vec<_> = specials
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            json!({"id": words.len() + i + 1, "content": s, "single_word": false, "lstrip": false,
-                   "rstrip": false, "normalized": false, "special": true})
-        })
-        .collect();
-    let doc = json!({
-        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
-        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
-        "decoder": null,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
-    });
-    std::fs::write(dir.join("tokenizer.json"), doc.to_string()).expect("write");
-    Tokenizer::from_hf_dir(dir).expect("tokenizer")
-}
 
 const WORDS: [&str; 8] = [
     "def",

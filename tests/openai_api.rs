@@ -666,7 +666,6 @@ async fn thinking_comes_before_a_constrained_answer() {
     );
 }
 
-/// SmolLM2 served with Qwen3's template (`serve --chat-template-file`), which knows tools.
 /// SmolLM2 served with a template of `tests/reference/templates/` (`--chat-template-file`),
 /// loaded once into `cell`.
 fn template_app(cell: &'static OnceLock<Arc<Loaded>>, template: &str) -> Router {
@@ -857,6 +856,98 @@ async fn llama_json_calls_come_back_as_tool_calls() {
     assert!(message.contains("single tool-calls"), "{message}");
 }
 
+fn mistral_app() -> Router {
+    static CELL: OnceLock<Arc<Loaded>> = OnceLock::new();
+    template_app(&CELL, "Mistral-v3.jinja")
+}
+
+/// Mistral's calls: with Mistral's 'v3' template the tools, earlier calls and results reach
+/// the template as they are (`/apply-template` equals transformers' render); OpenAI-style call
+/// ids, which the template refuses, reach it as 9 letters and digits, a call's and its
+/// result's alike; SmolLM2 with `tool_choice: "required"` writes
+/// `[TOOL_CALLS] [{"name": "get_weather", "arguments": {…}}]` (held to it), which comes back as
+/// `tool_calls` — whole, streamed, as a Responses `function_call` — and the answer sent back
+/// with the call's result is answered in text.
+#[tokio::test]
+async fn mistral_calls_come_back_as_tool_calls() {
+    let app = mistral_app();
+    for (name, case) in tool_render_cases("mistral_tool_renders.json") {
+        let (status, v) = post_json(
+            &app,
+            "/apply-template",
+            json!({"messages": case["messages"], "tools": case["tools"]}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{name}: {v}");
+        // The template writes the model's BOS and EOS: SmolLM2's, where Mistral's were.
+        let rendered = case["rendered"].as_str().expect("rendered");
+        let ours = rendered
+            .replacen("<s>", "<|im_start|>", 1)
+            .replace("</s>", "<|im_end|>");
+        assert_eq!(v["prompt"], ours, "{name}");
+    }
+    let (base, v, args) = required_weather_call(&app, json!({})).await;
+    let message = &v["choices"][0]["message"];
+    let id = message["tool_calls"][0]["id"].as_str().expect("id");
+    assert!(id.starts_with("call_"), "{id}");
+    let mut messages = base["messages"].as_array().expect("messages").clone();
+    messages.push(json!({"role": "assistant", "content": null,
+                         "tool_calls": message["tool_calls"]}));
+    messages.push(json!({"role": "tool", "tool_call_id": id, "content": "sunny, 24 C"}));
+    let follow = with_fields(
+        &base,
+        json!({"messages": messages, "tool_choice": "auto", "max_tokens": 24}),
+    );
+    let (status, p) = post_json(&app, "/apply-template", follow.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{p}");
+    let prompt = p["prompt"].as_str().expect("prompt");
+    let short = &id[id.len() - 9..];
+    // The arguments as the template writes them (Python's separators).
+    let city = serde_json::from_str::<Value>(&args).expect("JSON")["city"].to_string();
+    assert!(
+        prompt.contains(&format!(
+            "[TOOL_CALLS] [{{\"name\": \"get_weather\", \"arguments\": {{\"city\": {city}}}, \"id\": \"{short}\"}}]<|im_end|>"
+        )),
+        "{prompt}"
+    );
+    assert!(
+        prompt.contains(&format!(
+            "[TOOL_RESULTS] {{\"content\": sunny, 24 C, \"call_id\": \"{short}\"}}[/TOOL_RESULTS]"
+        )),
+        "{prompt}"
+    );
+    let (status, v) = post_json(&app, "/v1/chat/completions", follow).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+    // Ids that are not 9 letters and digits at all: 9 of their hash, the call's and the
+    // result's alike.
+    let call = json!({"id": "c1", "type": "function",
+                      "function": {"name": "get_weather", "arguments": "{\"city\": \"Rome\"}"}});
+    let messages = json!([{"role": "user", "content": "Rome?"},
+                          {"role": "assistant", "content": "", "tool_calls": [call]},
+                          {"role": "tool", "tool_call_id": "c1", "content": "rain"}]);
+    let (status, p) = post_json(
+        &app,
+        "/apply-template",
+        with_fields(&base, json!({"messages": messages})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{p}");
+    let prompt = p["prompt"].as_str().expect("prompt");
+    let ids: Vec<&str> = ["\"id\": \"", "\"call_id\": \""]
+        .iter()
+        .map(|k| {
+            let at = prompt.find(k).expect("an id") + k.len();
+            &prompt[at..at + 9]
+        })
+        .collect();
+    assert_eq!(ids[0], ids[1], "{prompt}");
+    assert!(
+        ids[0].bytes().all(|b| b.is_ascii_alphanumeric()),
+        "{prompt}"
+    );
+}
+
 /// Calls in the Hermes format: SmolLM2 with Qwen3's template and `tool_choice: "required"`
 /// writes `<tool_call>\n{"name": …, "arguments": {…}}\n</tool_call>` (held to it), which
 /// comes back as OpenAI's `tool_calls` — whole, streamed piece by piece (the pieces add up to
@@ -951,6 +1042,10 @@ async fn props_say_what_llama_cpp_clients_read() {
     assert_eq!(
         caps(&get(llama_app()).await),
         [json!(true), json!(true), json!(false)]
+    );
+    assert_eq!(
+        caps(&get(mistral_app()).await),
+        [json!(true), json!(true), json!(true)]
     );
 }
 

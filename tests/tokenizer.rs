@@ -123,3 +123,25 @@ fn streaming_detokenizer_is_utf8_exact() {
         "the reference has tokens holding partial characters"
     );
 }
+
+/// Constrained decoding sees no text in special tokens — except a tool-call tag that a
+/// vocabulary holds as one special token (Mistral's `[TOOL_CALLS]`, which its models write to
+/// begin their calls): that one is its text, so a held call can begin with it.
+#[test]
+fn a_tool_tag_special_token_is_its_text_for_constrained_calls() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let tok = word_tokenizer(
+        dir.path(),
+        &["get_weather"],
+        &["[TOOL_CALLS]", "</s>", "[INST]"],
+    );
+    let bytes = tok.token_bytes();
+    let id = |t: &str| tok.token_to_id(t).expect("in vocab") as usize;
+    assert!(tok.is_special(id("[TOOL_CALLS]") as u32));
+    assert_eq!(
+        bytes[id("[TOOL_CALLS]")].as_deref(),
+        Some(&b"[TOOL_CALLS]"[..])
+    );
+    assert_eq!(bytes[id("</s>")], None);
+    assert_eq!(bytes[id("[INST]")], None);
+}

@@ -1957,4 +1957,67 @@ mod tests {
         assert!(run(&auto, "Paris is sunny {").is_some_and(|s| s.is_free()));
         assert!(run(&auto, "{\"name\": \"get_time\"").is_some_and(|s| !s.is_free()));
     }
+
+    /// Mistral's calls: one JSON array after `[TOOL_CALLS]` (with the space of its 'v3'
+    /// templates or without, 'v3-tekken'), calls `, ` apart, nothing after the `]`; the tag
+    /// may be one special token (its text in the table); with text allowed, free text until
+    /// the tag, then held.
+    #[test]
+    fn mistral_calls_are_one_array_after_their_tag() {
+        use crate::engine::json_schema::CallShape;
+        let schema: serde_json::Value = serde_json::json!({"type": "object",
+            "properties": {"city": {"type": "string"}}, "required": ["city"],
+            "additionalProperties": false});
+        let tools = [("get_weather", Some(&schema)), ("get_time", None)];
+        let run = |g: &Grammar, t: &str| JsonPaths::default().after_bytes(g, t.as_bytes());
+        let weather = "{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}";
+        let time = "{\"name\": \"get_time\", \"arguments\": {}}";
+        for (shape, tag) in [
+            (&CallShape::MISTRAL, "[TOOL_CALLS] ["),
+            (&CallShape::MISTRAL_TEKKEN, "[TOOL_CALLS]["),
+        ] {
+            let g = Grammar::named_calls(&tools, shape, false, 8).expect("grammar");
+            for ok in [
+                format!("{tag}{weather}]"),
+                format!("{tag}{weather}, {time}]"),
+            ] {
+                assert!(run(&g, &ok).is_some_and(|s| s.is_done()), "{ok}");
+            }
+            let unclosed = run(&g, &format!("{tag}{weather}")).expect("a call");
+            assert!(!unclosed.can_end(&g));
+            for bad in [
+                format!("{tag}{weather}]]"),
+                format!("{tag}]"),
+                format!("{tag}{weather}{time}]"),
+                format!("{tag}{{\"name\": \"get_weather\", \"parameters\""),
+                format!("<tool_call>{weather}"),
+                weather.to_owned(),
+            ] {
+                assert!(run(&g, &bad).is_none(), "{bad}");
+            }
+            let one = Grammar::named_calls(&tools, shape, false, 1).expect("grammar");
+            assert!(run(&one, &format!("{tag}{weather}, ")).is_none());
+        }
+        // The tag as one special token: the only first token of a required call, and the
+        // trigger of a lazy one.
+        let texts = [
+            Some("[TOOL_CALLS]"),                                // 0
+            Some(" ["),                                          // 1
+            Some("{\"name\": \"get_time\", \"arguments\": {}}"), // 2
+            Some("]"),                                           // 3
+            Some("Sure."),                                       // 4
+            None,                                                // 5: stop
+        ];
+        let table = Arc::new(TokenBytes::from_texts(&texts));
+        let required = Grammar::named_calls(&tools, &CallShape::MISTRAL, false, 8).expect("g");
+        let c = JsonConstraint::new(table.clone(), Arc::new(required));
+        assert_eq!(allowed_ids(&c, texts.len(), 5), vec![0]);
+        let done = after(&c, &[0, 1, 2, 3]);
+        assert!(done.is_done());
+        assert_eq!(allowed_ids(&done, texts.len(), 5), vec![5]);
+        let lazy = Grammar::named_calls(&tools, &CallShape::MISTRAL, true, 8).expect("g");
+        let c = JsonConstraint::new(table, Arc::new(lazy));
+        assert_eq!(allowed_ids(&c, texts.len(), 5), vec![0, 1, 2, 3, 4, 5]);
+        assert_eq!(allowed_ids(&after(&c, &[4, 0]), texts.len(), 5), vec![1]);
+    }
 }

@@ -124,9 +124,15 @@ pub(crate) enum Node {
 
 /// How a model writes a tool call that names its function: `open`, then
 /// `{"name": "<function>", "<arguments_key>": {…}}`, then `close`; several calls
-/// `separator` apart.
+/// `separator` apart, all of them between `begin` and `end`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CallShape {
+    /// The tag that says calls follow (what a lazy grammar waits for; empty: none).
+    pub trigger: &'static str,
+    /// Text before the calls.
+    pub begin: &'static str,
+    /// Text after the calls.
+    pub end: &'static str,
     /// Text before each call.
     pub open: &'static str,
     /// Text after each call.
@@ -141,6 +147,9 @@ impl CallShape {
     /// Hermes' `<tool_call>\n{"name": …, "arguments": {…}}\n</tool_call>`, a newline between
     /// calls (Qwen2.5, Qwen3, Hermes 2/3).
     pub const HERMES: CallShape = CallShape {
+        trigger: "<tool_call>",
+        begin: "",
+        end: "",
         open: "<tool_call>\n",
         close: "\n</tool_call>",
         separator: "\n",
@@ -149,10 +158,30 @@ impl CallShape {
     /// Llama 3.1–3.3's custom-tool calls: `{"name": …, "parameters": {…}}`, bare (their
     /// templates take one call per turn).
     pub const LLAMA: CallShape = CallShape {
+        trigger: "",
+        begin: "",
+        end: "",
         open: "",
         close: "",
         separator: "; ",
         arguments_key: "parameters",
+    };
+    /// Mistral's 'v3' templates (Mistral 7B v0.3, Large 2407): one JSON array after the
+    /// `[TOOL_CALLS]` tag, `[TOOL_CALLS] [{"name": …, "arguments": {…}}, …]`.
+    pub const MISTRAL: CallShape = CallShape {
+        trigger: "[TOOL_CALLS]",
+        begin: "[TOOL_CALLS] [",
+        end: "]",
+        open: "",
+        close: "",
+        separator: ", ",
+        arguments_key: "arguments",
+    };
+    /// Mistral's 'v3-tekken' and later templates (Nemo, Small 3.x): the same without the
+    /// space, `[TOOL_CALLS][{"name": …, "arguments": {…}}, …]`.
+    pub const MISTRAL_TEKKEN: CallShape = CallShape {
+        begin: "[TOOL_CALLS][",
+        ..CallShape::MISTRAL
     };
 }
 
@@ -353,7 +382,7 @@ impl Grammar {
             [only] => *only,
             _ => c.push(Node::Seq(parts.into()), "tools")?,
         };
-        let whole = if max_calls > 1 {
+        let calls = if max_calls > 1 {
             let separator = shape.separator.as_bytes().into();
             let separator = c.push(Node::Literals(vec![separator]), "tools")?;
             let next = c.push(Node::Seq(vec![separator, one].into()), "tools")?;
@@ -369,7 +398,19 @@ impl Grammar {
         } else {
             one
         };
-        let tag = shape.open.trim();
+        let mut parts = Vec::new();
+        for (text, is_calls) in [(shape.begin, false), ("", true), (shape.end, false)] {
+            if is_calls {
+                parts.push(calls);
+            } else if !text.is_empty() {
+                parts.push(c.push(Node::Literals(vec![text.as_bytes().into()]), "tools")?);
+            }
+        }
+        let whole = match parts.as_slice() {
+            [only] => *only,
+            _ => c.push(Node::Seq(parts.into()), "tools")?,
+        };
+        let tag = shape.trigger;
         let root = if text_allowed && tag.is_empty() {
             c.push(Node::TextOr(whole), "tools")?
         } else {

@@ -23,7 +23,7 @@ use super::openai::{
     PromptField, ValidCommon, WireUsage,
 };
 use super::stream::{TextEvent, TextEvents, TokenInfo};
-use super::tools::{call_text, wire_call, CallFormat, Progress, ToolPlan};
+use super::tools::{call_text, mistral_call_id, wire_call, CallFormat, Progress, ToolPlan};
 use super::{AppState, Loaded};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -965,6 +965,11 @@ pub(super) fn chat_job(loaded: &Loaded, body: &Value) -> Result<Job, ApiError> {
     // A template that writes calls itself is given the tools and the calls as they are.
     let format = CallFormat::of_template(template.tool_syntax());
     let native = format.is_native();
+    // Mistral's templates take 9-character call ids only (they raise on any other).
+    let call_id = |id: String| match format {
+        CallFormat::Mistral { .. } => mistral_call_id(&id),
+        _ => id,
+    };
     let tools = ToolPlan::from_request(
         req.tools.as_ref(),
         req.tool_choice.as_ref(),
@@ -1013,7 +1018,7 @@ pub(super) fn chat_job(loaded: &Loaded, body: &Value) -> Result<Job, ApiError> {
                     let arguments = serde_json::from_str::<Value>(&c.function.arguments)
                         .unwrap_or(Value::String(c.function.arguments));
                     call_names.extend(c.id.clone().map(|id| (id, c.function.name.clone())));
-                    json!({"type": "function", "id": c.id,
+                    json!({"type": "function", "id": c.id.map(call_id),
                            "function": {"name": c.function.name, "arguments": arguments}})
                 });
                 message.tool_calls = Some(calls.collect());
@@ -1024,7 +1029,7 @@ pub(super) fn chat_job(loaded: &Loaded, body: &Value) -> Result<Job, ApiError> {
                     .as_ref()
                     .and_then(|id| call_names.iter().find(|(i, _)| i == id))
                     .map(|(_, n)| n.clone());
-                message.tool_call_id = m.tool_call_id;
+                message.tool_call_id = m.tool_call_id.map(call_id);
             }
             messages.push(message);
             continue;

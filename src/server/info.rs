@@ -90,7 +90,10 @@ pub async fn props(State(app): State<AppState>) -> Result<Response, ApiError> {
         "chat_template_caps": {
             "supports_tools": syntax.is_some(),
             "supports_tool_calls": syntax.is_some(),
-            "supports_parallel_tool_calls": syntax == Some(ToolSyntax::Hermes),
+            "supports_parallel_tool_calls": matches!(
+                syntax,
+                Some(ToolSyntax::Hermes | ToolSyntax::MistralJson { .. })
+            ),
             "supports_system_role": true,
         },
         "bos_token": bos,

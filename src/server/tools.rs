@@ -1,8 +1,10 @@
-//! OpenAI tool calling (`tools`, `tool_choice`) for any model, in one of three formats
+//! OpenAI tool calling (`tools`, `tool_choice`) for any model, in one of four formats
 //! ([`CallFormat`]). A template that knows tools in the Hermes format (Qwen2.5, Qwen3,
-//! Hermes 2/3) or Llama 3.x's JSON gets the tools, calls and results as they are, and the
-//! answer is held ([`Grammar::named_calls`]) to the `<tool_call>` block (or the
-//! `{"name": …, "parameters": …}` object) its model was trained to write. For
+//! Hermes 2/3), Llama 3.x's JSON or Mistral's `[TOOL_CALLS]` array gets the tools, calls and
+//! results as they are (Mistral's with 9-character call ids, [`mistral_call_id`]), and the
+//! answer is held ([`Grammar::named_calls`]) to the `<tool_call>` block (the
+//! `{"name": …, "parameters": …}` object, the `[TOOL_CALLS] [{…}]` array) its model was
+//! trained to write. For
 //! any other template, the way llama.cpp's server serves templates that know no tools: the
 //! tools are described in the system message, and the answer is constrained (JSON mode,
 //! [`Grammar::tool_call`]) to `{"<function name>": {<arguments>}}` — exactly one declared
@@ -10,8 +12,8 @@
 //! results in `messages` are written into the conversation as prose ([`call_text`], and a
 //! user turn `Result of name: …`). With `tool_choice: "auto"` the model may answer in plain
 //! text instead (a first character that cannot begin a call leaves the constraint); in the
-//! Hermes format text may also come before the calls (the grammar waits for `<tool_call>`,
-//! [`Progress`]). A call comes back as OpenAI's `tool_calls` (finish reason `tool_calls`),
+//! Hermes and Mistral formats text may also come before the calls (the grammar waits for
+//! `<tool_call>` or `[TOOL_CALLS]`, [`Progress`]). A call comes back as OpenAI's `tool_calls` (finish reason `tool_calls`),
 //! with any text before it as `content`. A thinking model's
 //! reasoning comes first, unconstrained (`JsonConstraint::after_reasoning`).
 
@@ -56,6 +58,13 @@ pub enum CallFormat {
     /// The template's own, as for Hermes; the model writes `{"name": …, "parameters": {…}}`,
     /// one call per turn (Llama 3.1–3.3 with custom tools).
     Llama,
+    /// The template's own, as for Hermes; the model writes
+    /// `[TOOL_CALLS] [{"name": …, "arguments": {…}}, …]` (`spaced`; else without the space),
+    /// its calls in one JSON array (Mistral's 'v3' and 'v3-tekken' templates).
+    Mistral {
+        /// A space between the tag and the array.
+        spaced: bool,
+    },
 }
 
 impl CallFormat {
@@ -65,7 +74,13 @@ impl CallFormat {
             None => CallFormat::Prompted,
             Some(ToolSyntax::Hermes) => CallFormat::Hermes,
             Some(ToolSyntax::LlamaJson) => CallFormat::Llama,
+            Some(ToolSyntax::MistralJson { spaced }) => CallFormat::Mistral { spaced },
         }
+    }
+
+    /// Whether one answer may make several calls (Llama's templates take one per turn).
+    fn parallel(self) -> bool {
+        matches!(self, CallFormat::Hermes | CallFormat::Mistral { .. })
     }
 
     /// Whether the template is given the tools and the calls as they are.
@@ -77,11 +92,14 @@ impl CallFormat {
     fn shape(self) -> &'static CallShape {
         match self {
             CallFormat::Llama => &CallShape::LLAMA,
-            _ => &CallShape::HERMES,
+            CallFormat::Mistral { spaced: true } => &CallShape::MISTRAL,
+            CallFormat::Mistral { spaced: false } => &CallShape::MISTRAL_TEKKEN,
+            CallFormat::Hermes | CallFormat::Prompted => &CallShape::HERMES,
         }
     }
 
-    /// A native call's opening tag (`<tool_call>`; none for Llama's bare JSON).
+    /// A native call's opening tag (`<tool_call>`; none for Llama's bare JSON and for each of
+    /// Mistral's calls, which its array holds).
     fn open_tag(self) -> &'static str {
         self.shape().open.trim()
     }
@@ -116,8 +134,8 @@ pub struct CallSpan {
     pub end: usize,
 }
 
-/// Most calls one Hermes answer may make (`parallel_tool_calls`, the default; Llama's
-/// templates take one).
+/// Most calls one Hermes or Mistral answer may make (`parallel_tool_calls`, the default;
+/// Llama's templates take one).
 const MAX_PARALLEL_CALLS: u32 = 8;
 
 /// A request's tools, checked: what the model is told and what its answer is held to.
@@ -127,7 +145,7 @@ pub struct ToolPlan {
     choice: Choice,
     /// How calls are written.
     pub format: CallFormat,
-    /// The request's `tools`, as the template gets them (Hermes).
+    /// The request's `tools`, as the template gets them (the native formats).
     pub declared: Value,
     /// The constraint on the answer.
     pub grammar: Arc<Grammar>,
@@ -251,8 +269,8 @@ impl ToolPlan {
         let auto = choice == Choice::Auto;
         let grammar = match format {
             CallFormat::Prompted => Grammar::tool_call(&offered, auto),
-            CallFormat::Hermes | CallFormat::Llama => {
-                let parallel = parallel && format == CallFormat::Hermes;
+            CallFormat::Hermes | CallFormat::Llama | CallFormat::Mistral { .. } => {
+                let parallel = parallel && format.parallel();
                 let most = if parallel { MAX_PARALLEL_CALLS } else { 1 };
                 Grammar::named_calls(&offered, format.shape(), auto, most)
             }
@@ -274,10 +292,10 @@ impl ToolPlan {
     /// `tool_choice: "auto"` it is calls from the start. With `"auto"`: in the prompted and
     /// Llama formats an answer whose first character cannot begin a call — anything but `{`
     /// (Llama: `{` first, no space before it) — is text to its end (the grammar lets it go
-    /// then); in the Hermes format calls may follow text, from the first `<tool_call>` on
-    /// (the grammar is lazy: free text until that tag, as llama.cpp's lazy grammars and
-    /// vLLM's Hermes parser take them), and text that ends with the tag's beginning holds
-    /// that back.
+    /// then); in the Hermes and Mistral formats calls may follow text, from the first
+    /// `<tool_call>` (`[TOOL_CALLS]`) on (the grammar is lazy: free text until that tag, as
+    /// llama.cpp's lazy grammars and vLLM's Hermes and Mistral parsers take them), and text
+    /// that ends with the tag's beginning holds that back.
     pub fn progress(&self, text: &str) -> Progress {
         if self.choice != Choice::Auto {
             return Progress::CallsFrom(0);
@@ -288,8 +306,8 @@ impl ToolPlan {
             }
             CallFormat::Llama if !text.is_empty() && !text.starts_with('{') => Progress::Text,
             CallFormat::Prompted | CallFormat::Llama => Progress::CallsFrom(0),
-            CallFormat::Hermes => {
-                let tag = self.format.open_tag();
+            CallFormat::Hermes | CallFormat::Mistral { .. } => {
+                let tag = self.format.shape().trigger;
                 if let Some(at) = text.find(tag) {
                     return Progress::CallsFrom(at);
                 }
@@ -312,11 +330,12 @@ impl ToolPlan {
 
     /// The function a call names and where its arguments start (after the `:` and any
     /// whitespace), once the text has got that far: `{ "name" :` (Hermes:
-    /// `<tool_call>\n{"name": "…", "arguments":`; Llama: `{"name": "…", "parameters":`).
+    /// `<tool_call>\n{"name": "…", "arguments":`; Llama: `{"name": "…", "parameters":`;
+    /// Mistral: one element of its array, `{"name": "…", "arguments":`).
     fn call_head(&self, text: &str) -> Option<(String, usize)> {
         match self.format {
             CallFormat::Prompted => call_head(text),
-            CallFormat::Hermes | CallFormat::Llama => {
+            CallFormat::Hermes | CallFormat::Llama | CallFormat::Mistral { .. } => {
                 let rest = text.strip_prefix(self.format.open_tag())?.trim_start();
                 let rest = rest.strip_prefix('{')?.trim_start();
                 let rest = rest.strip_prefix("\"name\"")?.trim_start();
@@ -404,6 +423,11 @@ impl ToolPlan {
         let Progress::CallsFrom(at) = self.progress(text) else {
             return None;
         };
+        if matches!(self.format, CallFormat::Mistral { .. })
+            && !mistral_closed(&text[at..], self.format.shape().trigger)
+        {
+            return None;
+        }
         self.blocks(text[at..].trim())
             .into_iter()
             .map(|(_, block, _)| self.parse_call(block))
@@ -450,8 +474,12 @@ impl ToolPlan {
     }
 
     /// The answer cut where each call begins (Hermes: at each `<tool_call>`): each piece's
-    /// offset, text, and whether another follows it.
+    /// offset, text, and whether another follows it (Mistral: each element of its array
+    /// as far as it goes, and whether it is complete).
     fn blocks<'a>(&self, text: &'a str) -> Vec<(usize, &'a str, bool)> {
+        if let CallFormat::Mistral { .. } = self.format {
+            return mistral_elements(text, self.format.shape().trigger);
+        }
         let open = self.format.open_tag();
         let starts: Vec<usize> = match self.format {
             CallFormat::Hermes if text.starts_with(open) => {
@@ -485,6 +513,102 @@ impl ToolPlan {
         }
         Some((name, args.to_owned()))
     }
+}
+
+/// The calls of a Mistral answer (`[TOOL_CALLS] [{…}, {…}]`, from its tag on): each element's
+/// offset and text (from its `{` to its matching `}`, or to the end of the text while it is
+/// being written) and whether it is complete. Elements are found by following the JSON's
+/// strings and nesting, so a `{"name"` inside the arguments does not start a call.
+fn mistral_elements<'a>(text: &'a str, tag: &str) -> Vec<(usize, &'a str, bool)> {
+    let mut out = Vec::new();
+    let Some(rest) = text.strip_prefix(tag) else {
+        return out;
+    };
+    let Some(array) = rest.trim_start().strip_prefix('[') else {
+        return out;
+    };
+    let mut at = text.len() - array.len();
+    loop {
+        let element = text[at..].trim_start();
+        at = text.len() - element.len();
+        if !element.starts_with('{') {
+            return out;
+        }
+        let Some(len) = json_value_len(element) else {
+            out.push((at, element, false));
+            return out;
+        };
+        out.push((at, &element[..len], true));
+        let after = element[len..].trim_start();
+        match after.strip_prefix(',') {
+            Some(next) => at = text.len() - next.len(),
+            None => return out,
+        }
+    }
+}
+
+/// Whether a Mistral answer's array (from its tag on) is closed: complete elements, then `]`
+/// and nothing but whitespace.
+fn mistral_closed(text: &str, tag: &str) -> bool {
+    let text = text.trim_end();
+    let elements = mistral_elements(text, tag);
+    match elements.last() {
+        Some(&(at, element, true)) => text[at + element.len()..].trim() == "]",
+        _ => false,
+    }
+}
+
+/// The length of the JSON object or array `text` begins with, once its closing bracket is
+/// written (strings and escapes followed, so brackets inside strings do not count).
+fn json_value_len(text: &str) -> Option<usize> {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for (i, b) in text.bytes().enumerate() {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => {
+                depth = depth.checked_sub(1)?;
+                if depth == 0 {
+                    return Some(i + 1);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// A call id as Mistral's templates take it: 9 letters and digits (they refuse any other).
+/// An id that is one already stays; a longer one ending in 9 letters and digits keeps those
+/// (OpenAI-style `call_…` ids, as vLLM cuts them); any other is replaced by 9 letters and
+/// digits of its hash — the same for the call and for the result that answers it.
+pub fn mistral_call_id(id: &str) -> String {
+    let alnum = |s: &str| s.bytes().all(|b| b.is_ascii_alphanumeric());
+    if id.len() >= 9 && id.is_char_boundary(id.len() - 9) && alnum(&id[id.len() - 9..]) {
+        return id[id.len() - 9..].to_owned();
+    }
+    // FNV-1a: stable across runs and builds, as a conversation sent again must render alike.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in id.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    const DIGITS: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    (0..9)
+        .map(|_| {
+            let d = DIGITS[(h % 62) as usize] as char;
+            h /= 62;
+            d
+        })
+        .collect()
 }
 
 /// How much of a `{"name": {arguments}}` call's arguments (from `start`) can be sent: all but
@@ -551,6 +675,9 @@ mod tests {
         let hermes = |city: &str| {
             format!("<tool_call>\n{{\"name\": \"get_weather\", \"arguments\": {{\"city\": \"{city}\"}}}}\n</tool_call>")
         };
+        let mistral = |city: &str| {
+            format!("{{\"name\": \"get_weather\", \"arguments\": {{\"city\": \"{city}\"}}}}")
+        };
         for (format, text) in [
             (CallFormat::Hermes, hermes("Paris}")),
             (
@@ -564,6 +691,18 @@ mod tests {
             (
                 CallFormat::Llama,
                 "{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Paris}\"}}".to_owned(),
+            ),
+            (
+                CallFormat::Mistral { spaced: true },
+                format!("[TOOL_CALLS] [{}]", mistral("Paris}")),
+            ),
+            (
+                CallFormat::Mistral { spaced: false },
+                format!(
+                    "[TOOL_CALLS][{}, {}]",
+                    mistral("Paris}"),
+                    mistral("{\\\"name\\\"")
+                ),
             ),
         ] {
             let p = plan(format, "required");
@@ -707,5 +846,87 @@ mod tests {
                 .after_bytes(&llama.grammar, text.as_bytes());
             assert_eq!(after.is_some(), ok, "{text}");
         }
+    }
+
+    /// Mistral's calls, one JSON array after `[TOOL_CALLS]`: text before the tag with
+    /// `"auto"` (a tag's beginning held back), each element parsed — a `{"name"` inside the
+    /// arguments or a `]` inside a string does not cut them —, an array not closed is a call
+    /// cut short, and while streaming each element grows to its whole arguments.
+    #[test]
+    fn mistral_calls_are_the_elements_of_one_array() {
+        use Progress::{CallsFrom, TextUpTo};
+        let m = plan(CallFormat::Mistral { spaced: true }, "auto");
+        for (text, progress) in [
+            ("", TextUpTo(0)),
+            ("[TOOL", TextUpTo(0)),
+            ("Sure. [TOOL_C", TextUpTo(6)),
+            ("[TOOL_CALLS] [", CallsFrom(0)),
+            ("Sure. [TOOL_CALLS] [{", CallsFrom(6)),
+            ("[1, 2]", TextUpTo(6)),
+        ] {
+            assert_eq!(m.progress(text), progress, "{text:?}");
+        }
+        let first =
+            r#"{"name": "get_weather", "arguments": {"city": "Paris ]", "filter": {"name": "x"}}}"#;
+        let second = r#"{"name": "get_weather", "arguments": {"city": "Rome"}}"#;
+        let text = format!("Let me see. [TOOL_CALLS] [{first}, {second}]");
+        let want = vec![
+            (
+                "get_weather".to_owned(),
+                r#"{"city": "Paris ]", "filter": {"name": "x"}}"#.to_owned(),
+            ),
+            ("get_weather".to_owned(), r#"{"city": "Rome"}"#.to_owned()),
+        ];
+        assert_eq!(m.parse_calls(&text), Some(want.clone()));
+        assert_eq!(m.text_before_calls(&text), "Let me see. ");
+        assert_eq!(m.finished_calls(&text), Some((want, true)));
+        // Not closed: cut short, the calls as far as they got.
+        let cut = &text[..text.len() - r#"e"}}]"#.len()];
+        assert_eq!(m.parse_calls(cut), None);
+        let (calls, whole) = m.finished_calls(cut).expect("calls");
+        assert!(!whole);
+        assert_eq!(calls[1].1, r#"{"city": "Rom"#);
+        // Mid-way through the second element: the first whole, the second as far as safe.
+        let at = text.find("[TOOL_CALLS]").expect("tag");
+        let spans = m.calls_so_far(&cut[at..], false);
+        assert_eq!(spans.len(), 2);
+        assert_eq!(
+            &cut[at + spans[0].start..at + spans[0].end],
+            r#"{"city": "Paris ]", "filter": {"name": "x"}}"#
+        );
+        // Anything after the array, or a function not declared: no calls.
+        assert_eq!(m.parse_calls(&format!("{text} more")), None);
+        assert_eq!(
+            m.parse_calls(r#"[TOOL_CALLS] [{"name": "other", "arguments": {}}]"#),
+            None
+        );
+        // Without the space ('v3-tekken'), the same.
+        let t = plan(CallFormat::Mistral { spaced: false }, "required");
+        assert_eq!(
+            t.parse_calls(&format!("[TOOL_CALLS][{second}]")),
+            Some(vec![(
+                "get_weather".to_owned(),
+                r#"{"city": "Rome"}"#.to_owned()
+            )])
+        );
+    }
+
+    /// Mistral's templates refuse call ids that are not 9 letters and digits: such ids stay,
+    /// longer ones keep their last 9 when those are letters and digits, any other becomes 9
+    /// of its hash — the same each time, different for different ids.
+    #[test]
+    fn call_ids_become_what_mistral_templates_take() {
+        assert_eq!(mistral_call_id("a1B2c3D4e"), "a1B2c3D4e");
+        assert_eq!(
+            mistral_call_id("call_0123456789abcdef01234567"),
+            "abcdef01234567"[5..]
+        );
+        for id in ["call_1", "call_2", "x-y", "", "call_ééééééééé"] {
+            let m = mistral_call_id(id);
+            assert_eq!(m.len(), 9, "{id}");
+            assert!(m.bytes().all(|b| b.is_ascii_alphanumeric()), "{m}");
+            assert_eq!(m, mistral_call_id(id));
+        }
+        assert_ne!(mistral_call_id("call_1"), mistral_call_id("call_2"));
     }
 }

@@ -45,16 +45,30 @@ pub enum ToolSyntax {
     /// `{"name": …, "parameters": …}`, one call per turn, results in `ipython` turns (Llama
     /// 3.1–3.3 with custom tools).
     LlamaJson,
+    /// `[TOOL_CALLS] [{"name": …, "arguments": …}, …]`, one JSON array of calls after the tag
+    /// (`spaced`: a space before the array, as Mistral's 'v3' templates write it; none in
+    /// 'v3-tekken' and later), results in `[TOOL_RESULTS]`, 9-character call ids (Mistral 7B
+    /// v0.3, Nemo, Large 2407, Small 3.x).
+    MistralJson {
+        /// Whether the template writes `[TOOL_CALLS] [` (else `[TOOL_CALLS][`).
+        spaced: bool,
+    },
 }
 
 impl ToolSyntax {
     /// From the template's source: Hermes templates write `<tool_call>` blocks; Llama 3.x
-    /// templates tell the model the format in words that name `"parameters"`.
+    /// templates tell the model the format in words that name `"parameters"`; Mistral's write
+    /// `[TOOL_CALLS]` before a JSON array (not the `[TOOL_CALLS]name[ARGS]{…}` of its newest
+    /// templates, which is not served natively).
     fn of_source(source: &str) -> Option<Self> {
         if !source.contains("tools") {
             None
         } else if source.contains("<tool_call>") {
             Some(ToolSyntax::Hermes)
+        } else if source.contains("[TOOL_CALLS]") && !source.contains("[ARGS]") {
+            Some(ToolSyntax::MistralJson {
+                spaced: source.contains("[TOOL_CALLS] ["),
+            })
         } else if source.contains(r#""parameters": dictionary of argument name"#)
             && source.contains("tool_calls")
         {
@@ -417,6 +431,39 @@ mod tests {
         // A template that knows no tools.
         let plain = ChatTemplate::new("{{ messages[0]['content'] }}", None, None).expect("ok");
         assert_eq!(plain.tool_syntax(), None);
+    }
+
+    /// Mistral's 'v3' (Mistral 7B v0.3, Large 2407) and 'v3-tekken' (Nemo) templates with
+    /// tools render as transformers' `apply_chat_template` does (`scripts/tool-renders.py
+    /// mistral` / `mistral-nemo`): the tools as `[AVAILABLE_TOOLS]` before the last user
+    /// turn, several calls in one `[TOOL_CALLS]` array with their 9-character ids, results as
+    /// `[TOOL_RESULTS]`, a system message in the last user turn.
+    #[test]
+    fn mistral_templates_render_tools_and_calls_as_transformers_does() {
+        for (template, renders, spaced) in [
+            ("Mistral-v3.jinja", "mistral_tool_renders.json", true),
+            (
+                "Mistral-Nemo-v3-tekken.jinja",
+                "mistral_nemo_tool_renders.json",
+                false,
+            ),
+        ] {
+            let (t, cases) = fixture(template, renders, Some("<s>"), "</s>");
+            assert_eq!(t.tool_syntax(), Some(ToolSyntax::MistralJson { spaced }));
+            let cases = cases.as_object().expect("cases");
+            assert_eq!(cases.len(), 4);
+            for (name, case) in cases {
+                let out = t
+                    .render_with(
+                        &tool_messages(case),
+                        true,
+                        Some(&case["tools"]),
+                        &Default::default(),
+                    )
+                    .expect("renders");
+                assert_eq!(out, case["rendered"].as_str().expect("rendered"), "{name}");
+            }
+        }
     }
 
     #[test]

@@ -12,6 +12,11 @@ use std::path::Path;
 
 use serde_json::{json, Map, Value};
 
+/// Special tokens that stand for a tool-call tag in some vocabularies (Mistral's
+/// `[TOOL_CALLS]`, Hermes' `<tool_call>` where a vocabulary marks it special): constrained
+/// decoding treats them as their text ([`Tokenizer::token_bytes`]).
+pub const TOOL_TAG_TOKENS: [&str; 3] = ["[TOOL_CALLS]", "<tool_call>", "</tool_call>"];
+
 pub use chat_template::{ChatMessage, ChatTemplate};
 pub use detokenizer::Detokenizer;
 pub use fim::{FimMode, FimTemplate};
@@ -213,9 +218,12 @@ impl Tokenizer {
 
     /// Every id's text as bytes, for constrained decoding (JSON mode): decoded after an
     /// anchor token with the anchor's text removed, so a leading space that single-token
-    /// decoding drops (SentencePiece) is kept. `None` for special tokens and for tokens whose
-    /// text alone is not UTF-8 (part of a multi-byte character).
+    /// decoding drops (SentencePiece) is kept. `None` for special tokens — but the tool-call
+    /// tags of [`TOOL_TAG_TOKENS`], which a model writes as one special token (Mistral's
+    /// `[TOOL_CALLS]`) and constrained calls must be able to begin with — and for tokens
+    /// whose text alone is not UTF-8 (part of a multi-byte character).
     pub fn token_bytes(&self) -> Vec<Option<Box<[u8]>>> {
+        let added = self.inner.get_added_tokens_decoder();
         let anchor = self
             .encode("a", false)
             .ok()
@@ -224,8 +232,10 @@ impl Tokenizer {
         let anchor_text = anchor.and_then(|a| self.decode(&[a], false).ok());
         (0..self.vocab_size() as u32)
             .map(|id| {
-                if self.is_special(id) {
-                    return None;
+                if let Some(t) = added.get(&id).filter(|t| t.special) {
+                    return TOOL_TAG_TOKENS
+                        .contains(&t.content.as_str())
+                        .then(|| t.content.as_bytes().into());
                 }
                 let text = match (anchor, &anchor_text) {
                     (Some(a), Some(at)) => {

@@ -230,3 +230,28 @@ pub fn python_check(script: &str, args: &[&Path], what: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A word-level tokenizer: words split on whitespace, `specials` as special added tokens.
+pub fn word_tokenizer(dir: &Path, words: &[&str], specials: &[&str]) -> Tokenizer {
+    let mut vocab = serde_json::Map::new();
+    vocab.insert("[UNK]".into(), serde_json::json!(0));
+    for (i, w) in words.iter().chain(specials).enumerate() {
+        vocab.insert((*w).to_string(), serde_json::json!(i + 1));
+    }
+    let added: Vec<_> = specials
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            serde_json::json!({"id": words.len() + i + 1, "content": s, "single_word": false, "lstrip": false,
+                   "rstrip": false, "normalized": false, "special": true})
+        })
+        .collect();
+    let doc = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
+    });
+    std::fs::write(dir.join("tokenizer.json"), doc.to_string()).expect("write");
+    Tokenizer::from_hf_dir(dir).expect("tokenizer")
+}
