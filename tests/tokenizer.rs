@@ -145,3 +145,64 @@ fn a_tool_tag_special_token_is_its_text_for_constrained_calls() {
     assert_eq!(bytes[id("</s>")], None);
     assert_eq!(bytes[id("[INST]")], None);
 }
+
+/// A byte-level BPE vocabulary in GGUF metadata: `tokens` (GPT-2's byte characters: `Ġ` is a
+/// space), `merges`, `pre` (`tokenizer.ggml.pre`).
+fn gguf_bpe(tokens: &[&str], merges: &[&str], pre: &str) -> Tokenizer {
+    let md = serde_json::json!({
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": pre,
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.merges": merges,
+    });
+    Tokenizer::from_gguf_metadata(md.as_object().expect("map")).expect("tokenizer")
+}
+
+/// GGUF byte-level vocabularies split text before their merges as llama.cpp splits each
+/// `tokenizer.ggml.pre`: Tekken (Mistral Nemo, Small 3.x) at case changes and digit by digit,
+/// a piece that is a token taken whole (llama.cpp's `ignore_merges`, as for Llama 3);
+/// `gpt-4o` (Phi-4-mini, Llama 4) up to three digits together, merges always; DeepSeek-Coder
+/// digit by digit. An unknown name is refused, never guessed.
+#[test]
+fn gguf_pre_tokenizers_split_as_llama_cpp_does() {
+    let tokens = [
+        "H", "e", "l", "o", "W", "r", "d", "a", "b", "c", "x", "1", "2", "3", "Ġ", "oW", "12",
+        "ab", "abc",
+    ];
+    let merges = ["o W", "1 2", "a b"];
+    let pieces = |pre: &str, text: &str| -> Vec<String> {
+        let tok = gguf_bpe(&tokens, &merges, pre);
+        let ids = tok.encode(text, false).expect("encode");
+        ids.iter()
+            .map(|&id| tok.id_to_token(id).expect("token"))
+            .collect()
+    };
+    let s = |v: &[&str]| v.iter().map(|t| t.to_string()).collect::<Vec<_>>();
+    // Case changes split words in Tekken, not in Llama 3's regex.
+    assert_eq!(
+        pieces("tekken", "HelloWorld"),
+        s(&["H", "e", "l", "l", "o", "W", "o", "r", "l", "d"])
+    );
+    assert_eq!(
+        pieces("llama3", "HelloWorld"),
+        s(&["H", "e", "l", "l", "oW", "o", "r", "l", "d"])
+    );
+    // Digits: one by one in Tekken and DeepSeek-Coder, up to three together in gpt-4o and
+    // Llama 3.
+    assert_eq!(pieces("tekken", "x123"), s(&["x", "1", "2", "3"]));
+    assert_eq!(pieces("deepseek-coder", "x123"), s(&["x", "1", "2", "3"]));
+    assert_eq!(pieces("gpt-4o", "x123"), s(&["x", "12", "3"]));
+    assert_eq!(pieces("llama3", "x123"), s(&["x", "12", "3"]));
+    // A piece in the vocabulary is one token in Tekken and Llama 3 (whatever the merges
+    // reach: here only `ab`); gpt-4o and Qwen2 merge.
+    assert_eq!(pieces("tekken", "abc"), s(&["abc"]));
+    assert_eq!(pieces("llama-bpe", "abc"), s(&["abc"]));
+    assert_eq!(pieces("gpt-4o", "abc"), s(&["ab", "c"]));
+    assert_eq!(pieces("qwen2", "abc"), s(&["ab", "c"]));
+    let md = serde_json::json!({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "nope",
+        "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": merges});
+    let err = Tokenizer::from_gguf_metadata(md.as_object().expect("map"))
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("'nope'"), "{err}");
+}

@@ -19,6 +19,18 @@ const TYPE_USER_DEFINED: i64 = 4;
 
 const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+// Mistral's Tekken (Nemo, Small 3.x, Ministral): words split at case changes, digits one by
+// one, no contractions (its tokenizer.json's, as llama.cpp quotes it for `tekken`).
+const TEKKEN_REGEX: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+// OpenAI's o200k (`gpt-4o`: Phi-4-mini, Llama 4): Tekken's with contractions and up to three
+// digits together.
+const GPT4O_REGEX: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+// Seed-Coder: Qwen2's with punctuation runs that never take a line break.
+const SEED_CODER_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1}| ?[^\s\p{L}\p{N}\r\n]+|\s*[\r\n]+|\s+(?!\S)|\s+";
+// DeepSeek-Coder (llama architecture; fill-in-the-middle tokens): regexes applied one after
+// another, then single digits.
+const DEEPSEEK_CODER_SPLITS: [&str; 4] =
+    [r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", r"[一-龥ࠀ-一가-퟿]+"];
 
 /// Tokenizer facts from GGUF metadata that are not part of `tokenizer.json`.
 #[derive(Debug, Clone)]
@@ -45,29 +57,67 @@ fn byte_level(use_regex: bool) -> Value {
     json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex})
 }
 
-fn split_then_byte_level(regex: &str) -> Value {
-    json!({"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false},
-        byte_level(false),
-    ]})
+fn split(regex: &str) -> Value {
+    json!({"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false})
 }
 
-fn gpt2_pre_tokenizer(pre: &str) -> Result<Value, TextError> {
+fn split_then_byte_level(regex: &str) -> Value {
+    json!({"type": "Sequence", "pretokenizers": [split(regex), byte_level(false)]})
+}
+
+/// How a byte-level BPE vocabulary named by GGUF `tokenizer.ggml.pre` splits text before its
+/// merges (names and rules as llama.cpp's `llama-vocab.cpp` maps them).
+struct PreTokenizer {
+    /// The `tokenizer.json` pre-tokenizer.
+    json: Value,
+    /// A piece that is itself in the vocabulary is one token, merges or not (llama.cpp's
+    /// `ignore_merges`, Hugging Face's BPE `ignore_merges`: Llama 3, Tekken).
+    ignore_merges: bool,
+    /// Whether BOS is added when the file does not say (`tokenizer.ggml.add_bos_token`).
+    add_bos: bool,
+}
+
+fn gpt2_pre_tokenizer(pre: &str) -> Result<PreTokenizer, TextError> {
+    let plain = |json| PreTokenizer {
+        json,
+        ignore_merges: false,
+        add_bos: false,
+    };
+    let bos_whole_words = |json| PreTokenizer {
+        json,
+        ignore_merges: true,
+        add_bos: true,
+    };
     Ok(match pre {
-        "default" | "gpt2" | "gpt-2" | "olmo" | "phi-2" | "jina-es" | "jina-de" => byte_level(true),
+        "default" | "gpt2" | "gpt-2" | "olmo" | "phi-2" | "jina-es" | "jina-de" | "jina-v2-es"
+        | "jina-v2-de" | "gigachat" | "a.x-4.0" | "mellum" | "exaone4" => plain(byte_level(true)),
         // Every digit isolated, then GPT-2 splitting (upstream SmolLM / StarCoder tokenizers).
-        "smollm" | "starcoder" | "refact" => json!({"type": "Sequence", "pretokenizers": [
-            {"type": "Digits", "individual_digits": true},
-            byte_level(true),
-        ]}),
-        "llama3" | "llama-bpe" | "llama-v3" | "smaug-bpe" | "falcon3" | "dbrx" => {
-            split_then_byte_level(LLAMA3_REGEX)
+        "smollm" | "starcoder" | "refact" | "codeshell" | "exaone" | "minerva-7b" | "command-r" => {
+            plain(json!({"type": "Sequence", "pretokenizers": [
+                {"type": "Digits", "individual_digits": true},
+                byte_level(true),
+            ]}))
         }
-        "qwen2" | "deepseek-r1-qwen" | "stablelm2" | "megrez" => split_then_byte_level(QWEN2_REGEX),
+        "llama3" | "llama-bpe" | "llama-v3" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0"
+        | "lfm2" => bos_whole_words(split_then_byte_level(LLAMA3_REGEX)),
+        "smaug-bpe" | "dbrx" => plain(split_then_byte_level(LLAMA3_REGEX)),
+        "qwen2" | "deepseek-r1-qwen" | "kormo" | "stablelm2" | "megrez" => {
+            plain(split_then_byte_level(QWEN2_REGEX))
+        }
+        "tekken" => bos_whole_words(split_then_byte_level(TEKKEN_REGEX)),
+        "gpt-4o" | "llama4" => plain(split_then_byte_level(GPT4O_REGEX)),
+        "seed-coder" => plain(split_then_byte_level(SEED_CODER_REGEX)),
+        "deepseek-coder" => {
+            let mut parts: Vec<Value> = DEEPSEEK_CODER_SPLITS.iter().map(|r| split(r)).collect();
+            parts.push(json!({"type": "Digits", "individual_digits": true}));
+            parts.push(byte_level(false));
+            plain(json!({"type": "Sequence", "pretokenizers": parts}))
+        }
         other => {
             return Err(TextError::Unsupported(format!(
                 "GGUF tokenizer.ggml.pre '{other}' (supported: default, gpt2, smollm, starcoder, \
-                 refact, llama3/llama-bpe, qwen2)"
+                 refact, llama3/llama-bpe, qwen2, tekken, gpt-4o, deepseek-coder, seed-coder and \
+                 their aliases)"
             )))
         }
     })
@@ -162,6 +212,7 @@ pub fn from_gguf_metadata(md: &Map<String, Value>) -> Result<GgufTokenizerFacts,
                 .get("tokenizer.ggml.pre")
                 .and_then(Value::as_str)
                 .unwrap_or("default");
+            let pre = gpt2_pre_tokenizer(pre)?;
             let merges = md
                 .get("tokenizer.ggml.merges")
                 .and_then(Value::as_array)
@@ -169,14 +220,15 @@ pub fn from_gguf_metadata(md: &Map<String, Value>) -> Result<GgufTokenizerFacts,
                 .ok_or_else(|| TextError::Invalid("GGUF gpt2 tokenizer has no merges".into()))?;
             let parts = json!({
                 "normalizer": null,
-                "pre_tokenizer": gpt2_pre_tokenizer(pre)?,
+                "pre_tokenizer": pre.json,
                 "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
                 "model": {"type": "BPE", "dropout": null, "unk_token": null,
                           "continuing_subword_prefix": null, "end_of_word_suffix": null,
-                          "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                          "fuse_unk": false, "byte_fallback": false,
+                          "ignore_merges": pre.ignore_merges,
                           "vocab": vocab, "merges": merges},
             });
-            (false, parts)
+            (pre.add_bos, parts)
         }
         "llama" => {
             let scores: Vec<f32> = md
@@ -300,9 +352,17 @@ pub fn to_gguf_metadata(
     let model = &doc["model"];
     let kind = model["type"].as_str().unwrap_or("<none>");
     let pre_json = &doc["pre_tokenizer"];
-    let pre = ["gpt2", "smollm", "llama3", "qwen2"]
-        .into_iter()
-        .find(|name| gpt2_pre_tokenizer(name).is_ok_and(|want| json_covers(pre_json, &want)));
+    let pre = [
+        "gpt2",
+        "smollm",
+        "llama3",
+        "qwen2",
+        "tekken",
+        "gpt-4o",
+        "seed-coder",
+    ]
+    .into_iter()
+    .find(|name| gpt2_pre_tokenizer(name).is_ok_and(|want| json_covers(pre_json, &want.json)));
     let (true, Some(pre)) = (kind == "BPE", pre) else {
         return Err(TextError::Unsupported(format!(
             "tokenizer for GGUF: only byte-level BPE tokenizers are written (model type \
