@@ -59,17 +59,28 @@ pub enum FileError {
 
 /// Writes `bytes` to `path` through a synced temporary file and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_atomic_with(path, |w| w.write_all(bytes)).map(|_| ())
+}
+
+/// Writes what `write` writes to `path` through a buffered, synced temporary file and a
+/// rename (nothing of it need be in memory at once); the length written.
+pub fn write_atomic_with(
+    path: &Path,
+    write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> std::io::Result<u64> {
     let tmp = path.with_extension("tmp");
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
+    let len = {
+        let mut w = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+        write(&mut w)?;
+        let f = w.into_inner().map_err(|e| e.into_error())?;
         f.sync_all()?;
-    }
+        f.metadata()?.len()
+    };
     std::fs::rename(&tmp, path)?;
     if let Some(dir) = path.parent() {
         std::fs::File::open(dir)?.sync_all()?;
     }
-    Ok(())
+    Ok(len)
 }
 
 /// The records of every `*.json` file in `dir`, by file name (an unreadable one is skipped
@@ -193,14 +204,26 @@ impl FileStore {
         purpose: &str,
         data: &[u8],
     ) -> std::io::Result<FileRecord> {
+        self.create_with(filename, purpose, |w| w.write_all(data))
+    }
+
+    /// [`FileStore::create`] with the content written by `write` as it goes (a batch's
+    /// result files: never whole in memory).
+    pub fn create_with(
+        &self,
+        filename: &str,
+        purpose: &str,
+        write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+    ) -> std::io::Result<FileRecord> {
+        let id = new_id("file-");
+        let bytes = write_atomic_with(&self.inner.dir.join(format!("{id}.data")), write)?;
         let rec = FileRecord {
-            id: new_id("file-"),
-            bytes: data.len() as u64,
+            id,
+            bytes,
             created_at: now(),
             filename: filename.to_string(),
             purpose: purpose.to_string(),
         };
-        write_atomic(&self.inner.dir.join(format!("{}.data", rec.id)), data)?;
         let meta = serde_json::to_vec_pretty(&rec).map_err(std::io::Error::other)?;
         write_atomic(&self.inner.dir.join(format!("{}.json", rec.id)), &meta)?;
         self.records().insert(rec.id.clone(), rec.clone());

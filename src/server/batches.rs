@@ -13,7 +13,8 @@
 //! Nothing accepted is lost: after a restart a batch that was validating, running or
 //! finalizing goes on from its results (requests already answered are not run again); one
 //! being cancelled ends cancelled; one past its 24-hour window ends expired, its unrun
-//! requests in the error file as `batch_expired`.
+//! requests in the error file as `batch_expired`. Answers are not kept in memory: the
+//! result files are written from the results file at the end, one answer at a time.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
@@ -396,24 +397,22 @@ impl Batches {
             }
         };
         let results_path = self.path(id, ".results.jsonl");
-        let mut done = read_outcomes(&results_path);
+        let (stored, counts, usage) = scan_outcomes(&results_path, lines.len())?;
         let mut rec = self.update(id, |r| {
             if r.status == BatchStatus::Validating {
                 r.status = BatchStatus::InProgress;
                 r.in_progress_at = Some(now());
             }
-            (r.request_counts, r.usage) = tally(lines.len(), &done);
+            (r.request_counts, r.usage) = (counts, usage);
         })?;
         if rec.status == BatchStatus::InProgress {
-            let answered: HashSet<usize> = done.iter().map(|o| o.line).collect();
+            let answered: HashSet<usize> = stored.iter().map(|s| s.line).collect();
             let todo: Vec<Line> = lines
                 .iter()
                 .filter(|l| !answered.contains(&l.line))
                 .cloned()
                 .collect();
-            let stop = self
-                .execute(app, &rec, todo, &results_path, &mut done, cancel)
-                .await?;
+            let stop = self.execute(app, &rec, todo, &results_path, cancel).await?;
             rec = self.update(id, |r| {
                 r.status = match stop {
                     Stop::Cancelled => BatchStatus::Cancelling,
@@ -425,44 +424,62 @@ impl Batches {
                 }
             })?;
         }
-        // Finalizing (or cancelling): the result files, in input order. A batch whose every
-        // request was answered is complete, whenever that was.
+        // Finalizing (or cancelling): the result files, in input order, each answer read back
+        // from the results file as it is written out (a batch's answers are never all in
+        // memory). A batch whose every request was answered is complete, whenever that was.
+        let (stored, mut counts, mut usage) = scan_outcomes(&results_path, lines.len())?;
         let expired =
-            (rec.expired_at.is_some() || now() >= rec.expires_at) && done.len() < lines.len();
+            (rec.expired_at.is_some() || now() >= rec.expires_at) && stored.len() < lines.len();
+        let mut unrun = Vec::new();
         if expired && rec.status != BatchStatus::Cancelling {
-            let answered: HashSet<usize> = done.iter().map(|o| o.line).collect();
+            let answered: HashSet<usize> = stored.iter().map(|s| s.line).collect();
             for l in lines.iter().filter(|l| !answered.contains(&l.line)) {
-                done.push(Outcome {
+                let o = Outcome {
                     line: l.line,
                     custom_id: l.custom_id.clone(),
                     status_code: None,
                     body: None,
                     error: Some(json!({"code": "batch_expired", "message":
                         "This request could not be executed before the completion window expired."})),
-                });
+                };
+                add(&mut counts, &mut usage, &o);
+                unrun.push(o);
             }
         }
-        done.sort_by_key(|o| o.line);
-        let (ok, failed): (Vec<&Outcome>, Vec<&Outcome>) = done.iter().partition(|o| o.ok());
+        // (input line, answered with a 2xx, the outcome)
+        let mut order: Vec<(usize, bool, Answer)> = stored
+            .iter()
+            .map(|s| (s.line, s.ok, Answer::Stored(s)))
+            .chain(unrun.iter().map(|o| (o.line, o.ok(), Answer::Unrun(o))))
+            .collect();
+        order.sort_by_key(|e| e.0);
         let files = self.inner.files.clone();
-        let write = |part: &[&Outcome], name: &str| -> std::io::Result<Option<String>> {
-            if part.is_empty() {
+        let write = |ok: bool, name: &str| -> std::io::Result<Option<String>> {
+            if !order.iter().any(|e| e.1 == ok) {
                 return Ok(None);
             }
-            let mut text = String::new();
-            for o in part {
-                text.push_str(&o.to_output_line().to_string());
-                text.push('\n');
-            }
-            Ok(Some(
-                files
-                    .create(&format!("{id}_{name}.jsonl"), BATCH_OUTPUT, text.as_bytes())?
-                    .id,
-            ))
+            let mut results = None;
+            let rec = files.create_with(&format!("{id}_{name}.jsonl"), BATCH_OUTPUT, |w| {
+                for (_, _, answer) in order.iter().filter(|e| e.1 == ok) {
+                    let line = match answer {
+                        Answer::Stored(s) => {
+                            let f = match &mut results {
+                                Some(f) => f,
+                                None => results.insert(std::fs::File::open(&results_path)?),
+                            };
+                            read_stored(f, s)?.to_output_line()
+                        }
+                        Answer::Unrun(o) => o.to_output_line(),
+                    };
+                    serde_json::to_writer(&mut *w, &line)?;
+                    w.write_all(b"\n")?;
+                }
+                Ok(())
+            })?;
+            Ok(Some(rec.id))
         };
-        let output = write(&ok, "output")?;
-        let errors = write(&failed, "error")?;
-        let (counts, usage) = tally(lines.len(), &done);
+        let output = write(true, "output")?;
+        let errors = write(false, "error")?;
         self.update(id, |r| {
             r.output_file_id = output;
             r.error_file_id = errors;
@@ -493,7 +510,6 @@ impl Batches {
         rec: &BatchRecord,
         todo: Vec<Line>,
         results_path: &Path,
-        done: &mut Vec<Outcome>,
         cancel: &mut tokio::sync::watch::Receiver<bool>,
     ) -> std::io::Result<Stop> {
         let routes = super::internal_router(app.clone());
@@ -525,7 +541,6 @@ impl Batches {
                     if let Some(r) = lock(&self.inner.records).get_mut(&rec.id) {
                         add(&mut r.request_counts, &mut r.usage, &outcome);
                     }
-                    done.push(outcome);
                 }
                 _ = cancel.changed() => {}
                 _ = tokio::time::sleep_until(deadline) => return Ok(Stop::Expired),
@@ -633,30 +648,81 @@ fn append_outcome(path: &Path, outcome: &Outcome) -> std::io::Result<()> {
     f.sync_data()
 }
 
-/// The outcomes already written (a torn last line from a crash is run again).
-fn read_outcomes(path: &Path) -> Vec<Outcome> {
-    let mut seen = HashSet::new();
-    std::fs::read_to_string(path)
-        .map(|text| {
-            text.lines()
-                .filter_map(|l| serde_json::from_str::<Outcome>(l).ok())
-                .filter(|o| seen.insert(o.line))
-                .collect()
-        })
-        .unwrap_or_default()
+/// Where one outcome sits in the results file (read again only to write the result files),
+/// and whether it was answered with a 2xx.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stored {
+    line: usize,
+    offset: u64,
+    len: usize,
+    ok: bool,
 }
 
-/// The counts and token usage of the `done` requests of a batch of `total`.
-fn tally(total: usize, done: &[Outcome]) -> (RequestCounts, BatchUsage) {
+/// The outcomes already written, each request once, with the counts and token usage of a
+/// batch of `total` — read one line at a time, their bodies not kept. A missing file has
+/// none. A torn last line (a crash mid-write: no line break) is cut off the file, so that
+/// its request runs again and the next outcome starts a line of its own.
+fn scan_outcomes(
+    path: &Path,
+    total: usize,
+) -> std::io::Result<(Vec<Stored>, RequestCounts, BatchUsage)> {
+    use std::io::BufRead;
     let mut counts = RequestCounts {
         total,
         ..RequestCounts::default()
     };
     let mut usage = BatchUsage::default();
-    for o in done {
-        add(&mut counts, &mut usage, o);
+    let mut stored = Vec::new();
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((stored, counts, usage)),
+        Err(e) => return Err(e),
+    };
+    let mut reader = std::io::BufReader::new(file);
+    let (mut seen, mut offset, mut buf) = (HashSet::new(), 0u64, Vec::new());
+    loop {
+        buf.clear();
+        let n = reader.read_until(b'\n', &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        if buf.last() != Some(&b'\n') {
+            let f = std::fs::OpenOptions::new().write(true).open(path)?;
+            f.set_len(offset)?;
+            f.sync_all()?;
+            break;
+        }
+        if let Ok(o) = serde_json::from_slice::<Outcome>(&buf) {
+            if seen.insert(o.line) {
+                add(&mut counts, &mut usage, &o);
+                stored.push(Stored {
+                    line: o.line,
+                    offset,
+                    len: n,
+                    ok: o.ok(),
+                });
+            }
+        }
+        offset += n as u64;
     }
-    (counts, usage)
+    Ok((stored, counts, usage))
+}
+
+/// A finished request's outcome, for the result files.
+enum Answer<'a> {
+    /// In the results file.
+    Stored(&'a Stored),
+    /// Never run (the completion window ended first).
+    Unrun(&'a Outcome),
+}
+
+/// One outcome of the results file, read back.
+fn read_stored(file: &mut std::fs::File, s: &Stored) -> std::io::Result<Outcome> {
+    use std::io::{Read, Seek, SeekFrom};
+    file.seek(SeekFrom::Start(s.offset))?;
+    let mut buf = vec![0; s.len];
+    file.read_exact(&mut buf)?;
+    serde_json::from_slice(&buf).map_err(std::io::Error::other)
 }
 
 /// Counts one finished request, and adds an answered one's `usage` (chat and completions
@@ -1054,16 +1120,29 @@ mod tests {
         for o in [ok(1), refused, ok(3), ok(1)] {
             append_outcome(&path, &o).expect("append");
         }
-        // A torn last line (a crash mid-write) is ignored: that request runs again.
+        // A torn last line (a crash mid-write) is ignored, and cut off: that request runs
+        // again, its outcome on a line of its own.
+        let whole = std::fs::metadata(&path).expect("meta").len();
         std::fs::OpenOptions::new()
             .append(true)
             .open(&path)
             .and_then(|mut f| f.write_all(b"{\"line\": 4, \"cus"))
             .expect("torn");
-        let done = read_outcomes(&path);
-        assert_eq!(done.iter().map(|o| o.line).collect::<Vec<_>>(), [1, 2, 3]);
+        let (stored, counts, usage) = scan_outcomes(&path, 5).expect("scan");
+        assert_eq!(std::fs::metadata(&path).expect("meta").len(), whole);
+        append_outcome(&path, &ok(4)).expect("append");
+        let (again, _, _) = scan_outcomes(&path, 5).expect("scan");
         assert_eq!(
-            tally(5, &done),
+            again.iter().map(|s| s.line).collect::<Vec<_>>(),
+            [1, 2, 3, 4]
+        );
+        assert_eq!(stored.iter().map(|s| s.line).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(
+            stored.iter().map(|s| s.ok).collect::<Vec<_>>(),
+            [true, false, true]
+        );
+        assert_eq!(
+            (counts, usage),
             (
                 RequestCounts {
                     total: 5,
@@ -1078,7 +1157,10 @@ mod tests {
                 }
             )
         );
-        let line = done[1].to_output_line();
+        let mut file = std::fs::File::open(&path).expect("open");
+        let line = read_stored(&mut file, &stored[1])
+            .expect("read back")
+            .to_output_line();
         assert_eq!(line["custom_id"], "c2");
         assert_eq!(line["response"]["status_code"], 400);
         assert_eq!(line["error"], Value::Null);

@@ -13,8 +13,8 @@
 //! user turn `Result of name: …`). With `tool_choice: "auto"` the model may answer in plain
 //! text instead (a first character that cannot begin a call leaves the constraint); in the
 //! Hermes and Mistral formats text may also come before the calls (the grammar waits for
-//! `<tool_call>` or `[TOOL_CALLS]`, [`Progress`]). A call comes back as OpenAI's `tool_calls` (finish reason `tool_calls`),
-//! with any text before it as `content`. A thinking model's
+//! `<tool_call>` or `[TOOL_CALLS]`, [`Progress`]). A call comes back as OpenAI's `tool_calls`
+//! (finish reason `tool_calls`), with any text before it as `content`. A thinking model's
 //! reasoning comes first, unconstrained (`JsonConstraint::after_reasoning`).
 
 use std::sync::Arc;
