@@ -758,6 +758,22 @@ fn llama_app() -> Router {
     template_app(&CELL, "Llama-3.2-3B-Instruct.jinja")
 }
 
+/// `/apply-template` gives, for each conversation of a fixture (its `tools` and `kwargs` as the
+/// request's `tools` and `chat_template_kwargs`), the prompt transformers rendered — after
+/// `ours` puts in the BOS and EOS texts of the model served (SmolLM2's).
+async fn renders_as_transformers(app: &Router, file: &str, ours: impl Fn(&str) -> String) {
+    for (name, case) in tool_render_cases(file) {
+        let mut body = json!({"messages": case["messages"], "tools": case["tools"]});
+        if case["kwargs"].is_object() {
+            body["chat_template_kwargs"] = case["kwargs"].clone();
+        }
+        let (status, v) = post_json(app, "/apply-template", body).await;
+        assert_eq!(status, StatusCode::OK, "{name}: {v}");
+        let rendered = case["rendered"].as_str().expect("rendered");
+        assert_eq!(v["prompt"], ours(rendered), "{name}");
+    }
+}
+
 /// A fixture of transformers' renders (`scripts/tool-renders.py`), the calls' `arguments`
 /// turned into JSON text as OpenAI clients send them.
 fn tool_render_cases(file: &str) -> Vec<(String, Value)> {
@@ -789,17 +805,7 @@ fn tool_render_cases(file: &str) -> Vec<(String, Value)> {
 /// (`arguments` as JSON text).
 #[tokio::test]
 async fn tools_reach_a_template_that_knows_them_as_they_are() {
-    let app = hermes_app();
-    for (name, case) in tool_render_cases("qwen3_tool_renders.json") {
-        let (status, v) = post_json(
-            &app,
-            "/apply-template",
-            json!({"messages": case["messages"], "tools": case["tools"]}),
-        )
-        .await;
-        assert_eq!(status, StatusCode::OK, "{name}: {v}");
-        assert_eq!(v["prompt"], case["rendered"], "{name}");
-    }
+    renders_as_transformers(&hermes_app(), "qwen3_tool_renders.json", str::to_owned).await;
 }
 
 /// Llama 3.x's JSON calls: with Llama 3.2's template (which asks for
@@ -811,20 +817,11 @@ async fn tools_reach_a_template_that_knows_them_as_they_are() {
 #[tokio::test]
 async fn llama_json_calls_come_back_as_tool_calls() {
     let app = llama_app();
-    for (name, case) in tool_render_cases("llama32_tool_renders.json") {
-        let (status, v) = post_json(
-            &app,
-            "/apply-template",
-            json!({"messages": case["messages"], "tools": case["tools"],
-                   "chat_template_kwargs": case["kwargs"]}),
-        )
-        .await;
-        assert_eq!(status, StatusCode::OK, "{name}: {v}");
-        // The template writes the model's BOS: SmolLM2's, where Llama's was rendered.
-        let rendered = case["rendered"].as_str().expect("rendered");
-        let ours = rendered.replacen("<|begin_of_text|>", "<|im_start|>", 1);
-        assert_eq!(v["prompt"], ours, "{name}");
-    }
+    // The template writes the model's BOS: SmolLM2's, where Llama's was rendered.
+    renders_as_transformers(&app, "llama32_tool_renders.json", |r| {
+        r.replacen("<|begin_of_text|>", "<|im_start|>", 1)
+    })
+    .await;
     let (base, _, _) = required_weather_call(&app, json!({})).await;
     // With "auto" SmolLM2 answers in text here.
     let (status, v) = post_json(
@@ -871,21 +868,12 @@ fn mistral_app() -> Router {
 #[tokio::test]
 async fn mistral_calls_come_back_as_tool_calls() {
     let app = mistral_app();
-    for (name, case) in tool_render_cases("mistral_tool_renders.json") {
-        let (status, v) = post_json(
-            &app,
-            "/apply-template",
-            json!({"messages": case["messages"], "tools": case["tools"]}),
-        )
-        .await;
-        assert_eq!(status, StatusCode::OK, "{name}: {v}");
-        // The template writes the model's BOS and EOS: SmolLM2's, where Mistral's were.
-        let rendered = case["rendered"].as_str().expect("rendered");
-        let ours = rendered
-            .replacen("<s>", "<|im_start|>", 1)
-            .replace("</s>", "<|im_end|>");
-        assert_eq!(v["prompt"], ours, "{name}");
-    }
+    // The template writes the model's BOS and EOS: SmolLM2's, where Mistral's were.
+    renders_as_transformers(&app, "mistral_tool_renders.json", |r| {
+        r.replacen("<s>", "<|im_start|>", 1)
+            .replace("</s>", "<|im_end|>")
+    })
+    .await;
     let (base, v, args) = required_weather_call(&app, json!({})).await;
     let message = &v["choices"][0]["message"];
     let id = message["tool_calls"][0]["id"].as_str().expect("id");

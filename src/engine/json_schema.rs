@@ -370,18 +370,7 @@ impl Grammar {
                 _ => c.push(Node::OneOf(calls), "tools")?,
             }
         };
-        let mut parts = Vec::new();
-        for (text, is_body) in [(shape.open, false), ("", true), (shape.close, false)] {
-            if is_body {
-                parts.push(body);
-            } else if !text.is_empty() {
-                parts.push(c.push(Node::Literals(vec![text.as_bytes().into()]), "tools")?);
-            }
-        }
-        let one = match parts.as_slice() {
-            [only] => *only,
-            _ => c.push(Node::Seq(parts.into()), "tools")?,
-        };
+        let one = c.between(shape.open, body, shape.close)?;
         let calls = if max_calls > 1 {
             let separator = shape.separator.as_bytes().into();
             let separator = c.push(Node::Literals(vec![separator]), "tools")?;
@@ -398,18 +387,7 @@ impl Grammar {
         } else {
             one
         };
-        let mut parts = Vec::new();
-        for (text, is_calls) in [(shape.begin, false), ("", true), (shape.end, false)] {
-            if is_calls {
-                parts.push(calls);
-            } else if !text.is_empty() {
-                parts.push(c.push(Node::Literals(vec![text.as_bytes().into()]), "tools")?);
-            }
-        }
-        let whole = match parts.as_slice() {
-            [only] => *only,
-            _ => c.push(Node::Seq(parts.into()), "tools")?,
-        };
+        let whole = c.between(shape.begin, calls, shape.end)?;
         let tag = shape.trigger;
         let root = if text_allowed && tag.is_empty() {
             c.push(Node::TextOr(whole), "tools")?
@@ -904,6 +882,23 @@ impl<'a> Compiler<'a> {
         self.root = p;
         self.refs.clear();
         self.node(p, &format!("tools[{i}].function.parameters"), 0)
+    }
+
+    /// `inner` between the literal texts `before` and `after` (either may be empty) — a tool
+    /// call's tags.
+    fn between(&mut self, before: &str, inner: NodeId, after: &str) -> Result<NodeId, SchemaError> {
+        let mut parts = Vec::new();
+        for (text, is_inner) in [(before, false), ("", true), (after, false)] {
+            if is_inner {
+                parts.push(inner);
+            } else if !text.is_empty() {
+                parts.push(self.push(Node::Literals(vec![text.as_bytes().into()]), "tools")?);
+            }
+        }
+        match parts.as_slice() {
+            [only] => Ok(*only),
+            _ => self.push(Node::Seq(parts.into()), "tools"),
+        }
     }
 
     fn push(&mut self, n: Node, path: &str) -> Result<NodeId, SchemaError> {
